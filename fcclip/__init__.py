@@ -1,0 +1,1 @@
+"""FC-CLIP open-vocabulary panoptic segmentation in pure PyTorch."""

@@ -1,0 +1,160 @@
+"""Typed model configs and the presets in configs/models/.
+
+A preset is a small YAML file with four sections (``clip``, ``head``, ``inference``, ``weights``) that map one to one
+onto the frozen dataclasses below. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ._paths import config_dir
+
+CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+
+
+class ConfigError(ValueError):
+    """A model config or preset is malformed."""
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The frozen open_clip CLIP model.
+
+    model_name: open_clip architecture name (``convnext_large_d_320``, ``RN50-quickgelu``, ...).
+    pretrained: open_clip pretrained tag, used only when CLIP weights are loaded on their own (``weights="clip"``).
+    model_cfg: an inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) instead of a
+        named architecture; used by the tiny test model.
+    """
+
+    model_name: str
+    pretrained: str | None = None
+    model_cfg: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Pixel decoder and masked-attention transformer decoder (Mask2Former's, as FC-CLIP configures them)."""
+
+    conv_dim: int = 256
+    mask_dim: int = 256
+    norm_groups: int = 32
+    encoder_layers: int = 6
+    encoder_heads: int = 8
+    encoder_ffn_dim: int = 1024
+    encoder_points: int = 4
+    num_queries: int = 250
+    hidden_dim: int = 256
+    decoder_layers: int = 9
+    decoder_heads: int = 8
+    decoder_ffn_dim: int = 2048
+    pre_norm: bool = False
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Test-time settings of the reference (its ADE20K eval config)."""
+
+    alpha: float = 0.4  # geometric-ensemble weight of the out-of-vocabulary classifier for classes seen in training
+    beta: float = 0.8  # ... for classes not seen in training
+    ensemble_on_valid_mask: bool = False  # ResNet CLIPs: out-of-vocabulary scores only for non-empty masks
+    object_mask_threshold: float = 0.0
+    overlap_threshold: float = 0.8
+    topk: int = 100  # instances per image
+    short_edge: int | None = 800
+    max_size: int = 1333
+    size_divisibility: int = 32
+    pixel_mean: tuple[float, float, float] = CLIP_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = CLIP_PIXEL_STD
+    train_vocabulary: str = "coco_panoptic"  # decides which classes count as seen (alpha) or unseen (beta)
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Where the released FC-CLIP checkpoint of a preset lives (None: no released checkpoint)."""
+
+    url: str | None = None
+    sha256: str | None = None
+    num_train_classes: int = 133  # size of the training criterion's class weights in the checkpoint
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    clip: ClipConfig
+    head: HeadConfig = field(default_factory=HeadConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if key in ("pixel_mean", "pixel_std"):
+            if not (isinstance(value, (list, tuple)) and len(value) == 3):
+                raise ConfigError(f"{where}.{key}: expected 3 numbers, got {value!r}")
+            value = tuple(float(v) for v in value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: Mapping[str, Any], name: str | None = None) -> ModelConfig:
+    """Build a :class:`ModelConfig` from the preset structure; strict about keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
+    allowed = {"name", "clip", "head", "inference", "weights"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"model config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if "clip" not in data:
+        raise ConfigError("model config: missing the 'clip' section")
+    name = data.get("name") or name
+    if not name:
+        raise ConfigError("model config: missing 'name'")
+    return ModelConfig(
+        name=str(name),
+        clip=_build(ClipConfig, data["clip"], "clip"),
+        head=_build(HeadConfig, data.get("head"), "head"),
+        inference=_build(InferenceConfig, data.get("inference"), "inference"),
+        weights=_build(WeightsConfig, data.get("weights"), "weights"),
+    )
+
+
+def list_models() -> list[str]:
+    """Names of the model presets in configs/models/."""
+    return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
+
+
+def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
+    """A preset name (``fcclip-convnext-large``), a path to a preset-format YAML file, or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    path = Path(spec)
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        path = config_dir() / "models" / f"{spec}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown model preset {str(spec)!r}; presets: {', '.join(list_models())}")
+    elif not path.is_file():
+        raise FileNotFoundError(f"model config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return config_from_dict(data, name=path.stem)

@@ -1,0 +1,90 @@
+"""Classification against the text classifier, and FC-CLIP's in/out-of-vocabulary geometric ensemble.
+
+Pure functions on tensors, shared by the transformer decoder (in-vocabulary logits), the out-of-vocabulary branch
+and training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_logits(
+    embeddings: torch.Tensor,
+    text_classifier: torch.Tensor,
+    logit_scale: torch.Tensor,
+    synonym_class: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor:
+    """Cosine-similarity logits, one per class: the max over the class's synonyms; void appended last.
+
+    Args:
+        embeddings: (B, Q, D) query or mask embeddings (normalised here).
+        text_classifier: (S + 1, D) L2-normalised synonym embeddings, the void embedding last.
+        logit_scale: scalar log temperature; exp'd and clamped at 100 as in CLIP.
+        synonym_class: (S,) int64 class index of each synonym row.
+        num_classes: K.
+    Returns:
+        (B, Q, K + 1).
+    """
+    x = F.normalize(embeddings, dim=-1)
+    scale = torch.clamp(logit_scale.exp(), max=100)
+    logits = scale * x @ text_classifier.T  # (B, Q, S + 1)
+    synonyms = logits[..., :-1]
+    index = synonym_class.to(logits.device).expand(*synonyms.shape[:-1], -1)
+    per_class = torch.full(
+        (*synonyms.shape[:-1], num_classes), float("-inf"), dtype=logits.dtype, device=logits.device
+    ).scatter_reduce(-1, index, synonyms, reduce="amax", include_self=True)
+    return torch.cat([per_class, logits[..., -1:]], dim=-1)
+
+
+@dataclass
+class EnsembleOutput:
+    in_vocab_probs: torch.Tensor  # (B, Q, K) softmax of the decoder logits without void
+    out_vocab_probs: torch.Tensor  # (B, Q, K) softmax of the CLIP logits without void
+    void_probs: torch.Tensor  # (B, Q, 1) void probability from the decoder logits (with void)
+    probs: torch.Tensor  # (B, Q, K + 1) final class probabilities, void last
+    log_probs: torch.Tensor  # (B, Q, K + 1) log(probs + 1e-8): the mask classification for post-processing
+
+
+def geometric_ensemble(
+    in_vocab_logits: torch.Tensor,
+    out_vocab_logits: torch.Tensor,
+    seen: torch.Tensor,
+    alpha: float,
+    beta: float,
+    valid: torch.Tensor | None = None,
+) -> EnsembleOutput:
+    """FC-CLIP's ensemble of the in-vocabulary (decoder) and out-of-vocabulary (frozen CLIP) classifiers.
+
+    For class c: log(p_in^(1 - w) * p_out^w), w = alpha if c was seen in training else beta; softmaxed over the K
+    classes, scaled by (1 - p_void), with p_void appended.
+
+    Args:
+        in_vocab_logits: (B, Q, K + 1) decoder logits, void last.
+        out_vocab_logits: (B, Q, K + 1) CLIP logits, void last (its void column is not used).
+        seen: (K,) bool, True where the class overlaps the training vocabulary.
+        alpha, beta: ensemble weights of the CLIP classifier for seen and unseen classes.
+        valid: optional (B, Q) bool; where False the CLIP classifier is ignored (weights 0). The reference uses
+            this for ResNet CLIPs, with valid = the mask has at least one pixel on the CLIP feature grid.
+    """
+    p_in = in_vocab_logits[..., :-1].softmax(-1)
+    p_out = out_vocab_logits[..., :-1].softmax(-1)
+    seen = seen.to(device=p_in.device, dtype=p_in.dtype)
+    weight = seen * alpha + (1 - seen) * beta  # (K,)
+    if valid is not None:
+        weight = weight * valid.to(p_in.dtype).unsqueeze(-1)  # (B, Q, K)
+    # the reference's formula, as written: log(p_in^(1-w) * p_out^w) (not (1-w) log p_in + w log p_out, which differs
+    # where a probability underflows to 0)
+    logits = (p_in ** (1 - weight) * p_out**weight).log()
+    p_void = in_vocab_logits.softmax(-1)[..., -1:]
+    probs = torch.cat([logits.softmax(-1) * (1.0 - p_void), p_void], dim=-1)
+    return EnsembleOutput(
+        in_vocab_probs=p_in,
+        out_vocab_probs=p_out,
+        void_probs=p_void,
+        probs=probs,
+        log_probs=torch.log(probs + 1e-8),
+    )

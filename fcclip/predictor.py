@@ -174,7 +174,7 @@ class Predictor:
         for img in images:
             resized = resize_image(img, self.short_edge, self.max_size)
             sizes.append(resized.shape[:2])
-            t = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device).permute(2, 0, 1).float()
+            t = torch.from_numpy(np.array(resized, copy=True)).to(self.device).permute(2, 0, 1).float()
             tensors.append(self.model.normalize(t))
         batch = pad_batch(tensors, self.model.config.inference.size_divisibility)
         with torch.inference_mode(), self._autocast():

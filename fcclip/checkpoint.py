@@ -63,8 +63,10 @@ def fetch(uri: str, directory: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s -> %s", _redact(uri), target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    # http(s): stream (servers such as Google Drive's do not answer range requests)
+    options = {"block_size": 0} if uri.startswith(("http://", "https://")) else {}
     try:
-        with os.fdopen(fd, "wb") as out, fsspec.open(uri, "rb") as src:
+        with os.fdopen(fd, "wb") as out, fsspec.open(uri, "rb", **options) as src:
             while chunk := src.read(1 << 22):
                 out.write(chunk)
         os.replace(tmp, target)

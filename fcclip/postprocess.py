@@ -11,7 +11,7 @@ on any device; half-precision inputs are computed in float32.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,28 +111,71 @@ def panoptic_inference(
         PanopticOutput with an (H, W) int32 map on the input's device.
     """
     mask_cls, mask_pred = _check_inputs(mask_cls, mask_pred)
-    num_classes = mask_cls.shape[1] - 1
     height, width = mask_pred.shape[-2:]
-    device = mask_pred.device
+    return panoptic_inference_rows(
+        mask_cls,
+        lambda keep, start, stop: mask_pred[keep, start:stop],
+        (height, width),
+        thing_mask,
+        object_mask_threshold=object_mask_threshold,
+        overlap_threshold=overlap_threshold,
+        chunk_rows=max(height, 1),
+        device=mask_pred.device,
+    )
+
+
+def panoptic_inference_rows(
+    mask_cls: Tensor,
+    mask_rows: Callable[[Tensor, int, int], Tensor],
+    size: tuple[int, int],
+    thing_mask: Sequence[bool] | Tensor,
+    *,
+    object_mask_threshold: float = 0.0,
+    overlap_threshold: float = 0.8,
+    chunk_rows: int = 256,
+    device: torch.device | None = None,
+) -> PanopticOutput:
+    """:func:`panoptic_inference` computed over bands of rows, for outputs too large to hold (Q, H, W) at once.
+
+    Every quantity of the reference's algorithm is either per pixel (the winning query, and whether the winner's
+    sigmoid is >= 0.5) or a per-query pixel count, so it can be accumulated band by band with the same result.
+
+    Args:
+        mask_cls: (Q, K+1) class logits (void last).
+        mask_rows: ``mask_rows(keep, start, stop)`` returns the (N, stop - start, W) mask logits of the kept queries
+            (``keep``: (N,) long indices into Q) for output rows start..stop.
+        size: (H, W) of the output.
+        chunk_rows: rows per band.
+    """
+    mask_cls = _as_float(mask_cls)
+    device = device if device is not None else mask_cls.device
+    num_classes = mask_cls.shape[1] - 1
+    height, width = size
     thing = _thing_lookup(thing_mask, num_classes, torch.device("cpu"))
 
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    keep = (labels.ne(num_classes) & (scores > object_mask_threshold)).nonzero().squeeze(1)
     cur_scores = scores[keep]
     cur_classes = labels[keep]
-    cur_masks = mask_pred[keep].sigmoid()
-    num_kept = cur_masks.shape[0]
+    num_kept = int(keep.numel())
     panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=device)
     if num_kept == 0 or height * width == 0:
         return PanopticOutput(panoptic_seg, [])
 
-    # The winner of each pixel; argmax takes the first query on ties, as in the reference.
-    winner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)  # (H, W)
-    confident = cur_masks >= 0.5  # (N, H, W)
-    # A pixel belongs to its winner's mask only where the winner's own sigmoid is >= 0.5.
-    in_mask = confident.gather(0, winner.unsqueeze(0)).squeeze(0)  # (H, W)
+    winner = torch.empty((height, width), dtype=torch.long, device=device)
+    in_mask = torch.empty((height, width), dtype=torch.bool, device=device)
+    original_area = torch.zeros(num_kept, dtype=torch.long, device=device)
+    for start in range(0, height, chunk_rows):
+        stop = min(start + chunk_rows, height)
+        band = _as_float(mask_rows(keep, start, stop)).to(device).sigmoid()  # (N, rows, W)
+        # The winner of each pixel; argmax takes the first query on ties, as in the reference.
+        band_winner = (cur_scores.to(device).view(-1, 1, 1) * band).argmax(0)
+        confident = band >= 0.5
+        winner[start:stop] = band_winner
+        # A pixel belongs to its winner's mask only where the winner's own sigmoid is >= 0.5.
+        in_mask[start:stop] = confident.gather(0, band_winner.unsqueeze(0)).squeeze(0)
+        original_area += confident.flatten(1).sum(1)
     mask_area = torch.bincount(winner.flatten(), minlength=num_kept)
-    original_area = confident.flatten(1).sum(1)
     mask_sum = torch.bincount(winner[in_mask], minlength=num_kept)
 
     # One transfer for the whole loop (the loop is over kept queries only, and needs no device syncs).

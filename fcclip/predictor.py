@@ -23,14 +23,39 @@ from PIL import Image
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .masks import mask_to_bbox
 from .model import FCCLIP, InferenceOutput
-from .postprocess import instance_inference, panoptic_inference, semantic_inference
+from .postprocess import instance_inference, panoptic_inference, panoptic_inference_rows, semantic_inference
 from .text import TextClassifier, TextClassifierCache, build_text_classifier
 from .vocabulary import Vocabulary, load_vocabulary
 
 TASKS = ("panoptic", "semantic", "instance")
-# Above this many float32 values (queries x output pixels), each task upsamples only the queries it can use
-# instead of all of them (same results except for the order of exactly tied instance scores).
+# Up to this many float32 values (queries x output pixels), post-processing upsamples every query's mask with
+# the reference's interpolation. Above it, memory stays bounded: panoptic runs over bands of rows with the same
+# bilinear resize written as two small matrices (identical up to float rounding), semantic over chunks of queries,
+# instances only for the queries in the top k.
 FULL_POSTPROCESS_LIMIT = 64_000_000
+BAND_VALUES = 16_000_000  # float32 values per band of the bounded panoptic path
+
+
+def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
+    """(out, in) matrix of 1-D bilinear resizing with align_corners=False (PyTorch's convention)."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w1 = src - i0
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    m.index_put_((rows, i0), 1 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m.to(device=device, dtype=torch.float32)
+
+
+def resize_matrix(small: int, padded: int, resized: int, output: int, device=None) -> torch.Tensor:
+    """(output, small): stride-4 grid -> padded size, crop to the resized image, -> output size."""
+    m = bilinear_matrix(small, padded)[:resized]
+    if resized != output:
+        m = bilinear_matrix(resized, output) @ m
+    return m.to(device)
 
 
 @dataclass
@@ -222,13 +247,17 @@ class Predictor:
             pred = Prediction(height=h, width=w, vocabulary=self.vocabulary)
             thing = self.thing_mask.to(mask_cls.device)
             if "panoptic" in self.tasks:
-                scores, labels = probs.max(-1)
-                keep = (labels != k) & (scores > self.object_mask_threshold)
-                index = keep.nonzero().squeeze(1)
-                pan = panoptic_inference(
-                    mask_cls[index], masks_for(index), thing,
-                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
-                )
+                settings = dict(object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
+                if full:
+                    pan = panoptic_inference(mask_cls, masks_for(None), thing, **settings)
+                else:
+                    ry = resize_matrix(mask_logits.shape[-2], padded_size[0], resized_size[0], h, mask_logits.device)
+                    rx = resize_matrix(mask_logits.shape[-1], padded_size[1], resized_size[1], w, mask_logits.device)
+                    rows = lambda keep, a, b: torch.einsum(  # noqa: E731
+                        "rh,nhw,cw->nrc", ry[a:b], mask_logits[keep], rx
+                    )
+                    band = max(1, BAND_VALUES // max(1, q * w))
+                    pan = panoptic_inference_rows(mask_cls, rows, (h, w), thing, chunk_rows=band, **settings)
                 pred.panoptic = self._panoptic_result(pan)
             if "semantic" in self.tasks:
                 sem = semantic_inference(mask_cls, masks_for(None)) if full else self._semantic_chunked(

@@ -140,3 +140,20 @@ def test_rle_of_segments_round_trips(tiny_predictor):
     for s in pred.panoptic.segments:
         mask = pred.panoptic.segment_map == s["id"]
         np.testing.assert_array_equal(decode_rle(encode_rle(mask)), mask)
+
+
+@pytest.mark.parametrize("small,padded,resized,output", [(12, 48, 45, 45), (12, 48, 45, 100), (7, 28, 25, 13), (1, 4, 3, 9)])
+def test_resize_matrices_equal_the_reference_interpolation(small, padded, resized, output):
+    import torch
+    import torch.nn.functional as F
+
+    from fcclip.predictor import resize_matrix
+
+    x = torch.randn(3, small, small + 2)
+    ref = F.interpolate(x[None], size=(padded, padded + 8), mode="bilinear", align_corners=False)
+    ref = ref[:, :, :resized, : resized + 3]
+    ref = F.interpolate(ref, size=(output, output + 5), mode="bilinear", align_corners=False)[0]
+    ry = resize_matrix(small, padded, resized, output)
+    rx = resize_matrix(small + 2, padded + 8, resized + 3, output + 5)
+    ours = torch.einsum("rh,nhw,cw->nrc", ry, x, rx)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -138,6 +138,17 @@ def cmd_synth_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+
+        from pipelines.label import main_args
+    except ImportError as e:
+        print(f"fcclip label needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        return 2
+    return main_args(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .config import list_models, load_config
 
@@ -169,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: keep all)")
     _add_model_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("label", help="label an image collection on Ray: Parquet with COCO RLE masks (needs fcclip[ray])")
+    p.set_defaults(func=cmd_label, _label_parser=p)
+    try:
+        from pipelines.label import add_arguments
+    except ImportError:  # the Ray extra is not installed: the subcommand says so when used
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_arguments(p)
 
     p = sub.add_parser("synth", help="generate synthetic data")
     synth = p.add_subparsers(dest="what", required=True)

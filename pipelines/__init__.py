@@ -1,0 +1,1 @@
+"""Ray jobs around the fcclip model library: labeling (label.py), and more to come."""

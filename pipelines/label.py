@@ -1,0 +1,377 @@
+"""`fcclip label`: stream an image collection through FC-CLIP on Ray Data and write Parquet, resumably.
+
+    fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
+                 [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
+
+The job, in order:
+1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
+   under DEST/_fcclip/manifest with the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
+   them, and refuses different settings.
+2. Shards without a committed part file go through Ray Data: read bytes and decode on CPU -> FC-CLIP on an actor
+   pool (GPU when the cluster has one) -> masks to COCO RLE on CPU -> back to the driver, which commits each shard
+   as one Parquet file when all its rows are in (see pipelines/sink.py for why this is exactly-once).
+3. Rows lost to crashed workers (a decoder segfault, an out-of-memory kill: Ray retries such a block a bounded
+   number of times, then the job goes on without it) are run again one image at a time; an image that still fails
+   becomes an error row. Every input image ends up in exactly one row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger("fcclip.label")
+
+RAY_RETRIES = 2  # attempts after the first, per task, when a worker dies
+
+
+@dataclass
+class LabelConfig:
+    source: str
+    dest: str
+    vocab: str
+    model: str = "fcclip-convnext-large"
+    weights: str = "official"
+    batch_size: int = 4
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    min_score: float = 0.0
+    short_edge: int | None = None  # default: the model's (800)
+    max_size: int | None = None
+    shard_size: int = 1000
+    address: str | None = None
+    extensions: tuple[str, ...] | None = None
+    max_pixels: int | None = None
+    decode_batch_size: int = 8
+    autocast: str | None = None
+    num_cpus: int | None = None  # for a local Ray started by the job
+
+
+@dataclass
+class LabelSummary:
+    dest: str
+    run_id: str
+    images: int = 0
+    ok: int = 0
+    failed: int = 0
+    segments: int = 0
+    skipped_shards: int = 0  # committed by an earlier run
+    seconds: float = 0.0
+    non_image_files: int = 0
+    duplicate_uris: int = 0
+    recovered: int = 0  # rows re-run one by one after a worker crash
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+
+
+def _settings(cfg: LabelConfig, model_config, vocabulary) -> dict:
+    """What must not change between runs writing into one DEST."""
+    inf = model_config.inference
+    return {
+        "model": model_config.name,
+        "weights": cfg.weights,
+        "vocabulary_digest": vocabulary.digest,
+        "min_score": cfg.min_score,
+        "short_edge": cfg.short_edge if cfg.short_edge is not None else inf.short_edge,
+        "max_size": cfg.max_size if cfg.max_size is not None else inf.max_size,
+        "shard_size": cfg.shard_size,
+        "source": cfg.source,
+    }
+
+
+def _thresholds(cfg: LabelConfig, model_config) -> dict:
+    inf = model_config.inference
+    return {
+        "alpha": inf.alpha,
+        "beta": inf.beta,
+        "object_mask_threshold": inf.object_mask_threshold,
+        "overlap_threshold": inf.overlap_threshold,
+        "min_score": cfg.min_score,
+    }
+
+
+class RunMismatch(ValueError):
+    pass
+
+
+def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary) -> dict:
+    """Create or reopen the run in DEST (settings + manifest). Returns run.json's content."""
+    from .sink import new_run_id
+    from .sources import IMAGE_EXTENSIONS, write_manifest
+
+    settings = _settings(cfg, model_config, vocabulary)
+    run = dest.read_run()
+    if run is not None:
+        differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
+        if differ:
+            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise RunMismatch(f"{dest.uri} holds a labeling run with other settings ({detail}); use another --out")
+        if run.get("manifest_complete"):
+            return run
+    else:
+        run = {"run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": False}
+        run["vocabulary"] = vocabulary.to_dict()
+        run["thresholds"] = _thresholds(cfg, model_config)
+        dest.write_run(run)
+    t = time.time()
+    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS)
+    logger.info(
+        "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
+        summary.num_images, summary.num_shards, time.time() - t, summary.skipped, summary.duplicates,
+    )
+    run.update(
+        manifest_complete=True,
+        num_images=summary.num_images,
+        shard_sizes=summary.shard_sizes,
+        non_image_files=summary.skipped,
+        duplicate_uris=summary.duplicates,
+    )
+    dest.write_run(run)
+    return run
+
+
+def _init_ray(cfg: LabelConfig):
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: float, isolate: bool):
+    """The streaming pipeline over ``items`` (shards, or single rows when ``isolate``)."""
+    from .stages import ExpandShards, LabelModel, ReadDecode, encode_masks
+
+    inf = model_config.inference
+    short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
+    if short_edge is not None and short_edge <= 0:
+        short_edge = None
+    max_size = cfg.max_size if cfg.max_size is not None else inf.max_size
+    from fcclip.images import DEFAULT_MAX_PIXELS
+
+    retry = {"max_retries": RAY_RETRIES}
+    if isolate:
+        ds = ray_data.from_items(items, override_num_blocks=max(1, len(items)))
+    else:
+        ds = ray_data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.flat_map(ExpandShards(cfg.dest), **retry)
+    ds = ds.map_batches(
+        ReadDecode(short_edge, max_size, cfg.max_pixels or DEFAULT_MAX_PIXELS),
+        batch_size=1 if isolate else cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        **retry,
+    )
+    lo, hi = cfg.actors
+    ds = ds.map_batches(
+        LabelModel,
+        fn_constructor_args=(spec,),
+        batch_size=1 if isolate else cfg.batch_size,
+        batch_format="numpy",
+        compute=ray_data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=gpus,
+        num_cpus=cfg.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=RAY_RETRIES,
+    )
+    ds = ds.map_batches(encode_masks, batch_size=1 if isolate else 16, batch_format="numpy", num_cpus=1, **retry)
+    return ds
+
+
+def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
+    """Run (or resume) a labeling job; returns its summary."""
+    from fcclip.config import load_config
+    from fcclip.vocabulary import load_vocabulary
+
+    from .sink import Destination, ShardCollector
+    from .stages import ModelSpec
+
+    started = time.time()
+    model_config = load_config(cfg.model)
+    vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
+    dest = Destination(cfg.dest)
+    run = prepare_run(cfg, dest, model_config, vocabulary)
+    sizes = run["shard_sizes"]
+    done = dest.committed_shards()
+    pending = [s for s in range(len(sizes)) if s not in done and sizes[s] > 0]
+    summary = LabelSummary(
+        dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done),
+        non_image_files=run.get("non_image_files", 0), duplicate_uris=run.get("duplicate_uris", 0),
+    )
+    if not pending:
+        logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
+        summary.seconds = time.time() - started
+        return summary
+
+    import warnings
+
+    import ray
+    import ray.data as ray_data
+
+    # bounded retries (max_retries, max_task_retries) are set through ray_remote_args, deprecated in Ray 2.60 with
+    # no named replacement yet; pyproject pins ray < 2.64 where they go away
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+    _init_ray(cfg)
+    ctx = ray_data.DataContext.get_current()
+    ctx.max_errored_blocks = -1  # a block lost after its retries must not stop the job: its rows are re-run below
+    ctx.enable_progress_bars = progress
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    spec = ModelSpec(
+        model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
+        device="cuda" if gpus > 0 else "cpu", autocast=cfg.autocast,
+    )
+    vocab_id = f"{vocabulary.name}@{vocabulary.digest[:16]}"
+    file_metadata = {
+        "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
+        "model": model_config.name, "weights": cfg.weights,
+    }
+    collector = ShardCollector(dest, {s: sizes[s] for s in pending}, file_metadata)
+    model_ids: set[str] = set()
+
+    def consume(ds):
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=1):
+            for shard, row, text in zip(batch["shard"], batch["row"], batch["record"]):
+                record = json.loads(text)
+                model_ids.add(record["model"])
+                record["vocabulary"] = vocab_id
+                record["run_id"] = run["run_id"]
+                shard, row = int(shard), int(row)
+                if shard not in collector.expected or row in collector.pending.get(shard, {}):
+                    continue  # delivered again by a retried block: the first copy stands
+                collector.add(shard, row, record)
+                _count(summary, record)
+
+    logger.info("labeling %d images in %d shards into %s", sum(sizes[s] for s in pending), len(pending), cfg.dest)
+    consume(_build_dataset(ray_data, [{"shard": s} for s in pending], cfg, model_config, spec, gpus, isolate=False))
+
+    missing = collector.missing()
+    if any(missing.values()):
+        from .sources import read_manifest_shard
+
+        rows = [
+            {"shard": s, "row": r, "uri": read_manifest_shard(dest, s)[r]}
+            for s, rs in sorted(missing.items()) for r in sorted(rs)
+        ]
+        logger.warning("%d image(s) lost to crashed workers; running them again one at a time", len(rows))
+        summary.recovered = len(rows)
+        consume(_build_dataset(ray_data, rows, cfg, model_config, spec, gpus, isolate=True))
+        model_id = next(iter(model_ids), f"{model_config.name}@{cfg.weights}")
+        from .stages import image_id
+
+        uris = {(r["shard"], r["row"]): r["uri"] for r in rows}
+        for shard, rs in sorted(collector.missing().items()):
+            for r in sorted(rs):
+                uri = uris[(shard, r)]
+                record = {
+                    "uri": uri, "image_id": image_id(uri), "width": None, "height": None, "status": "error",
+                    "error": f"worker crashed or was killed while processing this image ({RAY_RETRIES + 1} attempts "
+                    "in isolation)",
+                    "segments": [], "model": model_id, "vocabulary": vocab_id, "run_id": run["run_id"],
+                }
+                collector.add(shard, r, record)
+                _count(summary, record)
+    assert not collector.expected, f"shards left open: {sorted(collector.expected)}"
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _count(summary: LabelSummary, record: dict) -> None:
+    summary.images += 1
+    if record["status"] == "ok":
+        summary.ok += 1
+        summary.segments += len(record["segments"])
+    else:
+        summary.failed += 1
+        reason = (record["error"] or "").split(":", 1)[0][:60]
+        summary.errors[reason] = summary.errors.get(reason, 0) + 1
+
+
+def _parse_actors(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors takes N or MIN-MAX, got {text!r}") from None
+    if lo_i < 1 or hi_i < lo_i:
+        raise argparse.ArgumentTypeError(f"--actors: need 1 <= MIN <= MAX, got {text!r}")
+    return lo_i, hi_i
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="folder, glob, s3:// / gs:// prefix, or manifest (.parquet/.csv with 'uri', .txt)")
+    p.add_argument("--out", required=True, help="output folder or object-store prefix")
+    p.add_argument("--vocab", required=True, help="builtin name, .txt/.json/.yaml file, or inline 'cat; dog, puppy'")
+    p.add_argument("--model", default="fcclip-convnext-large", help="preset or preset YAML (default: %(default)s)")
+    p.add_argument("--weights", default="official", help="'official', 'random' (smoke runs), or a path/URI")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model forward pass (default: %(default)s)")
+    p.add_argument("--actors", type=_parse_actors, default=(1, 1), help="model actors: N or MIN-MAX (autoscaling)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this")
+    p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default 800; 0 = keep size)")
+    p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default 1333)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast on GPUs")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    from fcclip.config import ConfigError
+    from fcclip.vocabulary import VocabularyError
+
+    from .sources import SourceError
+
+    cfg = LabelConfig(
+        source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
+        batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
+        max_size=args.max_size, shard_size=args.shard_size, address=args.address,
+        autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus,
+    )
+    try:
+        summary = run_label(cfg, progress=not args.no_progress)
+    except (ConfigError, VocabularyError, SourceError, RunMismatch, FileNotFoundError) as e:
+        print(f"fcclip label: error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+def print_summary(s: LabelSummary) -> None:
+    print(
+        f"labeled {s.images} image(s) in {s.seconds:.1f} s ({s.images_per_second:.2f} images/s): "
+        f"{s.ok} ok, {s.failed} failed, {s.segments} segments"
+    )
+    if s.skipped_shards:
+        print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
+    if s.recovered:
+        print(f"{s.recovered} image(s) were re-run one at a time after worker crashes")
+    for reason, n in sorted(s.errors.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {n:6d} x {reason}")
+    if s.non_image_files:
+        print(f"{s.non_image_files} listed file(s) without an image extension were not labeled")
+    if s.duplicate_uris:
+        print(f"{s.duplicate_uris} duplicate URI(s) in the source were labeled once")
+    print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")
+
+
+def summary_dict(s: LabelSummary) -> dict:
+    d = asdict(s)
+    d["images_per_second"] = s.images_per_second
+    return d

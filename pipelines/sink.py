@@ -1,0 +1,210 @@
+"""The labeling output: one committed Parquet file per shard of the input, and the run's bookkeeping.
+
+Layout of DEST:
+
+    DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists
+    DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size)
+    DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
+    DEST/_fcclip/tmp/                   local files being written (renamed into place when complete)
+
+Why a reader never sees a partial file or a row twice:
+- every input URI belongs to exactly one shard, fixed when the manifest is written (before any labeling);
+- a shard's rows are written as ONE file named after the shard, and only once all of its rows are present;
+- the file appears atomically: on a local or mounted filesystem it is written under DEST/_fcclip/tmp and renamed
+  (``os.replace``) into place; on object storage it is uploaded as a single object, which becomes visible only when
+  the upload completes;
+- writing a shard again (a retried or resumed run) replaces the file with the same rows: never a second copy.
+Nothing else under DEST ends in ``.parquet``, so ``DEST/**/*.parquet`` is exactly the committed output.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+META_DIR = "_fcclip"
+PART_RE = re.compile(r"part-(\d+)\.parquet$")
+
+RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
+SEGMENT = pa.struct(
+    [
+        pa.field("id", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("category_id", pa.int32()),
+        pa.field("is_thing", pa.bool_()),
+        pa.field("score", pa.float32()),
+        pa.field("area", pa.int64()),
+        pa.field("bbox", pa.list_(pa.float32())),
+        pa.field("rle", RLE),
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("segments", pa.list_(SEGMENT)),
+        pa.field("model", pa.string()),
+        pa.field("vocabulary", pa.string()),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:06d}.parquet"
+
+
+def manifest_name(shard: int) -> str:
+    return f"shard-{shard:06d}.manifest"
+
+
+class Destination:
+    """DEST on any fsspec filesystem. Holds no filesystem object when pickled (credentials stay out of Ray)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/") or uri
+
+    def __getstate__(self):
+        return {"uri": self.uri}
+
+    def __setstate__(self, state):
+        self.uri = state["uri"]
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.uri)
+        return fs
+
+    @property
+    def root(self) -> str:
+        _, root = fsspec.core.url_to_fs(self.uri)
+        return root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    # ------------------------------------------------------------------ atomic writes
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write ``DEST/relative`` so that it appears complete or not at all."""
+        fs, target = self.fs, self.path(relative)
+        if self.is_local:
+            tmp_dir = self.path(META_DIR, "tmp")
+            os.makedirs(tmp_dir, exist_ok=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".inprogress")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs.pipe_file(target, data)  # one object, visible only once the upload completes
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def committed_shards(self) -> set[int]:
+        """Shards whose part file exists."""
+        fs = self.fs
+        try:
+            names = fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return set()
+        fs.invalidate_cache(self.root)
+        shards = set()
+        for name in names:
+            m = PART_RE.search(name.rsplit("/", 1)[-1])
+            if m:
+                shards.add(int(m.group(1)))
+        return shards
+
+    # ------------------------------------------------------------------ run settings
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads(self.read_bytes(f"{META_DIR}/run.json"))
+        except FileNotFoundError:
+            return None
+
+    def write_run(self, run: dict) -> None:
+        self.write_bytes(f"{META_DIR}/run.json", json.dumps(run, indent=1, sort_keys=True).encode())
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def rows_to_table(rows: Iterable[dict]) -> pa.Table:
+    """Rows as produced by the pipeline (segments as Python lists of dicts) -> a table with the output schema."""
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def encode_part(rows: list[dict], file_metadata: dict[str, Any]) -> bytes:
+    """The Parquet bytes of one shard, with the run's vocabulary and thresholds in the file's key-value metadata."""
+    table = rows_to_table(rows)
+    meta = dict(table.schema.metadata or {})
+    meta.update({f"fcclip.{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in file_metadata.items()})
+    table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ShardCollector:
+    """Gathers the labeled rows of each shard (in any order, duplicates collapsed) and commits complete shards.
+
+    Args:
+        dest: the output destination.
+        expected: {shard: number of rows}.
+        file_metadata: written into every part file.
+    """
+
+    def __init__(self, dest: Destination, expected: dict[int, int], file_metadata: dict[str, Any]):
+        self.dest = dest
+        self.expected = dict(expected)
+        self.file_metadata = file_metadata
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.committed: list[int] = []
+
+    def add(self, shard: int, row: int, record: dict) -> bool:
+        """Add one row; commits the shard when it is complete. Returns True when the shard was committed."""
+        if shard not in self.expected:
+            return False  # already committed (a retried block delivered it again)
+        rows = self.pending.setdefault(shard, {})
+        rows[row] = record  # a repeated row replaces the earlier copy
+        if len(rows) == self.expected[shard]:
+            ordered = [rows[i] for i in sorted(rows)]
+            self.dest.write_bytes(part_name(shard), encode_part(ordered, self.file_metadata))
+            del self.pending[shard]
+            del self.expected[shard]
+            self.committed.append(shard)
+            return True
+        return False
+
+    def missing(self) -> dict[int, set[int]]:
+        """{shard: rows not yet received} for every shard still open."""
+        return {s: set(range(n)) - set(self.pending.get(s, {})) for s, n in self.expected.items()}

@@ -1,0 +1,163 @@
+"""`fcclip label` end to end: object storage on loopback (moto), a local Ray, Parquet read back as users read it."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as mask_util
+
+from fcclip.cli import main
+from pipelines.stages import image_id
+from tests.catalogue import bad_inputs, good_images
+
+pytestmark = pytest.mark.ray
+
+VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _upload(bucket, files):
+    import boto3
+
+    s3 = boto3.client("s3")
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=f"in/{key}", Body=data)
+
+
+def _read_all(bucket, prefix="out"):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    paths = sorted(fs.glob(f"{bucket}/{prefix}/**/*.parquet"))
+    tables = [pq.read_table(p, filesystem=fs) for p in paths]
+    return paths, tables, fs
+
+
+def test_label_bucket_to_bucket(s3_server, s3_bucket, ray_local, capsys):
+    good = good_images(5)
+    bad = bad_inputs()
+    _upload(s3_bucket, {**good, **{k: v[0] for k, v in bad.items()}})
+    code = main(
+        ["label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", VOCAB,
+         "--model", "fcclip-tiny", "--weights", "random", "--shard-size", "4", "--batch-size", "2", "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "15 image(s)" in out and "11 ok, 4 failed" in out
+
+    paths, tables, fs = _read_all(s3_bucket)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [f"part-{i:06d}.parquet" for i in range(4)]
+    rows = [r for t in tables for r in t.to_pylist()]
+    expected = {f"s3://{s3_bucket}/in/{k}": "ok" for k in good} | {f"s3://{s3_bucket}/in/{k}": s for k, (_, s) in bad.items()}
+    assert sorted(r["uri"] for r in rows) == sorted(expected)  # every input exactly once
+    for r in rows:
+        assert r["status"] == expected[r["uri"]], (r["uri"], r["error"])
+        assert r["image_id"] == image_id(r["uri"])
+        assert r["model"] == "fcclip-tiny@random" and r["run_id"]
+        if r["status"] == "error":
+            assert r["error"] and r["segments"] == []
+            continue
+        assert r["error"] is None
+        for s in r["segments"]:
+            rle = {"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}
+            mask = mask_util.decode(rle).astype(bool)
+            assert mask.shape == (r["height"], r["width"])
+            assert mask.sum() == s["area"] > 0
+            ys, xs = np.nonzero(mask)
+            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert s["label"] in ("person", "car", "dog", "grass", "sky")
+    sizes = {r["uri"].rsplit("/", 1)[-1]: (r["width"], r["height"]) for r in rows}
+    assert sizes["tiny_1x1.png"] == (1, 1) and sizes["animated.gif"] == (50, 40)
+    errors = {r["uri"].rsplit("/", 1)[-1]: r["error"] for r in rows if r["status"] == "error"}
+    assert "pixels" in errors["bomb.png"] or "limit" in errors["bomb.png"]
+
+    # the vocabulary and thresholds travel in the file metadata
+    meta = pq.read_metadata(paths[0], filesystem=fs).metadata
+    assert [c["names"][0] for c in json.loads(meta[b"fcclip.vocabulary"])["categories"]] == [
+        "person", "car", "dog", "grass", "sky"]
+    assert json.loads(meta[b"fcclip.thresholds"])["overlap_threshold"] == 0.8
+    # credentials appear nowhere in what was written
+    for key in fs.find(f"{s3_bucket}/out"):
+        assert s3_server["AWS_SECRET_ACCESS_KEY"].encode() not in fs.cat_file(key)
+    assert s3_server["AWS_SECRET_ACCESS_KEY"] not in out
+
+
+def test_read_with_duckdb_and_pandas(s3_server, s3_bucket, ray_local, capsys):
+    import duckdb
+    import pandas as pd
+    import s3fs
+
+    _upload(s3_bucket, good_images(3))
+    assert main(["label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", VOCAB,
+                 "--model", "fcclip-tiny", "--weights", "random", "--no-progress"]) == 0
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem())
+    n, ok, segs = con.execute(
+        f"select count(*), count(*) filter (where status = 'ok'), sum(len(segments)) "
+        f"from read_parquet('s3://{s3_bucket}/out/*.parquet')"
+    ).fetchone()
+    assert (n, ok) == (3, 3)
+    labels = con.execute(
+        f"select s.label, count(*) from (select unnest(segments) as s from read_parquet('s3://{s3_bucket}/out/*.parquet')) group by 1"
+    ).fetchall()
+    assert sum(c for _, c in labels) == segs
+    df = pd.read_parquet(f"s3://{s3_bucket}/out/", storage_options={})
+    assert len(df) == 3 and set(df.columns) >= {"uri", "image_id", "width", "height", "status", "segments"}
+
+
+def test_resume_skips_committed_shards_and_rejects_other_settings(tmp_path, ray_local, capsys):
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=6, size=(48, 64))
+    args = ["label", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab", VOCAB,
+            "--model", "fcclip-tiny", "--weights", "random", "--shard-size", "2", "--no-progress"]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.parquet")}
+    assert sorted(first) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    (tmp_path / "out" / "part-000001.parquet").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "labeled 2 image(s)" in out and "2 shard(s) were already committed" in out
+    again = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.parquet")}
+    assert sorted(again) == sorted(first)
+    assert again["part-000000.parquet"] == first["part-000000.parquet"]  # untouched
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "out")
+    assert len(df) == 6 and df["uri"].is_unique and df["run_id"].nunique() == 1
+    # a complete run is a no-op
+    assert main(args) == 0
+    assert "labeled 0 image(s)" in capsys.readouterr().out
+    # other settings into the same DEST are refused
+    assert main(args[:-1] + ["--min-score", "0.5", "--no-progress"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_stages_run_without_ray(tmp_path):
+    """The stages are plain callables: the whole chain on one batch, in process."""
+    from fcclip.vocabulary import load_vocabulary
+    from pipelines.stages import LabelModel, ModelSpec, ReadDecode, encode_masks
+
+    files = {**good_images(2), "odd/not_an_image.jpg": b"nope"}
+    uris = []
+    for name, data in files.items():
+        p = tmp_path / name.replace("/", "_")
+        p.write_bytes(data)
+        uris.append(str(p))
+    batch = {"shard": np.zeros(3, np.int64), "row": np.arange(3), "uri": np.array(uris, dtype=object)}
+    decoded = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(batch)
+    assert list(decoded["rh"]) == [64, 64, 0] and decoded["error"][2]
+    spec = ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu")
+    labelled = LabelModel(spec)(decoded)
+    records = [json.loads(r) for r in encode_masks(labelled)["record"]]
+    assert [r["status"] for r in records] == ["ok", "ok", "error"]
+    assert (records[0]["width"], records[0]["height"]) == (96, 72)

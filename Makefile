@@ -11,11 +11,15 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install demo test
 install: $(VENV)/.installed
 
+VOCAB := person; car; dog, puppy; tree [stuff]; sky [stuff]; grass, lawn [stuff]
+
 demo: $(VENV)/.installed
-	$(BIN)/fcclip synth images --out demo/images --count 4
-	$(BIN)/fcclip predict demo/images/*.jpg --vocab "person; car; dog, puppy; tree [stuff]; sky [stuff]; grass, lawn [stuff]" \
-		--model fcclip-tiny --weights random --device cpu --out demo/out
-	@echo "overlays: demo/out/*_overlay.png"
+	$(BIN)/fcclip synth images --out demo/images --count 8
+	$(BIN)/fcclip label demo/images --out demo/labels --vocab "$(VOCAB)" --model fcclip-tiny --weights random \
+		--shard-size 4 --num-cpus 2
+	$(BIN)/python examples/label_summary.py demo/labels
+	$(BIN)/fcclip predict demo/images/synth_00000.jpg demo/images/synth_00001.jpg --vocab "$(VOCAB)" \
+		--model fcclip-tiny --weights random --device cpu --out demo/overlays
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

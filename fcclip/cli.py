@@ -1,7 +1,10 @@
 """The ``fcclip`` command line.
 
     fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
+    fcclip label SOURCE --out DEST --vocab VOCAB [...]
     fcclip synth images --out DIR [--count N]
+    fcclip synth coco-panoptic --out ROOT --images N [--seed S] [--size H W]
+    fcclip metrics panoptic|semantic ...
     fcclip models | fcclip vocabularies
 
 Each subcommand is ``main(argv) -> int`` underneath, so tests call them directly.
@@ -149,6 +152,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
+    from .datasets.synthetic_panoptic import synth_coco_panoptic_main
+
+    return synth_coco_panoptic_main(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .config import list_models, load_config
 
@@ -199,9 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=320)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth_images)
+    s = synth.add_parser("coco-panoptic", help="a small synthetic dataset in the COCO panoptic layout (train2017 + val2017)")
+    s.add_argument("--out", required=True, help="dataset root")
+    s.add_argument("--images", type=int, default=16, help="training images; val2017 gets a quarter (at least 1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
+    s.set_defaults(func=cmd_synth_coco_panoptic)
 
     sub.add_parser("models", help="list model presets").set_defaults(func=cmd_models)
     sub.add_parser("vocabularies", help="list builtin vocabularies").set_defaults(func=cmd_vocabularies)
+
+    from .metrics.cli import add_arguments as add_metrics_arguments
+
+    add_metrics_arguments(sub)
     return parser
 
 

@@ -152,6 +152,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        import ray.train  # noqa: F401
+
+        from pipelines.train import main_args
+    except ImportError as e:
+        print(f"fcclip train needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        return 2
+    return main_args(args)
+
+
 def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
     from .datasets.synthetic_panoptic import synth_coco_panoptic_main
 
@@ -198,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
     else:
         add_arguments(p)
+
+    p = sub.add_parser("train", help="train FC-CLIP with Ray Train (needs fcclip[ray])")
+    p.set_defaults(func=cmd_train)
+    try:
+        from pipelines.train import add_arguments as add_train_arguments
+    except ImportError:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_train_arguments(p)
 
     p = sub.add_parser("synth", help="generate synthetic data")
     synth = p.add_subparsers(dest="what", required=True)

@@ -1,0 +1,449 @@
+"""`fcclip train`: FC-CLIP training on a COCO-panoptic-layout dataset with Ray Train (DDP), resumable.
+
+    fcclip train --config configs/train/fcclip-convnext-large-coco.yaml --data ROOT --storage URI
+                 [--num-workers N] [--gpus-per-worker F] [--max-iters N] [--resume] [--address RAY_ADDRESS]
+
+Each Ray Train worker builds the model (frozen CLIP + trainable head), loads its share of the data with its own
+loader processes (decode + large-scale jitter on CPU), and trains with DDP; the global batch is split across the
+workers. Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
+layout, optimizer, scheduler, grad scaler, iteration, RNG states) to ``--storage``; Ray Train keeps the newest ones.
+A lost worker or node restarts the worker group from the latest checkpoint (``max_failures`` times); a stopped run
+continues with ``--resume`` (same --storage and run name). At the end the command prints ``final checkpoint: PATH``,
+the file ``fcclip predict/label --weights PATH`` take.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+logger = logging.getLogger("fcclip.train")
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class DataConfig:
+    split: str = "train2017"
+    val_split: str = "val2017"
+    image_size: int = 1024  # large-scale jitter crop
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    filter_empty: bool = False  # the reference's FILTER_EMPTY_ANNOTATIONS has no effect on panoptic data
+    loader_workers: int = 2  # loader processes per training worker (decode + augmentation)
+    synonyms: str | None = "coco_panoptic"  # class names with the reference's synonyms, matched by category id
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    batch_size: int = 16  # global, split across workers
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    max_iters: int = 368_750
+    steps: tuple[int, ...] = (327_778, 355_092)
+    gamma: float = 0.1
+    warmup_iters: int = 10
+    warmup_factor: float = 1.0
+    clip_grad: float = 0.01  # full-model gradient-norm clipping
+    amp: bool = True  # mixed precision (GPU only)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    model: str
+    weights: str = "clip"  # "clip": open_clip's pretrained CLIP + a new head; "random"; or a checkpoint to fine-tune
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    max_failures: int = 3
+    seed: int = 0
+
+
+def _strict(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**data)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """A training config (YAML) with strict keys."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    nested = {"data": DataConfig, "solver": SolverConfig, "loss": LossConfig}
+    top = {k: v for k, v in raw.items() if k not in nested}
+    cfg = _strict(TrainConfig, {**top, "name": raw.get("name", Path(path).stem), "model": raw.get("model")}, str(path))
+    return dataclasses.replace(cfg, **{k: _strict(c, raw.get(k), f"{path}: {k}") for k, c in nested.items()})
+
+
+def lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """detectron2's WarmupMultiStepLR: linear warmup from warmup_factor, then x gamma at each step."""
+    factor = solver.gamma ** sum(1 for s in solver.steps if iteration >= s)
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        factor *= solver.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def param_groups(model, solver: SolverConfig) -> list[dict]:
+    """Trainable parameters with the reference's weight decay: none on norm layers and nn.Embedding tables."""
+    import torch
+
+    norm_types = (
+        torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, torch.nn.LocalResponseNorm,
+    )
+    groups, seen = [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            wd = solver.weight_decay
+            if isinstance(module, norm_types):
+                wd = solver.weight_decay_norm
+            elif isinstance(module, torch.nn.Embedding):
+                wd = solver.weight_decay_embed
+            groups.append({"params": [p], "weight_decay": wd, "lr": solver.lr})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class Samples(torch.utils.data.IterableDataset):
+    """An endless stream of augmented training samples for one worker; each loader process draws its own."""
+
+    def __init__(self, root: str, split: str, data: DataConfig, seed: int):
+        self.root, self.split, self.data, self.seed = root, split, data, seed
+
+    def __iter__(self):
+        import numpy as np
+
+        from fcclip.datasets.coco_panoptic import CocoPanoptic, filter_empty
+        from fcclip.training.data import train_sample
+
+        ds = CocoPanoptic(self.root, self.split)
+        records = filter_empty(ds.records()) if self.data.filter_empty else ds.records()
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        while True:
+            record = records[int(rng.integers(len(records)))]
+            yield train_sample(
+                *ds.load(record), rng, image_size=self.data.image_size,
+                min_scale=self.data.min_scale, max_scale=self.data.max_scale,
+            )
+
+
+def _loader(root, cfg: TrainConfig, per_worker_batch: int, seed: int):
+    from fcclip.training.data import collate
+
+    return torch.utils.data.DataLoader(
+        Samples(root, cfg.data.split, cfg.data, seed),
+        batch_size=per_worker_batch,
+        num_workers=cfg.data.loader_workers,
+        collate_fn=collate,
+        persistent_workers=cfg.data.loader_workers > 0,
+        prefetch_factor=2 if cfg.data.loader_workers > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import warnings
+
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+
+    from fcclip.build import build_model
+    from fcclip.checkpoint import load_weights, official_state_dict
+    from fcclip.datasets.coco_panoptic import CocoPanoptic
+    from fcclip.text import TextClassifierCache, build_text_classifier
+    from fcclip.training.criterion import build_criterion, outputs_from_model, weighted_total
+    from fcclip.training.data import normalize_images
+
+    cfg = _config_from_dict(config["train"])
+    root, max_iters = config["data_root"], config["max_iters"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    per_worker_batch = max(1, cfg.solver.batch_size // world)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg.model, weights=cfg.weights, device=device)
+    dataset = CocoPanoptic(root, cfg.data.split)
+    vocabulary = dataset.vocabulary(synonyms=cfg.data.synonyms)
+    text = build_text_classifier(
+        model.backbone, vocabulary, train_vocabulary=vocabulary, cache=TextClassifierCache(enabled=False)
+    )
+    criterion = build_criterion(
+        len(vocabulary), class_weight=cfg.loss.class_weight, mask_weight=cfg.loss.mask_weight,
+        dice_weight=cfg.loss.dice_weight, no_object_weight=cfg.loss.no_object_weight,
+        dec_layers=model.sem_seg_head.predictor.num_layers + 1, num_points=cfg.loss.num_points,
+        oversample_ratio=cfg.loss.oversample_ratio, importance_sample_ratio=cfg.loss.importance_sample_ratio,
+    ).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.solver), lr=cfg.solver.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.solver))
+    use_amp = cfg.solver.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            load_weights(model, os.path.join(d, "model.pth"))
+            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"][rank % len(state["torch_rng"])].cpu())
+        logger.info("rank %d resumes at iteration %d", rank, start)
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank + start)
+
+    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    # a fresh data stream after a restart: its seed includes the iteration it starts from
+    loader = iter(_loader(root, cfg, per_worker_batch, seed=cfg.seed * 100_003 + rank * 7919 + start))
+    params = [p for p in model.parameters() if p.requires_grad]
+    pixel_mean, pixel_std = model.config.inference.pixel_mean, model.config.inference.pixel_std
+    writer = _tensorboard(rank)
+    window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
+
+    for iteration in range(start, max_iters):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        data_wait += time.perf_counter() - t0
+        images = normalize_images(batch["images"].to(device), batch["image_sizes"], pixel_mean, pixel_std)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+        model.train()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            out = net(images, text)
+        losses = criterion(outputs_from_model(out), targets)
+        total, weighted = weighted_total(losses, criterion.weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        done_in_window += 1
+
+        it = iteration + 1
+        last = it == max_iters
+        save = last or it % cfg.checkpoint_every == 0
+        if not (save or it % cfg.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {
+            "iteration": it,
+            "loss": float(total.detach()),
+            "loss_ce": float(losses["loss_ce"].detach()),
+            "loss_mask": float(losses["loss_mask"].detach()),
+            "loss_dice": float(losses["loss_dice"].detach()),
+            "lr": optimizer.param_groups[0]["lr"],
+            "iters_per_s": done_in_window / elapsed if elapsed else 0.0,
+            "samples_per_s": done_in_window * per_worker_batch * world / elapsed if elapsed else 0.0,
+            "data_wait_share": data_wait / elapsed if elapsed else 0.0,
+        }
+        window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite training metrics at iteration {it}: {metrics}")
+        if writer is not None:
+            for k, v in metrics.items():
+                if k != "iteration":
+                    writer.add_scalar(f"train/{k}", v, it)
+            writer.flush()
+        if save:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    torch.save({"model": official_state_dict(model, len(vocabulary))}, os.path.join(d, "model.pth"))
+                    torch.save(
+                        {
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "iteration": it,
+                            "torch_rng": [torch.get_rng_state()],
+                            "numpy_rng": np.random.get_state()[1].tolist()[:8],
+                            "config": json.dumps(config["train"]),
+                        },
+                        os.path.join(d, "state.pt"),
+                    )
+                    if writer is not None:
+                        _copy_tree(writer.logdir, os.path.join(d, "tensorboard"))
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+
+def _tensorboard(rank: int):
+    if rank != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(tempfile.mkdtemp(prefix="fcclip-tb-"))
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _config_from_dict(d: dict) -> TrainConfig:
+    return dataclasses.replace(
+        TrainConfig(name=d["name"], model=d["model"]),
+        **{k: v for k, v in d.items() if k not in ("data", "solver", "loss", "name", "model")},
+        data=DataConfig(**d["data"]),
+        solver=SolverConfig(**{**d["solver"], "steps": tuple(d["solver"]["steps"])}),
+        loss=LossConfig(**d["loss"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def run_train(
+    cfg: TrainConfig,
+    data_root: str,
+    storage: str,
+    *,
+    num_workers: int = 1,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1.0,
+    max_iters: int | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    name: str | None = None,
+    num_cpus: int | None = None,
+):
+    """Train; returns (ray.train.Result, the final model checkpoint's URI)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name = name or cfg.name
+    storage = storage.rstrip("/")
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    run_dir = f"{storage}/{name}"
+    if _exists(run_dir) and not resume:
+        raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": dataclasses.asdict(cfg),
+            "data_root": data_root,
+            "max_iters": max_iters or cfg.solver.max_iters,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    final = f"{result.checkpoint.path.rstrip('/')}/model.pth"
+    if "://" not in final and "://" in storage:
+        final = f"{storage.split('://', 1)[0]}://{final}"
+    return result, final
+
+
+def _exists(uri: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config YAML (configs/train/...)")
+    p.add_argument("--data", required=True, help="COCO panoptic layout root (local or s3://...)")
+    p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
+    p.add_argument("--name", default=None, help="run name (default: the config's)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-iters", type=int, default=None, help="override the config's iteration count")
+    p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_train_config(args.config)
+        result, final = run_train(
+            cfg, args.data, args.storage, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, max_iters=args.max_iters, resume=args.resume,
+            address=args.address, name=args.name, num_cpus=args.num_cpus,
+        )
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"fcclip train: error: {e}", file=sys.stderr)
+        return 2
+    metrics = result.metrics or {}
+    print(
+        f"trained to iteration {metrics.get('iteration')}: loss {metrics.get('loss', float('nan')):.4f}, "
+        f"{metrics.get('iters_per_s', 0):.2f} it/s"
+    )
+    print(f"final checkpoint: {final}")
+    return 0

@@ -163,6 +163,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        import ray.data  # noqa: F401
+
+        from pipelines.evaluate import main_args
+    except ImportError as e:
+        print(f"fcclip eval needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        return 2
+    return main_args(args)
+
+
 def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
     from .datasets.synthetic_panoptic import synth_coco_panoptic_main
 
@@ -218,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
     else:
         add_train_arguments(p)
+
+    p = sub.add_parser("eval", help="zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray (needs fcclip[ray])")
+    p.set_defaults(func=cmd_eval)
+    try:
+        from pipelines.evaluate import add_arguments as add_eval_arguments
+    except ImportError:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_eval_arguments(p)
 
     p = sub.add_parser("synth", help="generate synthetic data")
     synth = p.add_subparsers(dest="what", required=True)

@@ -446,10 +446,12 @@ class _PanopticBenchmark(BenchmarkDataset):
         self._categories = [{"id": int(c["id"]), "isthing": int(bool(c.get("isthing", 0))), "name": c.get("name", "")}
                             for c in data["categories"]]
         self._isthing = {c["id"]: bool(c["isthing"]) for c in self._categories}
-        missing = sorted(set(self._vocabulary.ids) - set(self._isthing))
-        if missing:  # predictions of these could not be scored
-            raise ValueError(f"{self.json_uri}: categories lack ids {missing[:10]} of the {self._vocabulary.name} "
-                             "vocabulary")
+        # A file listing only some of the vocabulary's categories (a subset, a synthetic set) is scored over the
+        # whole vocabulary: the missing categories have no ground truth, so predicting them is a false positive.
+        for category in self._vocabulary.categories:
+            if category.id not in self._isthing:
+                self._categories.append({"id": category.id, "isthing": int(category.isthing), "name": category.label})
+                self._isthing[category.id] = bool(category.isthing)
         self._category_index = {category_id: index for index, category_id in enumerate(self._vocabulary.ids)}
         semantic_dir = _join(root, layout.semantic_dir)
         self._semantic_dir: str | None = semantic_dir

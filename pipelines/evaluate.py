@@ -1,0 +1,251 @@
+"""`fcclip eval`: the paper's zero-shot benchmarks (PQ, AP, mIoU) as a Ray Data job with exact metric merging.
+
+    fcclip eval --model PRESET --weights W --dataset NAME --data ROOT [--out results.json] [--address ...]
+
+The validation split streams through an actor pool (one model per actor, as `fcclip label`), each actor predicting
+its images at the benchmark's test resolution with the benchmark's vocabulary and adding them to its own metric
+accumulators; each batch returns the accumulators' statistics (per-class sums and confusion matrices, never
+averages) and the driver merges them, so the figures are exactly those of a single pass.
+
+Instance AP is computed against instances derived from the panoptic ground truth (the thing segments, with their
+crowd flags), which is what the panoptic annotation holds; the reference reads the separate instance JSON of each
+dataset, whose masks can differ slightly at segment borders.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("fcclip.eval")
+
+
+class EvalModel:
+    """Actor: predicts a batch of benchmark images and returns the batch's metric statistics (as JSON)."""
+
+    def __init__(self, model: str, weights: str, dataset: str, root: str, device: str, short_edge, max_size):
+        import warnings
+
+        from fcclip.build import build_model
+        from fcclip.datasets.benchmarks import open_benchmark
+        from fcclip.predictor import Predictor
+
+        self.dataset = open_benchmark(dataset, root)
+        self.spec = self.dataset.spec
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = build_model(model, weights=weights, device=device)
+        self.predictor = Predictor(
+            net,
+            self.dataset.vocabulary(),
+            short_edge=short_edge or self.spec.short_edge,
+            max_size=max_size or self.spec.max_size,
+            tasks=self.spec.tasks,
+        )
+        self.records = {r.image_id: r for r in self.dataset.records()}
+
+    def __call__(self, batch: dict) -> dict:
+        acc = new_accumulators(self.dataset)
+        errors = []
+        for image_id in batch["image_id"]:
+            record = self.records[str(image_id)]
+            try:
+                image = self.dataset.load_image(record)
+                pred = self.predictor(image)
+                update(acc, self.dataset, record, pred)
+            except Exception as e:  # an unreadable file is reported, the rest of the evaluation goes on
+                errors.append(f"{record.image_uri}: {type(e).__name__}: {e}")
+        state = {k: v.state_dict() for k, v in acc.items()}
+        return {"state": np.array([json.dumps(state)], dtype=object), "errors": np.array([json.dumps(errors)], dtype=object),
+                "count": np.array([len(batch["image_id"])])}
+
+
+def new_accumulators(dataset) -> dict:
+    from fcclip.metrics.instance import InstanceAccumulator
+    from fcclip.metrics.panoptic import PanopticAccumulator
+    from fcclip.metrics.semantic import SemanticAccumulator
+
+    vocab = dataset.vocabulary()
+    cats = [{"id": c.id, "isthing": c.isthing, "name": c.names[0]} for c in vocab.categories]
+    acc = {}
+    if "panoptic" in dataset.spec.tasks:
+        acc["panoptic"] = PanopticAccumulator(cats)
+    if "instance" in dataset.spec.tasks:
+        acc["instance"] = InstanceAccumulator([c for c in cats if c["isthing"]])
+    if "semantic" in dataset.spec.tasks:
+        acc["semantic"] = SemanticAccumulator(len(vocab), ignore_index=dataset.spec.ignore_label)
+    return acc
+
+
+def update(acc: dict, dataset, record, pred) -> None:
+    """Add one image's prediction to the accumulators."""
+    if "panoptic" in acc or "instance" in acc:
+        gt_map, gt_segments = dataset.load_panoptic(record)
+    if "panoptic" in acc:
+        acc["panoptic"].update(
+            gt_map, gt_segments, pred.panoptic.segment_map,
+            [{"id": s["id"], "category_id": s["category_id"]} for s in pred.panoptic.segments],
+            image_id=record.image_id,
+        )
+    if "instance" in acc:
+        things = {c["id"] for c in acc["instance"].categories}
+        gt = [s for s in gt_segments if s["category_id"] in things]
+        inst = pred.instances
+        acc["instance"].update(
+            record.image_id,
+            np.stack([gt_map == s["id"] for s in gt]) if gt else np.zeros((0, *gt_map.shape), bool),
+            [s["category_id"] for s in gt],
+            inst.masks, inst.category_ids.tolist(), inst.scores.tolist(),
+            gt_iscrowd=[bool(s.get("iscrowd", 0)) for s in gt],
+        )
+    if "semantic" in acc:
+        acc["semantic"].update(dataset.load_semantic(record), pred.semantic.class_map)
+
+
+def merge_states(dataset, states: list[dict]) -> dict:
+    from fcclip.metrics.instance import InstanceAccumulator
+    from fcclip.metrics.panoptic import PanopticAccumulator
+    from fcclip.metrics.semantic import SemanticAccumulator
+
+    kinds = {"panoptic": PanopticAccumulator, "instance": InstanceAccumulator, "semantic": SemanticAccumulator}
+    total = new_accumulators(dataset)
+    for state in states:
+        for k, s in state.items():
+            total[k].merge(kinds[k].from_state_dict(s))
+    return total
+
+
+def run_eval(
+    model: str, weights: str, dataset: str, root: str, *, batch_size: int = 2, actors: tuple[int, int] = (1, 1),
+    gpus_per_actor: float | None = None, address: str | None = None, limit: int | None = None,
+    short_edge: int | None = None, max_size: int | None = None, num_cpus: int | None = None, progress: bool = True,
+) -> dict:
+    import ray
+    import ray.data as ray_data
+
+    from fcclip.datasets.benchmarks import open_benchmark
+
+    ds_reader = open_benchmark(dataset, root)
+    records = ds_reader.records()[: limit or None]
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init(num_cpus=num_cpus, include_dashboard=False)
+    ray_data.DataContext.get_current().enable_progress_bars = progress
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    started = time.time()
+    items = [{"image_id": r.image_id} for r in records]
+    ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    ds = ds.map_batches(
+        EvalModel,
+        fn_constructor_args=(model, weights, dataset, root, "cuda" if gpus_per_actor else "cpu", short_edge, max_size),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_gpus=gpus_per_actor,
+        num_cpus=1,
+    )
+    states, errors, count = [], [], 0
+    first = None
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        first = first or time.time()
+        for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
+            states.append(json.loads(s))
+            errors.extend(json.loads(e))
+            count += int(c)
+    total = merge_states(ds_reader, states)
+    seconds = time.time() - started
+    results = {k: v.result() for k, v in total.items()}
+    return {
+        "dataset": dataset,
+        "model": model,
+        "weights": weights,
+        "images": count,
+        "failed": len(errors),
+        "errors": errors[:100],
+        "seconds": seconds,
+        "images_per_s": count / seconds if seconds else 0.0,
+        "test_size": [short_edge or ds_reader.spec.short_edge, max_size or ds_reader.spec.max_size],
+        **jsonable(results),
+    }
+
+
+def jsonable(obj):
+    """Plain JSON types throughout (numpy scalars and keys become Python ones)."""
+    if isinstance(obj, dict):
+        return {(k.item() if isinstance(k, np.generic) else k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_results(r: dict) -> str:
+    pan, inst, sem = r.get("panoptic"), r.get("instance"), r.get("semantic")
+    head = ["dataset", "PQ", "PQ_th", "PQ_st", "SQ", "RQ", "AP", "mIoU", "images"]
+    row = [
+        r["dataset"],
+        _pct(pan["All"]["pq"]) if pan else "-",
+        _pct(pan["Things"]["pq"]) if pan else "-",
+        _pct(pan["Stuff"]["pq"]) if pan else "-",
+        _pct(pan["All"]["sq"]) if pan else "-",
+        _pct(pan["All"]["rq"]) if pan else "-",
+        _pct(inst["AP"]) if inst else "-",
+        _pct(sem["mIoU"]) if sem else "-",
+        str(r["images"]),
+    ]
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fcclip.datasets.benchmarks import list_benchmarks
+
+    p.add_argument("--model", default="fcclip-convnext-large")
+    p.add_argument("--weights", default="official")
+    p.add_argument("--dataset", required=True, choices=list_benchmarks())
+    p.add_argument("--data", required=True, help="datasets root ($DETECTRON2_DATASETS layout) or the dataset folder")
+    p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--gpus-per-actor", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--short-edge", type=int, default=None, help="override the benchmark's test size")
+    p.add_argument("--max-size", type=int, default=None)
+    p.add_argument("--address", default=None)
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        results = run_eval(
+            args.model, args.weights, args.dataset, args.data, batch_size=args.batch_size,
+            actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, address=args.address,
+            limit=args.limit, short_edge=args.short_edge, max_size=args.max_size, num_cpus=args.num_cpus,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"fcclip eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    print(f"{results['images']} images in {results['seconds']:.1f} s ({results['images_per_s']:.2f} images/s), "
+          f"{results['failed']} failed")
+    for e in results["errors"][:10]:
+        print(f"  error: {e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"results: {args.out}")
+    return 1 if results["failed"] else 0

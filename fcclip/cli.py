@@ -174,6 +174,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        from pipelines.submit import main_args
+    except ImportError as e:
+        print(f"fcclip submit needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        return 2
+    return main_args(args)
+
+
 def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
     from .datasets.synthetic_panoptic import synth_coco_panoptic_main
 
@@ -238,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
     else:
         add_eval_arguments(p)
+
+    p = sub.add_parser("submit", help="run an fcclip command on a Ray cluster via the Job API and follow it")
+    p.set_defaults(func=cmd_submit)
+    try:
+        from pipelines.submit import add_arguments as add_submit_arguments
+    except ImportError:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_submit_arguments(p)
 
     p = sub.add_parser("synth", help="generate synthetic data")
     synth = p.add_subparsers(dest="what", required=True)

@@ -1,0 +1,105 @@
+"""A real job submission: `ray start --head` on loopback, `fcclip submit` of `fcclip label` against the S3 server."""
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.catalogue import good_images
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def ray_head(s3_server, tmp_path):
+    """A one-node Ray cluster started with `ray start --head`, its dashboard/Job API on loopback only."""
+    port, dash = _free_port(), _free_port()
+    # token authentication on, with a token of our own (as the cluster configs in cluster/ do)
+    token = secrets.token_hex(32)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # the node's environment has fcclip installed
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"rt{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray start failed:\n{proc.stdout.read()}")
+                time.sleep(1)
+        else:
+            raise RuntimeError("the Ray dashboard did not come up")
+        time.sleep(3)  # the Job API starts with the dashboard's modules
+        yield address, token
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_label_job(ray_head, s3_bucket, capsys):
+    ray_head, token = ray_head
+    import boto3
+    import s3fs
+    import pyarrow.parquet as pq
+
+    s3 = boto3.client("s3")
+    images = good_images(4)
+    for key, data in images.items():
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # without the token the Job API refuses the submission
+    refused = subprocess.run(
+        [str(BIN / "fcclip"), "submit", "--address", ray_head, "--", "fcclip", "models"],
+        env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": "/nonexistent"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert refused.returncode != 0 and "uthentication" in refused.stderr
+    proc = subprocess.run(
+        [str(BIN / "fcclip"), "submit", "--address", ray_head, "--",
+         "fcclip", "label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", "cat; dog; sky [stuff]",
+         "--model", "fcclip-tiny", "--weights", "random", "--shard-size", "2", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert "labeled 4 image(s)" in proc.stdout  # the job's own summary, streamed back
+    fs = s3fs.S3FileSystem()
+    rows = [r for p in fs.glob(f"{s3_bucket}/out/*.parquet") for r in pq.read_table(p, filesystem=fs).to_pylist()]
+    assert sorted(r["uri"] for r in rows) == sorted(f"s3://{s3_bucket}/in/{k}" for k in images)
+    assert all(r["status"] == "ok" for r in rows)
+    # a failing job gives a non-zero exit code
+    proc = subprocess.run(
+        [str(BIN / "fcclip"), "submit", "--address", ray_head, "--", "fcclip", "label", "/nonexistent/folder",
+         "--out", "/tmp/never", "--vocab", "cat;", "--model", "fcclip-tiny", "--weights", "random"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "FAILED" in proc.stdout

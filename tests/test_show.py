@@ -1,0 +1,345 @@
+"""`fcclip show`: an HTML report of a labeling output, checked against DuckDB and rendered in headless Chromium.
+
+The labeling output is written directly in the documented schema (pipelines.sink), with real COCO RLEs of masks
+on synthetic images, so these tests need no Ray and no model.
+"""
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipelines.show as show
+from fcclip.datasets.synthetic import synthetic_image, write_images
+from fcclip.masks import encode_rle, mask_to_bbox
+from fcclip.vocabulary import load_vocabulary
+from pipelines.sink import encode_part, part_name
+from pipelines.stages import image_id
+
+VOCAB = load_vocabulary("cat; dog, puppy; grass [stuff]; sky [stuff]")
+THRESHOLDS = {"alpha": 0.4, "beta": 0.8, "object_mask_threshold": 0.8, "overlap_threshold": 0.8, "min_score": 0.0}
+RUN_ID = "0123456789abcdef"
+MODEL = "fcclip-tiny@random"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _segments(rng: np.random.Generator, height: int, width: int) -> list[dict]:
+    """A panoptic labeling of an image: sky over grass, a dog box and sometimes a cat disc (ids 1..n, no overlap)."""
+    seg = np.zeros((height, width), dtype=np.int32)
+    horizon = int(height * rng.uniform(0.35, 0.6))
+    seg[:horizon] = 1
+    seg[horizon:] = 2
+    kinds = [("sky", 4), ("grass", 3)]
+    y0, x0 = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
+    seg[y0:y0 + height // 3, x0:x0 + width // 3] = 3
+    kinds.append(("dog", 2))
+    if rng.random() < 0.6:
+        yy, xx = np.mgrid[:height, :width]
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), min(height, width) / 5
+        seg[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 4
+        kinds.append(("cat", 1))
+    segments = []
+    for segment_id, (label, category_id) in enumerate(kinds, start=1):
+        mask = seg == segment_id
+        if not mask.any():
+            continue
+        segments.append({
+            "id": segment_id, "label": label, "category_id": category_id, "is_thing": category_id <= 2,
+            "score": float(np.float32(rng.uniform(0.3, 1.0))), "area": int(mask.sum()),
+            "bbox": mask_to_bbox(mask), "rle": encode_rle(mask),
+        })
+    return segments
+
+
+def _ok_row(uri: str, height: int, width: int, rng: np.random.Generator) -> dict:
+    return {"uri": uri, "image_id": image_id(uri), "width": width, "height": height, "status": "ok", "error": None,
+            "segments": _segments(rng, height, width), "model": MODEL, "vocabulary": f"custom@{VOCAB.digest[:16]}",
+            "run_id": RUN_ID}
+
+
+def _error_row(uri: str, error: str) -> dict:
+    return {"uri": uri, "image_id": image_id(uri), "width": None, "height": None, "status": "error", "error": error,
+            "segments": [], "model": MODEL, "vocabulary": f"custom@{VOCAB.digest[:16]}", "run_id": RUN_ID}
+
+
+def _rows(image_uris: list[str], sizes: list[tuple[int, int]], missing_prefix: str) -> list[dict]:
+    rng = np.random.default_rng(7)
+    rows = [_ok_row(uri, h, w, rng) for uri, (h, w) in zip(image_uris, sizes)]
+    errors = [
+        _error_row(f"{missing_prefix}/gone_1.jpg",
+                   f"not found: [Errno 2] No such file or directory: '{missing_prefix}/gone_1.jpg'"),
+        _error_row(f"{missing_prefix}/notes.jpg",
+                   "ImageDecodeError: image bytes (1234 bytes): not an image, or a format Pillow cannot read"),
+        _error_row(f"{missing_prefix}/gone_2.jpg",
+                   f"not found: [Errno 2] No such file or directory: '{missing_prefix}/gone_2.jpg'"),
+    ]
+    return rows[:4] + errors[:2] + rows[4:] + errors[2:]  # error rows in both files
+
+
+def _write_output(rows: list[dict], write, shard_size: int = 7) -> None:
+    meta = {"run_id": RUN_ID, "vocabulary": VOCAB.to_dict(), "thresholds": THRESHOLDS, "model": "fcclip-tiny",
+            "weights": "random"}
+    for shard, start in enumerate(range(0, len(rows), shard_size)):
+        write(part_name(shard), encode_part(rows[start:start + shard_size], meta))
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    """A local labeling output: 10 ok images (one large, one deleted after labeling) and 3 error rows, 2 files."""
+    root = tmp_path_factory.mktemp("show")
+    paths = write_images(root / "images", count=9, size=(96, 128), seed=3)
+    big = root / "images" / "big.png"
+    Image.fromarray(synthetic_image(99, 720, 1000)).save(big)
+    paths.append(big)
+    sizes = [(96, 128)] * 9 + [(720, 1000)]
+    rows = _rows([str(p) for p in paths], sizes, str(root / "images"))
+    dest = root / "labels"
+    (dest / "_fcclip").mkdir(parents=True)
+    (dest / "_fcclip" / "run.json").write_text("{}")  # bookkeeping that is not output
+
+    def write(name, data):
+        (dest / name).write_bytes(data)
+
+    _write_output(rows, write)
+    deleted = paths[2]
+    deleted.unlink()  # labelled, then gone: the report shows a placeholder
+    return {"dest": dest, "rows": rows, "deleted": str(deleted), "big": str(big), "root": root}
+
+
+class _Page(HTMLParser):
+    """Elements with an id or data attributes, their text; img sources; figures of the gallery."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements: list[dict] = []
+        self.open: list[dict] = []
+        self.images: list[str] = []
+        self.figures: list[dict] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for name in ("src", "href"):
+            if name in attrs:
+                self.links.append(attrs[name])
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "figure" and "sample" in (attrs.get("class") or ""):
+            self.figures.append(attrs)
+        if "id" in attrs or "data-metric" in attrs:
+            element = {"tag": tag, "attrs": attrs, "text": ""}
+            self.elements.append(element)
+            self.open.append(element)
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1]["tag"] == tag:
+            self.open.pop()
+
+    def handle_data(self, data):
+        for element in self.open:
+            element["text"] += data
+
+    def by_id(self, element_id: str) -> dict:
+        return next(e for e in self.elements if e["attrs"].get("id") == element_id)
+
+    def metric(self, metric: str, key: str = "label") -> dict[str, int]:
+        """{data-label (or other key): value} of the cells of one metric; checks the text shows the same number."""
+        out = {}
+        for e in self.elements:
+            if e["attrs"].get("data-metric") == metric:
+                value = int(e["attrs"]["data-value"])
+                assert int(e["text"].replace(",", "")) == value, e
+                out[e["attrs"].get(f"data-{key}")] = value
+        return out
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def _run(dest, out, *extra) -> str:
+    code = show.main([str(dest), "--out", str(out), *extra])
+    assert code == 0
+    return Path(out).read_text(encoding="utf-8")
+
+
+def _assert_self_contained(page: str, parser: _Page) -> None:
+    assert parser.links and all(link.startswith("data:") for link in parser.links), parser.links
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", page, re.I)
+    assert not re.search(r"url\(\s*[\"']?(?:https?:)?//", page, re.I)
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+
+
+def _duckdb_numbers(glob: str, con=None) -> dict:
+    con = con or duckdb.connect()
+    q = lambda sql: con.sql(sql.replace("FILES", f"read_parquet('{glob}')")).fetchall()  # noqa: E731
+    (images, ok, errors), = q("select count(*), count(*) filter (status = 'ok'), count(*) filter (status = 'error') "
+                              "from FILES")
+    segments = q("select count(*) from (select unnest(segments) s from FILES)")[0][0]
+    per_class = q("select s.label, count(*), count(distinct uri) from (select uri, unnest(segments) s from FILES) "
+                  "group by 1")
+    bins = q(f"select least(greatest(floor(s.score * {show.SCORE_BINS}), 0), {show.SCORE_BINS - 1})::int b, count(*) "
+             "from (select unnest(segments) s from FILES) group by 1")
+    per_image = dict(q("select uri, len(segments) from FILES where status = 'ok'"))
+    return {"images": images, "ok": ok, "error": errors, "segments": segments,
+            "segments_per_class": {label: n for label, n, _ in per_class},
+            "images_per_class": {label: n for label, _, n in per_class},
+            "bins": dict(bins), "per_image": per_image}
+
+
+def test_numbers_match_duckdb(labels, tmp_path):
+    page = _run(labels["dest"], tmp_path / "report.html", "--sample", "4", "--seed", "1")
+    parser = _parse(page)
+    _assert_self_contained(page, parser)
+    expected = _duckdb_numbers(f"{labels['dest']}/*.parquet")
+    assert expected["images"] == 13 and expected["error"] == 3  # the fixture is what the test thinks it is
+
+    for key in ("images", "ok", "error", "segments"):
+        element = parser.by_id(f"count-{key}")
+        assert int(element["attrs"]["data-value"]) == expected[key] == int(element["text"].replace(",", "")), key
+    assert int(parser.by_id("count-files")["attrs"]["data-value"]) == 2  # _fcclip/ is not output
+    assert int(parser.by_id("count-sampled")["attrs"]["data-value"]) == 4
+
+    assert parser.metric("segments") == expected["segments_per_class"]
+    assert parser.metric("images") == expected["images_per_class"]
+    histogram = re.search(r'<svg class="chart histogram" data-histogram="all" data-count="(\d+)"(.*?)</svg>', page,
+                          re.S)
+    assert int(histogram.group(1)) == expected["segments"]
+    bars = [int(n) for n in re.findall(r'data-count="(\d+)"', histogram.group(2))]
+    assert bars == [expected["bins"].get(b, 0) for b in range(show.SCORE_BINS)]
+    for label in expected["segments_per_class"]:  # a histogram per class (4 classes < --top-classes 8)
+        assert re.search(rf'data-histogram="{label}" data-count="{expected["segments_per_class"][label]}"', page)
+
+    reasons = parser.metric("errors", key="reason")
+    assert sum(reasons.values()) == expected["error"]
+    assert reasons == {"not found: [Errno #] No such file or directory: '<uri>'": 2,
+                       "ImageDecodeError: image bytes (# bytes): not an image, or a format Pillow cannot read": 1}
+    error_uris = set(re.findall(r'<tr data-uri="([^"]+)">', page))
+    assert error_uris == {r["uri"] for r in labels["rows"] if r["status"] == "error"}
+
+    header = parser.by_id("run")["text"]
+    for text in (RUN_ID, MODEL, f"custom@{VOCAB.digest[:16]}", "4 classes", "object_mask_threshold = 0.8", "random"):
+        assert text in header, text
+
+
+def test_gallery(labels, tmp_path, monkeypatch):
+    import fcclip.masks
+
+    decoded = []
+    real_decode = fcclip.masks.decode_rle
+    monkeypatch.setattr(fcclip.masks, "decode_rle", lambda rle: decoded.append(rle) or real_decode(rle))
+    page = _run(labels["dest"], tmp_path / "all.html", "--sample", "50")
+    parser = _parse(page)
+    ok = {r["uri"]: r for r in labels["rows"] if r["status"] == "ok"}
+    assert sorted(f["data-uri"] for f in parser.figures) == sorted(ok)  # N > ok images: every ok image
+    readable = {u: r for u, r in ok.items() if u != labels["deleted"]}  # a missing image is not decoded
+    assert len(decoded) == sum(len(r["segments"]) for r in readable.values())
+    for figure in parser.figures:
+        assert int(figure["data-segments"]) == len(ok[figure["data-uri"]]["segments"])
+    failed = [f for f in parser.figures if f.get("data-error")]
+    assert [f["data-uri"] for f in failed] == [labels["deleted"]]
+    assert re.search(r'class="placeholder" data-reason="FileNotFoundError: [^"]*No such file', page)
+    assert len(parser.images) == len(ok) - 1
+    sizes = []
+    for src in parser.images:
+        assert src.startswith("data:image/jpeg;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        sizes.append(image.size)
+        assert np.asarray(image).std() > 10  # a picture, not a blank
+    assert set(sizes) == {(640, 480), (640, 461)}  # the large image scaled down, the small ones up, to one width
+
+    decoded.clear()  # with a small sample, only the sampled rows' masks are decoded
+    page = _run(labels["dest"], tmp_path / "three.html", "--sample", "3")
+    sampled = [f["data-uri"] for f in _parse(page).figures]
+    assert len(sampled) == 3
+    assert len(decoded) == sum(len(readable[u]["segments"]) for u in sampled if u in readable)
+
+
+def test_sample_is_seeded(labels, tmp_path):
+    def sample(dest, seed, n=3):
+        return [s.uri for s in show.scan(str(dest), sample=n, seed=seed).sample]
+
+    first = sample(labels["dest"], 0)
+    assert len(first) == 3 and sample(labels["dest"], 0) == first
+    assert sample(labels["dest"], 1) != first
+    assert set(sample(labels["dest"], 0, n=10)) == {r["uri"] for r in labels["rows"] if r["status"] == "ok"}
+    # the same rows in other files (one file, other row groups) give the same sample
+    one = tmp_path / "one"
+    one.mkdir()
+    _write_output(labels["rows"], lambda name, data: (one / name).write_bytes(data), shard_size=100)
+    assert len(list(one.glob("*.parquet"))) == 1
+    assert sample(one, 0) == first
+
+
+def test_no_output(tmp_path, capsys):
+    assert show.main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "no labeling output" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_object_storage(s3_server, s3_bucket, tmp_path):
+    """DEST and the images in a bucket (moto on loopback), credentials from the environment."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    paths = write_images(tmp_path / "images", count=4, size=(64, 80), seed=11)
+    uris = []
+    for p in paths:
+        uri = f"s3://{s3_bucket}/images/{p.name}"
+        fs.put_file(str(p), uri)
+        uris.append(uri)
+    rows = _rows(uris, [(64, 80)] * 4, f"s3://{s3_bucket}/images")
+    _write_output(rows, lambda name, data: fs.pipe_file(f"s3://{s3_bucket}/labels/{name}", data), shard_size=4)
+    page = _run(f"s3://{s3_bucket}/labels/", tmp_path / "report.html", "--sample", "10")
+    parser = _parse(page)
+    assert sorted(f["data-uri"] for f in parser.figures) == sorted(uris)
+    assert not [f for f in parser.figures if f.get("data-error")]
+    assert int(parser.by_id("count-images")["attrs"]["data-value"]) == 7
+    assert int(parser.by_id("count-error")["attrs"]["data-value"]) == 3
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"headless Chromium not installed ({CHROMIUM} is absent; "
+                                                          "on Debian: apt-get install -y chromium)")
+def test_renders_in_chromium(labels, tmp_path):
+    report = tmp_path / "report.html"
+    page = _run(labels["dest"], report, "--sample", "6")
+    expected = _duckdb_numbers(f"{labels['dest']}/*.parquet")
+    flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
+    shot = tmp_path / "report.png"
+    run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", report.as_uri()], capture_output=True,
+                         timeout=60, text=True)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.std() > 20, "the screenshot is blank"
+    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 500  # pictures, not just text on white
+    if os.environ.get("FCCLIP_SHOW_SCREENSHOT"):  # keep the picture to look at
+        shutil.copy(shot, os.environ["FCCLIP_SHOW_SCREENSHOT"])
+
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, timeout=60,
+                         text=True)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parser = _parse(dom.stdout)
+    assert len(parser.figures) == 6 and len(parser.images) >= 5
+    assert all(src.startswith("data:image/jpeg;base64,") for src in parser.images)
+    assert parser.images == _parse(page).images  # the browser kept every image
+    for key in ("images", "ok", "error", "segments"):
+        assert int(parser.by_id(f"count-{key}")["text"].replace(",", "")) == expected[key]
+    assert parser.metric("segments") == expected["segments_per_class"]
+    assert dom.stdout.count("<svg") == 1 + 1 + len(expected["segments_per_class"])  # bars, all scores, per class

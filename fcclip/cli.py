@@ -5,6 +5,7 @@
     fcclip synth images --out DIR [--count N]
     fcclip synth coco-panoptic --out ROOT --images N [--seed S] [--size H W]
     fcclip metrics panoptic|semantic ...
+    fcclip train | eval | submit | show ...
     fcclip models | fcclip vocabularies
 
 Each subcommand is ``main(argv) -> int`` underneath, so tests call them directly.
@@ -183,6 +184,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return main_args(args)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        import pyarrow  # noqa: F401
+
+        from pipelines.show import main_args
+    except ImportError as e:
+        print(f"fcclip show needs pyarrow: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        return 2
+    return main_args(args)
+
+
 def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
     from .datasets.synthetic_panoptic import synth_coco_panoptic_main
 
@@ -247,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
     else:
         add_eval_arguments(p)
+
+    p = sub.add_parser("show", help="an HTML report of a labeling output: counts, classes, scores, errors, overlays")
+    p.set_defaults(func=cmd_show)
+    try:
+        from pipelines.show import add_arguments as add_show_arguments
+    except ImportError:  # pyarrow is not installed: the subcommand says so when used
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_show_arguments(p)
 
     p = sub.add_parser("submit", help="run an fcclip command on a Ray cluster via the Job API and follow it")
     p.set_defaults(func=cmd_submit)

@@ -142,57 +142,39 @@ def cmd_synth_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_label(args: argparse.Namespace) -> int:
-    try:
-        import ray  # noqa: F401
+# Subcommands that live in pipelines/ (they need the Ray extra): module and the package each one needs.
+PIPELINE_COMMANDS = {
+    "label": ("pipelines.label", "ray", "label an image collection on Ray: Parquet with COCO RLE masks"),
+    "train": ("pipelines.train", "ray.train", "train FC-CLIP with Ray Train"),
+    "eval": ("pipelines.evaluate", "ray.data", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray"),
+    "show": ("pipelines.show", "pyarrow", "an HTML report of a labeling output: counts, classes, scores, errors, overlays"),
+    "submit": ("pipelines.submit", "ray", "run an fcclip command on a Ray cluster via the Job API and follow it"),
+}
 
-        from pipelines.label import main_args
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    import importlib
+
+    module, requirement, _ = PIPELINE_COMMANDS[args.command]
+    try:
+        importlib.import_module(requirement)
+        main_args = importlib.import_module(module).main_args
     except ImportError as e:
-        print(f"fcclip label needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
+        print(f"fcclip {args.command} needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
         return 2
     return main_args(args)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    try:
-        import ray.train  # noqa: F401
+def _add_pipeline_parsers(sub) -> None:
+    import importlib
 
-        from pipelines.train import main_args
-    except ImportError as e:
-        print(f"fcclip train needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
-        return 2
-    return main_args(args)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        import ray.data  # noqa: F401
-
-        from pipelines.evaluate import main_args
-    except ImportError as e:
-        print(f"fcclip eval needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
-        return 2
-    return main_args(args)
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    try:
-        from pipelines.submit import main_args
-    except ImportError as e:
-        print(f"fcclip submit needs the Ray extra: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
-        return 2
-    return main_args(args)
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    try:
-        import pyarrow  # noqa: F401
-
-        from pipelines.show import main_args
-    except ImportError as e:
-        print(f"fcclip show needs pyarrow: pip install 'fcclip[ray]' ({e})", file=sys.stderr)
-        return 2
-    return main_args(args)
+    for name, (module, _, help_text) in PIPELINE_COMMANDS.items():
+        p = sub.add_parser(name, help=f"{help_text} (needs fcclip[ray])")
+        p.set_defaults(func=cmd_pipeline)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError:  # the extra is not installed: the subcommand says so when used
+            p.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 def cmd_synth_coco_panoptic(args: argparse.Namespace) -> int:
@@ -233,50 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("label", help="label an image collection on Ray: Parquet with COCO RLE masks (needs fcclip[ray])")
-    p.set_defaults(func=cmd_label, _label_parser=p)
-    try:
-        from pipelines.label import add_arguments
-    except ImportError:  # the Ray extra is not installed: the subcommand says so when used
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_arguments(p)
-
-    p = sub.add_parser("train", help="train FC-CLIP with Ray Train (needs fcclip[ray])")
-    p.set_defaults(func=cmd_train)
-    try:
-        from pipelines.train import add_arguments as add_train_arguments
-    except ImportError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_train_arguments(p)
-
-    p = sub.add_parser("eval", help="zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray (needs fcclip[ray])")
-    p.set_defaults(func=cmd_eval)
-    try:
-        from pipelines.evaluate import add_arguments as add_eval_arguments
-    except ImportError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_eval_arguments(p)
-
-    p = sub.add_parser("show", help="an HTML report of a labeling output: counts, classes, scores, errors, overlays")
-    p.set_defaults(func=cmd_show)
-    try:
-        from pipelines.show import add_arguments as add_show_arguments
-    except ImportError:  # pyarrow is not installed: the subcommand says so when used
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_show_arguments(p)
-
-    p = sub.add_parser("submit", help="run an fcclip command on a Ray cluster via the Job API and follow it")
-    p.set_defaults(func=cmd_submit)
-    try:
-        from pipelines.submit import add_arguments as add_submit_arguments
-    except ImportError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_submit_arguments(p)
+    _add_pipeline_parsers(sub)
 
     p = sub.add_parser("synth", help="generate synthetic data")
     synth = p.add_subparsers(dest="what", required=True)

@@ -2,6 +2,7 @@
 
     fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
                  [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
+                 [--decode-timeout SECONDS]
 
 The job, in order:
 1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
@@ -12,7 +13,9 @@ The job, in order:
    as one Parquet file when all its rows are in (see pipelines/sink.py for why this is exactly-once).
 3. Rows lost to crashed workers (a decoder segfault, an out-of-memory kill: Ray retries such a block a bounded
    number of times, then the job goes on without it) are run again one image at a time; an image that still fails
-   becomes an error row. Every input image ends up in exactly one row.
+   becomes an error row. An image whose read and decode take longer than ``--decode-timeout`` is an error row;
+   one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
+   (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class LabelConfig:
     extensions: tuple[str, ...] | None = None
     max_pixels: int | None = None
     decode_batch_size: int = 8
+    decode_timeout: float = 120.0  # seconds to read and decode one image; then an error row (see stages._time_limit)
     autocast: str | None = None
     num_cpus: int | None = None  # for a local Ray started by the job
 
@@ -147,7 +151,10 @@ def _init_ray(cfg: LabelConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a new local Ray, as documented. Without it ray.init() joins whatever cluster
+        # /tmp/ray/ray_current_cluster names (the last `ray start` or ray.cluster_utils.Cluster on this machine,
+        # possibly another user's, possibly dead), and then refuses num_cpus.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: float, isolate: bool):
@@ -168,7 +175,7 @@ def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: 
         ds = ray_data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.flat_map(ExpandShards(cfg.dest), **retry)
     ds = ds.map_batches(
-        ReadDecode(short_edge, max_size, cfg.max_pixels or DEFAULT_MAX_PIXELS),
+        ReadDecode(short_edge, max_size, cfg.max_pixels or DEFAULT_MAX_PIXELS, timeout_s=cfg.decode_timeout),
         batch_size=1 if isolate else cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=1,
@@ -327,6 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast on GPUs")
+    p.add_argument("--decode-timeout", type=float, default=120.0,
+                   help="seconds to read and decode one image before it becomes an error row (default: %(default)s)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -342,7 +351,7 @@ def main_args(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
-        autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus,
+        autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
     )
     try:
         summary = run_label(cfg, progress=not args.no_progress)

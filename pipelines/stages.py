@@ -55,32 +55,55 @@ class ExpandShards:
         return [{"shard": shard, "row": i, "uri": u} for i, u in enumerate(uris)]
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by the alarm; a BaseException so that a library's ``except Exception`` cannot swallow it."""
 
 
 @contextmanager
 def _time_limit(seconds: float | None):
-    """Raise _Timeout after ``seconds`` (main thread only; elsewhere no limit)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    """Bound the time spent in the block.
+
+    After ``seconds``, SIGALRM raises _Timeout in the block (the row becomes a "timed out" error row, the worker
+    lives on). The alarm only reaches Python code in the main thread: Ray runs task UDFs there (ReadDecode is a task),
+    but a decoder stuck in native code never returns to the interpreter, and a UDF run on another thread cannot be
+    signalled at all. So a watchdog thread also ends the whole worker process if the block is still running at twice
+    the limit (and at least 2 s past it): a stuck worker then becomes a crashed worker, which the pipeline retries a
+    bounded number of times and then turns into an error row. Either way the job never waits on one image forever.
+    """
+    if not seconds:
         yield
         return
+    done = threading.Event()
 
-    def on_alarm(signum, frame):
-        raise _Timeout()
+    def watchdog():
+        if not done.wait(seconds + max(seconds, 2.0)):
+            logger.error("stuck far past the %s s time limit, out of the alarm's reach; ending this worker", seconds)
+            os._exit(75)
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    threading.Thread(target=watchdog, name="fcclip-time-limit", daemon=True).start()
+    soft = threading.current_thread() is threading.main_thread()
+    if soft:
+
+        def on_alarm(signum, frame):
+            raise _Timeout()
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        done.set()
 
 
 def _inject_fault(uri: str) -> None:
-    """Testing hook: ``FCCLIP_TEST_FAULTS="crash:NAME,hang:NAME"`` makes this worker die / hang on URIs containing
-    NAME. Inert unless the variable is set (the fault-injection tests set it for their Ray workers)."""
+    """Testing hook: ``FCCLIP_TEST_FAULTS="crash:NAME,hang:NAME,stall:NAME"`` on URIs containing NAME makes this
+    worker die (``crash``, like a decoder segfault), sleep in Python (``hang``, like a read that never returns), or
+    sleep out of the alarm's reach (``stall``, like a decoder stuck in native code: SIGALRM is blocked in this thread
+    so no Python handler runs). Inert unless the variable is set (the fault-injection tests set it for their Ray
+    workers). Called inside ReadDecode's time limit, where a real decoder would be."""
     spec = os.environ.get("FCCLIP_TEST_FAULTS")
     if not spec:
         return
@@ -90,6 +113,9 @@ def _inject_fault(uri: str) -> None:
             if kind == "crash":
                 os._exit(77)
             if kind == "hang":
+                time.sleep(3600)
+            if kind == "stall":
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
                 time.sleep(3600)
 
 
@@ -113,10 +139,10 @@ class ReadDecode:
         n = len(uris)
         out = {k: [] for k in ("pixels", "height", "width", "rh", "rw", "error")}
         for uri in uris:
-            _inject_fault(uri)
             pixels, h, w, rh, rw, err = b"", 0, 0, 0, 0, ""
             try:
                 with _time_limit(self.timeout_s):
+                    _inject_fault(uri)
                     with fsspec.open(uri, "rb") as f:
                         data = f.read(MAX_IMAGE_BYTES + 1)
                     if len(data) > MAX_IMAGE_BYTES:

@@ -1,0 +1,363 @@
+"""`fcclip label` under real faults: a worker that crashes or hangs on one image, an actor killed and a node removed
+mid-job on a 3-node cluster, the driver killed mid-job and the job run again.
+
+Faults are real: ``FCCLIP_TEST_FAULTS`` (see pipelines/stages.py) makes a Ray worker ``os._exit`` or sleep on one
+URI, and the other faults are SIGKILLs and ``Cluster.remove_node``. Every Ray started here lives under its own
+RAY_TMPDIR, so it neither joins nor is joined by another Ray on this machine, and its processes can be found (their
+command lines name that folder) and ended without touching anyone else's.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.ray
+
+VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
+JOB_LIMIT_S = 300  # a stalled job fails the test instead of blocking the run
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _images(folder: Path, count: int, extra: tuple[str, ...] = (), size=(72, 96)) -> list[str]:
+    """``count`` synthetic JPEGs plus copies named ``extra``; their URIs (as the job lists them).
+
+    A fault applies to every URI containing its NAME, and tmp_path contains the test's name: fault names carry a
+    hyphen, which no test name has."""
+    from fcclip.datasets.synthetic import write_images
+
+    paths = write_images(folder, count=count, size=size)
+    for i, name in enumerate(extra):
+        shutil.copy(paths[i % len(paths)], folder / name)
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def _ray_tmpdir() -> str:
+    # short: Ray puts unix sockets below it (108-byte limit), so not under pytest's long tmp_path
+    return tempfile.mkdtemp(prefix="fcr", dir="/tmp")
+
+
+def _ray_pids(ray_tmp: str, session: int | None = None) -> list[int]:
+    """Live (non-zombie) processes of the Ray under ``ray_tmp``: those in ``session``, those whose command line or
+    environment names ``ray_tmp`` (workers retitle themselves "ray::...", and some agents lose their environment
+    that way), and their descendants."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                text = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                text += f.read()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        named = ray_tmp.encode() in text or (session is not None and int(fields[3]) == session)
+        procs[int(entry)] = (int(fields[1]), named)
+    found = {pid for pid, (_, named) in procs.items() if named}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
+
+
+def _remove_tree(path: str) -> None:
+    for _ in range(20):  # dying Ray processes may still write logs into it for a moment
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.25)
+
+
+def _end_processes(ray_tmp: str, session: int | None = None, timeout: float = 20) -> list[int]:
+    """SIGKILL every process of the Ray living under ``ray_tmp``; returns those that would not die."""
+    deadline = time.monotonic() + timeout
+    while (pids := _ray_pids(ray_tmp, session)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return _ray_pids(ray_tmp, session)
+
+
+class Job:
+    """``python -m fcclip label ...`` in its own session (process group) and its own RAY_TMPDIR."""
+
+    def __init__(self, args: list[str], faults: str | None = None):
+        self.ray_tmp = _ray_tmpdir()
+        env = dict(os.environ, RAY_TMPDIR=self.ray_tmp)
+        env.pop("RAY_ADDRESS", None)
+        if faults:
+            env["FCCLIP_TEST_FAULTS"] = faults  # the job's local Ray and so its workers inherit it
+        self.log = open(Path(self.ray_tmp) / "job.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fcclip", "label", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=Path(__file__).parent.parent,
+        )
+
+    def wait(self, timeout: float = JOB_LIMIT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job did not finish in {timeout} s (stalled?); its log:\n{self.output()[-5000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the driver and its process group (the local Ray it started is in it)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> list[int]:
+        """End everything that is left; returns the pids that survived (should be none)."""
+        if self.proc.poll() is None:
+            self.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of the session still there after a clean exit
+        except (ProcessLookupError, PermissionError):
+            pass
+        survivors = _end_processes(self.ray_tmp, session=self.proc.pid)
+        self.log.close()
+        _remove_tree(self.ray_tmp)
+        return survivors
+
+
+def _label_args(source: Path, dest: Path, *more: str) -> list[str]:
+    return [str(source), "--out", str(dest), "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights", "random",
+            "--num-cpus", "2", "--no-progress", *more]
+
+
+def _rows(dest: Path) -> list[dict]:
+    return [r for p in sorted(dest.rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def _assert_exactly_once(rows: list[dict], uris: list[str]) -> dict[str, dict]:
+    seen = [r["uri"] for r in rows]
+    duplicates = sorted({u for u in seen if seen.count(u) > 1})
+    assert not duplicates, f"rows written twice: {duplicates}"
+    assert sorted(seen) == sorted(uris), f"missing: {sorted(set(uris) - set(seen))}, extra: {sorted(set(seen) - set(uris))}"
+    return {r["uri"]: r for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
+def test_poison_image_becomes_an_error_row(tmp_path):
+    """An image that kills its worker every time (a decoder segfault) is retried a bounded number of times, then
+    is an error row; the job finishes, every other image is labelled."""
+    uris = _images(tmp_path / "in", 8, extra=("poison-pill.jpg",))
+    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2"),
+              faults="crash:poison-pill")
+    try:
+        code = job.wait()
+        out = job.output()
+    finally:
+        survivors = job.close()
+    assert survivors == [], "processes of the job's Ray still alive after it"
+    assert code == 0, out[-5000:]
+    assert "labeled 9 image(s)" in out and "8 ok, 1 failed" in out, out[-3000:]
+    assert "re-run one at a time after worker crashes" in out
+    rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
+    poison = rows[str(tmp_path / "in" / "poison-pill.jpg")]
+    assert poison["status"] == "error" and "worker crashed" in poison["error"], poison["error"]
+    assert poison["segments"] == [] and poison["width"] is None
+    assert all(r["status"] == "ok" and r["error"] is None for u, r in rows.items() if u != poison["uri"])
+
+
+@pytest.mark.slow
+def test_hanging_and_stuck_images_time_out(tmp_path):
+    """A read/decode that hangs in Python is cut by the per-image time limit (SIGALRM: Ray runs task UDFs in the
+    worker's main thread) and is a "timed out" error row, the worker living on; one stuck out of the alarm's reach
+    (native code) is ended by the watchdog at twice the limit and goes the crashed-worker way. The job finishes."""
+    uris = _images(tmp_path / "in", 6, extra=("slow-poke.jpg", "stuck-decoder.jpg"))
+    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
+                          "--decode-timeout", "1"), faults="hang:slow-poke,stall:stuck-decoder")
+    try:
+        code = job.wait()
+        out = job.output()
+    finally:
+        survivors = job.close()
+    assert survivors == [], "processes of the job's Ray still alive after it"
+    assert code == 0, out[-5000:]
+    assert "labeled 8 image(s)" in out and "6 ok, 2 failed" in out, out[-3000:]
+    rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
+    slow = rows[str(tmp_path / "in" / "slow-poke.jpg")]
+    assert slow["status"] == "error" and slow["error"] == "timed out after 1.0 s while reading or decoding"
+    stuck = rows[str(tmp_path / "in" / "stuck-decoder.jpg")]
+    assert stuck["status"] == "error" and "worker crashed" in stuck["error"], stuck["error"]
+    assert all(r["status"] == "ok" for u, r in rows.items() if u not in (slow["uri"], stuck["uri"]))
+
+
+@pytest.mark.slow
+def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch):
+    """Head + 2 worker nodes; mid-job one model actor is SIGKILLed (as the OOM killer would) and a worker node is
+    removed (all its processes killed). The job completes with exactly one ok row per input."""
+    import ray
+    from ray._private.state import actors as actor_table  # the GCS's table; ray.util.state needs the dashboard
+    from ray.cluster_utils import Cluster
+
+    from pipelines.label import LabelConfig, run_label
+
+    uris = _images(tmp_path / "in", 40)
+    dest = tmp_path / "out"
+    ray_tmp = _ray_tmpdir()
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # the cluster's address file and sessions stay private to this test
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # if the test fails while the job's thread runs, that thread must not reconnect once the test shuts Ray down
+    # (Ray's auto-init on ray.get and co.); it would keep the cluster from shutting down
+    monkeypatch.setattr("ray._private.auto_init_hook.enable_auto_connect", False)
+    cluster = None
+    result: dict = {}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = LabelConfig(
+            source=str(tmp_path / "in"), dest=str(dest), vocab=VOCAB, model="fcclip-tiny", weights="random",
+            batch_size=2, actors=(2, 2), shard_size=4, decode_batch_size=2,
+        )
+
+        def job():
+            try:
+                result["summary"] = run_label(cfg, progress=False)
+            except BaseException as e:  # reported by the test thread
+                result["error"] = e
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while not list(dest.glob("*.parquet")) and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        committed_before = len(list(dest.glob("*.parquet")))
+        assert thread.is_alive() and 0 < committed_before < 10, f"the faults must land mid-job ({result})"
+
+        # the pool's actors; the second may still be starting (it is placed on a node then, but has no process yet)
+        actors = [a for a in actor_table().values() if "MapWorker" in a["ActorClassName"] and a["State"] != "DEAD"]
+        actors.sort(key=lambda a: a["State"] != "ALIVE")
+        assert actors and actors[0]["State"] == "ALIVE", actors
+        os.kill(actors[0]["Pid"], signal.SIGKILL)
+        # remove the worker node that holds the other actor if one does, else the first worker node
+        by_id = {n.node_id: n for n in workers}
+        victim = next((by_id[a["Address"]["NodeID"]] for a in actors[1:] if a["Address"]["NodeID"] in by_id), workers[0])
+        cluster.remove_node(victim, allow_graceful=False)
+        faults_at = len(list(dest.glob("*.parquet")))
+
+        thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        assert not thread.is_alive(), f"the job did not finish in {JOB_LIMIT_S} s"
+    finally:
+        ray.shutdown()
+        try:
+            if cluster is not None:
+                cluster.shutdown()
+        finally:
+            survivors = _end_processes(ray_tmp)  # whatever cluster.shutdown left
+        _remove_tree(ray_tmp)
+    assert survivors == []
+    assert "error" not in result, repr(result.get("error"))
+    assert faults_at < 10, "the job was over before the faults"
+    summary = result["summary"]
+    rows = _assert_exactly_once(_rows(dest), uris)
+    assert sorted(p.name for p in dest.glob("*.parquet")) == [f"part-{i:06d}.parquet" for i in range(10)]
+    bad = {u: r["error"] for u, r in rows.items() if r["status"] != "ok"}
+    assert not bad, bad
+    assert (summary.images, summary.ok) == (40, 40)
+
+
+@pytest.mark.slow
+def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
+    """SIGKILL the driver (and the local Ray it started) once some shards are committed, run the same command
+    again: committed shards are left untouched, the rest are written, every input appears exactly once. While
+    both runs go on, every .parquet under DEST reads back whole, with its shard's full row count."""
+    uris = _images(tmp_path / "in", 48)
+    dest = tmp_path / "out"
+    args = _label_args(tmp_path / "in", dest, "--shard-size", "2", "--batch-size", "2")
+
+    checks = {"reads": 0, "problems": []}
+    stop = threading.Event()
+
+    def watch():
+        """Read every .parquet under DEST, over and over, as a consumer would while the job runs."""
+        import json
+
+        sizes = None
+        while not stop.is_set():
+            if sizes is None and (dest / "_fcclip" / "run.json").exists():
+                run = json.loads((dest / "_fcclip" / "run.json").read_text())
+                sizes = run.get("shard_sizes")
+            for path in dest.rglob("*.parquet"):
+                try:
+                    n = pq.read_table(path).num_rows
+                except FileNotFoundError:
+                    continue
+                except Exception as e:
+                    checks["problems"].append(f"{path.name}: {type(e).__name__}: {e}")
+                    continue
+                shard = int(path.stem.split("-")[1]) if path.parent == dest and path.name.startswith("part-") else None
+                if shard is None or sizes is None or n != sizes[shard]:
+                    checks["problems"].append(f"{path}: {n} rows (manifest: {sizes})")
+                checks["reads"] += 1
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        first = Job(args)
+        try:
+            deadline = time.monotonic() + JOB_LIMIT_S
+            while not list(dest.glob("*.parquet")) and first.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert first.proc.poll() is None, f"the first run ended before it was killed:\n{first.output()[-3000:]}"
+            first.kill()
+            # killing the driver's process group ends the local Ray it started (GCS, raylet, workers)
+            deadline = time.monotonic() + 10
+            while (left := _ray_pids(first.ray_tmp, session=first.proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            survivors = first.close()
+        assert left == [], f"processes of the killed run outlived its process group: {left}"
+        assert survivors == []
+        before = {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in dest.glob("*.parquet")}
+        assert 0 < len(before) < 24, sorted(before)
+
+        second = Job(args)
+        try:
+            code = second.wait()
+            out = second.output()
+        finally:
+            survivors = second.close()
+        assert survivors == []
+    finally:
+        stop.set()
+        watcher.join()
+    assert code == 0, out[-5000:]
+    assert f"{len(before)} shard(s) were already committed" in out, out[-3000:]
+    assert f"labeled {48 - 2 * len(before)} image(s)" in out, out[-3000:]
+    assert checks["problems"] == [] and checks["reads"] > 0, checks
+    after = {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in dest.glob("*.parquet")}
+    assert sorted(after) == [f"part-{i:06d}.parquet" for i in range(24)]
+    for name, kept in before.items():
+        assert after[name] == kept, f"{name} was written again"  # same bytes, same inode: never replaced
+    rows = _assert_exactly_once(_rows(dest), uris)
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert len({r["run_id"] for r in rows.values()}) == 1

@@ -1,0 +1,196 @@
+"""Labeling pipeline throughput and memory, next to a bare loop of the same model.
+
+    python benchmarks/label_throughput.py --model fcclip-tiny --size 512 --images 40 [--scale 10]
+
+1. Bare loop: the model in this process over already-decoded images (resize, forward, panoptic post-processing),
+   no I/O: the best the hardware can do with this model, batch size and size.
+2. Pipeline: `fcclip label` on the same images written as JPEG files (a subprocess with its own local Ray): decode,
+   model actor, RLE encoding, Parquet commits. images/s is the steady state the job itself reports (rows received by
+   the driver from the first labeled batch to the last, i.e. without Ray start-up and model loading); the wall time
+   and end-to-end rate of the whole command are printed too. efficiency = pipeline images/s / bare-loop images/s.
+3. Memory: the driver's and the Ray workers' peak RSS (VmHWM, read from /proc while the job runs), at N images and
+   at scale x N, to show it stays flat as the collection grows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def write_images(folder: Path, n: int, size: int) -> None:
+    from PIL import Image
+
+    from fcclip.datasets.synthetic import synthetic_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(synthetic_image(i, size, size)).save(folder / f"img_{i:06d}.jpg", quality=90)
+
+
+def bare_loop(model_name: str, size: int, images: int, batch: int, vocab: str, threads: int | None) -> float:
+    import numpy as np
+    import torch
+
+    from fcclip import Predictor, build_model
+    from fcclip.datasets.synthetic import synthetic_image
+
+    if threads:
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(model_name, weights="random", device="cpu")
+    pred = Predictor(model, vocab, short_edge=size, max_size=size, tasks=("panoptic",))
+    decoded = [synthetic_image(i, size, size) for i in range(images)]
+    pred.predict_batch(decoded[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, images, batch):
+        chunk = decoded[i : i + batch]
+        out, sizes, padded = pred.infer(chunk)
+        for j, img in enumerate(chunk):
+            pred.postprocess(out.mask_cls[j], out.mask_logits[j], sizes[j], padded, img.shape[:2])
+    return images / (time.perf_counter() - start)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pipeline(model_name: str, folder: Path, out: Path, batch: int, vocab: str, num_cpus: int) -> dict:
+    cmd = [
+        sys.executable, "-m", "fcclip", "label", str(folder), "--out", str(out), "--vocab", vocab,
+        "--model", model_name, "--weights", "random", "--batch-size", str(batch), "--num-cpus", str(num_cpus),
+        "--shard-size", "10", "--no-progress", "--summary-json", str(out) + ".summary.json",
+    ]
+    env = dict(os.environ, RAY_DEDUP_LOGS="1")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    peaks: dict[int, tuple[str, int]] = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                hwm = _hwm_kib(pid)
+                if hwm:
+                    name = "driver" if pid == proc.pid else _cmdline(pid).split(" ")[0]
+                    if hwm > peaks.get(pid, ("", 0))[1]:
+                        peaks[pid] = (name, hwm)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    output, _ = proc.communicate()
+    done.set()
+    watcher.join()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"fcclip label failed:\n{output[-3000:]}")
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    n = summary["images"]
+    workers = [kib for name, kib in peaks.values() if name.startswith("ray::")]
+    return {
+        "images": n,
+        "wall_s": wall,
+        "startup_s": summary["startup_seconds"],
+        "images_per_s": summary["steady_images_per_second"],
+        "end_to_end_images_per_s": n / wall,
+        "driver_peak_mib": peaks.get(proc.pid, ("", 0))[1] / 1024,
+        "worker_peak_mib_max": max(workers, default=0) / 1024,
+        "worker_peak_mib_sum": sum(workers) / 1024,
+        "workers": len(workers),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fcclip-tiny")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--images", type=int, default=40, help="N (the memory check also runs scale x N)")
+    p.add_argument("--scale", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the pipeline's local Ray")
+    p.add_argument("--vocab", default="coco_panoptic")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="fcclip-bench-") as tmp:
+        tmp = Path(tmp)
+        big = args.images * args.scale
+        write_images(tmp / "images_n", args.images, args.size)
+        write_images(tmp / "images_big", big, args.size)
+        bare = bare_loop(args.model, args.size, args.images, args.batch_size, args.vocab, None)
+        rows["N"] = pipeline(args.model, tmp / "images_n", tmp / "out_n", args.batch_size, args.vocab, args.num_cpus)
+        rows[f"{args.scale}N"] = pipeline(
+            args.model, tmp / "images_big", tmp / "out_big", args.batch_size, args.vocab, args.num_cpus
+        )
+
+    print(f"# label throughput: {args.model}, {args.size}x{args.size}, batch {args.batch_size}, vocabulary {args.vocab}")
+    print(f"# torch {torch.__version__}, CPU threads {torch.get_num_threads()}, local Ray with {args.num_cpus} CPUs, "
+          f"no GPU" if not torch.cuda.is_available() else f"# GPU {torch.cuda.get_device_name()}")
+    print()
+    print(f"bare loop (same process, decoded images): {bare:.2f} images/s")
+    print()
+    print("| run | images | steady images/s | efficiency | start-up s | wall s | end-to-end images/s | driver peak MiB | "
+          "worker peak MiB (max / sum, n) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['images']} | {r['images_per_s']:.2f} | {r['images_per_s'] / bare:.0%} | "
+              f"{r['startup_s']:.1f} | {r['wall_s']:.1f} | {r['end_to_end_images_per_s']:.2f} | "
+              f"{r['driver_peak_mib']:.0f} | {r['worker_peak_mib_max']:.0f} / {r['worker_peak_mib_sum']:.0f}, "
+              f"{r['workers']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bare_images_per_s": bare, "runs": rows, "args": vars(args)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

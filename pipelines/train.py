@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -84,7 +85,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
-    log_every: int = 20
+    log_every: int = 20  # a Ray report per window; Ray Train collects them ~every 2 s, shorter windows stall
     max_failures: int = 3
     seed: int = 0
 
@@ -108,6 +109,8 @@ def load_train_config(path: str | Path) -> TrainConfig:
         raw = yaml.safe_load(f) or {}
     nested = {"data": DataConfig, "solver": SolverConfig, "loss": LossConfig}
     top = {k: v for k, v in raw.items() if k not in nested}
+    if not raw.get("model"):
+        raise ValueError(f"{path}: 'model' is required (a preset name or a model YAML)")
     cfg = _strict(TrainConfig, {**top, "name": raw.get("name", Path(path).stem), "model": raw.get("model")}, str(path))
     return dataclasses.replace(cfg, **{k: _strict(c, raw.get(k), f"{path}: {k}") for k, c in nested.items()})
 
@@ -223,12 +226,15 @@ def train_loop_per_worker(config: dict) -> None:
     use_amp = cfg.solver.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start = 0
+    start, tensorboard_dir = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             load_weights(model, os.path.join(d, "model.pth"))
             state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+            if rank == 0 and os.path.isdir(os.path.join(d, "tensorboard")):  # keep the run's history
+                tensorboard_dir = tempfile.mkdtemp(prefix="fcclip-tb-")
+                _copy_tree(os.path.join(d, "tensorboard"), tensorboard_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -244,7 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
     loader = iter(_loader(root, cfg, per_worker_batch, seed=cfg.seed * 100_003 + rank * 7919 + start))
     params = [p for p in model.parameters() if p.requires_grad]
     pixel_mean, pixel_std = model.config.inference.pixel_mean, model.config.inference.pixel_std
-    writer = _tensorboard(rank)
+    writer = _tensorboard(rank, tensorboard_dir)
     window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
 
     for iteration in range(start, max_iters):
@@ -275,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - window_start
         metrics = {
             "iteration": it,
+            "start_iteration": start,  # where this worker group (re)started: > 0 after a restart or --resume
             "loss": float(total.detach()),
             "loss_ce": float(losses["loss_ce"].detach()),
             "loss_mask": float(losses["loss_mask"].detach()),
@@ -283,7 +290,10 @@ def train_loop_per_worker(config: dict) -> None:
             "iters_per_s": done_in_window / elapsed if elapsed else 0.0,
             "samples_per_s": done_in_window * per_worker_batch * world / elapsed if elapsed else 0.0,
             "data_wait_share": data_wait / elapsed if elapsed else 0.0,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak (Linux: KiB)
         }
+        if device.type == "cuda":
+            metrics["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite training metrics at iteration {it}: {metrics}")
@@ -317,14 +327,14 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
 
 
-def _tensorboard(rank: int):
+def _tensorboard(rank: int, logdir: str | None = None):
     if rank != 0:
         return None
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(tempfile.mkdtemp(prefix="fcclip-tb-"))
+    return SummaryWriter(logdir or tempfile.mkdtemp(prefix="fcclip-tb-"))
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -357,8 +367,13 @@ def run_train(
     address: str | None = None,
     name: str | None = None,
     num_cpus: int | None = None,
+    callbacks: list | None = None,
 ):
-    """Train; returns (ray.train.Result, the final model checkpoint's URI)."""
+    """Train; returns (ray.train.Result, the final model checkpoint's URI).
+
+    `callbacks`: `ray.train.UserCallback`s, run on the controller; they see every report of every worker (Ray
+    Train keeps only the metrics that come with a checkpoint).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -396,6 +411,7 @@ def run_train(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
     )

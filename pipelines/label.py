@@ -71,7 +71,6 @@ class LabelSummary:
     recovered: int = 0  # rows re-run one by one after a worker crash
     errors: dict = field(default_factory=dict)
     startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
-    steady_images_per_second: float = 0.0  # rows per second from the first labeled batch to the last one
 
     @property
     def images_per_second(self) -> float:
@@ -251,16 +250,12 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
     collector = ShardCollector(dest, {s: sizes[s] for s in pending}, file_metadata)
     model_ids: set[str] = set()
 
-    timing = {"first": None, "last": None, "rows_after_first": 0}
+    timing = {"first": None}
 
     def consume(ds):
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=1):
-            now = time.time()
             if timing["first"] is None:
-                timing["first"] = now
-            else:
-                timing["rows_after_first"] += len(batch["record"])
-            timing["last"] = now
+                timing["first"] = time.time()
             for shard, row, text in zip(batch["shard"], batch["row"], batch["record"]):
                 record = json.loads(text)
                 model_ids.add(record["model"])
@@ -305,8 +300,7 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
     summary.seconds = time.time() - started
     if timing["first"] is not None:
         summary.startup_seconds = timing["first"] - started
-        span = timing["last"] - timing["first"]
-        summary.steady_images_per_second = timing["rows_after_first"] / span if span > 0 else 0.0
+
     return summary
 
 
@@ -385,8 +379,8 @@ def print_summary(s: LabelSummary) -> None:
         f"labeled {s.images} image(s) in {s.seconds:.1f} s ({s.images_per_second:.2f} images/s): "
         f"{s.ok} ok, {s.failed} failed, {s.segments} segments"
     )
-    if s.steady_images_per_second:
-        print(f"steady state {s.steady_images_per_second:.2f} images/s after {s.startup_seconds:.1f} s of start-up")
+    if s.startup_seconds:
+        print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up)")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:

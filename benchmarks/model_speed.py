@@ -1,7 +1,7 @@
 """Speed and memory of FC-CLIP on a synthetic image: the model forward, the full predictor, and each stage.
 
     python benchmarks/model_speed.py --model fcclip-tiny --size 512
-    python benchmarks/model_speed.py --model fcclip-convnext-large --size 640 --iters 2 --warmup 1 --json out.json
+    python benchmarks/model_speed.py --model fcclip-convnext-large --size 640 --iters 3 --warmup 1 --json out.json
 
 The model is built with random weights (nothing is downloaded), so the figures are those of the architecture; the
 post-processing cost depends a little on how many masks survive its thresholds, which differs with trained weights
@@ -23,14 +23,16 @@ Measured:
                is reset through ``/proc/self/clear_refs`` before each call; where that is not allowed it is the
                process's peak since its start, and the report says so.
 
-Each timed round runs the forward, the predictor and the stages once, so the three see the same conditions (warm
-caches, other work on the machine); figures are medians over the rounds.
+Each timed round calls the forward, the predictor, the stages and each task's post-processing once, so all of them
+see the same conditions (warm caches, other work on the machine); figures are medians over the rounds. The header
+gives the load average before and after: on a shared machine, a load above the threads used means contended figures.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -149,13 +151,6 @@ def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, d
     result = fn()
     seconds = clock(device) - start
     return seconds, probe.stop(), result
-
-
-def timed_calls(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return [timed_call(fn, device)[0] for _ in range(iters)]
 
 
 # ---------------------------------------------------------------------------------------------------- the stages
@@ -322,8 +317,20 @@ def run(args: argparse.Namespace) -> dict:
         except RuntimeError as e:
             raise BenchmarkError(f"the model does not run under {args.dtype} autocast on {device.type}: {e}") from e
 
-    # rounds of forward, predictor, stages: the three see the same conditions (warm caches, other load)
-    calls = {"forward": forward, "predictor": predict, "stages": lambda: run_stages(predictor, decoded, autocast)}
+    def stages():
+        laps, last["stages"] = run_stages(predictor, decoded, autocast)
+        return laps
+
+    def postprocess_alone(single: Predictor):
+        out = last["stages"]
+        for i, img in enumerate(decoded):
+            single.postprocess(out["mask_cls"][i], out["mask_logits"][i], out["sizes"][i], out["padded"], img.shape[:2])
+
+    # every round calls each of these once, so they all see the same conditions (warm caches, other load)
+    calls = {"forward": forward, "predictor": predict, "stages": stages}
+    if len(tasks) > 1:  # each task's post-processing alone, on the outputs of the round's stages
+        for task in tasks:
+            calls[f"postprocess:{task}"] = functools.partial(postprocess_alone, make_predictor((task,)))
     for _ in range(args.warmup):
         for fn in calls.values():
             fn()
@@ -335,28 +342,13 @@ def run(args: argparse.Namespace) -> dict:
             secs, mem, result = timed_call(fn, device)
             seconds[name].append(secs)
             memory[name].append(mem)
-        laps, outputs = result
-        stage_laps.append(laps)
-    stages = {name: per_image_ms([laps[name] for laps in stage_laps], args.batch) for name, _ in STAGES}
-    diff = (outputs["mask_cls"].float() - last["forward"].mask_cls.float()).abs().max().item()
-
-    # each task's post-processing alone, on the last stage outputs
-    postprocess_alone = {}
-    if len(tasks) > 1:
-        for task in tasks:
-            single = make_predictor((task,))
-
-            def post(single=single):
-                for i, img in enumerate(decoded):
-                    single.postprocess(
-                        outputs["mask_cls"][i], outputs["mask_logits"][i], outputs["sizes"][i], outputs["padded"],
-                        img.shape[:2],
-                    )
-
-            times = timed_calls(post, args.iters, min(args.warmup, 1), device)
-            postprocess_alone[task] = per_image_ms(times, args.batch)
-
-    prediction = outputs["predictions"][0]
+            if name == "stages":
+                stage_laps.append(result)
+    stages_ms = {name: per_image_ms([laps[name] for laps in stage_laps], args.batch) for name, _ in STAGES}
+    postprocess_ms = {task: per_image_ms(seconds[f"postprocess:{task}"], args.batch) for task in tasks
+                      if f"postprocess:{task}" in seconds}
+    diff = (last["stages"]["mask_cls"].float() - last["forward"].mask_cls.float()).abs().max().item()
+    prediction = last["stages"]["predictions"][0]
     return {
         "header": {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -392,8 +384,9 @@ def run(args: argparse.Namespace) -> dict:
             }
             for name in ("forward", "predictor")
         },
-        "stages_ms_per_image": stages,
-        "postprocess_alone_ms_per_image": postprocess_alone,
+        "stages_ms_per_image": stages_ms,
+        "stages_ms_per_iter": [{name: 1000 * t for name, t in laps.items()} for laps in stage_laps],
+        "postprocess_alone_ms_per_image": postprocess_ms,
         "one_time": one_time,
         "stages_match_inference": {"max_abs_diff_mask_cls": diff},
         "outputs": {

@@ -95,7 +95,9 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: Any, where: str):
+def build_strict(cls, data: Any, where: str):
+    """A frozen config dataclass from a mapping; an unknown key or a missing field is a ConfigError naming it.
+    Lists become tuples (the dataclasses are frozen and hashable)."""
     if data is None:
         return cls()
     if not isinstance(data, Mapping):
@@ -110,7 +112,7 @@ def _build(cls, data: Any, where: str):
             if not (isinstance(value, (list, tuple)) and len(value) == 3):
                 raise ConfigError(f"{where}.{key}: expected 3 numbers, got {value!r}")
             value = tuple(float(v) for v in value)
-        kwargs[key] = value
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -132,10 +134,10 @@ def config_from_dict(data: Mapping[str, Any], name: str | None = None) -> ModelC
         raise ConfigError("model config: missing 'name'")
     return ModelConfig(
         name=str(name),
-        clip=_build(ClipConfig, data["clip"], "clip"),
-        head=_build(HeadConfig, data.get("head"), "head"),
-        inference=_build(InferenceConfig, data.get("inference"), "inference"),
-        weights=_build(WeightsConfig, data.get("weights"), "weights"),
+        clip=build_strict(ClipConfig, data["clip"], "clip"),
+        head=build_strict(HeadConfig, data.get("head"), "head"),
+        inference=build_strict(InferenceConfig, data.get("inference"), "inference"),
+        weights=build_strict(WeightsConfig, data.get("weights"), "weights"),
     )
 
 

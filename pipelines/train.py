@@ -91,16 +91,9 @@ class TrainConfig:
 
 
 def _strict(cls, data: Any, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**data)
+    from fcclip.config import build_strict
+
+    return build_strict(cls, data, where)
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -84,6 +84,8 @@ class TrainConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint_every: int = 5000
+    eval_every: int = 0  # PQ on the first `eval_images` images of the val split at these checkpoints (0: never)
+    eval_images: int = 50
     keep_checkpoints: int = 3
     log_every: int = 20  # a Ray report per window; Ray Train collects them ~every 2 s, shorter windows stall
     max_failures: int = 3
@@ -295,6 +297,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if k != "iteration":
                     writer.add_scalar(f"train/{k}", v, it)
             writer.flush()
+        if save and rank == 0 and cfg.eval_every and it % cfg.eval_every == 0:
+            metrics["val_pq"] = validation_pq(model, root, cfg, vocabulary)
+            model.train()
         if save:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
@@ -318,6 +323,32 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ckpt)
         else:
             ray.train.report(metrics)
+
+
+def validation_pq(model, root: str, cfg: TrainConfig, vocabulary) -> float:
+    """PQ (0-1) of the model on the first ``cfg.eval_images`` images of the validation split."""
+    import fsspec
+    import numpy as np
+
+    from fcclip.datasets.coco_panoptic import CocoPanoptic
+    from fcclip.masks import rgb2id
+    from fcclip.metrics.panoptic import PanopticAccumulator
+    from fcclip.predictor import Predictor
+    from fcclip.text import TextClassifierCache
+    from PIL import Image
+
+    dataset = CocoPanoptic(root, cfg.data.val_split)
+    predictor = Predictor(model, vocabulary, tasks=("panoptic",), text_cache=TextClassifierCache(enabled=False))
+    acc = PanopticAccumulator(dataset.categories)
+    for record in dataset.records()[: cfg.eval_images]:
+        image = dataset.load(record)[0]
+        with fsspec.open(record["panoptic_uri"], "rb") as f:
+            gt_map = rgb2id(np.asarray(Image.open(f).convert("RGB")))
+        pred = predictor(image).panoptic
+        acc.update(gt_map, record["segments_info"], pred.segment_map,
+                   [{"id": s["id"], "category_id": s["category_id"]} for s in pred.segments])
+    pq = acc.result()["All"]["pq"]
+    return float(pq) if pq is not None else 0.0
 
 
 def _tensorboard(rank: int, logdir: str | None = None):

@@ -469,3 +469,28 @@ def test_overfits_eight_images(ray_local, dataset, tmp_path):
     assert untrained["All"]["pq"] < 0.05
     assert trained["All"]["pq"] > OVERFIT_MIN_PQ
     assert trained["Things"]["pq"] > 0.25 and trained["Stuff"]["pq"] > 0.25
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_periodic_validation_pq(ray_local, dataset, tmp_path):
+    """With eval_every, checkpoints carry the PQ on the val split; it equals the PQ of that checkpoint computed
+    afresh."""
+    import warnings
+
+    from fcclip import build_model
+    from fcclip.datasets.coco_panoptic import CocoPanoptic
+    from pipelines.train import load_train_config, run_train, validation_pq
+
+    path = _config(tmp_path, "val", checkpoint_every=10, keep_checkpoints=5, log_every=10, eval_every=10,
+                   eval_images=2, solver={"max_iters": 20})
+    cfg = load_train_config(path)
+    result, final = run_train(cfg, dataset, str(tmp_path / "runs"), num_workers=1, max_iters=20)
+    history = result.metrics_dataframe
+    assert "val_pq" in result.metrics and 0.0 <= result.metrics["val_pq"] <= 1.0
+    assert history["val_pq"].notna().sum() == 2  # at iterations 10 and 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model("fcclip-tiny", weights=final, device="cpu")
+    vocabulary = CocoPanoptic(dataset, cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
+    assert validation_pq(model, dataset, cfg, vocabulary) == pytest.approx(result.metrics["val_pq"], abs=1e-9)

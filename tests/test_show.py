@@ -4,6 +4,7 @@ The labeling output is written directly in the documented schema (pipelines.sink
 on synthetic images, so these tests need no Ray and no model.
 """
 import base64
+import html
 import io
 import os
 import re
@@ -239,11 +240,11 @@ def test_numbers_match_duckdb(labels, tmp_path):
 
 
 def test_gallery(labels, tmp_path, monkeypatch):
-    import fcclip.masks
+    import pipelines.show.output
 
     decoded = []
-    real_decode = fcclip.masks.decode_rle
-    monkeypatch.setattr(fcclip.masks, "decode_rle", lambda rle: decoded.append(rle) or real_decode(rle))
+    real_decode = pipelines.show.output.decode_rle
+    monkeypatch.setattr(pipelines.show.output, "decode_rle", lambda rle: decoded.append(rle) or real_decode(rle))
     page = _run(labels["dest"], tmp_path / "all.html", "--sample", "50")
     parser = _parse(page)
     ok = {r["uri"]: r for r in labels["rows"] if r["status"] == "ok"}
@@ -262,7 +263,7 @@ def test_gallery(labels, tmp_path, monkeypatch):
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         sizes.append(image.size)
         assert np.asarray(image).std() > 10  # a picture, not a blank
-    assert set(sizes) == {(640, 480), (640, 461)}  # the large image scaled down, the small ones up, to one width
+    assert set(sizes) == {(128, 96), (640, 461)}  # the large image scaled down to the width, the small ones as they are
 
     decoded.clear()  # with a small sample, only the sampled rows' masks are decoded
     page = _run(labels["dest"], tmp_path / "three.html", "--sample", "3")
@@ -287,10 +288,54 @@ def test_sample_is_seeded(labels, tmp_path):
     assert sample(one, 0) == first
 
 
-def test_no_output(tmp_path, capsys):
-    assert show.main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
-    assert "no labeling output" in capsys.readouterr().err
-    assert not (tmp_path / "r.html").exists()
+def _refused(dest, tmp_path, capsys) -> str:
+    """Run fcclip show on DEST, which is not a labeling output: exit 2, no report, one line on stderr; that line."""
+    report = tmp_path / "refused.html"
+    assert show.main([str(dest), "--out", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert not report.exists()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcclip show: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+def test_not_a_labeling_output(labels, tmp_path, capsys):
+    import pandas as pd
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is not a labeling output: it holds no part file" in _refused(empty, tmp_path, capsys)
+    assert "is not a labeling output: no such folder" in _refused(tmp_path / "nope", tmp_path, capsys)
+
+    # someone else's Parquet files, one of them even named like a part file
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pd.DataFrame({"id": [1, 2], "name": ["a", "b"]}).to_parquet(foreign / "part-000000.parquet")
+    pd.DataFrame({"x": [0.5]}).to_parquet(foreign / "other.parquet")
+    line = _refused(foreign, tmp_path, capsys)
+    assert "is not a labeling output: 2 Parquet files but none written by fcclip label" in line
+    assert "other.parquet, part-000000.parquet" in line and "no column 'uri'" in line
+
+    # the output's columns but not its metadata (rows copied out with pandas)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    pd.read_parquet(labels["dest"] / "part-000000.parquet").to_parquet(copied / "part-000000.parquet")
+    assert "no fcclip.vocabulary metadata" in _refused(copied, tmp_path, capsys)
+
+    # a labeling output with a foreign file beside it: refused, not counted in
+    mixed = tmp_path / "mixed"
+    shutil.copytree(labels["dest"], mixed)
+    pd.DataFrame({"id": [1]}).to_parquet(mixed / "zz-notes.parquet")
+    line = _refused(mixed, tmp_path, capsys)
+    assert "mixes a labeling output with 1 Parquet file that fcclip label did not write (zz-notes.parquet" in line
+
+    # a part file that is not Parquet at all (truncated): named
+    broken = tmp_path / "broken"
+    shutil.copytree(labels["dest"], broken)
+    data = (broken / "part-000001.parquet").read_bytes()
+    (broken / "part-000001.parquet").write_bytes(data[: len(data) // 2])
+    assert "cannot read part-000001.parquet as Parquet" in _refused(broken, tmp_path, capsys)
 
 
 def test_object_storage(s3_server, s3_bucket, tmp_path):
@@ -343,3 +388,108 @@ def test_renders_in_chromium(labels, tmp_path):
         assert int(parser.by_id(f"count-{key}")["text"].replace(",", "")) == expected[key]
     assert parser.metric("segments") == expected["segments_per_class"]
     assert dom.stdout.count("<svg") == 1 + 1 + len(expected["segments_per_class"])  # bars, all scores, per class
+
+
+LONG_ERROR = ("model failed: RuntimeError: the forward pass ran out of memory while the pixel decoder was "
+              "upsampling the multi-scale features of this unusually large panorama, so the image was skipped; "
+              "lower --max-size or --batch-size and label it again ") * 3
+
+
+@pytest.fixture(scope="module")
+def glitches(tmp_path_factory):
+    """The report's old glitches in one output: a 320 x 240 image with exactly one segment, one with two, and an
+    error row with a long message of ordinary words."""
+    root = tmp_path_factory.mktemp("glitches")
+    images = []
+    for name, n_segments in (("one.png", 1), ("two.png", 2)):
+        path = root / name
+        Image.fromarray(synthetic_image(5, 240, 320)).save(path)
+        seg = np.zeros((240, 320), dtype=np.int32)
+        seg[40:200, 60:260] = 1
+        seg[:40] = 2 if n_segments == 2 else 0
+        segments = [{"id": i, "label": label, "category_id": cid, "is_thing": cid <= 2, "score": 0.9,
+                     "area": int((seg == i).sum()), "bbox": mask_to_bbox(seg == i), "rle": encode_rle(seg == i)}
+                    for i, label, cid in ((1, "dog", 2), (2, "sky", 4))[:n_segments]]
+        images.append({**_ok_row(str(path), 240, 320, np.random.default_rng(0)), "segments": segments})
+    rows = images + [_error_row(str(root / "panorama.jpg"), LONG_ERROR)]
+    dest = root / "labels"
+    dest.mkdir()
+    _write_output(rows, lambda name, data: (dest / name).write_bytes(data))
+    return {"dest": dest, "one": str(root / "one.png")}
+
+
+def test_report_glitches(glitches, tmp_path, capsys):
+    page = _run(glitches["dest"], tmp_path / "report.html")
+    out = capsys.readouterr().out
+    assert "3 images: 2 ok, 1 failed, 3 segments; 2 drawn" in out
+    assert not re.search(r"\b1 segments\b", page + out) and not re.search(r"\b1 images\b", page + out)
+    one = re.search(rf'<figure class="sample" data-uri="{re.escape(glitches["one"])}".*?</figure>', page, re.S)
+    assert "<b data-metric=\"sample-segments\">1</b> segment · 320 × 240" in one.group(0)
+    for src in _parse(page).images:  # never scaled up: the overlays keep the images' own size
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert image.size == (320, 240)
+    assert _parse(page).by_id("gallery-title")["text"] == "Sample (2 images)"
+
+    _run(glitches["dest"], tmp_path / "small.html", "--image-width", "160")  # a smaller gallery scales down
+    sizes = {Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size
+             for src in _parse((tmp_path / "small.html").read_text()).images}
+    assert sizes == {(160, 120)}
+
+
+# Measures the laid-out page in the browser: each overlay's drawn width against its pixel width, and each line
+# break inside the error messages (with the word it falls in and whether that word could fit on one line).
+LAYOUT_SCRIPT = """
+<script>
+window.addEventListener("load", () => {
+  const out = {images: [], breaks: []};
+  for (const img of document.querySelectorAll("img.overlay")) {
+    out.images.push({natural: img.naturalWidth, drawn: img.getBoundingClientRect().width});
+  }
+  for (const cell of document.querySelectorAll("td.msg")) {
+    const node = cell.firstChild;
+    if (!node || node.nodeType !== Node.TEXT_NODE) continue;
+    const text = node.textContent, range = document.createRange();
+    let top = null;
+    for (let i = 0; i < text.length; i++) {
+      range.setStart(node, i); range.setEnd(node, i + 1);
+      const rect = range.getClientRects()[0];
+      if (!rect) continue;
+      if (top !== null && rect.top > top + 2 && i > 0) {
+        let a = i, b = i;
+        while (a > 0 && !/\\s/.test(text[a - 1])) a--;
+        while (b < text.length && !/\\s/.test(text[b])) b++;
+        const word = text.slice(a, b), probe = document.createElement("span");
+        probe.style.whiteSpace = "nowrap"; probe.textContent = word; cell.appendChild(probe);
+        const wordWidth = probe.getBoundingClientRect().width; probe.remove();
+        const style = getComputedStyle(cell);
+        const room = cell.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        out.breaks.push({before: text[i - 1], after: text[i], word: word, fits: wordWidth <= room});
+      }
+      top = rect.top;
+    }
+  }
+  const pre = document.createElement("pre"); pre.id = "layout"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"headless Chromium not installed ({CHROMIUM} is absent; "
+                                                          "on Debian: apt-get install -y chromium)")
+def test_layout_in_chromium(glitches, tmp_path):
+    """Small images are drawn at their size, not stretched; error text wraps between words."""
+    import json
+
+    page = _run(glitches["dest"], tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", LAYOUT_SCRIPT + "</body>"), encoding="utf-8")
+    flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, timeout=60, text=True)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    layout = json.loads(html.unescape(re.search(r'<pre id="layout">(.*?)</pre>', dom.stdout, re.S).group(1)))
+    assert [i["natural"] for i in layout["images"]] == [320, 320]
+    assert all(abs(i["drawn"] - 320) < 1 for i in layout["images"]), layout["images"]
+    assert len(layout["breaks"]) > 6, "the long messages should wrap over several lines"
+    split_words = [b for b in layout["breaks"] if not b["before"].isspace() and b["before"] != "-" and b["fits"]]
+    assert not split_words, split_words  # a word that fits on a line is never cut

@@ -220,7 +220,8 @@ _WRITERS = {"coco-panoptic": _Panoptic, "coco-instances": _Instances, "coco-sema
 
 
 def _head(output: LabelingOutput, fmt: str, categories: list[dict], target) -> dict:
-    info = {"description": f"fcclip labels of {output.dest}", "format": fmt, "vocabulary": output.vocabulary.get("name")}
+    info = {"description": f"fcclip labels of {output.dest}", "format": fmt,
+            "vocabulary": output.vocabulary.get("name")}
     for name in ("run_id", "model", "weights"):
         values = output.metadata_values(name)
         info[name] = values[0] if len(values) == 1 else values

@@ -12,7 +12,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
@@ -50,7 +50,7 @@ def labeled(tmp_path_factory):
     finally:
         ray.shutdown()
     dest = root / "out"
-    rows = pd.read_parquet(dest).to_dict("records")
+    rows = _parquet_rows(dest)
     assert len(rows) == 7 and sum(r["status"] == "error" for r in rows) == 1
     assert sum(len(r["segments"]) for r in rows) > 0, "the run labelled nothing: nothing to export"
     return {"dest": dest, "rows": rows}
@@ -68,12 +68,10 @@ def _ok_rows(rows) -> list[dict]:
 
 def _parquet_rows(dest) -> list[dict]:
     """The rows in file order, as the export reads them."""
-    return [r for path in sorted(Path(dest).glob("*.parquet")) for r in pd.read_parquet(path).to_dict("records")]
+    return [r for path in sorted(Path(dest).glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
 
 
 def _vocabulary_categories(dest) -> list[dict]:
-    import pyarrow.parquet as pq
-
     meta = pq.read_schema(sorted(Path(dest).glob("*.parquet"))[0]).metadata
     return json.loads(meta[b"fcclip.vocabulary"])["categories"]
 

@@ -25,8 +25,8 @@ from .page import plural, render_html
 from .scan import SCORE_BINS, ClassStats, Report, Sample, scan
 
 __all__ = [
-    "SCORE_BINS", "ClassStats", "Figure", "LabelingOutput", "NotALabelingOutput", "OutputError", "Report", "Sample", "add_arguments",
-    "build_report", "main", "main_args", "open_output", "render_html", "render_samples", "scan",
+    "SCORE_BINS", "ClassStats", "Figure", "LabelingOutput", "NotALabelingOutput", "OutputError", "Report", "Sample",
+    "add_arguments", "build_report", "main", "main_args", "open_output", "render_html", "render_samples", "scan",
 ]
 
 

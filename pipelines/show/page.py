@@ -81,7 +81,8 @@ def svg_class_bars(classes: list[ClassStats], colors: dict) -> str:
         parts.append(
             f'<g data-label="{_e(c.label)}" data-segments="{c.segments}" data-images="{c.images}">'
             f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end" class="label">{_e(c.label)}</text>'
-            f'<rect x="{x_seg}" y="{y + 2}" width="{ws:.1f}" height="{row - 5}" fill="{_rgb(colors.get(c.category_id))}"/>'
+            f'<rect x="{x_seg}" y="{y + 2}" width="{ws:.1f}" height="{row - 5}" '
+            f'fill="{_rgb(colors.get(c.category_id))}"/>'
             f'<text x="{x_seg + ws + 4:.1f}" y="{y + 12}" class="value">{_n(c.segments)}</text>'
             f'<rect x="{x_img}" y="{y + 2}" width="{wi:.1f}" height="{row - 5}" fill="#8c96a3"/>'
             f'<text x="{x_img + wi + 4:.1f}" y="{y + 12}" class="value">{_n(c.images)}</text></g>'

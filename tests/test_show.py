@@ -14,6 +14,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import duckdb
+import fsspec
+import fsspec.implementations.local
 import numpy as np
 import pytest
 from PIL import Image
@@ -493,3 +495,62 @@ def test_layout_in_chromium(glitches, tmp_path):
     assert len(layout["breaks"]) > 6, "the long messages should wrap over several lines"
     split_words = [b for b in layout["breaks"] if not b["before"].isspace() and b["before"] != "-" and b["fits"]]
     assert not split_words, split_words  # a word that fits on a line is never cut
+
+
+class _RecordingFS(fsspec.implementations.local.LocalFileSystem):
+    """The local filesystem under the protocol ``recording://``, remembering every byte range read."""
+
+    protocol = ("recording",)
+    reads: list[tuple[str, int, int]] = []
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        read = f.read
+
+        def recorded(n=-1):
+            start = f.tell()
+            data = read(n)
+            _RecordingFS.reads.append((self._strip_protocol(path), start, start + len(data)))
+            return data
+
+        f.read = recorded
+        return f
+
+
+def test_scan_never_reads_the_masks(tmp_path):
+    """The counts read the row columns and the segments' labels and scores, not the RLE column chunks (beyond the
+    last 64 KiB of a file, which pyarrow reads at once with the footer)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(24):
+        segments = [{"id": j + 1, "label": ["cat", "dog"][j % 2], "category_id": 1 + j % 2, "is_thing": True,
+                     "score": 0.5, "area": 1, "bbox": [0.0, 0.0, 1.0, 1.0],
+                     "rle": encode_rle(rng.random((160, 160)) < 0.5)}  # noise: long RLEs
+                    for j in range(4)]
+        rows.append({**_ok_row(f"/img/{i}.jpg", 160, 160, rng), "segments": segments})
+    dest = tmp_path / "labels"
+    dest.mkdir()
+    _write_output(rows, lambda name, data: (dest / name).write_bytes(data), shard_size=12)
+
+    fsspec.register_implementation("recording", _RecordingFS, clobber=True)
+    _RecordingFS.reads.clear()
+    report = show.scan(f"recording://{dest}", sample=0)
+    assert report.images == 24 and report.segments == 96 and {c.label: c.segments for c in report.classes} == {
+        "cat": 48, "dog": 48}
+    for path in sorted(dest.glob("*.parquet")):
+        meta = pq.read_metadata(path)
+        spans = []
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                column = meta.row_group(g).column(c)
+                if column.path_in_schema.startswith("segments.list.element.rle."):
+                    start = column.dictionary_page_offset or column.data_page_offset
+                    spans.append((start, start + column.total_compressed_size))
+        size = path.stat().st_size
+        assert sum(b - a for a, b in spans) > size / 2  # the masks are most of the file
+        tail = size - 64 * 1024
+        for name, a, b in _RecordingFS.reads:
+            if name == str(path) and a < tail:  # a read before the footer's window touches no mask
+                assert not [s for s in spans if a < s[1] and s[0] < min(b, tail)], (path, a, b, spans)

@@ -88,6 +88,8 @@ class Report:
 
 
 _BATCH_ROWS = 65_536
+MEMORY_LIMIT = "512MB"
+"""DuckDB's memory for the counts; beyond it, it spills to its temporary database file."""
 _SEGMENT = pa.struct([("label", pa.string()), ("category_id", pa.int32()), ("score", pa.float32())])
 
 
@@ -146,7 +148,9 @@ class _Rows:
 
     def __init__(self, output: LabelingOutput):
         self._dir = tempfile.TemporaryDirectory(prefix="fcclip-show-")
-        self.con = duckdb.connect(os.path.join(self._dir.name, "scan.duckdb"))
+        self.con = duckdb.connect(os.path.join(self._dir.name, "scan.duckdb"),
+                                  config={"memory_limit": MEMORY_LIMIT, "preserve_insertion_order": False})
+        self.con.execute("set enable_progress_bar = false")
         schema = _table_schema(output)
         self.con.register("parts", pa.RecordBatchReader.from_batches(schema, _batches(output, schema)))
         self.con.execute("create table rows as select * from parts")

@@ -125,9 +125,8 @@ class _JsonWriter:
 
 
 def _write_png(fs: fsspec.AbstractFileSystem, path: str, array: np.ndarray) -> None:
-    image = Image.fromarray(array) if array.dtype != np.uint16 else Image.fromarray(array, mode="I;16")
     with fs.open(path, "wb") as f:
-        image.save(f, format="PNG")
+        Image.fromarray(array).save(f, format="PNG")  # (H, W, 3) uint8: RGB; (H, W) uint8: L; uint16: I;16
 
 
 def _image_entry(number: int, row: dict) -> dict:

@@ -22,6 +22,7 @@ from fcclip.datasets.synthetic import write_images
 from fcclip.masks import decode_rle, encode_rle, mask_to_bbox
 from fcclip.metrics.panoptic import load_panoptic_png, pq_compute
 from pipelines.show.output import segment_map
+from pipelines.sink import encode_part
 from tests.test_show import VOCAB, _rows, _write_output
 from tests.test_show import labels as labels  # noqa: F401  (the hand-written output, a module fixture)
 
@@ -207,6 +208,27 @@ def test_overlapping_and_unknown_segments(tmp_path):
     assert set(np.unique(ids).tolist()) == {1, 3}
     assert pq_compute(tmp_path / "p" / "panoptic.json", tmp_path / "p" / "panoptic",
                       tmp_path / "p" / "panoptic.json", tmp_path / "p" / "panoptic")["All"]["pq"] == 1.0
+
+
+def test_semantic_beyond_255_classes(tmp_path):
+    """300 classes: 16-bit class indices, 65535 where no segment is."""
+    from fcclip.vocabulary import load_vocabulary
+
+    vocabulary = load_vocabulary("; ".join(f"class{i}" for i in range(300)))
+    mask = np.zeros((8, 10), bool)
+    mask[2:6, 3:9] = True
+    last = vocabulary.categories[-1]
+    row = {"uri": "/x.jpg", "image_id": "0" * 16, "width": 10, "height": 8, "status": "ok", "error": None,
+           "segments": [{"id": 1, "label": "class299", "category_id": last.id, "is_thing": True, "score": 0.9,
+                         "area": int(mask.sum()), "bbox": mask_to_bbox(mask), "rle": encode_rle(mask)}]}
+    dest = tmp_path / "labels"
+    dest.mkdir()
+    (dest / "part-000000.parquet").write_bytes(encode_part([row], {"vocabulary": vocabulary.to_dict()}))
+    semantic = _export(dest, "coco-semantic", tmp_path / "s")
+    assert semantic["ignore_index"] == 65535 and len(semantic["classes"]) == 300
+    classes = np.asarray(Image.open(tmp_path / "s" / "semantic" / semantic["annotations"][0]["file_name"]))
+    assert classes.dtype == np.uint16
+    np.testing.assert_array_equal(classes, np.where(mask, 299, 65535))
 
 
 def test_refusals(labels, tmp_path, capsys):

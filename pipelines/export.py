@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from scipy import ndimage
@@ -71,10 +72,13 @@ class ExportSummary:
 # ------------------------------------------------------------------------------------------------ reading
 def _rows(output: LabelingOutput, batch_rows: int) -> Iterator[dict]:
     """Every row of the output, part file by part file, ``batch_rows`` at a time (masks as stored)."""
-    for path in output.files:
-        with output.fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=_COLUMNS):
-                yield from batch.to_pylist()
+    for path, url in zip(output.files, output.urls):
+        try:
+            with output.fs.open(path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+                    yield from batch.to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"cannot read {url}: {' '.join(str(e).split())}") from e
 
 
 def _categories(output: LabelingOutput) -> list[dict]:
@@ -238,7 +242,8 @@ def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64) -> ExportSumm
     """Export the labeling output DEST to ``out`` in format ``fmt`` (see the module docstring).
 
     Raises:
-        NotALabelingOutput: DEST is not a labeling output.
+        OutputError: DEST is not a labeling output (NotALabelingOutput), or a part file cannot be read (then the
+            JSON is not written: the export is unfinished).
         ExportError: an unknown format, or ``out`` already holds a finished export of this format.
     """
     if fmt not in FORMATS:

@@ -23,7 +23,7 @@ from fcclip.masks import decode_rle, encode_rle, mask_to_bbox
 from fcclip.metrics.panoptic import load_panoptic_png, pq_compute
 from pipelines.show.output import segment_map
 from pipelines.sink import encode_part
-from tests.test_show import VOCAB, _rows, _write_output
+from tests.test_show import VOCAB, _corrupt_data_pages, _rows, _write_output
 from tests.test_show import labels as labels  # noqa: F401  (the hand-written output, a module fixture)
 
 LABEL_VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
@@ -253,6 +253,16 @@ def test_refusals(labels, tmp_path, capsys):
     assert load_panoptic_png(out / "panoptic" / first["annotations"][0]["file_name"]).shape == (96, 128)
     with pytest.raises(SystemExit):
         export.main([str(labels["dest"]), "--format", "yolo", "--out", str(tmp_path / "y")])
+    assert "invalid choice: 'yolo'" in capsys.readouterr().err
+
+    # a part file whose pages cannot be read: one line naming it, and no JSON (the export is unfinished)
+    broken = tmp_path / "broken"
+    shutil.copytree(labels["dest"], broken)
+    _corrupt_data_pages(broken / "part-000001.parquet")
+    assert export.main([str(broken), "--format", "coco-instances", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read {broken / 'part-000001.parquet'}: " in err[0]
+    assert not (tmp_path / "b" / "instances.json").exists()
 
 
 def test_object_storage(s3_server, s3_bucket, tmp_path):

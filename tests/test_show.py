@@ -438,6 +438,26 @@ def test_report_glitches(glitches, tmp_path, capsys):
     assert sizes == {(160, 120)}
 
 
+def _corrupt_data_pages(path: Path) -> None:
+    """Flip the bytes of the first column chunk's pages (the footer stays intact: the file opens, reading fails)."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_metadata(path).row_group(0).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for i in range(start + 20, start + column.total_compressed_size - 4):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_part_file(labels, tmp_path, capsys):
+    dest = tmp_path / "labels"
+    shutil.copytree(labels["dest"], dest)
+    _corrupt_data_pages(dest / "part-000001.parquet")
+    line = _refused(dest, tmp_path, capsys)
+    assert f"cannot read {dest / 'part-000001.parquet'}: " in line
+
+
 # Measures the laid-out page in the browser: each overlay's drawn width against its pixel width, and each line
 # break inside the error messages (with the word it falls in and whether that word could fit on one line).
 LAYOUT_SCRIPT = """

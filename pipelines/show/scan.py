@@ -13,10 +13,9 @@ same with every DuckDB version (md5, unlike DuckDB's ``hash``, is fixed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import os
 import tempfile
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -123,8 +122,9 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, file: int, offset: int) -
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _batches(output: LabelingOutput, schema: pa.Schema):
-    """The pruned rows of every part file, in the table's schema."""
+def _batches(output: LabelingOutput, schema: pa.Schema, failures: list[OutputError]):
+    """The pruned rows of every part file, in the table's schema. A file that cannot be read ends the stream with
+    an OutputError, also appended to ``failures`` (DuckDB, which consumes the stream, reports it as its own)."""
     for file, path in enumerate(output.files):
         try:
             with output.fs.open(path, "rb") as f:
@@ -139,7 +139,8 @@ def _batches(output: LabelingOutput, schema: pa.Schema):
                     yield _conform(batch, schema, file, offset)
                     offset += batch.num_rows
         except (OSError, pa.ArrowException) as e:
-            raise OutputError(f"cannot read {output.urls[file]}: {e}".splitlines()[0]) from e
+            failures.append(OutputError(f"cannot read {output.urls[file]}: {' '.join(str(e).split())}"))
+            raise failures[-1] from e
 
 
 class _Rows:
@@ -150,11 +151,18 @@ class _Rows:
         self._dir = tempfile.TemporaryDirectory(prefix="fcclip-show-")
         self.con = duckdb.connect(os.path.join(self._dir.name, "scan.duckdb"),
                                   config={"memory_limit": MEMORY_LIMIT, "preserve_insertion_order": False})
-        self.con.execute("set enable_progress_bar = false")
-        schema = _table_schema(output)
-        self.con.register("parts", pa.RecordBatchReader.from_batches(schema, _batches(output, schema)))
-        self.con.execute("create table rows as select * from parts")
-        self.con.unregister("parts")
+        failures: list[OutputError] = []
+        try:
+            self.con.execute("set enable_progress_bar = false")
+            schema = _table_schema(output)
+            self.con.register("parts", pa.RecordBatchReader.from_batches(schema, _batches(output, schema, failures)))
+            self.con.execute("create table rows as select * from parts")
+            self.con.unregister("parts")
+        except BaseException as e:
+            self.close()
+            if failures and isinstance(e, duckdb.Error):
+                raise failures[0] from None
+            raise
 
     def all(self, sql: str, params: list | None = None) -> list[tuple]:
         return self.con.execute(sql, params or []).fetchall()
@@ -215,12 +223,13 @@ def _errors(rows: _Rows, report: Report, max_errors: int) -> None:
         return
     reason = error_reason_sql("error", "uri")
     grouped = rows.all(
-        f"select {reason} r, count(*) n, min(coalesce(error, '(no reason given)')) from rows "
-        "where status is distinct from 'ok' group by 1 order by n desc, r"
+        f"with reasons as (select {reason} r, count(*) n, min(coalesce(error, '(no reason given)')) example "
+        "from rows where status is distinct from 'ok' group by 1) "
+        f"select r, n, example, count(*) over () from reasons order by n desc, r limit {SHOWN_REASONS}"
     )
-    report.error_reasons = [(r, n, example) for r, n, example in grouped[:SHOWN_REASONS]]
-    rest = grouped[SHOWN_REASONS:]
-    report.other_reasons = (len(rest), sum(n for _, n, _ in rest))
+    report.error_reasons = [(r, n, example) for r, n, example, _ in grouped]
+    distinct = grouped[0][3] if grouped else 0
+    report.other_reasons = (distinct - len(grouped), report.error - sum(n for _, n, _, _ in grouped))
     report.error_rows = [
         (uri, message) for uri, message in rows.all(
             "select uri, coalesce(error, '(no reason given)') from rows where status is distinct from 'ok' "

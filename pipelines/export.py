@@ -162,6 +162,8 @@ def _painted(row: dict, known: set[int], summary: ExportSummary) -> tuple[np.nda
 
 
 class _Panoptic:
+    """coco-panoptic: a PNG of segment ids per image, its segments_info in the JSON."""
+
     def __init__(self, fs, root: str, categories: list[dict]):
         self.fs, self.dir = fs, f"{root}/{_PNG_DIR['coco-panoptic']}"
         fs.makedirs(self.dir, exist_ok=True)
@@ -178,6 +180,8 @@ class _Panoptic:
 
 
 class _Instances:
+    """coco-instances: one annotation per thing segment, its RLE as stored."""
+
     def __init__(self, fs, root: str, categories: list[dict]):
         self.things = {c["id"] for c in categories if c["isthing"]}
         self.stuff = {c["id"] for c in categories if not c["isthing"]}
@@ -201,6 +205,8 @@ class _Instances:
 
 
 class _Semantic:
+    """coco-semantic: a PNG of class indices per image (``ignore`` where no segment is)."""
+
     def __init__(self, fs, root: str, categories: list[dict]):
         self.fs, self.dir = fs, f"{root}/{_PNG_DIR['coco-semantic']}"
         fs.makedirs(self.dir, exist_ok=True)
@@ -266,7 +272,10 @@ def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64) -> ExportSumm
                 continue
             summary.images += 1
             writer.add("images", _image_entry(summary.images, row))
-            target.add(writer, summary.images, row, summary)
+            try:
+                target.add(writer, summary.images, row, summary)
+            except ValueError as e:  # a mask that does not fit its image: the output was not written by fcclip
+                raise OutputError(f"the row of {row['uri']} cannot be exported: {e}") from e
         writer.finish(fs, json_path)
     return summary
 

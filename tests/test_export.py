@@ -231,6 +231,22 @@ def test_semantic_beyond_255_classes(tmp_path):
     np.testing.assert_array_equal(classes, np.where(mask, 299, 65535))
 
 
+def test_mask_of_another_size(tmp_path, capsys):
+    """A row whose mask does not fit its image (not fcclip's writing): one line naming the image, no JSON."""
+    mask = np.ones((8, 10), bool)
+    row = {"uri": "/odd.jpg", "image_id": "1" * 16, "width": 12, "height": 8, "status": "ok", "error": None,
+           "segments": [{"id": 1, "label": "cat", "category_id": 1, "is_thing": True, "score": 0.9, "area": 80,
+                         "bbox": mask_to_bbox(mask), "rle": encode_rle(mask)}]}
+    dest = tmp_path / "labels"
+    dest.mkdir()
+    _write_output([row], lambda name, data: (dest / name).write_bytes(data))
+    assert export.main([str(dest), "--format", "coco-semantic", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fcclip export: error: the row of /odd.jpg cannot be exported: segment 1's mask is 10 x 8, "
+                   "the image 12 x 8"]
+    assert not (tmp_path / "s" / "semantic.json").exists()
+
+
 def test_refusals(labels, tmp_path, capsys):
     # not a labeling output: one line, exit 2, nothing written
     empty = tmp_path / "empty"

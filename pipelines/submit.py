@@ -18,6 +18,8 @@ import shlex
 import sys
 import time
 
+from ray.job_submission import JobSubmissionClient
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -34,8 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from ray.job_submission import JobSubmissionClient
-
     entry = list(args.entrypoint)
     if entry and entry[0] == "--":
         entry = entry[1:]

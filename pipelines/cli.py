@@ -9,7 +9,8 @@
 
 Every subcommand is a module with two functions, ``add_arguments(parser)`` (fills the subcommand's
 ``argparse`` parser) and ``main_args(args) -> int`` (runs it; the exit status). It reports a user's mistake itself,
-on stderr, and returns 2. :data:`COMMANDS` names the module of each; a new subcommand is one more entry there.
+on stderr, and returns 2. :data:`COMMANDS` names the module of each, its help line and the packages of the Ray extra
+it needs; a new subcommand is one more entry there.
 
 Only the module of the subcommand being run is imported, so ``fcclip --help`` and ``fcclip models`` do not load
 PyTorch, and nothing but ``label``, ``train``, ``eval`` and ``submit`` loads Ray.
@@ -18,45 +19,59 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import fcclip
 
-# subcommand -> (module, one-line help); modules that need the Ray extra say so when it is missing
-COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
-    "label": ("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks"),
-    "show": ("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, overlays"),
-    "train": ("pipelines.train", "train FC-CLIP with Ray Train"),
-    "eval": ("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray"),
-    "metrics": ("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
-    "submit": ("pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it"),
-    "synth": ("pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
-    "models": ("pipelines.models", "list the model presets"),
-    "vocabularies": ("pipelines.vocabularies", "list the builtin vocabularies"),
+
+class Command(NamedTuple):
+    module: str  # defines add_arguments(parser) and main_args(args) -> int
+    help: str  # one line, for `fcclip --help`
+    needs: tuple[str, ...] = ()  # packages of the `ray` extra it runs on
+
+
+RAY_EXTRA = ("ray", "pyarrow")
+
+COMMANDS: dict[str, Command] = {
+    "predict": Command("pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
+    "label": Command("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
+    "show": Command("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
+                    "overlays", ("pyarrow", "duckdb")),
+    "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
+    "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
+    "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
+    "submit": Command("pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
+                      ("ray",)),
+    "synth": Command("pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
+    "models": Command("pipelines.models", "list the model presets"),
+    "vocabularies": Command("pipelines.vocabularies", "list the builtin vocabularies"),
 }
 
 # third-party packages that only the `ray` extra installs
-_EXTRA_PACKAGES = ("ray", "pyarrow", "duckdb", "s3fs", "pandas")
+_EXTRA_PACKAGES = {"ray", "pyarrow", "duckdb", "s3fs", "pandas"}
 
 
 class MissingExtra(ImportError):
-    """A subcommand's module needs a package of the ``fcclip[ray]`` extra that is not installed."""
+    """A subcommand needs a package of the ``fcclip[ray]`` extra that is not installed."""
 
 
 def load_command(name: str):
     """The module of subcommand ``name``; MissingExtra when it needs the Ray extra and that is not installed."""
-    module = COMMANDS[name][0]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in _EXTRA_PACKAGES:
-            raise MissingExtra(f"fcclip {name} needs the Ray extra: pip install 'fcclip[ray]' ({e})") from e
-        raise
+    command = COMMANDS[name]
+    missing = [p for p in command.needs if importlib.util.find_spec(p) is None]
+    if not missing:
+        try:
+            return importlib.import_module(command.module)
+        except ModuleNotFoundError as e:  # a package of the extra that `needs` does not list
+            if (e.name or "").split(".")[0] not in _EXTRA_PACKAGES:
+                raise
+            missing = [e.name]
+    raise MissingExtra(f"fcclip {name} needs the Ray extra: pip install 'fcclip[ray]' (missing: {', '.join(missing)})")
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -67,8 +82,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"fcclip {fcclip.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
         if name in commands:
             load_command(name).add_arguments(p)
     return parser

@@ -157,16 +157,19 @@ def test_a_missing_ray_extra_is_named(tmp_path):
         "sys.modules['ray'] = None  # what an environment without the extra looks like to `import ray`\n"
         "from pipelines.cli import main\n"
         "assert main(['train', '--config', 'fcclip-tiny-synthetic', '--data', 'd', '--storage', 's']) == 2\n"
+        "assert main(['label', 'images/', '--out', 'o', '--vocab', 'cat;']) == 2\n"
         "assert main(['models']) == 0\n"
     )
     proc = _run_python(code)
     assert proc.returncode == 0, proc.stderr
-    assert "fcclip train needs the Ray extra: pip install 'fcclip[ray]'" in proc.stderr
+    for name in ("train", "label"):
+        assert f"fcclip {name} needs the Ray extra: pip install 'fcclip[ray]' (missing: ray" in proc.stderr
+    assert not (ROOT / "o").exists()
 
 
 def test_module_entry_point(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
+        [sys.executable, "-m", "pipelines", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr

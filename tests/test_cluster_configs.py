@@ -4,7 +4,6 @@ through `authOptions`, no inline secrets, no public endpoints), one Ray version 
 and every command the manifests run against fcclip's real command-line parser."""
 import copy
 import json
-import os
 import re
 import shlex
 import stat

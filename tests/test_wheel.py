@@ -6,6 +6,7 @@ its own), but not this checkout: the test checks that the `fcclip` and `pipeline
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,10 +30,15 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
+    """The wheel, built from the files cluster/Dockerfile builds it from (a copy: the checkout stays untouched)."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("fcclip", "pipelines"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
-         str(ROOT)],
+         str(src)],
         check=True, timeout=600, cwd=out,
     )
     (path,) = out.glob("fcclip-*.whl")

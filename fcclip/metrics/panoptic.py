@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from ..masks import rgb2id
 
 __all__ = ["PanopticAccumulator", "load_panoptic_png", "pq_compute"]
 
@@ -334,10 +337,6 @@ class PanopticAccumulator:
 # -------------------------------------------------------------------- COCO panoptic format on disk
 def load_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """(H, W) int64 segment ids of a COCO panoptic PNG (id = R + 256 G + 256^2 B)."""
-    from PIL import Image
-
-    from ..masks import rgb2id
-
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
     return rgb2id(rgb)

@@ -294,11 +294,11 @@ class _Window:
 
     def metrics(self, w: _Worker) -> dict:
         elapsed = time.perf_counter() - self.started
-        per_s = (lambda n: n / elapsed) if elapsed else (lambda n: 0.0)
+        per_second = 1 / elapsed if elapsed else 0.0
         out = {
-            "iters_per_s": per_s(self.iterations),
-            "samples_per_s": per_s(self.iterations * w.per_worker_batch * w.world),
-            "data_wait_share": per_s(self.data_wait),
+            "iters_per_s": self.iterations * per_second,
+            "samples_per_s": self.iterations * w.per_worker_batch * w.world * per_second,
+            "data_wait_share": self.data_wait * per_second,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak (KiB)
         }
         if w.device.type == "cuda":

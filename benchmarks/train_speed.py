@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_CONFIG = ROOT / "configs" / "train" / "fcclip-tiny-synthetic.yaml"
+DEFAULT_CONFIG = "fcclip-tiny-synthetic"  # a packaged training config (fcclip/configs/train/)
 
 
 def _collector_class():
@@ -100,7 +100,7 @@ def summarise(reports: list[list[dict]], warmup: int, global_batch: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model preset or YAML (default: the config's, fcclip-tiny)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config YAML")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="a packaged training config's name or a YAML file")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--iters", type=int, default=100, help="training iterations, warmup included")
     p.add_argument("--warmup", type=int, default=20, help="iterations left out of the figures (multiple of --log-every)")

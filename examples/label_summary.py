@@ -2,12 +2,11 @@
 import sys
 
 import duckdb
+import fsspec
 
 dest = sys.argv[1].rstrip("/") if len(sys.argv) > 1 else "demo/labels"
 con = duckdb.connect()
 if "://" in dest:  # object storage through fsspec (s3fs / gcsfs), with the usual credentials
-    import fsspec
-
     con.register_filesystem(fsspec.filesystem(dest.split("://", 1)[0]))
 files = f"read_parquet('{dest}/*.parquet')"
 print(con.sql(f"select status, count(*) as images from {files} group by status order by status"))

@@ -1,19 +1,21 @@
-"""Where the package finds its data files (model presets, builtin vocabularies)."""
+"""Where the package finds its data files and its cache.
+
+The model presets (``configs/models``), training configs (``configs/train``) and builtin vocabularies
+(``configs/vocabularies``) are package data: they sit inside the installed ``fcclip`` package, so a wheel, a
+``pip install .`` and an editable checkout all find them the same way.
+"""
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 
 def config_dir() -> Path:
-    """The `configs/` folder: `$FCCLIP_CONFIG_DIR` if set, else the one beside the package in the repository."""
-    env = os.environ.get("FCCLIP_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"fcclip config folder not found at {path}; install the package from its repository "
-            "(pip install -e .) or set FCCLIP_CONFIG_DIR to the repository's configs/ folder"
-        )
+    """The package's ``configs/`` folder (model presets, training configs, builtin vocabularies)."""
+    path = Path(str(resources.files("fcclip").joinpath("configs")))
+    if not path.is_dir():  # a broken install (package data left out of the wheel)
+        raise FileNotFoundError(f"fcclip's package data is missing: no folder {path}; reinstall fcclip")
     return path
 
 

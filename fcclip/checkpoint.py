@@ -13,13 +13,21 @@ containers, never arbitrary objects.
 from __future__ import annotations
 
 import hashlib
+import html
+import http.client
 import logging
 import os
+import re
+import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Mapping
 
+import fsspec
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._paths import cache_dir
@@ -41,8 +49,10 @@ def _is_remote(uri: str) -> bool:
 def fetch(uri: str, directory: str | Path | None = None) -> Path:
     """A local path for ``uri``: local files as they are; remote ones downloaded once into the weights cache.
 
-    Remote files are written under a temporary name and renamed when complete, so an interrupted download never
-    leaves a truncated checkpoint behind.
+    Remote files are written under a temporary name and renamed when complete, so an interrupted or refused
+    download never leaves a partial checkpoint in the cache. Over http(s), an answer that is an HTML page (a quota,
+    sign-in or virus-scan page instead of the file) or shorter than its Content-Length is a CheckpointError that
+    names the URL and what arrived.
     """
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
@@ -51,8 +61,6 @@ def fetch(uri: str, directory: str | Path | None = None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return path
-    import fsspec
-
     directory = Path(directory) if directory is not None else cache_dir() / "weights"
     name = uri.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "checkpoint"
     if not name.endswith((".pth", ".pt", ".safetensors", ".bin")):
@@ -63,17 +71,79 @@ def fetch(uri: str, directory: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s -> %s", _redact(uri), target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    # http(s): stream (servers such as Google Drive's do not answer range requests)
-    options = {"block_size": 0} if uri.startswith(("http://", "https://")) else {}
     try:
-        with os.fdopen(fd, "wb") as out, fsspec.open(uri, "rb", **options) as src:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            if uri.startswith(("http://", "https://")):
+                _download_http(uri, out)
+            else:
+                with fsspec.open(uri, "rb") as src:
+                    shutil.copyfileobj(src, out, _CHUNK)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+_CHUNK = 1 << 22
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
+
+
+def _download_http(url: str, out) -> None:
+    """Stream ``url`` into ``out``, refusing HTML pages and answers shorter than their Content-Length."""
+    shown = _redact(url)
+    request = urllib.request.Request(url, headers={"User-Agent": "fcclip"})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(f"checkpoint not found: {shown} (HTTP 404)") from None
+        raise CheckpointError(f"downloading {shown}: the server answered HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise CheckpointError(f"downloading {shown}: {e.reason}") from None
+    with response:
+        content_type = response.headers.get("Content-Type", "")
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        received = 0
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except http.client.IncompleteRead as e:  # chunked transfer cut short
+                raise CheckpointError(_truncated_message(shown, received + len(e.partial), expected)) from None
+            if not chunk:
+                break
+            if not received and _is_html(content_type, chunk):
+                raise CheckpointError(_html_message(shown, content_type, chunk[:65536]))
+            out.write(chunk)
+            received += len(chunk)
+    if expected is not None and received != expected:
+        raise CheckpointError(_truncated_message(shown, received, expected))
+    if not received:
+        raise CheckpointError(f"downloading {shown}: the server sent an empty answer ({content_type or 'no type'})")
+
+
+def _is_html(content_type: str, first: bytes) -> bool:
+    return "html" in content_type.lower() or first.lstrip()[:16].lower().startswith(_HTML_STARTS)
+
+
+def _truncated_message(url: str, received: int, expected: int | None) -> str:
+    of = f" of {expected:,} bytes (its Content-Length)" if expected is not None else " bytes, before the end"
+    return f"downloading {url}: the connection ended after {received:,}{of}; nothing was cached, try again"
+
+
+def _html_message(url: str, content_type: str, body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+    if title:
+        what = f"an HTML page titled {html.unescape(' '.join(title.group(1).split()))!r}"
+    else:
+        what = f"an HTML page starting {' '.join(text[:120].split())!r}"
+    return (
+        f"downloading {url}: the server sent {what} ({content_type or 'no Content-Type'}), not a checkpoint: "
+        "typically a quota, sign-in or confirmation page. Download the file in a browser and pass its path as the "
+        "weights; nothing was cached"
+    )
 
 
 def _redact(uri: str) -> str:
@@ -94,8 +164,6 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     or a .safetensors file, local or remote."""
     path = fetch(str(source))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:
@@ -164,8 +232,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, num_train_classes: int =
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             save_file(state, tmp)
         else:
             torch.save({"model": state}, tmp)

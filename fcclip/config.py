@@ -1,4 +1,5 @@
-"""Typed model configs and the presets in configs/models/.
+"""Typed model configs, the model presets (package data: ``fcclip/configs/models``) and where the packaged training
+configs (``fcclip/configs/train``) are found.
 
 A preset is a small YAML file with four sections (``clip``, ``head``, ``inference``, ``weights``) that map one to one
 onto the frozen dataclasses below. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -142,21 +143,39 @@ def config_from_dict(data: Mapping[str, Any], name: str | None = None) -> ModelC
 
 
 def list_models() -> list[str]:
-    """Names of the model presets in configs/models/."""
+    """Names of the model presets (``fcclip/configs/models/*.yaml``)."""
     return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
+
+
+def list_train_configs() -> list[str]:
+    """Names of the packaged training configs (``fcclip/configs/train/*.yaml``)."""
+    return sorted(p.stem for p in (config_dir() / "train").glob("*.yaml"))
+
+
+def _resolve(spec: str | Path, kind: str, names: list[str]) -> Path:
+    """A YAML file given by path, or the packaged one of that name in ``configs/<kind>``."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        raise FileNotFoundError(f"config file not found: {path}")
+    packaged = config_dir() / kind / f"{spec}.yaml"
+    if not packaged.is_file():
+        what = "model preset" if kind == "models" else "training config"
+        raise ConfigError(f"unknown {what} {str(spec)!r}: not a file, and not one of {', '.join(names)}")
+    return packaged
+
+
+def train_config_path(spec: str | Path) -> Path:
+    """The YAML file of a training config: a path, or the name of a packaged one (``fcclip-tiny-synthetic``)."""
+    return _resolve(spec, "train", list_train_configs())
 
 
 def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
     """A preset name (``fcclip-convnext-large``), a path to a preset-format YAML file, or a ModelConfig."""
     if isinstance(spec, ModelConfig):
         return spec
-    path = Path(spec)
-    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
-        path = config_dir() / "models" / f"{spec}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown model preset {str(spec)!r}; presets: {', '.join(list_models())}")
-    elif not path.is_file():
-        raise FileNotFoundError(f"model config file not found: {path}")
+    path = _resolve(spec, "models", list_models())
     with open(path) as f:
         data = yaml.safe_load(f)
     return config_from_dict(data, name=path.stem)

@@ -14,15 +14,23 @@ dataset, whose masks can differ slightly at segment borders.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any
+import warnings
 
 import numpy as np
+import ray
+import ray.data as ray_data
+
+from fcclip.build import build_model
+from fcclip.datasets.benchmarks import list_benchmarks, open_benchmark
+from fcclip.metrics.instance import InstanceAccumulator
+from fcclip.metrics.panoptic import PanopticAccumulator
+from fcclip.metrics.semantic import SemanticAccumulator
+from fcclip.predictor import Predictor
 
 logger = logging.getLogger("fcclip.eval")
 
@@ -31,12 +39,6 @@ class EvalModel:
     """Actor: predicts a batch of benchmark images and returns the batch's metric statistics (as JSON)."""
 
     def __init__(self, model: str, weights: str, dataset: str, root: str, device: str, short_edge, max_size):
-        import warnings
-
-        from fcclip.build import build_model
-        from fcclip.datasets.benchmarks import open_benchmark
-        from fcclip.predictor import Predictor
-
         self.dataset = open_benchmark(dataset, root)
         self.spec = self.dataset.spec
         with warnings.catch_warnings():
@@ -68,10 +70,6 @@ class EvalModel:
 
 
 def new_accumulators(dataset) -> dict:
-    from fcclip.metrics.instance import InstanceAccumulator
-    from fcclip.metrics.panoptic import PanopticAccumulator
-    from fcclip.metrics.semantic import SemanticAccumulator
-
     vocab = dataset.vocabulary()
     cats = [{"id": c.id, "isthing": c.isthing, "name": c.names[0]} for c in vocab.categories]
     acc = {}
@@ -110,10 +108,6 @@ def update(acc: dict, dataset, record, pred) -> None:
 
 
 def merge_states(dataset, states: list[dict]) -> dict:
-    from fcclip.metrics.instance import InstanceAccumulator
-    from fcclip.metrics.panoptic import PanopticAccumulator
-    from fcclip.metrics.semantic import SemanticAccumulator
-
     kinds = {"panoptic": PanopticAccumulator, "instance": InstanceAccumulator, "semantic": SemanticAccumulator}
     total = new_accumulators(dataset)
     for state in states:
@@ -127,11 +121,6 @@ def run_eval(
     gpus_per_actor: float | None = None, address: str | None = None, limit: int | None = None,
     short_edge: int | None = None, max_size: int | None = None, num_cpus: int | None = None, progress: bool = True,
 ) -> dict:
-    import ray
-    import ray.data as ray_data
-
-    from fcclip.datasets.benchmarks import open_benchmark
-
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
     if not ray.is_initialized():
@@ -210,8 +199,6 @@ def format_results(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fcclip.datasets.benchmarks import list_benchmarks
-
     p.add_argument("--model", default="fcclip-convnext-large")
     p.add_argument("--weights", default="official")
     p.add_argument("--dataset", required=True, choices=list_benchmarks())

@@ -18,7 +18,10 @@ import shlex
 import sys
 import time
 
+from ray.job_submission import JobSubmissionClient
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 300  # how long a submission waits for the job agent of a cluster that is still starting
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,8 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from ray.job_submission import JobSubmissionClient
-
     entry = list(args.entrypoint)
     if entry and entry[0] == "--":
         entry = entry[1:]
@@ -57,7 +58,7 @@ def main_args(args: argparse.Namespace) -> int:
             return 2
         runtime_env["env_vars"] = dict(pairs)
     client = JobSubmissionClient(address)
-    deadline = time.time() + 120
+    deadline = time.time() + AGENT_WAIT_S
     while True:
         try:
             job_id = client.submit_job(
@@ -65,8 +66,12 @@ def main_args(args: argparse.Namespace) -> int:
             )
             break
         except RuntimeError as e:  # a cluster that just started has no job agent yet
-            if "No available agent" not in str(e) or time.time() > deadline:
+            if "No available agent" not in str(e):
                 raise
+            if time.time() > deadline:
+                print(f"fcclip submit: error: the cluster at {address} had no job agent ready after {AGENT_WAIT_S} s "
+                      "(its nodes may still be starting); nothing was submitted, try again", file=sys.stderr)
+                return 1
             time.sleep(2)
     print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:

@@ -1,7 +1,10 @@
 """`fcclip train`: FC-CLIP training on a COCO-panoptic-layout dataset with Ray Train (DDP), resumable.
 
-    fcclip train --config configs/train/fcclip-convnext-large-coco.yaml --data ROOT --storage URI
+    fcclip train --config NAME_OR_YAML --data ROOT --storage URI
                  [--num-workers N] [--gpus-per-worker F] [--max-iters N] [--resume] [--address RAY_ADDRESS]
+
+``--config`` is a packaged training config's name (``fcclip-convnext-large-coco``, the paper's recipe;
+``fcclip-tiny-synthetic``, a smoke run) or a path to a YAML file in the same format.
 
 Each Ray Train worker builds the model (frozen CLIP + trainable head), loads its share of the data with its own
 loader processes (decode + large-scale jitter on CPU), and trains with DDP; the global batch is split across the
@@ -15,22 +18,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import yaml
+from PIL import Image
+from ray.train.torch import TorchTrainer
+
+from fcclip.build import build_model
+from fcclip.checkpoint import load_weights, official_state_dict
+from fcclip.config import ConfigError, build_strict, train_config_path
+from fcclip.datasets.coco_panoptic import CocoPanoptic, filter_empty
+from fcclip.masks import rgb2id
+from fcclip.metrics.panoptic import PanopticAccumulator
+from fcclip.predictor import Predictor
+from fcclip.text import TextClassifierCache, build_text_classifier
+from fcclip.training.criterion import build_criterion, outputs_from_model, weighted_total
+from fcclip.training.data import collate, normalize_images, train_sample
 
 logger = logging.getLogger("fcclip.train")
 
@@ -92,22 +114,20 @@ class TrainConfig:
     seed: int = 0
 
 
-def _strict(cls, data: Any, where: str):
-    from fcclip.config import build_strict
-
-    return build_strict(cls, data, where)
-
-
-def load_train_config(path: str | Path) -> TrainConfig:
-    """A training config (YAML) with strict keys."""
+def load_train_config(spec: str | Path) -> TrainConfig:
+    """A training config with strict keys: the name of a packaged one (``fcclip-tiny-synthetic``, see
+    ``fcclip.config.list_train_configs``) or a path to a YAML file."""
+    path = train_config_path(spec)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     nested = {"data": DataConfig, "solver": SolverConfig, "loss": LossConfig}
     top = {k: v for k, v in raw.items() if k not in nested}
     if not raw.get("model"):
-        raise ValueError(f"{path}: 'model' is required (a preset name or a model YAML)")
-    cfg = _strict(TrainConfig, {**top, "name": raw.get("name", Path(path).stem), "model": raw.get("model")}, str(path))
-    return dataclasses.replace(cfg, **{k: _strict(c, raw.get(k), f"{path}: {k}") for k, c in nested.items()})
+        raise ConfigError(f"{path}: 'model' is required (a preset name or a model YAML)")
+    cfg = build_strict(TrainConfig, {**top, "name": raw.get("name", path.stem), "model": raw.get("model")}, str(path))
+    return dataclasses.replace(
+        cfg, **{k: build_strict(c, raw.get(k), f"{path}: {k}") for k, c in nested.items()}
+    )
 
 
 def lr_factor(iteration: int, solver: SolverConfig) -> float:
@@ -121,8 +141,6 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
 
 def param_groups(model, solver: SolverConfig) -> list[dict]:
     """Trainable parameters with the reference's weight decay: none on norm layers and nn.Embedding tables."""
-    import torch
-
     norm_types = (
         torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, torch.nn.LocalResponseNorm,
     )
@@ -149,11 +167,6 @@ class Samples(torch.utils.data.IterableDataset):
         self.root, self.split, self.data, self.seed = root, split, data, seed
 
     def __iter__(self):
-        import numpy as np
-
-        from fcclip.datasets.coco_panoptic import CocoPanoptic, filter_empty
-        from fcclip.training.data import train_sample
-
         ds = CocoPanoptic(self.root, self.split)
         records = filter_empty(ds.records()) if self.data.filter_empty else ds.records()
         info = torch.utils.data.get_worker_info()
@@ -167,8 +180,6 @@ class Samples(torch.utils.data.IterableDataset):
 
 
 def _loader(root, cfg: TrainConfig, per_worker_batch: int, seed: int):
-    from fcclip.training.data import collate
-
     return torch.utils.data.DataLoader(
         Samples(root, cfg.data.split, cfg.data, seed),
         batch_size=per_worker_batch,
@@ -180,33 +191,36 @@ def _loader(root, cfg: TrainConfig, per_worker_batch: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import warnings
+@dataclass
+class _Worker:
+    """What one Ray Train worker trains with."""
 
-    import numpy as np
-    import ray.train
-    import ray.train.torch
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    vocabulary: Any
+    text: torch.Tensor  # the training vocabulary's text classifier
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool
 
-    from fcclip.build import build_model
-    from fcclip.checkpoint import load_weights, official_state_dict
-    from fcclip.datasets.coco_panoptic import CocoPanoptic
-    from fcclip.text import TextClassifierCache, build_text_classifier
-    from fcclip.training.criterion import build_criterion, outputs_from_model, weighted_total
-    from fcclip.training.data import normalize_images
+    @property
+    def per_worker_batch(self) -> int:
+        return max(1, self.cfg.solver.batch_size // self.world)
 
-    cfg = _config_from_dict(config["train"])
-    root, max_iters = config["data_root"], config["max_iters"]
+
+def _build_worker(cfg: TrainConfig, root: str) -> _Worker:
+    """Model, text classifier of the dataset's vocabulary, criterion, optimizer, schedule and grad scaler."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    per_worker_batch = max(1, cfg.solver.batch_size // world)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg.model, weights=cfg.weights, device=device)
-    dataset = CocoPanoptic(root, cfg.data.split)
-    vocabulary = dataset.vocabulary(synonyms=cfg.data.synonyms)
+    vocabulary = CocoPanoptic(root, cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
     text = build_text_classifier(
         model.backbone, vocabulary, train_vocabulary=vocabulary, cache=TextClassifierCache(enabled=False)
     )
@@ -219,77 +233,139 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.solver), lr=cfg.solver.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.solver))
     use_amp = cfg.solver.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    return _Worker(
+        cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device, model=model,
+        vocabulary=vocabulary, text=text, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp,
+    )
 
-    start, tensorboard_dir = 0, None
+
+def _restore(w: _Worker) -> tuple[int, str | None]:
+    """Continue from Ray Train's latest checkpoint, if any: (the iteration to start at, a TensorBoard folder that
+    holds the run's history so far on rank 0)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_weights(model, os.path.join(d, "model.pth"))
-            state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
-            if rank == 0 and os.path.isdir(os.path.join(d, "tensorboard")):  # keep the run's history
-                tensorboard_dir = tempfile.mkdtemp(prefix="fcclip-tb-")
-                _copy_tree(os.path.join(d, "tensorboard"), tensorboard_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start = int(state["iteration"])
-        torch.set_rng_state(state["torch_rng"][rank % len(state["torch_rng"])].cpu())
-        logger.info("rank %d resumes at iteration %d", rank, start)
-    else:
-        torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank + start)
+    if checkpoint is None:
+        torch.manual_seed(w.cfg.seed + w.rank)
+        return 0, None
+    tensorboard_dir = None
+    with checkpoint.as_directory() as d:
+        load_weights(w.model, os.path.join(d, "model.pth"))
+        state = torch.load(os.path.join(d, "state.pt"), map_location=w.device, weights_only=True)
+        if w.rank == 0 and os.path.isdir(os.path.join(d, "tensorboard")):  # keep the run's history
+            tensorboard_dir = tempfile.mkdtemp(prefix="fcclip-tb-")
+            shutil.copytree(os.path.join(d, "tensorboard"), tensorboard_dir, dirs_exist_ok=True)
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.scheduler.load_state_dict(state["scheduler"])
+    w.scaler.load_state_dict(state["scaler"])
+    start = int(state["iteration"])
+    torch.set_rng_state(state["torch_rng"][w.rank % len(state["torch_rng"])].cpu())
+    logger.info("rank %d resumes at iteration %d", w.rank, start)
+    return start, tensorboard_dir
 
-    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+def _step(w: _Worker, net: torch.nn.Module, batch: dict, params: list) -> tuple[torch.Tensor, dict]:
+    """One optimizer step on a batch; (the weighted total loss, the loss terms)."""
+    inference = w.model.config.inference
+    images = normalize_images(batch["images"].to(w.device), batch["image_sizes"], inference.pixel_mean,
+                              inference.pixel_std)
+    targets = [{k: v.to(w.device) for k, v in t.items()} for t in batch["targets"]]
+    w.model.train()
+    with torch.autocast(w.device.type, dtype=torch.float16, enabled=w.use_amp):
+        out = net(images, w.text)
+    losses = w.criterion(outputs_from_model(out), targets)
+    total, _ = weighted_total(losses, w.criterion.weight_dict)
+    w.optimizer.zero_grad(set_to_none=True)
+    w.scaler.scale(total).backward()
+    w.scaler.unscale_(w.optimizer)
+    torch.nn.utils.clip_grad_norm_(params, w.cfg.solver.clip_grad)
+    w.scaler.step(w.optimizer)
+    w.scaler.update()
+    w.scheduler.step()
+    return total, losses
+
+
+@dataclass
+class _Window:
+    """Throughput over the iterations since the last report."""
+
+    started: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+    iterations: int = 0
+
+    def metrics(self, w: _Worker) -> dict:
+        elapsed = time.perf_counter() - self.started
+        per_second = 1 / elapsed if elapsed else 0.0
+        out = {
+            "iters_per_s": self.iterations * per_second,
+            "samples_per_s": self.iterations * w.per_worker_batch * w.world * per_second,
+            "data_wait_share": self.data_wait * per_second,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak (KiB)
+        }
+        if w.device.type == "cuda":
+            out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(w.device) / 2**20
+        return out
+
+
+def _report(w: _Worker, metrics: dict, it: int, train_config: dict, writer, save: bool) -> None:
+    """``ray.train.report`` the metrics; with ``save``, rank 0 adds a checkpoint of everything needed to resume."""
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if w.rank == 0:
+            torch.save({"model": official_state_dict(w.model, len(w.vocabulary))}, os.path.join(d, "model.pth"))
+            state = {
+                "optimizer": w.optimizer.state_dict(),
+                "scheduler": w.scheduler.state_dict(),
+                "scaler": w.scaler.state_dict(),
+                "iteration": it,
+                "torch_rng": [torch.get_rng_state()],
+                "numpy_rng": np.random.get_state()[1].tolist()[:8],
+                "config": json.dumps(train_config),
+            }
+            torch.save(state, os.path.join(d, "state.pt"))
+            if writer is not None:
+                shutil.copytree(writer.logdir, os.path.join(d, "tensorboard"), dirs_exist_ok=True)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = _config_from_dict(config["train"])
+    root, max_iters = config["data_root"], config["max_iters"]
+    w = _build_worker(cfg, root)
+    start, tensorboard_dir = _restore(w)
+    random.seed(cfg.seed + w.rank + start)
+
+    net = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
     # a fresh data stream after a restart: its seed includes the iteration it starts from
-    loader = iter(_loader(root, cfg, per_worker_batch, seed=cfg.seed * 100_003 + rank * 7919 + start))
-    params = [p for p in model.parameters() if p.requires_grad]
-    pixel_mean, pixel_std = model.config.inference.pixel_mean, model.config.inference.pixel_std
-    writer = _tensorboard(rank, tensorboard_dir)
-    window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
+    loader = iter(_loader(root, cfg, w.per_worker_batch, seed=cfg.seed * 100_003 + w.rank * 7919 + start))
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    writer = _tensorboard(w.rank, tensorboard_dir)
+    window = _Window()
 
     for iteration in range(start, max_iters):
         t0 = time.perf_counter()
         batch = next(loader)
-        data_wait += time.perf_counter() - t0
-        images = normalize_images(batch["images"].to(device), batch["image_sizes"], pixel_mean, pixel_std)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-        model.train()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            out = net(images, text)
-        losses = criterion(outputs_from_model(out), targets)
-        total, weighted = weighted_total(losses, criterion.weight_dict)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        done_in_window += 1
+        window.data_wait += time.perf_counter() - t0
+        total, losses = _step(w, net, batch, params)
+        window.iterations += 1
 
         it = iteration + 1
-        last = it == max_iters
-        save = last or it % cfg.checkpoint_every == 0
+        save = it == max_iters or it % cfg.checkpoint_every == 0
         if not (save or it % cfg.log_every == 0):
             continue
-        elapsed = time.perf_counter() - window_start
         metrics = {
             "iteration": it,
             "start_iteration": start,  # where this worker group (re)started: > 0 after a restart or --resume
             "loss": float(total.detach()),
-            "loss_ce": float(losses["loss_ce"].detach()),
-            "loss_mask": float(losses["loss_mask"].detach()),
-            "loss_dice": float(losses["loss_dice"].detach()),
-            "lr": optimizer.param_groups[0]["lr"],
-            "iters_per_s": done_in_window / elapsed if elapsed else 0.0,
-            "samples_per_s": done_in_window * per_worker_batch * world / elapsed if elapsed else 0.0,
-            "data_wait_share": data_wait / elapsed if elapsed else 0.0,
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak (Linux: KiB)
+            **{k: float(losses[k].detach()) for k in ("loss_ce", "loss_mask", "loss_dice")},
+            "lr": w.optimizer.param_groups[0]["lr"],
+            **window.metrics(w),
         }
-        if device.type == "cuda":
-            metrics["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        window_start, data_wait, done_in_window = time.perf_counter(), 0.0, 0
+        window = _Window()
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite training metrics at iteration {it}: {metrics}")
         if writer is not None:
@@ -297,46 +373,14 @@ def train_loop_per_worker(config: dict) -> None:
                 if k != "iteration":
                     writer.add_scalar(f"train/{k}", v, it)
             writer.flush()
-        if save and rank == 0 and cfg.eval_every and it % cfg.eval_every == 0:
-            metrics["val_pq"] = validation_pq(model, root, cfg, vocabulary)
-            model.train()
-        if save:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"model": official_state_dict(model, len(vocabulary))}, os.path.join(d, "model.pth"))
-                    torch.save(
-                        {
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "iteration": it,
-                            "torch_rng": [torch.get_rng_state()],
-                            "numpy_rng": np.random.get_state()[1].tolist()[:8],
-                            "config": json.dumps(config["train"]),
-                        },
-                        os.path.join(d, "state.pt"),
-                    )
-                    if writer is not None:
-                        _copy_tree(writer.logdir, os.path.join(d, "tensorboard"))
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            ray.train.report(metrics)
+        if save and w.rank == 0 and cfg.eval_every and it % cfg.eval_every == 0:
+            metrics["val_pq"] = validation_pq(w.model, root, cfg, w.vocabulary)
+            w.model.train()
+        _report(w, metrics, it, config["train"], writer, save)
 
 
 def validation_pq(model, root: str, cfg: TrainConfig, vocabulary) -> float:
     """PQ (0-1) of the model on the first ``cfg.eval_images`` images of the validation split."""
-    import fsspec
-    import numpy as np
-
-    from fcclip.datasets.coco_panoptic import CocoPanoptic
-    from fcclip.masks import rgb2id
-    from fcclip.metrics.panoptic import PanopticAccumulator
-    from fcclip.predictor import Predictor
-    from fcclip.text import TextClassifierCache
-    from PIL import Image
-
     dataset = CocoPanoptic(root, cfg.data.val_split)
     predictor = Predictor(model, vocabulary, tasks=("panoptic",), text_cache=TextClassifierCache(enabled=False))
     acc = PanopticAccumulator(dataset.categories)
@@ -352,6 +396,7 @@ def validation_pq(model, root: str, cfg: TrainConfig, vocabulary) -> float:
 
 
 def _tensorboard(rank: int, logdir: str | None = None):
+    """A TensorBoard writer on rank 0 when tensorboardX is installed (it is optional), else None."""
     if rank != 0:
         return None
     try:
@@ -359,12 +404,6 @@ def _tensorboard(rank: int, logdir: str | None = None):
     except ImportError:
         return None
     return SummaryWriter(logdir or tempfile.mkdtemp(prefix="fcclip-tb-"))
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    import shutil
-
-    shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
 def _config_from_dict(d: dict) -> TrainConfig:
@@ -398,10 +437,6 @@ def run_train(
     `callbacks`: `ray.train.UserCallback`s, run on the controller; they see every report of every worker (Ray
     Train keeps only the metrics that come with a checkpoint).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     name = name or cfg.name
     storage = storage.rstrip("/")
     if "://" not in storage:
@@ -449,14 +484,14 @@ def run_train(
 
 
 def _exists(uri: str) -> bool:
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.exists(path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training config YAML (configs/train/...)")
+    p.add_argument("--config", required=True,
+                   help="a packaged training config's name (fcclip-convnext-large-coco, fcclip-tiny-synthetic) or a "
+                        "YAML file")
     p.add_argument("--data", required=True, help="COCO panoptic layout root (local or s3://...)")
     p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")

@@ -1,14 +1,23 @@
-"""`fcclip predict` end to end, as a user runs it."""
+"""The `fcclip` command (pipelines/cli.py): `fcclip predict` end to end as a user runs it, one protocol for every
+subcommand, --version, and what each invocation imports."""
+import argparse
+import ast
 import json
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from fcclip.cli import main
+import fcclip
 from fcclip.datasets.synthetic import write_images
 from fcclip.masks import rgb2id
+from pipelines.cli import COMMANDS, build_parser, load_command, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_predict_end_to_end(tmp_path, capsys):
@@ -44,16 +53,124 @@ def test_bad_vocabulary_is_a_clear_error(tmp_path, capsys):
     code = main(["predict", str(images[0]), "--vocab", "cat; cat", "--model", "fcclip-tiny", "--weights", "random",
                  "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "cat" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("fcclip predict: error:") and "cat" in err
+    assert not (tmp_path / "out").exists()  # nothing written for a command that never ran
+
+
+def test_unknown_model_preset_lists_the_presets(tmp_path, capsys):
+    code = main(["predict", "x.jpg", "--vocab", "cat;", "--model", "fcclip-tinny", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown model preset 'fcclip-tinny'" in err and "fcclip-tiny" in err
+
+
+def test_every_subcommand_follows_one_protocol():
+    """A module per subcommand with add_arguments(parser) and main_args(args) -> int, whatever layer it is in."""
+    assert {"predict", "label", "show", "train", "eval", "metrics", "submit", "synth", "models",
+            "vocabularies"} <= set(COMMANDS)
+    for name in COMMANDS:
+        module = load_command(name)
+        assert callable(module.add_arguments) and callable(module.main_args), name
+        parser = argparse.ArgumentParser(prog=f"fcclip {name}")
+        module.add_arguments(parser)  # fills a parser of its own, registers nothing elsewhere
+    # the full parser (every module imported) knows them all
+    args = build_parser().parse_args(["metrics", "semantic", "--gt-dir", "g", "--pred-dir", "p", "--num-classes", "3"])
+    assert (args.command, args.metric, args.num_classes) == ("metrics", "semantic", 3)
+
+
+def test_models_and_vocabularies_list_the_package_data(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == fcclip.list_models()
+    assert any(line.startswith("fcclip-convnext-large ") and "released checkpoint" in line for line in lines)
+    assert main(["vocabularies"]) == 0
+    out = capsys.readouterr().out
+    assert "ade20k_150           150 classes" in out and "coco_panoptic        133 classes, 80 things" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fcclip {fcclip.__version__}"
+    # one version: the package metadata is built from fcclip.__version__
+    assert metadata.version("fcclip") == fcclip.__version__
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_help_and_models_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from pipelines.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules, 'fcclip --help imported torch'\n"
+        "assert main(['models']) == 0\n"
+        "assert 'torch' not in sys.modules, 'fcclip models imported torch'\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "COMMAND" in proc.stdout and "predict" in proc.stdout and "fcclip-tiny" in proc.stdout
+    # and the check bites: a command that does need torch shows up in it
+    proc = _run_python("import sys\nfrom pipelines.cli import load_command\nload_command('predict')\n"
+                       "assert 'torch' not in sys.modules")
+    assert proc.returncode != 0 and "AssertionError" in proc.stderr
+
+
+def test_import_fcclip_does_not_import_ray():
+    proc = _run_python("import sys, fcclip, fcclip.build, fcclip.predictor, fcclip.checkpoint, fcclip.metrics, "
+                       "fcclip.training\nassert 'ray' not in sys.modules, 'ray imported'\n"
+                       "assert not [m for m in sys.modules if m.startswith('pipelines')], 'pipelines imported'")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_fcclip_never_imports_pipelines():
+    """The dependency points one way: no module of the library imports the command-line / Ray layer."""
+    offenders = []
+    for path in sorted((ROOT / "fcclip").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value] if node.value.startswith("pipelines.") else []
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                          if n == "pipelines" or n.startswith("pipelines.")]
+    assert not offenders, offenders
+
+
+def test_a_missing_ray_extra_is_named(tmp_path):
+    """Without Ray installed (a real ImportError: the package is made unimportable in that interpreter), the Ray
+    subcommands say what to install; the others still work."""
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None  # what an environment without the extra looks like to `import ray`\n"
+        "from pipelines.cli import main\n"
+        "assert main(['train', '--config', 'fcclip-tiny-synthetic', '--data', 'd', '--storage', 's']) == 2\n"
+        "assert main(['label', 'images/', '--out', 'o', '--vocab', 'cat;']) == 2\n"
+        "assert main(['models']) == 0\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("train", "label"):
+        assert f"fcclip {name} needs the Ray extra: pip install 'fcclip[ray]' (missing: ray" in proc.stderr
+    assert not (ROOT / "o").exists()
 
 
 def test_module_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fcclip", "models"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "fcclip-convnext-large" in proc.stdout and "fcclip-tiny" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "fcclip", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "pipelines", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["synth_00000.jpg", "synth_00001.jpg"]

@@ -1,16 +1,42 @@
-"""Every file in cluster/ is checked: launcher configs against Ray's own schema, KubeRay manifests for the fields
-KubeRay requires and for the security rules (token auth, no inline secrets, no public endpoints), and every
-command they run against fcclip's real command-line parser."""
+"""Every file in cluster/ is checked: launcher configs against Ray's own JSON schema and their setup commands run the
+way Ray runs them (`bash -c`), KubeRay manifests for the fields KubeRay requires and the security rules (token auth
+through `authOptions`, no inline secrets, no public endpoints), one Ray version everywhere, the Dockerfile's layers,
+and every command the manifests run against fcclip's real command-line parser."""
 import copy
+import json
+import re
 import shlex
+import stat
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
+import ray.autoscaler
 import yaml
 
-CLUSTER = Path(__file__).parent.parent / "cluster"
+from fcclip.config import list_train_configs, train_config_path
+from pipelines.cli import build_parser
+
+ROOT = Path(__file__).parent.parent
+CLUSTER = ROOT / "cluster"
 LAUNCHER = sorted(CLUSTER.glob("*.yaml"))
 MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+RAY_SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pinned_ray_version() -> str:
+    """The one Ray version: pyproject.toml's `ray` extra pins it exactly."""
+    (requirement,) = [r for r in _pyproject()["project"]["optional-dependencies"]["ray"] if r.startswith("ray")]
+    match = re.fullmatch(r"ray\[[\w,]+\]==(\d+\.\d+\.\d+)", requirement.split(";")[0].strip())
+    assert match, f"the ray requirement is not an exact pin: {requirement}"
+    return match.group(1)
 
 
 def test_there_is_something_to_check():
@@ -18,16 +44,50 @@ def test_there_is_something_to_check():
     assert {p.name for p in MANIFESTS} == {"raycluster.yaml", "rayjob-label.yaml", "rayjob-train.yaml"}
 
 
+# ---------------------------------------------------------------------------------------------- launcher configs
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
-def test_launcher_config_is_valid_for_ray(path):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
+def test_launcher_config_is_valid_against_rays_schema(path):
     config = yaml.safe_load(path.read_text())
-    validate_config(prepare_config(copy.deepcopy(config)))
+    jsonschema.validate(config, RAY_SCHEMA)  # what `ray up` checks first, on the file as written
     broken = copy.deepcopy(config)
-    broken["max_workerz"] = 3  # the schema check bites: an unknown key is refused
-    with pytest.raises(Exception):
-        validate_config(prepare_config(broken))
+    broken["min_workers"] = 3  # the check bites: a top-level key Ray does not know is refused
+    with pytest.raises(jsonschema.ValidationError, match="min_workers"):
+        jsonschema.validate(broken, RAY_SCHEMA)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_setup_commands_work_under_bash_c(path, tmp_path):
+    """Each setup command run as Ray runs it (`bash -c CMD` on the node), with python3, pip and aws replaced by stubs
+    that record their arguments: every path handed to pip exists on the node (a quoted `~` would stay literal)."""
+    home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "calls.log"
+    (home / "fcclip").mkdir(parents=True)  # where file_mounts put the checkout
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("a-token\n")
+    bin_dir.mkdir()
+    record = f'printf "%s\\0" "$(basename "$0")" "$@" >> {log}; printf "\\n" >> {log}\n'
+    pip_stub = f"#!/bin/bash\n{record}"
+    _stub(bin_dir / "python3", record + (  # `python3 -m venv DIR` makes DIR/bin/pip
+        'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; '
+        f"printf '%s' '{pip_stub}' > \"$3/bin/pip\"; chmod +x \"$3/bin/pip\"; fi\n"))
+    _stub(bin_dir / "aws", record + "echo secret-token\n")
+    config = yaml.safe_load(path.read_text())
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for command in config["setup_commands"]:
+        proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (command, proc.stderr)
+    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
+    installs = [c for c in calls if "install" in c]
+    targets = [arg for c in installs for arg in c[c.index("install") + 1:] if not arg.startswith("-")]
+    assert any(t.endswith("[ray]") for t in targets), calls
+    for target in (t for t in targets if "/" in t or "~" in t):  # a path, not a package name
+        local = re.sub(r"\[[\w,]+\]$", "", target)
+        assert Path(local).is_absolute() and Path(local).exists(), f"pip would not find {target!r}"
+    assert (home / ".ray" / "auth_token").read_text().strip() in ("a-token", "secret-token")
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -42,18 +102,29 @@ def test_launcher_config_is_secure(path):
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     for forbidden in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "RAY_AUTH_TOKEN="):
         assert forbidden not in text
-    assert "fcclip[ray]" in " ".join(config["setup_commands"])
 
 
+# ---------------------------------------------------------------------------------------------- KubeRay manifests
 def _manifest(path):
     return yaml.safe_load(path.read_text())
 
 
+def _cluster_spec(doc):
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
 def _pod_specs(doc):
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(doc)
     yield "head", spec["headGroupSpec"]
     for group in spec["workerGroupSpecs"]:
         yield group["groupName"], group
+
+
+def _containers(doc):
+    containers = [c for _, g in _pod_specs(doc) for c in g["template"]["spec"]["containers"]]
+    if doc["kind"] == "RayJob":
+        containers += doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    return containers
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -81,18 +152,26 @@ def test_kuberay_required_fields(path):
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kuberay_images_are_named_for_replacement_and_pulled_explicitly(path):
+    doc = _manifest(path)
+    lines = path.read_text().splitlines()
+    for c in _containers(doc):
+        assert c["imagePullPolicy"] in ("IfNotPresent", "Always"), c["name"]
+        assert not c["image"].endswith(":latest") and "/" in c["image"], c["image"]  # a registry, a fixed tag
+        image_lines = [line for line in lines if line.strip().startswith(f"image: {c['image']}")]
+        assert image_lines and all("REPLACE" in line for line in image_lines), "the user is told to replace it"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_kuberay_security(path):
     doc = _manifest(path)
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(doc)
     assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
-    containers = [c for _, g in _pod_specs(doc) for c in g["template"]["spec"]["containers"]]
-    if doc["kind"] == "RayJob":
-        containers += doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
-    for c in containers:
-        env = {e["name"]: e for e in c["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
-        for e in c["env"]:  # nothing secret inline
+    # token auth the way KubeRay's operator and autoscaler get it too: authOptions with the user's Secret
+    assert spec["authOptions"] == {"mode": "token", "secretName": "fcclip-ray-token"}
+    for c in _containers(doc):
+        for e in c.get("env", []):  # nothing secret inline, and no token of our own beside KubeRay's
+            assert e["name"] not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"), e["name"]
             if any(w in e["name"].upper() for w in ("SECRET", "TOKEN", "KEY", "PASSWORD")):
                 assert "value" not in e, e["name"]
     assert "AWS_SECRET_ACCESS_KEY:" not in path.read_text()
@@ -100,18 +179,75 @@ def test_kuberay_security(path):
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob")], ids=lambda p: p.name)
 def test_rayjob_entrypoints_parse_with_the_real_cli(path):
-    from fcclip.cli import build_parser
-
     argv = shlex.split(_manifest(path)["spec"]["entrypoint"])
     assert argv[0] == "fcclip"
     args = build_parser().parse_args(argv[1:])
     assert args.command in ("label", "train")
-    if args.command == "train":
-        assert Path(args.config.replace("/opt/fcclip/", "")).name in {p.name for p in (CLUSTER.parent / "configs" / "train").glob("*.yaml")}
+    if args.command == "train":  # a packaged config, found in the installed package
+        assert args.config in list_train_configs()
+        assert train_config_path(args.config).is_file()
 
 
-def test_dockerfile_installs_the_package_with_ray():
-    text = (CLUSTER / "Dockerfile").read_text()
-    assert 'pip install ".[ray]"' in text
-    assert "FCCLIP_CONFIG_DIR=/opt/fcclip/configs" in text
-    assert "COPY configs" in text and "USER ray" in text
+# ---------------------------------------------------------------------------------------------- one Ray version
+def test_one_ray_version_everywhere():
+    version = pinned_ray_version()
+    assert version == ray.__version__, "pyproject pins another Ray than the one installed here"
+    assert tuple(int(x) for x in version.split(".")) >= (2, 52, 0), "KubeRay's authOptions need Ray 2.52+"
+    for path in MANIFESTS:
+        assert _cluster_spec(_manifest(path))["rayVersion"] == version, path.name
+    # the Dockerfile installs exactly pyproject's requirements: run its extraction step on our pyproject
+    requirements = _dockerfile_requirements()
+    assert f"ray[default,data,train]=={version}" in requirements
+    project = _pyproject()["project"]
+    assert requirements == project["dependencies"] + project["optional-dependencies"]["ray"]
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+def _stages():
+    """The Dockerfile's stages: [(FROM line, [instructions])]."""
+    stages = []
+    text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append((line, []))
+        else:
+            stages[-1][1].append(line)
+    return stages
+
+
+def _dockerfile_requirements() -> list[str]:
+    (from_line, steps), = [s for s in _stages() if s[0].endswith(" AS requirements")]
+    (run,) = [s for s in steps if s.startswith("RUN python -c")]
+    command = shlex.split(run[len("RUN "):].split(">")[0])
+    proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)
+    return proc.stdout.splitlines()
+
+
+def test_dockerfile_installs_the_dependencies_then_the_wheel():
+    stages = _stages()
+    final = stages[-1][1]
+    assert not [s for s in final if s.startswith("COPY ") and "--from=" not in s], "the image copies no source"
+    deps = next(i for i, s in enumerate(final) if "pip install -r" in s)
+    wheel = next(i for i, s in enumerate(final) if "--from=wheel" in s)
+    assert deps < wheel, "a code edit would reinstall torch"
+    assert "pip install --no-deps /tmp/dist/fcclip-*.whl" in final[wheel + 1]
+    assert "USER ray" in final and not any("FCCLIP_CONFIG_DIR" in s for s in final)
+    # the wheel stage builds from the package sources only; the requirements stage sees pyproject.toml alone
+    (_, req_steps), = [s for s in stages if s[0].endswith(" AS requirements")]
+    assert [s for s in req_steps if s.startswith("COPY")] == ["COPY pyproject.toml ."]
+    (_, wheel_steps), = [s for s in stages if s[0].endswith(" AS wheel")]
+    assert "RUN pip wheel --no-deps --wheel-dir /dist ." in wheel_steps
+
+
+def test_dockerignore_keeps_the_context_small_but_complete():
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {".git", ".venv", "tests"} <= set(ignored)
+    copied = [w for _, steps in _stages() for s in steps if s.startswith("COPY ") and "--from=" not in s
+              for w in s.split()[1:-1]]
+    assert set(copied) == {"pyproject.toml", "README.md", "fcclip", "pipelines"}
+    for path in copied:
+        assert path not in ignored and (ROOT / path).exists()

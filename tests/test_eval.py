@@ -57,7 +57,7 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     import ray
 
     from fcclip import Predictor, build_model
-    from fcclip.cli import main
+    from pipelines.cli import main
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -16,7 +16,7 @@ from fcclip.metrics import (
     pq_compute,
     semantic_compute,
 )
-from fcclip.metrics.cli import add_arguments, main
+from fcclip.metrics.cli import add_arguments, main, main_args
 
 CATEGORIES = [
     {"id": 1, "name": "cat", "isthing": 1},
@@ -535,15 +535,15 @@ def test_semantic_compute_and_cli(tmp_path, capsys):
     r = semantic_compute(tmp_path / "gt", tmp_path / "pred", num_classes=3)
     assert r["mIoU"] == pytest.approx(5 / 9) and r["pACC"] == pytest.approx(5 / 7)
 
-    # registered in a parent command the way fcclip/cli.py does it
+    # as a subcommand of the `fcclip` command: add_arguments fills its parser, main_args runs it
     parser = argparse.ArgumentParser(prog="fcclip")
-    add_arguments(parser.add_subparsers(dest="command", required=True))
+    add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("metrics"))
     out = tmp_path / "miou.json"
     args = parser.parse_args(
         ["metrics", "semantic", "--gt-dir", str(tmp_path / "gt"), "--pred-dir", str(tmp_path / "pred"),
          "--num-classes", "3", "--out", str(out)]
     )
-    assert args.func(args) == 0
+    assert main_args(args) == 0
     assert "55.6" in capsys.readouterr().out
     assert json.loads(out.read_text())["mIoU"] == pytest.approx(5 / 9)
 

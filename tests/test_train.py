@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from fcclip.cli import main
+from fcclip.config import ConfigError, list_train_configs, train_config_path
+from pipelines.cli import main
 from pipelines.train import (
     DataConfig,
     SolverConfig,
@@ -28,9 +29,8 @@ try:  # imported before any capsys: Ray's log handler keeps the stderr it finds 
 except ImportError:
     pass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = os.path.join(ROOT, "configs", "train", "fcclip-convnext-large-coco.yaml")
-TINY = os.path.join(ROOT, "configs", "train", "fcclip-tiny-synthetic.yaml")
+PAPER = "fcclip-convnext-large-coco"  # packaged training configs, by name
+TINY = str(train_config_path("fcclip-tiny-synthetic"))  # ... and by path
 
 
 # ---------------------------------------------------------------------------------------------------- units
@@ -163,6 +163,21 @@ def test_config_keys_are_strict(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_packaged_configs_by_name_or_path(tmp_path, capsys):
+    assert {"fcclip-convnext-large-coco", "fcclip-tiny-synthetic"} <= set(list_train_configs())
+    by_name, by_path = load_train_config("fcclip-tiny-synthetic"), load_train_config(TINY)
+    assert by_name == by_path and by_name.name == "fcclip-tiny-synthetic" and by_name.model == "fcclip-tiny"
+    with pytest.raises(ConfigError, match="unknown training config 'fcclip-tiny-synthtic'.*fcclip-tiny-synthetic"):
+        load_train_config("fcclip-tiny-synthtic")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_train_config(str(tmp_path / "nowhere.yaml"))
+    # the command says so before starting anything
+    code = main(["train", "--config", "fcclip-tiny-synthtic", "--data", str(tmp_path), "--storage",
+                 str(tmp_path / "runs")])
+    assert code == 2 and "unknown training config" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_paper_config_is_the_reference_recipe():
     from fcclip.config import load_config
 
@@ -189,7 +204,7 @@ def test_paper_config_is_the_reference_recipe():
 # ---------------------------------------------------------------------------------------------------- Ray Train
 @pytest.fixture(autouse=True)
 def _root_log_handlers():
-    """`fcclip.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
+    """`pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
     import logging
 
     root = logging.getLogger()

@@ -3,8 +3,8 @@
     fcclip metrics panoptic --gt-json J --gt-dir D --pred-json J --pred-dir D [--workers N] [--out FILE]
     fcclip metrics semantic --gt-dir D --pred-dir D --num-classes K [--ignore 255] [--out FILE]
 
-`main(argv)` takes what follows ``fcclip metrics``; `add_arguments(subparsers)` registers the subcommand in the
-``fcclip`` command.
+A subcommand module of the ``fcclip`` command: `add_arguments(parser)` fills the ``metrics`` parser and
+`main_args(args)` runs it; `main(argv)` takes what follows ``fcclip metrics`` (``python -m fcclip.metrics.cli``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["add_arguments", "build_parser", "main"]
+from .panoptic import pq_compute
+from .semantic import semantic_compute
+
+__all__ = ["add_arguments", "build_parser", "main", "main_args"]
 
 
 def _pct(x: float | None) -> str:
@@ -47,8 +50,6 @@ def _write(result: dict, out: str | None) -> None:
 
 
 def cmd_panoptic(args: argparse.Namespace) -> int:
-    from .panoptic import pq_compute
-
     result = pq_compute(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
     print(format_panoptic(result))
     _write(result, args.out)
@@ -56,8 +57,6 @@ def cmd_panoptic(args: argparse.Namespace) -> int:
 
 
 def cmd_semantic(args: argparse.Namespace) -> int:
-    from .semantic import semantic_compute
-
     ignore = None if args.ignore < 0 else args.ignore
     result = semantic_compute(args.gt_dir, args.pred_dir, args.num_classes, ignore)
     print(format_semantic(result))
@@ -75,7 +74,8 @@ def _run(func: Any, args: argparse.Namespace) -> int:
     return 2
 
 
-def _add_metric_commands(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fill the ``metrics`` parser: its ``panoptic`` and ``semantic`` subcommands."""
     sub = parser.add_subparsers(dest="metric", required=True)
 
     p = sub.add_parser("panoptic", help="PQ / SQ / RQ of COCO-panoptic predictions (PNG + JSON)")
@@ -85,7 +85,7 @@ def _add_metric_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pred-dir", required=True, help="folder of predicted PNGs")
     p.add_argument("--workers", type=int, default=1, help="threads (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.set_defaults(func=lambda args: _run(cmd_panoptic, args))
+    p.set_defaults(metric_func=cmd_panoptic)
 
     p = sub.add_parser("semantic", help="mIoU / fwIoU / mACC / pACC of PNG label maps matched by file name")
     p.add_argument("--gt-dir", required=True, help="folder of ground-truth label PNGs")
@@ -93,26 +93,23 @@ def _add_metric_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, required=True, help="K: labels are 0..K-1")
     p.add_argument("--ignore", type=int, default=255, help="ground-truth label to skip, -1 for none (default: 255)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.set_defaults(func=lambda args: _run(cmd_semantic, args))
+    p.set_defaults(metric_func=cmd_semantic)
 
 
-def add_arguments(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``metrics`` in the ``fcclip`` command's subparsers; returns its parser."""
-    p = subparsers.add_parser("metrics", help="evaluate predictions on disk: panoptic PQ, semantic mIoU")
-    _add_metric_commands(p)
-    return p
+def main_args(args: argparse.Namespace) -> int:
+    """Run the metric ``add_arguments`` parsed; the exit status (2 on bad input, with the reason on stderr)."""
+    return _run(args.metric_func, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcclip metrics", description="evaluate predictions on disk")
-    _add_metric_commands(parser)
+    add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fcclip metrics`` on `argv` (what follows ``metrics``); returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return main_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

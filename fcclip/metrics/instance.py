@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ..masks import encode_rle
 
 __all__ = ["InstanceAccumulator"]
 
@@ -22,8 +26,6 @@ _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def _to_rles(name: str, masks: Any) -> list[dict]:
     """COCO RLEs (`counts` as str) of (N, H, W) masks, a sequence of (H, W) masks, or a sequence of RLE dicts."""
-    from ..masks import encode_rle
-
     if masks is None:
         return []
     if hasattr(masks, "detach"):  # a torch tensor
@@ -182,8 +184,6 @@ class InstanceAccumulator:
             `{"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class": {category_id: AP}}`; a value COCOeval leaves
             undefined (-1: no ground truth in that category or area range) is `None`.
         """
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
 
         images = sorted(self._images, key=_image_key)
         coco_id = {image_id: i + 1 for i, image_id in enumerate(images)}

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from ..masks import rgb2id
 
 __all__ = ["PanopticAccumulator", "load_panoptic_png", "pq_compute"]
 
@@ -114,6 +117,35 @@ def _segments_by_id(name: str, segments: Iterable[Mapping[str, Any]], where: str
     return out
 
 
+def _pixel_overlaps(gt: np.ndarray, pred: np.ndarray, gt_info: Mapping[int, Any]):
+    """Pixel counts of every (ground-truth id, predicted id) pair present, with ground truth that is not in
+    ``gt_info`` (void) folded into id 0; and the areas of each ground-truth and predicted id."""
+    pairs, counts = np.unique(gt * _MAX_ID + pred, return_counts=True)
+    gt_ids, pred_ids = (pairs // _MAX_ID).tolist(), (pairs % _MAX_ID).tolist()
+    overlap: dict[tuple[int, int], int] = {}
+    gt_area: dict[int, int] = {}
+    pred_area: dict[int, int] = {}
+    for g, p, n in zip(gt_ids, pred_ids, counts.tolist()):
+        if g not in gt_info:
+            g = 0
+        overlap[g, p] = overlap.get((g, p), 0) + n
+        gt_area[g] = gt_area.get(g, 0) + n
+        pred_area[p] = pred_area.get(p, 0) + n
+    return overlap, gt_area, pred_area
+
+
+def _check_predicted_ids(in_map: set[int], listed: set[int], where: str) -> None:
+    """The non-zero ids of the predicted map are exactly the ids of the predicted segments."""
+    if in_map == listed:
+        return
+    missing = sorted(in_map - listed)
+    if missing:
+        raise ValueError(f"{where}: predicted segment ids {missing} are in the map but not in segments_info")
+    raise ValueError(
+        f"{where}: predicted segment ids {sorted(listed - in_map)} are in segments_info but have no pixel in the map"
+    )
+
+
 class PanopticAccumulator:
     """Panoptic quality over a set of images, one `update` per image.
 
@@ -159,7 +191,23 @@ class PanopticAccumulator:
         pred = _as_id_map("pred_map", pred_map)
         if gt.shape != pred.shape:
             raise ValueError(f"{where}: gt_map {gt.shape} and pred_map {pred.shape} differ in shape")
+        gt_info, pred_info = self._evaluated_segments(gt_segments, pred_segments, where)
+        overlap, gt_area, pred_area = _pixel_overlaps(gt, pred, gt_info)
+        _check_predicted_ids(set(pred_area) - {0}, set(pred_info), where)
 
+        gt_category = {g: int(s["category_id"]) for g, s in gt_info.items()}
+        gt_crowd = {g for g, s in gt_info.items() if int(s.get("iscrowd", 0)) == 1}
+        pred_category = {p: int(s["category_id"]) for p, s in pred_info.items()}
+        gt_matched, pred_matched = self._count_matches(overlap, gt_area, pred_area, gt_category, gt_crowd,
+                                                       pred_category)
+        self._count_misses(overlap, pred_area, gt_category, gt_crowd, pred_category, gt_matched, pred_matched)
+        self.num_images += 1
+
+    def _evaluated_segments(
+        self, gt_segments: Sequence[Mapping[str, Any]], pred_segments: Sequence[Mapping[str, Any]], where: str
+    ) -> tuple[dict[int, Mapping], dict[int, Mapping]]:
+        """The ground-truth segments of evaluated categories and the predicted segments, by id; a prediction of
+        id 0 or of a category that is not evaluated is an error."""
         gt_info = {
             sid: s
             for sid, s in _segments_by_id("ground-truth", gt_segments, where).items()
@@ -171,34 +219,11 @@ class PanopticAccumulator:
         for sid, s in pred_info.items():
             if int(s["category_id"]) not in self._stats:
                 raise ValueError(f"{where}: predicted segment {sid} has unknown category_id {s['category_id']}")
+        return gt_info, pred_info
 
-        # pixel counts of every (ground-truth id, predicted id) pair present; void ground truth folded into id 0
-        pairs, counts = np.unique(gt * _MAX_ID + pred, return_counts=True)
-        gt_ids, pred_ids = (pairs // _MAX_ID).tolist(), (pairs % _MAX_ID).tolist()
-        overlap: dict[tuple[int, int], int] = {}
-        gt_area: dict[int, int] = {}
-        pred_area: dict[int, int] = {}
-        for g, p, n in zip(gt_ids, pred_ids, counts.tolist()):
-            if g not in gt_info:
-                g = 0
-            overlap[g, p] = overlap.get((g, p), 0) + n
-            gt_area[g] = gt_area.get(g, 0) + n
-            pred_area[p] = pred_area.get(p, 0) + n
-
-        in_map = {p for p in pred_area if p != 0}
-        if in_map != set(pred_info):
-            missing = sorted(in_map - set(pred_info))
-            if missing:
-                raise ValueError(f"{where}: predicted segment ids {missing} are in the map but not in segments_info")
-            raise ValueError(
-                f"{where}: predicted segment ids {sorted(set(pred_info) - in_map)} are in segments_info "
-                "but have no pixel in the map"
-            )
-
-        gt_category = {g: int(s["category_id"]) for g, s in gt_info.items()}
-        gt_crowd = {g for g, s in gt_info.items() if int(s.get("iscrowd", 0)) == 1}
-        pred_category = {p: int(s["category_id"]) for p, s in pred_info.items()}
-
+    def _count_matches(self, overlap, gt_area, pred_area, gt_category, gt_crowd, pred_category):
+        """True positives: pairs of one category with IoU > 0.5 (pixels predicted over void left out of the
+        union); returns the matched ground-truth and predicted ids."""
         gt_matched: set[int] = set()
         pred_matched: set[int] = set()
         for (g, p), inter in overlap.items():
@@ -211,23 +236,25 @@ class PanopticAccumulator:
                 _add_exact(stat.iou, inter / union)
                 gt_matched.add(g)
                 pred_matched.add(p)
+        return gt_matched, pred_matched
 
+    def _count_misses(self, overlap, pred_area, gt_category, gt_crowd, pred_category, gt_matched, pred_matched):
+        """False negatives (unmatched non-crowd ground truth) and false positives (unmatched predictions, unless
+        more than half of them lies on void or on a crowd region of their own category)."""
         crowd_of_category: dict[int, list[int]] = {}
         for g, category in gt_category.items():
             if g in gt_crowd:
                 crowd_of_category.setdefault(category, []).append(g)
             elif g not in gt_matched:
                 self._stats[category].fn += 1
-
         for p, category in pred_category.items():
             if p in pred_matched:
                 continue
             ignored = overlap.get((0, p), 0)
             ignored += sum(overlap.get((g, p), 0) for g in crowd_of_category.get(category, ()))
-            if 2 * ignored > pred_area[p]:  # mostly void or crowd of its own category: not a false positive
+            if 2 * ignored > pred_area[p]:
                 continue
             self._stats[category].fp += 1
-        self.num_images += 1
 
     # ---------------------------------------------------------------- sharding
     def merge(self, other: PanopticAccumulator) -> PanopticAccumulator:
@@ -310,10 +337,6 @@ class PanopticAccumulator:
 # -------------------------------------------------------------------- COCO panoptic format on disk
 def load_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """(H, W) int64 segment ids of a COCO panoptic PNG (id = R + 256 G + 256^2 B)."""
-    from PIL import Image
-
-    from ..masks import rgb2id
-
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
     return rgb2id(rgb)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["SemanticAccumulator", "semantic_compute"]
 
@@ -140,8 +141,6 @@ class SemanticAccumulator:
 
 
 def _load_labels(path: Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode in ("RGB", "RGBA"):
             raise ValueError(f"{path}: a label map must be single-channel, got mode {im.mode}")

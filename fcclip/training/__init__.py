@@ -1,6 +1,7 @@
 """Training parts: Hungarian matcher, set criterion, point sampling, LSJ augmentation and batching.
 
-The training loop itself (Ray Train) lives in ``pipelines/``; everything here is plain PyTorch / numpy.
+The training loop itself (Ray Train) is not part of this library (it is the `fcclip train` command); everything here
+is plain PyTorch / numpy.
 
     from fcclip.training import build_criterion, outputs_from_model, collate, train_sample
     criterion = build_criterion(num_classes=133)            # the reference's COCO recipe

@@ -1,0 +1,119 @@
+"""The ``fcclip`` command: one subcommand per module.
+
+    fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
+    fcclip label SOURCE --out DEST --vocab VOCAB [...]
+    fcclip train --config NAME_OR_YAML --data ROOT --storage URI [...]
+    fcclip eval | show | submit | metrics | synth ...
+    fcclip models | fcclip vocabularies
+    fcclip --version
+
+Every subcommand is a module with two functions, ``add_arguments(parser)`` (fills the subcommand's
+``argparse`` parser) and ``main_args(args) -> int`` (runs it; the exit status). It reports a user's mistake itself,
+on stderr, and returns 2. :data:`COMMANDS` names the module of each, its help line and the packages of the Ray extra
+it needs; a new subcommand is one more entry there.
+
+Only the module of the subcommand being run is imported, so ``fcclip --help`` and ``fcclip models`` do not load
+PyTorch, and nothing but ``label``, ``train``, ``eval`` and ``submit`` loads Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from typing import Iterable, NamedTuple, Sequence
+
+import fcclip
+
+
+class Command(NamedTuple):
+    module: str  # defines add_arguments(parser) and main_args(args) -> int
+    help: str  # one line, for `fcclip --help`
+    needs: tuple[str, ...] = ()  # packages of the `ray` extra it runs on
+
+
+RAY_EXTRA = ("ray", "pyarrow")
+
+COMMANDS: dict[str, Command] = {
+    "predict": Command("pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
+    "label": Command("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
+    "show": Command("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
+                    "overlays", ("pyarrow", "duckdb")),
+    "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
+    "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
+    "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
+    "submit": Command("pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
+                      ("ray",)),
+    "synth": Command("pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
+    "models": Command("pipelines.models", "list the model presets"),
+    "vocabularies": Command("pipelines.vocabularies", "list the builtin vocabularies"),
+}
+
+# third-party packages that only the `ray` extra installs
+_EXTRA_PACKAGES = {"ray", "pyarrow", "duckdb", "s3fs", "pandas"}
+
+
+class MissingExtra(ImportError):
+    """A subcommand needs a package of the ``fcclip[ray]`` extra that is not installed."""
+
+
+def load_command(name: str):
+    """The module of subcommand ``name``; MissingExtra when it needs the Ray extra and that is not installed."""
+    command = COMMANDS[name]
+    missing = [p for p in command.needs if importlib.util.find_spec(p) is None]
+    if not missing:
+        try:
+            return importlib.import_module(command.module)
+        except ModuleNotFoundError as e:  # a package of the extra that `needs` does not list
+            if (e.name or "").split(".")[0] not in _EXTRA_PACKAGES:
+                raise
+            missing = [e.name]
+    raise MissingExtra(f"fcclip {name} needs the Ray extra: pip install 'fcclip[ray]' (missing: {', '.join(missing)})")
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fcclip`` parser. Only the modules of ``commands`` (default: all) are imported and their subcommands'
+    arguments filled in; the others are listed by name and help."""
+    commands = set(COMMANDS if commands is None else commands)
+    parser = argparse.ArgumentParser(prog="fcclip", description="FC-CLIP open-vocabulary panoptic segmentation")
+    parser.add_argument("--version", action="version", version=f"fcclip {fcclip.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if name in commands:
+            load_command(name).add_arguments(p)
+    return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``: its first word that is not an option (the top-level options take no
+    value)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    try:
+        parser = build_parser([command] if command else [])
+    except MissingExtra as e:
+        print(f"fcclip: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    warnings.simplefilter("default", UserWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return int(load_command(args.command).main_args(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``fcclip predict``: segment a few images without Ray; per image a COCO panoptic PNG, its JSON and an overlay.
+
+    fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET|YAML] [--weights W] [--device D]
+                            [--short-edge N] [--max-size N] [--min-score S]
+
+An input that cannot be read is reported and skipped; the others are still written, and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fcclip.build import build_model
+from fcclip.checkpoint import CheckpointError
+from fcclip.config import ConfigError
+from fcclip.images import ImageDecodeError
+from fcclip.masks import id2rgb
+from fcclip.predictor import Predictor
+from fcclip.visualize import draw_panoptic
+from fcclip.vocabulary import VocabularyError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --weights, --device, --short-edge, --max-size."""
+    p.add_argument("--model", default="fcclip-convnext-large", help="preset name or preset YAML (default: %(default)s)")
+    p.add_argument(
+        "--weights",
+        default="official",
+        help="'official' (released checkpoint, downloaded once), 'clip', 'random' (smoke runs), or a path/URI",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default: the model's, 800)")
+    p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default: the model's, 1333)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files or URIs")
+    p.add_argument("--vocab", required=True, help="builtin name, .txt/.json/.yaml file, or inline 'cat; dog, puppy'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: keep all)")
+    add_model_arguments(p)
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        return predict(args)
+    except (ConfigError, VocabularyError, CheckpointError, FileNotFoundError) as e:
+        print(f"fcclip predict: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _short_edge(value: int | None):
+    if value is None:
+        return "default"
+    return None if value <= 0 else value
+
+
+def predict(args: argparse.Namespace) -> int:
+    model = build_model(args.model, weights=args.weights, device=args.device)
+    predictor = Predictor(
+        model, args.vocab, short_edge=_short_edge(args.short_edge), max_size=args.max_size, tasks=("panoptic",)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = predictor.vocabulary
+    colors = {c.id: c.color for c in vocab.categories}
+    annotations, failed, used = [], 0, set()
+    for source in args.images:
+        stem = _unique_stem(Path(source).stem or "image", used)
+        try:
+            image = predictor.preprocess(source)
+            result = predictor.predict_batch([image])[0]
+        except (ImageDecodeError, OSError) as e:
+            failed += 1
+            print(f"error: {source}: {e}", file=sys.stderr)
+            continue
+        record, segments, seg_map = _write_image(out, stem, source, result, args.min_score)
+        annotations.append(record)
+        overlay = draw_panoptic(image, seg_map, [dict(s, color=colors[s["category_id"]]) for s in segments])
+        overlay.save(out / f"{stem}_overlay.png")
+        labels = ", ".join(sorted({s["label"] for s in segments})) or "nothing"
+        print(f"{source}: {len(segments)} segments ({labels}) -> {out / (stem + '_overlay.png')}")
+    categories = [
+        {"id": c.id, "name": c.names[0], "synonyms": list(c.names), "isthing": int(c.isthing), "color": list(c.color)}
+        for c in vocab.categories
+    ]
+    summary = {
+        "model": model.config.name,
+        "weights": getattr(model, "weights_id", None),
+        "vocabulary": {"name": vocab.name, "digest": vocab.digest},
+        "annotations": annotations,
+        "categories": categories,
+    }
+    (out / "panoptic.json").write_text(json.dumps(summary, indent=1))
+    print(f"{len(annotations)} image(s) labelled, {failed} failed; results in {out}")
+    return 1 if failed else 0
+
+
+def _write_image(out: Path, stem: str, source: str, result, min_score: float):
+    """Write ``STEM.png`` (COCO panoptic PNG) and ``STEM.json``; returns (record, kept segments, segment map)."""
+    pan = result.panoptic
+    segments = [s for s in pan.segments if s["score"] >= min_score]
+    keep_ids = np.array([s["id"] for s in segments], dtype=np.int32)
+    seg_map = np.where(np.isin(pan.segment_map, keep_ids), pan.segment_map, 0).astype(np.int32)
+    Image.fromarray(id2rgb(seg_map)).save(out / f"{stem}.png")
+    info = [
+        {
+            "id": s["id"],
+            "category_id": s["category_id"],
+            "label": s["label"],
+            "isthing": int(s["is_thing"]),
+            "iscrowd": 0,
+            "score": round(s["score"], 6),
+            "area": s["area"],
+            "bbox": s["bbox"],
+        }
+        for s in segments
+    ]
+    record = {
+        "image": str(source),
+        "file_name": f"{stem}.png",
+        "image_id": stem,
+        "height": result.height,
+        "width": result.width,
+        "segments_info": info,
+    }
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    return record, segments, seg_map
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)[:100] or "image"
+    name, i = safe, 1
+    while name in used:
+        i += 1
+        name = f"{safe}-{i}"
+    used.add(name)
+    return name

@@ -3,7 +3,7 @@
     fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
     fcclip label SOURCE --out DEST --vocab VOCAB [...]
     fcclip train --config NAME_OR_YAML --data ROOT --storage URI [...]
-    fcclip eval | show | submit | metrics | synth ...
+    fcclip eval | show | export | submit | metrics | synth ...
     fcclip models | fcclip vocabularies
     fcclip --version
 
@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
     "label": Command("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
     "show": Command("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
                     "overlays", ("pyarrow", "duckdb")),
+    "export": Command("pipelines.export", "a labeling output as COCO panoptic / instances / semantic files",
+                      ("pyarrow",)),
     "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
     "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
     "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),

@@ -6,8 +6,9 @@
 
 The job, in order:
 1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
-   under DEST/_fcclip/manifest with the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
-   them, and refuses different settings.
+   under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
+   them; other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
+   holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
 2. Shards without a committed part file go through Ray Data: read bytes and decode on CPU -> FC-CLIP on an actor
    pool (GPU when the cluster has one) -> masks to COCO RLE on CPU -> back to the driver, which commits each shard
    as one Parquet file when all its rows are in (see pipelines/sink.py for why this is exactly-once).
@@ -22,14 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import runtime
+
 logger = logging.getLogger("fcclip.label")
 
-RAY_RETRIES = 2  # attempts after the first, per task, when a worker dies
+RAY_RETRIES = runtime.RETRIES
 
 
 @dataclass
@@ -103,59 +107,81 @@ def _thresholds(cfg: LabelConfig, model_config) -> dict:
     }
 
 
-class RunMismatch(ValueError):
+class DestinationError(ValueError):
+    """DEST cannot take this run (nothing was read from it but its listing, nothing was written)."""
+
+
+class RunMismatch(DestinationError):
     pass
 
 
-def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary) -> dict:
-    """Create or reopen the run in DEST (settings + manifest). Returns run.json's content."""
-    from .sink import new_run_id
+def _describe(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: bool = False, on_listed=None) -> dict:
+    """Create or reopen the run in DEST (manifest, then settings). Returns run.json's content.
+
+    - DEST holding files fcclip did not write, and no run of fcclip's, is refused (DestinationError) unless
+      ``overwrite`` (the run then writes beside them); a foreign file with a part file's name is refused even then,
+      as the run would replace it.
+    - run.json is written only once the manifest is complete: a listing that fails (a typo'd SOURCE) leaves no
+      settings behind, and the next run lists again.
+    - A run with other settings is replaced when none of its shards is committed (nothing is lost) or when
+      ``overwrite`` is given (its part files and ``_fcclip/`` are removed, nothing else); otherwise RunMismatch.
+
+    ``on_listed(n)`` is called as URIs are listed (progress).
+    """
+    from .sink import PART_RE, new_run_id
     from .sources import IMAGE_EXTENSIONS, write_manifest
 
+    survey = dest.survey()
+    if survey.foreign and survey.run is None:  # once a run is there (resumed), files put beside it are not checked
+        collisions = [n for n in survey.foreign if PART_RE.fullmatch(n)]
+        if collisions:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write with the names of its output ({_describe(collisions)}); "
+                "they were left untouched. Label into another --out, or move them away"
+            )
+        if not overwrite:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write ({_describe(survey.foreign)}); nothing was read or "
+                "changed. Use an empty or new --out (readers of DEST/*.parquet would mix them with the labels), "
+                "or --overwrite to write beside them"
+            )
     settings = _settings(cfg, model_config, vocabulary)
-    run = dest.read_run()
+    run = survey.run
     if run is not None:
         differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
-        if differ:
-            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise RunMismatch(f"{dest.uri} holds a labeling run with other settings ({detail}); use another --out")
-        if run.get("manifest_complete"):
+        if overwrite or differ or not run.get("manifest_complete"):
+            if differ and survey.parts and not overwrite:
+                detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                raise RunMismatch(
+                    f"{dest.uri} holds a labeling run with other settings ({detail}) and {len(survey.parts)} "
+                    "committed shard(s); use another --out, or --overwrite to replace that run"
+                )
+            if differ and not overwrite:
+                logger.info("%s holds an earlier run's settings but none of its shards: starting over", dest.uri)
+            dest.remove_own_files(survey)
+            run = None
+        else:
             return run
-    else:
-        run = {"run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": False}
-        run["vocabulary"] = vocabulary.to_dict()
-        run["thresholds"] = _thresholds(cfg, model_config)
-        dest.write_run(run)
     t = time.time()
-    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS)
+    dest.clear_manifest()  # shards of an earlier listing that did not finish
+    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
     logger.info(
         "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
         summary.num_images, summary.num_shards, time.time() - t, summary.skipped, summary.duplicates,
     )
-    run.update(
-        manifest_complete=True,
-        num_images=summary.num_images,
-        shard_sizes=summary.shard_sizes,
-        non_image_files=summary.skipped,
-        duplicate_uris=summary.duplicates,
-    )
+    run = {
+        "run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": True,
+        "vocabulary": vocabulary.to_dict(), "thresholds": _thresholds(cfg, model_config),
+        "num_images": summary.num_images, "shard_sizes": summary.shard_sizes,
+        "non_image_files": summary.skipped, "duplicate_uris": summary.duplicates,
+    }
     dest.write_run(run)
     return run
-
-
-def _init_ray(cfg: LabelConfig):
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": always a new local Ray, as documented. Without it ray.init() joins whatever cluster
-        # /tmp/ray/ray_current_cluster names (the last `ray start` or ray.cluster_utils.Cluster on this machine,
-        # possibly another user's, possibly dead), and then refuses num_cpus.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: float, isolate: bool):
@@ -198,8 +224,25 @@ def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: 
     return ds
 
 
-def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
-    """Run (or resume) a labeling job; returns its summary."""
+def run_label(cfg: LabelConfig, progress: bool = True, overwrite: bool = False, verbose: bool = False) -> LabelSummary:
+    """Run (or resume) a labeling job; returns its summary.
+
+    ``progress``: progress lines (tqdm on a terminal, log lines otherwise); ``verbose`` adds Ray Data's own operator
+    bars and Ray's warnings. ``overwrite``: see prepare_run.
+    """
+    from .progress import JobProgress
+
+    bars = JobProgress(enabled=progress)
+    try:
+        if bars.bars:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
+                return _run_label(cfg, bars, overwrite, verbose)
+        return _run_label(cfg, bars, overwrite, verbose)
+    finally:
+        bars.close()
+
+
+def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool) -> LabelSummary:
     from fcclip.config import load_config
     from fcclip.vocabulary import load_vocabulary
 
@@ -210,8 +253,10 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
     dest = Destination(cfg.dest)
-    run = prepare_run(cfg, dest, model_config, vocabulary)
+    bars.listing_started(cfg.source)
+    run = prepare_run(cfg, dest, model_config, vocabulary, overwrite=overwrite, on_listed=bars.listed)
     sizes = run["shard_sizes"]
+    bars.listing_done(run["num_images"], len(sizes))
     done = dest.committed_shards()
     pending = [s for s in range(len(sizes)) if s not in done and sizes[s] > 0]
     summary = LabelSummary(
@@ -225,22 +270,21 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
 
     import warnings
 
-    import ray
     import ray.data as ray_data
 
     # bounded retries (max_retries, max_task_retries) are set through ray_remote_args, deprecated in Ray 2.60 with
     # no named replacement yet; pyproject pins ray < 2.64 where they go away
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-    _init_ray(cfg)
+    bars.startup_started(cfg.actors[1])
+    runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     ctx = ray_data.DataContext.get_current()
     ctx.max_errored_blocks = -1  # a block lost after its retries must not stop the job: its rows are re-run below
-    ctx.enable_progress_bars = progress
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    ctx.enable_progress_bars = verbose  # Ray Data's operator bars describe its internals, not the job
+    ctx.print_on_execution_start = verbose
+    gpus = runtime.gpus_per_actor(cfg.gpus_per_actor)
     spec = ModelSpec(
         model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
-        device="cuda" if gpus > 0 else "cpu", autocast=cfg.autocast,
+        device=runtime.device_for(gpus), autocast=cfg.autocast,
     )
     vocab_id = f"{vocabulary.name}@{vocabulary.digest[:16]}"
     file_metadata = {
@@ -256,6 +300,7 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=1):
             if timing["first"] is None:
                 timing["first"] = time.time()
+            ok = failed = 0
             for shard, row, text in zip(batch["shard"], batch["row"], batch["record"]):
                 record = json.loads(text)
                 model_ids.add(record["model"])
@@ -264,10 +309,13 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
                 shard, row = int(shard), int(row)
                 if shard not in collector.expected or row in collector.pending.get(shard, {}):
                     continue  # delivered again by a retried block: the first copy stands
-                collector.add(shard, row, record)
+                if collector.add(shard, row, record):
+                    bars.committed()
                 _count(summary, record)
+                ok, failed = ok + (record["status"] == "ok"), failed + (record["status"] != "ok")
+            bars.labelled(ok, failed)
 
-    logger.info("labeling %d images in %d shards into %s", sum(sizes[s] for s in pending), len(pending), cfg.dest)
+    bars.labelling_started(sum(sizes[s] for s in pending), len(pending), len(done))
     consume(_build_dataset(ray_data, [{"shard": s} for s in pending], cfg, model_config, spec, gpus, isolate=False))
 
     missing = collector.missing()
@@ -294,8 +342,10 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
                     "in isolation)",
                     "segments": [], "model": model_id, "vocabulary": vocab_id, "run_id": run["run_id"],
                 }
-                collector.add(shard, r, record)
+                if collector.add(shard, r, record):
+                    bars.committed()
                 _count(summary, record)
+                bars.labelled(0, 1)
     assert not collector.expected, f"shards left open: {sorted(collector.expected)}"
     summary.seconds = time.time() - started
     if timing["first"] is not None:
@@ -326,6 +376,16 @@ def _parse_actors(text: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="folder, glob, s3:// / gs:// prefix, or manifest (.parquet/.csv with 'uri', .txt)")
     p.add_argument("--out", required=True, help="output folder or object-store prefix")
@@ -345,7 +405,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-timeout", type=float, default=120.0,
                    help="seconds to read and decode one image before it becomes an error row (default: %(default)s)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a DEST that holds an earlier run (its part files and _fcclip/ are removed), "
+                   "or write beside files fcclip did not write; nothing else is removed")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=None, metavar="F",
+                   help="exit with status 1 when more than this fraction of the images became error rows "
+                   "(after committing everything; default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also Ray Data's operator bars and Ray's own warnings (as `fcclip -v label`)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
 
 
@@ -363,14 +431,25 @@ def main_args(args: argparse.Namespace) -> int:
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
     )
     try:
-        summary = run_label(cfg, progress=not args.no_progress)
-    except (ConfigError, VocabularyError, SourceError, RunMismatch, FileNotFoundError) as e:
+        summary = run_label(
+            cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False)
+        )
+    except (ConfigError, VocabularyError, SourceError, DestinationError, FileNotFoundError, NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
     print_summary(summary)
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary_dict(summary), f, indent=1)
+    limit = args.max_failed_fraction
+    if limit is not None and summary.images and summary.failed / summary.images > limit:
+        print(
+            f"fcclip label: error: {summary.failed} of {summary.images} image(s) failed "
+            f"({summary.failed / summary.images:.1%}), more than --max-failed-fraction {limit:g}; "
+            "the rows are committed (see the reasons above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -3,7 +3,8 @@
 Layout of DEST:
 
     DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists
-    DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size)
+    DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size),
+                                        written once the manifest is complete (a manifest without it is not trusted)
     DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
     DEST/_fcclip/tmp/                   local files being written (renamed into place when complete)
 
@@ -24,6 +25,7 @@ import os
 import re
 import tempfile
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec
@@ -143,6 +145,62 @@ class Destination:
                 shards.add(int(m.group(1)))
         return shards
 
+    # ------------------------------------------------------------------ what DEST holds
+    def survey(self) -> "Survey":
+        """What DEST holds, from listings only (no file is read but ``_fcclip/run.json``).
+
+        fcclip's files are ``_fcclip/`` and, when a run's settings are there, the part files of that run's shards;
+        everything else (another program's ``part-000000.parquet`` in a DEST without a run included) is foreign.
+        """
+        fs = self.fs
+        fs.invalidate_cache(self.root)
+        try:
+            if not fs.isdir(self.root):
+                if fs.exists(self.root):
+                    raise NotADirectoryError(f"{self.uri} is a file, not a folder or prefix")
+                return Survey(None, {}, [])
+            entries = fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return Survey(None, {}, [])
+        run = self.read_run() if any(e["name"].rstrip("/").rsplit("/", 1)[-1] == META_DIR for e in entries) else None
+        shards = len(run.get("shard_sizes") or []) if run and run.get("manifest_complete") else 0
+        parts: dict[int, str] = {}
+        foreign: list[str] = []
+        for entry in entries:
+            path = entry["name"].rstrip("/")
+            if path == self.root:
+                continue  # an object store's marker of the prefix itself
+            name = path.rsplit("/", 1)[-1]
+            if name == META_DIR:
+                continue
+            m = PART_RE.fullmatch(name)
+            if m and int(m.group(1)) < shards and entry.get("type") != "directory":
+                parts[int(m.group(1))] = path
+            else:
+                foreign.append(name + ("/" if entry.get("type") == "directory" else ""))
+        return Survey(run, parts, sorted(foreign))
+
+    def remove_own_files(self, survey: "Survey") -> None:
+        """Remove what fcclip wrote (the run's part files, then ``_fcclip/``), nothing else. The order keeps a
+        removal cut short consistent: part files go while run.json still names them as the run's; run.json goes
+        before the manifest it describes (a manifest without run.json is never trusted)."""
+        fs = self.fs
+        for path in survey.parts.values():
+            fs.rm_file(path)
+        for relative in (f"{META_DIR}/run.json", META_DIR):
+            target = self.path(relative)
+            if fs.exists(target):
+                fs.rm(target, recursive=relative == META_DIR)
+        fs.invalidate_cache(self.root)
+
+    def clear_manifest(self) -> None:
+        """Remove the shards of an earlier, unfinished listing (they are trusted only once run.json names them)."""
+        target = self.path(META_DIR, "manifest")
+        fs = self.fs
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+            fs.invalidate_cache(target)
+
     # ------------------------------------------------------------------ run settings
     def read_run(self) -> dict | None:
         try:
@@ -152,6 +210,13 @@ class Destination:
 
     def write_run(self, run: dict) -> None:
         self.write_bytes(f"{META_DIR}/run.json", json.dumps(run, indent=1, sort_keys=True).encode())
+
+
+@dataclass
+class Survey:
+    run: dict | None  # run.json's content, None when DEST holds no run's settings
+    parts: dict[int, str]  # committed part files of that run: {shard: path}
+    foreign: list[str]  # names directly under DEST that fcclip did not write (folders end in '/')
 
 
 def new_run_id() -> str:

@@ -361,3 +361,61 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
     rows = _assert_exactly_once(_rows(dest), uris)
     assert all(r["status"] == "ok" for r in rows.values())
     assert len({r["run_id"] for r in rows.values()}) == 1
+
+
+@pytest.mark.slow
+def test_progress_on_a_terminal(tmp_path):
+    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labelled with rate and ETA,
+    shards committed), none of Ray Data's operator bars nor Ray's start-up warnings."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    _images(tmp_path / "in", 6, size=(48, 64))
+    ray_tmp = _ray_tmpdir()
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, TERM="xterm")
+    env.pop("RAY_ADDRESS", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    args = [a for a in _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "2") if a != "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip", "label", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, start_new_session=True, cwd=Path(__file__).parent.parent)
+    os.close(slave)
+    data = b""
+    deadline = time.monotonic() + JOB_LIMIT_S
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the terminal's other side closed: the job is over
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert survivors == []
+    text = data.decode(errors="replace")
+    screen = [line.strip() for part in text.split("\n") for line in part.split("\r") if line.strip()]
+    assert code == 0, text[-3000:]
+    assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
+    assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
+    assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
+    final = [line for line in screen if line.startswith("labelled  6/6 images, ok 6, failed 0,")]
+    assert final and "images/s, ETA" in final[-1], text[-3000:]
+    assert "committed 3/3 shards" in screen, text[-3000:]
+    assert "labeled 6 image(s)" in text
+    for noise in ("Tasks: ", "Actors: ", "Token authentication", "new progress UI", "Running Dataset", "WARNING"):
+        assert noise not in text, (noise, text[-3000:])

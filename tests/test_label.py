@@ -235,9 +235,10 @@ def test_overwrite_writes_beside_foreign_files_and_max_failed_fraction(tmp_path,
 
 
 def test_stages_run_without_ray(tmp_path):
-    """The stages are plain callables: the whole chain on one batch, in process."""
+    """The stages are plain callables: the whole chain on one chunk, in process, to a committed part file."""
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.stages import LabelModel, ModelSpec, ReadDecode, encode_masks
+    from pipelines.sink import Destination, commit_shard, write_fragment
+    from pipelines.stages import FCCLIPSegmenter, ModelSpec, ReadDecode, encode_rows, label_images
 
     files = {**good_images(2), "odd/not_an_image.jpg": b"nope"}
     uris = []
@@ -245,14 +246,34 @@ def test_stages_run_without_ray(tmp_path):
         p = tmp_path / name.replace("/", "_")
         p.write_bytes(data)
         uris.append(str(p))
-    batch = {"shard": np.zeros(3, np.int64), "row": np.arange(3), "uri": np.array(uris, dtype=object)}
-    decoded = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(batch)
-    assert list(decoded["rh"]) == [64, 64, 0] and decoded["error"][2]
+    meta, images = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(uris)
+    assert [None if im is None else im.shape[:2] for im in images] == [(64, 85), (64, 85), None]
+    assert meta["error"][2] and not meta["error"][0] and (meta["height"][0], meta["width"][0]) == (72, 96)
     spec = ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu")
-    labelled = LabelModel(spec)(decoded)
-    records = [json.loads(r) for r in encode_masks(labelled)["record"]]
-    assert [r["status"] for r in records] == ["ok", "ok", "error"]
-    assert (records[0]["width"], records[0]["height"]) == (96, 72)
+    segmenter = FCCLIPSegmenter.factory(spec)()
+    labelled = label_images(segmenter, meta, images, batch_size=2)
+    assert labelled["model"] == "fcclip-tiny@random" and labelled["maps"][2] is None
+    constants = {"vocabulary": "custom@x", "run_id": "r1", "model": "unused"}
+    table = encode_rows(uris, [0, 1, 2], meta, labelled, constants)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"] and [r["row"] for r in rows] == [0, 1, 2]
+    assert (rows[0]["width"], rows[0]["height"]) == (96, 72) and rows[2]["width"] is None
+    for r, seg_map in zip(rows[:2], labelled["maps"][:2]):
+        assert seg_map.shape == (72, 96)
+        for s in r["segments"]:
+            mask = mask_util.decode({"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}).astype(bool)
+            assert (mask == (seg_map == s["id"])).all() and mask.sum() == s["area"]
+    # two fragments of one shard, one of them written twice (a retried task): the commit takes each row once
+    dest = Destination(str(tmp_path / "out"))
+    first = write_fragment(dest, 0, table.slice(0, 2))
+    names = [first, write_fragment(dest, 0, table.slice(2, 1)), write_fragment(dest, 0, table.slice(0, 2))]
+    assert not any(n.endswith(".parquet") for n in names)
+    assert commit_shard(dest, 0, names, 3, {"run_id": "r1"}) == 3
+    assert [r["uri"] for r in pq.read_table(tmp_path / "out" / "part-000000.parquet").to_pylist()] == uris
+    assert not (tmp_path / "out" / "_fcclip" / "fragments" / "shard-000000").exists()
+    with pytest.raises(RuntimeError, match="do not cover"):
+        commit_shard(dest, 1, [write_fragment(dest, 1, table.slice(0, 2))], 3, {})
+    assert not (tmp_path / "out" / "part-000001.parquet").exists()
 
 
 def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):

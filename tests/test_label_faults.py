@@ -535,5 +535,5 @@ def test_progress_on_a_terminal(tmp_path):
     assert final and "images/s, ETA" in final[-1], text[-3000:]
     assert "committed 3/3 shards" in screen, text[-3000:]
     assert "labeled 6 image(s)" in text
-    for noise in ("Tasks: ", "Actors: ", "Token authentication", "new progress UI", "Running Dataset", "WARNING"):
+    for noise in ("Tasks: ", "Actors: ", "Token authentication", "new progress UI", "core_worker", "WARNING"):
         assert noise not in text, (noise, text[-3000:])

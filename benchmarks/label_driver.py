@@ -11,7 +11,9 @@ encoding, Parquet commits.
 Each run is a fresh process (its own local Ray) at N and at scale x N images. Reported:
 - rows/s: the steady rate, (10N - N) rows over the difference of the two runs' wall times (start-up cancels out);
 - driver CPU s per 1,000 rows: the driver process's own CPU time (user + system, its threads included; not the
-  Ray workers, not the raylet), as the difference between the two runs per 1,000 extra rows;
+  Ray workers, not the raylet) while labelling, as the difference between the two runs per 1,000 extra rows; beside
+  it the part left once an idle driver's CPU (Ray's own threads, measured for 10 s before each run: it grows with
+  time, not rows) is taken out;
 - driver and worker peak memory (VmHWM) in each run: flat from N to 10N when nothing grows with the collection;
 - the model actor's time per image outside the model stage's call (unpacking inputs, packing outputs), from the
   actor's own clock, when the engine reports it.
@@ -71,9 +73,9 @@ class StandInModel:
 
     def __call__(self, images, sizes):
         out = []
-        for size in sizes:
-            seg_map = self.seg_map if tuple(size) == self.seg_map.shape else np.zeros(size, np.uint8)
-            out.append((seg_map, self.segments if seg_map is self.seg_map else []))
+        for size in sizes:  # a map of its own per image, as a real model returns (shipped, not shared)
+            fits = tuple(size) == self.seg_map.shape
+            out.append((self.seg_map.copy() if fits else np.zeros(size, np.uint8), self.segments if fits else []))
         return out
 
 
@@ -95,18 +97,27 @@ def child(args) -> int:
     cfg = LabelConfig(
         source=args.source, dest=args.dest, vocab="cat; dog", model="fcclip-tiny", weights="random",
         batch_size=args.batch_size, short_edge=0, shard_size=args.shard_size, num_cpus=args.num_cpus,
+        chunk_size=args.chunk_size,
     )
+    from pipelines import runtime
+
+    started_ray = runtime.init_ray(num_cpus=args.num_cpus)  # here, so that its start-up is not in the figures
+    idle = _cpu_s()
+    time.sleep(IDLE_S)  # what the driver costs doing nothing (Ray's own threads): it scales with time, not rows
+    idle_cpu_per_s = (_cpu_s() - idle) / IDLE_S
     started = time.perf_counter()
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = _cpu_s()
     summary = run_label(cfg, progress=False, model_stage=StandInModel)
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu1 = _cpu_s()
     wall = time.perf_counter() - started
+    runtime.shutdown_ray(started_ray)
     result = {
         "rows": summary.images,
         "ok": summary.ok,
         "wall_s": wall,
-        "driver_cpu_s": (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime),
-        "driver_peak_mib": usage1.ru_maxrss / 1024,
+        "driver_cpu_s": cpu1 - cpu0,
+        "driver_idle_cpu_s_per_s": idle_cpu_per_s,
+        "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "startup_s": summary.startup_seconds,
     }
     for key in ("actor_overhead_s_per_image",):
@@ -115,6 +126,14 @@ def child(args) -> int:
             result[key] = value
     print(json.dumps(result))
     return 0
+
+
+IDLE_S = 10.0
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _descendants(pid: int) -> list[int]:
@@ -159,7 +178,8 @@ def run_once(folder: Path, dest: Path, args) -> dict:
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--child", "--source", str(folder), "--dest", str(dest),
-           "--num-cpus", str(args.num_cpus), "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size)]
+           "--num-cpus", str(args.num_cpus), "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+           "--chunk-size", str(args.chunk_size)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True)
     peaks: dict[int, tuple[str, int]] = {}
@@ -201,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of each run's local Ray")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shard-size", type=int, default=100)
+    p.add_argument("--chunk-size", type=int, default=64, help="images per task and model call (fcclip label's)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
@@ -218,11 +239,15 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp / f"in_{name}")
     small, big = runs["N"], runs[f"{args.scale}N"]
     extra = big["rows"] - small["rows"]
-    rows_per_s = extra / max(big["wall_s"] - small["wall_s"], 1e-9)
+    extra_wall = max(big["wall_s"] - small["wall_s"], 1e-9)
+    rows_per_s = extra / extra_wall
     cpu_per_1000 = 1000 * (big["driver_cpu_s"] - small["driver_cpu_s"]) / extra
+    idle_rate = (small["driver_idle_cpu_s_per_s"] + big["driver_idle_cpu_s_per_s"]) / 2
+    net_per_1000 = cpu_per_1000 - 1000 * idle_rate * extra_wall / extra
     flags = _cpu_flags()
     print(f"# label driver: stand-in model ({HEIGHT}x{WIDTH}, {SEGMENTS} segments), batch {args.batch_size}, "
-          f"shard size {args.shard_size}, local Ray with {args.num_cpus} CPUs; {os.cpu_count()} cores, {flags}")
+          f"shard size {args.shard_size}, chunk size {args.chunk_size}, local Ray with {args.num_cpus} CPUs; "
+          f"{os.cpu_count()} cores, {flags}")
     print()
     print("| run | rows | wall s | driver CPU s | driver CPU s / 1,000 rows (whole run) | driver peak MiB | "
           "worker peak MiB (max, n) | actor s / image outside the model |")
@@ -233,10 +258,13 @@ def main(argv=None) -> int:
               f"{1000 * r['driver_cpu_s'] / r['rows']:.3f} | {r['driver_peak_mib']:.0f} | "
               f"{r['worker_peak_mib_max']:.0f}, {r['workers']} | {'-' if outside is None else f'{outside:.4f}'} |")
     print()
-    print(f"steady state (N -> {args.scale}N): {rows_per_s:.1f} rows/s, driver CPU {cpu_per_1000:.3f} s per 1,000 rows")
+    print(f"steady state (N -> {args.scale}N): {rows_per_s:.1f} rows/s, "
+          f"driver CPU {cpu_per_1000:.3f} s per 1,000 rows; "
+          f"an idle driver costs {idle_rate:.4f} CPU s per s, so {net_per_1000:.3f} s per 1,000 rows are the rows' own")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"rows_per_s": rows_per_s, "driver_cpu_s_per_1000_rows": cpu_per_1000, "runs": runs,
+            {"rows_per_s": rows_per_s, "driver_cpu_s_per_1000_rows": cpu_per_1000,
+             "driver_idle_cpu_s_per_s": idle_rate, "driver_cpu_s_per_1000_rows_net_of_idle": net_per_1000, "runs": runs,
              "args": {k: v for k, v in vars(args).items() if k not in ("child", "source", "dest")}}, indent=1))
     return 0
 

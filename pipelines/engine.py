@@ -66,22 +66,9 @@ def _commit(dest_uri: str, shard: int, fragments: list[str], expected: int, file
     return commit_shard(Destination(dest_uri), shard, fragments, expected, file_metadata)
 
 
-class ModelHost:
-    """The model actor: builds the model stage once, then labels decoded chunks (device work only)."""
-
-    def __init__(self, model_stage, batch_size: int):
-        self.segmenter = model_stage()
-        self.batch_size = batch_size
-
-    def ready(self) -> str:
-        return self.segmenter.model_id
-
-    def run(self, meta: dict, images: list) -> tuple[dict, dict]:
-        started = time.perf_counter()
-        labelled = label_images(self.segmenter, meta, images, self.batch_size)
-        total = time.perf_counter() - started
-        info = {"images": len(images), "model_s": labelled["model_s"], "total_s": total}
-        return info, labelled
+def _label_chunk(segmenter, batch_size: int, meta: dict, images: list) -> dict:
+    """The model actor's work on one chunk (runtime.ModelActor.run)."""
+    return label_images(segmenter, meta, images, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------- the driver
@@ -123,9 +110,9 @@ class EngineResult:
 class LabelEngine:
     """Schedules one run's pending shards; see the module docstring."""
 
-    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, reader: ReadDecode, model_stage, *, actors: tuple[int, int], batch_size: int,
-                 chunk_size: int, gpus: float, cpus_per_actor: float, batch_timeout: float | None,
-                 constants: dict, file_metadata: dict, progress=None):
+    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, reader: ReadDecode, model_stage, *,
+                 actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float, cpus_per_actor: float,
+                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -146,13 +133,10 @@ class LabelEngine:
         self.decode_fn = ray.remote(_decode).options(num_cpus=1, num_returns=2, max_retries=RETRIES)
         self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES)
         self.commit_fn = ray.remote(_commit).options(num_cpus=0.5, max_retries=RETRIES)
-        self.host_cls = ray.remote(ModelHost)
 
     # ------------------------------------------------------------------ actors
     def _new_actor(self) -> _Actor:
-        handle = self.host_cls.options(
-            num_cpus=self.cpus_per_actor, num_gpus=self.gpus, max_restarts=0, max_task_retries=0,
-        ).remote(self.model_stage, self.batch_size)
+        handle = runtime.start_model_actor(self.model_stage, gpus=self.gpus, cpus=self.cpus_per_actor)
         return _Actor(handle, handle.ready.remote())
 
     def _replace(self, actor: _Actor) -> _Actor:
@@ -195,7 +179,8 @@ class LabelEngine:
 
         while shards or queue or decoding or decoded or writing or committing or any(a.calls for a in actors):
             refill()
-            while queue and len(decoding) < self.max_decoding and len(decoded) < 2 * max(1, len(actors)):
+            # decoded chunks wait in the object store for a model call: enough to keep every actor busy, no more
+            while queue and len(decoding) < self.max_decoding and len(decoding) + len(decoded) < 4 * len(actors):
                 chunk = queue.popleft()
                 meta_ref, images_ref = self.decode_fn.remote(self.reader_ref, chunk.uris)
                 chunk.images = images_ref
@@ -204,7 +189,8 @@ class LabelEngine:
             for actor in actors:
                 while actor.ready and decoded and len(actor.calls) < 2:
                     chunk = decoded.popleft()
-                    info_ref, labelled_ref = actor.handle.run.options(num_returns=2).remote(chunk.meta, chunk.images)
+                    info_ref, labelled_ref = actor.handle.run.options(num_returns=2).remote(
+                        _label_chunk, self.batch_size, chunk.meta, chunk.images)
                     batches = -(-len(chunk.rows) // self.batch_size)
                     if not actor.calls:
                         actor.head_since = now
@@ -260,7 +246,7 @@ class LabelEngine:
                         else:
                             queue.appendleft(chunk)
                         continue
-                    res.actor_images += info["images"]
+                    res.actor_images += len(chunk.rows)
                     res.actor_outside_s += info["total_s"] - info["model_s"]
                     ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta,
                                                labelled_ref, self.constants)

@@ -112,7 +112,9 @@ class JobProgress:
             bar_format="{desc} {n_fmt}/{total_fmt} images{postfix}, {rate_fmt}, ETA {remaining}",
         )
         self._labelled.set_postfix_str("ok 0, failed 0", refresh=False)
-        self._committed = self._bar("committed", total=self._total_shards, bar_format="{desc} {n_fmt}/{total_fmt} shards")
+        self._committed = self._bar(
+            "committed", total=self._total_shards, bar_format="{desc} {n_fmt}/{total_fmt} shards"
+        )
 
     def labelled(self, ok: int, failed: int) -> None:
         self._startup_done()

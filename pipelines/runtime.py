@@ -1,9 +1,13 @@
 """The Ray runtime shared by `fcclip label`, `fcclip train` and `fcclip eval`.
 
     started = runtime.init_ray(address=None, num_cpus=None, verbose=False)   # a NEW local Ray, or join a cluster
-    gpus = runtime.gpus_per_actor(requested=None)                             # 1 when the cluster has GPUs, else 0
-    ...
-    runtime.shutdown_ray(started)                                             # only what init_ray started
+    try:
+        gpus = runtime.gpus_per_actor(requested=None)                         # 1 when the cluster has GPUs, else 0
+        actor = runtime.start_model_actor(factory, gpus=gpus, cpus=1.0)       # factory() builds the model, once
+        model_id = ray.get(actor.ready.remote())
+        info_ref, out_ref = actor.run.options(num_returns=2).remote(work, *args)   # work(model, *args) on it
+    finally:
+        runtime.shutdown_ray(started)                                         # only what init_ray started
 
 - Without ``address`` (and without ``RAY_ADDRESS``) a new local Ray is started, always: a bare ``ray.init()`` would
   join whatever cluster ``/tmp/ray/ray_current_cluster`` names (the last ``ray start`` on the machine, possibly
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +81,36 @@ def gpus_per_actor(requested: float | None = None) -> float:
 
 def device_for(gpus: float) -> str:
     return "cuda" if gpus > 0 else "cpu"
+
+
+class ModelActor:
+    """The model actor: builds a model once (``factory()``, e.g. stages.FCCLIPSegmenter.factory(spec)), then runs
+    ``work(model, *args)`` on it, call after call. Device work only belongs here: the callers keep decoding and
+    encoding in CPU tasks."""
+
+    def __init__(self, factory):
+        self.model = factory()
+
+    def ready(self) -> str:
+        """The model's id once it is loaded (``model_id`` when it has one)."""
+        return str(getattr(self.model, "model_id", type(self.model).__name__))
+
+    def run(self, work, *args) -> tuple[dict, object]:
+        """(info, result): ``info["total_s"]`` is the call's time inside the actor; a dict result's ``model_s`` (the
+        time spent inside the model itself) is copied there too. Call with ``num_returns=2`` so that the small info
+        can be fetched without the result."""
+        started = time.perf_counter()
+        result = work(self.model, *args)
+        info = {"total_s": time.perf_counter() - started}
+        if isinstance(result, dict) and "model_s" in result:
+            info["model_s"] = result["model_s"]
+        return info, result
+
+
+def start_model_actor(factory, *, gpus: float, cpus: float = 1.0):
+    """A new ModelActor. Ray never restarts it (``max_restarts=0``, no task retries): a caller whose actor died or hung
+    kills it (``ray.kill``) and starts another, counting its own bounded retries (see pipelines/engine.py)."""
+    import ray
+
+    cls = ray.remote(ModelActor)
+    return cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(factory)

@@ -179,7 +179,8 @@ class FCCLIPSegmenter:
         if dtype is not None and self.model.device.type != "cuda":
             dtype = None
         self.predictor = Predictor(
-            self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",), autocast_dtype=dtype
+            self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",),
+            autocast_dtype=dtype,
         )
         self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
@@ -250,27 +251,45 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
 def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
     """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
 
-    Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. Each
-    mask is compared once, column-major as COCO RLE wants it.
+    Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
+    is run-length encoded once, column-major as COCO RLE wants it, and each segment's runs are taken from that single
+    pass (not one full-size mask comparison per segment); pycocotools compresses them and derives areas and boxes.
+    The strings are those ``pycocotools.mask.encode`` gives for each segment's mask.
     """
     from pycocotools import mask as mask_util
 
-    h, w = seg_map.shape
-    fortran = np.asfortranarray(seg_map)
-    areas, boxes, counts = [], [], []
-    for s in segments:
-        mask = (fortran == s["id"]).view(np.uint8)
-        rows = np.flatnonzero(mask.any(axis=1))
-        if rows.size:
-            cols = np.flatnonzero(mask.any(axis=0))
-            box = [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
-        else:
-            box = [0.0, 0.0, 0.0, 0.0]
-        rle = mask_util.encode(mask)
-        counts.append(rle["counts"].decode("ascii"))
-        areas.append(int(mask_util.area(rle)))
-        boxes.append(box)
-    return {"area": areas, "bbox": boxes, "size": (h, w), "counts": counts}
+    h, w = (int(v) for v in seg_map.shape)
+    if not segments:
+        return {"area": [], "bbox": [], "size": (h, w), "counts": []}
+    flat = np.asarray(seg_map).ravel(order="F")
+    n = flat.size
+    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
+    lengths = np.diff(np.append(starts, n))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by segment id, in position order within each id
+    ids = np.array([s["id"] for s in segments], dtype=np.int64)
+    first = np.searchsorted(values[order], ids, side="left")
+    last = np.searchsorted(values[order], ids, side="right")
+    uncompressed = []
+    for lo, hi in zip(first, last):
+        run = order[lo:hi]
+        begin, length = starts[run], lengths[run]
+        counts = np.empty(2 * len(run) + 1, dtype=np.int64)
+        counts[0:-1:2] = begin - np.concatenate([[0], begin[:-1] + length[:-1]])  # zeros before each run of ones
+        counts[1::2] = length
+        counts[-1] = n - (begin[-1] + length[-1]) if len(run) else n  # zeros after the last run
+        if counts[-1] == 0 and len(run):
+            counts = counts[:-1]
+        uncompressed.append({"size": [h, w], "counts": counts.tolist()})
+    rles = mask_util.frPyObjects(uncompressed, h, w)
+    areas = mask_util.area(rles)
+    boxes = mask_util.toBbox(rles)
+    return {
+        "area": [int(a) for a in areas],
+        "bbox": [[float(v) for v in box] for box in boxes],
+        "size": (h, w),
+        "counts": [r["counts"].decode("ascii") for r in rles],
+    }
 
 
 def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | None, constants: dict,

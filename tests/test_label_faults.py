@@ -257,7 +257,7 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
         assert thread.is_alive() and 0 < committed_before < 10, f"the faults must land mid-job ({result})"
 
         # the pool's actors; the second may still be starting (it is placed on a node then, but has no process yet)
-        actors = [a for a in actor_table().values() if "ModelHost" in a["ActorClassName"] and a["State"] != "DEAD"]
+        actors = [a for a in actor_table().values() if "ModelActor" in a["ActorClassName"] and a["State"] != "DEAD"]
         actors.sort(key=lambda a: a["State"] != "ALIVE")
         assert actors and actors[0]["State"] == "ALIVE", actors
         os.kill(actors[0]["Pid"], signal.SIGKILL)
@@ -352,7 +352,8 @@ class _Bucket:
         return [p for p in self._ls(f"{self.prefix}/_fcclip/**") if "manifest" not in p and self.fs.isfile(p)]
 
     def rows(self) -> list[dict]:
-        return [r for p in self._ls(f"{self.prefix}/*.parquet") for r in pq.read_table(p, filesystem=self.fs).to_pylist()]
+        paths = self._ls(f"{self.prefix}/*.parquet")
+        return [r for p in paths for r in pq.read_table(p, filesystem=self.fs).to_pylist()]
 
 
 @pytest.mark.slow
@@ -537,3 +538,38 @@ def test_progress_on_a_terminal(tmp_path):
     assert "labeled 6 image(s)" in text
     for noise in ("Tasks: ", "Actors: ", "Token authentication", "new progress UI", "core_worker", "WARNING"):
         assert noise not in text, (noise, text[-3000:])
+
+
+@pytest.mark.slow
+def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
+    """pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
+    names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it."""
+    ray_tmp = _ray_tmpdir()
+    os.makedirs(Path(ray_tmp) / "ray", exist_ok=True)
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    script = (
+        "import ray\n"
+        "from pipelines import runtime\n"
+        "started = runtime.init_ray(num_cpus=1)\n"
+        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
+        "print('ready', ray.get(actor.ready.remote()))\n"
+        "info, out = ray.get(list(actor.run.options(num_returns=2).remote(lambda m, x: m + x, '!')))\n"
+        "print('result', out, info['total_s'] >= 0)\n"
+        "runtime.shutdown_ray(started)\n"
+        "print('initialized after shutdown', ray.is_initialized())\n"
+    )
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+    try:
+        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert proc.returncode == 0, out[-3000:]
+    assert "ready str" in out and "result m! True" in out and "initialized after shutdown False" in out, out[-3000:]
+    assert survivors == []

@@ -1,6 +1,6 @@
 """What the labeling driver costs per row: the real `fcclip label` pipeline with a stand-in model that costs nothing.
 
-    python benchmarks/label_driver.py [--images 200] [--scale 10] [--num-cpus 2] [--json PATH]
+    python benchmarks/label_driver.py [--images 200] [--scale 10] [--num-cpus 2] [--chunk-size 128] [--json PATH]
 
 The stand-in model stage (handed to ``run_label`` through its ``model_stage`` argument, the seam tests use too)
 ignores its input and returns one fixed, realistic result per image: an 800x1200 segment map with 30 irregular
@@ -220,8 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=int, default=10)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of each run's local Ray")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--shard-size", type=int, default=100)
-    p.add_argument("--chunk-size", type=int, default=64, help="images per task and model call (fcclip label's)")
+    p.add_argument("--shard-size", type=int, default=1000, help="fcclip label's default")
+    p.add_argument("--chunk-size", type=int, default=128,
+                   help="images per task and model call (fcclip label's default)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)

@@ -148,7 +148,7 @@ class LabelEngine:
         res = self.result
         queue: collections.deque[Chunk] = collections.deque()
         shards = collections.deque(pending)
-        open_shards: dict[int, dict] = {}  # shard -> {"fragments": [...], "covered": set, "commit": ref | None}
+        open_shards: dict[int, dict] = {}  # shard -> {"fragments": [names], "covered": rows written so far}
         decoding: dict = {}  # meta ref -> chunk
         decoded: collections.deque[Chunk] = collections.deque()
         writing: dict = {}  # ref -> chunk
@@ -161,7 +161,7 @@ class LabelEngine:
             while shards and len(queue) < 8:
                 shard = shards.popleft()
                 uris = self.uris_of(shard)
-                open_shards[shard] = {"fragments": [], "covered": 0, "commit": None}
+                open_shards[shard] = {"fragments": [], "covered": 0}
                 for start in range(0, len(uris), self.chunk_size):
                     rows = list(range(start, min(start + self.chunk_size, len(uris))))
                     queue.append(Chunk(shard, rows, uris[rows[0] : rows[-1] + 1]))

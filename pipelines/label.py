@@ -56,7 +56,7 @@ class LabelConfig:
     address: str | None = None
     extensions: tuple[str, ...] | None = None
     max_pixels: int | None = None
-    chunk_size: int = 64  # images per decode task, model call and fragment (the driver's unit of work)
+    chunk_size: int = 128  # images per decode task, model call and fragment (the driver's unit of work)
     batch_timeout: float | None = 600.0  # seconds a model batch may take before its actor is replaced
     decode_timeout: float = 120.0  # seconds to read and decode one image; then an error row (see stages._time_limit)
     autocast: str | None = None
@@ -330,7 +330,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-timeout", type=float, default=600.0,
                    help="seconds one model batch may take; past it the actor is replaced and the images are run one "
                    "at a time, and an image that times out alone is an error row (default: %(default)s; 0 = none)")
-    p.add_argument("--chunk-size", type=int, default=64,
+    p.add_argument("--chunk-size", type=int, default=128,
                    help="images per decode task, model call and written fragment (default: %(default)s)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--overwrite", action="store_true",

@@ -209,8 +209,9 @@ def load_vocabulary(spec: VocabularySpec) -> Vocabulary:
       A string ending in one of those suffixes that names no file raises FileNotFoundError;
     - a builtin name (`list_vocabularies()`), e.g. ``"ade20k_150"``;
     - an inline string: classes separated by ``;``, synonyms by ``,``: ``"cat; dog, puppy; grass [stuff]"``.
-      Whitespace around names is stripped and blank entries are skipped, so a one-class inline vocabulary is
-      written ``"cat;"``. A string with neither ``;`` nor ``,`` that is no builtin name and no file is an error
+      Whitespace around names is stripped; one trailing ``;`` is allowed, so a one-class inline vocabulary is
+      written ``"cat;"``, but an empty class elsewhere (``"cat;;dog"``, ``"cat;;"``, ``"; cat"``) is an error, like
+      an empty vocabulary. A string with neither ``;`` nor ``,`` that is no builtin name and no file is an error
       (with the closest builtin names), so that a typo such as ``"ade20k150"`` does not silently become a
       one-class vocabulary;
     - a list: each item a string (one class, synonyms separated by commas) or a list of names (one class).
@@ -238,8 +239,16 @@ def load_vocabulary(spec: VocabularySpec) -> Vocabulary:
         if spec.strip() in builtins:
             return _load_file(_builtin_dir() / f"{spec.strip()}.json")
         if ";" in spec or "," in spec:
-            entries = list(enumerate(spec.split(";")))
-            return _from_entries("custom", entries, what="class")
+            parts = spec.split(";")
+            if len(parts) > 1 and not parts[-1].strip():
+                parts.pop()  # one trailing ';' ends the list: "cat;" is a one-class vocabulary
+            blank = [i for i, part in enumerate(parts) if not part.strip()]
+            if blank:
+                raise VocabularyError(
+                    f"empty class at position {blank[0]} of {spec!r}: two ';' with nothing between them (or a "
+                    "leading ';'); remove it, or write the class you meant"
+                )
+            return _from_entries("custom", list(enumerate(parts)), what="class")
         close = difflib.get_close_matches(spec.strip(), builtins, n=3, cutoff=0.6)
         hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise VocabularyError(

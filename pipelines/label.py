@@ -1,19 +1,23 @@
-"""`fcclip label`: stream an image collection through FC-CLIP on Ray Data and write Parquet, resumably.
+"""`fcclip label`: stream an image collection through FC-CLIP on Ray and write Parquet, resumably.
 
     fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
                  [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
-                 [--decode-timeout SECONDS]
+                 [--decode-timeout SECONDS] [--batch-timeout SECONDS] [--overwrite] [--max-failed-fraction F]
 
 The job, in order:
 1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
-   under DEST/_fcclip/manifest with the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
-   them, and refuses different settings.
-2. Shards without a committed part file go through Ray Data: read bytes and decode on CPU -> FC-CLIP on an actor
-   pool (GPU when the cluster has one) -> masks to COCO RLE on CPU -> back to the driver, which commits each shard
-   as one Parquet file when all its rows are in (see pipelines/sink.py for why this is exactly-once).
-3. Rows lost to crashed workers (a decoder segfault, an out-of-memory kill: Ray retries such a block a bounded
-   number of times, then the job goes on without it) are run again one image at a time; an image that still fails
-   becomes an error row. An image whose read and decode take longer than ``--decode-timeout`` is an error row;
+   under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
+   them; other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
+   holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
+2. Shards without a committed part file are labelled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
+   images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
+   work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
+   completed shard writes its Parquet part file (see pipelines/sink.py for why this is exactly-once). The driver
+   only schedules and keeps metadata: no pixels, masks or rows pass through it.
+3. Faults are bounded: a task whose worker dies (a decoder segfault, an out-of-memory kill) is retried a bounded
+   number of times, then its chunk's images are run one at a time, and an image that still fails becomes an error
+   row. So does a model actor that dies (it is replaced) and a model batch that runs past ``--batch-timeout`` (its
+   actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
 """
@@ -22,14 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import runtime
+
 logger = logging.getLogger("fcclip.label")
 
-RAY_RETRIES = 2  # attempts after the first, per task, when a worker dies
 
 
 @dataclass
@@ -50,7 +56,8 @@ class LabelConfig:
     address: str | None = None
     extensions: tuple[str, ...] | None = None
     max_pixels: int | None = None
-    decode_batch_size: int = 8
+    chunk_size: int = 128  # images per decode task, model call and fragment (the driver's unit of work)
+    batch_timeout: float | None = 600.0  # seconds a model batch may take before its actor is replaced
     decode_timeout: float = 120.0  # seconds to read and decode one image; then an error row (see stages._time_limit)
     autocast: str | None = None
     num_cpus: int | None = None  # for a local Ray started by the job
@@ -68,9 +75,10 @@ class LabelSummary:
     seconds: float = 0.0
     non_image_files: int = 0
     duplicate_uris: int = 0
-    recovered: int = 0  # rows re-run one by one after a worker crash
+    recovered: int = 0  # rows re-run one by one after a worker crash, a dead actor or a model time-out
     errors: dict = field(default_factory=dict)
     startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
+    actor_overhead_s_per_image: float | None = None  # model actor time per image outside the model stage's call
 
     @property
     def images_per_second(self) -> float:
@@ -103,115 +111,126 @@ def _thresholds(cfg: LabelConfig, model_config) -> dict:
     }
 
 
-class RunMismatch(ValueError):
+class DestinationError(ValueError):
+    """DEST cannot take this run (nothing was read from it but its listing, nothing was written)."""
+
+
+class RunMismatch(DestinationError):
     pass
 
 
-def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary) -> dict:
-    """Create or reopen the run in DEST (settings + manifest). Returns run.json's content."""
-    from .sink import new_run_id
+def _describe(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: bool = False, on_listed=None) -> dict:
+    """Create or reopen the run in DEST (manifest, then settings). Returns run.json's content.
+
+    - DEST holding files fcclip did not write, and no run of fcclip's, is refused (DestinationError) unless
+      ``overwrite`` (the run then writes beside them); a foreign file with a part file's name is refused even then,
+      as the run would replace it.
+    - run.json is written only once the manifest is complete: a listing that fails (a typo'd SOURCE) leaves no
+      settings behind, and the next run lists again.
+    - A run with other settings is replaced when none of its shards is committed (nothing is lost) or when
+      ``overwrite`` is given (its part files and ``_fcclip/`` are removed, nothing else); otherwise RunMismatch.
+
+    ``on_listed(n)`` is called as URIs are listed (progress).
+    """
+    from .sink import PART_RE, new_run_id
     from .sources import IMAGE_EXTENSIONS, write_manifest
 
+    survey = dest.survey()
+    if survey.foreign and survey.run is None:  # once a run is there (resumed), files put beside it are not checked
+        collisions = [n for n in survey.foreign if PART_RE.fullmatch(n)]
+        if collisions:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write with the names of its output ({_describe(collisions)}); "
+                "they were left untouched. Label into another --out, or move them away"
+            )
+        if not overwrite:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write ({_describe(survey.foreign)}); nothing was read or "
+                "changed. Use an empty or new --out (readers of DEST/*.parquet would mix them with the labels), "
+                "or --overwrite to write beside them"
+            )
     settings = _settings(cfg, model_config, vocabulary)
-    run = dest.read_run()
+    run = survey.run
     if run is not None:
         differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
-        if differ:
-            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise RunMismatch(f"{dest.uri} holds a labeling run with other settings ({detail}); use another --out")
-        if run.get("manifest_complete"):
+        if overwrite or differ or not run.get("manifest_complete"):
+            if differ and survey.parts and not overwrite:
+                detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                raise RunMismatch(
+                    f"{dest.uri} holds a labeling run with other settings ({detail}) and {len(survey.parts)} "
+                    "committed shard(s); use another --out, or --overwrite to replace that run"
+                )
+            if differ and not overwrite:
+                logger.info("%s holds an earlier run's settings but none of its shards: starting over", dest.uri)
+            dest.remove_own_files(survey)
+            run = None
+        else:
             return run
-    else:
-        run = {"run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": False}
-        run["vocabulary"] = vocabulary.to_dict()
-        run["thresholds"] = _thresholds(cfg, model_config)
-        dest.write_run(run)
     t = time.time()
-    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS)
+    dest.clear_manifest()  # shards of an earlier listing that did not finish
+    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
     logger.info(
         "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
         summary.num_images, summary.num_shards, time.time() - t, summary.skipped, summary.duplicates,
     )
-    run.update(
-        manifest_complete=True,
-        num_images=summary.num_images,
-        shard_sizes=summary.shard_sizes,
-        non_image_files=summary.skipped,
-        duplicate_uris=summary.duplicates,
-    )
+    run = {
+        "run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": True,
+        "vocabulary": vocabulary.to_dict(), "thresholds": _thresholds(cfg, model_config),
+        "num_images": summary.num_images, "shard_sizes": summary.shard_sizes,
+        "non_image_files": summary.skipped, "duplicate_uris": summary.duplicates,
+    }
     dest.write_run(run)
     return run
 
 
-def _init_ray(cfg: LabelConfig):
-    import ray
+def run_label(
+    cfg: LabelConfig, progress: bool = True, overwrite: bool = False, verbose: bool = False, model_stage=None,
+    reader=None,
+) -> LabelSummary:
+    """Run (or resume) a labeling job; returns its summary.
 
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": always a new local Ray, as documented. Without it ray.init() joins whatever cluster
-        # /tmp/ray/ray_current_cluster names (the last `ray start` or ray.cluster_utils.Cluster on this machine,
-        # possibly another user's, possibly dead), and then refuses num_cpus.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    ``progress``: progress lines (tqdm on a terminal, log lines otherwise); ``verbose`` adds Ray's own warnings.
+    ``overwrite``: see prepare_run. The seams for stand-ins (benchmarks, fault tests), both picklable:
+    ``model_stage``: a zero-argument factory called once in each model actor, returning the model stage (see
+    stages.FCCLIPSegmenter for its interface); default FC-CLIP as ``cfg`` says. ``reader``: URI -> bytes, called in
+    the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
+    """
+    from .progress import JobProgress
 
-
-def _build_dataset(ray_data, items, cfg: LabelConfig, model_config, spec, gpus: float, isolate: bool):
-    """The streaming pipeline over ``items`` (shards, or single rows when ``isolate``)."""
-    from .stages import ExpandShards, LabelModel, ReadDecode, encode_masks
-
-    inf = model_config.inference
-    short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
-    if short_edge is not None and short_edge <= 0:
-        short_edge = None
-    max_size = cfg.max_size if cfg.max_size is not None else inf.max_size
-    from fcclip.images import DEFAULT_MAX_PIXELS
-
-    retry = {"max_retries": RAY_RETRIES}
-    if isolate:
-        ds = ray_data.from_items(items, override_num_blocks=max(1, len(items)))
-    else:
-        ds = ray_data.from_items(items, override_num_blocks=max(1, len(items)))
-        ds = ds.flat_map(ExpandShards(cfg.dest), **retry)
-    ds = ds.map_batches(
-        ReadDecode(short_edge, max_size, cfg.max_pixels or DEFAULT_MAX_PIXELS, timeout_s=cfg.decode_timeout),
-        batch_size=1 if isolate else cfg.decode_batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-        **retry,
-    )
-    lo, hi = cfg.actors
-    ds = ds.map_batches(
-        LabelModel,
-        fn_constructor_args=(spec,),
-        batch_size=1 if isolate else cfg.batch_size,
-        batch_format="numpy",
-        compute=ray_data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=gpus,
-        num_cpus=cfg.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=RAY_RETRIES,
-    )
-    ds = ds.map_batches(encode_masks, batch_size=1 if isolate else 16, batch_format="numpy", num_cpus=1, **retry)
-    return ds
+    bars = JobProgress(enabled=progress)
+    try:
+        if bars.bars:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
+                return _run_label(cfg, bars, overwrite, verbose, model_stage, reader)
+        return _run_label(cfg, bars, overwrite, verbose, model_stage, reader)
+    finally:
+        bars.close()
 
 
-def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
-    """Run (or resume) a labeling job; returns its summary."""
+def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_stage, reader) -> LabelSummary:
     from fcclip.config import load_config
     from fcclip.vocabulary import load_vocabulary
 
-    from .sink import Destination, ShardCollector
-    from .stages import ModelSpec
+    from fcclip.images import DEFAULT_MAX_PIXELS
+
+    from .engine import LabelEngine
+    from .sink import Destination
+    from .sources import read_manifest_shard
+    from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
     dest = Destination(cfg.dest)
-    run = prepare_run(cfg, dest, model_config, vocabulary)
+    bars.listing_started(cfg.source)
+    run = prepare_run(cfg, dest, model_config, vocabulary, overwrite=overwrite, on_listed=bars.listed)
     sizes = run["shard_sizes"]
+    bars.listing_done(run["num_images"], len(sizes))
     done = dest.committed_shards()
     pending = [s for s in range(len(sizes)) if s not in done and sizes[s] > 0]
     summary = LabelSummary(
@@ -223,96 +242,50 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> LabelSummary:
         summary.seconds = time.time() - started
         return summary
 
-    import warnings
-
-    import ray
-    import ray.data as ray_data
-
-    # bounded retries (max_retries, max_task_retries) are set through ray_remote_args, deprecated in Ray 2.60 with
-    # no named replacement yet; pyproject pins ray < 2.64 where they go away
-    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-    _init_ray(cfg)
-    ctx = ray_data.DataContext.get_current()
-    ctx.max_errored_blocks = -1  # a block lost after its retries must not stop the job: its rows are re-run below
-    ctx.enable_progress_bars = progress
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    spec = ModelSpec(
-        model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
-        device="cuda" if gpus > 0 else "cpu", autocast=cfg.autocast,
-    )
-    vocab_id = f"{vocabulary.name}@{vocabulary.digest[:16]}"
-    file_metadata = {
-        "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
-        "model": model_config.name, "weights": cfg.weights,
-    }
-    collector = ShardCollector(dest, {s: sizes[s] for s in pending}, file_metadata)
-    model_ids: set[str] = set()
-
-    timing = {"first": None}
-
-    def consume(ds):
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=1):
-            if timing["first"] is None:
-                timing["first"] = time.time()
-            for shard, row, text in zip(batch["shard"], batch["row"], batch["record"]):
-                record = json.loads(text)
-                model_ids.add(record["model"])
-                record["vocabulary"] = vocab_id
-                record["run_id"] = run["run_id"]
-                shard, row = int(shard), int(row)
-                if shard not in collector.expected or row in collector.pending.get(shard, {}):
-                    continue  # delivered again by a retried block: the first copy stands
-                collector.add(shard, row, record)
-                _count(summary, record)
-
-    logger.info("labeling %d images in %d shards into %s", sum(sizes[s] for s in pending), len(pending), cfg.dest)
-    consume(_build_dataset(ray_data, [{"shard": s} for s in pending], cfg, model_config, spec, gpus, isolate=False))
-
-    missing = collector.missing()
-    if any(missing.values()):
-        from .sources import read_manifest_shard
-
-        rows = [
-            {"shard": s, "row": r, "uri": read_manifest_shard(dest, s)[r]}
-            for s, rs in sorted(missing.items()) for r in sorted(rs)
-        ]
-        logger.warning("%d image(s) lost to crashed workers; running them again one at a time", len(rows))
-        summary.recovered = len(rows)
-        consume(_build_dataset(ray_data, rows, cfg, model_config, spec, gpus, isolate=True))
-        model_id = next(iter(model_ids), f"{model_config.name}@{cfg.weights}")
-        from .stages import image_id
-
-        uris = {(r["shard"], r["row"]): r["uri"] for r in rows}
-        for shard, rs in sorted(collector.missing().items()):
-            for r in sorted(rs):
-                uri = uris[(shard, r)]
-                record = {
-                    "uri": uri, "image_id": image_id(uri), "width": None, "height": None, "status": "error",
-                    "error": f"worker crashed or was killed while processing this image ({RAY_RETRIES + 1} attempts "
-                    "in isolation)",
-                    "segments": [], "model": model_id, "vocabulary": vocab_id, "run_id": run["run_id"],
-                }
-                collector.add(shard, r, record)
-                _count(summary, record)
-    assert not collector.expected, f"shards left open: {sorted(collector.expected)}"
+    bars.startup_started(cfg.actors[1])
+    started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
+    try:
+        gpus = runtime.gpus_per_actor(cfg.gpus_per_actor)
+        spec = ModelSpec(
+            model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
+            device=runtime.device_for(gpus), autocast=cfg.autocast,
+        )
+        file_metadata = {
+            "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
+            "model": model_config.name, "weights": cfg.weights,
+        }
+        constants = {
+            "vocabulary": f"{vocabulary.name}@{vocabulary.digest[:16]}", "run_id": run["run_id"],
+            "model": f"{model_config.name}@{cfg.weights}",
+        }
+        inf = model_config.inference
+        short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
+        decode = ReadDecode(
+            short_edge if short_edge and short_edge > 0 else None,
+            cfg.max_size if cfg.max_size is not None else inf.max_size,
+            cfg.max_pixels or DEFAULT_MAX_PIXELS, timeout_s=cfg.decode_timeout, reader=reader,
+        )
+        engine = LabelEngine(
+            dest, {s: sizes[s] for s in pending}, lambda shard: read_manifest_shard(dest, shard), decode,
+            model_stage or FCCLIPSegmenter.factory(spec), actors=cfg.actors, batch_size=cfg.batch_size,
+            chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
+            batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
+        )
+        bars.labelling_started(sum(sizes[s] for s in pending), len(pending), len(done))
+        result = engine.run(pending)
+    finally:
+        runtime.shutdown_ray(started_ray)
+    dest.remove_fragments()
+    summary.images = result.ok + result.failed
+    summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
+    summary.errors = result.errors
+    summary.recovered = result.recovered
     summary.seconds = time.time() - started
-    if timing["first"] is not None:
-        summary.startup_seconds = timing["first"] - started
-
+    if result.first_rows_at is not None:
+        summary.startup_seconds = result.first_rows_at - started
+    if result.actor_images:
+        summary.actor_overhead_s_per_image = result.actor_outside_s / result.actor_images
     return summary
-
-
-def _count(summary: LabelSummary, record: dict) -> None:
-    summary.images += 1
-    if record["status"] == "ok":
-        summary.ok += 1
-        summary.segments += len(record["segments"])
-    else:
-        summary.failed += 1
-        reason = (record["error"] or "").split(":", 1)[0][:60]
-        summary.errors[reason] = summary.errors.get(reason, 0) + 1
 
 
 def _parse_actors(text: str) -> tuple[int, int]:
@@ -324,6 +297,16 @@ def _parse_actors(text: str) -> tuple[int, int]:
     if lo_i < 1 or hi_i < lo_i:
         raise argparse.ArgumentTypeError(f"--actors: need 1 <= MIN <= MAX, got {text!r}")
     return lo_i, hi_i
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -344,15 +327,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast on GPUs")
     p.add_argument("--decode-timeout", type=float, default=120.0,
                    help="seconds to read and decode one image before it becomes an error row (default: %(default)s)")
+    p.add_argument("--batch-timeout", type=float, default=600.0,
+                   help="seconds one model batch may take; past it the actor is replaced and the images are run one "
+                   "at a time, and an image that times out alone is an error row (default: %(default)s; 0 = none)")
+    p.add_argument("--chunk-size", type=int, default=128,
+                   help="images per decode task, model call and written fragment (default: %(default)s)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a DEST that holds an earlier run (its part files and _fcclip/ are removed), "
+                   "or write beside files fcclip did not write; nothing else is removed")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=None, metavar="F",
+                   help="exit with status 1 when more than this fraction of the images became error rows "
+                   "(after committing everything; default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also Ray's own warnings and log lines (as `fcclip -v label`)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
 
 
-def main_args(args: argparse.Namespace) -> int:
+def main_args(args: argparse.Namespace, model_stage=None, reader=None) -> int:
+    """The subcommand; ``model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
     from fcclip.config import ConfigError
     from fcclip.vocabulary import VocabularyError
 
+    from .engine import LabelError
     from .sources import SourceError
 
     cfg = LabelConfig(
@@ -361,16 +359,32 @@ def main_args(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
+        batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size,
     )
     try:
-        summary = run_label(cfg, progress=not args.no_progress)
-    except (ConfigError, VocabularyError, SourceError, RunMismatch, FileNotFoundError) as e:
+        summary = run_label(
+            cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False),
+            model_stage=model_stage, reader=reader,
+        )
+    except (ConfigError, VocabularyError, SourceError, DestinationError, FileNotFoundError, NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
+    except LabelError as e:
+        print(f"fcclip label: error: {e}", file=sys.stderr)
+        return 1
     print_summary(summary)
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary_dict(summary), f, indent=1)
+    limit = args.max_failed_fraction
+    if limit is not None and summary.images and summary.failed / summary.images > limit:
+        print(
+            f"fcclip label: error: {summary.failed} of {summary.images} image(s) failed "
+            f"({summary.failed / summary.images:.1%}), more than --max-failed-fraction {limit:g}; "
+            "the rows are committed (see the reasons above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -384,7 +398,7 @@ def print_summary(s: LabelSummary) -> None:
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:
-        print(f"{s.recovered} image(s) were re-run one at a time after worker crashes")
+        print(f"{s.recovered} image(s) were re-run one at a time after worker crashes, actor deaths or model time-outs")
     for reason, n in sorted(s.errors.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {n:6d} x {reason}")
     if s.non_image_files:

@@ -3,17 +3,28 @@
 Layout of DEST:
 
     DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists
-    DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size)
+    DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size),
+                                        written once the manifest is complete (a manifest without it is not trusted)
     DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
+    DEST/_fcclip/fragments/shard-000000/rows-*.arrow   rows of a shard not yet committed (Arrow IPC)
     DEST/_fcclip/tmp/                   local files being written (renamed into place when complete)
+
+Who writes what: Ray workers encode each chunk of a shard's rows and write it as a fragment with a name no other
+write uses; when the driver has seen fragments covering every row of a shard, it starts one commit task, which
+reads them, keeps each row once, writes the shard's part file and deletes the shard's fragment folder. The driver
+itself reads and writes no rows: it schedules tasks and keeps per chunk the rows covered and the fragment's name.
 
 Why a reader never sees a partial file or a row twice:
 - every input URI belongs to exactly one shard, fixed when the manifest is written (before any labeling);
-- a shard's rows are written as ONE file named after the shard, and only once all of its rows are present;
+- a shard's rows are written as ONE file named after the shard, and only once all of its rows are present (the
+  commit checks that its fragments cover rows 0..n-1 and takes each row once, so a fragment written twice by a
+  retried task adds nothing);
 - the file appears atomically: on a local or mounted filesystem it is written under DEST/_fcclip/tmp and renamed
   (``os.replace``) into place; on object storage it is uploaded as a single object, which becomes visible only when
   the upload completes;
-- writing a shard again (a retried or resumed run) replaces the file with the same rows: never a second copy.
+- writing a shard again (a retried commit, a resumed run) replaces the file with the same rows: never a second copy;
+- fragments of a killed run are never read by a later run (it commits only the fragments it wrote itself); they are
+  deleted with their shard's folder when that shard is committed, and whatever is left when a run completes.
 Nothing else under DEST ends in ``.parquet``, so ``DEST/**/*.parquet`` is exactly the committed output.
 """
 from __future__ import annotations
@@ -24,9 +35,11 @@ import os
 import re
 import tempfile
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -143,6 +156,74 @@ class Destination:
                 shards.add(int(m.group(1)))
         return shards
 
+    # ------------------------------------------------------------------ what DEST holds
+    def survey(self) -> "Survey":
+        """What DEST holds, from listings only (no file is read but ``_fcclip/run.json``).
+
+        fcclip's files are ``_fcclip/`` and, when a run's settings are there, the part files of that run's shards;
+        everything else (another program's ``part-000000.parquet`` in a DEST without a run included) is foreign.
+        """
+        fs = self.fs
+        fs.invalidate_cache(self.root)
+        try:
+            if not fs.isdir(self.root):
+                if fs.exists(self.root):
+                    raise NotADirectoryError(f"{self.uri} is a file, not a folder or prefix")
+                return Survey(None, {}, [])
+            entries = fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return Survey(None, {}, [])
+        run = self.read_run() if any(e["name"].rstrip("/").rsplit("/", 1)[-1] == META_DIR for e in entries) else None
+        shards = len(run.get("shard_sizes") or []) if run and run.get("manifest_complete") else 0
+        parts: dict[int, str] = {}
+        foreign: list[str] = []
+        for entry in entries:
+            path = entry["name"].rstrip("/")
+            if path == self.root:
+                continue  # an object store's marker of the prefix itself
+            name = path.rsplit("/", 1)[-1]
+            if name == META_DIR:
+                continue
+            m = PART_RE.fullmatch(name)
+            if m and int(m.group(1)) < shards and entry.get("type") != "directory":
+                parts[int(m.group(1))] = path
+            else:
+                foreign.append(name + ("/" if entry.get("type") == "directory" else ""))
+        return Survey(run, parts, sorted(foreign))
+
+    def remove_own_files(self, survey: "Survey") -> None:
+        """Remove what fcclip wrote (the run's part files, then ``_fcclip/``), nothing else. The order keeps a
+        removal cut short consistent: part files go while run.json still names them as the run's; run.json goes
+        before the manifest it describes (a manifest without run.json is never trusted)."""
+        fs = self.fs
+        for path in survey.parts.values():
+            fs.rm_file(path)
+        for relative in (f"{META_DIR}/run.json", META_DIR):
+            target = self.path(relative)
+            if fs.exists(target):
+                fs.rm(target, recursive=relative == META_DIR)
+        fs.invalidate_cache(self.root)
+
+    def clear_manifest(self) -> None:
+        """Remove the shards of an earlier, unfinished listing (they are trusted only once run.json names them)."""
+        target = self.path(META_DIR, "manifest")
+        fs = self.fs
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+            fs.invalidate_cache(target)
+
+    def remove_fragments(self) -> None:
+        """Remove what is left under ``_fcclip/fragments`` and ``_fcclip/tmp`` once every shard is committed (orphans
+        of a killed run; a commit removes its own shard's fragments)."""
+        fs = self.fs
+        for relative in (FRAGMENTS, f"{META_DIR}/tmp"):
+            target = self.path(relative)
+            try:
+                if fs.exists(target):
+                    fs.rm(target, recursive=True)
+            except FileNotFoundError:
+                pass
+
     # ------------------------------------------------------------------ run settings
     def read_run(self) -> dict | None:
         try:
@@ -154,57 +235,81 @@ class Destination:
         self.write_bytes(f"{META_DIR}/run.json", json.dumps(run, indent=1, sort_keys=True).encode())
 
 
+@dataclass
+class Survey:
+    run: dict | None  # run.json's content, None when DEST holds no run's settings
+    parts: dict[int, str]  # committed part files of that run: {shard: path}
+    foreign: list[str]  # names directly under DEST that fcclip did not write (folders end in '/')
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 def rows_to_table(rows: Iterable[dict]) -> pa.Table:
-    """Rows as produced by the pipeline (segments as Python lists of dicts) -> a table with the output schema."""
+    """Rows as Python dicts (segments as lists of dicts) -> a table with the output schema (tests, small tools)."""
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
 def encode_part(rows: list[dict], file_metadata: dict[str, Any]) -> bytes:
+    """The Parquet bytes of a part file holding ``rows`` (Python dicts)."""
+    return encode_table(rows_to_table(rows), file_metadata)
+
+
+# ---------------------------------------------------------------------------------------------------- fragments
+FRAGMENTS = f"{META_DIR}/fragments"
+
+
+def fragment_dir(shard: int) -> str:
+    return f"{FRAGMENTS}/shard-{shard:06d}"
+
+
+def write_fragment(dest: Destination, shard: int, table: pa.Table) -> str:
+    """Write one chunk's rows (the output schema plus ``row``) as an Arrow IPC file under the shard's fragment folder,
+    with a name no other write uses; returns its path relative to DEST. Never ends in ``.parquet``."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    first = int(table.column("row")[0].as_py()) if table.num_rows else 0
+    name = f"{fragment_dir(shard)}/rows-{first:06d}-{uuid.uuid4().hex[:12]}.arrow"
+    dest.write_bytes(name, sink.getvalue().to_pybytes())
+    return name
+
+
+def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_rows: int,
+                 file_metadata: dict[str, Any]) -> int:
+    """Compose a shard's fragments into its part file, then delete the shard's fragment folder (with any orphans of an
+    earlier, killed run). Each row is taken once (a fragment written twice by a retried task repeats rows: the first
+    copy stands), in row order. Returns the number of rows."""
+    tables = []
+    for name in fragments:
+        with pa.ipc.open_file(pa.BufferReader(dest.read_bytes(name))) as reader:
+            tables.append(reader.read_all())
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().append_column("row", pa.array([], pa.int32()))
+    rows = table.column("row").to_numpy()
+    order = np.argsort(rows, kind="stable")
+    keep = order[np.concatenate([[True], np.diff(rows[order]) != 0])] if len(order) else order
+    table = table.take(pa.array(keep))
+    got = table.column("row").to_pylist()
+    if got != list(range(expected_rows)):
+        missing = sorted(set(range(expected_rows)) - set(got))
+        raise RuntimeError(f"shard {shard}: the fragments do not cover its rows (missing {missing[:10]})")
+    table = table.drop_columns(["row"])
+    dest.write_bytes(part_name(shard), encode_table(table, file_metadata))
+    target = dest.path(fragment_dir(shard))
+    fs = dest.fs
+    try:
+        fs.rm(target, recursive=True)
+    except FileNotFoundError:
+        pass
+    return table.num_rows
+
+
+def encode_table(table: pa.Table, file_metadata: dict[str, Any]) -> bytes:
     """The Parquet bytes of one shard, with the run's vocabulary and thresholds in the file's key-value metadata."""
-    table = rows_to_table(rows)
     meta = dict(table.schema.metadata or {})
     meta.update({f"fcclip.{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in file_metadata.items()})
     table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-class ShardCollector:
-    """Gathers the labeled rows of each shard (in any order, duplicates collapsed) and commits complete shards.
-
-    Args:
-        dest: the output destination.
-        expected: {shard: number of rows}.
-        file_metadata: written into every part file.
-    """
-
-    def __init__(self, dest: Destination, expected: dict[int, int], file_metadata: dict[str, Any]):
-        self.dest = dest
-        self.expected = dict(expected)
-        self.file_metadata = file_metadata
-        self.pending: dict[int, dict[int, dict]] = {}
-        self.committed: list[int] = []
-
-    def add(self, shard: int, row: int, record: dict) -> bool:
-        """Add one row; commits the shard when it is complete. Returns True when the shard was committed."""
-        if shard not in self.expected:
-            return False  # already committed (a retried block delivered it again)
-        rows = self.pending.setdefault(shard, {})
-        rows[row] = record  # a repeated row replaces the earlier copy
-        if len(rows) == self.expected[shard]:
-            ordered = [rows[i] for i in sorted(rows)]
-            self.dest.write_bytes(part_name(shard), encode_part(ordered, self.file_metadata))
-            del self.pending[shard]
-            del self.expected[shard]
-            self.committed.append(shard)
-            return True
-        return False
-
-    def missing(self) -> dict[int, set[int]]:
-        """{shard: rows not yet received} for every shard still open."""
-        return {s: set(range(n)) - set(self.pending.get(s, {})) for s, n in self.expected.items()}

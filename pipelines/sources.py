@@ -16,7 +16,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -135,10 +135,14 @@ class ManifestSummary:
 
 
 def write_manifest(
-    source: str, dest: Destination, shard_size: int, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    source: str,
+    dest: Destination,
+    shard_size: int,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    on_listed: Callable[[int], None] | None = None,
 ) -> ManifestSummary:
     """Stream SOURCE into shards of ``shard_size`` URIs under DEST/_fcclip/manifest (memory: one shard, plus 8 bytes
-    per URI to drop duplicates)."""
+    per URI to drop duplicates). ``on_listed(n)`` is told of each shard's ``n`` URIs as it is written."""
     if shard_size < 1:
         raise ValueError("shard size must be >= 1")
     seen: set[bytes] = set()
@@ -152,6 +156,8 @@ def write_manifest(
         pq.write_table(table, out, compression="zstd")
         dest.write_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}", out.getvalue())
         sizes.append(len(buffer))
+        if on_listed is not None:
+            on_listed(len(buffer))
         shard, buffer = shard + 1, []
 
     for uri, selected in iter_source(source, extensions):

@@ -1,58 +1,43 @@
-"""The labeling pipeline's stages: small callables on column batches, testable without Ray.
+"""The labeling pipeline's stages: small callables, testable without Ray (pipelines/engine.py runs them on Ray).
 
-    ExpandShards  {shard}                       -> {shard, row, uri}
-    ReadDecode    {shard, row, uri}             -> + pixels (resized RGB bytes), height/width (original), rh/rw, error
-    LabelModel    (actor: model loaded once)    -> + segmap (segment ids at the original size), segments (JSON), model
-    encode_masks  (CPU)                         -> {shard, row, record}: the output row as JSON, masks as COCO RLE
+    ReadDecode      URIs -> (meta: original height/width and error per image, images: resized RGB arrays)   CPU task
+    label_images    a model stage over decoded images -> segment maps + segments per image                 model actor
+    encode_rows     segment maps -> the output rows as an Arrow table (COCO RLE, area, box, labels)        CPU task
+    write_fragment / commit_shard (pipelines/sink.py)                                                         CPU tasks
 
 A row that fails at any stage carries its reason in ``error`` through the later stages and becomes an error row.
 Stages hold only plain settings (no filesystem objects, no credentials); workers read object storage with the
 credentials of their own environment.
+
+Two seams take stand-ins (benchmarks, fault tests) through the Python API, never through flags production code
+reads: ``reader`` (URI -> bytes) in ReadDecode, and the model stage factory (see FCCLIPSegmenter).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import os
 import signal
 import threading
 import time
 import traceback
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
+SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
 
 
 def image_id(uri: str) -> str:
     """A stable id derived from the URI: the first 16 hex digits of its sha256."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
-
-
-def _column(batch, name, n, default=""):
-    value = batch.get(name)
-    return list(value) if value is not None else [default] * n
-
-
-class ExpandShards:
-    """{shard} -> one row per URI of each shard (read from the run's manifest)."""
-
-    def __init__(self, dest_uri: str):
-        self.dest_uri = dest_uri
-
-    def __call__(self, row: dict) -> list[dict]:
-        from .sink import Destination
-        from .sources import read_manifest_shard
-
-        shard = int(row["shard"])
-        uris = read_manifest_shard(Destination(self.dest_uri), shard)
-        return [{"shard": shard, "row": i, "uri": u} for i, u in enumerate(uris)]
 
 
 class _Timeout(BaseException):
@@ -64,11 +49,12 @@ def _time_limit(seconds: float | None):
     """Bound the time spent in the block.
 
     After ``seconds``, SIGALRM raises _Timeout in the block (the row becomes a "timed out" error row, the worker
-    lives on). The alarm only reaches Python code in the main thread: Ray runs task UDFs there (ReadDecode is a task),
-    but a decoder stuck in native code never returns to the interpreter, and a UDF run on another thread cannot be
-    signalled at all. So a watchdog thread also ends the whole worker process if the block is still running at twice
-    the limit (and at least 2 s past it): a stuck worker then becomes a crashed worker, which the pipeline retries a
-    bounded number of times and then turns into an error row. Either way the job never waits on one image forever.
+    lives on). The alarm only reaches Python code in the main thread: Ray runs task functions there (ReadDecode runs
+    in a task), but a decoder stuck in native code never returns to the interpreter, and code run on another thread
+    cannot be signalled at all. So a watchdog thread also ends the whole worker process if the block is still running
+    at twice the limit (and at least 2 s past it): a stuck worker then becomes a crashed worker, which the pipeline
+    retries a bounded number of times and then turns into an error row. Either way the job never waits on one image
+    forever.
     """
     if not seconds:
         yield
@@ -98,83 +84,59 @@ def _time_limit(seconds: float | None):
         done.set()
 
 
-def _inject_fault(uri: str) -> None:
-    """Testing hook: ``FCCLIP_TEST_FAULTS="crash:NAME,hang:NAME,stall:NAME"`` on URIs containing NAME makes this
-    worker die (``crash``, like a decoder segfault), sleep in Python (``hang``, like a read that never returns), or
-    sleep out of the alarm's reach (``stall``, like a decoder stuck in native code: SIGALRM is blocked in this thread
-    so no Python handler runs). Inert unless the variable is set (the fault-injection tests set it for their Ray
-    workers). Called inside ReadDecode's time limit, where a real decoder would be."""
-    spec = os.environ.get("FCCLIP_TEST_FAULTS")
-    if not spec:
-        return
-    for item in spec.split(","):
-        kind, _, needle = item.partition(":")
-        if needle and needle in uri:
-            if kind == "crash":
-                os._exit(77)
-            if kind == "hang":
-                time.sleep(3600)
-            if kind == "stall":
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-                time.sleep(3600)
+def read_bytes(uri: str) -> bytes:
+    """The default reader: the object's bytes through fsspec (local paths, s3://, gs://, ...)."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"file larger than {MAX_IMAGE_BYTES} bytes")
+    return data
 
 
 class ReadDecode:
-    """Read each URI's bytes, decode to RGB as the predictor does, resize for the model. Errors become the row's
-    ``error``; nothing raises."""
+    """Read each URI's bytes (``reader``), decode to RGB as the predictor does, resize for the model. Errors become
+    the image's ``error``; nothing raises.
 
-    def __init__(self, short_edge: int | None, max_size: int, max_pixels: int | None, timeout_s: float | None = 120):
+    Returns (meta, images): meta {"height", "width": original sizes (0 when unread), "error": "" or the reason},
+    images the resized (h, w, 3) uint8 arrays (None where the image failed).
+    """
+
+    def __init__(self, short_edge: int | None, max_size: int, max_pixels: int | None, timeout_s: float | None = 120,
+                 reader: Callable[[str], bytes] | None = None):
         self.short_edge = short_edge
         self.max_size = max_size
         self.max_pixels = max_pixels
         self.timeout_s = timeout_s
+        self.reader = reader or read_bytes
 
-    def __call__(self, batch: dict) -> dict:
-        import fsspec
-
+    def __call__(self, uris: list[str]) -> tuple[dict, list]:
         from fcclip.images import decode_image_bytes
         from fcclip.predictor import resize_image
 
-        uris = list(batch["uri"])
-        n = len(uris)
-        out = {k: [] for k in ("pixels", "height", "width", "rh", "rw", "error")}
+        meta = {"height": [], "width": [], "error": []}
+        images = []
         for uri in uris:
-            pixels, h, w, rh, rw, err = b"", 0, 0, 0, 0, ""
+            image, h, w, err = None, 0, 0, ""
             try:
                 with _time_limit(self.timeout_s):
-                    _inject_fault(uri)
-                    with fsspec.open(uri, "rb") as f:
-                        data = f.read(MAX_IMAGE_BYTES + 1)
-                    if len(data) > MAX_IMAGE_BYTES:
-                        raise ValueError(f"file larger than {MAX_IMAGE_BYTES} bytes")
-                    image = decode_image_bytes(data, max_pixels=self.max_pixels)
-                    h, w = image.shape[:2]
-                    resized = resize_image(image, self.short_edge, self.max_size)
-                    rh, rw = resized.shape[:2]
-                    pixels = np.ascontiguousarray(resized).tobytes()
+                    decoded = decode_image_bytes(self.reader(uri), max_pixels=self.max_pixels)
+                    h, w = decoded.shape[:2]
+                    image = np.ascontiguousarray(resize_image(decoded, self.short_edge, self.max_size))
             except _Timeout:
                 err = f"timed out after {self.timeout_s} s while reading or decoding"
             except FileNotFoundError as e:
                 err = f"not found: {e}"
             except Exception as e:  # a bad image is an error row, never a failed job
                 err = f"{type(e).__name__}: {e}"
-            out["pixels"].append(pixels)
-            out["height"].append(h)
-            out["width"].append(w)
-            out["rh"].append(rh)
-            out["rw"].append(rw)
-            out["error"].append(err)
-        result = {k: batch[k] for k in ("shard", "row", "uri")}
-        result.update(
-            pixels=np.array(out["pixels"], dtype=object),
-            height=np.array(out["height"], dtype=np.int32),
-            width=np.array(out["width"], dtype=np.int32),
-            rh=np.array(out["rh"], dtype=np.int32),
-            rw=np.array(out["rw"], dtype=np.int32),
-            error=np.array(out["error"], dtype=object),
-        )
-        assert len(result["pixels"]) == n
-        return result
+            if err:
+                image, h, w = None, h, w
+            images.append(image)
+            meta["height"].append(int(h))
+            meta["width"].append(int(w))
+            meta["error"].append(err)
+        return meta, images
 
 
 @dataclass(frozen=True)
@@ -189,9 +151,17 @@ class ModelSpec:
     autocast: str | None = None  # "bf16" / "fp16" on GPUs
 
 
-class LabelModel:
-    """The model stage: one FC-CLIP per actor, loaded once, text classifier computed once; batched forward passes,
-    panoptic post-processing at each image's original size."""
+class FCCLIPSegmenter:
+    """The default model stage: one FC-CLIP, loaded once, text classifier computed once; batched forward passes,
+    panoptic post-processing at each image's original size, on the model's device.
+
+    A model stage is any object built inside the model actor by a zero-argument, picklable factory (``run_label(...,
+    model_stage=factory)``), with a ``model_id`` string and ``__call__(images, sizes)``:
+
+        images: resized RGB images, each (h, w, 3) uint8; sizes: each image's original (H, W).
+        returns: per image (segment_map, segments): segment_map (H, W) integer segment ids (0 = none), segments
+                 [{id, label, category_id, is_thing, score}] for the ids present in the map.
+    """
 
     def __init__(self, spec: ModelSpec):
         import warnings
@@ -209,96 +179,185 @@ class LabelModel:
         if dtype is not None and self.model.device.type != "cuda":
             dtype = None
         self.predictor = Predictor(
-            self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",), autocast_dtype=dtype
+            self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",),
+            autocast_dtype=dtype,
         )
-        self.spec = spec
+        self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["uri"])
-        errors = list(batch["error"])
-        segmaps = [b""] * n
-        segments = ["[]"] * n
-        todo = [i for i in range(n) if not errors[i]]
-        try:
-            self._label(batch, todo, segmaps, segments)
-        except Exception as e:  # e.g. a CUDA OOM on one huge batch: retry the images one by one
-            logger.warning("batch failed (%s); labelling its images one at a time", e)
-            for i in todo:
-                try:
-                    self._label(batch, [i], segmaps, segments)
-                except Exception as e1:
-                    errors[i] = f"model failed: {type(e1).__name__}: {e1}"
-                    logger.debug("%s", traceback.format_exc())
-        return {
-            "shard": batch["shard"],
-            "row": batch["row"],
-            "uri": batch["uri"],
-            "height": batch["height"],
-            "width": batch["width"],
-            "error": np.array(errors, dtype=object),
-            "segmap": np.array(segmaps, dtype=object),
-            "segments": np.array(segments, dtype=object),
-            "model": np.array([self.model_id] * n, dtype=object),
-        }
+    @classmethod
+    def factory(cls, spec: ModelSpec):
+        return functools.partial(cls, spec)
 
-    def _label(self, batch, index, segmaps, segments):
-        if not index:
-            return
-        images = [
-            np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(int(batch["rh"][i]), int(batch["rw"][i]), 3)
-            for i in index
-        ]
-        out, sizes, padded = self.predictor.infer(images)
-        for j, i in enumerate(index):
-            size = (int(batch["height"][i]), int(batch["width"][i]))
-            pred = self.predictor.postprocess(out.mask_cls[j], out.mask_logits[j], sizes[j], padded, size)
+    def __call__(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, list]]:
+        out, resized, padded = self.predictor.infer(images)
+        results = []
+        for j, size in enumerate(sizes):
+            pred = self.predictor.postprocess(out.mask_cls[j], out.mask_logits[j], resized[j], padded, size)
             seg_map = pred.panoptic.segment_map
-            kept = [s for s in pred.panoptic.segments if s["score"] >= self.spec.min_score and s["area"] > 0]
+            kept = [s for s in pred.panoptic.segments if s["score"] >= self.min_score and s["area"] > 0]
             if len(kept) < len(pred.panoptic.segments):
                 keep_ids = np.array([s["id"] for s in kept], dtype=seg_map.dtype)
                 seg_map = np.where(np.isin(seg_map, keep_ids), seg_map, 0)
-            dtype = np.uint8 if seg_map.max(initial=0) < 256 else np.uint16
-            segmaps[i] = zlib.compress(seg_map.astype(dtype).tobytes(), 1) + dtype().dtype.char.encode()
-            segments[i] = json.dumps(
-                [{k: s[k] for k in ("id", "label", "category_id", "is_thing", "score")} for s in kept]
-            )
+            results.append((_narrow(seg_map), [{k: s[k] for k in SEGMENT_KEYS} for s in kept]))
+        return results
 
 
-def _decode_segmap(blob: bytes, height: int, width: int) -> np.ndarray:
-    dtype = np.dtype(blob[-1:].decode())
-    return np.frombuffer(zlib.decompress(blob[:-1]), dtype=dtype).reshape(height, width)
+def _narrow(seg_map: np.ndarray) -> np.ndarray:
+    """The smallest unsigned dtype that holds the ids (a uint8 map is a quarter of an int32 one to ship)."""
+    top = int(seg_map.max(initial=0))
+    dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32
+    return seg_map.astype(dtype, copy=False)
 
 
-def encode_masks(batch: dict) -> dict:
-    """Segment maps -> per-segment COCO RLE, area and box; emits each image's output row as JSON."""
-    from fcclip.masks import encode_rle, mask_to_bbox
+def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
+    """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
-    records = []
-    for i, uri in enumerate(batch["uri"]):
-        h, w = int(batch["height"][i]), int(batch["width"][i])
-        error = batch["error"][i]
-        record = {
-            "uri": uri,
-            "image_id": image_id(uri),
-            "width": w if not error or w else None,
-            "height": h if not error or h else None,
-            "status": "error" if error else "ok",
-            "error": error or None,
-            "segments": [] if error else None,
-            "model": batch["model"][i],
-        }
-        if not error:
+    A batch that raises (e.g. out of memory on one huge batch) is run again one image at a time; an image that
+    still raises is an error row. Returns {"maps": [(H, W) array or None], "segments": [[...]], "error": [...],
+    "model": id, "model_s": seconds inside the model stage}.
+    """
+    n = len(images)
+    errors = list(meta["error"])
+    maps: list = [None] * n
+    segments: list = [[] for _ in range(n)]
+    todo = [i for i in range(n) if not errors[i]]
+    model_s = 0.0
+
+    def run(index):
+        nonlocal model_s
+        t = time.perf_counter()
+        out = segmenter([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
+        model_s += time.perf_counter() - t
+        for i, (seg_map, segs) in zip(index, out):
+            maps[i] = _narrow(np.asarray(seg_map))
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS} for s in segs]
+
+    for start in range(0, len(todo), max(1, batch_size)):
+        batch = todo[start : start + max(1, batch_size)]
+        try:
+            run(batch)
+        except Exception as e:
+            logger.warning("batch failed (%s); labelling its images one at a time", e)
+            for i in batch:
+                try:
+                    run([i])
+                except Exception as e1:
+                    errors[i] = f"model failed: {type(e1).__name__}: {e1}"
+                    logger.debug("%s", traceback.format_exc())
+    return {"maps": maps, "segments": segments, "error": errors, "model": segmenter.model_id, "model_s": model_s}
+
+
+def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
+    """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
+
+    Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
+    is run-length encoded once, column-major as COCO RLE wants it, and each segment's runs are taken from that single
+    pass (not one full-size mask comparison per segment); pycocotools compresses them and derives areas and boxes.
+    The strings are those ``pycocotools.mask.encode`` gives for each segment's mask.
+    """
+    from pycocotools import mask as mask_util
+
+    h, w = (int(v) for v in seg_map.shape)
+    if not segments:
+        return {"area": [], "bbox": [], "size": (h, w), "counts": []}
+    flat = np.asarray(seg_map).ravel(order="F")
+    n = flat.size
+    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
+    lengths = np.diff(np.append(starts, n))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by segment id, in position order within each id
+    ids = np.array([s["id"] for s in segments], dtype=np.int64)
+    first = np.searchsorted(values[order], ids, side="left")
+    last = np.searchsorted(values[order], ids, side="right")
+    uncompressed = []
+    for lo, hi in zip(first, last):
+        run = order[lo:hi]
+        begin, length = starts[run], lengths[run]
+        counts = np.empty(2 * len(run) + 1, dtype=np.int64)
+        counts[0:-1:2] = begin - np.concatenate([[0], begin[:-1] + length[:-1]])  # zeros before each run of ones
+        counts[1::2] = length
+        counts[-1] = n - (begin[-1] + length[-1]) if len(run) else n  # zeros after the last run
+        if counts[-1] == 0 and len(run):
+            counts = counts[:-1]
+        uncompressed.append({"size": [h, w], "counts": counts.tolist()})
+    rles = mask_util.frPyObjects(uncompressed, h, w)
+    areas = mask_util.area(rles)
+    boxes = mask_util.toBbox(rles)
+    return {
+        "area": [int(a) for a in areas],
+        "bbox": [[float(v) for v in box] for box in boxes],
+        "size": (h, w),
+        "counts": [r["counts"].decode("ascii") for r in rles],
+    }
+
+
+def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | None, constants: dict,
+                errors: list[str] | None = None) -> pa.Table:
+    """The output rows of one chunk as an Arrow table: sink.SCHEMA plus ``row`` (the row's place in its shard).
+
+    ``labelled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
+    error (rows that failed outside the stages, e.g. a worker that kept crashing). ``constants``: vocabulary and
+    run_id, and the model id used when ``labelled`` is None. Segments are built as list<struct> columns directly.
+    """
+    from .sink import SCHEMA, SEGMENT
+
+    n = len(uris)
+    error = list(errors) if errors is not None else list((labelled or meta)["error"])
+    model = (labelled or {}).get("model") or constants["model"]
+    seg_fields = {k: [] for k in ("id", "label", "category_id", "is_thing", "score", "area", "bbox", "size", "counts")}
+    offsets = [0]
+    status, widths, heights = [], [], []
+    for i in range(n):
+        err = error[i]
+        if not err and labelled is not None:
             try:
-                seg_map = _decode_segmap(batch["segmap"][i], h, w)
-                segs = []
-                for s in json.loads(batch["segments"][i]):
-                    mask = seg_map == s["id"]
-                    segs.append(
-                        dict(s, area=int(mask.sum()), bbox=[float(v) for v in mask_to_bbox(mask)], rle=encode_rle(mask))
-                    )
-                record["segments"] = segs
+                cols = panoptic_columns(labelled["maps"][i], labelled["segments"][i])
             except Exception as e:
-                record.update(status="error", error=f"encoding failed: {type(e).__name__}: {e}", segments=[])
-        records.append(json.dumps(record))
-    return {"shard": batch["shard"], "row": batch["row"], "record": np.array(records, dtype=object)}
+                err = error[i] = f"encoding failed: {type(e).__name__}: {e}"
+            else:
+                segs = labelled["segments"][i]
+                for key in ("id", "label", "category_id", "is_thing", "score"):
+                    seg_fields[key].extend(s[key] for s in segs)
+                seg_fields["area"].extend(cols["area"])
+                seg_fields["bbox"].extend(cols["bbox"])
+                seg_fields["size"].extend([list(cols["size"])] * len(segs))
+                seg_fields["counts"].extend(cols["counts"])
+        offsets.append(len(seg_fields["id"]))
+        status.append("error" if err else "ok")
+        h, w = int(meta["height"][i]) if meta else 0, int(meta["width"][i]) if meta else 0
+        widths.append(w if (not err or w) else None)
+        heights.append(h if (not err or h) else None)
+    rle_type = SEGMENT.field("rle").type
+    rle = pa.StructArray.from_arrays(
+        [pa.array(seg_fields["size"], rle_type.field("size").type), pa.array(seg_fields["counts"], pa.string())],
+        fields=list(rle_type),
+    )
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(seg_fields["id"], pa.int32()),
+            pa.array(seg_fields["label"], pa.string()),
+            pa.array(seg_fields["category_id"], pa.int32()),
+            pa.array(seg_fields["is_thing"], pa.bool_()),
+            pa.array(seg_fields["score"], pa.float32()),
+            pa.array(seg_fields["area"], pa.int64()),
+            pa.array(seg_fields["bbox"], SEGMENT.field("bbox").type),
+            rle,
+        ],
+        fields=list(SEGMENT),
+    )
+    segments = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+    columns = {
+        "uri": pa.array(uris, pa.string()),
+        "image_id": pa.array([image_id(u) for u in uris], pa.string()),
+        "width": pa.array(widths, pa.int32()),
+        "height": pa.array(heights, pa.int32()),
+        "status": pa.array(status, pa.string()),
+        "error": pa.array([e or None for e in error], pa.string()),
+        "segments": segments,
+        "model": pa.array([model] * n, pa.string()),
+        "vocabulary": pa.array([constants["vocabulary"]] * n, pa.string()),
+        "run_id": pa.array([constants["run_id"]] * n, pa.string()),
+    }
+    table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+    return table.append_column("row", pa.array(rows, pa.int32()))

@@ -137,15 +137,129 @@ def test_resume_skips_committed_shards_and_rejects_other_settings(tmp_path, ray_
     # a complete run is a no-op
     assert main(args) == 0
     assert "labeled 0 image(s)" in capsys.readouterr().out
-    # other settings into the same DEST are refused
+    # other settings into the same DEST are refused while it holds committed shards ...
     assert main(args[:-1] + ["--min-score", "0.5", "--no-progress"]) == 2
     assert "other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == sorted(first)
+    # ... unless --overwrite: the earlier run's files go, and the new run writes every shard
+    (tmp_path / "out" / "mine.txt").write_text("kept")
+    run_id = df["run_id"].iloc[0]
+    assert main(args[:-1] + ["--min-score", "0.5", "--no-progress", "--overwrite"]) == 0
+    assert "labeled 6 image(s)" in capsys.readouterr().out
+    assert (tmp_path / "out" / "mine.txt").read_text() == "kept"
+    df = pd.read_parquet([str(p) for p in sorted((tmp_path / "out").glob("*.parquet"))])
+    assert len(df) == 6 and df["run_id"].nunique() == 1 and df["run_id"].iloc[0] != run_id
+    assert json.loads((tmp_path / "out" / "_fcclip" / "run.json").read_text())["settings"]["min_score"] == 0.5
+
+
+def _local_args(source, dest, *more):
+    return ["label", str(source), "--out", str(dest), "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights",
+            "random", "--no-progress", *more]
+
+
+def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
+    """A listing that fails leaves no settings in DEST; settings of a run with no committed shard give way."""
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    dest = tmp_path / "o1"
+    assert main(_local_args(tmp_path / "nope", dest)) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (dest / "_fcclip" / "run.json").exists()
+    assert main(_local_args(tmp_path / "in", dest)) == 0, capsys.readouterr().err
+    assert "labeled 2 image(s)" in capsys.readouterr().out
+    assert json.loads((dest / "_fcclip" / "run.json").read_text())["settings"]["source"] == str(tmp_path / "in")
+
+    # a run whose manifest is complete but which committed nothing (stopped before its first shard) gives way too
+    from fcclip.config import load_config
+    from fcclip.vocabulary import load_vocabulary
+    from pipelines.label import LabelConfig, prepare_run
+    from pipelines.sink import Destination
+
+    other = tmp_path / "o2"
+    cfg = LabelConfig(source=str(tmp_path / "nope"), dest=str(other), vocab=VOCAB, model="fcclip-tiny")
+    (tmp_path / "nope").mkdir()
+    prepare_run(cfg, Destination(str(other)), load_config("fcclip-tiny"), load_vocabulary(VOCAB))
+    assert json.loads((other / "_fcclip" / "run.json").read_text())["settings"]["source"] == str(tmp_path / "nope")
+    assert main(_local_args(tmp_path / "in", other)) == 0, capsys.readouterr().err
+    assert "labeled 2 image(s)" in capsys.readouterr().out
+    assert len(pq.read_table(other).to_pylist()) == 2
+
+
+def test_foreign_files_in_dest_are_refused_untouched(tmp_path, capsys):
+    import pyarrow as pa
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    dest = tmp_path / "theirs"
+    dest.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), dest / "part-000000.parquet")
+    before = (dest / "part-000000.parquet").read_bytes(), (dest / "part-000000.parquet").stat().st_mtime_ns
+    for extra in ([], ["--overwrite"]):  # a file with an output's name is never replaced
+        assert main(_local_args(tmp_path / "in", dest, *extra)) == 2
+        err = capsys.readouterr().err
+        assert "fcclip did not write" in err and "'part-000000.parquet'" in err, err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in dest.iterdir()) == ["part-000000.parquet"]  # nothing written, nothing removed
+    assert ((dest / "part-000000.parquet").read_bytes(), (dest / "part-000000.parquet").stat().st_mtime_ns) == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("mine")
+    assert main(_local_args(tmp_path / "in", notes)) == 2
+    err = capsys.readouterr().err
+    assert "'README.txt'" in err and "--overwrite" in err
+    assert sorted(p.name for p in notes.iterdir()) == ["README.txt"]
+
+
+def test_overwrite_writes_beside_foreign_files_and_max_failed_fraction(tmp_path, ray_local, capsys):
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=3, size=(48, 64))
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a picture")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "README.txt").write_text("mine")
+    code = main(_local_args(tmp_path / "in", dest, "--overwrite", "--max-failed-fraction", "0.2"))
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "1 of 4 image(s) failed (25.0%), more than --max-failed-fraction 0.2" in captured.err
+    assert "3 ok, 1 failed" in captured.out
+    assert (dest / "README.txt").read_text() == "mine"
+    rows = pq.read_table(dest / "part-000000.parquet").to_pylist()  # committed before the non-zero exit
+    assert sorted(r["status"] for r in rows) == ["error", "ok", "ok", "ok"]
+    # the run is resumed as any other (the foreign file is not asked about again); here, nothing is left to do
+    assert main(_local_args(tmp_path / "in", dest, "--max-failed-fraction", "0.2")) == 0
+    assert "labeled 0 image(s)" in capsys.readouterr().out
+
+
+def test_panoptic_columns_match_pycocotools_per_mask():
+    """The single-pass encoder gives, for every segment, what pycocotools gives for its mask alone: the same RLE
+    string, area and box; segments absent from the map, maps of one id, 1x1 maps included."""
+    from pipelines.stages import panoptic_columns
+
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 5, size=rng.integers(1, 40, 2)).astype(np.uint8) for _ in range(20)]
+    maps += [np.full((7, 3), 2, np.uint8), np.zeros((1, 1), np.uint16), np.arange(12, dtype=np.uint16).reshape(3, 4)]
+    for seg_map in maps:
+        segments = [{"id": i} for i in (1, 2, 3, 4, 7)]
+        cols = panoptic_columns(seg_map, segments)
+        assert cols["size"] == seg_map.shape
+        for k, s in enumerate(segments):
+            mask = seg_map == s["id"]
+            ref = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            assert cols["counts"][k] == ref["counts"].decode() and cols["area"][k] == mask.sum()
+            ys, xs = np.nonzero(mask)
+            box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1] if len(xs) else [0, 0, 0, 0]
+            assert cols["bbox"][k] == [float(v) for v in box]
 
 
 def test_stages_run_without_ray(tmp_path):
-    """The stages are plain callables: the whole chain on one batch, in process."""
+    """The stages are plain callables: the whole chain on one chunk, in process, to a committed part file."""
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.stages import LabelModel, ModelSpec, ReadDecode, encode_masks
+    from pipelines.sink import Destination, commit_shard, write_fragment
+    from pipelines.stages import FCCLIPSegmenter, ModelSpec, ReadDecode, encode_rows, label_images
 
     files = {**good_images(2), "odd/not_an_image.jpg": b"nope"}
     uris = []
@@ -153,11 +267,67 @@ def test_stages_run_without_ray(tmp_path):
         p = tmp_path / name.replace("/", "_")
         p.write_bytes(data)
         uris.append(str(p))
-    batch = {"shard": np.zeros(3, np.int64), "row": np.arange(3), "uri": np.array(uris, dtype=object)}
-    decoded = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(batch)
-    assert list(decoded["rh"]) == [64, 64, 0] and decoded["error"][2]
+    meta, images = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(uris)
+    assert [None if im is None else im.shape[:2] for im in images] == [(64, 85), (64, 85), None]
+    assert meta["error"][2] and not meta["error"][0] and (meta["height"][0], meta["width"][0]) == (72, 96)
     spec = ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu")
-    labelled = LabelModel(spec)(decoded)
-    records = [json.loads(r) for r in encode_masks(labelled)["record"]]
-    assert [r["status"] for r in records] == ["ok", "ok", "error"]
-    assert (records[0]["width"], records[0]["height"]) == (96, 72)
+    segmenter = FCCLIPSegmenter.factory(spec)()
+    labelled = label_images(segmenter, meta, images, batch_size=2)
+    assert labelled["model"] == "fcclip-tiny@random" and labelled["maps"][2] is None
+    constants = {"vocabulary": "custom@x", "run_id": "r1", "model": "unused"}
+    table = encode_rows(uris, [0, 1, 2], meta, labelled, constants)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"] and [r["row"] for r in rows] == [0, 1, 2]
+    assert (rows[0]["width"], rows[0]["height"]) == (96, 72) and rows[2]["width"] is None
+    for r, seg_map in zip(rows[:2], labelled["maps"][:2]):
+        assert seg_map.shape == (72, 96)
+        for s in r["segments"]:
+            mask = mask_util.decode({"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}).astype(bool)
+            assert (mask == (seg_map == s["id"])).all() and mask.sum() == s["area"]
+    # two fragments of one shard, one of them written twice (a retried task): the commit takes each row once
+    dest = Destination(str(tmp_path / "out"))
+    first = write_fragment(dest, 0, table.slice(0, 2))
+    names = [first, write_fragment(dest, 0, table.slice(2, 1)), write_fragment(dest, 0, table.slice(0, 2))]
+    assert not any(n.endswith(".parquet") for n in names)
+    assert commit_shard(dest, 0, names, 3, {"run_id": "r1"}) == 3
+    assert [r["uri"] for r in pq.read_table(tmp_path / "out" / "part-000000.parquet").to_pylist()] == uris
+    assert not (tmp_path / "out" / "_fcclip" / "fragments" / "shard-000000").exists()
+    with pytest.raises(RuntimeError, match="do not cover"):
+        commit_shard(dest, 1, [write_fragment(dest, 1, table.slice(0, 2))], 3, {})
+    assert not (tmp_path / "out" / "part-000001.parquet").exists()
+
+
+def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):
+    """The README's read patterns, on a local DEST with its _fcclip/ folder: the ones that work return every row
+    once, the ones it warns about fail on _fcclip/run.json."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=3, size=(48, 64))
+    dest = tmp_path / "out"
+    assert main(_local_args(tmp_path / "in", dest, "--shard-size", "2")) == 0
+    assert (dest / "_fcclip" / "run.json").exists()
+    uris = sorted(str(p) for p in (tmp_path / "in").iterdir())
+
+    def check(uri_column):
+        assert sorted(uri_column) == uris
+
+    check(r[0] for r in duckdb.sql(f"select uri from read_parquet('{dest}/*.parquet')").fetchall())
+    check(r[0] for r in duckdb.sql(f"select uri from read_parquet('{dest}/**/*.parquet')").fetchall())
+    with pytest.raises(duckdb.Error):
+        duckdb.sql(f"select uri from read_parquet('{dest}/**')").fetchall()
+    check(pd.read_parquet(dest)["uri"])
+    check(pq.read_table(dest).column("uri").to_pylist())
+    check(pads.dataset(dest, format="parquet").to_table(columns=["uri"]).column("uri").to_pylist())
+
+    pl = pytest.importorskip("polars")
+    check(pl.scan_parquet(f"{dest}/*.parquet").select("uri").collect()["uri"].to_list())
+    segments = pl.scan_parquet(f"{dest}/*.parquet").explode("segments").drop_nulls("segments").unnest("segments")
+    labels = segments.group_by("label").len()
+    assert labels.collect()["len"].sum() == duckdb.sql(
+        f"select count(*) from (select unnest(segments) from read_parquet('{dest}/*.parquet'))").fetchall()[0][0]
+    with pytest.raises(Exception):
+        pl.scan_parquet(dest).collect()

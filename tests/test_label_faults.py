@@ -1,8 +1,9 @@
 """`fcclip label` under real faults: a worker that crashes or hangs on one image, an actor killed and a node removed
 mid-job on a 3-node cluster, the driver killed mid-job and the job run again.
 
-Faults are real: ``FCCLIP_TEST_FAULTS`` (see pipelines/stages.py) makes a Ray worker ``os._exit`` or sleep on one
-URI, and the other faults are SIGKILLs and ``Cluster.remove_node``. Every Ray started here lives under its own
+Faults are real: stand-in stages handed to the job through its Python API (tests/label_job.py) make a Ray worker
+``os._exit`` or sleep on one URI, or a model actor never return from a batch; the other faults are SIGKILLs and
+``Cluster.remove_node``. Every Ray started here lives under its own
 RAY_TMPDIR, so it neither joins nor is joined by another Ray on this machine, and its processes can be found (their
 command lines name that folder) and ended without touching anyone else's.
 """
@@ -96,18 +97,21 @@ def _end_processes(ray_tmp: str, session: int | None = None, timeout: float = 20
 
 
 class Job:
-    """``python -m fcclip label ...`` in its own session (process group) and its own RAY_TMPDIR."""
+    """``fcclip label ...`` in its own session (process group) and its own RAY_TMPDIR; with ``stand_ins`` (options of
+    tests/label_job.py) it runs through that script, which hands stand-in stages to the job."""
 
-    def __init__(self, args: list[str], faults: str | None = None):
+    def __init__(self, args: list[str], stand_ins: list[str] | None = None):
         self.ray_tmp = _ray_tmpdir()
         env = dict(os.environ, RAY_TMPDIR=self.ray_tmp)
         env.pop("RAY_ADDRESS", None)
-        if faults:
-            env["FCCLIP_TEST_FAULTS"] = faults  # the job's local Ray and so its workers inherit it
         self.log = open(Path(self.ray_tmp) / "job.log", "w+")
+        if stand_ins is None:
+            command = [sys.executable, "-m", "fcclip", "label", *args]
+        else:
+            command = [sys.executable, str(Path(__file__).parent / "label_job.py"), *stand_ins, "--", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fcclip", "label", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=Path(__file__).parent.parent,
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).parent.parent,
         )
 
     def wait(self, timeout: float = JOB_LIMIT_S) -> int:
@@ -167,7 +171,7 @@ def test_poison_image_becomes_an_error_row(tmp_path):
     is an error row; the job finishes, every other image is labelled."""
     uris = _images(tmp_path / "in", 8, extra=("poison-pill.jpg",))
     job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2"),
-              faults="crash:poison-pill")
+              stand_ins=["--fault", "crash:poison-pill"])
     try:
         code = job.wait()
         out = job.output()
@@ -191,7 +195,7 @@ def test_hanging_and_stuck_images_time_out(tmp_path):
     (native code) is ended by the watchdog at twice the limit and goes the crashed-worker way. The job finishes."""
     uris = _images(tmp_path / "in", 6, extra=("slow-poke.jpg", "stuck-decoder.jpg"))
     job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
-                          "--decode-timeout", "1"), faults="hang:slow-poke,stall:stuck-decoder")
+                          "--decode-timeout", "1"), stand_ins=["--fault", "hang:slow-poke", "--fault", "stall:stuck-decoder"])
     try:
         code = job.wait()
         out = job.output()
@@ -235,7 +239,7 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
         ray.init(address=cluster.address, log_to_driver=False)
         cfg = LabelConfig(
             source=str(tmp_path / "in"), dest=str(dest), vocab=VOCAB, model="fcclip-tiny", weights="random",
-            batch_size=2, actors=(2, 2), shard_size=4, decode_batch_size=2,
+            batch_size=2, actors=(2, 2), shard_size=4, chunk_size=2,
         )
 
         def job():
@@ -253,7 +257,7 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
         assert thread.is_alive() and 0 < committed_before < 10, f"the faults must land mid-job ({result})"
 
         # the pool's actors; the second may still be starting (it is placed on a node then, but has no process yet)
-        actors = [a for a in actor_table().values() if "MapWorker" in a["ActorClassName"] and a["State"] != "DEAD"]
+        actors = [a for a in actor_table().values() if "ModelActor" in a["ActorClassName"] and a["State"] != "DEAD"]
         actors.sort(key=lambda a: a["State"] != "ALIVE")
         assert actors and actors[0]["State"] == "ALIVE", actors
         os.kill(actors[0]["Pid"], signal.SIGKILL)
@@ -284,14 +288,96 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
     assert (summary.images, summary.ok) == (40, 40)
 
 
+class _Local:
+    """DEST on a local folder, as the driver-kill test inspects it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dest = str(root)
+
+    def parts(self) -> dict[str, tuple]:
+        return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in self.root.glob("*.parquet")}
+
+    def all_parquet(self) -> list[str]:
+        return [str(p) for p in self.root.rglob("*.parquet")]
+
+    def read_rows(self, path: str) -> int:
+        return pq.read_table(path).num_rows
+
+    def read_text(self, relative: str) -> str | None:
+        path = self.root / relative
+        return path.read_text() if path.exists() else None
+
+    def leftovers(self) -> list[str]:
+        return sorted(str(p) for p in (self.root / "_fcclip").rglob("*") if "manifest" not in str(p) and p.is_file())
+
+    def rows(self) -> list[dict]:
+        return _rows(self.root)
+
+
+class _Bucket:
+    """DEST on the loopback S3 server."""
+
+    def __init__(self, bucket: str):
+        import s3fs
+
+        self.fs = s3fs.S3FileSystem()
+        self.prefix = f"{bucket}/out"
+        self.dest = f"s3://{self.prefix}"
+
+    def _ls(self, pattern: str) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(self.fs.glob(pattern))
+
+    def parts(self) -> dict[str, tuple]:
+        found = {}
+        for path in self._ls(f"{self.prefix}/*.parquet"):
+            info = self.fs.info(path)
+            found[path.rsplit("/", 1)[-1]] = (self.fs.cat_file(path), info.get("ETag"), info.get("LastModified"))
+        return found
+
+    def all_parquet(self) -> list[str]:
+        return self._ls(f"{self.prefix}/**/*.parquet")
+
+    def read_rows(self, path: str) -> int:
+        return pq.read_table(path, filesystem=self.fs).num_rows
+
+    def read_text(self, relative: str) -> str | None:
+        try:
+            return self.fs.cat_file(f"{self.prefix}/{relative}").decode()
+        except FileNotFoundError:
+            return None
+
+    def leftovers(self) -> list[str]:
+        return [p for p in self._ls(f"{self.prefix}/_fcclip/**") if "manifest" not in p and self.fs.isfile(p)]
+
+    def rows(self) -> list[dict]:
+        paths = self._ls(f"{self.prefix}/*.parquet")
+        return [r for p in paths for r in pq.read_table(p, filesystem=self.fs).to_pylist()]
+
+
 @pytest.mark.slow
-def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, request):
     """SIGKILL the driver (and the local Ray it started) once some shards are committed, run the same command
-    again: committed shards are left untouched, the rest are written, every input appears exactly once. While
-    both runs go on, every .parquet under DEST reads back whole, with its shard's full row count."""
-    uris = _images(tmp_path / "in", 48)
-    dest = tmp_path / "out"
-    args = _label_args(tmp_path / "in", dest, "--shard-size", "2", "--batch-size", "2")
+    again: committed shards are left untouched, the rest are written, every input appears exactly once, and no
+    fragment of the killed run is left. While both runs go on, every .parquet under DEST reads back whole, with its
+    shard's full row count. On a local folder, and bucket to bucket on the loopback S3 server."""
+    if storage == "local":
+        uris = _images(tmp_path / "in", 48)
+        source, out = str(tmp_path / "in"), _Local(tmp_path / "out")
+    else:
+        import boto3
+
+        bucket = request.getfixturevalue("s3_bucket")
+        local = _images(tmp_path / "in", 48)
+        s3 = boto3.client("s3")
+        for path in local:
+            s3.upload_file(path, bucket, f"in/{Path(path).name}")
+        uris = [f"s3://{bucket}/in/{Path(p).name}" for p in local]
+        source, out = f"s3://{bucket}/in/", _Bucket(bucket)
+    args = [source, "--out", out.dest, "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights", "random",
+            "--num-cpus", "2", "--no-progress", "--shard-size", "2", "--batch-size", "2"]
 
     checks = {"reads": 0, "problems": []}
     stop = threading.Event()
@@ -302,18 +388,19 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
 
         sizes = None
         while not stop.is_set():
-            if sizes is None and (dest / "_fcclip" / "run.json").exists():
-                run = json.loads((dest / "_fcclip" / "run.json").read_text())
-                sizes = run.get("shard_sizes")
-            for path in dest.rglob("*.parquet"):
+            if sizes is None and (text := out.read_text("_fcclip/run.json")):
+                sizes = json.loads(text).get("shard_sizes")
+            for path in out.all_parquet():
+                name = path.rsplit("/", 1)[-1]
                 try:
-                    n = pq.read_table(path).num_rows
+                    n = out.read_rows(path)
                 except FileNotFoundError:
                     continue
                 except Exception as e:
-                    checks["problems"].append(f"{path.name}: {type(e).__name__}: {e}")
+                    checks["problems"].append(f"{name}: {type(e).__name__}: {e}")
                     continue
-                shard = int(path.stem.split("-")[1]) if path.parent == dest and path.name.startswith("part-") else None
+                top = path.rsplit("/", 1)[0].rstrip("/") == out.dest.replace("s3://", "").rstrip("/")
+                shard = int(name.split("-")[1].split(".")[0]) if name.startswith("part-") and top else None
                 if shard is None or sizes is None or n != sizes[shard]:
                     checks["problems"].append(f"{path}: {n} rows (manifest: {sizes})")
                 checks["reads"] += 1
@@ -325,7 +412,7 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
         first = Job(args)
         try:
             deadline = time.monotonic() + JOB_LIMIT_S
-            while not list(dest.glob("*.parquet")) and first.proc.poll() is None and time.monotonic() < deadline:
+            while not out.parts() and first.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert first.proc.poll() is None, f"the first run ended before it was killed:\n{first.output()[-3000:]}"
             first.kill()
@@ -337,27 +424,152 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path):
             survivors = first.close()
         assert left == [], f"processes of the killed run outlived its process group: {left}"
         assert survivors == []
-        before = {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in dest.glob("*.parquet")}
+        before = out.parts()
         assert 0 < len(before) < 24, sorted(before)
 
         second = Job(args)
         try:
             code = second.wait()
-            out = second.output()
+            output = second.output()
         finally:
             survivors = second.close()
         assert survivors == []
     finally:
         stop.set()
         watcher.join()
-    assert code == 0, out[-5000:]
-    assert f"{len(before)} shard(s) were already committed" in out, out[-3000:]
-    assert f"labeled {48 - 2 * len(before)} image(s)" in out, out[-3000:]
+    assert code == 0, output[-5000:]
+    assert f"{len(before)} shard(s) were already committed" in output, output[-3000:]
+    assert f"labeled {48 - 2 * len(before)} image(s)" in output, output[-3000:]
     assert checks["problems"] == [] and checks["reads"] > 0, checks
-    after = {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in dest.glob("*.parquet")}
+    after = out.parts()
     assert sorted(after) == [f"part-{i:06d}.parquet" for i in range(24)]
     for name, kept in before.items():
-        assert after[name] == kept, f"{name} was written again"  # same bytes, same inode: never replaced
-    rows = _assert_exactly_once(_rows(dest), uris)
+        assert after[name] == kept, f"{name} was written again"  # same bytes, same object: never replaced
+    rows = _assert_exactly_once(out.rows(), uris)
     assert all(r["status"] == "ok" for r in rows.values())
     assert len({r["run_id"] for r in rows.values()}) == 1
+    assert [f.rsplit("/", 1)[-1] for f in out.leftovers()] == ["run.json"]  # no fragment of either run is left
+
+
+@pytest.mark.slow
+def test_hanging_model_batch_is_abandoned(tmp_path):
+    """A model stage that never returns from a batch (a stand-in that really sleeps): past --batch-timeout the actor
+    is killed and replaced, the batch's images are run one at a time, and the one that hangs alone becomes an error
+    row; every other image is labelled."""
+    from PIL import Image
+
+    uris = _images(tmp_path / "in", 5, size=(48, 64))
+    Image.new("RGB", (64, 48), (255, 0, 255)).save(tmp_path / "in" / "hung-forward.png")
+    uris = sorted(uris + [str(tmp_path / "in" / "hung-forward.png")])
+    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "3", "--batch-size", "2",
+                          "--chunk-size", "3", "--batch-timeout", "3"), stand_ins=["--hanging-model"])
+    try:
+        code = job.wait()
+        out = job.output()
+    finally:
+        survivors = job.close()
+    assert survivors == [], "processes of the job's Ray still alive after it"
+    assert code == 0, out[-5000:]
+    assert "labeled 6 image(s)" in out and "5 ok, 1 failed" in out, out[-3000:]
+    assert "re-run one at a time" in out
+    rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
+    hung = rows[str(tmp_path / "in" / "hung-forward.png")]
+    assert hung["status"] == "error" and hung["error"] == "model timed out after 3 s on this image alone", hung
+    assert hung["segments"] == [] and (hung["width"], hung["height"]) == (64, 48)
+    for uri, r in rows.items():
+        if uri != hung["uri"]:
+            assert r["status"] == "ok" and r["model"] == "hanging-stand-in@none", r
+            assert [s["area"] for s in r["segments"]] == [r["width"] * r["height"]]
+
+
+@pytest.mark.slow
+def test_progress_on_a_terminal(tmp_path):
+    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labelled with rate and ETA,
+    shards committed), none of Ray Data's operator bars nor Ray's start-up warnings."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    _images(tmp_path / "in", 6, size=(48, 64))
+    ray_tmp = _ray_tmpdir()
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, TERM="xterm")
+    env.pop("RAY_ADDRESS", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    args = [a for a in _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "2") if a != "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip", "label", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, start_new_session=True, cwd=Path(__file__).parent.parent)
+    os.close(slave)
+    data = b""
+    deadline = time.monotonic() + JOB_LIMIT_S
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the terminal's other side closed: the job is over
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert survivors == []
+    text = data.decode(errors="replace")
+    screen = [line.strip() for part in text.split("\n") for line in part.split("\r") if line.strip()]
+    assert code == 0, text[-3000:]
+    assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
+    assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
+    assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
+    final = [line for line in screen if line.startswith("labelled  6/6 images, ok 6, failed 0,")]
+    assert final and "images/s, ETA" in final[-1], text[-3000:]
+    assert "committed 3/3 shards" in screen, text[-3000:]
+    assert "labeled 6 image(s)" in text
+    for noise in ("Tasks: ", "Actors: ", "Token authentication", "new progress UI", "core_worker", "WARNING"):
+        assert noise not in text, (noise, text[-3000:])
+
+
+@pytest.mark.slow
+def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
+    """pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
+    names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it."""
+    ray_tmp = _ray_tmpdir()
+    os.makedirs(Path(ray_tmp) / "ray", exist_ok=True)
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    script = (
+        "import ray\n"
+        "from pipelines import runtime\n"
+        "started = runtime.init_ray(num_cpus=1)\n"
+        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
+        "print('ready', ray.get(actor.ready.remote()))\n"
+        "info, out = ray.get(list(actor.run.options(num_returns=2).remote(lambda m, x: m + x, '!')))\n"
+        "print('result', out, info['total_s'] >= 0)\n"
+        "runtime.shutdown_ray(started)\n"
+        "print('initialized after shutdown', ray.is_initialized())\n"
+    )
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+    try:
+        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert proc.returncode == 0, out[-3000:]
+    assert "ready str" in out and "result m! True" in out and "initialized after shutdown False" in out, out[-3000:]
+    assert survivors == []

@@ -123,6 +123,7 @@ def test_inline_keeps_case_and_inner_spaces() -> None:
 
 def test_one_class_inline_needs_a_separator() -> None:
     assert load_vocabulary("cat;").synonyms == (("cat",),)
+    assert load_vocabulary("cat; dog ; ").synonyms == (("cat",), ("dog",))  # one trailing ';' ends the list
     assert load_vocabulary("cat, kitten").synonyms == (("cat", "kitten"),)
     with pytest.raises(VocabularyError, match=r"'cat;'"):
         load_vocabulary("cat")
@@ -215,6 +216,10 @@ def test_json_without_name_and_colours(tmp_path: Path) -> None:
     [
         ("", "empty"),
         ("  ;  ; ", "empty"),
+        ("cat;;", r"empty class at position 1 of 'cat;;'"),
+        ("cat;; dog", r"empty class at position 1"),
+        ("; cat; dog", r"empty class at position 0"),
+        ("cat; ;", r"empty class at position 1"),
         ([], "empty"),
         ("cat, cat", r"class at index 0 \('cat, cat'\): duplicate synonym 'cat'"),
         ("cat; dog, puppy; mouse, dog",

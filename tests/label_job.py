@@ -1,0 +1,80 @@
+"""`fcclip label` with stand-in stages that really fail, handed to the job through its Python API.
+
+    python tests/label_job.py [--fault KIND:NAME ...] [--hanging-model] -- SOURCE --out DEST ... (fcclip label's)
+
+--fault KIND:NAME  the reader (URI -> bytes, run in the decode tasks within the decode time limit) misbehaves on URIs
+                   containing NAME: ``crash`` ends its worker (as a decoder segfault would), ``hang`` sleeps in
+                   Python (a read that never returns), ``stall`` sleeps with SIGALRM blocked (a decoder stuck in
+                   native code, out of the time limit's alarm);
+--hanging-model    the model stage is a stand-in that segments each image as one "thing" segment, and never returns
+                   from a batch holding an image whose top-left pixel is pure magenta (255, 0, 255).
+
+Run as a script, so that Ray ships these classes to its workers by value: production code has no switch for them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.label import add_arguments, main_args  # noqa: E402
+from pipelines.stages import read_bytes  # noqa: E402
+
+MAGENTA = (255, 0, 255)
+
+
+class FaultyReader:
+    def __init__(self, faults: list[tuple[str, str]]):
+        self.faults = faults
+
+    def __call__(self, uri: str) -> bytes:
+        for kind, needle in self.faults:
+            if needle in uri:
+                if kind == "crash":
+                    os._exit(77)
+                if kind == "hang":
+                    time.sleep(3600)
+                if kind == "stall":
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                    time.sleep(3600)
+        return read_bytes(uri)
+
+
+class HangingModel:
+    model_id = "hanging-stand-in@none"
+
+    def __call__(self, images, sizes):
+        if any(tuple(int(v) for v in image[0, 0]) == MAGENTA for image in images):
+            time.sleep(3600)  # a forward that never returns
+        segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 1.0}
+        return [(np.ones(size, np.uint8), [segment]) for size in sizes]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--")
+    own = argparse.ArgumentParser()
+    own.add_argument("--fault", action="append", default=[])
+    own.add_argument("--hanging-model", action="store_true")
+    mine = own.parse_args(argv[:split])
+    label = argparse.ArgumentParser(prog="fcclip label")
+    add_arguments(label)
+    args = label.parse_args(argv[split + 1 :])
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    faults = [tuple(f.split(":", 1)) for f in mine.fault]
+    return main_args(
+        args, reader=FaultyReader(faults) if faults else None, model_stage=HangingModel if mine.hanging_model else None
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

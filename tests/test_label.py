@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_util
 
-from fcclip.cli import main
+from pipelines.cli import main
 from pipelines.stages import image_id
 from tests.catalogue import bad_inputs, good_images
 

@@ -106,7 +106,7 @@ class Job:
         env.pop("RAY_ADDRESS", None)
         self.log = open(Path(self.ray_tmp) / "job.log", "w+")
         if stand_ins is None:
-            command = [sys.executable, "-m", "fcclip", "label", *args]
+            command = [sys.executable, "-m", "pipelines", "label", *args]
         else:
             command = [sys.executable, str(Path(__file__).parent / "label_job.py"), *stand_ins, "--", *args]
         self.proc = subprocess.Popen(
@@ -499,7 +499,7 @@ def test_progress_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
     args = [a for a in _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "2") if a != "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "fcclip", "label", *args], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "label", *args], stdin=slave, stdout=slave, stderr=slave,
                             env=env, start_new_session=True, cwd=Path(__file__).parent.parent)
     os.close(slave)
     data = b""

@@ -261,3 +261,20 @@ def test_channels_last_backbone_gives_the_same_features(tiny_model):
     assert nhwc["res2"].is_contiguous(memory_format=torch.channels_last)
     for name in nchw:
         torch.testing.assert_close(nhwc[name], nchw[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    """build_model(compile=True): torch.compile'd backbone and decoders give the eager model's outputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = build_model("fcclip-tiny", weights="random", device="cpu")
+        compiled = build_model("fcclip-tiny", weights="random", device="cpu", compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # compiling in place keeps the keys
+    text = build_text_classifier(eager.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
+    x = eager.normalize(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 255)
+    with torch.inference_mode():
+        want = eager.inference(x, text)
+        got = compiled.inference(x, text)
+    torch.testing.assert_close(got.class_logits, want.class_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.mask_logits, want.mask_logits, atol=1e-3, rtol=1e-4)

@@ -10,11 +10,11 @@ For each short edge (images 4:3, e.g. 1024 x 1365), dtype (fp32, bf16), compiled
     predictor  ``Predictor.infer`` + ``Predictor.postprocess`` with ``tasks=("panoptic",)`` (what labeling pays) on
                decoded uint8 arrays: resize, normalise, pad, model, panoptic post-processing at the image's size.
 
-Then, per short edge and dtype, `fcclip label` on the same kind of images written as JPEG files, run through its
-command line in a subprocess with its own local Ray (one model actor on the GPU, the same batch size; uncompiled:
-the label command has no compile option): images/s end to end and after start-up (the first labeled rows), and its
-share of the uncompiled bare predictor's images/s at that batch size (after start-up: the images after the first
-batch over the time after the first batch's rows arrived; start-up includes Ray and the model loading).
+Then, at the first short edge and per dtype, `fcclip label` on the same kind of images written as JPEG files, run
+through its command line in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
+uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
+steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
+encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
 
 The model has random weights (nothing is downloaded); with trained weights more queries pass the panoptic threshold,
 so post-processing costs somewhat more. Every configuration runs ``--warmup`` untimed then ``--iters`` timed calls;
@@ -26,7 +26,7 @@ Order: the uncompiled configurations, then the label runs, then the compiled one
 warm-up pays its compilation, so they come last and take what the budget leaves).
 
 On a CPU the defaults make a dry run that checks the script works, not a measurement: ``fcclip-tiny``, one warm-up
-and one timed call, no compiled configurations (compiling takes minutes there), 12 images for the label run.
+and one timed call, no compiled configurations (compiling takes minutes there), N = 16 images for the label runs.
 ``--model``, ``--iters``, ``--compile`` and ``--label-images`` override them.
 """
 from __future__ import annotations
@@ -137,16 +137,15 @@ def bench_model(args, device, model, vocabulary, cache, short_edge, dtype_name, 
     return rows
 
 
-def bench_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, work: Path) -> dict:
-    """`fcclip label` through its command line, in a subprocess with its own local Ray."""
+def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, out: Path) -> dict:
+    """One `fcclip label` run through its command line, in a subprocess with its own local Ray."""
     height, width = image_size(short_edge, args.aspect)
-    out = work / f"labels-{short_edge}-{dtype_name}-{batch}"
-    summary_path = work / f"summary-{short_edge}-{dtype_name}-{batch}.json"
+    summary_path = out.with_suffix(".summary.json")
     cmd = [
         sys.executable, "-m", "fcclip", "label", str(folder), "--out", str(out), "--vocab", args.vocab,
         "--model", args.model, "--weights", "random", "--batch-size", str(batch),
         "--short-edge", str(short_edge), "--max-size", str(max(height, width)),
-        "--shard-size", str(max(1, args.label_images)), "--no-progress", "--summary-json", str(summary_path),
+        "--shard-size", str(batch), "--no-progress", "--summary-json", str(summary_path),
     ]
     if args.num_cpus:
         cmd += ["--num-cpus", str(args.num_cpus)]
@@ -155,17 +154,33 @@ def bench_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, RAY_DEDUP_LOGS="1"))
     wall = time.perf_counter() - start
-    row = {"short_edge": short_edge, "dtype": dtype_name, "batch": batch, "images": args.label_images,
-           "command": " ".join(cmd[1:])}
     if proc.returncode != 0:
-        return dict(row, status=f"failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}")
+        return {"status": f"failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}",
+                "command": " ".join(cmd[1:])}
     summary = json.loads(summary_path.read_text())
-    images = summary["ok"] + summary["failed"]
-    # after start-up: the images after the first batch (whose rows mark the end of start-up), over the time after it
-    steady = summary["seconds"] - summary["startup_seconds"]
-    after = (images - batch) / steady if images > batch and steady > 0 else None
-    return dict(row, status="ok", wall_s=wall, startup_s=summary["startup_seconds"], ok=summary["ok"],
-                failed=summary["failed"], end_to_end_images_per_s=images / wall, after_startup_images_per_s=after)
+    return {"status": "ok", "wall_s": wall, "images": summary["ok"] + summary["failed"], "failed": summary["failed"],
+            "command": " ".join(cmd[1:])}
+
+
+def bench_label(args, short_edge: int, dtype_name: str, batch: int, work: Path) -> dict:
+    """`fcclip label` on N and on 2N images: end-to-end images/s, and the pipeline's steady rate N / (wall(2N) -
+    wall(N)), which leaves out what both runs pay once (Ray start-up, model loading, text encoding)."""
+    n = args.label_images
+    row = {"short_edge": short_edge, "dtype": dtype_name, "batch": batch, "images": [n, 2 * n]}
+    runs = []
+    for count in (n, 2 * n):
+        folder = work / f"images-{short_edge}-{count}"
+        if not folder.exists():
+            write_images(folder, count, short_edge, args.aspect)
+        run = run_label(args, short_edge, dtype_name, batch, folder, work / f"labels-{short_edge}-{dtype_name}-{count}")
+        if run["status"] != "ok":
+            return dict(row, **run)
+        runs.append(run)
+    extra = runs[1]["wall_s"] - runs[0]["wall_s"]
+    return dict(row, status="ok", wall_s=[r["wall_s"] for r in runs], failed=sum(r["failed"] for r in runs),
+                end_to_end_images_per_s=runs[1]["images"] / runs[1]["wall_s"],
+                steady_images_per_s=(runs[1]["images"] - runs[0]["images"]) / extra if extra > 0 else None,
+                command=runs[1]["command"])
 
 
 def write_images(folder: Path, n: int, short_edge: int, aspect: float) -> None:
@@ -209,22 +224,20 @@ def report(result: dict) -> str:
             f"{1000 * statistics.median(r['seconds']):.0f} | {fmt_mem(r['memory'])} |"
         )
     if result["label"]:
-        lines += ["", "`fcclip label` (local Ray, one model actor, uncompiled) beside the bare panoptic predictor:", "",
-                  "| short edge | dtype | batch | images | images/s end to end | after start-up | start-up s | "
-                  "share of the bare predictor |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "`fcclip label` (local Ray, one model actor, uncompiled) on N and 2N images; steady = N / (wall(2N) -"
+                  " wall(N)), beside the bare panoptic predictor (uncompiled, same batch):", "",
+                  "| short edge | dtype | batch | images | wall s | images/s end to end (2N) | steady images/s | "
+                  "share of the bare predictor |", "|---:|---|---:|---|---|---:|---:|---:|"]
         for r in result["label"]:
+            images = "/".join(str(i) for i in r["images"])
             if r["status"] != "ok":
-                lines.append(f"| {r['short_edge']} | {r['dtype']} | {r['batch']} | {r['images']} | {r['status']} "
-                             "| | | |")
+                lines.append(f"| {r['short_edge']} | {r['dtype']} | {r['batch']} | {images} | {r['status']} | | | |")
                 continue
-            after = r["after_startup_images_per_s"]
-            share = r.get("share_of_bare")
+            steady, share = r["steady_images_per_s"], r.get("share_of_bare")
             lines.append(
-                f"| {r['short_edge']} | {r['dtype']} | {r['batch']} | {r['images']} | "
-                f"{r['end_to_end_images_per_s']:.2f} | {after:.2f} | {r['startup_s']:.1f} | "
-                f"{'' if share is None else f'{share:.0%}'} |" if after is not None else
-                f"| {r['short_edge']} | {r['dtype']} | {r['batch']} | {r['images']} | "
-                f"{r['end_to_end_images_per_s']:.2f} | | {r['startup_s']:.1f} | |"
+                f"| {r['short_edge']} | {r['dtype']} | {r['batch']} | {images} | "
+                f"{' / '.join(f'{w:.1f}' for w in r['wall_s'])} | {r['end_to_end_images_per_s']:.2f} | "
+                f"{'' if steady is None else f'{steady:.2f}'} | {'' if share is None else f'{share:.0%}'} |"
             )
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(result["skipped"])]
@@ -245,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 2 on a GPU, 1 on a CPU)")
     p.add_argument("--vocab", default="coco_panoptic")
     p.add_argument("--label-images", type=int, default=None,
-                   help="images for `fcclip label` per short edge and dtype (default: 96 on a GPU, 12 on a CPU; 0 = skip)")
+                   help="N: `fcclip label` runs on N and 2N images per dtype (default: 64 on a GPU, 16 on a CPU; 0 = skip)")
     p.add_argument("--label-batch", type=int, default=None, help="batch size of the label runs (default: largest)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the label run's local Ray (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
@@ -263,7 +276,7 @@ def main(argv=None) -> int:
     args.model = args.model or ("fcclip-convnext-large" if gpu else "fcclip-tiny")
     args.iters = args.iters if args.iters is not None else (5 if gpu else 1)
     args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
-    args.label_images = args.label_images if args.label_images is not None else (96 if gpu else 12)
+    args.label_images = args.label_images if args.label_images is not None else (64 if gpu else 16)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.size.split(",") if s]
@@ -318,22 +331,21 @@ def main(argv=None) -> int:
     if args.label_images > 0:
         label_batch = args.label_batch or max(batches)
         with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
-            for short_edge in sizes:
-                folder = Path(tmp) / f"images-{short_edge}"
-                write_images(folder, args.label_images, short_edge, args.aspect)
-                for dtype_name in usable:
-                    if budget.left() <= 0:
-                        result["label"].append({"short_edge": short_edge, "dtype": dtype_name, "batch": label_batch,
-                                                "images": args.label_images, "status": "not run (time budget spent)"})
-                        continue
-                    row = bench_label(args, short_edge, dtype_name, label_batch, folder, Path(tmp))
-                    bare = next((r for r in result["rows"] if r["what"].startswith("predictor") and r["status"] == "ok"
-                                 and r["short_edge"] == short_edge and r["dtype"] == dtype_name
-                                 and r["batch"] == label_batch and not r["compiled"]), None)
-                    if row["status"] == "ok" and bare and row["after_startup_images_per_s"]:
-                        row["share_of_bare"] = row["after_startup_images_per_s"] / bare["images_per_s"]
-                    result["label"].append(row)
-                    print(f"done: label, short edge {short_edge}, {dtype_name}", file=sys.stderr)
+            short_edge = sizes[0]  # the label runs are long (two Ray start-ups each): the first size only
+            for dtype_name in sorted(usable, key=lambda d: d != "bf16"):  # bf16 first: the target setting
+                if budget.left() <= 0:
+                    result["label"].append({"short_edge": short_edge, "dtype": dtype_name, "batch": label_batch,
+                                            "images": [args.label_images, 2 * args.label_images],
+                                            "status": "not run (time budget spent)"})
+                    continue
+                row = bench_label(args, short_edge, dtype_name, label_batch, Path(tmp))
+                bare = next((r for r in result["rows"] if r["what"].startswith("predictor") and r["status"] == "ok"
+                             and r["short_edge"] == short_edge and r["dtype"] == dtype_name
+                             and r["batch"] == label_batch and not r["compiled"]), None)
+                if row["status"] == "ok" and bare and row["steady_images_per_s"]:
+                    row["share_of_bare"] = row["steady_images_per_s"] / bare["images_per_s"]
+                result["label"].append(row)
+                print(f"done: label, short edge {short_edge}, {dtype_name}", file=sys.stderr)
     if True in compile_modes:
         model_rows(True)
 

@@ -39,8 +39,9 @@ from .vocabulary import Vocabulary, load_vocabulary
 TASKS = ("panoptic", "semantic", "instance")
 # Post-processing upsamples the mask logits of the queries the tasks need (all of them for semantic; only the kept
 # ones for panoptic and the top-k ones for instance), once for all tasks, in chunks of queries of at most this many
-# float32 values, so memory stays bounded at any output size.
-CHUNK_VALUES = 32_000_000
+# float32 values (32 MiB), so memory stays bounded at any output size. Measured at 640x640 on a 2-core CPU: 1M
+# values per chunk is 3x slower (each chunk adds into the (K, H, W) semantic scores), 8M is as fast as 32M.
+CHUNK_VALUES = 8_000_000
 
 
 @dataclass
@@ -247,8 +248,10 @@ class Predictor:
                 logits = self._resize_masks(mask_logits[index], resized_size, padded_size, output_size)
                 probs = logits.sigmoid()
                 if semantic:
-                    part = semantic_scores(class_probs[index], probs)
-                    sem = part if sem is None else sem + part
+                    if sem is None:
+                        sem = semantic_scores(class_probs[index], probs)
+                    else:  # accumulated in place: (K, H*W) += (K, n) @ (n, H*W)
+                        sem.view(sem.shape[0], -1).addmm_(class_probs[index].T, probs.reshape(probs.shape[0], -1))
                 if votes is not None:
                     rows = torch.isin(index, pan_index).nonzero().squeeze(1)
                     if rows.numel():

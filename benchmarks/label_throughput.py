@@ -58,7 +58,7 @@ def bare_loop(model_name: str, size: int, images: int, batch: int, vocab: str, t
         chunk = decoded[i : i + batch]
         out, sizes, padded = pred.infer(chunk)
         for j, img in enumerate(chunk):
-            pred.postprocess(out.mask_cls[j], out.mask_logits[j], sizes[j], padded, img.shape[:2])
+            pred.postprocess(out.class_logits[j], out.mask_logits[j], sizes[j], padded, img.shape[:2])
     return images / (time.perf_counter() - start)
 
 

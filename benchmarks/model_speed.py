@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from fcclip.build import build_model, resolve_device
 from fcclip.datasets.synthetic import synthetic_image
 from fcclip.ensemble import classification_logits, geometric_ensemble
+from fcclip.precision import cpu_flags, resolve_autocast_dtype
 from fcclip.predictor import TASKS, Predictor, pad_batch, resize_image
 from fcclip.text import PROMPT_TEMPLATES, TextClassifierCache, build_text_classifier, text_tower_digest
 from fcclip.vocabulary import load_vocabulary
@@ -65,7 +66,7 @@ STAGES = (
 )
 MODEL_STAGES = ("backbone", "pixel_decoder", "transformer_decoder", "out_of_vocabulary")
 MIB = 1024 * 1024
-MATCH_TOLERANCE = 1e-2  # mask_cls are log-probabilities; the stages and model.inference run the same operations
+MATCH_TOLERANCE = 1e-2  # class_logits are log-probabilities; the stages and model.inference run the same operations
 
 
 class BenchmarkError(Exception):
@@ -168,7 +169,7 @@ def prepare_batch(predictor: Predictor, decoded: list) -> tuple[torch.Tensor, li
 
 def out_of_vocabulary(model, text, features, class_logits, mask_logits, classifier) -> torch.Tensor:
     """The part of ``FCCLIP.inference`` after the forward: mask-pooled CLIP embeddings, their classification and the
-    geometric ensemble. Returns mask_cls (B, Q, K + 1). Checked against ``model.inference`` in :func:`run`."""
+    geometric ensemble. Returns the ensembled class_logits (B, Q, K + 1). Checked against ``model.inference`` in :func:`run`."""
     inf = model.config.inference
     dense = features["clip_vis_dense"]
     masks_small = F.interpolate(mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)
@@ -205,15 +206,15 @@ def run_stages(predictor: Predictor, decoded: list, autocast: Callable) -> tuple
                 pd.multi_scale, pd.mask_features, classifier, text.synonym_class, text.num_classes
             )
             lap("transformer_decoder")
-            mask_cls = out_of_vocabulary(model, text, features, dec.class_logits, dec.mask_logits, classifier)
+            class_logits = out_of_vocabulary(model, text, features, dec.class_logits, dec.mask_logits, classifier)
             lap("out_of_vocabulary")
     padded = tuple(images.shape[-2:])
     predictions = [
-        predictor.postprocess(mask_cls[i], dec.mask_logits[i], sizes[i], padded, img.shape[:2])
+        predictor.postprocess(class_logits[i], dec.mask_logits[i], sizes[i], padded, img.shape[:2])
         for i, img in enumerate(decoded)
     ]
     lap("postprocess")
-    outputs = {"mask_cls": mask_cls, "mask_logits": dec.mask_logits, "sizes": sizes, "padded": padded,
+    outputs = {"class_logits": class_logits, "mask_logits": dec.mask_logits, "sizes": sizes, "padded": padded,
                "predictions": predictions}
     return laps, outputs
 
@@ -235,8 +236,14 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callabl
     """A function returning a fresh autocast context (or a null one for fp32); raises if autocast refuses dtype."""
     if dtype is None:
         return contextlib.nullcontext
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise BenchmarkError(f"{torch.cuda.get_device_name(device)} does not support bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = resolve_autocast_dtype(dtype, device) is not None
+    if not native:  # the predictor would run float32 (fcclip.precision); timing emulated bf16 tells nothing
+        raise BenchmarkError(
+            f"{device_name(device)} has no native {dtype} (CPU flags: {', '.join(sorted(relevant_cpu_flags())) or 'none'}); "
+            "the predictor runs such a request in float32, so there is nothing to measure"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # older torch disables an unsupported CPU autocast dtype with a warning
         with torch.autocast(device.type, dtype=dtype):
@@ -244,6 +251,14 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callabl
     if not enabled:
         raise BenchmarkError(f"torch {torch.__version__} has no {dtype} autocast on {device.type}")
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
+
+
+def relevant_cpu_flags() -> list[str]:
+    """The CPU's instruction-set flags that decide float32 / bf16 / fp16 speed (from /proc/cpuinfo)."""
+    return sorted(cpu_flags() & set(CPU_FLAGS_SHOWN))
 
 
 def per_image_ms(seconds: list[float], batch: int) -> float:
@@ -272,6 +287,10 @@ def run(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         model = build_model(args.model, weights="random", device=device)
+    if args.channels_last:
+        model.backbone.use_channels_last(True)
+    if args.compile:
+        model.compile_parts()
     one_time = {"build_model_s": time.perf_counter() - start}
 
     # the one-time text classifier, encoded in full precision as the Predictor does, with no disk cache
@@ -307,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     def predict():
         out, sizes, padded = predictor.infer(decoded)
         return [
-            predictor.postprocess(out.mask_cls[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
+            predictor.postprocess(out.class_logits[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
             for i, img in enumerate(decoded)
         ]
 
@@ -324,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
     def postprocess_alone(single: Predictor):
         out = last["stages"]
         for i, img in enumerate(decoded):
-            single.postprocess(out["mask_cls"][i], out["mask_logits"][i], out["sizes"][i], out["padded"], img.shape[:2])
+            single.postprocess(out["class_logits"][i], out["mask_logits"][i], out["sizes"][i], out["padded"], img.shape[:2])
 
     # every round calls each of these once, so they all see the same conditions (warm caches, other load)
     calls = {"forward": forward, "predictor": predict, "stages": stages}
@@ -347,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     stages_ms = {name: per_image_ms([laps[name] for laps in stage_laps], args.batch) for name, _ in STAGES}
     postprocess_ms = {task: per_image_ms(seconds[f"postprocess:{task}"], args.batch) for task in tasks
                       if f"postprocess:{task}" in seconds}
-    diff = (last["stages"]["mask_cls"].float() - last["forward"].mask_cls.float()).abs().max().item()
+    diff = (last["stages"]["class_logits"].float() - last["forward"].class_logits.float()).abs().max().item()
     prediction = last["stages"]["predictions"][0]
     return {
         "header": {
@@ -355,6 +374,9 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
             "device": device_name(device),
             "device_type": device.type,
+            "cpu_flags": relevant_cpu_flags(),
+            "channels_last": model.backbone.channels_last,
+            "compiled": bool(args.compile),
             "threads": torch.get_num_threads(),
             "model": args.model,
             "weights": "random",
@@ -388,7 +410,7 @@ def run(args: argparse.Namespace) -> dict:
         "stages_ms_per_iter": [{name: 1000 * t for name, t in laps.items()} for laps in stage_laps],
         "postprocess_alone_ms_per_image": postprocess_ms,
         "one_time": one_time,
-        "stages_match_inference": {"max_abs_diff_mask_cls": diff},
+        "stages_match_inference": {"max_abs_diff_class_logits": diff},
         "outputs": {
             "panoptic_segments": len(prediction.panoptic.segments) if prediction.panoptic else None,
             "instances": len(prediction.instances) if prediction.instances else None,
@@ -404,6 +426,8 @@ def format_report(r: dict) -> str:
         f"## {h['model']}, {h['input'][0]}x{h['input'][1]}, {h['dtype']}, batch {h['batch']}",
         "",
         f"- date: {h['date']}; torch {h['torch']}; device: {h['device']}; threads: {h['threads']}",
+        f"- CPU flags: {', '.join(h.get('cpu_flags') or []) or 'none of ' + ', '.join(CPU_FLAGS_SHOWN)}; backbone "
+        f"channels-last: {h.get('channels_last')}; compiled: {h.get('compiled')}",
         f"- model: {h['model']} ({h['weights']} weights, {h['queries']} queries); input {h['input'][0]}x{h['input'][1]}"
         f" (padded {h['padded_input'][0]}x{h['padded_input'][1]}); dtype {h['dtype']}; batch {h['batch']}",
         f"- vocabulary: {h['vocabulary']} ({h['classes']} classes, {h['synonyms']} synonyms x"
@@ -445,8 +469,8 @@ def format_report(r: dict) -> str:
     lines.append(f"| **sum of all stages** | **{total:.1f}** | |")
     lines.append(f"| predictor, measured whole | {tp['predictor']['ms_per_image']:.1f} | |")
     o, out = r["one_time"], r["outputs"]
-    diff = r["stages_match_inference"]["max_abs_diff_mask_cls"]
-    check = f"Stage outputs vs `model.inference`: max |diff| of mask_cls = {diff:.2g}"
+    diff = r["stages_match_inference"]["max_abs_diff_class_logits"]
+    check = f"Stage outputs vs `model.inference`: max |diff| of class_logits = {diff:.2g}"
     if diff > MATCH_TOLERANCE:
         check += " -- THE STAGE SPLIT NO LONGER MATCHES FCCLIP.inference (update out_of_vocabulary)"
     lines += [
@@ -478,6 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--vocab", default="ade20k_150", help="vocabulary (default: ade20k_150)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated post-processing tasks")
+    p.add_argument("--channels-last", action="store_true", help="run the ConvNeXt backbone channels-last (NHWC)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's parts (FCCLIP.compile_parts)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -73,6 +73,25 @@ class CLIPBackbone(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
+        self.channels_last = False  # see use_channels_last: no faster on the AVX2 CPU it was measured on
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Run the ConvNeXt trunk in channels-last memory layout (NHWC), or not.
+
+        timm's ConvNeXt blocks apply LayerNorm and the MLP with channels last: in NCHW every block permutes and
+        copies its activations twice, and oneDNN's depthwise 7x7 convolution reorders them. In NHWC those copies go
+        away, but on the 2-core AVX2 CPU this was measured on the backbone took the same CPU time either way (its
+        time is in the MLPs' matrix products), so it is off by default; on a GPU, where convolutions prefer NHWC,
+        try it (values equal up to float rounding). The features come out channels-last; every consumer reads
+        them through layout-agnostic ops.
+        """
+        if self.kind != "convnext":
+            return
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for module in self.clip_model.visual.trunk.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+        self.channels_last = enabled
 
     def train(self, mode: bool = True):
         # frozen: batch-norm statistics (ResNet CLIPs) and dropout stay in inference mode
@@ -96,6 +115,8 @@ class CLIPBackbone(nn.Module):
     def _features_convnext(self, x):
         trunk = self.clip_model.visual.trunk
         out = {}
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = trunk.stem(x)
         for i, stage in enumerate(trunk.stages):
             x = stage(x)

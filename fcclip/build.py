@@ -28,6 +28,7 @@ def build_model(
     model: str | Path | ModelConfig = "fcclip-convnext-large",
     weights: str | Path | Mapping[str, torch.Tensor] = "official",
     device: str | torch.device | None = None,
+    compile: bool | Mapping[str, object] = False,
 ) -> FCCLIP:
     """Build FC-CLIP and load its weights.
 
@@ -40,6 +41,9 @@ def build_model(
             ``"random"``: deterministic random weights, for offline smoke runs (labels are meaningless);
             a path or URI (local, http(s)://, s3://, gs://) of a .pth / .safetensors checkpoint, or a state dict.
         device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available.
+        compile: compile the backbone and both decoders with ``torch.compile`` (:meth:`FCCLIP.compile_parts`);
+            a mapping passes its items as ``torch.compile`` options. The first image of each size pays the
+            compilation.
     Returns:
         the model in eval mode; ``model.weights_id`` says which weights it holds (for provenance).
     """
@@ -80,4 +84,7 @@ def build_model(
             load_weights(net, read_state_dict(path))
             weights_id = f"sha256:{digest}"
     net.weights_id = weights_id
-    return net.to(resolve_device(device)).eval()
+    net = net.to(resolve_device(device)).eval()
+    if compile:
+        net.compile_parts(**(dict(compile) if isinstance(compile, Mapping) else {}))
+    return net

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pycocotools.mask as mask_utils
-from torch import Tensor
 
-__all__ = ["decode_rle", "encode_rle", "id2rgb", "mask_to_bbox", "rgb2id"]
+if TYPE_CHECKING:  # torch is not imported at run time: readers of the output (show, export) do not need it
+    from torch import Tensor
+
+__all__ = ["decode_rle", "encode_rle", "id2rgb", "mask_to_bbox", "rgb2id", "segment_bboxes"]
 
 
 def _as_bool_mask(mask: np.ndarray | Tensor) -> np.ndarray:
-    if isinstance(mask, Tensor):
+    if hasattr(mask, "detach"):  # a torch tensor
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -63,6 +66,60 @@ def mask_to_bbox(mask: np.ndarray | Tensor) -> list[float]:
     cols = np.flatnonzero(mask.any(axis=0))
     x0, x1, y0, y1 = int(cols[0]), int(cols[-1]), int(rows[0]), int(rows[-1])
     return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
+
+
+def segment_bboxes(segment_map: np.ndarray | Tensor, ids: list[int] | np.ndarray) -> list[list[float]]:
+    """`[x, y, w, h]` box of each segment id of a segment map, in one pass over the map.
+
+    The same boxes as ``mask_to_bbox(segment_map == i)`` for each ``i`` in ``ids`` (an id absent from the map gets
+    ``[0.0, 0.0, 0.0, 0.0]``), without a full-image comparison per segment.
+
+    Args:
+        segment_map: (H, W) non-negative integer ids.
+        ids: the segment ids wanted.
+    """
+    if hasattr(segment_map, "detach"):  # a torch tensor
+        segment_map = segment_map.detach().cpu().numpy()
+    segment_map = np.asarray(segment_map)
+    if segment_map.ndim != 2:
+        raise ValueError(f"expected an (H, W) segment map, got shape {segment_map.shape}")
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    height, width = segment_map.shape
+    if segment_map.size == 0:
+        return [[0.0, 0.0, 0.0, 0.0] for _ in ids]
+    if segment_map.min() < 0:
+        raise ValueError("segment ids must be non-negative")
+    values = None
+    if int(segment_map.max()) < 4096:  # small ids (a predictor's 1..N): index by id directly
+        index = segment_map.astype(np.intp, copy=False)
+        count = int(segment_map.max()) + 1
+    else:  # large ids (COCO panoptic's RGB-encoded ones): index by rank among the ids present
+        values, inverse = np.unique(segment_map, return_inverse=True)
+        index = inverse.reshape(segment_map.shape)
+        count = values.size
+    # rows[i, y]: id i occurs in row y; cols[i, x]: id i occurs in column x
+    rows = np.zeros((count, height), dtype=bool)
+    rows[index, np.arange(height)[:, None]] = True
+    cols = np.zeros((count, width), dtype=bool)
+    cols[index, np.arange(width)[None, :]] = True
+    boxes = []
+    for i in ids:
+        if values is not None:
+            at = int(np.searchsorted(values, i))
+            i = at if at < values.size and values[at] == i else -1
+        if not 0 <= i < count:
+            boxes.append([0.0, 0.0, 0.0, 0.0])
+            continue
+        r = np.flatnonzero(rows[i])
+        if r.size == 0:
+            boxes.append([0.0, 0.0, 0.0, 0.0])
+            continue
+        c = np.flatnonzero(cols[i])
+        x0, x1, y0, y1 = int(c[0]), int(c[-1]), int(r[0]), int(r[-1])
+        boxes.append([float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)])
+    return boxes
 
 
 def id2rgb(ids: np.ndarray) -> np.ndarray:

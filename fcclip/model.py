@@ -37,7 +37,7 @@ class FCCLIPOutput:
 
     class_logits: (B, Q, K + 1) in-vocabulary logits from the decoder, void last.
     mask_logits: (B, Q, H/4, W/4) mask logits on the padded input's stride-4 grid.
-    aux: earlier decoder heads' (class_logits, mask_logits), for deep supervision.
+    aux: earlier decoder heads' (class_logits, mask_logits), for deep supervision (empty with ``aux=False``).
     features: the backbone features ("res2".."res5", "clip_vis_dense").
     """
 
@@ -51,14 +51,15 @@ class FCCLIPOutput:
 class InferenceOutput:
     """Open-vocabulary predictions before post-processing.
 
-    mask_cls: (B, Q, K + 1) log-probabilities after the ensemble, void last (the reference's ``mask_cls``).
+    class_logits: (B, Q, K + 1) the ensembled class logits, void last: log-probabilities, ``log(p + 1e-8)`` (the
+        reference's ``mask_cls``); post-processing takes these.
     mask_logits: (B, Q, H/4, W/4).
     out_vocab_logits: (B, Q, K + 1) CLIP's logits of the mask-pooled embeddings.
     ensemble: the ensemble's intermediate probabilities.
-    raw: the forward outputs.
+    raw: the forward outputs (``raw.class_logits`` are the decoder's in-vocabulary logits, before the ensemble).
     """
 
-    mask_cls: torch.Tensor
+    class_logits: torch.Tensor
     mask_logits: torch.Tensor
     out_vocab_logits: torch.Tensor
     ensemble: EnsembleOutput
@@ -97,24 +98,41 @@ class FCCLIP(nn.Module):
         """(B, 3, H, W) RGB in 0..255 -> normalised with CLIP's mean and std."""
         return (images - self.pixel_mean) / self.pixel_std
 
-    def forward(self, images: torch.Tensor, text: TextClassifier) -> FCCLIPOutput:
+    def forward(self, images: torch.Tensor, text: TextClassifier, aux: bool = True) -> FCCLIPOutput:
         """
         Args:
             images: (B, 3, H, W) normalised images, H and W multiples of 32 (pad with zeros after normalising).
             text: the vocabulary's text classifier.
+            aux: also return the earlier decoder heads' outputs (training needs them; inference does not, and
+                skips their stride-4 masks and class heads).
         """
         features = self.backbone(images)
         classifier = self.classifier_with_void(text)
         pd = self.sem_seg_head.pixel_decoder(features)
         out: DecoderOutput = self.sem_seg_head.predictor(
-            pd.multi_scale, pd.mask_features, classifier, text.synonym_class, text.num_classes
+            pd.multi_scale, pd.mask_features, classifier, text.synonym_class, text.num_classes, aux=aux
         )
         return FCCLIPOutput(out.class_logits, out.mask_logits, out.aux, features)
 
+    def compile_parts(self, **options) -> FCCLIP:
+        """Compile the backbone, the pixel decoder and the transformer decoder with ``torch.compile`` (in place).
+
+        Each part is compiled with ``nn.Module.compile(**options)`` (e.g. ``mode="max-autotune"``, ``dynamic=True``),
+        so state-dict keys do not change. The first call at each new input size compiles (tens of seconds to
+        minutes); results equal the eager model's up to float rounding. Returns the model.
+        """
+        self.backbone.compile(**options)
+        self.sem_seg_head.pixel_decoder.compile(**options)
+        self.sem_seg_head.predictor.compile(**options)
+        return self
+
     @torch.no_grad()
     def inference(self, images: torch.Tensor, text: TextClassifier) -> InferenceOutput:
-        """Forward pass plus the out-of-vocabulary branch and the geometric ensemble (eval mode)."""
-        raw = self.forward(images, text)
+        """Forward pass plus the out-of-vocabulary branch and the geometric ensemble (eval mode).
+
+        The earlier decoder heads are not computed (``raw.aux`` is empty): call :meth:`forward` for them.
+        """
+        raw = self.forward(images, text, aux=False)
         inf = self.config.inference
         dense = raw.features["clip_vis_dense"]
         masks_small = F.interpolate(raw.mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)

@@ -3,7 +3,7 @@
     predictor = Predictor(model, vocabulary="ade20k_150")
     result = predictor("photo.jpg")          # path, URI, PIL image, HxWx3 uint8 array or encoded bytes
     result.panoptic.segment_map             # (H, W) int32 segment ids, 0 = unlabelled
-    result.panoptic.segments                # [{id, label, category_id, is_thing, score, area, bbox}]
+    result.panoptic.segments                # [{id, label, category_id, class_index, is_thing, score, area, bbox}]
 
 Pre-processing follows the reference's test path: resize so the short edge is ``short_edge`` (800) unless the long
 edge would pass ``max_size`` (1333), CLIP mean/std normalisation, zero padding to a multiple of 32. Mask logits are
@@ -21,47 +21,33 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .masks import mask_to_bbox
+from .masks import segment_bboxes
 from .model import FCCLIP, InferenceOutput
-from .postprocess import instance_inference, panoptic_inference, panoptic_inference_rows, semantic_inference
+from .precision import resolve_autocast_dtype
+from .postprocess import (
+    PixelVotes,
+    finish_panoptic,
+    instance_mask_scores,
+    rank_instances,
+    select_instance_candidates,
+    select_panoptic_queries,
+    semantic_scores,
+)
 from .text import TextClassifier, TextClassifierCache, build_text_classifier
 from .vocabulary import Vocabulary, load_vocabulary
 
 TASKS = ("panoptic", "semantic", "instance")
-# Up to this many float32 values (queries x output pixels), post-processing upsamples every query's mask with
-# the reference's interpolation. Above it, memory stays bounded: panoptic runs over bands of rows with the same
-# bilinear resize written as two small matrices (identical up to float rounding), semantic over chunks of queries,
-# instances only for the queries in the top k.
-FULL_POSTPROCESS_LIMIT = 64_000_000
-BAND_VALUES = 16_000_000  # float32 values per band of the bounded panoptic path
-
-
-def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
-    """(out, in) matrix of 1-D bilinear resizing with align_corners=False (PyTorch's convention)."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    w1 = src - i0
-    m = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    m.index_put_((rows, i0), 1 - w1, accumulate=True)
-    m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(device=device, dtype=torch.float32)
-
-
-def resize_matrix(small: int, padded: int, resized: int, output: int, device=None) -> torch.Tensor:
-    """(output, small): stride-4 grid -> padded size, crop to the resized image, -> output size."""
-    m = bilinear_matrix(small, padded)[:resized]
-    if resized != output:
-        m = bilinear_matrix(resized, output) @ m
-    return m.to(device)
+# Post-processing upsamples the mask logits of the queries the tasks need (all of them for semantic; only the kept
+# ones for panoptic and the top-k ones for instance), once for all tasks, in chunks of queries of at most this many
+# float32 values (32 MiB), so memory stays bounded at any output size. Measured at 640x640 on a 2-core CPU: 1M
+# values per chunk is 3x slower (each chunk adds into the (K, H, W) semantic scores), 8M is as fast as 32M.
+CHUNK_VALUES = 8_000_000
 
 
 @dataclass
 class PanopticResult:
     segment_map: np.ndarray  # (H, W) int32, 0 = no segment
-    segments: list[dict]  # {id, label, category_id, is_thing, score, area, bbox [x, y, w, h]}
+    segments: list[dict]  # {id, label, category_id (the vocabulary's id), class_index, is_thing, score, area, bbox [x, y, w, h]}
 
 
 @dataclass
@@ -138,7 +124,9 @@ class Predictor:
         tasks: which of "panoptic", "semantic", "instance" to compute.
         semantic_scores: also return the (K, H, W) per-class semantic scores.
         object_mask_threshold, overlap_threshold, topk: post-processing settings (default: the config's).
-        autocast_dtype: e.g. torch.bfloat16 to run the backbone and decoder under autocast on a GPU.
+        autocast_dtype: e.g. torch.bfloat16 to run the backbone and decoder under autocast, where the device runs
+            that dtype natively (a GPU with bf16, a CPU with AVX-512 BF16 or AMX); elsewhere it warns once and runs
+            float32 (see :mod:`fcclip.precision`). ``self.autocast_dtype`` is the dtype actually used.
         max_pixels: decompression-bomb limit for decoded images.
         text_cache: where text embeddings are cached (default: memory + $FCCLIP_CACHE/text).
     """
@@ -172,7 +160,8 @@ class Predictor:
         self.object_mask_threshold = inf.object_mask_threshold if object_mask_threshold is None else object_mask_threshold
         self.overlap_threshold = inf.overlap_threshold if overlap_threshold is None else overlap_threshold
         self.topk = inf.topk if topk is None else topk
-        self.autocast_dtype = autocast_dtype
+        # a dtype this device cannot run natively is dropped with a warning (emulated, it would be slower)
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, model.device)
         self.max_pixels = max_pixels
         self.text: TextClassifier = build_text_classifier(
             model.backbone, self.vocabulary, train_vocabulary=inf.train_vocabulary, cache=text_cache
@@ -184,7 +173,7 @@ class Predictor:
     def device(self) -> torch.device:
         return self.model.device
 
-    # ------------------------------------------------------------------ steps, usable one by one by pipelines
+    # ------------------------------------------------------------------ steps, usable one by one (batching callers)
     def preprocess(self, image: Any) -> np.ndarray:
         """Decode any supported input to (H, W, 3) uint8 RGB (EXIF orientation applied, modes converted)."""
         return load_image(image, max_pixels=self.max_pixels)
@@ -213,7 +202,7 @@ class Predictor:
 
     def postprocess(
         self,
-        mask_cls: torch.Tensor,
+        class_logits: torch.Tensor,
         mask_logits: torch.Tensor,
         resized_size: tuple[int, int],
         padded_size: tuple[int, int],
@@ -221,60 +210,79 @@ class Predictor:
     ) -> Prediction:
         """One image's results at ``output_size``.
 
+        Each task uses only the queries it needs: semantic all of them, panoptic those that pass its threshold,
+        instance those in the top k. Their mask logits are upsampled once for all tasks, in chunks of queries
+        (``CHUNK_VALUES``), and their sigmoid is computed once; the results are those of the reference's
+        post-processing, which upsamples every query for every task.
+
         Args:
-            mask_cls: (Q, K + 1) ensembled log-probabilities.
+            class_logits: (Q, K + 1) ensembled class log-probabilities (``InferenceOutput.class_logits``).
             mask_logits: (Q, h, w) stride-4 mask logits of the padded input.
             resized_size: the (h, w) of the image as fed, before padding.
             padded_size: the padded (H, W) of the batch.
             output_size: (height, width) of the results (the original image's).
         """
         with torch.inference_mode():
-            mask_cls = mask_cls.float()
+            class_logits = class_logits.float()
             mask_logits = mask_logits.float()
-            q, k = mask_cls.shape[0], mask_cls.shape[1] - 1
             h, w = output_size
-            full = q * h * w <= FULL_POSTPROCESS_LIMIT
-            probs = mask_cls.softmax(-1)
-            cache: dict[str, torch.Tensor] = {}
-
-            def masks_for(index: torch.Tensor | None) -> torch.Tensor:
-                if full or index is None:
-                    if "all" not in cache:
-                        cache["all"] = self._resize_masks(mask_logits, resized_size, padded_size, output_size)
-                    return cache["all"] if index is None else cache["all"][index]
-                return self._resize_masks(mask_logits[index], resized_size, padded_size, output_size)
-
+            device = mask_logits.device
+            thing = self.thing_mask.to(class_logits.device)
             pred = Prediction(height=h, width=w, vocabulary=self.vocabulary)
-            thing = self.thing_mask.to(mask_cls.device)
-            if "panoptic" in self.tasks:
-                settings = dict(object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
-                if full:
-                    pan = panoptic_inference(mask_cls, masks_for(None), thing, **settings)
-                else:
-                    ry = resize_matrix(mask_logits.shape[-2], padded_size[0], resized_size[0], h, mask_logits.device)
-                    rx = resize_matrix(mask_logits.shape[-1], padded_size[1], resized_size[1], w, mask_logits.device)
-                    rows = lambda keep, a, b: torch.einsum(  # noqa: E731
-                        "rh,nhw,cw->nrc", ry[a:b], mask_logits[keep], rx
-                    )
-                    band = max(1, BAND_VALUES // max(1, q * w))
-                    pan = panoptic_inference_rows(mask_cls, rows, (h, w), thing, chunk_rows=band, **settings)
-                pred.panoptic = self._panoptic_result(pan)
-            if "semantic" in self.tasks:
-                sem = semantic_inference(mask_cls, masks_for(None)) if full else self._semantic_chunked(
-                    mask_cls, mask_logits, resized_size, padded_size, output_size
-                )
+
+            semantic = "semantic" in self.tasks
+            panoptic = select_panoptic_queries(class_logits, self.object_mask_threshold) if "panoptic" in self.tasks else None
+            candidates = select_instance_candidates(class_logits, thing, topk=self.topk) if "instance" in self.tasks else None
+            needed = self._needed_queries(class_logits.shape[0], semantic, panoptic, candidates, device)
+
+            # per task, its state; each chunk of upsampled queries is offered to every task
+            class_probs = class_logits.softmax(-1)[:, :-1]
+            sem = None
+            votes = PixelVotes(panoptic.scores, (h, w), device) if panoptic is not None else None
+            pan_index = panoptic.index.to(device) if panoptic is not None else None
+            inst_queries, inst_position = candidates.queries() if candidates is not None else (None, None)
+            inst_masks, inst_scores = [], []
+            chunk = max(1, CHUNK_VALUES // max(1, h * w))
+            for start in range(0, int(needed.numel()), chunk):
+                index = needed[start : start + chunk]
+                logits = self._resize_masks(mask_logits[index], resized_size, padded_size, output_size)
+                probs = logits.sigmoid()
+                if semantic:
+                    if sem is None:
+                        sem = semantic_scores(class_probs[index], probs)
+                    else:  # accumulated in place: (K, H*W) += (K, n) @ (n, H*W)
+                        sem.view(sem.shape[0], -1).addmm_(class_probs[index].T, probs.reshape(probs.shape[0], -1))
+                if votes is not None:
+                    rows = torch.isin(index, pan_index).nonzero().squeeze(1)
+                    if rows.numel():
+                        votes.add(probs[rows] if rows.numel() < index.numel() else probs)
+                if inst_queries is not None:
+                    rows = torch.isin(index, inst_queries.to(device)).nonzero().squeeze(1)
+                    if rows.numel():
+                        whole = rows.numel() == index.numel()
+                        masks, scores = instance_mask_scores(
+                            logits if whole else logits[rows], probs if whole else probs[rows]
+                        )
+                        inst_masks.append(masks)
+                        inst_scores.append(scores)
+                del logits, probs
+
+            if panoptic is not None:
+                pred.panoptic = self._panoptic_result(finish_panoptic(panoptic, votes, self.thing_mask, self.overlap_threshold))
+            if semantic:
+                if sem is None:  # no query at all
+                    sem = torch.zeros((len(self.vocabulary), h, w), device=device)
                 pred.semantic = SemanticResult(
                     class_map=sem.argmax(0).to(torch.int32).cpu().numpy(),
                     scores=sem.cpu().numpy() if self.semantic_scores else None,
                 )
-            if "instance" in self.tasks:
-                if full:
-                    inst = instance_inference(mask_cls, masks_for(None), thing, topk=self.topk)
+            if candidates is not None:
+                if inst_masks:
+                    masks, scores = torch.cat(inst_masks), torch.cat(inst_scores)
                 else:
-                    flat = probs[:, :-1].flatten()
-                    top = flat.topk(min(self.topk, flat.numel())).indices
-                    queries = torch.unique(top // k)
-                    inst = instance_inference(mask_cls[queries], masks_for(queries), thing, topk=self.topk)
+                    masks, scores = torch.zeros((0, h, w), dtype=torch.bool, device=device), torch.zeros(0, device=device)
+                position = inst_position.to(device)
+                inst = rank_instances(candidates, masks[position], scores[position])
                 classes = inst.classes.cpu().numpy()
                 pred.instances = InstanceResult(
                     masks=inst.masks.cpu().numpy(),
@@ -285,15 +293,19 @@ class Predictor:
                 )
             return pred
 
-    def _semantic_chunked(self, mask_cls, mask_logits, resized_size, padded_size, output_size, chunk: int = 32):
-        """Semantic scores accumulated over chunks of queries (bounded memory for very large outputs)."""
-        probs = mask_cls.softmax(-1)[:, :-1]
-        total = None
-        for start in range(0, mask_cls.shape[0], chunk):
-            m = self._resize_masks(mask_logits[start : start + chunk], resized_size, padded_size, output_size)
-            part = torch.einsum("qc,qhw->chw", probs[start : start + chunk], m.sigmoid())
-            total = part if total is None else total + part
-        return total
+    @staticmethod
+    def _needed_queries(num_queries, semantic, panoptic, candidates, device) -> torch.Tensor:
+        """(N,) ascending indices of the queries whose masks some task reads."""
+        if semantic:
+            return torch.arange(num_queries, device=device)
+        parts = []
+        if panoptic is not None:
+            parts.append(panoptic.index.to(device))
+        if candidates is not None:
+            parts.append(candidates.query_index.to(device))
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.unique(torch.cat(parts), sorted=True)
 
     @staticmethod
     def _resize_masks(mask_logits, resized_size, padded_size, output_size) -> torch.Tensor:
@@ -307,30 +319,31 @@ class Predictor:
         return x[0]
 
     def _panoptic_result(self, pan) -> PanopticResult:
-        seg = pan.panoptic_seg.cpu().numpy().astype(np.int32)
+        segment_map = pan.segment_map.cpu().numpy().astype(np.int32)
+        boxes = segment_bboxes(segment_map, [s["id"] for s in pan.segments])
         segments = []
-        for s in pan.segments:
-            c = int(s["category_id"])
+        for s, bbox in zip(pan.segments, boxes):
+            c = int(s["class_index"])
             segments.append(
                 {
                     "id": int(s["id"]),
                     "label": self.vocabulary.labels[c],
                     "category_id": int(self.category_ids[c]),
                     "class_index": c,
-                    "is_thing": bool(s["isthing"]),
+                    "is_thing": bool(s["is_thing"]),
                     "score": float(s["score"]),
                     "area": int(s["area"]),
-                    "bbox": mask_to_bbox(seg == s["id"]),
+                    "bbox": bbox,
                 }
             )
-        return PanopticResult(segment_map=seg, segments=segments)
+        return PanopticResult(segment_map=segment_map, segments=segments)
 
     # ------------------------------------------------------------------ the whole thing
     def predict_batch(self, images: Sequence[Any]) -> list[Prediction]:
         decoded = [self.preprocess(img) for img in images]
         out, sizes, padded = self.infer(decoded)
         return [
-            self.postprocess(out.mask_cls[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
+            self.postprocess(out.class_logits[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
             for i, img in enumerate(decoded)
         ]
 

@@ -24,6 +24,7 @@ class DecoderOutput:
     class_logits: torch.Tensor  # (B, Q, K + 1) in-vocabulary logits, void last
     mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
     aux: list[tuple[torch.Tensor, torch.Tensor]]  # (class_logits, mask_logits) of the earlier heads, first to last
+    # (empty when the decoder ran with aux=False)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -137,6 +138,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         text_classifier: torch.Tensor,
         synonym_class: torch.Tensor,
         num_classes: int,
+        aux: bool = True,
     ) -> DecoderOutput:
         """
         Args:
@@ -145,6 +147,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             text_classifier: (S + 1, D) L2-normalised rows, one per synonym, void last.
             synonym_class: (S,) the class index of each synonym row.
             num_classes: K.
+            aux: compute the earlier heads' class and mask logits (deep supervision). Without them (inference),
+                an earlier head only computes the next layer's attention mask, at that layer's resolution: the
+                mask features are resized to it first, which equals resizing the mask logits (bilinear resizing
+                is linear and acts per channel) up to float rounding, and skips the stride-4 mask logits and the
+                class head of 9 of the 10 heads.
         """
         srcs, pos, sizes = [], [], []
         for i, x in enumerate(multi_scale):
@@ -159,8 +166,19 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         heads = lambda out, size: self._prediction_heads(  # noqa: E731
             out, mask_features, size, text_classifier, synonym_class, num_classes
         )
-        class_logits, mask_logits, attn_mask = heads(output, sizes[0])
-        predictions = [(class_logits, mask_logits)]
+        small_features: dict[tuple[int, int], torch.Tensor] = {}
+
+        def attention_mask_only(out, size):
+            if size not in small_features:
+                small_features[size] = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+            return self._attention_mask(out, small_features[size])
+
+        predictions = []
+        if aux:
+            class_logits, mask_logits, attn_mask = heads(output, sizes[0])
+            predictions.append((class_logits, mask_logits))
+        else:
+            attn_mask = attention_mask_only(output, sizes[0])
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             # a query whose mask covers nothing attends everywhere
@@ -169,9 +187,19 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_cross_attention_layers[i](output, srcs[level], attn_mask, pos[level], query_embed)
             output = self.transformer_self_attention_layers[i](output, query_embed)
             output = self.transformer_ffn_layers[i](output)
-            class_logits, mask_logits, attn_mask = heads(output, sizes[(i + 1) % self.num_feature_levels])
-            predictions.append((class_logits, mask_logits))
+            next_size = sizes[(i + 1) % self.num_feature_levels]
+            if aux or i == self.num_layers - 1:
+                class_logits, mask_logits, attn_mask = heads(output, next_size)
+                predictions.append((class_logits, mask_logits))
+            else:
+                attn_mask = attention_mask_only(output, next_size)
         return DecoderOutput(class_logits=predictions[-1][0], mask_logits=predictions[-1][1], aux=predictions[:-1])
+
+    def _attention_mask(self, output, small_mask_features):
+        """(B, Q, h*w) True = blocked: the head's mask at the attention resolution, from resized mask features."""
+        mask_embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))
+        attn = torch.einsum("bqc,bchw->bqhw", mask_embed, small_mask_features)
+        return (attn.sigmoid().flatten(2) < 0.5).detach()
 
     def _prediction_heads(self, output, mask_features, attn_size, text_classifier, synonym_class, num_classes):
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # (B, Q, C)

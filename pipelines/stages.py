@@ -193,7 +193,7 @@ class FCCLIPSegmenter:
         out, resized, padded = self.predictor.infer(images)
         results = []
         for j, size in enumerate(sizes):
-            pred = self.predictor.postprocess(out.mask_cls[j], out.mask_logits[j], resized[j], padded, size)
+            pred = self.predictor.postprocess(out.class_logits[j], out.mask_logits[j], resized[j], padded, size)
             seg_map = pred.panoptic.segment_map
             kept = [s for s in pred.panoptic.segments if s["score"] >= self.min_score and s["area"] > 0]
             if len(kept) < len(pred.panoptic.segments):

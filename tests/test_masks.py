@@ -97,3 +97,20 @@ def test_id2rgb_rejects_out_of_range():
         id2rgb(np.array([[2**24]]))
     with pytest.raises(ValueError):
         id2rgb(np.array([[-1]]))
+
+
+@pytest.mark.parametrize("offset", [0, 5000])  # small ids (index by id) and large ones (index by rank)
+def test_segment_bboxes_equal_one_mask_at_a_time(offset):
+    from fcclip.masks import segment_bboxes
+
+    rng = np.random.default_rng(0)
+    segment_map = rng.integers(0, 4, size=(37, 53))
+    segment_map[segment_map > 0] += offset
+    segment_map[3, 7] = offset + 9  # a one-pixel segment
+    ids = [offset + 1, offset + 2, offset + 3, offset + 9, offset + 42]  # 42: absent
+    boxes = segment_bboxes(segment_map, ids)
+    assert boxes == [mask_to_bbox(segment_map == i) for i in ids]
+    assert boxes[3] == [7.0, 3.0, 1.0, 1.0] and boxes[4] == [0.0, 0.0, 0.0, 0.0]
+    assert segment_bboxes(segment_map, []) == []
+    with pytest.raises(ValueError, match="segment map"):
+        segment_bboxes(segment_map[0], [1])

@@ -100,8 +100,8 @@ def test_resnet_model_runs_with_valid_mask_ensemble(tiny_resnet):
     text = build_text_classifier(tiny_resnet.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
     x = tiny_resnet.normalize(torch.rand(1, 3, 64, 96) * 255)
     out = tiny_resnet.inference(x, text)
-    assert out.mask_cls.shape == (1, 20, 4)
-    probs = out.mask_cls.exp()
+    assert out.class_logits.shape == (1, 20, 4)
+    probs = out.class_logits.exp()
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 20), atol=1e-4, rtol=0)
 
 
@@ -181,3 +181,100 @@ def test_deterministic_random_weights_follow_the_fixture_rule(tiny_model):
 
     for key, p in list(tiny_model.named_parameters())[::37]:
         torch.testing.assert_close(p.detach(), value_for(key, p.shape))
+
+
+# --------------------------------------------------------------------------------------------- speed paths
+def _deform_inputs(seed: int, batch: int = 2, heads: int = 2, channels: int = 4, points: int = 3):
+    from fcclip.deform_attn import multi_scale_deformable_attention  # noqa: F401  (import checked here)
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (6, 10), (1, 1)]
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, s, heads, channels, generator=g)
+    # locations beyond [0, 1] on purpose: neighbours outside the map read zero
+    loc = torch.rand(batch, 7, heads, len(shapes), points, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(batch, 7, heads, len(shapes), points, generator=g)
+    return value, shapes, loc, weights / weights.sum((-1, -2), keepdim=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_deformable_attention_gather_equals_grid_sample(seed):
+    from fcclip.deform_attn import multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample
+
+    value, shapes, loc, weights = _deform_inputs(seed)
+    ours = multi_scale_deformable_attention(value, shapes, loc, weights)
+    spec = multi_scale_deformable_attention_grid_sample(value, shapes, loc, weights)
+    assert ours.shape == spec.shape == (2, 7, 2 * 4)
+    torch.testing.assert_close(ours, spec, atol=1e-5, rtol=1e-5)
+
+
+def test_deformable_attention_reads_pixel_centres_exactly_and_zero_outside():
+    from fcclip.deform_attn import multi_scale_deformable_attention
+
+    h, w = 2, 3
+    value = torch.arange(h * w, dtype=torch.float32).view(1, h * w, 1, 1)
+    # the centre of pixel (row 1, col 2), a point between columns 0 and 1 of row 0, and a point outside the map
+    loc = torch.tensor([[2.5 / w, 1.5 / h], [1.0 / w, 0.5 / h], [-1.0, 0.5]]).view(1, 3, 1, 1, 1, 2)
+    out = multi_scale_deformable_attention(value, [(h, w)], loc, torch.ones(1, 3, 1, 1, 1))
+    torch.testing.assert_close(out.flatten(), torch.tensor([5.0, 0.5, 0.0]))
+
+
+def test_deformable_attention_gradients_equal_grid_sample():
+    from fcclip.deform_attn import multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample
+
+    grads = []
+    for fn in (multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample):
+        value, shapes, loc, weights = _deform_inputs(5)
+        for t in (value, loc, weights):
+            t.requires_grad_(True)
+        out = fn(value, shapes, loc, weights)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((value.grad, loc.grad, weights.grad))
+    for ours, spec in zip(*grads):
+        torch.testing.assert_close(ours, spec, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_skips_the_aux_heads_with_the_same_result(tiny_model):
+    """Inference computes the earlier heads' attention masks from resized mask features (no stride-4 masks, no
+    class heads): the final outputs equal those of the full forward."""
+    text = build_text_classifier(tiny_model.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
+    x = tiny_model.normalize(torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255)
+    with torch.inference_mode():
+        full = tiny_model(x, text)
+        fast = tiny_model.inference(x, text)
+    assert len(full.aux) == tiny_model.sem_seg_head.predictor.num_layers and fast.raw.aux == []
+    torch.testing.assert_close(fast.raw.class_logits, full.class_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.raw.mask_logits, full.mask_logits, atol=1e-3, rtol=1e-4)
+
+
+def test_channels_last_backbone_gives_the_same_features(tiny_model):
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    backbone = tiny_model.backbone
+    assert not backbone.channels_last  # the default
+    try:
+        with torch.inference_mode():
+            nchw = backbone(x)
+            backbone.use_channels_last(True)
+            nhwc = backbone(x)
+    finally:
+        backbone.use_channels_last(False)
+    assert nhwc["res2"].is_contiguous(memory_format=torch.channels_last)
+    for name in nchw:
+        torch.testing.assert_close(nhwc[name], nchw[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    """build_model(compile=True): torch.compile'd backbone and decoders give the eager model's outputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = build_model("fcclip-tiny", weights="random", device="cpu")
+        compiled = build_model("fcclip-tiny", weights="random", device="cpu", compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # compiling in place keeps the keys
+    text = build_text_classifier(eager.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
+    x = eager.normalize(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 255)
+    with torch.inference_mode():
+        want = eager.inference(x, text)
+        got = compiled.inference(x, text)
+    torch.testing.assert_close(got.class_logits, want.class_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.mask_logits, want.mask_logits, atol=1e-3, rtol=1e-4)

@@ -17,7 +17,7 @@ from pycocotools import mask as mask_util
 
 from fcclip.config import load_config
 from fcclip.model import build_fcclip
-from fcclip.predictor import Predictor
+from fcclip.predictor import Predictor, pad_batch
 from fcclip.text import PROMPT_TEMPLATES, TextClassifierCache, encode_vocabulary
 from fcclip.vocabulary import Vocabulary
 
@@ -154,14 +154,28 @@ def test_pixel_decoder(model, outputs, ref):
         assert_close(f"pixel_decoder_multi_scale_{i}", pd.multi_scale[i], ref[f"pixel_decoder_multi_scale_{i}"])
 
 
-def test_transformer_decoder(outputs, ref):
-    raw = outputs[0].raw
+@pytest.fixture(scope="module")
+def forward_with_aux(model, predictor, image):
+    """The forward as training runs it: every decoder head's outputs (inference computes only the last one's)."""
+    t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float()
+    batch = pad_batch([model.normalize(t)], model.config.inference.size_divisibility)
+    with torch.inference_mode():
+        return model.forward(batch, predictor.text, aux=True)
+
+
+@pytest.mark.parametrize("path", ["inference", "with_aux"])
+def test_transformer_decoder(outputs, forward_with_aux, ref, path):
+    raw = outputs[0].raw if path == "inference" else forward_with_aux
     assert_close("decoder_pred_logits", raw.class_logits, ref["decoder_pred_logits"])
     assert_close("decoder_pred_masks", raw.mask_logits, ref["decoder_pred_masks"])
     signs = (raw.mask_logits > 0).numpy() == (ref["decoder_pred_masks"].astype(np.float32) > 0)
     assert signs.mean() == 1.0
-    assert len(raw.aux) == ref["decoder_aux_pred_logits"].shape[0]
-    for i, (cls, _) in enumerate(raw.aux):
+
+
+def test_transformer_decoder_aux_heads(outputs, forward_with_aux, ref):
+    assert outputs[0].raw.aux == []  # inference skips them
+    assert len(forward_with_aux.aux) == ref["decoder_aux_pred_logits"].shape[0]
+    for i, (cls, _) in enumerate(forward_with_aux.aux):
         assert_close("decoder_aux_pred_logits", cls, ref["decoder_aux_pred_logits"][i])
 
 
@@ -172,7 +186,7 @@ def test_out_of_vocabulary_branch_and_ensemble(outputs, ref):
     assert_close("out_vocab_probs", out.ensemble.out_vocab_probs, ref["out_vocab_probs"])
     assert_close("is_void_prob", out.ensemble.void_probs, ref["is_void_prob"])
     assert_close("final_cls_probs", out.ensemble.probs, ref["final_cls_probs"])
-    assert_close("final_cls_logprobs", out.mask_cls, ref["final_cls_logprobs"])
+    assert_close("final_cls_logprobs", out.class_logits, ref["final_cls_logprobs"])
 
 
 def test_pooled_clip_embedding(model, outputs, ref):
@@ -187,7 +201,7 @@ def prediction(predictor, outputs, image):
     out, sizes, padded = outputs
     predictor.semantic_scores = True
     try:
-        return predictor.postprocess(out.mask_cls[0], out.mask_logits[0], sizes[0], padded, image.shape[:2])
+        return predictor.postprocess(out.class_logits[0], out.mask_logits[0], sizes[0], padded, image.shape[:2])
     finally:
         predictor.semantic_scores = False
 

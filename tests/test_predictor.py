@@ -12,6 +12,8 @@ from fcclip.images import ImageDecodeError
 from fcclip.masks import decode_rle, encode_rle
 from fcclip.predictor import resized_shape
 
+VOCAB = "cat; dog, puppy; grass [stuff]; sky [stuff]"
+
 
 def _check(pred, h, w, predictor):
     assert (pred.height, pred.width) == (h, w)
@@ -110,20 +112,47 @@ def test_batch_equals_one_by_one(tiny_predictor):
         np.testing.assert_allclose(one.instances.scores, b.instances.scores, atol=1e-5)
 
 
-def test_memory_bounded_postprocess_agrees(tiny_predictor, monkeypatch):
-    """The path for huge outputs (only the queries a task can use) gives the reference path's results."""
+@pytest.mark.parametrize("chunk_values", [1, 3 * 96 * 128])
+def test_postprocess_in_chunks_of_queries_agrees(tiny_predictor, monkeypatch, chunk_values):
+    """Upsampling a few queries at a time (bounded memory) gives the results of one pass over all of them."""
     import fcclip.predictor as predictor_mod
 
     img = synthetic_image(12, 96, 128)
-    full = tiny_predictor(img)
-    monkeypatch.setattr(predictor_mod, "FULL_POSTPROCESS_LIMIT", 0)
-    bounded = tiny_predictor(img)
-    np.testing.assert_array_equal(full.panoptic.segment_map, bounded.panoptic.segment_map)
-    np.testing.assert_array_equal(full.semantic.class_map, bounded.semantic.class_map)
-    assert full.panoptic.segments == bounded.panoptic.segments
-    keep = full.instances.scores > 0  # exactly tied zero scores may come in another order
-    np.testing.assert_allclose(full.instances.scores[keep], bounded.instances.scores[keep], atol=1e-6)
-    np.testing.assert_array_equal(full.instances.classes[keep], bounded.instances.classes[keep])
+    whole = tiny_predictor(img)
+    monkeypatch.setattr(predictor_mod, "CHUNK_VALUES", chunk_values)
+    chunked = tiny_predictor(img)
+    np.testing.assert_array_equal(whole.panoptic.segment_map, chunked.panoptic.segment_map)
+    assert whole.panoptic.segments == chunked.panoptic.segments
+    np.testing.assert_array_equal(whole.semantic.class_map, chunked.semantic.class_map)
+    np.testing.assert_array_equal(whole.instances.scores, chunked.instances.scores)
+    np.testing.assert_array_equal(whole.instances.classes, chunked.instances.classes)
+    np.testing.assert_array_equal(whole.instances.masks, chunked.instances.masks)
+
+
+@pytest.mark.parametrize("tasks", [("panoptic",), ("instance",), ("semantic",), ("panoptic", "instance")])
+def test_each_task_alone_gives_what_all_tasks_give(tiny_model, tasks):
+    """A task alone upsamples only the queries it reads (panoptic: the kept ones): same results."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        every = Predictor(tiny_model, VOCAB, short_edge=None)
+        some = Predictor(tiny_model, VOCAB, short_edge=None, tasks=tasks)
+    img = synthetic_image(15, 80, 112)
+    a, b = every(img), some(img)
+    if "panoptic" in tasks:
+        np.testing.assert_array_equal(a.panoptic.segment_map, b.panoptic.segment_map)
+        assert a.panoptic.segments == b.panoptic.segments
+    else:
+        assert b.panoptic is None
+    if "instance" in tasks:
+        np.testing.assert_array_equal(a.instances.masks, b.instances.masks)
+        np.testing.assert_array_equal(a.instances.scores, b.instances.scores)
+        assert a.instances.labels == b.instances.labels
+    else:
+        assert b.instances is None
+    if "semantic" in tasks:
+        np.testing.assert_array_equal(a.semantic.class_map, b.semantic.class_map)
+    else:
+        assert b.semantic is None
 
 
 def test_keep_own_size_and_custom_short_edge(tiny_model):
@@ -140,20 +169,3 @@ def test_rle_of_segments_round_trips(tiny_predictor):
     for s in pred.panoptic.segments:
         mask = pred.panoptic.segment_map == s["id"]
         np.testing.assert_array_equal(decode_rle(encode_rle(mask)), mask)
-
-
-@pytest.mark.parametrize("small,padded,resized,output", [(12, 48, 45, 45), (12, 48, 45, 100), (7, 28, 25, 13), (1, 4, 3, 9)])
-def test_resize_matrices_equal_the_reference_interpolation(small, padded, resized, output):
-    import torch
-    import torch.nn.functional as F
-
-    from fcclip.predictor import resize_matrix
-
-    x = torch.randn(3, small, small + 2)
-    ref = F.interpolate(x[None], size=(padded, padded + 8), mode="bilinear", align_corners=False)
-    ref = ref[:, :, :resized, : resized + 3]
-    ref = F.interpolate(ref, size=(output, output + 5), mode="bilinear", align_corners=False)[0]
-    ry = resize_matrix(small, padded, resized, output)
-    rx = resize_matrix(small + 2, padded + 8, resized + 3, output + 5)
-    ours = torch.einsum("rh,nhw,cw->nrc", ry, x, rx)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

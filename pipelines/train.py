@@ -474,6 +474,11 @@ def run_train(
         resources["GPU"] = gpus_per_worker
     datasets = None
     if data.kind == "labels":
+        spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
+        if spare < 1:
+            logger.warning("the training workers take %g of the cluster's %g CPUs: Ray Data needs at least one more "
+                           "to read and decode the samples (lower --cpus-per-worker, or add CPU nodes)",
+                           num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
         datasets = {"train": label_dataset(
             data, image_size=cfg.data.image_size, min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale,
             min_score=selection.min_score, seed=cfg.seed,

@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,7 +72,7 @@ def open_training_data(uri: str, *, split: str, synonyms: str | None,
             classes; class-map options given for COCO data.
     """
     coco_json = join_uri(uri, "annotations", f"panoptic_{split}.json")
-    fs, path = _fs(coco_json)
+    fs, path = fsspec.core.url_to_fs(coco_json)
     if fs.exists(path):
         if selection != LabelSelection():
             raise ValueError(f"{uri} is a COCO panoptic tree: --min-score, --class-map, --keep and --drop apply "
@@ -84,12 +85,6 @@ def open_training_data(uri: str, *, split: str, synonyms: str | None,
                          ) from None
     classes: TrainingClasses = training_classes(output.vocabulary, selection)
     return TrainingData(uri, "labels", classes.vocabulary, output=output, class_index=classes.class_index)
-
-
-def _fs(uri: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
 
 
 class DecodeSamples:

@@ -32,8 +32,8 @@ class LabelSelection:
 
     Attributes:
         min_score: segments scoring below it become ignore regions (0: every segment is a target).
-        class_map: ``(old, new)`` pairs: the run's class ``old`` (a class name or id) trains as ``new`` (an existing
-            class's name: the two are merged; another name: the class is renamed).
+        class_map: ``(old, new)`` pairs: the run's class ``old`` (a name, synonym or id) trains as ``new`` (a class
+            of the run, named the same way: the two are merged; any other name: the class is renamed).
         keep: when not empty, only these training classes (names after ``class_map``) are kept.
         drop: training classes left out (names after ``class_map``).
     """
@@ -90,7 +90,8 @@ def training_classes(run_vocabulary: Mapping[str, Any], selection: LabelSelectio
         if old not in by_key:
             raise ValueError(f"--class-map {old}={new}: the run has no class {old!r} "
                              f"(its classes: {', '.join(primary)})")
-        target[int(by_key[old]["id"])] = new
+        # a NEW that names a class of the run (a name, synonym or id) merges into it; any other NEW renames
+        target[int(by_key[old]["id"])] = by_key[new]["names"][0] if new in by_key else new
 
     groups: dict[str, list[dict]] = {}  # training name -> the run's classes it takes, in the run's order
     for c in categories:

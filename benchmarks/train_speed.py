@@ -1,6 +1,13 @@
-"""Training speed of `fcclip train` (Ray Train, DDP) on a synthetic COCO-panoptic set it generates.
+"""Training speed of `fcclip train` (Ray Train, DDP) on a synthetic COCO-panoptic set it generates, read as a COCO
+tree or as pseudo-labels (a labeling output streamed through Ray Data).
 
     .venv/bin/python benchmarks/train_speed.py --model fcclip-tiny --num-workers 2 --iters 40 --image-size 128
+    .venv/bin/python benchmarks/train_speed.py --data-kind labels --iters 100 --num-cpus 2
+
+With ``--data-kind labels`` the generated images are first labelled by ``fcclip label`` (fcclip-tiny, random weights
+unless --label-weights, at their own size) and training reads that output (`pipelines.train_data`): Parquet part
+files, images from their URIs, masks from the RLEs, LSJ on Ray Data CPU tasks, batches into the workers' shards.
+Labeling is not timed. The training workers then get (CPUs - 1) / workers CPUs by default, leaving one to Ray Data.
 
 Runs the real training job (`pipelines.train.run_train`: data loading with LSJ, forward, criterion, backward, DDP
 all-reduce, optimizer) for --iters iterations with deterministic random weights, and reports, over the iterations
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: CPUs / workers")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--data-kind", choices=("coco", "labels"), default="coco",
+                   help="read the data as a COCO tree, or label it first and train on the labeling output")
+    p.add_argument("--label-weights", default="random", help="weights of the fcclip-tiny that labels (labels only)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     if args.iters <= args.warmup:
@@ -141,14 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        cpus = args.cpus_per_worker or max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // args.num_workers))
+        total_cpus = int(ray.cluster_resources().get("CPU", 1))
+        if args.data_kind == "labels":  # one CPU for the Ray Data tasks
+            cpus = args.cpus_per_worker or max(0.5, (total_cpus - 1) / args.num_workers)
+        else:
+            cpus = args.cpus_per_worker or max(1.0, float(total_cpus // args.num_workers))
         collector = _collector_class().remote()
         with tempfile.TemporaryDirectory(prefix="fcclip-train-speed-") as tmp:
             side = data.image_size
             write_coco_panoptic(Path(tmp) / "data", args.images, seed=0, size=(side, side * 5 // 4), also_val=False)
+            source, segments = str(Path(tmp) / "data"), None
+            if args.data_kind == "labels":
+                source, segments = _label(Path(tmp), cfg, args.label_weights)
             started = time.perf_counter()
             run_train(
-                cfg, str(Path(tmp) / "data"), str(Path(tmp) / "runs"), num_workers=args.num_workers,
+                cfg, source, str(Path(tmp) / "runs"), num_workers=args.num_workers,
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=cpus, name="train-speed",
                 callbacks=[_callback(collector)],
             )
@@ -159,24 +176,44 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = summarise(reports, args.warmup, solver.batch_size)
     row = {
-        "model": cfg.model, "workers": args.num_workers, "cpus_per_worker": cpus, "batch": solver.batch_size,
+        "data": args.data_kind, "segments_per_image": segments, "model": cfg.model, "workers": args.num_workers, "cpus_per_worker": cpus, "batch": solver.batch_size,
         "image_size": data.image_size, "iters": args.iters, **figures, "wall_s": wall,
     }
-    header = ["model", "workers", "cpus/worker", "global batch", "crop", "iters/s", "samples/s", "data wait",
+    header = ["data", "model", "workers", "cpus/worker", "global batch", "crop", "iters/s", "samples/s", "data wait",
               "peak RSS/worker", "peak GPU", "wall (startup incl.)"]
     values = [
-        row["model"], str(row["workers"]), f"{cpus:g}", str(row["batch"]), f"{row['image_size']}px",
+        "labeling output" if args.data_kind == "labels" else "COCO tree", row["model"], str(row["workers"]), f"{cpus:g}", str(row["batch"]), f"{row['image_size']}px",
         f"{row['iters_per_s']:.2f}", f"{row['samples_per_s']:.1f}", f"{100 * row['data_wait_share']:.1f}%",
         f"{row['peak_rss_mb']:.0f} MB", f"{row['peak_gpu_mb']:.0f} MB" if row["peak_gpu_mb"] else "-",
         f"{wall:.0f}s",
     ]
-    print(f"timed: the last {row['timed_iters']} of {args.iters} iterations")
+    print(f"timed: the last {row['timed_iters']} of {args.iters} iterations"
+          + (f"; {segments:.1f} pseudo-label segments per image" if segments is not None else ""))
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     print("| " + " | ".join(values) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
     return 0
+
+
+def _label(tmp: Path, cfg, weights: str) -> tuple[str, float]:
+    """Label the generated training images with `fcclip label` (on the running Ray); (the output, segments per
+    image)."""
+    import pyarrow.parquet as pq
+
+    from fcclip.datasets.coco_panoptic import CocoPanoptic
+    from pipelines.cli import main as fcclip
+
+    vocab = tmp / "vocabulary.json"
+    vocab.write_text(json.dumps(CocoPanoptic(tmp / "data").vocabulary(synonyms=cfg.data.synonyms).to_dict()))
+    dest = tmp / "labels"
+    code = fcclip(["label", str(tmp / "data" / cfg.data.split), "--out", str(dest), "--vocab", str(vocab),
+                   "--model", "fcclip-tiny", "--weights", weights, "--short-edge", "0", "--no-progress"])
+    if code:
+        raise SystemExit(f"fcclip label failed ({code})")
+    rows = [r for f in sorted(dest.glob("*.parquet")) for r in pq.read_table(f, columns=["segments"]).to_pylist()]
+    return str(dest), sum(len(r["segments"] or ()) for r in rows) / max(len(rows), 1)
 
 
 if __name__ == "__main__":

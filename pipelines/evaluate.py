@@ -1,6 +1,13 @@
 """`fcclip eval`: the paper's zero-shot benchmarks (PQ, AP, mIoU) as a Ray Data job with exact metric merging.
 
     fcclip eval --model PRESET --weights W --dataset NAME --data ROOT [--out results.json] [--address ...]
+    fcclip eval --model PRESET --weights W --data DEST [--min-score S] [--short-edge N]   (DEST: a labeling output)
+
+Without ``--dataset``, ``--data`` is a labeling output of ``fcclip label`` and its pseudo-labels are the ground
+truth: the PQ of a model against them is its agreement with the model that labelled (a student against its
+teacher). The run's vocabulary is the vocabulary of both; segments scoring below ``--min-score`` are void (as they
+are ignore regions in ``fcclip train``); error rows are skipped. The rows stream through Ray Data (part files read
+with only the columns needed, error rows filtered in the scan), never listed on the driver.
 
 The validation split streams through an actor pool (one model per actor, as `fcclip label`), each actor predicting
 its images at the benchmark's test resolution with the benchmark's vocabulary and adding them to its own metric
@@ -22,15 +29,21 @@ import time
 import warnings
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.data as ray_data
+from ray.data.expressions import col
 
 from fcclip.build import build_model
 from fcclip.datasets.benchmarks import list_benchmarks, open_benchmark
+from fcclip.images import load_image
 from fcclip.metrics.instance import InstanceAccumulator
 from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.predictor import Predictor
+from fcclip.vocabulary import Vocabulary
+from pipelines.show.output import OutputError, open_output, segment_map
 
 logger = logging.getLogger("fcclip.eval")
 
@@ -114,6 +127,96 @@ def merge_states(dataset, states: list[dict]) -> dict:
         for k, s in state.items():
             total[k].merge(kinds[k].from_state_dict(s))
     return total
+
+
+class LabelsEvalModel:
+    """Actor: predicts a batch of a labeling output's images and returns the PQ statistics against its rows."""
+
+    def __init__(self, model: str, weights: str, vocabulary: dict, device: str, short_edge, max_size,
+                 min_score: float):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = build_model(model, weights=weights, device=device)
+        kwargs = {} if short_edge is None else {"short_edge": short_edge or None}
+        if max_size is not None:
+            kwargs["max_size"] = max_size
+        self.vocabulary = Vocabulary.from_dict(vocabulary)
+        self.predictor = Predictor(net, self.vocabulary, tasks=("panoptic",), **kwargs)
+        self.min_score = float(min_score)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        acc = PanopticAccumulator(label_categories(self.vocabulary))
+        errors = []
+        rows = batch.select(["uri", "image_id", "segments"]).to_pylist()
+        for row in rows:
+            try:
+                image = load_image(row["uri"])
+                kept = [s for s in row["segments"] or () if s["score"] is None or s["score"] >= self.min_score]
+                gt_map = segment_map(kept, image.shape[0], image.shape[1])
+                pred = self.predictor(image).panoptic
+                acc.update(gt_map, [{"id": s["id"], "category_id": s["category_id"]} for s in kept],
+                           pred.segment_map,
+                           [{"id": s["id"], "category_id": s["category_id"]} for s in pred.segments],
+                           image_id=row["image_id"])
+            except Exception as e:  # an unreadable image is reported, the rest of the evaluation goes on
+                errors.append(f"{row['uri']}: {type(e).__name__}: {e}")
+        return {"state": np.array([json.dumps(acc.state_dict())], dtype=object),
+                "errors": np.array([json.dumps(errors)], dtype=object), "count": np.array([len(rows)])}
+
+
+def label_categories(vocabulary: Vocabulary) -> list[dict]:
+    return [{"id": c.id, "isthing": c.isthing, "name": c.names[0]} for c in vocabulary.categories]
+
+
+def run_eval_labels(
+    model: str, weights: str, dest: str, *, batch_size: int = 2, actors: tuple[int, int] = (1, 1),
+    gpus_per_actor: float | None = None, address: str | None = None, short_edge: int | None = None,
+    max_size: int | None = None, min_score: float = 0.0, num_cpus: int | None = None, progress: bool = True,
+) -> dict:
+    """PQ of a model against a labeling output's pseudo-labels (module docstring). ``short_edge``: None for the
+    model's test size, 0 for each image's own size."""
+    output = open_output(dest)
+    vocabulary = Vocabulary.from_dict(output.vocabulary)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init(num_cpus=num_cpus, include_dashboard=False)
+    ray_data.DataContext.get_current().enable_progress_bars = progress
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    started = time.time()
+    ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)))
+          .select_columns(["uri", "image_id", "status", "segments"])  # both pushed into the Parquet scan
+          .filter(expr=col("status") == "ok"))
+    ds = ds.map_batches(
+        LabelsEvalModel,
+        fn_constructor_args=(model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu", short_edge,
+                             max_size, min_score),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_gpus=gpus_per_actor,
+        num_cpus=1,
+    )
+    total = PanopticAccumulator(label_categories(vocabulary))
+    errors, count = [], 0
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
+            total.merge(PanopticAccumulator.from_state_dict(json.loads(s)))
+            errors.extend(json.loads(e))
+            count += int(c)
+    seconds = time.time() - started
+    return {
+        "dataset": dest,
+        "model": model,
+        "weights": weights,
+        "images": count,
+        "failed": len(errors),
+        "errors": errors[:100],
+        "seconds": seconds,
+        "images_per_s": count / seconds if seconds else 0.0,
+        "min_score": min_score,
+        **jsonable({"panoptic": total.result()}),
+    }
 
 
 def run_eval(
@@ -201,14 +304,19 @@ def format_results(r: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="fcclip-convnext-large")
     p.add_argument("--weights", default="official")
-    p.add_argument("--dataset", required=True, choices=list_benchmarks())
-    p.add_argument("--data", required=True, help="datasets root ($DETECTRON2_DATASETS layout) or the dataset folder")
+    p.add_argument("--dataset", default=None, choices=list_benchmarks(),
+                   help="a benchmark; without it, --data is a labeling output whose pseudo-labels are the ground truth")
+    p.add_argument("--data", required=True, help="datasets root ($DETECTRON2_DATASETS layout) or the dataset folder; "
+                                                 "without --dataset, a labeling output (local or s3://)")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="labeling output only: pseudo-label segments scoring below this are void")
     p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--gpus-per-actor", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--short-edge", type=int, default=None, help="override the benchmark's test size")
+    p.add_argument("--short-edge", type=int, default=None,
+                   help="override the benchmark's (or the model's) test size; 0: each image's own size")
     p.add_argument("--max-size", type=int, default=None)
     p.add_argument("--address", default=None)
     p.add_argument("--num-cpus", type=int, default=None)
@@ -217,12 +325,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args: argparse.Namespace) -> int:
     try:
-        results = run_eval(
-            args.model, args.weights, args.dataset, args.data, batch_size=args.batch_size,
-            actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, address=args.address,
-            limit=args.limit, short_edge=args.short_edge, max_size=args.max_size, num_cpus=args.num_cpus,
-            progress=not args.no_progress,
-        )
+        if args.dataset is None:
+            if args.limit is not None:
+                raise ValueError("--limit applies to benchmarks (--dataset) only")
+            results = run_eval_labels(
+                args.model, args.weights, args.data, batch_size=args.batch_size, actors=(args.actors, args.actors),
+                gpus_per_actor=args.gpus_per_actor, address=args.address, short_edge=args.short_edge,
+                max_size=args.max_size, min_score=args.min_score, num_cpus=args.num_cpus,
+                progress=not args.no_progress,
+            )
+        else:
+            results = run_eval(
+                args.model, args.weights, args.dataset, args.data, batch_size=args.batch_size,
+                actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, address=args.address,
+                limit=args.limit, short_edge=args.short_edge, max_size=args.max_size, num_cpus=args.num_cpus,
+                progress=not args.no_progress,
+            )
+    except OutputError as e:
+        print(f"fcclip eval: error: {e} (without --dataset, --data must be a labeling output)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"fcclip eval: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,19 @@
-"""`fcclip train`: FC-CLIP training on a COCO-panoptic-layout dataset with Ray Train (DDP), resumable.
+"""`fcclip train`: FC-CLIP training with Ray Train (DDP), resumable, on a COCO panoptic tree or on pseudo-labels.
 
-    fcclip train --config NAME_OR_YAML --data ROOT --storage URI
+    fcclip train --config NAME_OR_YAML --data ROOT_OR_DEST --storage URI
                  [--num-workers N] [--gpus-per-worker F] [--max-iters N] [--resume] [--address RAY_ADDRESS]
+                 [--min-score S] [--class-map OLD=NEW ...] [--keep NAMES] [--drop NAMES]
 
 ``--config`` is a packaged training config's name (``fcclip-convnext-large-coco``, the paper's recipe;
 ``fcclip-tiny-synthetic``, a smoke run) or a path to a YAML file in the same format.
 
-Each Ray Train worker builds the model (frozen CLIP + trainable head), loads its share of the data with its own
-loader processes (decode + large-scale jitter on CPU), and trains with DDP; the global batch is split across the
-workers. Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
+``--data`` is detected (`pipelines.train_data.open_training_data`): a COCO panoptic tree, whose categories are the
+training vocabulary, or a labeling output (``fcclip label``'s part files), whose run vocabulary is (after
+``--class-map``, ``--keep``, ``--drop``). Each Ray Train worker builds the model (frozen CLIP + trainable head) and
+trains with DDP; the global batch is split across the workers. A COCO tree is read by each worker's own loader
+processes (decode + large-scale jitter on CPU); a labeling output streams through Ray Data into the workers'
+dataset shards (read, decoded and augmented on CPU tasks; see `pipelines.train_data`), with segments scoring below
+``--min-score`` as ignore regions (`fcclip.training.ignore`). Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
 layout, optimizer, scheduler, grad scaler, iteration, RNG states) to ``--storage``; Ray Train keeps the newest ones.
 A lost worker or node restarts the worker group from the latest checkpoint (``max_failures`` times); a stopped run
 continues with ``--resume`` (same --storage and run name). At the end the command prints ``final checkpoint: PATH``,
@@ -47,12 +52,16 @@ from fcclip.build import build_model
 from fcclip.checkpoint import load_weights, official_state_dict
 from fcclip.config import ConfigError, build_strict, train_config_path
 from fcclip.datasets.coco_panoptic import CocoPanoptic, filter_empty
+from fcclip.datasets.labels import LabelSelection, parse_class_map
 from fcclip.masks import rgb2id
 from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.text import TextClassifierCache, build_text_classifier
-from fcclip.training.criterion import build_criterion, outputs_from_model, weighted_total
+from fcclip.training.criterion import outputs_from_model, weighted_total
 from fcclip.training.data import collate, normalize_images, train_sample
+from fcclip.training.ignore import build_ignore_criterion
+from fcclip.vocabulary import Vocabulary
+from pipelines.train_data import label_dataset, open_training_data, stream_batches
 
 logger = logging.getLogger("fcclip.train")
 
@@ -213,18 +222,17 @@ class _Worker:
         return max(1, self.cfg.solver.batch_size // self.world)
 
 
-def _build_worker(cfg: TrainConfig, root: str) -> _Worker:
-    """Model, text classifier of the dataset's vocabulary, criterion, optimizer, schedule and grad scaler."""
+def _build_worker(cfg: TrainConfig, vocabulary: Vocabulary) -> _Worker:
+    """Model, text classifier of the training vocabulary, criterion, optimizer, schedule and grad scaler."""
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg.model, weights=cfg.weights, device=device)
-    vocabulary = CocoPanoptic(root, cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
     text = build_text_classifier(
         model.backbone, vocabulary, train_vocabulary=vocabulary, cache=TextClassifierCache(enabled=False)
     )
-    criterion = build_criterion(
+    criterion = build_ignore_criterion(
         len(vocabulary), class_weight=cfg.loss.class_weight, mask_weight=cfg.loss.mask_weight,
         dice_weight=cfg.loss.dice_weight, no_object_weight=cfg.loss.no_object_weight,
         dec_layers=model.sem_seg_head.predictor.num_layers + 1, num_points=cfg.loss.num_points,
@@ -334,14 +342,16 @@ def _report(w: _Worker, metrics: dict, it: int, train_config: dict, writer, save
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = _config_from_dict(config["train"])
-    root, max_iters = config["data_root"], config["max_iters"]
-    w = _build_worker(cfg, root)
+    root, max_iters, kind = config["data_root"], config["max_iters"], config["data_kind"]
+    w = _build_worker(cfg, Vocabulary.from_dict(config["vocabulary"]))
     start, tensorboard_dir = _restore(w)
     random.seed(cfg.seed + w.rank + start)
 
     net = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    # a fresh data stream after a restart: its seed includes the iteration it starts from
-    loader = iter(_loader(root, cfg, w.per_worker_batch, seed=cfg.seed * 100_003 + w.rank * 7919 + start))
+    if kind == "labels":  # Ray Data streams this worker's share of the labeling output's samples
+        loader = stream_batches(ray.train.get_dataset_shard("train"), w.per_worker_batch)
+    else:  # a fresh data stream after a restart: its seed includes the iteration it starts from
+        loader = iter(_loader(root, cfg, w.per_worker_batch, seed=cfg.seed * 100_003 + w.rank * 7919 + start))
     params = [p for p in w.model.parameters() if p.requires_grad]
     writer = _tensorboard(w.rank, tensorboard_dir)
     window = _Window()
@@ -373,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if k != "iteration":
                     writer.add_scalar(f"train/{k}", v, it)
             writer.flush()
-        if save and w.rank == 0 and cfg.eval_every and it % cfg.eval_every == 0:
+        if save and w.rank == 0 and cfg.eval_every and it % cfg.eval_every == 0 and kind == "coco":
             metrics["val_pq"] = validation_pq(w.model, root, cfg, w.vocabulary)
             w.model.train()
         _report(w, metrics, it, config["train"], writer, save)
@@ -431,12 +441,19 @@ def run_train(
     name: str | None = None,
     num_cpus: int | None = None,
     callbacks: list | None = None,
+    selection: LabelSelection = LabelSelection(),
 ):
     """Train; returns (ray.train.Result, the final model checkpoint's URI).
 
+    `data_root`: a COCO panoptic tree or a labeling output (detected). `selection`: which pseudo-labels of a
+    labeling output to train on (min score, class map, keep, drop).
     `callbacks`: `ray.train.UserCallback`s, run on the controller; they see every report of every worker (Ray
     Train keeps only the metrics that come with a checkpoint).
     """
+    data = open_training_data(data_root, split=cfg.data.split, synonyms=cfg.data.synonyms, selection=selection)
+    if data.kind == "labels" and cfg.eval_every:
+        logger.info("eval_every is set but %s is a labeling output (no val split): no periodic validation PQ",
+                    data_root)
     name = name or cfg.name
     storage = storage.rstrip("/")
     if "://" not in storage:
@@ -455,13 +472,27 @@ def run_train(
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
+    datasets = None
+    if data.kind == "labels":
+        spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
+        if spare < 1:
+            logger.warning("the training workers take %g of the cluster's %g CPUs: Ray Data needs at least one more "
+                           "to read and decode the samples (lower --cpus-per-worker, or add CPU nodes)",
+                           num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
+        datasets = {"train": label_dataset(
+            data, image_size=cfg.data.image_size, min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale,
+            min_score=selection.min_score, seed=cfg.seed,
+        )}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": dataclasses.asdict(cfg),
             "data_root": data_root,
+            "data_kind": data.kind,
+            "vocabulary": data.vocabulary.to_dict(),
             "max_iters": max_iters or cfg.solver.max_iters,
         },
+        datasets=datasets,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -492,7 +523,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True,
                    help="a packaged training config's name (fcclip-convnext-large-coco, fcclip-tiny-synthetic) or a "
                         "YAML file")
-    p.add_argument("--data", required=True, help="COCO panoptic layout root (local or s3://...)")
+    p.add_argument("--data", required=True,
+                   help="a COCO panoptic tree or a labeling output of fcclip label (local or s3://...; detected)")
     p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
     p.add_argument("--num-workers", type=int, default=1)
@@ -502,15 +534,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    g = p.add_argument_group("pseudo-labels (when --data is a labeling output)")
+    g.add_argument("--min-score", type=float, default=0.0,
+                   help="segments scoring below this become ignore regions (not background)")
+    g.add_argument("--class-map", action="append", default=[], metavar="OLD=NEW",
+                   help="train the run's class OLD (name or id) as NEW: an existing class (merged) or a new name; "
+                        "repeatable")
+    g.add_argument("--keep", default="", metavar="NAMES", help="train only these classes (';'-separated, after "
+                                                                "--class-map)")
+    g.add_argument("--drop", default="", metavar="NAMES",
+                   help="leave these classes out (';'-separated, after --class-map); their pixels are background")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(";") if n.strip())
 
 
 def main_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_train_config(args.config)
+        selection = LabelSelection(
+            min_score=args.min_score, class_map=parse_class_map(args.class_map),
+            keep=_names(args.keep), drop=_names(args.drop),
+        )
         result, final = run_train(
             cfg, args.data, args.storage, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker, max_iters=args.max_iters, resume=args.resume,
-            address=args.address, name=args.name, num_cpus=args.num_cpus,
+            address=args.address, name=args.name, num_cpus=args.num_cpus, selection=selection,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"fcclip train: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`fcclip train` (pipelines/train.py): schedule, weight decay and config units; Ray Train runs on CPU (gloo) with
-checkpoints on a loopback S3 server, a worker killed mid-run, --resume, and an overfitting check measured in PQ."""
+checkpoints on a loopback S3 server, a worker killed mid-run (on COCO data and on a labeling output read from S3),
+--resume, and an overfitting check measured in PQ; what --data is, and how a labeling output's rows are read."""
 import math
 import os
 import signal
@@ -233,6 +234,86 @@ def dataset(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def labels(ray_local, dataset, tmp_path_factory):
+    """A real labeling output on the loopback S3 (`fcclip label`, fcclip-tiny with random weights) of the 8 training
+    images plus one truncated JPEG, which becomes an error row: (its s3:// URI, the truncated file's path)."""
+    import shutil
+    from pathlib import Path
+
+    import boto3
+
+    from fcclip.datasets.coco_panoptic import CocoPanoptic
+
+    images = tmp_path_factory.mktemp("label-source")
+    for path in (Path(dataset) / "train2017").glob("*.jpg"):
+        shutil.copy(path, images / path.name)
+    first = sorted(images.glob("*.jpg"))[0]
+    broken = images / "broken.jpg"
+    broken.write_bytes(first.read_bytes()[:200])  # a real truncated JPEG
+    vocab = tmp_path_factory.mktemp("vocab") / "vocabulary.json"
+    import json
+
+    vocab.write_text(json.dumps(CocoPanoptic(dataset).vocabulary(synonyms="coco_panoptic").to_dict()))
+    boto3.client("s3").create_bucket(Bucket="train-labels")
+    dest = "s3://train-labels/labels"
+    assert main(["label", str(images), "--out", dest, "--vocab", str(vocab), "--model", "fcclip-tiny", "--weights",
+                 "random", "--short-edge", "0", "--shard-size", "4", "--no-progress"]) == 0
+    return dest, str(broken)
+
+
+def test_data_kind_is_detected(dataset, tmp_path, capsys):
+    from pipelines.train_data import open_training_data
+
+    coco = open_training_data(dataset, split="train2017", synonyms="coco_panoptic")
+    assert coco.kind == "coco" and [c.id for c in coco.vocabulary.categories] == [1, 3, 18, 187, 191, 193]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"neither a COCO panoptic tree \(no .*panoptic_train2017.json\) nor a "
+                                         r"labeling output \(.*holds no part file"):
+        open_training_data(str(tmp_path / "other"), split="train2017", synonyms=None)
+    # the command says so in one line, before starting Ray
+    code = main(["train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "other"), "--storage",
+                 str(tmp_path / "runs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fcclip train: error:") and "nor a labeling output" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    # pseudo-label options on COCO data are refused
+    from fcclip.datasets.labels import LabelSelection
+
+    with pytest.raises(ValueError, match="apply to labeling outputs only"):
+        open_training_data(dataset, split="train2017", synonyms=None, selection=LabelSelection(min_score=0.5))
+
+
+@pytest.mark.ray
+def test_labeling_output_rows_become_samples(labels):
+    """The Ray Data stage that reads a part file: only ok rows, masks from the RLEs, the run's vocabulary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fcclip.datasets.labels import LabelSelection
+    from pipelines.train_data import open_training_data, read_samples
+
+    dest, broken = labels
+    data = open_training_data(dest, split="train2017", synonyms=None, selection=LabelSelection(class_map=(("18", "1"),)))
+    assert data.kind == "labels"  # the run's vocabulary, the dog (id 18) merged into the person (id 1)
+    assert [c.id for c in data.vocabulary.categories] == [1, 3, 187, 191, 193]
+    assert data.class_index == {1: 0, 18: 0, 3: 1, 187: 2, 191: 3, 193: 4}
+
+    fs, files = data.output.fs, data.output.files
+    rows = [r for f in files for r in pq.read_table(fs.open(f, "rb"), columns=["uri", "status"]).to_pylist()]
+    assert len(rows) == 9 and [r["uri"] for r in rows if r["status"] == "error"] == [broken]
+    blocks = list(read_samples(pa.table({"path": files}), fs=fs, rows_per_block=3, class_index=data.class_index,
+                               min_score=0.0, seed=0, lsj={"image_size": 64, "min_scale": 0.5, "max_scale": 1.5}))
+    assert sum(len(b["image"]) for b in blocks) == 8  # the 8 readable images, once each; the error row skipped
+    for b in blocks:
+        assert b["image"].shape[1:] == (64, 64, 3) and b["segments"].shape[1:] == (64, 64)
+        for segments, classes in zip(b["segments"], b["labels"]):
+            assert segments.max() <= len(classes) and all((segments == k + 1).any() for k in range(len(classes)))
+            assert all(0 <= c < len(data.vocabulary) for c in classes)
+
+
 def _config(tmp_path, name, **overrides):
     """A training config YAML: the tiny synthetic recipe with `overrides` (nested dicts merge)."""
     data = yaml.safe_load(open(TINY))
@@ -353,7 +434,13 @@ def test_two_workers_checkpoint_to_s3_and_predict(ray_local, s3_bucket, dataset,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, dataset, tmp_path):
+@pytest.mark.parametrize("kind", ["coco", "labels"])
+def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, dataset, tmp_path, request, kind):
+    """The same on a COCO tree and on a labeling output streamed from S3 through Ray Data (the restarted worker
+    group gets fresh dataset shards)."""
+    data, cpus = dataset, 1.0
+    if kind == "labels":
+        data, cpus = request.getfixturevalue("labels")[0], 0.5  # leave a CPU to the Ray Data tasks
     max_iters = 40
     config = load_train_config(_config(
         tmp_path, "kill", checkpoint_every=5, keep_checkpoints=20, log_every=5, max_failures=2,
@@ -364,8 +451,8 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, 
 
     def fit():
         try:
-            outcome["result"], outcome["final"] = run_train(config, dataset, storage, num_workers=2,
-                                                            max_iters=max_iters)
+            outcome["result"], outcome["final"] = run_train(config, data, storage, num_workers=2,
+                                                            max_iters=max_iters, cpus_per_worker=cpus)
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             outcome["error"] = e
 

@@ -27,7 +27,9 @@ __all__ = [
     "make_targets",
     "nearest_indices",
     "normalize_images",
+    "pack_sample",
     "train_sample",
+    "unpack_sample",
 ]
 
 
@@ -163,6 +165,8 @@ def train_sample(
     classes: np.ndarray,
     iscrowd: np.ndarray | None,
     rng: np.random.Generator,
+    *,
+    ignore: np.ndarray | None = None,
     **lsj: Any,
 ) -> dict[str, Any]:
     """One training example as the reference's dataset mapper makes it: crowd segments dropped, LSJ, targets.
@@ -171,18 +175,57 @@ def train_sample(
         image, masks, classes, iscrowd: as `fcclip.datasets.coco_panoptic.CocoPanoptic.load` returns them
             (``train_sample(*dataset.load(record), rng)``); `iscrowd` None when there is no crowd.
         rng: for `lsj_augment`.
+        ignore: (H, W) bool pixels the loss leaves out (a pseudo-label's low-score segments), or None; it goes
+            through the same flip, resize and crop as the masks.
         **lsj: `lsj_augment`'s keyword arguments (image_size, min_scale, max_scale, flip_prob, pad_value).
     Returns:
         ``{"image": (S, S, 3) uint8, "valid": (S, S) bool, "labels": (M,) int64 tensor,
-        "masks": (M, S, S) bool tensor}``, ready for `collate`.
+        "masks": (M, S, S) bool tensor}``, ready for `collate`; with `ignore`, also ``"ignore": (S, S) bool``.
     """
     masks = np.asarray(masks, dtype=bool)
     classes = np.asarray(classes, dtype=np.int64)
     if iscrowd is not None:
         keep = ~np.asarray(iscrowd, dtype=bool)
         masks, classes = masks[keep], classes[keep]
-    out = lsj_augment(image, masks, rng, **lsj)
-    return {"image": out.image, "valid": out.valid, **make_targets(out.masks, classes[out.keep])}
+    if ignore is None:
+        out = lsj_augment(image, masks, rng, **lsj)
+        return {"image": out.image, "valid": out.valid, **make_targets(out.masks, classes[out.keep])}
+    # the ignore region rides along as one more mask (outside every segment, so the masks stay disjoint when they
+    # were), and is taken out again after the crop
+    ignore = np.asarray(ignore, dtype=bool) & ~masks.any(axis=0)
+    out = lsj_augment(image, np.concatenate([masks, ignore[None]]), rng, **lsj)
+    n = len(masks)
+    is_target = out.keep < n
+    augmented_ignore = out.masks[~is_target].any(axis=0) if (~is_target).any() else np.zeros_like(out.valid)
+    return {"image": out.image, "valid": out.valid, "ignore": augmented_ignore,
+            **make_targets(out.masks[is_target], classes[out.keep[is_target]])}
+
+
+def pack_sample(sample: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A `train_sample` as fixed-shape arrays, to travel in a table (Ray Data) between processes.
+
+    Returns ``{"image": (S, S, 3) uint8, "valid": (S, S) bool, "segments": (S, S) int32 (0: no target, -1: ignore,
+    k: the k-th target), "labels": (M,) int64}``. The target masks must be disjoint (panoptic segments are).
+    """
+    masks = np.asarray(sample["masks"], dtype=bool)
+    if len(masks) and masks.sum(axis=0, dtype=np.int64).max() > 1:
+        raise ValueError("pack_sample needs disjoint target masks")
+    ids = np.zeros(np.shape(sample["valid"]), dtype=np.int32)
+    if sample.get("ignore") is not None:
+        ids[np.asarray(sample["ignore"], dtype=bool)] = -1
+    for k, m in enumerate(masks):
+        ids[m] = k + 1
+    return {"image": np.asarray(sample["image"]), "valid": np.asarray(sample["valid"], dtype=bool), "segments": ids,
+            "labels": np.asarray(sample["labels"], dtype=np.int64)}
+
+
+def unpack_sample(packed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of `pack_sample`: a sample for `collate`, with ``"ignore"``."""
+    ids = np.asarray(packed["segments"])
+    labels = np.asarray(packed["labels"], dtype=np.int64).reshape(-1)
+    masks = ids[None] == np.arange(1, len(labels) + 1, dtype=ids.dtype)[:, None, None]
+    return {"image": packed["image"], "valid": packed["valid"], "ignore": ids == -1,
+            **make_targets(masks, labels)}
 
 
 def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
@@ -195,7 +238,9 @@ def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> d
     Returns:
         ``{"images": (B, 3, H, W) uint8, "image_sizes": [(h, w)] before this padding, "valid": (B, H, W) bool
         (a sample's "valid", or its whole image when it has none; False in this padding),
-        "targets": [{"labels": (N_b,) int64, "masks": (N_b, H, W) bool}]}``.
+        "targets": [{"labels": (N_b,) int64, "masks": (N_b, H, W) bool}]}``. When any sample has an ``"ignore"``
+        (H, W) mask, every target also has ``"ignore": (H, W) bool`` (False for samples without one and in this
+        padding), which `fcclip.training.ignore.IgnoreRegionCriterion` leaves out of the mask losses.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -205,6 +250,7 @@ def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> d
     width = -(-max(w for _, w in sizes) // d) * d
     images = torch.zeros((len(samples), 3, height, width), dtype=torch.uint8)
     valid = torch.zeros((len(samples), height, width), dtype=torch.bool)
+    any_ignore = any(s.get("ignore") is not None for s in samples)
     targets = []
     for b, (sample, (h, w)) in enumerate(zip(samples, sizes)):
         image = torch.as_tensor(np.ascontiguousarray(sample["image"]))
@@ -219,6 +265,11 @@ def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> d
         masks = torch.zeros((len(target["labels"]), height, width), dtype=torch.bool)
         masks[:, :h, :w] = target["masks"]
         targets.append({"labels": target["labels"], "masks": masks})
+        if any_ignore:
+            ignore = torch.zeros((height, width), dtype=torch.bool)
+            if sample.get("ignore") is not None:
+                ignore[:h, :w] = torch.as_tensor(np.asarray(sample["ignore"], dtype=bool))
+            targets[-1]["ignore"] = ignore
     return {"images": images, "image_sizes": sizes, "valid": valid, "targets": targets}
 
 

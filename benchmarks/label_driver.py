@@ -49,17 +49,17 @@ def standin_result(height: int = HEIGHT, width: int = WIDTH, count: int = SEGMEN
     ys = ys + 25 * np.sin(xs / 23.0) + 10 * np.cos(xs / 7.0)
     xs = xs + 25 * np.cos(ys / 31.0) + 10 * np.sin(ys / 5.0)
     best = np.full((height, width), np.inf, np.float32)
-    seg_map = np.zeros((height, width), np.uint8)
+    segment_map = np.zeros((height, width), np.uint8)
     for i, (cy, cx) in enumerate(centres):
         d = (ys - cy) ** 2 + (xs - cx) ** 2
         closer = d < best
         best[closer] = d[closer]
-        seg_map[closer] = i + 1
+        segment_map[closer] = i + 1
     segments = [
         {"id": i + 1, "label": f"class{i % 7}", "category_id": i % 7 + 1, "is_thing": bool(i % 2), "score": 0.5}
         for i in range(count)
     ]
-    return seg_map, segments
+    return segment_map, segments
 
 
 class StandInModel:
@@ -69,13 +69,13 @@ class StandInModel:
     model_id = "stand-in@none"
 
     def __init__(self):
-        self.seg_map, self.segments = standin_result()
+        self.segment_map, self.segments = standin_result()
 
     def __call__(self, images, sizes):
         out = []
         for size in sizes:  # a map of its own per image, as a real model returns (shipped, not shared)
-            fits = tuple(size) == self.seg_map.shape
-            out.append((self.seg_map.copy() if fits else np.zeros(size, np.uint8), self.segments if fits else []))
+            fits = tuple(size) == self.segment_map.shape
+            out.append((self.segment_map.copy() if fits else np.zeros(size, np.uint8), self.segments if fits else []))
         return out
 
 

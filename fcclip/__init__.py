@@ -6,6 +6,19 @@
     result = predictor(image)
 
 Names are imported on first use, so ``import fcclip.vocabulary`` (say) does not load the model stack.
+
+Glossary (one name per concept, in the code, the docstrings and the README):
+
+    class_logits   (Q, K + 1) per-query class scores, void last; after the ensemble, log-probabilities
+    mask_logits    (Q, h, w) per-query mask logits (before the sigmoid), at stride 4 unless said otherwise
+    segment_map    (H, W) int32 panoptic segment id per pixel, 0 = no segment (the reference's panoptic_seg)
+    segments       one dict per segment id of a segment_map: id, label, category_id, class_index, is_thing, score,
+                   area, bbox [x, y, w, h]
+    category_id    the vocabulary's id of a class (COCO's 1..200 ids for COCO, the position + 1 otherwise); never an
+                   index
+    class_index    the position of a class in the vocabulary, 0..K-1 (rows of the text embeddings)
+    is_thing       a class of countable objects (instances) rather than stuff (COCO JSON files spell it isthing)
+    query          one of the transformer decoder's Q object queries (250 for the released models)
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def _label_anchor(mask: np.ndarray) -> tuple[int, int]:
 
 def draw_panoptic(
     image: np.ndarray,
-    panoptic_seg: np.ndarray,
+    segment_map: np.ndarray,
     segments: Sequence[dict],
     *,
     alpha: float = 0.5,
@@ -62,7 +62,7 @@ def draw_panoptic(
 
     Args:
         image: (H, W, 3) uint8 RGB (an (H, W) grey image is accepted).
-        panoptic_seg: (H, W) int segment id per pixel.
+        segment_map: (H, W) int segment id per pixel.
         segments: dicts with `id` (int), `label` (str), `color` ((r, g, b), 0..255) and optionally `score`
             (float); other keys are ignored.
         alpha: opacity of the segment colours, in [0, 1].
@@ -75,15 +75,15 @@ def draw_panoptic(
         image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
-    panoptic_seg = np.asarray(panoptic_seg)
-    if panoptic_seg.shape != image.shape[:2]:
-        raise ValueError(f"panoptic_seg shape {panoptic_seg.shape} does not match the image's {image.shape[:2]}")
+    segment_map = np.asarray(segment_map)
+    if segment_map.shape != image.shape[:2]:
+        raise ValueError(f"segment_map shape {segment_map.shape} does not match the image's {image.shape[:2]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     image = image.astype(np.uint8, copy=False)
-    height, width = panoptic_seg.shape
+    height, width = segment_map.shape
 
-    present = set(np.unique(panoptic_seg).tolist())
+    present = set(np.unique(segment_map).tolist())
     drawn, seen = [], set()
     for segment in segments:  # the first entry of an id wins
         segment_id = int(segment["id"])
@@ -102,8 +102,8 @@ def draw_panoptic(
     # Which drawn segment each pixel belongs to (-1 for none), by sorted lookup (ids may be up to 2^24).
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
-    position = np.searchsorted(sorted_ids, panoptic_seg).clip(0, len(ids) - 1)
-    owner = np.where(sorted_ids[position] == panoptic_seg, order[position], -1)
+    position = np.searchsorted(sorted_ids, segment_map).clip(0, len(ids) - 1)
+    owner = np.where(sorted_ids[position] == segment_map, order[position], -1)
     covered = owner >= 0
 
     out = image.astype(np.float32)
@@ -111,8 +111,8 @@ def draw_panoptic(
 
     # Boundaries: segment pixels with a 4-neighbour of another id; a little thicker on large images.
     edge = np.zeros((height, width), dtype=bool)
-    vertical = panoptic_seg[1:, :] != panoptic_seg[:-1, :]
-    horizontal = panoptic_seg[:, 1:] != panoptic_seg[:, :-1]
+    vertical = segment_map[1:, :] != segment_map[:-1, :]
+    horizontal = segment_map[:, 1:] != segment_map[:, :-1]
     edge[1:, :] |= vertical
     edge[:-1, :] |= vertical
     edge[:, 1:] |= horizontal

@@ -70,14 +70,14 @@ class Category:
     Attributes:
         id: the dataset's category id (as its annotation files use it).
         names: the label users see, then its synonyms; each is one text-classifier row.
-        isthing: True for countable objects (instances), False for stuff.
+        is_thing: True for countable objects (instances), False for stuff.
         color: RGB colour for overlays.
         train_id: the dataset's training id where it has one (Cityscapes, ADE20K-847), else None.
     """
 
     id: int
     names: tuple[str, ...]
-    isthing: bool
+    is_thing: bool
     color: tuple[int, int, int]
     train_id: int | None = None
 
@@ -144,7 +144,7 @@ class Vocabulary:
     @property
     def thing_mask(self) -> list[bool]:
         """True for thing classes, (K,)."""
-        return [c.isthing for c in self.categories]
+        return [c.is_thing for c in self.categories]
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -161,7 +161,7 @@ class Vocabulary:
         """The builtin JSON format; `Vocabulary.from_dict` (and `load_vocabulary` on a saved file) reads it back."""
         categories = []
         for c in self.categories:
-            entry: dict[str, Any] = {"id": c.id, "names": list(c.names), "isthing": int(c.isthing),
+            entry: dict[str, Any] = {"id": c.id, "names": list(c.names), "isthing": int(c.is_thing),
                                      "color": list(c.color)}
             if c.train_id is not None:
                 entry["trainId"] = c.train_id
@@ -379,7 +379,7 @@ def _from_entries(name: str, entries: list[tuple[int, Any]], *, what: str) -> Vo
                     f"({categories[owner[n]].names[0]!r}); a name may belong to one class only"
                 )
             owner[n] = index
-        categories.append(Category(id=index + 1, names=names, isthing=isthing, color=palette_color(index)))
+        categories.append(Category(id=index + 1, names=names, is_thing=isthing, color=palette_color(index)))
     if not categories:
         raise VocabularyError("empty vocabulary: no classes given")
     return Vocabulary(name=name, categories=tuple(categories))
@@ -443,7 +443,7 @@ def _category_from_dict(index: int, entry: Any) -> Category:
     category_id = entry["id"]
     if not isinstance(category_id, int) or isinstance(category_id, bool):
         raise _entry_error(index, names, f"'id' must be an integer, got {category_id!r}")
-    return Category(id=category_id, names=names, isthing=isthing, color=color, train_id=train_id)
+    return Category(id=category_id, names=names, is_thing=isthing, color=color, train_id=train_id)
 
 
 def _as_color(index: int, names: Any, color: Any) -> tuple[int, int, int]:
@@ -471,8 +471,8 @@ def _check_category(index: int, category: Any) -> None:
             raise _entry_error(index, names, f"name {n!r} has leading or trailing whitespace")
     if not isinstance(category.id, int) or isinstance(category.id, bool) or category.id < 0:
         raise _entry_error(index, names, f"id must be a non-negative integer, got {category.id!r}")
-    if not isinstance(category.isthing, bool):
-        raise _entry_error(index, names, f"isthing must be a bool, got {category.isthing!r}")
+    if not isinstance(category.is_thing, bool):
+        raise _entry_error(index, names, f"isthing must be a bool, got {category.is_thing!r}")
     color = category.color
     if not (isinstance(color, tuple) and len(color) == 3 and all(_is_byte(v) for v in color)):
         raise _entry_error(index, names, f"color must be three integers in 0..255, got {color!r}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -43,6 +42,7 @@ from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
+from pipelines import runtime
 from pipelines.show.output import OutputError, open_output, segment_map
 
 logger = logging.getLogger("fcclip.eval")
@@ -84,7 +84,7 @@ class EvalModel:
 
 def new_accumulators(dataset) -> dict:
     vocab = dataset.vocabulary()
-    cats = [{"id": c.id, "isthing": c.isthing, "name": c.names[0]} for c in vocab.categories]
+    cats = [{"id": c.id, "isthing": c.is_thing, "name": c.names[0]} for c in vocab.categories]
     acc = {}
     if "panoptic" in dataset.spec.tasks:
         acc["panoptic"] = PanopticAccumulator(cats)
@@ -165,7 +165,7 @@ class LabelsEvalModel:
 
 
 def label_categories(vocabulary: Vocabulary) -> list[dict]:
-    return [{"id": c.id, "isthing": c.isthing, "name": c.names[0]} for c in vocabulary.categories]
+    return [{"id": c.id, "isthing": c.is_thing, "name": c.names[0]} for c in vocabulary.categories]
 
 
 def run_eval_labels(
@@ -177,9 +177,7 @@ def run_eval_labels(
     model's test size, 0 for each image's own size."""
     output = open_output(dest)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(num_cpus=num_cpus, include_dashboard=False)
+    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
     ray_data.DataContext.get_current().enable_progress_bars = progress
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -226,9 +224,7 @@ def run_eval(
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(num_cpus=num_cpus, include_dashboard=False)
+    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
     ray_data.DataContext.get_current().enable_progress_bars = progress
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

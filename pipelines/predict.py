@@ -79,14 +79,14 @@ def predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {source}: {e}", file=sys.stderr)
             continue
-        record, segments, seg_map = _write_image(out, stem, source, result, args.min_score)
+        record, segments, segment_map = _write_image(out, stem, source, result, args.min_score)
         annotations.append(record)
-        overlay = draw_panoptic(image, seg_map, [dict(s, color=colors[s["category_id"]]) for s in segments])
+        overlay = draw_panoptic(image, segment_map, [dict(s, color=colors[s["category_id"]]) for s in segments])
         overlay.save(out / f"{stem}_overlay.png")
         labels = ", ".join(sorted({s["label"] for s in segments})) or "nothing"
         print(f"{source}: {len(segments)} segments ({labels}) -> {out / (stem + '_overlay.png')}")
     categories = [
-        {"id": c.id, "name": c.names[0], "synonyms": list(c.names), "isthing": int(c.isthing), "color": list(c.color)}
+        {"id": c.id, "name": c.names[0], "synonyms": list(c.names), "isthing": int(c.is_thing), "color": list(c.color)}
         for c in vocab.categories
     ]
     summary = {
@@ -106,8 +106,8 @@ def _write_image(out: Path, stem: str, source: str, result, min_score: float):
     pan = result.panoptic
     segments = [s for s in pan.segments if s["score"] >= min_score]
     keep_ids = np.array([s["id"] for s in segments], dtype=np.int32)
-    seg_map = np.where(np.isin(pan.segment_map, keep_ids), pan.segment_map, 0).astype(np.int32)
-    Image.fromarray(id2rgb(seg_map)).save(out / f"{stem}.png")
+    segment_map = np.where(np.isin(pan.segment_map, keep_ids), pan.segment_map, 0).astype(np.int32)
+    Image.fromarray(id2rgb(segment_map)).save(out / f"{stem}.png")
     info = [
         {
             "id": s["id"],
@@ -130,7 +130,7 @@ def _write_image(out: Path, stem: str, source: str, result, min_score: float):
         "segments_info": info,
     }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    return record, segments, seg_map
+    return record, segments, segment_map
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:

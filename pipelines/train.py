@@ -61,6 +61,7 @@ from fcclip.training.criterion import outputs_from_model, weighted_total
 from fcclip.training.data import collate, normalize_images, train_sample
 from fcclip.training.ignore import build_ignore_criterion
 from fcclip.vocabulary import Vocabulary
+from pipelines import runtime
 from pipelines.train_data import label_dataset, open_training_data, stream_batches
 
 logger = logging.getLogger("fcclip.train")
@@ -461,12 +462,7 @@ def run_train(
     run_dir = f"{storage}/{name}"
     if _exists(run_dir) and not resume:
         raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     resources = {"CPU": cpus_per_worker}

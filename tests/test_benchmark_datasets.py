@@ -67,7 +67,7 @@ def write_panoptic(png: Path, ids: np.ndarray) -> None:
 
 
 def categories_of(vocabulary: str) -> list[dict]:
-    return [{"id": c.id, "name": c.label, "isthing": int(c.isthing), "color": list(c.color)}
+    return [{"id": c.id, "name": c.label, "isthing": int(c.is_thing), "color": list(c.color)}
             for c in benchmark_vocabulary(vocabulary).categories]
 
 

@@ -22,7 +22,7 @@ def _oracle(dataset, record):
     gt_map, segments = dataset.load_panoptic(record)
     vocab = dataset.vocabulary()
     index = {c.id: i for i, c in enumerate(vocab.categories)}
-    things = [s for s in segments if vocab.categories[index[s["category_id"]]].isthing and not s.get("iscrowd")]
+    things = [s for s in segments if vocab.categories[index[s["category_id"]]].is_thing and not s.get("iscrowd")]
     semantic = dataset.load_semantic(record)
     kept = [s for s in segments if not s.get("iscrowd")]
     pred_map = np.where(np.isin(gt_map, [s["id"] for s in kept]), gt_map, 0)

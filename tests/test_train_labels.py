@@ -24,7 +24,7 @@ RUN_VOCABULARY = {
 
 
 def _names(vocabulary):
-    return [(c.id, list(c.names), bool(c.isthing)) for c in vocabulary.categories]
+    return [(c.id, list(c.names), bool(c.is_thing)) for c in vocabulary.categories]
 
 
 def test_training_classes_default_is_the_run_vocabulary():

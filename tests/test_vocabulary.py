@@ -67,7 +67,7 @@ def test_every_builtin_loads(name: str) -> None:
 def test_builtin_details() -> None:
     coco = load_vocabulary("coco_panoptic")
     person = coco.categories[0]
-    assert (person.id, person.names[:4], person.isthing, person.color) == (
+    assert (person.id, person.names[:4], person.is_thing, person.color) == (
         1, ("person", "child", "girl", "boy"), True, (220, 20, 60))
     cityscapes = load_vocabulary("cityscapes")
     assert cityscapes.categories[0].id == 7 and cityscapes.categories[0].train_id == 0
@@ -306,7 +306,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     vocabulary = load_vocabulary(path)
     assert vocabulary.name == "street"
     assert vocabulary.categories[0] == Category(7, ("road", "street"), False, (128, 64, 128), train_id=0)
-    assert vocabulary.categories[1].isthing is True
+    assert vocabulary.categories[1].is_thing is True
 
 
 def test_json_keeps_cross_class_names_and_drops_repeats_within_a_class(tmp_path: Path) -> None:
@@ -316,7 +316,7 @@ def test_json_keeps_cross_class_names_and_drops_repeats_within_a_class(tmp_path:
 
 
 def test_direct_construction_is_validated() -> None:
-    category = Category(id=1, names=["cat"], isthing=True, color=[1, 2, 3])  # lists are stored as tuples
+    category = Category(id=1, names=["cat"], is_thing=True, color=[1, 2, 3])  # lists are stored as tuples
     assert category.names == ("cat",) and category.color == (1, 2, 3) and category.label == "cat"
     vocabulary = Vocabulary("v", [category])
     assert vocabulary.categories == (category,)

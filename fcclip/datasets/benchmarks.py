@@ -450,8 +450,8 @@ class _PanopticBenchmark(BenchmarkDataset):
         # whole vocabulary: the missing categories have no ground truth, so predicting them is a false positive.
         for category in self._vocabulary.categories:
             if category.id not in self._isthing:
-                self._categories.append({"id": category.id, "isthing": int(category.isthing), "name": category.label})
-                self._isthing[category.id] = bool(category.isthing)
+                self._categories.append({"id": category.id, "isthing": int(category.is_thing), "name": category.label})
+                self._isthing[category.id] = bool(category.is_thing)
         self._category_index = {category_id: index for index, category_id in enumerate(self._vocabulary.ids)}
         semantic_dir = _join(root, layout.semantic_dir)
         self._semantic_dir: str | None = semantic_dir

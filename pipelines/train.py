@@ -1,19 +1,24 @@
-"""`fcclip train`: FC-CLIP training with Ray Train (DDP), resumable, on a COCO panoptic tree or on pseudo-labels.
+"""`fcclip train`: FC-CLIP training with Ray Train (DDP), resumable, on a COCO panoptic tree, on pseudo-labels, or
+on both mixed by a share.
 
     fcclip train --config NAME_OR_YAML --data ROOT_OR_DEST --storage URI
                  [--num-workers N] [--gpus-per-worker F] [--max-iters N] [--resume] [--address RAY_ADDRESS]
                  [--min-score S] [--class-map OLD=NEW ...] [--keep NAMES] [--drop NAMES]
+                 [--mix coco=ROOT:SHARE | --mix labels=DEST:SHARE]
 
 ``--config`` is a packaged training config's name (``fcclip-convnext-large-coco``, the paper's recipe;
 ``fcclip-tiny-synthetic``, a smoke run) or a path to a YAML file in the same format.
 
 ``--data`` is detected (`pipelines.train_data.open_training_data`): a COCO panoptic tree, whose categories are the
 training vocabulary, or a labeling output (``fcclip label``'s part files), whose run vocabulary is (after
-``--class-map``, ``--keep``, ``--drop``). Each Ray Train worker builds the model (frozen CLIP + trainable head) and
+``--class-map``, ``--keep``, ``--drop``). ``--mix`` adds a source of the other kind that gives SHARE of the
+training samples; the training vocabulary is then the union of both (`pipelines.train_data.open_training_sources`,
+`fcclip.training.mix`). Each Ray Train worker builds the model (frozen CLIP + trainable head) and
 trains with DDP; the global batch is split across the workers. A COCO tree is read by each worker's own loader
 processes (decode + large-scale jitter on CPU); a labeling output streams through Ray Data into the workers'
 dataset shards (read, decoded and augmented on CPU tasks; see `pipelines.train_data`), with segments scoring below
-``--min-score`` as ignore regions (`fcclip.training.ignore`). Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
+``--min-score`` as ignore regions (`fcclip.training.ignore`); with ``--mix`` each worker draws every sample from
+one source or the other by share and reports how many it drew from each. Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
 layout, optimizer, scheduler, grad scaler, iteration, RNG states) to ``--storage``; Ray Train keeps the newest ones.
 A lost worker or node restarts the worker group from the latest checkpoint (``max_failures`` times); a stopped run
 continues with ``--resume`` (same --storage and run name). At the end the command prints ``final checkpoint: PATH``,
@@ -58,11 +63,12 @@ from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.text import TextClassifierCache, build_text_classifier
 from fcclip.training.criterion import outputs_from_model, weighted_total
-from fcclip.training.data import collate, normalize_images, train_sample
+from fcclip.training.data import collate, collate_batches, normalize_images, train_sample
 from fcclip.training.ignore import build_ignore_criterion
+from fcclip.training.mix import MixedSamples
 from fcclip.vocabulary import Vocabulary
 from pipelines import runtime
-from pipelines.train_data import label_dataset, open_training_data, stream_batches
+from pipelines.train_data import MixSpec, label_dataset, open_training_sources, parse_mix, stream_batches, stream_samples
 
 logger = logging.getLogger("fcclip.train")
 
@@ -171,33 +177,63 @@ def param_groups(model, solver: SolverConfig) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- data
 class Samples(torch.utils.data.IterableDataset):
-    """An endless stream of augmented training samples for one worker; each loader process draws its own."""
+    """An endless stream of augmented training samples of a COCO tree for one worker; each loader process draws its
+    own. `class_index`: the tree's category id -> training class index (another than the tree's own order when the
+    training vocabulary is a union, see ``--mix``)."""
 
-    def __init__(self, root: str, split: str, data: DataConfig, seed: int):
+    def __init__(self, root: str, split: str, data: DataConfig, seed: int, class_index: dict[int, int]):
         self.root, self.split, self.data, self.seed = root, split, data, seed
+        self.class_index = class_index
 
     def __iter__(self):
         ds = CocoPanoptic(self.root, self.split)
         records = filter_empty(ds.records()) if self.data.filter_empty else ds.records()
+        remap = np.array([self.class_index[c["id"]] for c in ds.categories], dtype=np.int64)  # tree's -> training
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         while True:
             record = records[int(rng.integers(len(records)))]
+            image, masks, classes, iscrowd = ds.load(record)
             yield train_sample(
-                *ds.load(record), rng, image_size=self.data.image_size,
+                image, masks, remap[classes], iscrowd, rng, image_size=self.data.image_size,
                 min_scale=self.data.min_scale, max_scale=self.data.max_scale,
             )
 
 
-def _loader(root, cfg: TrainConfig, per_worker_batch: int, seed: int):
+def _loader(source: dict, cfg: TrainConfig, batch_size: int | None, seed: int):
+    """A COCO source's loader: batches of `batch_size`, or single samples (``None``)."""
     return torch.utils.data.DataLoader(
-        Samples(root, cfg.data.split, cfg.data, seed),
-        batch_size=per_worker_batch,
+        Samples(source["uri"], cfg.data.split, cfg.data, seed, source["class_index"]),
+        batch_size=batch_size,
         num_workers=cfg.data.loader_workers,
-        collate_fn=collate,
+        collate_fn=collate if batch_size else _as_is,
         persistent_workers=cfg.data.loader_workers > 0,
         prefetch_factor=2 if cfg.data.loader_workers > 0 else None,
     )
+
+
+def _as_is(sample: dict) -> dict:
+    """The loader's collate function for single samples (picklable, unlike a lambda)."""
+    return sample
+
+
+def _batches(w: _Worker, sources: list[dict], start: int) -> tuple[Any, MixedSamples | None]:
+    """The worker's batches: from its one source, or drawn from two by share, then also the `MixedSamples` whose
+    counts say how many samples came from each. A restarted worker group gets a fresh data stream: its seeds
+    include the iteration it starts at."""
+    seed = w.cfg.seed * 100_003 + w.rank * 7919 + start
+
+    def stream(source: dict, batch_size: int | None):
+        if source["kind"] == "labels":  # Ray Data streams this worker's share of the labeling output's samples
+            shard = ray.train.get_dataset_shard("labels")
+            return stream_batches(shard, batch_size) if batch_size else stream_samples(shard)
+        return iter(_loader(source, w.cfg, batch_size, seed))
+
+    if len(sources) == 1:
+        return stream(sources[0], w.per_worker_batch), None
+    mixed = MixedSamples({s["kind"]: stream(s, None) for s in sources}, {s["kind"]: s["share"] for s in sources},
+                         seed=[w.cfg.seed, w.rank, start])
+    return collate_batches(mixed, w.per_worker_batch), mixed
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -343,16 +379,14 @@ def _report(w: _Worker, metrics: dict, it: int, train_config: dict, writer, save
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = _config_from_dict(config["train"])
-    root, max_iters, kind = config["data_root"], config["max_iters"], config["data_kind"]
+    sources, max_iters = config["sources"], config["max_iters"]
+    coco = next((s for s in sources if s["kind"] == "coco"), None)  # its val split gives the periodic PQ
     w = _build_worker(cfg, Vocabulary.from_dict(config["vocabulary"]))
     start, tensorboard_dir = _restore(w)
     random.seed(cfg.seed + w.rank + start)
 
     net = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    if kind == "labels":  # Ray Data streams this worker's share of the labeling output's samples
-        loader = stream_batches(ray.train.get_dataset_shard("train"), w.per_worker_batch)
-    else:  # a fresh data stream after a restart: its seed includes the iteration it starts from
-        loader = iter(_loader(root, cfg, w.per_worker_batch, seed=cfg.seed * 100_003 + w.rank * 7919 + start))
+    loader, mixed = _batches(w, sources, start)
     params = [p for p in w.model.parameters() if p.requires_grad]
     writer = _tensorboard(w.rank, tensorboard_dir)
     window = _Window()
@@ -376,6 +410,8 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": w.optimizer.param_groups[0]["lr"],
             **window.metrics(w),
         }
+        if mixed is not None:  # samples this worker drew from each source since it (re)started
+            metrics.update({f"samples_from_{k}": n for k, n in mixed.counts.items()})
         window = _Window()
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite training metrics at iteration {it}: {metrics}")
@@ -384,14 +420,15 @@ def train_loop_per_worker(config: dict) -> None:
                 if k != "iteration":
                     writer.add_scalar(f"train/{k}", v, it)
             writer.flush()
-        if save and w.rank == 0 and cfg.eval_every and it % cfg.eval_every == 0 and kind == "coco":
-            metrics["val_pq"] = validation_pq(w.model, root, cfg, w.vocabulary)
+        if save and w.rank == 0 and cfg.eval_every and it % cfg.eval_every == 0 and coco is not None:
+            metrics["val_pq"] = validation_pq(w.model, coco["uri"], cfg, Vocabulary.from_dict(coco["vocabulary"]))
             w.model.train()
         _report(w, metrics, it, config["train"], writer, save)
 
 
 def validation_pq(model, root: str, cfg: TrainConfig, vocabulary) -> float:
-    """PQ (0-1) of the model on the first ``cfg.eval_images`` images of the validation split."""
+    """PQ (0-1) of the model on the first ``cfg.eval_images`` images of the validation split, predicting with
+    `vocabulary` (the tree's own, also when training on a union with ``--mix``)."""
     dataset = CocoPanoptic(root, cfg.data.val_split)
     predictor = Predictor(model, vocabulary, tasks=("panoptic",), text_cache=TextClassifierCache(enabled=False))
     acc = PanopticAccumulator(dataset.categories)
@@ -443,18 +480,26 @@ def run_train(
     num_cpus: int | None = None,
     callbacks: list | None = None,
     selection: LabelSelection = LabelSelection(),
+    mix: MixSpec | None = None,
 ):
     """Train; returns (ray.train.Result, the final model checkpoint's URI).
 
     `data_root`: a COCO panoptic tree or a labeling output (detected). `selection`: which pseudo-labels of a
-    labeling output to train on (min score, class map, keep, drop).
+    labeling output to train on (min score, class map, keep, drop). `mix`: a second source of the other kind and
+    its share of the samples (``--mix``).
     `callbacks`: `ray.train.UserCallback`s, run on the controller; they see every report of every worker (Ray
     Train keeps only the metrics that come with a checkpoint).
     """
-    data = open_training_data(data_root, split=cfg.data.split, synonyms=cfg.data.synonyms, selection=selection)
-    if data.kind == "labels" and cfg.eval_every:
+    training = open_training_sources(data_root, mix, split=cfg.data.split, synonyms=cfg.data.synonyms,
+                                     selection=selection)
+    by_kind = {s.kind: s for s in training.sources}
+    if "coco" not in by_kind and cfg.eval_every:
         logger.info("eval_every is set but %s is a labeling output (no val split): no periodic validation PQ",
                     data_root)
+    if mix is not None:
+        logger.info("training vocabulary: %d classes, the union of %s; samples drawn: %s", len(training.vocabulary),
+                    " and ".join(f"{s.kind}'s {len(s.vocabulary)}" for s in training.sources),
+                    ", ".join(f"{s.share:.0%} {s.kind}" for s in training.sources))
     name = name or cfg.name
     storage = storage.rstrip("/")
     if "://" not in storage:
@@ -469,23 +514,23 @@ def run_train(
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     datasets = None
-    if data.kind == "labels":
+    if "labels" in by_kind:
         spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
         if spare < 1:
             logger.warning("the training workers take %g of the cluster's %g CPUs: Ray Data needs at least one more "
                            "to read and decode the samples (lower --cpus-per-worker, or add CPU nodes)",
                            num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
-        datasets = {"train": label_dataset(
-            data, image_size=cfg.data.image_size, min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale,
+        datasets = {"labels": label_dataset(
+            by_kind["labels"], image_size=cfg.data.image_size, min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale,
             min_score=selection.min_score, seed=cfg.seed,
         )}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": dataclasses.asdict(cfg),
-            "data_root": data_root,
-            "data_kind": data.kind,
-            "vocabulary": data.vocabulary.to_dict(),
+            "sources": [{"kind": s.kind, "uri": s.uri, "share": s.share, "class_index": s.class_index,
+                         "vocabulary": s.vocabulary.to_dict()} for s in training.sources],
+            "vocabulary": training.vocabulary.to_dict(),
             "max_iters": max_iters or cfg.solver.max_iters,
         },
         datasets=datasets,
@@ -540,6 +585,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                 "--class-map)")
     g.add_argument("--drop", default="", metavar="NAMES",
                    help="leave these classes out (';'-separated, after --class-map); their pixels are background")
+    p.add_argument("--mix", default=None, metavar="KIND=URI:SHARE",
+                   help="also train on a source of the other kind, SHARE (0-1) of the samples: coco=ROOT:0.5 with "
+                        "--data a labeling output, labels=DEST:0.3 with --data a COCO tree; the training vocabulary "
+                        "is the union of both (classes with a name in common are one class, --data's)")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -553,10 +602,11 @@ def main_args(args: argparse.Namespace) -> int:
             min_score=args.min_score, class_map=parse_class_map(args.class_map),
             keep=_names(args.keep), drop=_names(args.drop),
         )
+        mix = parse_mix(args.mix) if args.mix else None
         result, final = run_train(
             cfg, args.data, args.storage, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker, max_iters=args.max_iters, resume=args.resume,
-            address=args.address, name=args.name, num_cpus=args.num_cpus, selection=selection,
+            address=args.address, name=args.name, num_cpus=args.num_cpus, selection=selection, mix=mix,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"fcclip train: error: {e}", file=sys.stderr)
@@ -566,5 +616,10 @@ def main_args(args: argparse.Namespace) -> int:
         f"trained to iteration {metrics.get('iteration')}: loss {metrics.get('loss', float('nan')):.4f}, "
         f"{metrics.get('iters_per_s', 0):.2f} it/s"
     )
+    drawn = {k.removeprefix("samples_from_"): int(v) for k, v in metrics.items() if k.startswith("samples_from_")}
+    if drawn:
+        total = sum(drawn.values())
+        print("samples drawn by worker 0 since it started: "
+              + ", ".join(f"{k} {n} ({n / max(total, 1):.0%})" for k, n in drawn.items()))
     print(f"final checkpoint: {final}")
     return 0

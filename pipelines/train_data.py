@@ -1,11 +1,21 @@
-"""What ``fcclip train --data`` reads: a COCO panoptic tree, or a labeling output streamed through Ray Data.
+"""What ``fcclip train --data`` (and ``--mix``) reads: a COCO panoptic tree, or a labeling output streamed through
+Ray Data.
 
 `open_training_data` looks at ``--data`` and says which it is (`TrainingData`): a COCO panoptic layout (it has
 ``annotations/panoptic_{split}.json``) or a labeling output (``*.parquet`` part files with fcclip's columns and
 ``fcclip.vocabulary`` metadata, see `pipelines.show.output`). Anything else is refused with one line naming both.
 
+``--mix KIND=URI:SHARE`` (`parse_mix`) adds a second source of the other kind: ``--data DEST --mix coco=ROOT:0.5``
+or ``--data ROOT --mix labels=DEST:0.3``. SHARE is the share of training samples drawn from it, the ``--data``
+source has the rest. `open_training_sources` opens both and maps them into one training vocabulary
+(`fcclip.training.mix.union_vocabulary`: the ``--data`` source's classes first, classes matched by name); each
+source's `TrainingData.class_index` then maps its category ids to the union's class indices. The pseudo-label
+options (``--min-score``, ``--class-map``, ``--keep``, ``--drop``) apply to the labeling output, whichever flag
+names it. Each source is read as it is alone (a COCO tree by the training workers' loader processes, a labeling
+output through Ray Data); each worker draws from the two by share (`fcclip.training.mix.MixedSamples`).
+
 A labeling output is never listed row by row, by the driver or by a worker. `label_dataset` builds a Ray Data
-pipeline that Ray Train splits across its workers (``ray.train.get_dataset_shard("train")``):
+pipeline that Ray Train splits across its workers (``ray.train.get_dataset_shard("labels")``):
 
     the part files, in a seeded random order (`label_dataset`)
       -> `read_samples` on CPU tasks: a part file read a few rows at a time, only the columns uri, status and
@@ -13,19 +23,21 @@ pipeline that Ray Train splits across its workers (``ray.train.get_dataset_shard
          masks decoded from the RLEs, classes mapped and low-score segments made ignore regions
          (`fcclip.datasets.labels`), large-scale jitter (`fcclip.training.data.train_sample`), packed into
          fixed-shape arrays (`pack_sample`)
-      -> each worker's shard (Ray Train's streaming split), batched, shuffled in a local buffer, prefetched
-         (`stream_batches`)
+      -> each worker's shard (Ray Train's streaming split), batched, shuffled in a local buffer, prefetched,
+         unpacked (`stream_samples`), collated (`stream_batches`)
 
-Each pass over the rows is one epoch; `stream_batches` starts the next one when a pass ends, so a training run of
+Each pass over the rows is one epoch; `stream_samples` starts the next one when a pass ends, so a training run of
 any length reads the output as many times as it needs, and the augmentation draws new crops each time.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -37,30 +49,88 @@ import ray.data
 from fcclip.datasets.coco_panoptic import CocoPanoptic, join_uri
 from fcclip.datasets.labels import LabelSelection, TrainingClasses, row_targets, training_classes
 from fcclip.images import load_image
-from fcclip.training.data import collate, pack_sample, train_sample, unpack_sample
+from fcclip.training.data import collate_batches, pack_sample, train_sample, unpack_sample
+from fcclip.training.mix import union_vocabulary
 from fcclip.vocabulary import Vocabulary
 from pipelines.show.output import LabelingOutput, OutputError, open_output
 
 logger = logging.getLogger("fcclip.train")
 
-__all__ = ["DecodeSamples", "TrainingData", "label_dataset", "open_training_data", "read_samples", "stream_batches"]
+__all__ = [
+    "DecodeSamples",
+    "MixSpec",
+    "TrainingData",
+    "TrainingSources",
+    "label_dataset",
+    "open_training_data",
+    "open_training_sources",
+    "parse_mix",
+    "read_samples",
+    "stream_batches",
+    "stream_samples",
+]
+
+KINDS = {"coco": "COCO panoptic tree", "labels": "labeling output"}  # --data and --mix kinds, as messages name them
 
 _COLUMNS = ["uri", "status", "segments"]
 
 
 @dataclass
 class TrainingData:
-    """``--data`` as training sees it.
+    """One training source as training sees it.
 
-    kind: ``"coco"`` or ``"labels"``; vocabulary: the training vocabulary; output: the labeling output (labels
-    only); classes: the run's category id -> training class index (labels only).
+    kind: ``"coco"`` or ``"labels"``; vocabulary: the source's own training vocabulary (a labeling run's after the
+    selection); class_index: the source's category id -> training class index (into ``vocabulary``, or into the
+    union vocabulary once `open_training_sources` has mixed it); output: the labeling output (labels only);
+    share: the share of training samples drawn from this source.
     """
 
     uri: str
     kind: str
     vocabulary: Vocabulary
+    class_index: dict[int, int]
     output: LabelingOutput | None = None
-    class_index: dict[int, int] | None = None
+    share: float = 1.0
+
+
+class TrainingSources(NamedTuple):
+    """vocabulary: the training vocabulary; sources: the ``--data`` source, then the ``--mix`` one if any."""
+
+    vocabulary: Vocabulary
+    sources: list[TrainingData]
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """``--mix KIND=URI:SHARE``: a source of `kind` at `uri`, `share` of the training samples."""
+
+    kind: str
+    uri: str
+    share: float
+
+
+def parse_mix(spec: str) -> MixSpec:
+    """``"coco=ROOT:0.5"`` -> ``MixSpec("coco", "ROOT", 0.5)``. URI may hold colons (``s3://...``): the share is
+    what follows the last one.
+
+    Raises:
+        ValueError: not KIND=URI:SHARE, an unknown kind, an empty URI, or a share outside (0, 1).
+    """
+    kind, sep, rest = spec.partition("=")
+    uri, colon, share_text = rest.rpartition(":")
+    if not sep or not colon:
+        raise ValueError(f"--mix {spec!r}: expected KIND=URI:SHARE, e.g. coco=data/coco:0.5")
+    if kind not in KINDS:
+        raise ValueError(f"--mix {spec!r}: unknown source kind {kind!r} (one of {', '.join(KINDS)})")
+    if not uri:
+        raise ValueError(f"--mix {spec!r}: no URI before the share")
+    try:
+        share = float(share_text)
+    except ValueError:
+        raise ValueError(f"--mix {spec!r}: the share {share_text!r} is not a number") from None
+    if not 0 < share < 1:
+        raise ValueError(f"--mix {spec!r}: the share must be between 0 and 1 (exclusive), got {share_text}")
+    return MixSpec(kind, uri, share)
 
 
 def open_training_data(uri: str, *, split: str, synonyms: str | None,
@@ -77,14 +147,50 @@ def open_training_data(uri: str, *, split: str, synonyms: str | None,
         if selection != LabelSelection():
             raise ValueError(f"{uri} is a COCO panoptic tree: --min-score, --class-map, --keep and --drop apply "
                              "to labeling outputs only")
-        return TrainingData(uri, "coco", CocoPanoptic(uri, split).vocabulary(synonyms=synonyms))
+        vocabulary = CocoPanoptic(uri, split).vocabulary(synonyms=synonyms)
+        return TrainingData(uri, "coco", vocabulary, {c.id: k for k, c in enumerate(vocabulary.categories)})
     try:
         output = open_output(uri)
     except OutputError as e:
         raise ValueError(f"{uri} is neither a COCO panoptic tree (no {coco_json}) nor a labeling output ({e})"
                          ) from None
     classes: TrainingClasses = training_classes(output.vocabulary, selection)
-    return TrainingData(uri, "labels", classes.vocabulary, output=output, class_index=classes.class_index)
+    return TrainingData(uri, "labels", classes.vocabulary, classes.class_index, output=output)
+
+
+def open_training_sources(uri: str, mix: MixSpec | None = None, *, split: str, synonyms: str | None,
+                          selection: LabelSelection = LabelSelection()) -> TrainingSources:
+    """Open ``--data`` and the ``--mix`` source (module docstring); without `mix`, ``--data`` alone.
+
+    Raises:
+        ValueError: as `open_training_data`; the mix source is not of its stated kind, or of the same kind as
+            ``--data``; the vocabularies cannot be joined (`union_vocabulary`).
+    """
+    if mix is None:
+        data = open_training_data(uri, split=split, synonyms=synonyms, selection=selection)
+        return TrainingSources(data.vocabulary, [data])
+    # the pseudo-label options go to whichever source is the labeling output
+    first = open_training_data(uri, split=split, synonyms=synonyms,
+                               selection=selection if mix.kind == "coco" else LabelSelection())
+    if first.kind == mix.kind:
+        raise ValueError(f"--mix {mix.kind}=...: --data {uri} is a {KINDS[first.kind]} too; mix a COCO "
+                         "panoptic tree with a labeling output")
+    try:
+        second = open_training_data(mix.uri, split=split, synonyms=synonyms,
+                                    selection=selection if mix.kind == "labels" else LabelSelection())
+    except ValueError as e:
+        raise ValueError(f"--mix {mix.kind}={mix.uri}: {e}") from None
+    if second.kind != mix.kind:
+        raise ValueError(f"--mix {mix.kind}={mix.uri}: not a {KINDS[mix.kind]} (it is a "
+                         f"{KINDS[second.kind]})")
+    union = union_vocabulary([first.vocabulary, second.vocabulary],
+                             name=f"{first.vocabulary.name}+{second.vocabulary.name}")
+    sources = [
+        dataclasses.replace(data, share=share,
+                            class_index={cid: index[k] for cid, k in data.class_index.items()})
+        for data, share, index in zip((first, second), (1 - mix.share, mix.share), union.index)
+    ]
+    return TrainingSources(union.vocabulary, sources)
 
 
 class DecodeSamples:
@@ -176,18 +282,25 @@ def read_samples(items: pa.Table, *, fs, rows_per_block: int, **decode) -> Itera
                     yield samples(pa.Table.from_batches([ok]))
 
 
-def stream_batches(shard, batch_size: int, *, shuffle_buffer: int = 64, prefetch: int = 4) -> Iterator[dict]:
-    """Endless `collate`d batches of ``batch_size`` samples from a worker's dataset shard, one epoch after another.
+def stream_samples(shard, *, read_batch: int = 16, shuffle_buffer: int = 64, prefetch: int = 4) -> Iterator[dict]:
+    """Endless training samples (`unpack_sample`d) from a worker's dataset shard, one epoch after another; read
+    `read_batch` at a time, shuffled in a local buffer of `shuffle_buffer`, `prefetch` batches ahead.
 
-    Raises ValueError when a whole pass yields no batch (no ok row, or fewer samples than a worker's batch).
+    Raises ValueError when a whole pass yields no sample (no ok row, or every image unreadable).
     """
     while True:
         count = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+        for batch in shard.iter_batches(batch_size=read_batch, batch_format="numpy",
                                         local_shuffle_buffer_size=shuffle_buffer, prefetch_batches=prefetch):
-            count += 1
-            yield collate([unpack_sample({k: batch[k][i] for k in ("image", "valid", "segments", "labels")})
-                           for i in range(len(batch["image"]))])
+            for i in range(len(batch["image"])):
+                count += 1
+                yield unpack_sample({k: batch[k][i] for k in ("image", "valid", "segments", "labels")})
         if not count:
-            raise ValueError(f"the labeling output gave this worker fewer than {batch_size} samples to train on "
-                             "(no rows with status ok, or every image unreadable)")
+            raise ValueError("the labeling output gave this worker no sample to train on (no rows with status ok, "
+                             "or every image unreadable)")
+
+
+def stream_batches(shard, batch_size: int, **kwargs) -> Iterator[dict]:
+    """Endless `collate`d batches of ``batch_size`` samples from a worker's dataset shard (`stream_samples`,
+    which takes the keyword arguments)."""
+    return collate_batches(stream_samples(shard, read_batch=batch_size, **kwargs), batch_size)

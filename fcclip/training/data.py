@@ -13,7 +13,8 @@ padding mask unused (a "TODO use valid"), and so does ours.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,6 +24,7 @@ from PIL import Image
 __all__ = [
     "Augmented",
     "collate",
+    "collate_batches",
     "lsj_augment",
     "make_targets",
     "nearest_indices",
@@ -271,6 +273,13 @@ def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> d
                 ignore[:h, :w] = torch.as_tensor(np.asarray(sample["ignore"], dtype=bool))
             targets[-1]["ignore"] = ignore
     return {"images": images, "image_sizes": sizes, "valid": valid, "targets": targets}
+
+
+def collate_batches(samples: Iterable[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
+    """`collate`d batches of `batch_size` consecutive samples of a stream; a last incomplete batch is dropped."""
+    samples = iter(samples)
+    while len(chunk := list(itertools.islice(samples, batch_size))) == batch_size:
+        yield collate(chunk)
 
 
 def normalize_images(images: torch.Tensor, image_sizes: Sequence[tuple[int, int]], pixel_mean: Sequence[float],

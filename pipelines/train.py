@@ -11,18 +11,18 @@ on both mixed by a share.
 
 ``--data`` is detected (`pipelines.train_data.open_training_data`): a COCO panoptic tree, whose categories are the
 training vocabulary, or a labeling output (``fcclip label``'s part files), whose run vocabulary is (after
-``--class-map``, ``--keep``, ``--drop``). ``--mix`` adds a source of the other kind that gives SHARE of the
-training samples; the training vocabulary is then the union of both (`pipelines.train_data.open_training_sources`,
-`fcclip.training.mix`). Each Ray Train worker builds the model (frozen CLIP + trainable head) and
-trains with DDP; the global batch is split across the workers. A COCO tree is read by each worker's own loader
-processes (decode + large-scale jitter on CPU); a labeling output streams through Ray Data into the workers'
-dataset shards (read, decoded and augmented on CPU tasks; see `pipelines.train_data`), with segments scoring below
-``--min-score`` as ignore regions (`fcclip.training.ignore`); with ``--mix`` each worker draws every sample from
-one source or the other by share and reports how many it drew from each. Every ``checkpoint_every`` iterations rank 0 writes a checkpoint (model in the reference's checkpoint
-layout, optimizer, scheduler, grad scaler, iteration, RNG states) to ``--storage``; Ray Train keeps the newest ones.
-A lost worker or node restarts the worker group from the latest checkpoint (``max_failures`` times); a stopped run
-continues with ``--resume`` (same --storage and run name). At the end the command prints ``final checkpoint: PATH``,
-the file ``fcclip predict/label --weights PATH`` take.
+``--class-map``, ``--keep``, ``--drop``). ``--mix`` adds a source of the other kind that gives SHARE of the training
+samples; the training vocabulary is then the union of both (`pipelines.train_data.open_training_sources`,
+`fcclip.training.mix`). Each Ray Train worker builds the model (frozen CLIP + trainable head) and trains with DDP;
+the global batch is split across the workers. A COCO tree is read by each worker's own loader processes (decode +
+large-scale jitter on CPU); a labeling output streams through Ray Data into the workers' dataset shards (read,
+decoded and augmented on CPU tasks; see `pipelines.train_data`), with segments scoring below ``--min-score`` as
+ignore regions (`fcclip.training.ignore`); with ``--mix`` each worker draws every sample from one source or the
+other by share and reports how many it drew from each. Every ``checkpoint_every`` iterations rank 0 writes a
+checkpoint (model in the reference's checkpoint layout, optimizer, scheduler, grad scaler, iteration, RNG states) to
+``--storage``; Ray Train keeps the newest ones. A lost worker or node restarts the worker group from the latest
+checkpoint (``max_failures`` times); a stopped run continues with ``--resume`` (same --storage and run name). At the
+end the command prints ``final checkpoint: PATH``, the file ``fcclip predict/label --weights PATH`` take.
 """
 from __future__ import annotations
 
@@ -68,7 +68,15 @@ from fcclip.training.ignore import build_ignore_criterion
 from fcclip.training.mix import MixedSamples
 from fcclip.vocabulary import Vocabulary
 from pipelines import runtime
-from pipelines.train_data import MixSpec, label_dataset, open_training_sources, parse_mix, stream_batches, stream_samples
+from pipelines.train_data import (
+    KINDS,
+    MixSpec,
+    label_dataset,
+    open_training_sources,
+    parse_mix,
+    stream_batches,
+    stream_samples,
+)
 
 logger = logging.getLogger("fcclip.train")
 
@@ -497,8 +505,8 @@ def run_train(
         logger.info("eval_every is set but %s is a labeling output (no val split): no periodic validation PQ",
                     data_root)
     if mix is not None:
-        logger.info("training vocabulary: %d classes, the union of %s; samples drawn: %s", len(training.vocabulary),
-                    " and ".join(f"{s.kind}'s {len(s.vocabulary)}" for s in training.sources),
+        logger.info("training vocabulary: %d classes (the union of %s); samples: %s", len(training.vocabulary),
+                    " and ".join(f"{len(s.vocabulary)} of the {KINDS[s.kind]}" for s in training.sources),
                     ", ".join(f"{s.share:.0%} {s.kind}" for s in training.sources))
     name = name or cfg.name
     storage = storage.rstrip("/")
@@ -521,7 +529,8 @@ def run_train(
                            "to read and decode the samples (lower --cpus-per-worker, or add CPU nodes)",
                            num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
         datasets = {"labels": label_dataset(
-            by_kind["labels"], image_size=cfg.data.image_size, min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale,
+            by_kind["labels"], image_size=cfg.data.image_size, min_scale=cfg.data.min_scale,
+            max_scale=cfg.data.max_scale,
             min_score=selection.min_score, seed=cfg.seed,
         )}
     trainer = TorchTrainer(

@@ -434,13 +434,17 @@ def test_two_workers_checkpoint_to_s3_and_predict(ray_local, s3_bucket, dataset,
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["coco", "labels"])
+@pytest.mark.parametrize("kind", ["coco", "labels", "mix"])
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, dataset, tmp_path, request, kind):
-    """The same on a COCO tree and on a labeling output streamed from S3 through Ray Data (the restarted worker
-    group gets fresh dataset shards)."""
-    data, cpus = dataset, 1.0
-    if kind == "labels":
+    """The same on a COCO tree, on a labeling output streamed from S3 through Ray Data (the restarted worker group
+    gets fresh dataset shards), and on both mixed (``--mix coco=ROOT:0.5``)."""
+    from pipelines.train_data import MixSpec
+
+    data, cpus, mix = dataset, 1.0, None
+    if kind != "coco":
         data, cpus = request.getfixturevalue("labels")[0], 0.5  # leave a CPU to the Ray Data tasks
+    if kind == "mix":
+        mix = MixSpec("coco", dataset, 0.5)
     max_iters = 40
     config = load_train_config(_config(
         tmp_path, "kill", checkpoint_every=5, keep_checkpoints=20, log_every=5, max_failures=2,
@@ -452,7 +456,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, 
     def fit():
         try:
             outcome["result"], outcome["final"] = run_train(config, data, storage, num_workers=2,
-                                                            max_iters=max_iters, cpus_per_worker=cpus)
+                                                            max_iters=max_iters, cpus_per_worker=cpus, mix=mix)
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             outcome["error"] = e
 
@@ -500,6 +504,10 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, 
     # step at 25); a restarted schedule would be in warmup again after the restart
     assert frame["lr"].tolist() == pytest.approx([1e-3 * lr_factor(i, config.solver) for i in iterations])
     assert all(math.isfinite(v) for v in frame["loss"])
+    if kind == "mix":  # each worker group counts its own draws: 2 samples per iteration for each worker
+        drawn = (frame["samples_from_labels"] + frame["samples_from_coco"]).tolist()
+        assert drawn == [2 * (i - s) for i, s in zip(iterations, starts)], drawn
+        assert frame["samples_from_coco"].iloc[-1] > 0 and frame["samples_from_labels"].iloc[-1] > 0
 
     state = _state(final)
     assert state["iteration"] == max_iters and state["scheduler"]["last_epoch"] == max_iters

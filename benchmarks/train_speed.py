@@ -1,13 +1,16 @@
 """Training speed of `fcclip train` (Ray Train, DDP) on a synthetic COCO-panoptic set it generates, read as a COCO
-tree or as pseudo-labels (a labeling output streamed through Ray Data).
+tree, as pseudo-labels (a labeling output streamed through Ray Data), or both mixed (``fcclip train --mix``).
 
     .venv/bin/python benchmarks/train_speed.py --model fcclip-tiny --num-workers 2 --iters 40 --image-size 128
     .venv/bin/python benchmarks/train_speed.py --data-kind labels --iters 100 --num-cpus 2
+    .venv/bin/python benchmarks/train_speed.py --data-kind mix --mix-share 0.5 --iters 100 --num-cpus 2
 
 With ``--data-kind labels`` the generated images are first labelled by ``fcclip label`` (fcclip-tiny, random weights
 unless --label-weights, at their own size) and training reads that output (`pipelines.train_data`): Parquet part
 files, images from their URIs, masks from the RLEs, LSJ on Ray Data CPU tasks, batches into the workers' shards.
 Labeling is not timed. The training workers then get (CPUs - 1) / workers CPUs by default, leaving one to Ray Data.
+``--data-kind mix`` trains on that output with ``--mix coco=ROOT:SHARE``, ROOT the generated tree (``--mix-share``
+of the samples decoded by the training workers themselves, as on a COCO tree).
 
 Runs the real training job (`pipelines.train.run_train`: data loading with LSJ, forward, criterion, backward, DDP
 all-reduce, optimizer) for --iters iterations with deterministic random weights, and reports, over the iterations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIG = "fcclip-tiny-synthetic"  # a packaged training config (fcclip/configs/train/)
+_DATA_NAMES = {"coco": "COCO tree", "labels": "labeling output", "mix": "labeling output + {share:.0%} COCO tree"}
 
 
 def _collector_class():
@@ -120,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: CPUs / workers")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    p.add_argument("--data-kind", choices=("coco", "labels"), default="coco",
-                   help="read the data as a COCO tree, or label it first and train on the labeling output")
+    p.add_argument("--data-kind", choices=("coco", "labels", "mix"), default="coco",
+                   help="read the data as a COCO tree, or label it first and train on the labeling output (mix: "
+                        "and on the tree, --mix-share of the samples)")
+    p.add_argument("--mix-share", type=float, default=0.5, help="with --data-kind mix: the COCO tree's share")
     p.add_argument("--label-weights", default="random", help="weights of the fcclip-tiny that labels (labels only)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
     from pipelines.train import load_train_config, run_train
+    from pipelines.train_data import MixSpec
 
     cfg = load_train_config(args.config)
     data = dataclasses.replace(
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         total_cpus = int(ray.cluster_resources().get("CPU", 1))
-        if args.data_kind == "labels":  # one CPU for the Ray Data tasks
+        if args.data_kind != "coco":  # one CPU for the Ray Data tasks
             cpus = args.cpus_per_worker or max(0.5, (total_cpus - 1) / args.num_workers)
         else:
             cpus = args.cpus_per_worker or max(1.0, float(total_cpus // args.num_workers))
@@ -160,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fcclip-train-speed-") as tmp:
             side = data.image_size
             write_coco_panoptic(Path(tmp) / "data", args.images, seed=0, size=(side, side * 5 // 4), also_val=False)
-            source, segments = str(Path(tmp) / "data"), None
-            if args.data_kind == "labels":
+            source, segments, mix = str(Path(tmp) / "data"), None, None
+            if args.data_kind != "coco":
+                if args.data_kind == "mix":
+                    mix = MixSpec("coco", source, args.mix_share)
                 source, segments = _label(Path(tmp), cfg, args.label_weights)
             started = time.perf_counter()
             run_train(
                 cfg, source, str(Path(tmp) / "runs"), num_workers=args.num_workers,
                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=cpus, name="train-speed",
-                callbacks=[_callback(collector)],
+                callbacks=[_callback(collector)], mix=mix,
             )
             wall = time.perf_counter() - started
         reports = ray.get(collector.get.remote())
@@ -176,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = summarise(reports, args.warmup, solver.batch_size)
     row = {
-        "data": args.data_kind, "segments_per_image": segments, "model": cfg.model, "workers": args.num_workers, "cpus_per_worker": cpus, "batch": solver.batch_size,
+        "data": args.data_kind, "mix_share": args.mix_share if mix else None, "segments_per_image": segments,
+        "model": cfg.model, "workers": args.num_workers, "cpus_per_worker": cpus, "batch": solver.batch_size,
         "image_size": data.image_size, "iters": args.iters, **figures, "wall_s": wall,
     }
     header = ["data", "model", "workers", "cpus/worker", "global batch", "crop", "iters/s", "samples/s", "data wait",
               "peak RSS/worker", "peak GPU", "wall (startup incl.)"]
     values = [
-        "labeling output" if args.data_kind == "labels" else "COCO tree", row["model"], str(row["workers"]), f"{cpus:g}", str(row["batch"]), f"{row['image_size']}px",
+        _DATA_NAMES[args.data_kind].format(share=args.mix_share), row["model"], str(row["workers"]), f"{cpus:g}",
+        str(row["batch"]), f"{row['image_size']}px",
         f"{row['iters_per_s']:.2f}", f"{row['samples_per_s']:.1f}", f"{100 * row['data_wait_share']:.1f}%",
         f"{row['peak_rss_mb']:.0f} MB", f"{row['peak_gpu_mb']:.0f} MB" if row["peak_gpu_mb"] else "-",
         f"{wall:.0f}s",

@@ -7,6 +7,27 @@ import pytest
 os.environ.setdefault("FCCLIP_TEXT_CACHE", "0")
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers():
+    """`pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for a test module (tests/test_train.py has its own, started after its S3 server)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from fcclip import build_model

@@ -28,23 +28,6 @@ RECIPE = {
 STUDENT_SHARE = 0.8  # the student's val PQ is at least this share of the teacher's
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def _root_log_handlers():
-    import logging
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
 
 
 def _config(tmp_path, name):

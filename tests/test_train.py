@@ -203,17 +203,6 @@ def test_paper_config_is_the_reference_recipe():
 
 
 # ---------------------------------------------------------------------------------------------------- Ray Train
-@pytest.fixture(autouse=True)
-def _root_log_handlers():
-    """`pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
-    import logging
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
-
-
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     """A local Ray of 2 CPUs; started after the S3 server so that its workers inherit AWS_ENDPOINT_URL."""

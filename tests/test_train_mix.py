@@ -21,24 +21,6 @@ except ImportError:
 LABEL_VOCABULARY = "puppy; kite; lawn, grass [stuff]; water [stuff]"
 
 
-@pytest.fixture(autouse=True)
-def _root_log_handlers():
-    """`pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
-    import logging
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

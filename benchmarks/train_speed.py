@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(
         cfg, model=args.model or cfg.model, weights="random", data=data, solver=solver,
         log_every=args.log_every, checkpoint_every=args.iters, keep_checkpoints=1, max_failures=0,
+        eval_every=0,  # the generated tree has no val split, and validation is not training speed
     )
 
     if args.address or os.environ.get("RAY_ADDRESS"):

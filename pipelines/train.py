@@ -186,8 +186,8 @@ def param_groups(model, solver: SolverConfig) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- data
 class Samples(torch.utils.data.IterableDataset):
     """An endless stream of augmented training samples of a COCO tree for one worker; each loader process draws its
-    own. `class_index`: the tree's category id -> training class index (another than the tree's own order when the
-    training vocabulary is a union, see ``--mix``)."""
+    own. `class_index`: the tree's category id -> training class index (not the tree's own order when the training
+    vocabulary is a union, see ``--mix``)."""
 
     def __init__(self, root: str, split: str, data: DataConfig, seed: int, class_index: dict[int, int]):
         self.root, self.split, self.data, self.seed = root, split, data, seed
@@ -530,8 +530,7 @@ def run_train(
                            num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
         datasets = {"labels": label_dataset(
             by_kind["labels"], image_size=cfg.data.image_size, min_scale=cfg.data.min_scale,
-            max_scale=cfg.data.max_scale,
-            min_score=selection.min_score, seed=cfg.seed,
+            max_scale=cfg.data.max_scale, min_score=selection.min_score, seed=cfg.seed,
         )}
     trainer = TorchTrainer(
         train_loop_per_worker,

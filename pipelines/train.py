@@ -228,7 +228,14 @@ def _as_is(sample: dict) -> dict:
 def _batches(w: _Worker, sources: list[dict], start: int) -> tuple[Any, MixedSamples | None]:
     """The worker's batches: from its one source, or drawn from two by share, then also the `MixedSamples` whose
     counts say how many samples came from each. A restarted worker group gets a fresh data stream: its seeds
-    include the iteration it starts at."""
+    include the iteration it starts at.
+
+    Every worker draws the same sequence of sources (the draws' seed leaves the rank out); its samples are its own
+    (its own shard of the labeling output, its own COCO stream). Ray Train's streaming split hands a labeling
+    output's rows to all workers together, and each pass over them starts on all workers at once: a worker that
+    asked for its next pseudo-label while another did not would wait for it, and that one waits in the gradient
+    all-reduce for the first, for ever.
+    """
     seed = w.cfg.seed * 100_003 + w.rank * 7919 + start
 
     def stream(source: dict, batch_size: int | None):
@@ -240,7 +247,7 @@ def _batches(w: _Worker, sources: list[dict], start: int) -> tuple[Any, MixedSam
     if len(sources) == 1:
         return stream(sources[0], w.per_worker_batch), None
     mixed = MixedSamples({s["kind"]: stream(s, None) for s in sources}, {s["kind"]: s["share"] for s in sources},
-                         seed=[w.cfg.seed, w.rank, start])
+                         seed=[w.cfg.seed, start])
     return collate_batches(mixed, w.per_worker_batch), mixed
 
 

@@ -135,13 +135,13 @@ def reclassify(
             replaced by the space's rule.
         space: the model's :class:`EmbeddingSpace`.
     """
-    in_emb = torch.as_tensor(np.asarray(in_vocab_embeddings)).float()
-    out_emb = torch.as_tensor(np.asarray(out_vocab_embeddings)).float()
+    in_emb = _float32(in_vocab_embeddings)
+    out_emb = _float32(out_vocab_embeddings)
     if in_emb.shape != out_emb.shape or in_emb.dim() != 2 or in_emb.shape[1] != space.dim:
         raise ValueError(f"embeddings must both be (N, {space.dim}), got {tuple(in_emb.shape)} and {tuple(out_emb.shape)}")
     gate = None
     if space.ensemble_on_valid_mask and valid is not None:
-        gate = torch.as_tensor(np.asarray(valid, dtype=bool))
+        gate = torch.from_numpy(np.array(valid, dtype=bool))
     cls = classify_embeddings(
         in_emb, out_emb, space.classifier_with_void(text), text.synonym_class.cpu(), text.num_classes,
         space.seen(text.vocabulary),
@@ -154,3 +154,9 @@ def reclassify(
     kept = classes.ne(text.num_classes) & (scores > space.object_mask_threshold)
     return Reclassified(classes.numpy(), scores.numpy().astype(np.float32), kept.numpy(), cls)
 
+
+
+def _float32(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu()
+    return torch.from_numpy(np.array(x, dtype=np.float32))

@@ -8,7 +8,9 @@
    warm-up image: seconds per image. This is a lower bound of what labeling again costs (no decoding, no I/O, no
    RLE encoding, no Ray).
 2. The rows those images become (``pipelines.stages.encode_rows``), written as a part file is (Parquet, zstd): bytes
-   per image with the embedding columns and without them.
+   per image with the embedding columns and without them (the column chunks' compressed sizes: a part file's footer
+   and its ``fcclip.embeddings`` metadata come once per file and are given apart), and the same rows with random
+   unit vectors of D = 768 in place of the model's (what the embeddings of ConvNeXt-L cost, whatever the model run).
 3. Relabel: the new vocabulary's text classifier (the model's text tower, timed on its own: once per job), then
    ``pipelines.relabel.relabel_batch`` (the work of a relabel task: re-classification, merges, the new rows) over
    the rows repeated ``--repeat`` times: segments/s and seconds per image. Reading and writing the part files is not
@@ -33,6 +35,38 @@ sys.path.insert(0, str(REPO))
 
 VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]; road, street [stuff]; building [stuff]"
 NEW = "pedestrian; taxi; police car; scooter; dog; lawn [stuff]; flooded street [stuff]; sky [stuff]"
+
+
+def column_bytes(parquet: bytes) -> dict[str, int]:
+    """Compressed bytes of each top-level column in a Parquet file (footer and metadata not included)."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(io.BytesIO(parquet)).metadata
+    sizes: dict[str, int] = {}
+    for g in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            column = md.row_group(g).column(c)
+            top = column.path_in_schema.split(".", 1)[0]
+            sizes[top] = sizes.get(top, 0) + column.total_compressed_size
+    return sizes
+
+
+def with_random_vectors(table, dim: int):
+    """``table`` with its embedding columns replaced by random unit vectors of ``dim`` values (float16)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(0)
+    lengths = pc.list_value_length(table.column("segments")).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    for name in ("embedding_in", "embedding_out"):
+        v = rng.normal(size=(int(lengths.sum()), dim)).astype(np.float32)
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float16()), dim)
+        column = pa.ListArray.from_arrays(offsets, vectors)
+        table = table.set_column(table.column_names.index(name), pa.field(name, column.type), column)
+    return table
 
 
 def main(argv=None) -> int:
@@ -84,8 +118,11 @@ def main(argv=None) -> int:
     constants = {"vocabulary": "bench@0", "run_id": "bench", "model": segmenter.model_id, "embedding_dim": dim}
     table = encode_rows(uris, list(range(args.images)), meta, labelled, constants).drop_columns(["row"])
     segments = sum(len(s) for s in labelled["segments"])
-    with_bytes = len(encode_table(table, {"embeddings": space}))
-    without_bytes = len(encode_table(table.drop_columns(list(EMBEDDING_COLUMNS)), {}))
+    sizes = column_bytes(encode_table(table, {}))
+    with_bytes = sum(sizes.values())
+    without_bytes = sum(v for k, v in sizes.items() if k not in EMBEDDING_COLUMNS)
+    metadata_bytes = len(json.dumps(space, sort_keys=True))
+    bytes_768 = sum(column_bytes(encode_table(with_random_vectors(table, 768), {})).values())
 
     new_vocabulary = load_vocabulary(args.new_vocab)
     t = time.perf_counter()
@@ -115,6 +152,7 @@ def main(argv=None) -> int:
         "speedup": label_s / relabel_s, "text_tower_s": text_s, "new_classes": len(new_vocabulary),
         "bytes_per_image_with_embeddings": with_bytes / args.images,
         "bytes_per_image_without": without_bytes / args.images,
+        "bytes_per_image_with_768": bytes_768 / args.images, "embeddings_metadata_bytes_per_file": metadata_bytes,
         "relabel_stats": stats, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
     }
     f = figures
@@ -127,8 +165,10 @@ def main(argv=None) -> int:
           f"{f['relabel_segments_per_s']:.0f} segments/s, {1 / relabel_s:.0f} images/s |")
     print(f"\nrelabel takes {f['speedup']:.0f}x fewer seconds per image than labeling again; the new vocabulary's "
           f"text classifier ({len(new_vocabulary)} classes) took {text_s:.2f} s once (model built in {build_s:.1f} s).")
-    print(f"\nbytes per image in a part file (zstd): {f['bytes_per_image_without']:.0f} without embeddings, "
-          f"{f['bytes_per_image_with_embeddings']:.0f} with (D = {dim}, float16)")
+    print(f"\nbytes per image in a part file (zstd column chunks): {f['bytes_per_image_without']:.0f} without "
+          f"embeddings, {f['bytes_per_image_with_embeddings']:.0f} with (D = {dim}, float16), "
+          f"{f['bytes_per_image_with_768']:.0f} with random unit vectors of D = 768; plus "
+          f"{metadata_bytes} bytes of fcclip.embeddings metadata per part file")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

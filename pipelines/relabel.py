@@ -31,6 +31,7 @@ class and score, given its query, are exactly the model's (up to the float16 rou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -133,15 +134,22 @@ class NewVocabulary:
     synonym_class: np.ndarray  # (S,) int64
     space: dict  # EmbeddingSpace.to_dict()
 
-    def text(self):
+    @functools.cached_property
+    def parsed(self):
+        """(EmbeddingSpace, TextClassifier), built once per process that uses them."""
         import torch
 
+        from fcclip.reclassify import EmbeddingSpace
         from fcclip.text import TextClassifier
         from fcclip.vocabulary import Vocabulary
 
         vocabulary = Vocabulary.from_dict(self.vocabulary)
         seen = torch.zeros(len(vocabulary.categories), dtype=torch.bool)  # unused: reclassify applies the space's rule
-        return TextClassifier(vocabulary, torch.from_numpy(self.embeddings), torch.from_numpy(self.synonym_class), seen)
+        text = TextClassifier(vocabulary, torch.from_numpy(self.embeddings), torch.from_numpy(self.synonym_class), seen)
+        return EmbeddingSpace.from_dict(self.space), text
+
+    def text(self):
+        return self.parsed[1]
 
 
 def _vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
@@ -157,12 +165,11 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
     """One batch of DEST's rows -> the same rows under NEW (module docstring, step 3). ``stats`` is added to."""
     from pycocotools import mask as mask_util
 
-    from fcclip.reclassify import EmbeddingSpace, reclassify
+    from fcclip.reclassify import reclassify
 
     from .sink import SEGMENT, output_schema
 
-    space = EmbeddingSpace.from_dict(new.space)
-    text = new.text()
+    space, text = new.parsed
     vocabulary = text.vocabulary
     schema = output_schema(space.dim)
     table = pa.Table.from_batches([batch])

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from fcclip.datasets.synthetic import synthetic_image
     from fcclip.text import build_text_classifier
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.relabel import NewVocabulary, relabel_batch
+    from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
     from pipelines.sink import EMBEDDING_COLUMNS, encode_table
     from pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     batches = pq.ParquetFile(io.BytesIO(buf.getvalue())).iter_batches(
         batch_size=512, columns=[c for c in big.column_names if c not in ("vocabulary", "run_id")])
     batches = list(batches)
-    stats = dict.fromkeys(("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed"), 0)
+    stats = new_stats()
     t = time.perf_counter()
     for batch in batches:
         relabel_batch(batch, new, 0.0, {"vocabulary": "new@0", "run_id": "bench2"}, stats)

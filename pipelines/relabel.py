@@ -161,6 +161,14 @@ def _vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
+STATS = ("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed")
+
+
+def new_stats() -> dict[str, int]:
+    """The counts relabel_batch adds to (RelabelSummary's fields of the same names)."""
+    return dict.fromkeys(STATS, 0)
+
+
 def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, constants: dict, stats: dict) -> pa.Table:
     """One batch of DEST's rows -> the same rows under NEW (module docstring, step 3). ``stats`` is added to."""
     from pycocotools import mask as mask_util
@@ -248,7 +256,7 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
 
     from .sink import Destination, output_schema, write_part
 
-    stats = dict.fromkeys(("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed"), 0)
+    stats = new_stats()
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)

@@ -7,7 +7,7 @@ from pycocotools import mask as mask_util
 
 from fcclip.reclassify import EmbeddingSpace, reclassify
 from fcclip.vocabulary import load_vocabulary
-from pipelines.relabel import NewVocabulary, relabel_batch
+from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
 from pipelines.sink import SCHEMA, output_schema
 from pipelines.stages import _embedding_columns
 
@@ -67,18 +67,19 @@ def batch():
     return table.to_batches()[0], segments
 
 
-def _new(space):
+def _relabel(source, min_score):
+    """(the relabelled table, its counts, the new vocabulary) under "wall [stuff]; floor [stuff]; chair", whose text
+    rows are the first three axes."""
     vocabulary = load_vocabulary("wall [stuff]; floor [stuff]; chair")
-    text = np.eye(D, dtype=np.float32)[:3]
-    return NewVocabulary(vocabulary.to_dict(), text, np.arange(3), space.to_dict()), vocabulary
+    new = NewVocabulary(vocabulary.to_dict(), np.eye(D, dtype=np.float32)[:3], np.arange(3), _space().to_dict())
+    stats = new_stats()
+    return relabel_batch(source, new, min_score, {"vocabulary": "new@x", "run_id": "r1"}, stats), stats, new
 
 
 def test_relabel_rules(batch):
     source, segments = batch
     space = _space()
-    new, vocabulary = _new(space)
-    stats = dict.fromkeys(("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed"), 0)
-    out = relabel_batch(source, new, 0.0, {"vocabulary": "new@x", "run_id": "r1"}, stats)
+    out, stats, new = _relabel(source, 0.0)
     assert out.schema == output_schema(D)
     ok, error = out.to_pylist()
 
@@ -106,11 +107,7 @@ def test_relabel_rules(batch):
 
 
 def test_min_score_drops_segments(batch):
-    source, _ = batch
-    space = _space()
-    new, _ = _new(space)
-    stats = dict.fromkeys(("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed"), 0)
-    out = relabel_batch(source, new, 0.9999, {"vocabulary": "new@x", "run_id": "r1"}, stats)
+    out, stats, _ = _relabel(batch[0], 0.9999)
     kept = out.to_pylist()[0]["segments"]
     assert all(s["score"] >= 0.9999 for s in kept) and stats["dropped"] >= 2
     assert len(out.to_pylist()[0]["query_index"]) == len(kept)

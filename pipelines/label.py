@@ -3,6 +3,7 @@
     fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
                  [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
                  [--decode-timeout SECONDS] [--batch-timeout SECONDS] [--overwrite] [--max-failed-fraction F]
+                 [--embeddings]
 
 The job, in order:
 1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
@@ -20,6 +21,10 @@ The job, in order:
    actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
+4. With ``--embeddings``, each row also holds its segments' query embeddings (pipelines.sink.EMBEDDING_COLUMNS), and
+   the first model actor to start is asked for the model's ``EmbeddingSpace`` (stages.describe_model), which goes
+   into every part file's metadata (``fcclip.embeddings``) and run.json: what ``fcclip relabel`` and ``fcclip
+   search`` need beyond the text.
 """
 from __future__ import annotations
 

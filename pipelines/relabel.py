@@ -17,8 +17,8 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
 3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
    under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
-   ``--min-score`` (default: DEST's) is dropped: its pixels become unlabelled. Stuff segments that NEW gives the same
-   class are merged into one, as the model merges a stuff class's queries: the union of their masks, the largest
+   ``--min-score`` (default: DEST's) is dropped: its pixels become unlabelled. Stuff segments of one image that NEW
+   gives the same class, adjacent or not, are merged into one, as the model merges a stuff class's queries: the union of their masks, the largest
    score, the embeddings of the query with that score (the first on ties), and the smallest id of the merged
    segments; every other segment keeps its id, mask, area and box. Error rows pass through unchanged.
 

@@ -81,12 +81,15 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
         assert all(r["embedding_valid"])
 
 
-def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path):
+def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path, capsys):
     assert _label(lake / "in", tmp_path / "plain") == 0
     assert pq.read_table(tmp_path / "plain").schema.remove_metadata() == SCHEMA
     assert b"fcclip.embeddings" not in pq.read_metadata(tmp_path / "plain" / "part-000000.parquet").metadata
     # and relabel says what it needs
+    capsys.readouterr()
     assert main(["relabel", str(tmp_path / "plain"), "--vocab", NEW, "--out", str(tmp_path / "r")]) == 2
+    assert "relabel needs a run labeled with --embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_relabel_with_the_same_vocabulary_reproduces_the_labels(lake, capsys):

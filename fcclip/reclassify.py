@@ -138,7 +138,9 @@ def reclassify(
     in_emb = _float32(in_vocab_embeddings)
     out_emb = _float32(out_vocab_embeddings)
     if in_emb.shape != out_emb.shape or in_emb.dim() != 2 or in_emb.shape[1] != space.dim:
-        raise ValueError(f"embeddings must both be (N, {space.dim}), got {tuple(in_emb.shape)} and {tuple(out_emb.shape)}")
+        raise ValueError(
+            f"embeddings must both be (N, {space.dim}), got {tuple(in_emb.shape)} and {tuple(out_emb.shape)}"
+        )
     gate = None
     if space.ensemble_on_valid_mask and valid is not None:
         gate = torch.from_numpy(np.array(valid, dtype=bool))

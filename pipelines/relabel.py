@@ -18,9 +18,10 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
    under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
    ``--min-score`` (default: DEST's) is dropped: its pixels become unlabelled. Stuff segments of one image that NEW
-   gives the same class, adjacent or not, are merged into one, as the model merges a stuff class's queries: the union of their masks, the largest
-   score, the embeddings of the query with that score (the first on ties), and the smallest id of the merged
-   segments; every other segment keeps its id, mask, area and box. Error rows pass through unchanged.
+   gives the same class, adjacent or not, are merged into one, as the model merges a stuff class's queries: the
+   union of their masks, the largest score, the embeddings of the query with that score (the first on ties), and
+   the smallest id of the merged segments; every other segment keeps its id, mask, area and box. Error rows pass
+   through unchanged.
 
 How this differs from labeling again with NEW: the masks and which queries became segments stay those of DEST's
 vocabulary. Labeling again would drop and keep other queries (the object-mask threshold and the overlap rule run
@@ -99,7 +100,8 @@ def open_source(dest: str) -> Source:
         raise RelabelError(str(e)) from None
     missing = [c for c in EMBEDDING_COLUMNS if c not in output.columns]
     if missing or "embeddings" not in output.metadata:
-        raise RelabelError(f"{dest}: relabel needs a run labeled with --embeddings (no {missing[0] if missing else 'fcclip.embeddings metadata'})")
+        what = missing[0] if missing else "fcclip.embeddings metadata"
+        raise RelabelError(f"{dest}: relabel needs a run labeled with --embeddings (no {what})")
     metadata = {}
     for key, values in output.metadata.items():
         if len(values) > 1:
@@ -169,7 +171,8 @@ def new_stats() -> dict[str, int]:
     return dict.fromkeys(STATS, 0)
 
 
-def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, constants: dict, stats: dict) -> pa.Table:
+def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, constants: dict,
+                  stats: dict) -> pa.Table:
     """One batch of DEST's rows -> the same rows under NEW (module docstring, step 3). ``stats`` is added to."""
     from pycocotools import mask as mask_util
 

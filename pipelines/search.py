@@ -132,7 +132,8 @@ def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 4
     for rank, h in enumerate(hits, 1):
         segments = [s for s in records[(h.file, h.row)].get("segments") or [] if s["id"] == h.segment_id]
         try:
-            body = f'<img src="{overlay(h.uri, segments, colors, image_width, int(image_width * 1.5))}" alt="{e(h.uri)}">'
+            src = overlay(h.uri, segments, colors, image_width, int(image_width * 1.5))
+            body = f'<img src="{src}" alt="{e(h.uri)}">'
         except Exception as err:  # one unreadable image is a placeholder, never a failed page
             body = f'<div class="placeholder">cannot show this image: {e(type(err).__name__)}: {e(err)}</div>'
         figures.append(

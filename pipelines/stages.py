@@ -420,7 +420,8 @@ def _embedding_columns(segments: list[dict], offsets: pa.Array, dim: int, schema
             raise ValueError(f"{name} has {flat.shape[1]} values, the run stores {dim}")
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float16()), dim)
         columns[name] = pa.ListArray.from_arrays(offsets, vectors, type=schema.field(name).type)
-    columns["query_index"] = pa.ListArray.from_arrays(offsets, pa.array([s["query_index"] for s in segments], pa.int32()))
+    queries = pa.array([s["query_index"] for s in segments], pa.int32())
+    columns["query_index"] = pa.ListArray.from_arrays(offsets, queries)
     columns["embedding_valid"] = pa.ListArray.from_arrays(
         offsets, pa.array([bool(s["embedding_valid"]) for s in segments], pa.bool_()))
     return columns

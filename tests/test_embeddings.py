@@ -64,13 +64,14 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
     assert sum(len(r["segments"]) for r in rows.values()) >= 5
     for uri, r in rows.items():
         n = len(r["segments"])
-        assert len(r["query_index"]) == len(r["embedding_in"]) == len(r["embedding_out"]) == len(r["embedding_valid"]) == n
+        assert [len(r[name]) for name in ("query_index", "embedding_in", "embedding_out", "embedding_valid")] == [n] * 4
         if r["status"] == "error":
             assert n == 0
             continue
         # the stored vectors are the model's own, for the query each segment came from
         out, sizes, padded = predictor.infer([predictor.preprocess(uri)])
-        pred = predictor.postprocess(out.class_logits[0], out.mask_logits[0], sizes[0], padded, (r["height"], r["width"]))
+        size = (r["height"], r["width"])
+        pred = predictor.postprocess(out.class_logits[0], out.mask_logits[0], sizes[0], padded, size)
         assert [(s["id"], s["label"]) for s in r["segments"]] == [(s["id"], s["label"]) for s in pred.panoptic.segments]
         assert r["query_index"] == [s["query_index"] for s in pred.panoptic.segments]
         for k, q in enumerate(r["query_index"]):

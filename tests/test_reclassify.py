@@ -106,7 +106,8 @@ def test_embedding_space_round_trips_through_json(tiny_model):
     again = EmbeddingSpace.from_dict(json.loads(json.dumps(space.to_dict())))
     assert again == space
     assert space.model == "fcclip-tiny@random" and "dog" in space.seen_names
-    assert space.void_embedding == tuple(torch.nn.functional.normalize(tiny_model.void_embedding.weight, dim=-1)[0].tolist())
+    void = torch.nn.functional.normalize(tiny_model.void_embedding.weight, dim=-1)[0]
+    assert space.void_embedding == tuple(void.tolist())
     with pytest.raises(ValueError, match="unknown"):
         EmbeddingSpace.from_dict({**space.to_dict(), "extra": 1})
 

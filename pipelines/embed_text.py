@@ -19,8 +19,9 @@ class TextTowerMismatch(ValueError):
 
 
 def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
-    """The CLIP backbone of ``model`` with ``weights`` (built on the CPU; only its text tower is used), checked to
-    have the text tower whose digest is ``expect_text_tower`` (``EmbeddingSpace.text_tower``) when given."""
+    """The CLIP backbone of ``model`` with ``weights``, built on the CPU, with its text tower only (the image tower
+    and the decoders are dropped once loaded), checked to have the text tower whose digest is ``expect_text_tower``
+    (``EmbeddingSpace.text_tower``) when given."""
     import warnings
 
     from fcclip.build import build_model
@@ -29,12 +30,15 @@ def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = build_model(model, weights=weights, device="cpu")
-    if expect_text_tower is not None and text_tower_digest(net.backbone) != expect_text_tower:
+    backbone = net.backbone
+    backbone.clip_model.visual = None  # the image tower is never used here: free it at once
+    del net
+    if expect_text_tower is not None and text_tower_digest(backbone) != expect_text_tower:
         raise TextTowerMismatch(
             f"the text tower of {model} with weights {weights!r} is not the one that labelled the run; give the "
             "run's --model and --weights"
         )
-    return net.backbone
+    return backbone
 
 
 def text_embedding(text: str, model: str = "fcclip-convnext-large", weights: str = "official",

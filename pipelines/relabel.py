@@ -7,8 +7,8 @@ came from (``embedding_in``, ``embedding_out``, ``embedding_valid``), and the ru
 compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpace``). The job:
 
 1. NEW's text classifier is computed once, on the driver, with the run's model's text tower (the model is built
-   from the run's preset and weights; its image tower is never run, no image is read). Its text tower must be the
-   one that labelled DEST (the digest in the metadata).
+   loaded from the run's preset and weights, its image tower and decoders dropped at once: they never run, and no
+   image is read). Its text tower must be the one that labelled DEST (the digest in the metadata).
 2. One Ray task per part file of DEST (a local Ray unless ``--address``): the part file is read without its
    ``vocabulary`` and ``run_id`` columns, every segment is re-classified in one matrix product per batch of rows by
    :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
@@ -274,7 +274,7 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
 
 # ---------------------------------------------------------------------------------------------------- the job
 def _text_classifier(source: Source, vocabulary, model: str | None, weights: str | None) -> NewVocabulary:
-    """NEW's text rows from the run's model's text tower (built once here; its image tower never runs)."""
+    """NEW's text rows from the run's model's text tower (``embed_text.text_tower``: the image tower never runs)."""
     from fcclip.reclassify import EmbeddingSpace
     from fcclip.text import build_text_classifier
 

@@ -47,7 +47,8 @@ CHUNK_VALUES = 8_000_000
 @dataclass
 class PanopticResult:
     segment_map: np.ndarray  # (H, W) int32, 0 = no segment
-    segments: list[dict]  # {id, label, category_id (the vocabulary's id), class_index, is_thing, score, area, bbox [x, y, w, h]}
+    segments: list[dict]  # {id, label, category_id (the vocabulary's id), class_index, is_thing, score, area, bbox [x, y, w, h],
+    # query_index (the query the segment came from; see fcclip.postprocess.PanopticOutput)}
 
 
 @dataclass
@@ -322,7 +323,7 @@ class Predictor:
         segment_map = pan.segment_map.cpu().numpy().astype(np.int32)
         boxes = segment_bboxes(segment_map, [s["id"] for s in pan.segments])
         segments = []
-        for s, bbox in zip(pan.segments, boxes):
+        for s, bbox, query in zip(pan.segments, boxes, pan.query_index):
             c = int(s["class_index"])
             segments.append(
                 {
@@ -334,6 +335,7 @@ class Predictor:
                     "score": float(s["score"]),
                     "area": int(s["area"]),
                     "bbox": bbox,
+                    "query_index": int(query),
                 }
             )
         return PanopticResult(segment_map=segment_map, segments=segments)

@@ -29,7 +29,7 @@ import ray
 
 from . import runtime
 from .sink import Destination, commit_shard, write_fragment
-from .stages import ReadDecode, encode_rows, label_images
+from .stages import ReadDecode, describe_model, encode_rows, label_images
 
 logger = logging.getLogger("fcclip.label")
 
@@ -105,6 +105,7 @@ class EngineResult:
     model_ids: set = field(default_factory=set)
     actor_images: int = 0
     actor_outside_s: float = 0.0
+    model_metadata: dict | None = None  # the model stage's run_metadata (asked of the first actor, with describe)
 
 
 class LabelEngine:
@@ -112,7 +113,8 @@ class LabelEngine:
 
     def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, reader: ReadDecode, model_stage, *,
                  actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float, cpus_per_actor: float,
-                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None):
+                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None,
+                 describe: bool = False):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -127,6 +129,7 @@ class LabelEngine:
         self.constants = constants
         self.file_metadata = file_metadata
         self.progress = progress
+        self.describe = describe  # ask the first ready actor for its model's run metadata, add it to the files'
         self.result = EngineResult()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_decoding = cpus + 1
@@ -212,6 +215,11 @@ class LabelEngine:
                 if not actor.ready and actor.ready_ref in ready:
                     try:
                         res.model_ids.add(ray.get(actor.ready_ref))
+                        if self.describe and res.model_metadata is None:
+                            # before any chunk goes to an actor, so before any shard is committed
+                            _, meta_ref = actor.handle.run.options(num_returns=2).remote(describe_model)
+                            res.model_metadata = ray.get(meta_ref)
+                            self.file_metadata = {**self.file_metadata, **res.model_metadata}
                         actor.ready = True
                     except ray.exceptions.RayActorError as e:
                         startup_failures += 1

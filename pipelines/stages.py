@@ -209,15 +209,15 @@ class FCCLIPSegmenter:
         results = []
         for j, size in enumerate(sizes):
             pred = self.predictor.postprocess(out.class_logits[j], out.mask_logits[j], resized[j], padded, size)
-            seg_map = pred.panoptic.segment_map
+            segment_map = pred.panoptic.segment_map
             kept = [s for s in pred.panoptic.segments if s["score"] >= self.min_score and s["area"] > 0]
             if len(kept) < len(pred.panoptic.segments):
-                keep_ids = np.array([s["id"] for s in kept], dtype=seg_map.dtype)
-                seg_map = np.where(np.isin(seg_map, keep_ids), seg_map, 0)
+                keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
+                segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
             segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
             if self.embeddings:
                 _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
-            results.append((_narrow(seg_map), segments))
+            results.append((_narrow(segment_map), segments))
         return results
 
 
@@ -239,11 +239,11 @@ def describe_model(segmenter) -> dict:
     return dict(getattr(segmenter, "run_metadata", None) or {})
 
 
-def _narrow(seg_map: np.ndarray) -> np.ndarray:
+def _narrow(segment_map: np.ndarray) -> np.ndarray:
     """The smallest unsigned dtype that holds the ids (a uint8 map is a quarter of an int32 one to ship)."""
-    top = int(seg_map.max(initial=0))
+    top = int(segment_map.max(initial=0))
     dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32
-    return seg_map.astype(dtype, copy=False)
+    return segment_map.astype(dtype, copy=False)
 
 
 def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
@@ -265,8 +265,8 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
         t = time.perf_counter()
         out = segmenter([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
-        for i, (seg_map, segs) in zip(index, out):
-            maps[i] = _narrow(np.asarray(seg_map))
+        for i, (segment_map, segs) in zip(index, out):
+            maps[i] = _narrow(np.asarray(segment_map))
             segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_KEYS if k in s} for s in segs]
 
     for start in range(0, len(todo), max(1, batch_size)):
@@ -284,7 +284,7 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
     return {"maps": maps, "segments": segments, "error": errors, "model": segmenter.model_id, "model_s": model_s}
 
 
-def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
+def panoptic_columns(segment_map: np.ndarray, segments: list[dict]) -> dict:
     """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
 
     Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
@@ -294,10 +294,10 @@ def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
     """
     from pycocotools import mask as mask_util
 
-    h, w = (int(v) for v in seg_map.shape)
+    h, w = (int(v) for v in segment_map.shape)
     if not segments:
         return {"area": [], "bbox": [], "size": (h, w), "counts": []}
-    flat = np.asarray(seg_map).ravel(order="F")
+    flat = np.asarray(segment_map).ravel(order="F")
     n = flat.size
     starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
     lengths = np.diff(np.append(starts, n))

@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import numpy as np
+
+from fcclip.build import build_model
+from fcclip.config import ConfigError
+from fcclip.text import encode_names, text_tower_digest
 
 
 class TextTowerMismatch(ValueError):
@@ -22,11 +27,6 @@ def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
     """The CLIP backbone of ``model`` with ``weights``, built on the CPU, with its text tower only (the image tower
     and the decoders are dropped once loaded), checked to have the text tower whose digest is ``expect_text_tower``
     (``EmbeddingSpace.text_tower``) when given."""
-    import warnings
-
-    from fcclip.build import build_model
-    from fcclip.text import text_tower_digest
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = build_model(model, weights=weights, device="cpu")
@@ -44,7 +44,6 @@ def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
 def text_embedding(text: str, model: str = "fcclip-convnext-large", weights: str = "official",
                    expect_text_tower: str | None = None) -> np.ndarray:
     """(D,) float32: ``text``'s CLIP embedding with the model's text tower, as a class name's (prompt templates)."""
-    from fcclip.text import encode_names
 
     backbone = text_tower(model, weights, expect_text_tower)
     return encode_names(backbone, [text])[0].cpu().numpy().astype(np.float32)
@@ -57,8 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from fcclip.config import ConfigError
-
     try:
         vector = text_embedding(args.text, args.model, args.weights)
     except (ConfigError, FileNotFoundError) as e:

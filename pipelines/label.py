@@ -37,7 +37,16 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fcclip.config import ConfigError, load_config
+from fcclip.images import DEFAULT_MAX_PIXELS
+from fcclip.vocabulary import VocabularyError, load_vocabulary
+
 from . import runtime
+from .engine import LabelEngine, LabelError
+from .progress import JobProgress
+from .sink import PART_RE, Destination, new_run_id
+from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
+from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
 logger = logging.getLogger("fcclip.label")
 
@@ -137,7 +146,6 @@ def reopen_run(dest, settings: dict, overwrite: bool = False) -> dict | None:
 
     Raises DestinationError (foreign files, without ``overwrite``) or RunMismatch (other settings, committed shards).
     """
-    from .sink import PART_RE
 
     survey = dest.survey()
     if survey.foreign and survey.run is None:  # once a run is there (resumed), files put beside it are not checked
@@ -184,8 +192,6 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
 
     ``on_listed(n)`` is called as URIs are listed (progress).
     """
-    from .sink import new_run_id
-    from .sources import IMAGE_EXTENSIONS, write_manifest
 
     settings = _settings(cfg, model_config, vocabulary)
     run = reopen_run(dest, settings, overwrite)
@@ -220,7 +226,6 @@ def run_label(
     stages.FCCLIPSegmenter for its interface); default FC-CLIP as ``cfg`` says. ``reader``: URI -> bytes, called in
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
-    from .progress import JobProgress
 
     bars = JobProgress(enabled=progress)
     try:
@@ -233,16 +238,6 @@ def run_label(
 
 
 def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_stage, reader) -> LabelSummary:
-    from fcclip.config import load_config
-    from fcclip.vocabulary import load_vocabulary
-
-    from fcclip.images import DEFAULT_MAX_PIXELS
-
-    from .engine import LabelEngine
-    from .sink import Destination
-    from .sources import read_manifest_shard
-    from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
-
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
@@ -377,12 +372,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args: argparse.Namespace, model_stage=None, reader=None) -> int:
     """The subcommand; ``model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
-    from fcclip.config import ConfigError
-    from fcclip.vocabulary import VocabularyError
-
-    from .engine import LabelError
-    from .sources import SourceError
-
     cfg = LabelConfig(
         source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,

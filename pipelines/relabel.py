@@ -39,10 +39,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
+import torch
+from pycocotools import mask as mask_util
+
+from fcclip.config import ConfigError
+from fcclip.reclassify import EmbeddingSpace, reclassify
+from fcclip.text import TextClassifier, build_text_classifier
+from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
+
+from . import runtime
+from .embed_text import TextTowerMismatch, text_tower
+from .label import DestinationError, reopen_run
+from .show.output import OutputError, open_output
+from .sink import EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, new_run_id, output_schema, write_part
 
 logger = logging.getLogger("fcclip.relabel")
 
@@ -91,9 +106,6 @@ class Source:
 
 def open_source(dest: str) -> Source:
     """DEST's part files and metadata, checked: a complete labeling output with embeddings (footers only)."""
-    from .show.output import OutputError, open_output
-    from .sink import EMBEDDING_COLUMNS, PART_RE, Destination
-
     try:
         output = open_output(dest)
     except OutputError as e:
@@ -139,12 +151,6 @@ class NewVocabulary:
     @functools.cached_property
     def parsed(self):
         """(EmbeddingSpace, TextClassifier), built once per process that uses them."""
-        import torch
-
-        from fcclip.reclassify import EmbeddingSpace
-        from fcclip.text import TextClassifier
-        from fcclip.vocabulary import Vocabulary
-
         vocabulary = Vocabulary.from_dict(self.vocabulary)
         seen = torch.zeros(len(vocabulary.categories), dtype=torch.bool)  # unused: reclassify applies the space's rule
         text = TextClassifier(vocabulary, torch.from_numpy(self.embeddings), torch.from_numpy(self.synonym_class), seen)
@@ -174,11 +180,8 @@ def new_stats() -> dict[str, int]:
 def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, constants: dict,
                   stats: dict) -> pa.Table:
     """One batch of DEST's rows -> the same rows under NEW (module docstring, step 3). ``stats`` is added to."""
-    from pycocotools import mask as mask_util
 
-    from fcclip.reclassify import reclassify
 
-    from .sink import SEGMENT, output_schema
 
     space, text = new.parsed
     vocabulary = text.vocabulary
@@ -255,9 +258,7 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
 def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,
                  file_metadata: dict) -> dict:
     """Relabel one part file of DEST into DEST2's part file ``shard``; returns the counts."""
-    import fsspec
 
-    from .sink import Destination, output_schema, write_part
 
     stats = new_stats()
     fs, path = fsspec.core.url_to_fs(url)
@@ -275,11 +276,6 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
 # ---------------------------------------------------------------------------------------------------- the job
 def _text_classifier(source: Source, vocabulary, model: str | None, weights: str | None) -> NewVocabulary:
     """NEW's text rows from the run's model's text tower (``embed_text.text_tower``: the image tower never runs)."""
-    from fcclip.reclassify import EmbeddingSpace
-    from fcclip.text import build_text_classifier
-
-    from .embed_text import text_tower
-
     space = EmbeddingSpace.from_dict(source.space)
     backbone = text_tower(model or source.metadata.get("model"), weights or source.metadata.get("weights"),
                           expect_text_tower=space.text_tower)
@@ -292,13 +288,8 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
                 weights: str | None = None, address: str | None = None, num_cpus: int | None = None,
                 overwrite: bool = False, verbose: bool = False) -> RelabelSummary:
     """Run (or resume) a relabel job; returns its summary (module docstring)."""
-    import ray
 
-    from fcclip.vocabulary import load_vocabulary
 
-    from . import runtime
-    from .label import reopen_run
-    from .sink import Destination, new_run_id
 
     started = time.time()
     vocabulary = load_vocabulary(vocab)
@@ -379,12 +370,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from fcclip.config import ConfigError
-    from fcclip.vocabulary import VocabularyError
-
-    from .embed_text import TextTowerMismatch
-    from .label import DestinationError
-
     try:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
                         weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,

@@ -19,12 +19,17 @@ import json
 import sys
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fcclip.config import ConfigError
+
 from .embed_text import TextTowerMismatch, text_embedding
+from .show.output import OutputError, open_output
+from .show.overlays import overlay, read_rows
 
 _LEAVES = ("id", "label", "score")
 _BATCH_ROWS = 1024
@@ -47,8 +52,6 @@ class Hit:
 
 def search_segments(dest: str, query: np.ndarray, top: int = 50) -> list[Hit]:
     """The ``top`` segments of DEST most similar (cosine) to ``query`` (D,), best first (ties: file, row, order)."""
-    from .show.output import OutputError, open_output
-
     try:
         output = open_output(dest)
     except OutputError as e:
@@ -101,7 +104,6 @@ def _top(hits: list[Hit], top: int) -> list[Hit]:
 def search_dest(dest: str, text: str, top: int = 50, model: str | None = None,
                 weights: str | None = None) -> list[Hit]:
     """Segments of DEST ranked by similarity to ``text`` (embedded with the run's model unless given)."""
-    from .show.output import OutputError, open_output
 
     try:
         output = open_output(dest)
@@ -118,9 +120,6 @@ def search_dest(dest: str, text: str, top: int = 50, model: str | None = None,
 
 def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 480) -> str:
     """A self-contained HTML page: each hit's image with the hit's mask drawn (the report's overlay code)."""
-    from .show.output import open_output
-    from .show.overlays import overlay, read_rows
-
     output = open_output(dest)
     colors = output.colors()
     records: dict[tuple[str, int], dict] = {}
@@ -161,10 +160,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    import fsspec
-
-    from fcclip.config import ConfigError
-
     if args.top < 1:
         print("fcclip search: error: --top must be >= 1", file=sys.stderr)
         return 2

@@ -47,6 +47,14 @@ def build_clip_model(config: ClipConfig, pretrained: bool = False) -> nn.Module:
     return open_clip.CLIP(**cfg)
 
 
+def clip_embed_dim(config: ClipConfig) -> int:
+    """D, the width of the CLIP's joint embedding (768 for ConvNeXt-L), read from its config without building it."""
+    cfg = config.model_cfg if config.model_cfg is not None else open_clip.get_model_config(config.model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {config.model_name!r}; see open_clip.list_models()")
+    return int(cfg["embed_dim"])
+
+
 class CLIPBackbone(nn.Module):
     """Frozen CLIP with the FC-CLIP feature interface (ConvNeXt and ResNet CLIPs).
 

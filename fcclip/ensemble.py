@@ -88,3 +88,52 @@ def geometric_ensemble(
         probs=probs,
         log_probs=torch.log(probs + 1e-8),
     )
+
+
+@dataclass
+class Classification:
+    """One vocabulary's classification of per-query embeddings (see :func:`classify_embeddings`)."""
+
+    in_vocab_logits: torch.Tensor  # (B, Q, K + 1) decoder-branch logits, void last
+    out_vocab_logits: torch.Tensor  # (B, Q, K + 1) CLIP-branch logits, void last (its void column is not used)
+    ensemble: EnsembleOutput
+
+
+def classify_embeddings(
+    in_vocab_embeddings: torch.Tensor,
+    out_vocab_embeddings: torch.Tensor,
+    text_classifier: torch.Tensor,
+    synonym_class: torch.Tensor,
+    num_classes: int,
+    seen: torch.Tensor,
+    *,
+    in_vocab_logit_scale: torch.Tensor,
+    out_vocab_logit_scale: torch.Tensor,
+    alpha: float,
+    beta: float,
+    valid: torch.Tensor | None = None,
+) -> Classification:
+    """Everything FC-CLIP decides about a query's class, from its two vocabulary-free embeddings and the text.
+
+    The in-vocabulary branch compares the decoder's class embedding with the text classifier (void row included) at
+    the decoder's logit scale; the out-of-vocabulary branch compares the mask-pooled CLIP embedding at CLIP's logit
+    scale; both take the max over a class's synonyms; :func:`geometric_ensemble` combines them. ``FCCLIP.inference``
+    calls this on the model's own tensors, and ``fcclip.reclassify`` on stored embeddings under a new vocabulary:
+    one code path for both.
+
+    Args:
+        in_vocab_embeddings, out_vocab_embeddings: (..., Q, D) (normalised here, so stored unit vectors work).
+        text_classifier: (S + 1, D) normalised synonym rows, the void embedding last.
+        synonym_class, num_classes, seen: as in :class:`fcclip.text.TextClassifier`.
+        in_vocab_logit_scale, out_vocab_logit_scale: scalar log temperatures (the decoder's and CLIP's parameters).
+        alpha, beta, valid: as in :func:`geometric_ensemble`.
+    """
+    in_vocab_logits = classification_logits(
+        in_vocab_embeddings, text_classifier, in_vocab_logit_scale, synonym_class, num_classes
+    )
+    out_vocab_logits = classification_logits(
+        out_vocab_embeddings.to(text_classifier.dtype), text_classifier, out_vocab_logit_scale, synonym_class,
+        num_classes,
+    )
+    ens = geometric_ensemble(in_vocab_logits, out_vocab_logits, seen, alpha, beta, valid=valid)
+    return Classification(in_vocab_logits, out_vocab_logits, ens)

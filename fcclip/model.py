@@ -14,7 +14,7 @@ from torch import nn
 
 from .backbone import CLIPBackbone, build_clip_model
 from .config import ModelConfig
-from .ensemble import EnsembleOutput, classification_logits, geometric_ensemble
+from .ensemble import EnsembleOutput, classify_embeddings
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import DecoderOutput, MultiScaleMaskedTransformerDecoder
 
@@ -39,12 +39,14 @@ class FCCLIPOutput:
     mask_logits: (B, Q, H/4, W/4) mask logits on the padded input's stride-4 grid.
     aux: earlier decoder heads' (class_logits, mask_logits), for deep supervision (empty with ``aux=False``).
     features: the backbone features ("res2".."res5", "clip_vis_dense").
+    class_embeddings: (B, Q, D) the decoder's class embeddings (not normalised), from which ``class_logits`` come.
     """
 
     class_logits: torch.Tensor
     mask_logits: torch.Tensor
     aux: list[tuple[torch.Tensor, torch.Tensor]]
     features: dict[str, torch.Tensor]
+    class_embeddings: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,6 +59,14 @@ class InferenceOutput:
     out_vocab_logits: (B, Q, K + 1) CLIP's logits of the mask-pooled embeddings.
     ensemble: the ensemble's intermediate probabilities.
     raw: the forward outputs (``raw.class_logits`` are the decoder's in-vocabulary logits, before the ensemble).
+    in_vocab_embeddings: (B, Q, D) float32, L2-normalised: each query's class embedding from the decoder (the
+        in-vocabulary branch compares it with the text classifier).
+    out_vocab_embeddings: (B, Q, D) float32, L2-normalised: each query's mask-pooled frozen-CLIP embedding (the
+        out-of-vocabulary branch).
+    valid: (B, Q) bool, where the ensemble uses the out-of-vocabulary branch (all True unless the config's
+        ``ensemble_on_valid_mask``, set for ResNet CLIPs: then the mask has a pixel on the CLIP feature grid).
+    These three do not depend on the vocabulary: with the text classifier of any vocabulary,
+    :func:`fcclip.ensemble.classify_embeddings` gives that vocabulary's ``class_logits`` (``fcclip.reclassify``).
     """
 
     class_logits: torch.Tensor
@@ -64,6 +74,9 @@ class InferenceOutput:
     out_vocab_logits: torch.Tensor
     ensemble: EnsembleOutput
     raw: FCCLIPOutput
+    in_vocab_embeddings: torch.Tensor | None = None
+    out_vocab_embeddings: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 class FCCLIP(nn.Module):
@@ -112,7 +125,7 @@ class FCCLIP(nn.Module):
         out: DecoderOutput = self.sem_seg_head.predictor(
             pd.multi_scale, pd.mask_features, classifier, text.synonym_class, text.num_classes, aux=aux
         )
-        return FCCLIPOutput(out.class_logits, out.mask_logits, out.aux, features)
+        return FCCLIPOutput(out.class_logits, out.mask_logits, out.aux, features, out.class_embeddings)
 
     def compile_parts(self, **options) -> FCCLIP:
         """Compile the backbone, the pixel decoder and the transformer decoder with ``torch.compile`` (in place).
@@ -138,12 +151,21 @@ class FCCLIP(nn.Module):
         masks_small = F.interpolate(raw.mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)
         pooled = self.backbone.pooled_embeddings(dense, masks_small.to(dense.dtype))
         classifier = self.classifier_with_void(text)
-        out_vocab_logits = classification_logits(
-            pooled.to(classifier.dtype), classifier, self.backbone.logit_scale, text.synonym_class, text.num_classes
-        )
         valid = (masks_small > 0).flatten(2).any(-1) if inf.ensemble_on_valid_mask else None
-        ens = geometric_ensemble(raw.class_logits, out_vocab_logits, text.seen, inf.alpha, inf.beta, valid=valid)
-        return InferenceOutput(ens.log_probs, raw.mask_logits, out_vocab_logits, ens, raw)
+        cls = classify_embeddings(
+            raw.class_embeddings, pooled, classifier, text.synonym_class, text.num_classes, text.seen,
+            in_vocab_logit_scale=self.sem_seg_head.predictor.logit_scale,
+            out_vocab_logit_scale=self.backbone.logit_scale, alpha=inf.alpha, beta=inf.beta, valid=valid,
+        )
+        ens = cls.ensemble
+        if valid is None:
+            valid = torch.ones(pooled.shape[:-1], dtype=torch.bool, device=pooled.device)
+        return InferenceOutput(
+            ens.log_probs, raw.mask_logits, cls.out_vocab_logits, ens, raw,
+            in_vocab_embeddings=F.normalize(raw.class_embeddings.float(), dim=-1),
+            out_vocab_embeddings=F.normalize(pooled.float(), dim=-1),
+            valid=valid,
+        )
 
 
 def build_fcclip(config: ModelConfig, clip_pretrained: bool = False) -> FCCLIP:

@@ -43,6 +43,7 @@ __all__ = [
     "panoptic_inference",
     "rank_instances",
     "select_instance_candidates",
+    "segment_queries",
     "select_panoptic_queries",
     "semantic_inference",
 ]
@@ -117,10 +118,14 @@ class PanopticOutput:
         segments: one dict per segment, in id order: `id` (1, 2, ...), `class_index`, `is_thing` (bool), `score`
             (the query's class probability; for a stuff segment merged from several queries, the largest of
             theirs) and `area` (pixels of `id` in `segment_map`).
+        query_index: per segment (in the order of `segments`), the query it came from; for a stuff segment merged
+            from several queries, the one with the largest score (the first in query order on ties), whose score
+            is the segment's. Filled by :func:`finish_panoptic` / :func:`panoptic_inference`.
     """
 
     segment_map: Tensor
     segments: list[dict] = field(default_factory=list)
+    query_index: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -257,6 +262,17 @@ def merge_segments(
     return segment_of_query, segments
 
 
+def segment_queries(segment_of_query: Sequence[int], scores: Sequence[float], segments: list[dict]) -> list[int]:
+    """Per segment, the position (among the kept queries) of the query that represents it: the first query of the
+    segment whose score is the segment's score (for a stuff segment merged from several queries, the one with the
+    largest score, the first in query order on ties; otherwise its only query)."""
+    chosen: dict[int, int] = {}
+    for k, segment_id in enumerate(segment_of_query):
+        if segment_id and segment_id not in chosen and scores[k] == segments[segment_id - 1]["score"]:
+            chosen[segment_id] = k
+    return [chosen[s["id"]] for s in segments]
+
+
 def paint_segments(votes: PixelVotes, segment_of_query: Sequence[int], segments: list[dict]) -> PanopticOutput:
     """The (H, W) int32 segment map: a pixel gets its winner's segment where it is in the winner's mask.
 
@@ -286,10 +302,14 @@ def finish_panoptic(
     # one transfer for the loop (the loop is over kept queries only and needs no device syncs)
     stats = torch.stack([mask_area, original_area, mask_sum]).tolist()
     is_thing = torch.as_tensor(thing_mask).bool().flatten().tolist()
+    scores = queries.scores.tolist()
     segment_of_query, segments = merge_segments(
-        queries.classes.tolist(), queries.scores.tolist(), *stats, is_thing, overlap_threshold
+        queries.classes.tolist(), scores, *stats, is_thing, overlap_threshold
     )
-    return paint_segments(votes, segment_of_query, segments)
+    out = paint_segments(votes, segment_of_query, segments)
+    index = queries.index.tolist()
+    out.query_index = [index[k] for k in segment_queries(segment_of_query, scores, segments)]
+    return out
 
 
 def panoptic_inference(

@@ -47,7 +47,8 @@ CHUNK_VALUES = 8_000_000
 @dataclass
 class PanopticResult:
     segment_map: np.ndarray  # (H, W) int32, 0 = no segment
-    segments: list[dict]  # {id, label, category_id (the vocabulary's id), class_index, is_thing, score, area, bbox [x, y, w, h]}
+    segments: list[dict]  # {id, label, category_id (the vocabulary's id), class_index, is_thing, score, area, bbox [x, y, w, h],
+    # query_index (the query the segment came from; see fcclip.postprocess.PanopticOutput)}
 
 
 @dataclass
@@ -277,21 +278,26 @@ class Predictor:
                     scores=sem.cpu().numpy() if self.semantic_scores else None,
                 )
             if candidates is not None:
-                if inst_masks:
-                    masks, scores = torch.cat(inst_masks), torch.cat(inst_scores)
-                else:
-                    masks, scores = torch.zeros((0, h, w), dtype=torch.bool, device=device), torch.zeros(0, device=device)
-                position = inst_position.to(device)
-                inst = rank_instances(candidates, masks[position], scores[position])
-                classes = inst.classes.cpu().numpy()
-                pred.instances = InstanceResult(
-                    masks=inst.masks.cpu().numpy(),
-                    scores=inst.scores.float().cpu().numpy(),
-                    classes=classes,
-                    category_ids=self.category_ids[classes] if len(classes) else np.zeros(0, np.int64),
-                    labels=[self.vocabulary.labels[c] for c in classes],
-                )
+                pred.instances = self._instance_result(candidates, inst_masks, inst_scores, inst_position, (h, w), device)
             return pred
+
+    def _instance_result(self, candidates, masks: list, scores: list, position: torch.Tensor, size: tuple[int, int],
+                         device) -> InstanceResult:
+        """The top-k instances from the candidates' upsampled masks and mask scores, gathered chunk by chunk."""
+        if masks:
+            masks, scores = torch.cat(masks), torch.cat(scores)
+        else:
+            masks, scores = torch.zeros((0, *size), dtype=torch.bool, device=device), torch.zeros(0, device=device)
+        position = position.to(device)
+        inst = rank_instances(candidates, masks[position], scores[position])
+        classes = inst.classes.cpu().numpy()
+        return InstanceResult(
+            masks=inst.masks.cpu().numpy(),
+            scores=inst.scores.float().cpu().numpy(),
+            classes=classes,
+            category_ids=self.category_ids[classes] if len(classes) else np.zeros(0, np.int64),
+            labels=[self.vocabulary.labels[c] for c in classes],
+        )
 
     @staticmethod
     def _needed_queries(num_queries, semantic, panoptic, candidates, device) -> torch.Tensor:
@@ -322,7 +328,7 @@ class Predictor:
         segment_map = pan.segment_map.cpu().numpy().astype(np.int32)
         boxes = segment_bboxes(segment_map, [s["id"] for s in pan.segments])
         segments = []
-        for s, bbox in zip(pan.segments, boxes):
+        for s, bbox, query in zip(pan.segments, boxes, pan.query_index):
             c = int(s["class_index"])
             segments.append(
                 {
@@ -334,6 +340,7 @@ class Predictor:
                     "score": float(s["score"]),
                     "area": int(s["area"]),
                     "bbox": bbox,
+                    "query_index": int(query),
                 }
             )
         return PanopticResult(segment_map=segment_map, segments=segments)

@@ -101,11 +101,10 @@ def text_tower_digest(backbone) -> str:
     return backbone._text_digest
 
 
-def encode_vocabulary(
-    backbone, vocabulary: Vocabulary, *, templates=PROMPT_TEMPLATES, batch_size: int = 256
-) -> torch.Tensor:
-    """(S, D) one normalised, template-averaged embedding per synonym."""
-    prompts = [t.format(name) for names in vocabulary.synonyms for name in names for t in templates]
+def encode_names(backbone, names: list[str], *, templates=PROMPT_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) one embedding per name: each name in every template, CLIP-encoded, normalised, averaged over the
+    templates and normalised again (a class's synonym rows, or a free-text search query)."""
+    prompts = [t.format(name) for name in names for t in templates]
     device = backbone.clip_model.positional_embedding.device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -115,6 +114,14 @@ def encode_vocabulary(
     emb = emb / emb.norm(dim=-1, keepdim=True)
     emb = emb.reshape(-1, len(templates), emb.shape[-1]).mean(1)
     return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def encode_vocabulary(
+    backbone, vocabulary: Vocabulary, *, templates=PROMPT_TEMPLATES, batch_size: int = 256
+) -> torch.Tensor:
+    """(S, D) one normalised, template-averaged embedding per synonym."""
+    names = [name for names in vocabulary.synonyms for name in names]
+    return encode_names(backbone, names, templates=templates, batch_size=batch_size)
 
 
 class TextClassifierCache:

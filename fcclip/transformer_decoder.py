@@ -25,6 +25,8 @@ class DecoderOutput:
     mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
     aux: list[tuple[torch.Tensor, torch.Tensor]]  # (class_logits, mask_logits) of the earlier heads, first to last
     # (empty when the decoder ran with aux=False)
+    class_embeddings: torch.Tensor | None = None  # (B, Q, D) the last head's class embeddings (not normalised), which
+    # class_logits compares with the text classifier
 
 
 class SelfAttentionLayer(nn.Module):
@@ -174,8 +176,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             return self._attention_mask(out, small_features[size])
 
         predictions = []
+        class_embed = None
         if aux:
-            class_logits, mask_logits, attn_mask = heads(output, sizes[0])
+            class_logits, mask_logits, attn_mask, class_embed = heads(output, sizes[0])
             predictions.append((class_logits, mask_logits))
         else:
             attn_mask = attention_mask_only(output, sizes[0])
@@ -189,11 +192,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_ffn_layers[i](output)
             next_size = sizes[(i + 1) % self.num_feature_levels]
             if aux or i == self.num_layers - 1:
-                class_logits, mask_logits, attn_mask = heads(output, next_size)
+                class_logits, mask_logits, attn_mask, class_embed = heads(output, next_size)
                 predictions.append((class_logits, mask_logits))
             else:
                 attn_mask = attention_mask_only(output, next_size)
-        return DecoderOutput(class_logits=predictions[-1][0], mask_logits=predictions[-1][1], aux=predictions[:-1])
+        return DecoderOutput(
+            class_logits=predictions[-1][0], mask_logits=predictions[-1][1], aux=predictions[:-1],
+            class_embeddings=class_embed,
+        )
 
     def _attention_mask(self, output, small_mask_features):
         """(B, Q, h*w) True = blocked: the head's mask at the attention resolution, from resized mask features."""
@@ -211,4 +217,4 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         attn = F.interpolate(mask_logits, size=attn_size, mode="bilinear", align_corners=False)
         # True = blocked: outside the predicted mask (sigmoid < 0.5)
         attn_mask = (attn.sigmoid().flatten(2) < 0.5).detach()  # (B, Q, hw)
-        return class_logits, mask_logits, attn_mask
+        return class_logits, mask_logits, attn_mask, class_embed

@@ -1,7 +1,8 @@
 """The ``fcclip`` command: one subcommand per module.
 
     fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
-    fcclip label SOURCE --out DEST --vocab VOCAB [...]
+    fcclip label SOURCE --out DEST --vocab VOCAB [--embeddings] [...]
+    fcclip relabel DEST --vocab NEW --out DEST2 | fcclip search DEST TEXT | fcclip embed-text TEXT
     fcclip train --config NAME_OR_YAML --data ROOT --storage URI [...]
     fcclip eval | show | export | submit | metrics | synth ...
     fcclip models | fcclip vocabularies
@@ -44,6 +45,11 @@ COMMANDS: dict[str, Command] = {
                     "overlays", ("pyarrow", "duckdb")),
     "export": Command("pipelines.export", "a labeling output as COCO panoptic / instances / semantic files",
                       ("pyarrow",)),
+    "relabel": Command("pipelines.relabel", "a labeling output under a new vocabulary, from its stored embeddings",
+                       RAY_EXTRA),
+    "search": Command("pipelines.search", "segments of a labeling output ranked by similarity to a text",
+                      ("pyarrow",)),
+    "embed-text": Command("pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
     "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
     "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
     "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),

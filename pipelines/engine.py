@@ -29,7 +29,7 @@ import ray
 
 from . import runtime
 from .sink import Destination, commit_shard, write_fragment
-from .stages import ReadDecode, encode_rows, label_images
+from .stages import ReadDecode, describe_model, encode_rows, label_images
 
 logger = logging.getLogger("fcclip.label")
 
@@ -105,6 +105,7 @@ class EngineResult:
     model_ids: set = field(default_factory=set)
     actor_images: int = 0
     actor_outside_s: float = 0.0
+    model_metadata: dict | None = None  # the model stage's run_metadata (asked of the first actor, with describe)
 
 
 class LabelEngine:
@@ -112,7 +113,8 @@ class LabelEngine:
 
     def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, reader: ReadDecode, model_stage, *,
                  actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float, cpus_per_actor: float,
-                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None):
+                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None,
+                 describe: bool = False):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -127,6 +129,7 @@ class LabelEngine:
         self.constants = constants
         self.file_metadata = file_metadata
         self.progress = progress
+        self.describe = describe  # ask the first ready actor for its model's run metadata, add it to the files'
         self.result = EngineResult()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_decoding = cpus + 1
@@ -145,185 +148,219 @@ class LabelEngine:
 
     # ------------------------------------------------------------------ the loop
     def run(self, pending: list[int]) -> EngineResult:
-        res = self.result
-        queue: collections.deque[Chunk] = collections.deque()
-        shards = collections.deque(pending)
-        open_shards: dict[int, dict] = {}  # shard -> {"fragments": [names], "covered": rows written so far}
-        decoding: dict = {}  # meta ref -> chunk
-        decoded: collections.deque[Chunk] = collections.deque()
-        writing: dict = {}  # ref -> chunk
-        committing: dict = {}  # ref -> (shard, attempts)
-        actors = [self._new_actor() for _ in range(self.actors_range[1])]
-        startup_failures = 0
-
-        def refill():
-            # schedule shards' chunks as capacity frees up: at most a few shards open at a time
-            while shards and len(queue) < 8:
-                shard = shards.popleft()
-                uris = self.uris_of(shard)
-                open_shards[shard] = {"fragments": [], "covered": 0}
-                for start in range(0, len(uris), self.chunk_size):
-                    rows = list(range(start, min(start + self.chunk_size, len(uris))))
-                    queue.append(Chunk(shard, rows, uris[rows[0] : rows[-1] + 1]))
-
-        def fail(chunk: Chunk, reason: str):
-            """A chunk that could not be labelled: its images one at a time, or an error row for a single image."""
-            if len(chunk.rows) > 1:
-                res.recovered += len(chunk.rows)
-                for row, uri in zip(reversed(chunk.rows), reversed(chunk.uris)):
-                    queue.appendleft(Chunk(chunk.shard, [row], [uri], isolated=True))
-                return
-            ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, None,
-                                       self.constants, errors=[reason])
-            writing[ref] = chunk
-
-        while shards or queue or decoding or decoded or writing or committing or any(a.calls for a in actors):
-            refill()
-            # decoded chunks wait in the object store for a model call: enough to keep every actor busy, no more
-            while queue and len(decoding) < self.max_decoding and len(decoding) + len(decoded) < 4 * len(actors):
-                chunk = queue.popleft()
-                meta_ref, images_ref = self.decode_fn.remote(self.reader_ref, chunk.uris)
-                chunk.images = images_ref
-                decoding[meta_ref] = chunk
-            now = time.monotonic()
-            for actor in actors:
-                while actor.ready and decoded and len(actor.calls) < 2:
-                    chunk = decoded.popleft()
-                    info_ref, labelled_ref = actor.handle.run.options(num_returns=2).remote(
-                        _label_chunk, self.batch_size, chunk.meta, chunk.images)
-                    batches = -(-len(chunk.rows) // self.batch_size)
-                    if not actor.calls:
-                        actor.head_since = now
-                    actor.calls.append((chunk, info_ref, labelled_ref, batches))
-
-            waiting = list(decoding) + list(writing) + list(committing)
-            waiting += [a.ready_ref for a in actors if not a.ready]
-            waiting += [a.calls[0][1] for a in actors if a.calls]
-            if not waiting:  # nothing can move (no actor at all): should not happen, but never spin
-                time.sleep(0.1)
+        """Label the ``pending`` shards: every row of each ends in its committed part file (ok or error row)."""
+        self.queue: collections.deque[Chunk] = collections.deque()  # to decode
+        self.shards = collections.deque(pending)  # not yet split into chunks
+        self.open_shards: dict[int, dict] = {}  # shard -> {"fragments": [names], "covered": rows written so far}
+        self.decoding: dict = {}  # meta ref -> chunk
+        self.decoded: collections.deque[Chunk] = collections.deque()  # waiting for a model call
+        self.writing: dict = {}  # ref -> chunk
+        self.committing: dict = {}  # ref -> (shard, attempts)
+        self.actors = [self._new_actor() for _ in range(self.actors_range[1])]
+        self.startup_failures = 0
+        while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
+               or any(a.calls for a in self.actors)):
+            self._refill()
+            self._submit_decodes()
+            self._submit_model_calls()
+            ready = self._wait()
+            if ready is None:
                 continue
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5, fetch_local=False)
-            if ready:
-                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)
-            ready = set(ready)
             now = time.monotonic()
-
-            for i, actor in enumerate(actors):
-                if not actor.ready and actor.ready_ref in ready:
-                    try:
-                        res.model_ids.add(ray.get(actor.ready_ref))
-                        actor.ready = True
-                    except ray.exceptions.RayActorError as e:
-                        startup_failures += 1
-                        if startup_failures > RETRIES + len(actors):
-                            raise LabelError(f"the model actor could not start: {_short(e)}") from None
-                        logger.warning("a model actor failed to start (%s); starting another", _short(e))
-                        actors[i] = self._new_actor()
-                    continue
-                if not actor.calls:
-                    continue
-                chunk, info_ref, labelled_ref, batches = actor.calls[0]
-                if info_ref in ready:
-                    actor.calls.popleft()
-                    actor.head_since = now
-                    try:
-                        info = ray.get(info_ref)
-                    except ray.exceptions.RayActorError as e:
-                        logger.warning("a model actor died (%s); replacing it", _short(e))
-                        requeue = [c for c, *_ in actor.calls]
-                        actors[i] = self._replace(actor)
-                        for c in [chunk, *requeue]:
-                            c.attempts += 1
-                            if c.attempts > RETRIES:
-                                fail(c, f"model actor crashed or was killed ({c.attempts} attempts)")
-                            else:
-                                queue.appendleft(c)  # decoded again: its images may have died with a node
-                        continue
-                    except Exception as e:  # its input was lost (a node removed): decode again
-                        chunk.attempts += 1
-                        if chunk.attempts > RETRIES:
-                            fail(chunk, f"model stage failed: {_short(e)}")
-                        else:
-                            queue.appendleft(chunk)
-                        continue
-                    res.actor_images += len(chunk.rows)
-                    res.actor_outside_s += info["total_s"] - info["model_s"]
-                    ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta,
-                                               labelled_ref, self.constants)
-                    chunk.images = None
-                    writing[ref] = chunk
-                elif self.batch_timeout and now - actor.head_since > self.batch_timeout * batches:
-                    limit = self.batch_timeout * batches
-                    logger.warning("a model call ran past %.0f s; replacing its actor, its images go one by one", limit)
-                    requeue = [c for c, *_ in list(actor.calls)[1:]]
-                    actor.calls.clear()
-                    actors[i] = self._replace(actor)
-                    fail(chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
-                    for c in reversed(requeue):
-                        decoded.appendleft(c)
-
-            for ref in [r for r in decoding if r in ready]:
-                chunk = decoding.pop(ref)
-                try:
-                    chunk.meta = ray.get(ref)
-                except Exception as e:  # the task's worker kept dying (after Ray's retries)
-                    chunk.images = None
-                    fail(chunk, f"worker crashed or was killed while processing this image ({RETRIES + 1} attempts "
-                                f"in isolation): {_short(e)}")
-                    continue
-                if not any(not err for err in chunk.meta["error"]):
-                    ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, None,
-                                               self.constants)
-                    chunk.images = None
-                    writing[ref] = chunk
-                else:
-                    decoded.append(chunk)
-
-            for ref in [r for r in writing if r in ready]:
-                chunk = writing.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except Exception as e:
-                    fail(chunk, f"worker crashed or was killed while processing this image ({RETRIES + 1} attempts "
-                                f"in isolation): {_short(e)}")
-                    continue
-                if res.first_rows_at is None:
-                    res.first_rows_at = time.time()
-                res.ok += info["ok"]
-                res.failed += info["failed"]
-                res.segments += info["segments"]
-                for reason, n in info["errors"].items():
-                    res.errors[reason] = res.errors.get(reason, 0) + n
-                if self.progress is not None:
-                    self.progress.labelled(info["ok"], info["failed"])
-                state = open_shards[chunk.shard]
-                state["fragments"].append(info["fragment"])
-                state["covered"] += len(chunk.rows)
-                if state["covered"] == self.sizes[chunk.shard]:
-                    ref = self.commit_fn.remote(self.dest.uri, chunk.shard, state["fragments"], self.sizes[chunk.shard],
-                                                self.file_metadata)
-                    committing[ref] = (chunk.shard, 0)
-
-            for ref in [r for r in committing if r in ready]:
-                shard, attempts = committing.pop(ref)
-                try:
-                    ray.get(ref)
-                except Exception as e:
-                    if attempts >= RETRIES:
-                        raise LabelError(f"shard {shard} could not be committed: {_short(e)}") from None
-                    state = open_shards[shard]
-                    ref = self.commit_fn.remote(self.dest.uri, shard, state["fragments"], self.sizes[shard],
-                                                self.file_metadata)
-                    committing[ref] = (shard, attempts + 1)
-                    continue
-                del open_shards[shard]
-                res.committed.append(shard)
-                if self.progress is not None:
-                    self.progress.committed()
-
-        for actor in actors:
+            for i in range(len(self.actors)):
+                self._on_actor(i, ready, now)
+            self._on_decoded(ready)
+            self._on_written(ready)
+            self._on_committed(ready)
+        for actor in self.actors:
             ray.kill(actor.handle, no_restart=True)
-        return res
+        return self.result
+
+    def _refill(self) -> None:
+        """Split shards into chunks as capacity frees up: at most a few shards open at a time."""
+        while self.shards and len(self.queue) < 8:
+            shard = self.shards.popleft()
+            uris = self.uris_of(shard)
+            self.open_shards[shard] = {"fragments": [], "covered": 0}
+            for start in range(0, len(uris), self.chunk_size):
+                rows = list(range(start, min(start + self.chunk_size, len(uris))))
+                self.queue.append(Chunk(shard, rows, uris[rows[0] : rows[-1] + 1]))
+
+    def _fail(self, chunk: Chunk, reason: str) -> None:
+        """A chunk that could not be labelled: its images one at a time, or an error row for a single image."""
+        if len(chunk.rows) > 1:
+            self.result.recovered += len(chunk.rows)
+            for row, uri in zip(reversed(chunk.rows), reversed(chunk.uris)):
+                self.queue.appendleft(Chunk(chunk.shard, [row], [uri], isolated=True))
+            return
+        self._write(chunk, None, errors=[reason])
+
+    def _write(self, chunk: Chunk, labelled_ref, errors: list[str] | None = None) -> None:
+        ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labelled_ref,
+                                   self.constants, errors=errors)
+        chunk.images = None
+        self.writing[ref] = chunk
+
+    def _submit_decodes(self) -> None:
+        # decoded chunks wait in the object store for a model call: enough to keep every actor busy, no more
+        while (self.queue and len(self.decoding) < self.max_decoding
+               and len(self.decoding) + len(self.decoded) < 4 * len(self.actors)):
+            chunk = self.queue.popleft()
+            meta_ref, images_ref = self.decode_fn.remote(self.reader_ref, chunk.uris)
+            chunk.images = images_ref
+            self.decoding[meta_ref] = chunk
+
+    def _submit_model_calls(self) -> None:
+        now = time.monotonic()
+        for actor in self.actors:
+            while actor.ready and self.decoded and len(actor.calls) < 2:
+                chunk = self.decoded.popleft()
+                info_ref, labelled_ref = actor.handle.run.options(num_returns=2).remote(
+                    _label_chunk, self.batch_size, chunk.meta, chunk.images)
+                batches = -(-len(chunk.rows) // self.batch_size)
+                if not actor.calls:
+                    actor.head_since = now
+                actor.calls.append((chunk, info_ref, labelled_ref, batches))
+
+    def _wait(self) -> set | None:
+        """The references that are done (at least one within half a second), or None when nothing can move."""
+        waiting = list(self.decoding) + list(self.writing) + list(self.committing)
+        waiting += [a.ready_ref for a in self.actors if not a.ready]
+        waiting += [a.calls[0][1] for a in self.actors if a.calls]
+        if not waiting:  # nothing can move (no actor at all): should not happen, but never spin
+            time.sleep(0.1)
+            return None
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5, fetch_local=False)
+        if ready:
+            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)
+        return set(ready)
+
+    def _on_actor(self, i: int, ready: set, now: float) -> None:
+        """Actor ``i``: started (or failed to), its oldest call done (or died, or ran past the time limit)."""
+        actor = self.actors[i]
+        if not actor.ready:
+            if actor.ready_ref in ready:
+                self._on_started(i)
+            return
+        if not actor.calls:
+            return
+        chunk, info_ref, labelled_ref, batches = actor.calls[0]
+        if info_ref in ready:
+            actor.calls.popleft()
+            actor.head_since = now
+            try:
+                info = ray.get(info_ref)
+            except ray.exceptions.RayActorError as e:
+                logger.warning("a model actor died (%s); replacing it", _short(e))
+                requeue = [c for c, *_ in actor.calls]
+                self.actors[i] = self._replace(actor)
+                for c in [chunk, *requeue]:
+                    self._retry(c, "model actor crashed or was killed", count_attempts=True)
+                return
+            except Exception as e:  # its input was lost (a node removed): decode again
+                self._retry(chunk, f"model stage failed: {_short(e)}")
+                return
+            self.result.actor_images += len(chunk.rows)
+            self.result.actor_outside_s += info["total_s"] - info["model_s"]
+            self._write(chunk, labelled_ref)
+        elif self.batch_timeout and now - actor.head_since > self.batch_timeout * batches:
+            limit = self.batch_timeout * batches
+            logger.warning("a model call ran past %.0f s; replacing its actor, its images go one by one", limit)
+            requeue = [c for c, *_ in list(actor.calls)[1:]]
+            actor.calls.clear()
+            self.actors[i] = self._replace(actor)
+            self._fail(chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
+            for c in reversed(requeue):
+                self.decoded.appendleft(c)
+
+    def _on_started(self, i: int) -> None:
+        actor = self.actors[i]
+        try:
+            self.result.model_ids.add(ray.get(actor.ready_ref))
+            if self.describe and self.result.model_metadata is None:
+                # before any chunk goes to an actor, so before any shard is committed
+                _, meta_ref = actor.handle.run.options(num_returns=2).remote(describe_model)
+                self.result.model_metadata = ray.get(meta_ref)
+                self.file_metadata = {**self.file_metadata, **self.result.model_metadata}
+            actor.ready = True
+        except ray.exceptions.RayActorError as e:
+            self.startup_failures += 1
+            if self.startup_failures > RETRIES + len(self.actors):
+                raise LabelError(f"the model actor could not start: {_short(e)}") from None
+            logger.warning("a model actor failed to start (%s); starting another", _short(e))
+            self.actors[i] = self._new_actor()
+
+    def _retry(self, chunk: Chunk, reason: str, count_attempts: bool = False) -> None:
+        """Run a chunk whose model call was lost again (decoded again: its images may have died with a node), at
+        most RETRIES times; then `_fail` it with ``reason`` (and the number of attempts)."""
+        chunk.attempts += 1
+        if chunk.attempts > RETRIES:
+            self._fail(chunk, f"{reason} ({chunk.attempts} attempts)" if count_attempts else reason)
+        else:
+            self.queue.appendleft(chunk)
+
+    def _on_decoded(self, ready: set) -> None:
+        for ref in [r for r in self.decoding if r in ready]:
+            chunk = self.decoding.pop(ref)
+            try:
+                chunk.meta = ray.get(ref)
+            except Exception as e:  # the task's worker kept dying (after Ray's retries)
+                chunk.images = None
+                self._fail(chunk, _crashed(e))
+                continue
+            if not any(not err for err in chunk.meta["error"]):
+                self._write(chunk, None)  # every image failed to decode: error rows, no model call
+            else:
+                self.decoded.append(chunk)
+
+    def _on_written(self, ready: set) -> None:
+        res = self.result
+        for ref in [r for r in self.writing if r in ready]:
+            chunk = self.writing.pop(ref)
+            try:
+                info = ray.get(ref)
+            except Exception as e:
+                self._fail(chunk, _crashed(e))
+                continue
+            if res.first_rows_at is None:
+                res.first_rows_at = time.time()
+            res.ok += info["ok"]
+            res.failed += info["failed"]
+            res.segments += info["segments"]
+            for reason, n in info["errors"].items():
+                res.errors[reason] = res.errors.get(reason, 0) + n
+            if self.progress is not None:
+                self.progress.labelled(info["ok"], info["failed"])
+            state = self.open_shards[chunk.shard]
+            state["fragments"].append(info["fragment"])
+            state["covered"] += len(chunk.rows)
+            if state["covered"] == self.sizes[chunk.shard]:
+                self._commit(chunk.shard, 0)
+
+    def _commit(self, shard: int, attempts: int) -> None:
+        ref = self.commit_fn.remote(self.dest.uri, shard, self.open_shards[shard]["fragments"], self.sizes[shard],
+                                    self.file_metadata)
+        self.committing[ref] = (shard, attempts)
+
+    def _on_committed(self, ready: set) -> None:
+        for ref in [r for r in self.committing if r in ready]:
+            shard, attempts = self.committing.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as e:
+                if attempts >= RETRIES:
+                    raise LabelError(f"shard {shard} could not be committed: {_short(e)}") from None
+                self._commit(shard, attempts + 1)
+                continue
+            del self.open_shards[shard]
+            self.result.committed.append(shard)
+            if self.progress is not None:
+                self.progress.committed()
+
+
+def _crashed(e: BaseException) -> str:
+    return (f"worker crashed or was killed while processing this image ({RETRIES + 1} attempts in isolation): "
+            f"{_short(e)}")
 
 
 def _short(e: BaseException) -> str:

@@ -30,7 +30,6 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
 import ray.data as ray_data
 from ray.data.expressions import col
 
@@ -168,6 +167,41 @@ def label_categories(vocabulary: Vocabulary) -> list[dict]:
     return [{"id": c.id, "isthing": c.is_thing, "name": c.names[0]} for c in vocabulary.categories]
 
 
+
+def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool) -> float:
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray; the GPUs per model actor (1 where the cluster has GPUs)."""
+    runtime.init_ray(address, num_cpus, verbose=True)
+    ray_data.DataContext.get_current().enable_progress_bars = progress
+    return runtime.gpus_per_actor(gpus_per_actor)
+
+
+def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str, actors: tuple[int, int],
+                gpus_per_actor: float):
+    """``ds`` through a pool of ``model_class(*args)`` actors, each holding one model."""
+    return ds.map_batches(
+        model_class,
+        fn_constructor_args=args,
+        batch_size=batch_size,
+        batch_format=batch_format,
+        compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_gpus=gpus_per_actor,
+        num_cpus=1,
+    )
+
+
+def _summary(dataset: str, model: str, weights: str, count: int, errors: list, seconds: float) -> dict:
+    return {
+        "dataset": dataset,
+        "model": model,
+        "weights": weights,
+        "images": count,
+        "failed": len(errors),
+        "errors": errors[:100],
+        "seconds": seconds,
+        "images_per_s": count / seconds if seconds else 0.0,
+    }
+
+
 def run_eval_labels(
     model: str, weights: str, dest: str, *, batch_size: int = 2, actors: tuple[int, int] = (1, 1),
     gpus_per_actor: float | None = None, address: str | None = None, short_edge: int | None = None,
@@ -177,24 +211,14 @@ def run_eval_labels(
     model's test size, 0 for each image's own size."""
     output = open_output(dest)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
-    ray_data.DataContext.get_current().enable_progress_bars = progress
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress)
     started = time.time()
     ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)))
           .select_columns(["uri", "image_id", "status", "segments"])  # both pushed into the Parquet scan
           .filter(expr=col("status") == "ok"))
-    ds = ds.map_batches(
-        LabelsEvalModel,
-        fn_constructor_args=(model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu", short_edge,
-                             max_size, min_score),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
-        num_gpus=gpus_per_actor,
-        num_cpus=1,
-    )
+    ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu",
+                                           short_edge, max_size, min_score),
+                     batch_size, "pyarrow", actors, gpus_per_actor)
     total = PanopticAccumulator(label_categories(vocabulary))
     errors, count = [], 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -204,14 +228,7 @@ def run_eval_labels(
             count += int(c)
     seconds = time.time() - started
     return {
-        "dataset": dest,
-        "model": model,
-        "weights": weights,
-        "images": count,
-        "failed": len(errors),
-        "errors": errors[:100],
-        "seconds": seconds,
-        "images_per_s": count / seconds if seconds else 0.0,
+        **_summary(dest, model, weights, count, errors, seconds),
         "min_score": min_score,
         **jsonable({"panoptic": total.result()}),
     }
@@ -224,22 +241,13 @@ def run_eval(
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
-    ray_data.DataContext.get_current().enable_progress_bars = progress
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress)
     started = time.time()
     items = [{"image_id": r.image_id} for r in records]
     ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.map_batches(
-        EvalModel,
-        fn_constructor_args=(model, weights, dataset, root, "cuda" if gpus_per_actor else "cpu", short_edge, max_size),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
-        num_gpus=gpus_per_actor,
-        num_cpus=1,
-    )
+    ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "cuda" if gpus_per_actor else "cpu", short_edge,
+                                     max_size),
+                     batch_size, "numpy", actors, gpus_per_actor)
     states, errors, count = [], [], 0
     first = None
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -252,14 +260,7 @@ def run_eval(
     seconds = time.time() - started
     results = {k: v.result() for k, v in total.items()}
     return {
-        "dataset": dataset,
-        "model": model,
-        "weights": weights,
-        "images": count,
-        "failed": len(errors),
-        "errors": errors[:100],
-        "seconds": seconds,
-        "images_per_s": count / seconds if seconds else 0.0,
+        **_summary(dataset, model, weights, count, errors, seconds),
         "test_size": [short_edge or ds_reader.spec.short_edge, max_size or ds_reader.spec.max_size],
         **jsonable(results),
     }

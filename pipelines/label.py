@@ -3,6 +3,7 @@
     fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
                  [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
                  [--decode-timeout SECONDS] [--batch-timeout SECONDS] [--overwrite] [--max-failed-fraction F]
+                 [--embeddings]
 
 The job, in order:
 1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
@@ -20,6 +21,10 @@ The job, in order:
    actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
+4. With ``--embeddings``, each row also holds its segments' query embeddings (pipelines.sink.EMBEDDING_COLUMNS), and
+   the first model actor to start is asked for the model's ``EmbeddingSpace`` (stages.describe_model), which goes
+   into every part file's metadata (``fcclip.embeddings``) and run.json: what ``fcclip relabel`` and ``fcclip
+   search`` need beyond the text.
 """
 from __future__ import annotations
 
@@ -32,7 +37,16 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fcclip.config import ConfigError, load_config
+from fcclip.images import DEFAULT_MAX_PIXELS
+from fcclip.vocabulary import VocabularyError, load_vocabulary
+
 from . import runtime
+from .engine import LabelEngine, LabelError
+from .progress import JobProgress
+from .sink import PART_RE, Destination, new_run_id
+from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
+from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
 logger = logging.getLogger("fcclip.label")
 
@@ -61,6 +75,7 @@ class LabelConfig:
     decode_timeout: float = 120.0  # seconds to read and decode one image; then an error row (see stages._time_limit)
     autocast: str | None = None
     num_cpus: int | None = None  # for a local Ray started by the job
+    embeddings: bool = False  # store each segment's query embeddings (fcclip relabel, fcclip search)
 
 
 @dataclass
@@ -97,6 +112,7 @@ def _settings(cfg: LabelConfig, model_config, vocabulary) -> dict:
         "max_size": cfg.max_size if cfg.max_size is not None else inf.max_size,
         "shard_size": cfg.shard_size,
         "source": cfg.source,
+        **({"embeddings": True} if cfg.embeddings else {}),  # absent when off: earlier runs' settings still match
     }
 
 
@@ -124,6 +140,45 @@ def _describe(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def reopen_run(dest, settings: dict, overwrite: bool = False) -> dict | None:
+    """The run in DEST to resume (its run.json), or None when a new one is to start there (DEST cleared of an
+    earlier run's files where that is allowed). The rules of :func:`prepare_run`, shared with ``fcclip relabel``.
+
+    Raises DestinationError (foreign files, without ``overwrite``) or RunMismatch (other settings, committed shards).
+    """
+
+    survey = dest.survey()
+    if survey.foreign and survey.run is None:  # once a run is there (resumed), files put beside it are not checked
+        collisions = [n for n in survey.foreign if PART_RE.fullmatch(n)]
+        if collisions:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write with the names of its output ({_describe(collisions)}); "
+                "they were left untouched. Write into another --out, or move them away"
+            )
+        if not overwrite:
+            raise DestinationError(
+                f"{dest.uri} holds files fcclip did not write ({_describe(survey.foreign)}); nothing was read or "
+                "changed. Use an empty or new --out (readers of DEST/*.parquet would mix them with the labels), "
+                "or --overwrite to write beside them"
+            )
+    run = survey.run
+    if run is not None:
+        differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
+        if overwrite or differ or not run.get("manifest_complete"):
+            if differ and survey.parts and not overwrite:
+                detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                raise RunMismatch(
+                    f"{dest.uri} holds a run with other settings ({detail}) and {len(survey.parts)} "
+                    "committed shard(s); use another --out, or --overwrite to replace that run"
+                )
+            if differ and not overwrite:
+                logger.info("%s holds an earlier run's settings but none of its shards: starting over", dest.uri)
+            dest.remove_own_files(survey)
+        else:
+            return run
+    return None
+
+
 def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: bool = False, on_listed=None) -> dict:
     """Create or reopen the run in DEST (manifest, then settings). Returns run.json's content.
 
@@ -137,40 +192,11 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
 
     ``on_listed(n)`` is called as URIs are listed (progress).
     """
-    from .sink import PART_RE, new_run_id
-    from .sources import IMAGE_EXTENSIONS, write_manifest
 
-    survey = dest.survey()
-    if survey.foreign and survey.run is None:  # once a run is there (resumed), files put beside it are not checked
-        collisions = [n for n in survey.foreign if PART_RE.fullmatch(n)]
-        if collisions:
-            raise DestinationError(
-                f"{dest.uri} holds files fcclip did not write with the names of its output ({_describe(collisions)}); "
-                "they were left untouched. Label into another --out, or move them away"
-            )
-        if not overwrite:
-            raise DestinationError(
-                f"{dest.uri} holds files fcclip did not write ({_describe(survey.foreign)}); nothing was read or "
-                "changed. Use an empty or new --out (readers of DEST/*.parquet would mix them with the labels), "
-                "or --overwrite to write beside them"
-            )
     settings = _settings(cfg, model_config, vocabulary)
-    run = survey.run
+    run = reopen_run(dest, settings, overwrite)
     if run is not None:
-        differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
-        if overwrite or differ or not run.get("manifest_complete"):
-            if differ and survey.parts and not overwrite:
-                detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-                raise RunMismatch(
-                    f"{dest.uri} holds a labeling run with other settings ({detail}) and {len(survey.parts)} "
-                    "committed shard(s); use another --out, or --overwrite to replace that run"
-                )
-            if differ and not overwrite:
-                logger.info("%s holds an earlier run's settings but none of its shards: starting over", dest.uri)
-            dest.remove_own_files(survey)
-            run = None
-        else:
-            return run
+        return run
     t = time.time()
     dest.clear_manifest()  # shards of an earlier listing that did not finish
     summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
@@ -200,7 +226,6 @@ def run_label(
     stages.FCCLIPSegmenter for its interface); default FC-CLIP as ``cfg`` says. ``reader``: URI -> bytes, called in
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
-    from .progress import JobProgress
 
     bars = JobProgress(enabled=progress)
     try:
@@ -213,16 +238,6 @@ def run_label(
 
 
 def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_stage, reader) -> LabelSummary:
-    from fcclip.config import load_config
-    from fcclip.vocabulary import load_vocabulary
-
-    from fcclip.images import DEFAULT_MAX_PIXELS
-
-    from .engine import LabelEngine
-    from .sink import Destination
-    from .sources import read_manifest_shard
-    from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
-
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
@@ -248,7 +263,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_sta
         gpus = runtime.gpus_per_actor(cfg.gpus_per_actor)
         spec = ModelSpec(
             model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
-            device=runtime.device_for(gpus), autocast=cfg.autocast,
+            device=runtime.device_for(gpus), autocast=cfg.autocast, embeddings=cfg.embeddings,
         )
         file_metadata = {
             "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
@@ -258,6 +273,10 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_sta
             "vocabulary": f"{vocabulary.name}@{vocabulary.digest[:16]}", "run_id": run["run_id"],
             "model": f"{model_config.name}@{cfg.weights}",
         }
+        if cfg.embeddings:
+            from fcclip.backbone import clip_embed_dim
+
+            constants["embedding_dim"] = clip_embed_dim(model_config.clip)
         inf = model_config.inference
         short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
         decode = ReadDecode(
@@ -270,12 +289,16 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_sta
             model_stage or FCCLIPSegmenter.factory(spec), actors=cfg.actors, batch_size=cfg.batch_size,
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
+            describe=cfg.embeddings,
         )
         bars.labelling_started(sum(sizes[s] for s in pending), len(pending), len(done))
         result = engine.run(pending)
     finally:
         runtime.shutdown_ray(started_ray)
     dest.remove_fragments()
+    if result.model_metadata and "embeddings" not in run:
+        run["embeddings"] = result.model_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
+        dest.write_run(run)
     summary.images = result.ok + result.failed
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
     summary.errors = result.errors
@@ -343,23 +366,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also Ray's own warnings and log lines (as `fcclip -v label`)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
 
 def main_args(args: argparse.Namespace, model_stage=None, reader=None) -> int:
     """The subcommand; ``model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
-    from fcclip.config import ConfigError
-    from fcclip.vocabulary import VocabularyError
-
-    from .engine import LabelError
-    from .sources import SourceError
-
     cfg = LabelConfig(
         source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
-        batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size,
+        batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size, embeddings=args.embeddings,
     )
     try:
         summary = run_label(

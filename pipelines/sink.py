@@ -76,6 +76,27 @@ SCHEMA = pa.schema(
 )
 
 
+EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
+"""The columns ``fcclip label --embeddings`` adds, each a list parallel to ``segments`` (one item per segment)."""
+
+
+def embedding_fields(dim: int) -> list[pa.Field]:
+    """The embedding columns for D = ``dim``: per segment its query, the decoder's class embedding (``embedding_in``)
+    and the mask-pooled CLIP embedding (``embedding_out``), both L2-normalised, float16, fixed size D; and ``valid``."""
+    vector = pa.list_(pa.float16(), dim)
+    return [
+        pa.field("query_index", pa.list_(pa.int32())),
+        pa.field("embedding_in", pa.list_(vector)),
+        pa.field("embedding_out", pa.list_(vector)),
+        pa.field("embedding_valid", pa.list_(pa.bool_())),
+    ]
+
+
+def output_schema(embedding_dim: int | None = None) -> pa.Schema:
+    """SCHEMA, plus the embedding columns when ``embedding_dim`` is given."""
+    return pa.schema(list(SCHEMA) + embedding_fields(embedding_dim)) if embedding_dim else SCHEMA
+
+
 def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
 
@@ -294,8 +315,7 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     if got != list(range(expected_rows)):
         missing = sorted(set(range(expected_rows)) - set(got))
         raise RuntimeError(f"shard {shard}: the fragments do not cover its rows (missing {missing[:10]})")
-    table = table.drop_columns(["row"])
-    dest.write_bytes(part_name(shard), encode_table(table, file_metadata))
+    write_part(dest, shard, table.drop_columns(["row"]), file_metadata)
     target = dest.path(fragment_dir(shard))
     fs = dest.fs
     try:
@@ -303,6 +323,11 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     except FileNotFoundError:
         pass
     return table.num_rows
+
+
+def write_part(dest: Destination, shard: int, table: pa.Table, file_metadata: dict[str, Any]) -> None:
+    """Write a shard's part file, atomically (the one way a part file comes into being; see the module docstring)."""
+    dest.write_bytes(part_name(shard), encode_table(table, file_metadata))
 
 
 def encode_table(table: pa.Table, file_metadata: dict[str, Any]) -> bytes:

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
+EMBEDDING_KEYS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
+"""With ``--embeddings``, what a model stage adds to each segment (see FCCLIPSegmenter)."""
 
 
 def image_id(uri: str) -> str:
@@ -149,6 +151,7 @@ class ModelSpec:
     min_score: float = 0.0
     device: str = "auto"
     autocast: str | None = None  # "bf16" / "fp16" on GPUs
+    embeddings: bool = False  # add each segment's query embeddings (fcclip label --embeddings)
 
 
 class FCCLIPSegmenter:
@@ -161,6 +164,12 @@ class FCCLIPSegmenter:
         images: resized RGB images, each (h, w, 3) uint8; sizes: each image's original (H, W).
         returns: per image (segment_map, segments): segment_map (H, W) integer segment ids (0 = none), segments
                  [{id, label, category_id, is_thing, score}] for the ids present in the map.
+
+    With ``spec.embeddings``, each segment also carries its query (``query_index``; for a stuff segment merged from
+    several queries, the one with the largest score, whose score is the segment's) and that query's two embeddings,
+    L2-normalised, as (D,) float16 arrays (``embedding_in``: the decoder's class embedding; ``embedding_out``: the
+    mask-pooled CLIP embedding) with ``embedding_valid``; ``run_metadata["embeddings"]`` is the model's
+    ``fcclip.reclassify.EmbeddingSpace``, which the run's metadata records.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -184,6 +193,12 @@ class FCCLIPSegmenter:
         )
         self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
+        self.embeddings = spec.embeddings
+        self.run_metadata = {}
+        if spec.embeddings:
+            from fcclip.reclassify import EmbeddingSpace
+
+            self.run_metadata["embeddings"] = EmbeddingSpace.from_model(self.model).to_dict()
 
     @classmethod
     def factory(cls, spec: ModelSpec):
@@ -194,20 +209,41 @@ class FCCLIPSegmenter:
         results = []
         for j, size in enumerate(sizes):
             pred = self.predictor.postprocess(out.class_logits[j], out.mask_logits[j], resized[j], padded, size)
-            seg_map = pred.panoptic.segment_map
+            segment_map = pred.panoptic.segment_map
             kept = [s for s in pred.panoptic.segments if s["score"] >= self.min_score and s["area"] > 0]
             if len(kept) < len(pred.panoptic.segments):
-                keep_ids = np.array([s["id"] for s in kept], dtype=seg_map.dtype)
-                seg_map = np.where(np.isin(seg_map, keep_ids), seg_map, 0)
-            results.append((_narrow(seg_map), [{k: s[k] for k in SEGMENT_KEYS} for s in kept]))
+                keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
+                segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
+            segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
+            if self.embeddings:
+                _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
+            results.append((_narrow(segment_map), segments))
         return results
 
 
-def _narrow(seg_map: np.ndarray) -> np.ndarray:
+def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> None:
+    """Attach to each segment its query's embeddings (float16, as stored) from the model's InferenceOutput."""
+    if not segments:
+        return
+    index = np.asarray(queries, dtype=np.int64)
+    emb_in = out.in_vocab_embeddings[j].float().cpu().numpy()[index].astype(np.float16)
+    emb_out = out.out_vocab_embeddings[j].float().cpu().numpy()[index].astype(np.float16)
+    valid = out.valid[j].cpu().numpy()[index]
+    for k, s in enumerate(segments):
+        s.update(query_index=int(index[k]), embedding_in=emb_in[k], embedding_out=emb_out[k],
+                 embedding_valid=bool(valid[k]))
+
+
+def describe_model(segmenter) -> dict:
+    """What a model stage adds to the run's metadata (``run_metadata``; stand-in stages have none)."""
+    return dict(getattr(segmenter, "run_metadata", None) or {})
+
+
+def _narrow(segment_map: np.ndarray) -> np.ndarray:
     """The smallest unsigned dtype that holds the ids (a uint8 map is a quarter of an int32 one to ship)."""
-    top = int(seg_map.max(initial=0))
+    top = int(segment_map.max(initial=0))
     dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32
-    return seg_map.astype(dtype, copy=False)
+    return segment_map.astype(dtype, copy=False)
 
 
 def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
@@ -229,9 +265,9 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
         t = time.perf_counter()
         out = segmenter([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
-        for i, (seg_map, segs) in zip(index, out):
-            maps[i] = _narrow(np.asarray(seg_map))
-            segments[i] = [{k: s[k] for k in SEGMENT_KEYS} for s in segs]
+        for i, (segment_map, segs) in zip(index, out):
+            maps[i] = _narrow(np.asarray(segment_map))
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_KEYS if k in s} for s in segs]
 
     for start in range(0, len(todo), max(1, batch_size)):
         batch = todo[start : start + max(1, batch_size)]
@@ -248,7 +284,7 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
     return {"maps": maps, "segments": segments, "error": errors, "model": segmenter.model_id, "model_s": model_s}
 
 
-def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
+def panoptic_columns(segment_map: np.ndarray, segments: list[dict]) -> dict:
     """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
 
     Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
@@ -258,10 +294,10 @@ def panoptic_columns(seg_map: np.ndarray, segments: list[dict]) -> dict:
     """
     from pycocotools import mask as mask_util
 
-    h, w = (int(v) for v in seg_map.shape)
+    h, w = (int(v) for v in segment_map.shape)
     if not segments:
         return {"area": [], "bbox": [], "size": (h, w), "counts": []}
-    flat = np.asarray(seg_map).ravel(order="F")
+    flat = np.asarray(segment_map).ravel(order="F")
     n = flat.size
     starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
     lengths = np.diff(np.append(starts, n))
@@ -298,9 +334,14 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
 
     ``labelled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
     error (rows that failed outside the stages, e.g. a worker that kept crashing). ``constants``: vocabulary and
-    run_id, and the model id used when ``labelled`` is None. Segments are built as list<struct> columns directly.
+    run_id, the model id used when ``labelled`` is None, and ``embedding_dim`` (D) when the run stores embeddings
+    (then the table has sink.EMBEDDING_COLUMNS too). Segments are built as list<struct> columns directly.
     """
-    from .sink import SCHEMA, SEGMENT
+    from .sink import SEGMENT, output_schema
+
+    dim = constants.get("embedding_dim")
+    schema = output_schema(dim)
+    embedded: list[dict] = []
 
     n = len(uris)
     error = list(errors) if errors is not None else list((labelled or meta)["error"])
@@ -323,6 +364,7 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
                 seg_fields["bbox"].extend(cols["bbox"])
                 seg_fields["size"].extend([list(cols["size"])] * len(segs))
                 seg_fields["counts"].extend(cols["counts"])
+                embedded.extend(segs)
         offsets.append(len(seg_fields["id"]))
         status.append("error" if err else "ok")
         h, w = int(meta["height"][i]) if meta else 0, int(meta["width"][i]) if meta else 0
@@ -346,7 +388,8 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
         ],
         fields=list(SEGMENT),
     )
-    segments = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+    offsets_array = pa.array(offsets, pa.int32())
+    segments = pa.ListArray.from_arrays(offsets_array, struct)
     columns = {
         "uri": pa.array(uris, pa.string()),
         "image_id": pa.array([image_id(u) for u in uris], pa.string()),
@@ -359,5 +402,26 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
         "vocabulary": pa.array([constants["vocabulary"]] * n, pa.string()),
         "run_id": pa.array([constants["run_id"]] * n, pa.string()),
     }
-    table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+    if dim:
+        columns.update(_embedding_columns(embedded, offsets_array, dim, schema))
+    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
     return table.append_column("row", pa.array(rows, pa.int32()))
+
+
+def _embedding_columns(segments: list[dict], offsets: pa.Array, dim: int, schema: pa.Schema) -> dict:
+    """The embedding columns (sink.EMBEDDING_COLUMNS) of the segments of a chunk, lists parallel to ``segments``."""
+    n = len(segments)
+    if any("embedding_in" not in s for s in segments):
+        raise ValueError("the model stage gave segments without embeddings to a run that stores them")
+    columns = {}
+    for name in ("embedding_in", "embedding_out"):
+        flat = np.stack([np.asarray(s[name], np.float16) for s in segments]) if n else np.zeros((0, dim), np.float16)
+        if flat.shape[1] != dim:
+            raise ValueError(f"{name} has {flat.shape[1]} values, the run stores {dim}")
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float16()), dim)
+        columns[name] = pa.ListArray.from_arrays(offsets, vectors, type=schema.field(name).type)
+    queries = pa.array([s["query_index"] for s in segments], pa.int32())
+    columns["query_index"] = pa.ListArray.from_arrays(offsets, queries)
+    columns["embedding_valid"] = pa.ListArray.from_arrays(
+        offsets, pa.array([bool(s["embedding_valid"]) for s in segments], pa.bool_()))
+    return columns

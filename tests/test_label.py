@@ -242,12 +242,12 @@ def test_panoptic_columns_match_pycocotools_per_mask():
     rng = np.random.default_rng(0)
     maps = [rng.integers(0, 5, size=rng.integers(1, 40, 2)).astype(np.uint8) for _ in range(20)]
     maps += [np.full((7, 3), 2, np.uint8), np.zeros((1, 1), np.uint16), np.arange(12, dtype=np.uint16).reshape(3, 4)]
-    for seg_map in maps:
+    for segment_map in maps:
         segments = [{"id": i} for i in (1, 2, 3, 4, 7)]
-        cols = panoptic_columns(seg_map, segments)
-        assert cols["size"] == seg_map.shape
+        cols = panoptic_columns(segment_map, segments)
+        assert cols["size"] == segment_map.shape
         for k, s in enumerate(segments):
-            mask = seg_map == s["id"]
+            mask = segment_map == s["id"]
             ref = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
             assert cols["counts"][k] == ref["counts"].decode() and cols["area"][k] == mask.sum()
             ys, xs = np.nonzero(mask)
@@ -279,11 +279,11 @@ def test_stages_run_without_ray(tmp_path):
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error"] and [r["row"] for r in rows] == [0, 1, 2]
     assert (rows[0]["width"], rows[0]["height"]) == (96, 72) and rows[2]["width"] is None
-    for r, seg_map in zip(rows[:2], labelled["maps"][:2]):
-        assert seg_map.shape == (72, 96)
+    for r, segment_map in zip(rows[:2], labelled["maps"][:2]):
+        assert segment_map.shape == (72, 96)
         for s in r["segments"]:
             mask = mask_util.decode({"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}).astype(bool)
-            assert (mask == (seg_map == s["id"])).all() and mask.sum() == s["area"]
+            assert (mask == (segment_map == s["id"])).all() and mask.sum() == s["area"]
     # two fragments of one shard, one of them written twice (a retried task): the commit takes each row once
     dest = Destination(str(tmp_path / "out"))
     first = write_fragment(dest, 0, table.slice(0, 2))

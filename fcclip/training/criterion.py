@@ -61,6 +61,26 @@ def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: floa
     return loss.mean(1).sum() / num_masks
 
 
+def masked_sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                           num_masks: float) -> torch.Tensor:
+    """Sum over masks of the mean binary cross-entropy over the points of weight 1, divided by `num_masks`.
+
+    logits, targets, weights: (M, P); weights in {0, 1} (a mask whose points all have weight 0 contributes 0).
+    """
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weights
+    return (loss.sum(1) / weights.sum(1).clamp(min=1)).sum() / num_masks
+
+
+def masked_dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                     num_masks: float) -> torch.Tensor:
+    """`dice_loss` over the points of weight 1 only: (M, P) each."""
+    p = logits.sigmoid() * weights
+    t = targets * weights
+    numerator = 2 * (p * t).sum(-1)
+    denominator = p.sum(-1) + t.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
 def outputs_from_model(out: FCCLIPOutput | Any) -> dict[str, Any]:
     """The criterion's input from a model forward (`fcclip.model.FCCLIPOutput` or a `DecoderOutput`).
 
@@ -180,11 +200,27 @@ class SetCriterion(nn.Module):
                 generator=generator,
             )
             labels = point_sample(tgt, coords)[:, 0]
+            weights = self.point_weights(targets, indices, coords, size, device)
         logits = point_sample(src, coords)[:, 0]
+        if weights is None:
+            return {
+                "loss_mask": sigmoid_ce_loss(logits, labels, num_masks),
+                "loss_dice": dice_loss(logits, labels, num_masks),
+            }
         return {
-            "loss_mask": sigmoid_ce_loss(logits, labels, num_masks),
-            "loss_dice": dice_loss(logits, labels, num_masks),
+            "loss_mask": masked_sigmoid_ce_loss(logits, labels, weights, num_masks),
+            "loss_dice": masked_dice_loss(logits, labels, weights, num_masks),
         }
+
+    def point_weights(self, targets: Sequence[Mapping[str, torch.Tensor]],
+                      indices: Sequence[tuple[torch.Tensor, torch.Tensor]], coords: torch.Tensor,
+                      size: tuple[int, int], device) -> torch.Tensor | None:
+        """(M, P) weights in {0, 1} of the sampled points of the matched masks, or None: every point counts.
+
+        The reference's criterion counts every point; `fcclip.training.ignore.IgnoreRegionCriterion` leaves out
+        those in an image's ignore region.
+        """
+        return None
 
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]],
                 num_masks: float | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

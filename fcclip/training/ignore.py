@@ -15,63 +15,24 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .criterion import SetCriterion, _max_size, _padded, build_criterion
-from .points import point_sample, uncertain_point_coords_with_randomness, uncertainty
+from .criterion import SetCriterion, build_criterion, masked_dice_loss, masked_sigmoid_ce_loss
+from .points import point_sample
 
 __all__ = ["IgnoreRegionCriterion", "build_ignore_criterion", "masked_dice_loss", "masked_sigmoid_ce_loss"]
-
-
-def masked_sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                           num_masks: float) -> torch.Tensor:
-    """Sum over masks of the mean binary cross-entropy over the points of weight 1, divided by `num_masks`.
-
-    logits, targets, weights: (M, P); weights in {0, 1} (a mask whose points all have weight 0 contributes 0).
-    """
-    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weights
-    return (loss.sum(1) / weights.sum(1).clamp(min=1)).sum() / num_masks
-
-
-def masked_dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                     num_masks: float) -> torch.Tensor:
-    """`fcclip.training.criterion.dice_loss` over the points of weight 1 only: (M, P) each."""
-    p = logits.sigmoid() * weights
-    t = targets * weights
-    numerator = 2 * (p * t).sum(-1)
-    denominator = p.sum(-1) + t.sum(-1)
-    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
 class IgnoreRegionCriterion(SetCriterion):
     """`SetCriterion` whose mask losses skip the points in each image's ignore region (module docstring)."""
 
-    def loss_masks(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
-                   indices: Sequence[tuple[torch.Tensor, torch.Tensor]], num_masks: float,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def point_weights(self, targets: Sequence[Mapping[str, torch.Tensor]],
+                      indices: Sequence[tuple[torch.Tensor, torch.Tensor]], coords: torch.Tensor,
+                      size: tuple[int, int], device) -> torch.Tensor | None:
+        """0 for the sampled points in the image's ignore region, 1 elsewhere; None where no image has one."""
         if not any(t.get("ignore") is not None and bool(t["ignore"].any()) for t in targets):
-            return super().loss_masks(outputs, targets, indices, num_masks, generator=generator)
-        pred_masks = outputs["pred_masks"]  # (B, Q, h, w)
-        device = pred_masks.device
-        src = torch.cat([pred_masks[b, s.to(device)] for b, (s, _) in enumerate(indices)])  # (M, h, w)
-        if src.shape[0] == 0:
-            zero = pred_masks.float().sum() * 0.0
-            return {"loss_mask": zero, "loss_dice": zero.clone()}
-        size = _max_size(targets)
-        tgt = torch.cat([_padded(targets, b, t, size, device) for b, (_, t) in enumerate(indices)])
+            return None
         ignore = torch.cat([self._ignore(targets[b], len(t), size, device) for b, (_, t) in enumerate(indices)])
-        src = src[:, None].float()
-        with torch.no_grad():
-            coords = uncertain_point_coords_with_randomness(
-                src, uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
-                generator=generator,
-            )
-            labels = point_sample(tgt[:, None], coords)[:, 0]
-            # a point is in the region or not (a fractional weight would half-count its border)
-            weights = (point_sample(ignore[:, None], coords)[:, 0] < 0.5).float()
-        logits = point_sample(src, coords)[:, 0]
-        return {
-            "loss_mask": masked_sigmoid_ce_loss(logits, labels, weights, num_masks),
-            "loss_dice": masked_dice_loss(logits, labels, weights, num_masks),
-        }
+        # a point is in the region or not (a fractional weight would half-count its border)
+        return (point_sample(ignore[:, None], coords)[:, 0] < 0.5).float()
 
     @staticmethod
     def _ignore(target: Mapping[str, torch.Tensor], count: int, size: tuple[int, int], device) -> torch.Tensor:

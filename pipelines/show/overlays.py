@@ -24,7 +24,7 @@ from .scan import Report, Sample
 
 logger = logging.getLogger("fcclip.show")
 
-__all__ = ["Figure", "overlay_size", "render_samples"]
+__all__ = ["Figure", "overlay", "overlay_size", "read_rows", "render_samples"]
 
 _SAMPLE_COLUMNS = ("uri", "width", "height", "segments")
 
@@ -49,10 +49,11 @@ def overlay_size(width: int, height: int, max_width: int, max_height: int) -> tu
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _read_rows(report: Report, url: str, rows: list[int]) -> dict[int, dict]:
-    """{row: record} of some rows of one part file, reading only the row groups that hold them."""
+def read_rows(output, url: str, rows: list[int]) -> dict[int, dict]:
+    """{row: record} of some rows of one part file of ``output`` (a LabelingOutput), reading only the row groups
+    that hold them and only the columns an overlay needs."""
     out: dict[int, dict] = {}
-    with report.output.fs.open(report.output.files[report.output.urls.index(url)], "rb") as f:
+    with output.fs.open(output.files[output.urls.index(url)], "rb") as f:
         parquet = pq.ParquetFile(f)
         sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
         starts = np.cumsum([0] + sizes)
@@ -74,7 +75,7 @@ def render_samples(report: Report, *, max_width: int = 640, max_height: int = 96
         by_file.setdefault(s.file, []).append(s)
     records: dict[tuple[str, int], dict] = {}
     for url, samples in by_file.items():
-        for row, record in _read_rows(report, url, [s.row for s in samples]).items():
+        for row, record in read_rows(report.output, url, [s.row for s in samples]).items():
             records[(url, row)] = record
     figures = []
     for s in report.sample:
@@ -83,7 +84,7 @@ def render_samples(report: Report, *, max_width: int = 640, max_height: int = 96
         figure = Figure(uri=record["uri"], segments=len(segments), width=record.get("width"),
                         height=record.get("height"))
         try:
-            figure.data_uri = _overlay(record["uri"], segments, colors, max_width, max_height)
+            figure.data_uri = overlay(record["uri"], segments, colors, max_width, max_height)
         except Exception as e:  # one unreadable image becomes a placeholder, never a failed report
             figure.reason = f"{type(e).__name__}: {e}"
             logger.warning("cannot show %s: %s", record["uri"], figure.reason)
@@ -91,7 +92,8 @@ def render_samples(report: Report, *, max_width: int = 640, max_height: int = 96
     return figures
 
 
-def _overlay(uri: str, segments: list[dict], colors: dict, max_width: int, max_height: int) -> str:
+def overlay(uri: str, segments: list[dict], colors: dict, max_width: int, max_height: int) -> str:
+    """The image at ``uri`` with ``segments`` (stored rows' segments) drawn over it, as a JPEG data URI."""
     image = load_image(uri)
     height, width = image.shape[:2]
     ids = segment_map(segments, height, width)

@@ -1,0 +1,65 @@
+"""`fcclip embed-text`: a text's CLIP embedding, as a JSON list, for searching stored embeddings with SQL.
+
+    fcclip embed-text "a flooded street" [--model PRESET] [--weights W]
+
+The vector is made as ``fcclip search`` makes its query (``pipelines.search.text_embedding``): the model's text tower,
+the classification prompt templates. Use the labeling run's model and weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import numpy as np
+
+from fcclip.build import build_model
+from fcclip.config import ConfigError
+from fcclip.text import encode_names, text_tower_digest
+
+
+class TextTowerMismatch(ValueError):
+    """The model's text tower is not the one a labeling run used."""
+
+
+def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
+    """The CLIP backbone of ``model`` with ``weights``, built on the CPU, with its text tower only (the image tower
+    and the decoders are dropped once loaded), checked to have the text tower whose digest is ``expect_text_tower``
+    (``EmbeddingSpace.text_tower``) when given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = build_model(model, weights=weights, device="cpu")
+    backbone = net.backbone
+    backbone.clip_model.visual = None  # the image tower is never used here: free it at once
+    del net
+    if expect_text_tower is not None and text_tower_digest(backbone) != expect_text_tower:
+        raise TextTowerMismatch(
+            f"the text tower of {model} with weights {weights!r} is not the one that labelled the run; give the "
+            "run's --model and --weights"
+        )
+    return backbone
+
+
+def text_embedding(text: str, model: str = "fcclip-convnext-large", weights: str = "official",
+                   expect_text_tower: str | None = None) -> np.ndarray:
+    """(D,) float32: ``text``'s CLIP embedding with the model's text tower, as a class name's (prompt templates)."""
+
+    backbone = text_tower(model, weights, expect_text_tower)
+    return encode_names(backbone, [text])[0].cpu().numpy().astype(np.float32)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the text to embed, e.g. 'a flooded street'")
+    p.add_argument("--model", default="fcclip-convnext-large", help="preset or preset YAML (default: %(default)s)")
+    p.add_argument("--weights", default="official", help="the labeling run's weights (default: %(default)s)")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        vector = text_embedding(args.text, args.model, args.weights)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fcclip embed-text: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps([float(f"{v:.7g}") for v in vector.tolist()]))
+    return 0

@@ -1,0 +1,389 @@
+"""`fcclip relabel`: a labeling output under a new vocabulary, from its stored embeddings, without images or model.
+
+    fcclip relabel DEST --vocab NEW --out DEST2 [--min-score S] [--address ADDR] [--num-cpus N] [--overwrite]
+
+DEST must be labeled with ``fcclip label --embeddings``: each segment then carries the two embeddings of the query it
+came from (``embedding_in``, ``embedding_out``, ``embedding_valid``), and the run's metadata the rest of what FC-CLIP
+compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpace``). The job:
+
+1. NEW's text classifier is computed once, on the driver, with the run's model's text tower (the model is built
+   loaded from the run's preset and weights, its image tower and decoders dropped at once: they never run, and no
+   image is read). Its text tower must be the one that labelled DEST (the digest in the metadata).
+2. One Ray task per part file of DEST (a local Ray unless ``--address``): the part file is read without its
+   ``vocabulary`` and ``run_id`` columns, every segment is re-classified in one matrix product per batch of rows by
+   :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
+   written atomically (``pipelines.sink.write_part``), so DEST2 is exactly-once and resumable like a labeling
+   output: a rerun skips committed part files; other settings are refused unless ``--overwrite``.
+3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
+   softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
+   under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
+   ``--min-score`` (default: DEST's) is dropped: its pixels become unlabelled. Stuff segments of one image that NEW
+   gives the same class, adjacent or not, are merged into one, as the model merges a stuff class's queries: the
+   union of their masks, the largest score, the embeddings of the query with that score (the first on ties), and
+   the smallest id of the merged segments; every other segment keeps its id, mask, area and box. Error rows pass
+   through unchanged.
+
+How this differs from labeling again with NEW: the masks and which queries became segments stay those of DEST's
+vocabulary. Labeling again would drop and keep other queries (the object-mask threshold and the overlap rule run
+on each query's top class and score, which depend on the vocabulary), so pixels would be split between queries
+differently, and a query that lost its pixels to another under DEST's vocabulary cannot come back here. A segment's
+class and score, given its query, are exactly the model's (up to the float16 rounding of the stored embeddings).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from pycocotools import mask as mask_util
+
+from fcclip.config import ConfigError
+from fcclip.reclassify import EmbeddingSpace, reclassify
+from fcclip.text import TextClassifier, build_text_classifier
+from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
+
+from . import runtime
+from .embed_text import TextTowerMismatch, text_tower
+from .label import DestinationError, reopen_run
+from .show.output import OutputError, open_output
+from .sink import EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, new_run_id, output_schema, write_part
+
+logger = logging.getLogger("fcclip.relabel")
+
+_SKIPPED_COLUMNS = ("vocabulary", "run_id")  # replaced by DEST2's
+BATCH_ROWS = 512
+
+
+class RelabelError(ValueError):
+    """DEST cannot be relabelled (the message is one line a user can act on)."""
+
+
+@dataclass
+class RelabelSummary:
+    dest: str
+    run_id: str
+    images: int = 0
+    ok: int = 0
+    failed: int = 0
+    segments_in: int = 0
+    segments: int = 0
+    dropped: int = 0  # void or below the thresholds under the new vocabulary
+    merged: int = 0  # stuff segments merged into another of the same class
+    changed: int = 0  # segments whose class changed (by name)
+    skipped_shards: int = 0
+    seconds: float = 0.0
+    text_seconds: float = 0.0  # building the model and encoding the new vocabulary
+
+    @property
+    def segments_per_second(self) -> float:
+        work = self.seconds - self.text_seconds
+        return self.segments_in / work if work > 0 else 0.0
+
+
+@dataclass
+class Source:
+    """A labeling output with embeddings, as relabel reads it."""
+
+    dest: str
+    files: list[str]  # part files (URLs), by shard
+    shards: list[int]
+    rows: list[int]
+    space: dict  # EmbeddingSpace.to_dict()
+    metadata: dict = field(default_factory=dict)  # fcclip.* file metadata (decoded JSON), one value each
+    run: dict | None = None  # DEST's run.json
+
+
+def open_source(dest: str) -> Source:
+    """DEST's part files and metadata, checked: a complete labeling output with embeddings (footers only)."""
+    try:
+        output = open_output(dest)
+    except OutputError as e:
+        raise RelabelError(str(e)) from None
+    missing = [c for c in EMBEDDING_COLUMNS if c not in output.columns]
+    if missing or "embeddings" not in output.metadata:
+        what = missing[0] if missing else "fcclip.embeddings metadata"
+        raise RelabelError(f"{dest}: relabel needs a run labeled with --embeddings (no {what})")
+    metadata = {}
+    for key, values in output.metadata.items():
+        if len(values) > 1:
+            raise RelabelError(f"{dest}: its part files disagree on fcclip.{key}; point at the output of one run")
+        metadata[key] = json.loads(next(iter(values)))
+    shards, rows = [], []
+    for path in output.files:
+        m = PART_RE.search(path.rsplit("/", 1)[-1])
+        if not m:
+            raise RelabelError(f"{dest}: {path.rsplit('/', 1)[-1]} is not a part file's name")
+        shards.append(int(m.group(1)))
+        with output.fs.open(path, "rb") as f:
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+    run = Destination(dest).read_run()
+    if run is not None:
+        expected = [i for i, n in enumerate(run.get("shard_sizes") or []) if n > 0]
+        if sorted(shards) != expected:
+            raise RelabelError(
+                f"{dest}: its run is not complete ({len(shards)} of {len(expected)} shards committed); finish it "
+                "first (run the same fcclip label command again)"
+            )
+    return Source(dest, output.urls, shards, rows, metadata["embeddings"], metadata, run)
+
+
+# -------------------------------------------------------------------------------------------- the work of one file
+@dataclass
+class NewVocabulary:
+    """What each task needs of NEW: plain arrays (shipped once through the object store)."""
+
+    vocabulary: dict  # Vocabulary.to_dict()
+    embeddings: np.ndarray  # (S, D) float32 text rows
+    synonym_class: np.ndarray  # (S,) int64
+    space: dict  # EmbeddingSpace.to_dict()
+
+    @functools.cached_property
+    def parsed(self):
+        """(EmbeddingSpace, TextClassifier), built once per process that uses them."""
+        vocabulary = Vocabulary.from_dict(self.vocabulary)
+        seen = torch.zeros(len(vocabulary.categories), dtype=torch.bool)  # unused: reclassify applies the space's rule
+        text = TextClassifier(vocabulary, torch.from_numpy(self.embeddings), torch.from_numpy(self.synonym_class), seen)
+        return EmbeddingSpace.from_dict(self.space), text
+
+    def text(self):
+        return self.parsed[1]
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """(N, D) float16: the fixed-size vectors of a list<fixed_size_list<float16>> column, flattened over rows."""
+    flat = pc.list_flatten(column)
+    if isinstance(flat, pa.ChunkedArray):
+        flat = flat.combine_chunks()
+    values = flat.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, dim)
+
+
+STATS = ("ok", "failed", "segments_in", "segments", "dropped", "merged", "changed")
+
+
+def new_stats() -> dict[str, int]:
+    """The counts relabel_batch adds to (RelabelSummary's fields of the same names)."""
+    return dict.fromkeys(STATS, 0)
+
+
+def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, constants: dict,
+                  stats: dict) -> pa.Table:
+    """One batch of DEST's rows -> the same rows under NEW (module docstring, step 3). ``stats`` is added to."""
+
+
+
+    space, text = new.parsed
+    vocabulary = text.vocabulary
+    schema = output_schema(space.dim)
+    table = pa.Table.from_batches([batch])
+    lengths = pc.list_value_length(table.column("segments")).fill_null(0).to_numpy(zero_copy_only=False)
+    emb_in = _vectors(table.column("embedding_in"), space.dim)
+    emb_out = _vectors(table.column("embedding_out"), space.dim)
+    valid = pc.list_flatten(table.column("embedding_valid")).to_numpy(zero_copy_only=False).astype(bool)
+    if not (len(emb_in) == len(emb_out) == len(valid) == int(lengths.sum())):
+        raise ValueError("the embedding columns are not parallel to segments")
+    result = reclassify(emb_in, emb_out, valid, text, space)
+    segments = table.column("segments").to_pylist()
+    is_thing = vocabulary.thing_mask
+
+    new_segments, take, offsets = [], [], [0]
+    flat = 0
+    for row in segments:
+        kept: list[dict] = []
+        stuff: dict[int, dict] = {}
+        for s in row or []:
+            k = flat
+            flat += 1
+            stats["segments_in"] += 1
+            c, score = int(result.classes[k]), float(result.scores[k])
+            if not result.kept[k] or score < min_score:
+                stats["dropped"] += 1
+                continue
+            entry = {**s, "label": vocabulary.labels[c], "category_id": int(vocabulary.ids[c]),
+                     "is_thing": bool(is_thing[c]), "score": score, "_source": k, "_rles": None}
+            if entry["label"] != s["label"]:
+                stats["changed"] += 1
+            if not entry["is_thing"] and c in stuff:
+                merged = stuff[c]
+                stats["merged"] += 1
+                merged["_rles"] = (merged["_rles"] or [merged["rle"]]) + [s["rle"]]
+                merged["id"] = min(merged["id"], s["id"])
+                if score > merged["score"]:
+                    merged["score"], merged["_source"] = score, k
+                continue
+            if not entry["is_thing"]:
+                stuff[c] = entry
+            kept.append(entry)
+        for entry in kept:
+            if entry["_rles"]:
+                rles = [{"size": list(r["size"]), "counts": r["counts"].encode("ascii")} for r in entry["_rles"]]
+                union = mask_util.merge(rles, intersect=False)
+                entry["rle"] = {"size": list(union["size"]), "counts": union["counts"].decode("ascii")}
+                entry["area"] = int(mask_util.area(union))
+                entry["bbox"] = [float(v) for v in mask_util.toBbox(union)]
+            take.append(entry.pop("_source"))
+            entry.pop("_rles")
+        new_segments.extend(kept)
+        offsets.append(len(new_segments))
+        stats["segments"] += len(kept)
+
+    offsets_array = pa.array(offsets, pa.int32())
+    index = pa.array(take, pa.int64())
+    columns = {name: table.column(name) for name in table.column_names}
+    columns["segments"] = pa.ListArray.from_arrays(offsets_array, pa.array(new_segments, SEGMENT))
+    for name in ("query_index", "embedding_in", "embedding_out", "embedding_valid"):
+        values = pc.list_flatten(table.column(name))
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=schema.field(name).type)
+    n = table.num_rows
+    columns["vocabulary"] = pa.array([constants["vocabulary"]] * n, pa.string())
+    columns["run_id"] = pa.array([constants["run_id"]] * n, pa.string())
+    status = table.column("status").to_pylist()
+    stats["ok"] += status.count("ok")
+    stats["failed"] += n - status.count("ok")
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,
+                 file_metadata: dict) -> dict:
+    """Relabel one part file of DEST into DEST2's part file ``shard``; returns the counts."""
+
+
+    stats = new_stats()
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        columns = [c for c in parquet.schema_arrow.names if c not in _SKIPPED_COLUMNS]
+        tables = [relabel_batch(batch, new, min_score, constants, stats)
+                  for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)]
+    dim = new.embeddings.shape[1]
+    table = pa.concat_tables(tables) if tables else output_schema(dim).empty_table()
+    write_part(Destination(dest_uri), shard, table, file_metadata)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+def _text_classifier(source: Source, vocabulary, model: str | None, weights: str | None) -> NewVocabulary:
+    """NEW's text rows from the run's model's text tower (``embed_text.text_tower``: the image tower never runs)."""
+    space = EmbeddingSpace.from_dict(source.space)
+    backbone = text_tower(model or source.metadata.get("model"), weights or source.metadata.get("weights"),
+                          expect_text_tower=space.text_tower)
+    text = build_text_classifier(backbone, vocabulary, train_vocabulary=space.train_vocabulary)
+    return NewVocabulary(vocabulary.to_dict(), text.embeddings.float().cpu().numpy(),
+                         text.synonym_class.cpu().numpy(), source.space)
+
+
+def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | None = None, model: str | None = None,
+                weights: str | None = None, address: str | None = None, num_cpus: int | None = None,
+                overwrite: bool = False, verbose: bool = False) -> RelabelSummary:
+    """Run (or resume) a relabel job; returns its summary (module docstring)."""
+
+
+
+    started = time.time()
+    vocabulary = load_vocabulary(vocab)
+    source = open_source(source_dest)
+    thresholds = dict(source.metadata.get("thresholds") or {})
+    min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
+    source_run = source.metadata.get("run_id")
+    dest = Destination(out)
+    if dest.uri.rstrip("/") == Destination(source_dest).uri.rstrip("/"):
+        raise RelabelError("--out must be another folder than DEST")
+    settings = {
+        "kind": "relabel", "source": source_dest, "source_run": source_run, "vocabulary_digest": vocabulary.digest,
+        "min_score": min_score, "model": model or source.metadata.get("model"),
+        "weights": weights or source.metadata.get("weights"),
+    }
+    run = reopen_run(dest, settings, overwrite)
+    if run is None:
+        sizes = [0] * (max(source.shards) + 1 if source.shards else 0)
+        for shard, n in zip(source.shards, source.rows):
+            sizes[shard] = n
+        run = {
+            "run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": True,
+            "vocabulary": vocabulary.to_dict(), "thresholds": {**thresholds, "min_score": min_score},
+            "num_images": sum(source.rows), "shard_sizes": sizes, "embeddings": source.space,
+            "source_run": {"run_id": source_run, "dest": source_dest,
+                           "vocabulary": (source.run or {}).get("vocabulary") or source.metadata.get("vocabulary")},
+        }
+        dest.write_run(run)
+    summary = RelabelSummary(dest=out, run_id=run["run_id"])
+    done = dest.committed_shards()
+    pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
+    summary.skipped_shards = len(source.shards) - len(pending)
+    if not pending:
+        summary.seconds = time.time() - started
+        return summary
+
+    t = time.time()
+    new = _text_classifier(source, vocabulary, model, weights)
+    summary.text_seconds = time.time() - t
+    file_metadata = {
+        "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
+        "model": source.metadata.get("model"), "weights": source.metadata.get("weights"),
+        "embeddings": source.space, "source_run": run["source_run"],
+    }
+    constants = {"vocabulary": f"{vocabulary.name}@{vocabulary.digest[:16]}", "run_id": run["run_id"]}
+    started_ray = runtime.init_ray(address, num_cpus, verbose)
+    try:
+        new_ref = ray.put(new)
+        task = ray.remote(relabel_file).options(num_cpus=1, max_retries=runtime.RETRIES)
+        refs = {task.remote(url, dest.uri, shard, new_ref, min_score, constants, file_metadata): shard
+                for url, shard in pending}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                refs.pop(ref)
+                stats = ray.get(ref)
+                for key, value in stats.items():
+                    setattr(summary, key, getattr(summary, key) + value)
+    finally:
+        runtime.shutdown_ray(started_ray)
+    dest.remove_fragments()
+    summary.images = summary.ok + summary.failed
+    summary.seconds = time.time() - started
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest", metavar="DEST", help="a labeling output made with fcclip label --embeddings")
+    p.add_argument("--vocab", required=True, help="the new vocabulary (as fcclip label's --vocab)")
+    p.add_argument("--out", required=True, metavar="DEST2", help="output folder or object-store prefix")
+    p.add_argument("--min-score", type=float, default=None, help="drop segments scoring below this (default: DEST's)")
+    p.add_argument("--model", default=None, help="default: DEST's model")
+    p.add_argument("--weights", default=None, help="default: DEST's weights")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in DEST2 with other settings")
+    p.add_argument("--summary-json", default=None, help="also write the summary as JSON")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
+                        weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
+                        verbose=getattr(args, "verbose", False))
+    except (RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError, FileNotFoundError) as e:
+        print(f"fcclip relabel: error: {e}", file=sys.stderr)
+        return 2
+    print(f"relabelled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
+          f"({s.text_seconds:.1f} s of it for the model's text tower): {s.segments_in} segments in, {s.segments} out, "
+          f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.0f} segments/s")
+    if s.skipped_shards:
+        print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
+    print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump({**asdict(s), "segments_per_second": s.segments_per_second}, f, indent=1)
+    return 0

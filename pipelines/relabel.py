@@ -153,7 +153,8 @@ class NewVocabulary:
         """(EmbeddingSpace, TextClassifier), built once per process that uses them."""
         vocabulary = Vocabulary.from_dict(self.vocabulary)
         seen = torch.zeros(len(vocabulary.categories), dtype=torch.bool)  # unused: reclassify applies the space's rule
-        text = TextClassifier(vocabulary, torch.from_numpy(self.embeddings), torch.from_numpy(self.synonym_class), seen)
+        # copies: arrays that come through Ray's object store are read-only
+        text = TextClassifier(vocabulary, torch.tensor(self.embeddings), torch.tensor(self.synonym_class), seen)
         return EmbeddingSpace.from_dict(self.space), text
 
     def text(self):
@@ -379,7 +380,7 @@ def main_args(args: argparse.Namespace) -> int:
         return 2
     print(f"relabelled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
           f"({s.text_seconds:.1f} s of it for the model's text tower): {s.segments_in} segments in, {s.segments} out, "
-          f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.0f} segments/s")
+          f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")

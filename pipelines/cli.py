@@ -118,9 +118,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # object-store clients log every endpoint lookup at INFO
+        for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     warnings.simplefilter("default", UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return int(load_command(args.command).main_args(args) or 0)
+    try:
+        return int(load_command(args.command).main_args(args) or 0)
+    except Exception as e:
+        if not storage_error(e) or args.verbose:
+            raise
+        # an object store or file system that cannot be reached or refuses us: the user's setup, not a bug
+        print(f"fcclip {args.command}: error: storage: {type(e).__name__}: {_first_line(e)} (-v for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+# the packages whose exceptions mean "the storage said no" (endpoint unreachable, access denied, throttled)
+_STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "adlfs", "azure")
+
+
+def storage_error(e: BaseException) -> bool:
+    """True for an error that comes from reaching storage: an OSError (connection refused, permission denied)
+    or an exception of an object-store client."""
+    for err in (e, e.__cause__):
+        if isinstance(err, OSError) or (err is not None and type(err).__module__.split(".")[0] in _STORAGE_MODULES):
+            return True
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 if __name__ == "__main__":

@@ -174,3 +174,26 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["synth_00000.jpg", "synth_00001.jpg"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["label", "s3://lake/photos/", "--out", "s3://lake/labels/", "--vocab", "cat;", "--no-progress"],
+    ["show", "s3://lake/labels/", "--out", "report.html"],
+])
+def test_unreachable_storage_is_one_line_not_a_traceback(argv, monkeypatch, tmp_path, capsys):
+    import socket
+
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.chdir(tmp_path)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems across calls; this one sees the new endpoint
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"fcclip {argv[0]}: error: storage: ") and f"127.0.0.1:{port}" in err[-1], err
+    assert not any("Traceback" in line for line in err)

@@ -1,6 +1,7 @@
 """`fcclip train` (pipelines/train.py): schedule, weight decay and config units; Ray Train runs on CPU (gloo) with
-checkpoints on a loopback S3 server, a worker killed mid-run (on COCO data and on a labeling output read from S3),
---resume, and an overfitting check measured in PQ; what --data is, and how a labeling output's rows are read."""
+checkpoints on a loopback S3 server, a worker killed mid-run (on a labeling output read from S3 mixed with a COCO
+tree), --resume, periodic validation PQ; what --data is, and how a labeling output's rows are read. That training
+learns (PQ on held-out images far above the untrained model's) is asserted by tests/test_pseudo_label_loop.py."""
 import math
 import os
 import signal
@@ -8,7 +9,6 @@ import threading
 import time
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -370,21 +370,6 @@ def _predictor_on(weights, root):
     return fcclip.Predictor(model, ds.vocabulary(synonyms="coco_panoptic"), short_edge=None), ds
 
 
-def _panoptic_quality(predictor, ds):
-    from PIL import Image
-
-    from fcclip.masks import rgb2id
-    from fcclip.metrics.panoptic import PanopticAccumulator
-
-    acc = PanopticAccumulator(ds.categories)
-    for record in ds.records():
-        pred = predictor(record["image_uri"])
-        gt = rgb2id(np.asarray(Image.open(record["panoptic_uri"]).convert("RGB")))
-        acc.update(gt, record["segments_info"], pred.panoptic.segment_map, pred.panoptic.segments,
-                   image_id=record["image_id"])
-    return acc.result()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_checkpoint_to_s3_and_predict(ray_local, s3_bucket, dataset, tmp_path, capsys):
@@ -423,7 +408,7 @@ def test_two_workers_checkpoint_to_s3_and_predict(ray_local, s3_bucket, dataset,
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["labels", "mix"])
+@pytest.mark.parametrize("kind", ["mix"])
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, dataset, tmp_path, request, kind):
     """A SIGKILLed worker on a labeling output streamed from S3 through Ray Data (the restarted worker group gets
     fresh dataset shards), and on it mixed with a COCO tree (``--mix coco=ROOT:0.5``), which also covers the COCO
@@ -541,34 +526,6 @@ def test_resume_continues_a_stopped_run(ray_local, s3_bucket, dataset, tmp_path,
     assert frame["start_iteration"].tolist() == [0, 0, 10, 10]
     solver = load_train_config(config).solver
     assert frame["lr"].tolist() == pytest.approx([1e-3 * lr_factor(i, solver) for i in (5, 10, 15, 20)])
-
-
-# Measured on 2 shared CPU cores (1 worker, 2 threads; 200 iterations of 4 crops of 128 px, lr 1e-3, ~15-90 s of
-# training depending on the machine's load): PQ 0.831 (things 0.728, stuff 0.934) with this test's seed, 0.585-0.651
-# with 3 other seeds of the data stream (things >= 0.66, stuff >= 0.50); 0.000 for the same model before training
-# (its deterministic random initialisation predicts nothing that matches).
-OVERFIT_MIN_PQ = 0.4
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_overfits_eight_images(ray_local, dataset, tmp_path):
-    config = load_train_config(_config(
-        tmp_path, "overfit", weights="random", checkpoint_every=200, keep_checkpoints=1, log_every=50,
-        data={"image_size": 128, "min_scale": 0.8, "max_scale": 1.2, "loader_workers": 0},
-        solver={"batch_size": 4, "lr": 0.001, "max_iters": 200, "steps": [160], "warmup_iters": 10,
-                "warmup_factor": 1.0, "clip_grad": 1.0},
-        loss={"num_points": 1024},
-    ))
-    _, final = run_train(config, dataset, str(tmp_path / "runs"), num_workers=1, cpus_per_worker=2)
-
-    trained = _panoptic_quality(*_predictor_on(final, dataset))
-    untrained = _panoptic_quality(*_predictor_on("random", dataset))
-    print(f"PQ on the 8 training images: trained {trained['All']['pq']:.3f} (things {trained['Things']['pq']:.3f}, "
-          f"stuff {trained['Stuff']['pq']:.3f}), random {untrained['All']['pq']:.3f}")
-    assert untrained["All"]["pq"] < 0.05
-    assert trained["All"]["pq"] > OVERFIT_MIN_PQ
-    assert trained["Things"]["pq"] > 0.25 and trained["Stuff"]["pq"] > 0.25
 
 
 @pytest.mark.ray

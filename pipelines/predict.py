@@ -24,6 +24,8 @@ from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
 from fcclip.vocabulary import VocabularyError
 
+from .stages import panoptic_columns
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --weights, --device, --short-edge, --max-size."""
@@ -108,6 +110,7 @@ def _write_image(out: Path, stem: str, source: str, result, min_score: float):
     keep_ids = np.array([s["id"] for s in segments], dtype=np.int32)
     segment_map = np.where(np.isin(pan.segment_map, keep_ids), pan.segment_map, 0).astype(np.int32)
     Image.fromarray(id2rgb(segment_map)).save(out / f"{stem}.png")
+    columns = panoptic_columns(segment_map, segments)  # area and box as fcclip label stores them
     info = [
         {
             "id": s["id"],
@@ -116,10 +119,10 @@ def _write_image(out: Path, stem: str, source: str, result, min_score: float):
             "isthing": int(s["is_thing"]),
             "iscrowd": 0,
             "score": round(s["score"], 6),
-            "area": s["area"],
-            "bbox": s["bbox"],
+            "area": area,
+            "bbox": bbox,
         }
-        for s in segments
+        for s, area, bbox in zip(segments, columns["area"], columns["bbox"])
     ]
     record = {
         "image": str(source),

@@ -192,8 +192,12 @@ def test_unreachable_storage_is_one_line_not_a_traceback(argv, monkeypatch, tmp_
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.chdir(tmp_path)
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems across calls; this one sees the new endpoint
-    assert main(argv) == 1
+    # fsspec caches filesystems by their arguments, not the environment: start without one, leave none behind
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert main(argv) == 1
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"fcclip {argv[0]}: error: storage: ") and f"127.0.0.1:{port}" in err[-1], err
     assert not any("Traceback" in line for line in err)

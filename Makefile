@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[ray,test]"
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test test-loop
 install: $(VENV)/.installed
 
 VOCAB := person; car; dog, puppy; tree [stuff]; sky [stuff]; grass, lawn [stuff]
@@ -22,4 +22,7 @@ demo: $(VENV)/.installed
 		--model fcclip-tiny --weights random --device cpu --out demo/overlays
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not loop"
+
+test-loop: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -rxX -m loop

@@ -75,6 +75,7 @@ def _val_pq(weights, root):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.loop
 def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path, capsys):
     from fcclip.datasets.coco_panoptic import CocoPanoptic
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic

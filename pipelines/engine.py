@@ -10,8 +10,10 @@ counts, error reasons, a fragment's name); pixels, segment maps and rows never r
     commit task (CPU):        a shard's fragments -> DEST/part-NNNNNN.parquet (atomic), fragments deleted
 
 Faults, all bounded:
-- a task whose worker dies (a decoder segfault, an OOM kill) is retried by Ray ``RETRIES`` times; a chunk that still
-  fails is split into single images, run again one at a time; an image that fails alone becomes an error row;
+- a decode task whose worker dies (a decoder segfault, an OOM kill) splits its chunk into single images at once:
+  a decoder crash is usually one image's doing, and retrying the whole chunk would only crash on it again. Each
+  single image's decode, and every write and commit task, is retried by Ray ``RETRIES`` times; a write task that
+  still fails is split the same way; an image that fails alone becomes an error row;
 - a model actor that dies (killed, its node removed) is replaced; its chunk is run again, at most ``RETRIES`` times,
   then image by image as above;
 - a model call running past ``batch_timeout`` per batch is abandoned: its actor is killed and replaced, the chunk's
@@ -134,6 +136,8 @@ class LabelEngine:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_decoding = cpus + 1
         self.decode_fn = ray.remote(_decode).options(num_cpus=1, num_returns=2, max_retries=RETRIES)
+        # a chunk's decode is not retried: its worker's death splits the chunk into single images instead
+        self.decode_chunk_fn = ray.remote(_decode).options(num_cpus=1, num_returns=2, max_retries=0)
         self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES)
         self.commit_fn = ray.remote(_commit).options(num_cpus=0.5, max_retries=RETRIES)
 
@@ -206,7 +210,8 @@ class LabelEngine:
         while (self.queue and len(self.decoding) < self.max_decoding
                and len(self.decoding) + len(self.decoded) < 4 * len(self.actors)):
             chunk = self.queue.popleft()
-            meta_ref, images_ref = self.decode_fn.remote(self.reader_ref, chunk.uris)
+            decode = self.decode_fn if len(chunk.uris) == 1 else self.decode_chunk_fn
+            meta_ref, images_ref = decode.remote(self.reader_ref, chunk.uris)
             chunk.images = images_ref
             self.decoding[meta_ref] = chunk
 
@@ -304,7 +309,7 @@ class LabelEngine:
             chunk = self.decoding.pop(ref)
             try:
                 chunk.meta = ray.get(ref)
-            except Exception as e:  # the task's worker kept dying (after Ray's retries)
+            except Exception as e:  # the task's worker died (a chunk's at once, a single image's after retries)
                 chunk.images = None
                 self._fail(chunk, _crashed(e))
                 continue

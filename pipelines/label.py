@@ -15,9 +15,9 @@ The job, in order:
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
    completed shard writes its Parquet part file (see pipelines/sink.py for why this is exactly-once). The driver
    only schedules and keeps metadata: no pixels, masks or rows pass through it.
-3. Faults are bounded: a task whose worker dies (a decoder segfault, an out-of-memory kill) is retried a bounded
-   number of times, then its chunk's images are run one at a time, and an image that still fails becomes an error
-   row. So does a model actor that dies (it is replaced) and a model batch that runs past ``--batch-timeout`` (its
+3. Faults are bounded: when a decode task's worker dies (a decoder segfault, an out-of-memory kill), its chunk's
+   images are run one at a time, each retried a bounded number of times, and an image that still fails becomes an
+   error row. So does a model actor that dies (it is replaced) and a model batch that runs past ``--batch-timeout`` (its
    actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.

@@ -57,11 +57,18 @@ def ray_head(s3_server, tmp_path):
         time.sleep(3)  # the Job API starts with the dashboard's modules
         yield address, token
     finally:
+        # `ray start --block` stops its node on SIGTERM but lingers itself (30 s measured): the group's leftovers
+        # are SIGKILLed after a short grace
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -208,10 +208,12 @@ def test_search_command_gallery_and_duckdb_sql(lake, capsys):
     assert main(["embed-text", "a dog on the grass", "--model", "fcclip-tiny", "--weights", "random"]) == 0
     vector = json.loads(capsys.readouterr().out)
     assert len(vector) == 64
-    best = duckdb.execute(
-        f"""select uri, s.id, s.label, array_cosine_similarity(e::FLOAT[64], $q::FLOAT[64]) as similarity
-            from (select uri, unnest(segments) as s, unnest(embedding_out) as e from read_parquet('{dest}/*.parquet'))
-            order by similarity desc limit 1""", {"q": vector}).fetchone()
+    with duckdb.connect() as con:  # not the module's default connection, which other tests use
+        best = con.execute(
+            f"""select uri, s.id, s.label, array_cosine_similarity(e::FLOAT[64], $q::FLOAT[64]) as similarity
+                from (select uri, unnest(segments) as s, unnest(embedding_out) as e
+                      from read_parquet('{dest}/*.parquet'))
+                order by similarity desc limit 1""", {"q": vector}).fetchone()
     assert (best[0], str(best[1])) == (top[1], top[2])
     assert best[3] == pytest.approx(float(top[0]), abs=1e-3)
 

@@ -83,6 +83,21 @@ def _remove_tree(path: str) -> None:
         time.sleep(0.25)
 
 
+def _describe(pids: list[int]) -> list[str]:
+    """pid, state, process group and command line of each, for a failure message."""
+    described = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+            described.append(f"{pid} state={fields[0]} pgrp={fields[2]} {command}")
+        except OSError:
+            described.append(f"{pid} (gone)")
+    return described
+
+
 def _end_processes(ray_tmp: str, session: int | None = None, timeout: float = 20) -> list[int]:
     """SIGKILL every process of the Ray living under ``ray_tmp``; returns those that would not die."""
     deadline = time.monotonic() + timeout
@@ -166,12 +181,19 @@ def _assert_exactly_once(rows: list[dict], uris: list[str]) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------------- tests
 @pytest.mark.slow
-def test_poison_image_becomes_an_error_row(tmp_path):
-    """An image that kills its worker every time (a decoder segfault) is retried a bounded number of times, then
-    is an error row; the job finishes, every other image is labelled."""
-    uris = _images(tmp_path / "in", 8, extra=("poison-pill.jpg",))
-    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2"),
-              stand_ins=["--fault", "crash:poison-pill"])
+def test_crashing_hanging_and_stuck_images_become_error_rows(tmp_path):
+    """Three bad images in one job (one Ray and model start-up for all three faults):
+    - one that kills its worker every time (a decoder segfault): its chunk is run again one image at a time, the
+      image alone is retried a bounded number of times, then is an error row;
+    - a read/decode that hangs in Python is cut by the per-image time limit (SIGALRM: Ray runs task UDFs in the
+      worker's main thread) and is a "timed out" error row, the worker living on;
+    - one stuck out of the alarm's reach (native code) is ended by the watchdog at twice the limit and goes the
+      crashed-worker way.
+    The job finishes and every other image is labelled."""
+    uris = _images(tmp_path / "in", 6, extra=("poison-pill.jpg", "slow-poke.jpg", "stuck-decoder.jpg"))
+    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
+                          "--decode-timeout", "1"),
+              stand_ins=["--fault", "crash:poison-pill", "--fault", "hang:slow-poke", "--fault", "stall:stuck-decoder"])
     try:
         code = job.wait()
         out = job.output()
@@ -179,37 +201,18 @@ def test_poison_image_becomes_an_error_row(tmp_path):
         survivors = job.close()
     assert survivors == [], "processes of the job's Ray still alive after it"
     assert code == 0, out[-5000:]
-    assert "labeled 9 image(s)" in out and "8 ok, 1 failed" in out, out[-3000:]
+    assert "labeled 9 image(s)" in out and "6 ok, 3 failed" in out, out[-3000:]
     assert "re-run one at a time after worker crashes" in out
     rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
     poison = rows[str(tmp_path / "in" / "poison-pill.jpg")]
     assert poison["status"] == "error" and "worker crashed" in poison["error"], poison["error"]
     assert poison["segments"] == [] and poison["width"] is None
-    assert all(r["status"] == "ok" and r["error"] is None for u, r in rows.items() if u != poison["uri"])
-
-
-@pytest.mark.slow
-def test_hanging_and_stuck_images_time_out(tmp_path):
-    """A read/decode that hangs in Python is cut by the per-image time limit (SIGALRM: Ray runs task UDFs in the
-    worker's main thread) and is a "timed out" error row, the worker living on; one stuck out of the alarm's reach
-    (native code) is ended by the watchdog at twice the limit and goes the crashed-worker way. The job finishes."""
-    uris = _images(tmp_path / "in", 6, extra=("slow-poke.jpg", "stuck-decoder.jpg"))
-    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
-                          "--decode-timeout", "1"), stand_ins=["--fault", "hang:slow-poke", "--fault", "stall:stuck-decoder"])
-    try:
-        code = job.wait()
-        out = job.output()
-    finally:
-        survivors = job.close()
-    assert survivors == [], "processes of the job's Ray still alive after it"
-    assert code == 0, out[-5000:]
-    assert "labeled 8 image(s)" in out and "6 ok, 2 failed" in out, out[-3000:]
-    rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
     slow = rows[str(tmp_path / "in" / "slow-poke.jpg")]
     assert slow["status"] == "error" and slow["error"] == "timed out after 1.0 s while reading or decoding"
     stuck = rows[str(tmp_path / "in" / "stuck-decoder.jpg")]
     assert stuck["status"] == "error" and "worker crashed" in stuck["error"], stuck["error"]
-    assert all(r["status"] == "ok" for u, r in rows.items() if u not in (slow["uri"], stuck["uri"]))
+    bad = {poison["uri"], slow["uri"], stuck["uri"]}
+    assert all(r["status"] == "ok" and r["error"] is None for u, r in rows.items() if u not in bad)
 
 
 @pytest.mark.slow
@@ -356,6 +359,9 @@ class _Bucket:
         return [r for p in paths for r in pq.read_table(p, filesystem=self.fs).to_pylist()]
 
 
+N_IMAGES = 24  # 12 shards of 2: the kill comes after the first commit, with most shards still to go
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, request):
@@ -364,13 +370,13 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
     fragment of the killed run is left. While both runs go on, every .parquet under DEST reads back whole, with its
     shard's full row count. On a local folder, and bucket to bucket on the loopback S3 server."""
     if storage == "local":
-        uris = _images(tmp_path / "in", 48)
+        uris = _images(tmp_path / "in", N_IMAGES)
         source, out = str(tmp_path / "in"), _Local(tmp_path / "out")
     else:
         import boto3
 
         bucket = request.getfixturevalue("s3_bucket")
-        local = _images(tmp_path / "in", 48)
+        local = _images(tmp_path / "in", N_IMAGES)
         s3 = boto3.client("s3")
         for path in local:
             s3.upload_file(path, bucket, f"in/{Path(path).name}")
@@ -416,16 +422,18 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
                 time.sleep(0.05)
             assert first.proc.poll() is None, f"the first run ended before it was killed:\n{first.output()[-3000:]}"
             first.kill()
-            # killing the driver's process group ends the local Ray it started (GCS, raylet, workers)
-            deadline = time.monotonic() + 10
+            # killing the driver's process group ends the local Ray it started (GCS, raylet, workers); a worker
+            # busy in a call (CI saw one live past 10 s) ends when it next finds its raylet gone
+            deadline = time.monotonic() + 60
             while (left := _ray_pids(first.ray_tmp, session=first.proc.pid)) and time.monotonic() < deadline:
                 time.sleep(0.1)
+            described = _describe(left)
         finally:
             survivors = first.close()
-        assert left == [], f"processes of the killed run outlived its process group: {left}"
+        assert left == [], f"processes of the killed run outlived its process group by 60 s: {described}"
         assert survivors == []
         before = out.parts()
-        assert 0 < len(before) < 24, sorted(before)
+        assert 0 < len(before) < N_IMAGES // 2, sorted(before)
 
         second = Job(args)
         try:
@@ -439,10 +447,10 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
         watcher.join()
     assert code == 0, output[-5000:]
     assert f"{len(before)} shard(s) were already committed" in output, output[-3000:]
-    assert f"labeled {48 - 2 * len(before)} image(s)" in output, output[-3000:]
+    assert f"labeled {N_IMAGES - 2 * len(before)} image(s)" in output, output[-3000:]
     assert checks["problems"] == [] and checks["reads"] > 0, checks
     after = out.parts()
-    assert sorted(after) == [f"part-{i:06d}.parquet" for i in range(24)]
+    assert sorted(after) == [f"part-{i:06d}.parquet" for i in range(N_IMAGES // 2)]
     for name, kept in before.items():
         assert after[name] == kept, f"{name} was written again"  # same bytes, same object: never replaced
     rows = _assert_exactly_once(out.rows(), uris)

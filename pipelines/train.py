@@ -21,8 +21,9 @@ ignore regions (`fcclip.training.ignore`); with ``--mix`` each worker draws ever
 other by share and reports how many it drew from each. Every ``checkpoint_every`` iterations rank 0 writes a
 checkpoint (model in the reference's checkpoint layout, optimizer, scheduler, grad scaler, iteration, RNG states) to
 ``--storage``; Ray Train keeps the newest ones. A lost worker or node restarts the worker group from the latest
-checkpoint (``max_failures`` times); a stopped run continues with ``--resume`` (same --storage and run name). At the
-end the command prints ``final checkpoint: PATH``, the file ``fcclip predict/label --weights PATH`` take.
+checkpoint (``max_failures`` times); a stopped run continues with ``--resume`` (same --storage and run name), with
+the data, selection, vocabulary and model it was started with (`run_settings`: a resume that changes them is refused).
+At the end the command prints ``final checkpoint: PATH``, the file ``fcclip predict/label --weights PATH`` take.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ from pipelines import runtime
 from pipelines.train_data import (
     KINDS,
     MixSpec,
+    TrainingSources,
     label_dataset,
     open_training_sources,
     parse_mix,
@@ -504,6 +506,8 @@ def run_train(
     its share of the samples (``--mix``).
     `callbacks`: `ray.train.UserCallback`s, run on the controller; they see every report of every worker (Ray
     Train keeps only the metrics that come with a checkpoint).
+    A resume (`resume`) with other data, selection, vocabulary or model config than the run was started with is
+    refused before Ray starts (`SettingsMismatch`, a ValueError; see `run_settings`).
     """
     training = open_training_sources(data_root, mix, split=cfg.data.split, synonyms=cfg.data.synonyms,
                                      selection=selection)
@@ -522,6 +526,11 @@ def run_train(
     run_dir = f"{storage}/{name}"
     if _exists(run_dir) and not resume:
         raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
+    settings = run_settings(cfg, training, selection)
+    recorded = _recorded_settings(run_dir) if resume else None
+    differences = _differences(recorded, settings) if recorded is not None else []
+    if differences and _has_checkpoint(run_dir):
+        raise SettingsMismatch(run_dir, differences)
     runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -561,6 +570,11 @@ def run_train(
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
     )
+    # recorded when the run has none yet (a new run, also one started with --resume as the KubeRay job does, or one
+    # from before they were recorded: its resumes are checked from now on) or trained nothing with the recorded ones;
+    # last, so that a command refused above (a typo) leaves no file that blocks its corrected re-run
+    if recorded != settings:
+        _record_settings(run_dir, settings)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
@@ -573,6 +587,127 @@ def run_train(
 def _exists(uri: str) -> bool:
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.exists(path)
+
+
+# ---------------------------------------------------------------------------------------------------- run settings
+SETTINGS_FILE = "fcclip_train.json"  # in the run folder, next to Ray Train's files
+# the config's fields that say what the class head learns from what (a resume may change the others: --max-iters
+# extends a run, lr, steps or checkpoint_every may be tuned for its rest)
+_MODEL_FIELDS = ("name", "model", "data.split", "data.image_size", "data.synonyms", "solver.batch_size")
+
+
+def run_settings(cfg: TrainConfig, training: TrainingSources, selection: LabelSelection) -> dict:
+    """What a run trains on and what it trains, as JSON: the sources (kind, URI, share), the pseudo-label
+    selection, the training vocabulary (the meaning of each class of the head) and the config's model and data
+    fields. A resume that changes any of them would continue the run's checkpoint as another training, under the
+    same name; `run_train` records them when the run starts and refuses such a resume (`SettingsMismatch`)."""
+    config = dataclasses.asdict(cfg)
+    settings = {
+        "sources": [{"kind": s.kind, "uri": _absolute(s.uri), "share": s.share} for s in training.sources],
+        "selection": dataclasses.asdict(selection),
+        "vocabulary": training.vocabulary.to_dict(),
+        "config": {key: _field(config, key) for key in _MODEL_FIELDS},
+    }
+    return json.loads(json.dumps(settings))  # as read back from the file: lists, not tuples
+
+
+def _absolute(uri: str) -> str:
+    """A local path made absolute (a run resumed from another folder names the same data), a URI as it is."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _field(config: dict, dotted: str):
+    """`config`'s value at a dotted key (``data.image_size``)."""
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+class SettingsMismatch(ValueError):
+    """``--resume`` with other settings than the run was started with (`run_settings`): one line that names each
+    setting that differs, the run's value and the command's."""
+
+    def __init__(self, run_dir: str, differences: list[tuple[str, str, str]]):
+        self.differences = differences
+        said = "; ".join(f"{what} {old} (this command says {new})" for what, old, new in differences)
+        super().__init__(f"{run_dir} was trained with {said}: resume with the run's settings, or start a new run "
+                         "with --name")
+
+
+def _differences(recorded: dict, settings: dict) -> list[tuple[str, str, str]]:
+    """(setting as the command line or config names it, the run's value, the command's) for each that differs."""
+    out = []
+
+    def differ(what: str, old, new, text=str) -> None:
+        if old != new:
+            out.append((what, text(old), text(new)))
+
+    (old_data, *old_mix), (new_data, *new_mix) = recorded["sources"], settings["sources"]
+    kinds = old_data["kind"] != new_data["kind"]  # the same URI may hold other data now
+    differ("--data", (old_data["uri"], old_data["kind"]), (new_data["uri"], new_data["kind"]),
+           lambda s: s[0] + (f" (a {KINDS[s[1]]})" if kinds else ""))
+    differ("--mix", old_mix, new_mix, lambda s: f"{s[0]['kind']}={s[0]['uri']}:{s[0]['share']:g}" if s else "none")
+    old_selection, new_selection = recorded["selection"], settings["selection"]
+    differ("--min-score", old_selection["min_score"], new_selection["min_score"], lambda v: f"{v:g}")
+    differ("--class-map", old_selection["class_map"], new_selection["class_map"],
+           lambda pairs: " ".join(f"{a}={b}" for a, b in pairs) or "none")
+    for flag in ("keep", "drop"):
+        differ(f"--{flag}", old_selection[flag], new_selection[flag], lambda names: "; ".join(names) or "none")
+    old_classes, new_classes = _classes(recorded["vocabulary"]), _classes(settings["vocabulary"])
+    if old_classes != new_classes:  # the class head's classes would mean other things
+        out.append(("a vocabulary of", _classes_text(old_classes, new_classes),
+                    _classes_text(new_classes, old_classes)))
+    for key in _MODEL_FIELDS:
+        differ(f"the config's {key}", recorded["config"][key], settings["config"][key])
+    return out
+
+
+def _classes(vocabulary: dict) -> list[tuple]:
+    """What the class head's classes mean, in its order: id, names, thing or stuff (not the colours)."""
+    return [(c["id"], tuple(c["names"]), bool(c["isthing"])) for c in vocabulary["categories"]]
+
+
+def _classes_text(classes: list[tuple], other: list[tuple], most: int = 6) -> str:
+    """`classes` against `other`, short (a vocabulary of 133 classes is no line): how many, and those `other` lacks,
+    or their order when they are the same classes."""
+    only = [c for c in classes if c not in other]
+    if only:
+        more = f" and {len(only) - most} more" if len(only) > most else ""
+        return f"{len(classes)} classes with " + ", ".join(
+            f"{cid} {'/'.join(names)}{'' if thing else ' [stuff]'}" for cid, names, thing in only[:most]) + more
+    if len(classes) == len(other):
+        ids = [str(c[0]) for c in classes]
+        return f"{len(classes)} classes in the order " + ", ".join(ids[:2 * most]) + (", ..." if ids[2 * most:] else "")
+    return f"{len(classes)} classes"
+
+
+def _recorded_settings(run_dir: str) -> dict | None:
+    """The settings the run at `run_dir` was started with, or None for a run without them (nothing there yet, or
+    a run from before they were recorded: it resumes unchecked)."""
+    uri = f"{run_dir}/{SETTINGS_FILE}"
+    if not _exists(uri):
+        return None
+    try:
+        with fsspec.open(uri, "r") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:  # a local write cut short
+        raise ValueError(f"{uri} is not the JSON fcclip train writes ({e}): delete it to resume unchecked") from None
+
+
+def _record_settings(run_dir: str, settings: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{SETTINGS_FILE}", "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    """Whether Ray Train continues the run at `run_dir` from a checkpoint. A run that stopped before its first one
+    trained nothing that other settings could be mixed with: its re-run with corrected settings starts afresh and
+    records them."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # written with the first one
+
+    return _exists(f"{run_dir}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")  # not Result.from_path: it logs a paragraph
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

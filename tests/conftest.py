@@ -5,6 +5,9 @@ import pytest
 
 # tests never write into the user's cache
 os.environ.setdefault("FCCLIP_TEXT_CACHE", "0")
+# Ray Train's controller polls its workers every 2 s by default: a test run's start, end and worker failures are
+# noticed up to 2 s late each time. Set before any Ray starts (its processes inherit the environment).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(autouse=True)

@@ -509,6 +509,10 @@ def run_train(
     A resume (`resume`) with other data, selection, vocabulary or model config than the run was started with is
     refused before Ray starts (`SettingsMismatch`, a ValueError; see `run_settings`).
     """
+    # the training workers run in other folders: a local path relative to this one must not reach them as it is
+    data_root = _absolute(data_root)
+    if mix is not None:
+        mix = dataclasses.replace(mix, uri=_absolute(mix.uri))
     training = open_training_sources(data_root, mix, split=cfg.data.split, synonyms=cfg.data.synonyms,
                                      selection=selection)
     by_kind = {s.kind: s for s in training.sources}
@@ -612,7 +616,8 @@ def run_settings(cfg: TrainConfig, training: TrainingSources, selection: LabelSe
 
 
 def _absolute(uri: str) -> str:
-    """A local path made absolute (a run resumed from another folder names the same data), a URI as it is."""
+    """A local path made absolute (for the workers, and a run resumed from another folder names the same data), a
+    URI as it is."""
     return uri if "://" in uri else os.path.abspath(uri)
 
 

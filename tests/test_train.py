@@ -504,7 +504,8 @@ def test_resume_continues_a_stopped_run(ray_local, s3_bucket, dataset, tmp_path,
     config = _config(tmp_path, "resume", checkpoint_every=5, keep_checkpoints=10, log_every=5,
                      solver={"lr": 0.001, "steps": [12], "warmup_iters": 4, "warmup_factor": 0.1})
     storage = f"s3://{s3_bucket}/runs"
-    args = ["train", "--config", config, "--data", dataset, "--storage", storage]
+    # --data relative to the current folder, as a user types it: the workers run elsewhere
+    args = ["train", "--config", config, "--data", os.path.relpath(dataset), "--storage", storage]
     assert main([*args, "--max-iters", "10"]) == 0
     first = _final(capsys.readouterr().out)
     assert _state(first)["iteration"] == 10

@@ -135,9 +135,10 @@ class LabelEngine:
         self.result = EngineResult()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_decoding = cpus + 1
-        self.decode_fn = ray.remote(_decode).options(num_cpus=1, num_returns=2, max_retries=RETRIES)
+        decode = ray.remote(_decode)
+        self.decode_fn = decode.options(num_cpus=1, num_returns=2, max_retries=RETRIES)
         # a chunk's decode is not retried: its worker's death splits the chunk into single images instead
-        self.decode_chunk_fn = ray.remote(_decode).options(num_cpus=1, num_returns=2, max_retries=0)
+        self.decode_chunk_fn = decode.options(num_cpus=1, num_returns=2, max_retries=0)
         self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES)
         self.commit_fn = ray.remote(_commit).options(num_cpus=0.5, max_retries=RETRIES)
 

@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 		--model fcclip-tiny --weights random --device cpu --out demo/overlays
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not loop"
+	$(BIN)/python -m pytest -q
 
-test-loop: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -rxX -m loop
+test-loop: $(VENV)/.installed  # the round trip alone (it is part of `make test` too)
+	$(BIN)/python -m pytest -q -rP -m loop

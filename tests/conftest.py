@@ -32,12 +32,29 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
+def tiny_preset(tmp_path_factory):
+    """fcclip-tiny's preset with the paper's ensemble weights (0.4 / 0.8) instead of its own 0 (its CLIP is random), as
+    a preset YAML (a file named fcclip-tiny.yaml, so the model keeps its name): the tests of the ensemble,
+    re-classification and embeddings need CLIP's branch to count."""
+    import yaml
+
+    from fcclip.config import config_dir
+
+    data = yaml.safe_load((config_dir() / "models" / "fcclip-tiny.yaml").read_text())
+    data["inference"].update(alpha=0.4, beta=0.8)
+    path = tmp_path_factory.mktemp("preset") / "fcclip-tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_preset):
+    """fcclip-tiny with random weights and the paper's ensemble weights (`tiny_preset`)."""
     from fcclip import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build_model("fcclip-tiny", weights="random", device="cpu")
+        return build_model(tiny_preset, weights="random", device="cpu")
 
 
 @pytest.fixture(scope="session")

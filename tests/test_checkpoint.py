@@ -1,5 +1,4 @@
 """Checkpoints: the official layout round-trips, safetensors too, and anything that does not fit is refused by name."""
-import pickle
 import warnings
 
 import pytest

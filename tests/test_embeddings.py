@@ -29,20 +29,21 @@ def ray_local():
     ray.shutdown()
 
 
-def _label(source, dest, *more):
-    return main(["label", str(source), "--out", str(dest), "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights",
-                 "random", "--short-edge", "0", "--batch-size", "1", "--shard-size", "2", "--no-progress", *more])
+def _label(source, dest, model, *more):
+    return main(["label", str(source), "--out", str(dest), "--vocab", VOCAB, "--model", model, "--weights", "random",
+                 "--short-edge", "0", "--batch-size", "1", "--shard-size", "2", "--no-progress", *more])
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory, ray_local):
-    """Five synthetic images and an unreadable file, labelled with embeddings at their own size."""
+def lake(tmp_path_factory, ray_local, tiny_preset):
+    """Five synthetic images and an unreadable file, labelled with embeddings at their own size by `tiny_model`
+    (fcclip-tiny with the paper's ensemble weights, so that CLIP's branch counts)."""
     from fcclip.datasets.synthetic import write_images
 
     root = tmp_path_factory.mktemp("lake")
     write_images(root / "in", count=5, size=(96, 128), seed=7)
     (root / "in" / "broken.jpg").write_bytes(b"not a picture")
-    assert _label(root / "in", root / "labels", "--embeddings") == 0
+    assert _label(root / "in", root / "labels", tiny_preset, "--embeddings") == 0
     return root
 
 
@@ -83,7 +84,7 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
 
 
 def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path, capsys):
-    assert _label(lake / "in", tmp_path / "plain") == 0
+    assert _label(lake / "in", tmp_path / "plain", "fcclip-tiny") == 0
     assert pq.read_table(tmp_path / "plain").schema.remove_metadata() == SCHEMA
     assert b"fcclip.embeddings" not in pq.read_metadata(tmp_path / "plain" / "part-000000.parquet").metadata
     # and relabel says what it needs

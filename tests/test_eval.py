@@ -63,14 +63,15 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     try:
         out = tmp_path / "results.json"
         code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",
-                     "--data", coco_root, "--batch-size", "1", "--out", str(out), "--no-progress"])
+                     "--data", coco_root, "--batch-size", "1", "--short-edge", "160", "--max-size", "320",
+                     "--out", str(out), "--no-progress"])
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "| coco_panoptic |" in printed
     results = json.loads(out.read_text())
-    assert results["images"] == 3 and results["failed"] == 0
+    assert results["images"] == 3 and results["failed"] == 0 and results["test_size"] == [160, 320]
     assert set(results["panoptic"]) == {"All", "Things", "Stuff", "per_class"}
     for key in ("pq", "sq", "rq", "n"):
         assert key in results["panoptic"]["All"]
@@ -80,8 +81,7 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model("fcclip-tiny", weights="random", device="cpu")
-    predictor = Predictor(model, dataset.vocabulary(), short_edge=dataset.spec.short_edge,
-                          max_size=dataset.spec.max_size, tasks=dataset.spec.tasks)
+    predictor = Predictor(model, dataset.vocabulary(), short_edge=160, max_size=320, tasks=dataset.spec.tasks)
     acc = new_accumulators(dataset)
     for record in dataset.records():
         update(acc, dataset, record, predictor(dataset.load_image(record)))

@@ -1,5 +1,4 @@
 """SOURCE handling: manifests are streamed, never listed or held whole; folders, globs and prefixes."""
-import csv
 import subprocess
 import sys
 from pathlib import Path

@@ -1,13 +1,13 @@
 """`fcclip train` (pipelines/train.py): schedule, weight decay and config units; Ray Train runs on CPU (gloo) with
-checkpoints on a loopback S3 server, a worker killed mid-run (on a labeling output read from S3 mixed with a COCO
-tree), --resume, periodic validation PQ; what --data is, and how a labeling output's rows are read. That training
-learns (PQ on held-out images far above the untrained model's) is asserted by tests/test_pseudo_label_loop.py."""
+checkpoints on a loopback S3 server: a worker killed mid-run (on a labeling output read from S3 mixed with a COCO
+tree), --resume; what --data is, and how a labeling output's rows are read. A plain two-worker run with --mix and its
+checkpoint predicting is in tests/test_train_mix.py; that training learns (PQ on held-out images far above the
+untrained model's) and periodic validation PQ are in tests/test_pseudo_label_loop.py."""
 import math
 import os
 import signal
 import threading
 import time
-import warnings
 
 import pytest
 import torch
@@ -358,54 +358,6 @@ def _train_workers():
     return sorted(found)
 
 
-def _predictor_on(weights, root):
-    import fcclip
-    from fcclip.datasets.coco_panoptic import CocoPanoptic
-
-    ds = CocoPanoptic(root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fcclip.build_model("fcclip-tiny", weights=weights, device="cpu")
-    # the dataset's vocabulary, as in training: segment category ids are the dataset's ids
-    return fcclip.Predictor(model, ds.vocabulary(synonyms="coco_panoptic"), short_edge=None), ds
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_two_workers_checkpoint_to_s3_and_predict(ray_local, s3_bucket, dataset, tmp_path, capsys):
-    config = _config(tmp_path, "two", checkpoint_every=10, keep_checkpoints=10, log_every=10,
-                     solver={"lr": 0.001, "steps": [25], "warmup_iters": 10, "warmup_factor": 0.1})
-    storage = f"s3://{s3_bucket}/runs"
-    code = main(["train", "--config", config, "--data", dataset, "--storage", storage, "--num-workers", "2",
-                 "--max-iters", "30"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    final = _final(out)
-    assert final.startswith(f"{storage}/two/checkpoint_") and final.endswith("/model.pth")
-    assert "trained to iteration 30" in out
-
-    frame = _result(f"{storage}/two").metrics_dataframe
-    assert list(frame["iteration"]) == [10, 20, 30]
-    assert list(frame["start_iteration"]) == [0, 0, 0]
-    losses = frame["loss"].tolist()
-    print(f"losses at iterations 10, 20, 30: {losses}")
-    assert all(math.isfinite(v) for v in frame.select_dtypes("number").to_numpy().ravel())
-    assert losses[-1] < losses[0], losses  # measured: 61.5 -> 52.2 -> 32.7
-    assert frame["lr"].tolist() == pytest.approx([1e-3 * lr_factor(i, load_train_config(config).solver)
-                                                  for i in (10, 20, 30)])
-    assert frame["samples_per_s"].gt(0).all() and frame["data_wait_share"].between(0, 1).all()
-
-    state = _state(final)
-    assert state["iteration"] == 30 and state["scheduler"]["last_epoch"] == 30
-
-    predictor, ds = _predictor_on(final, dataset)  # s3:// weights
-    assert predictor.model.weights_id.startswith("sha256:")
-    record = ds.records()[0]
-    pred = predictor(record["image_uri"])
-    assert pred.panoptic.segment_map.shape == (128, 160)
-    assert {s["category_id"] for s in pred.panoptic.segments} <= {c["id"] for c in ds.categories}
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mix"])
@@ -527,28 +479,3 @@ def test_resume_continues_a_stopped_run(ray_local, s3_bucket, dataset, tmp_path,
     assert frame["start_iteration"].tolist() == [0, 0, 10, 10]
     solver = load_train_config(config).solver
     assert frame["lr"].tolist() == pytest.approx([1e-3 * lr_factor(i, solver) for i in (5, 10, 15, 20)])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_periodic_validation_pq(ray_local, dataset, tmp_path):
-    """With eval_every, checkpoints carry the PQ on the val split; it equals the PQ of that checkpoint computed
-    afresh."""
-    import warnings
-
-    from fcclip import build_model
-    from fcclip.datasets.coco_panoptic import CocoPanoptic
-    from pipelines.train import load_train_config, run_train, validation_pq
-
-    path = _config(tmp_path, "val", checkpoint_every=10, keep_checkpoints=5, log_every=10, eval_every=10,
-                   eval_images=2, solver={"max_iters": 20})
-    cfg = load_train_config(path)
-    result, final = run_train(cfg, dataset, str(tmp_path / "runs"), num_workers=1, max_iters=20)
-    history = result.metrics_dataframe
-    assert "val_pq" in result.metrics and 0.0 <= result.metrics["val_pq"] <= 1.0
-    assert history["val_pq"].notna().sum() == 2  # at iterations 10 and 20
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model("fcclip-tiny", weights=final, device="cpu")
-    vocabulary = CocoPanoptic(dataset, cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
-    assert validation_pq(model, dataset, cfg, vocabulary) == pytest.approx(result.metrics["val_pq"], abs=1e-9)

@@ -1,8 +1,9 @@
 """`fcclip train --data DEST --mix coco=ROOT:SHARE` on a local Ray: both sources opened into one training vocabulary,
-bad ``--mix`` specs refused before Ray Train starts, and a tiny run on two workers that draws from both sources and ends with a
-checkpoint whose class head is the union's."""
+bad ``--mix`` specs refused before Ray Train starts, and a tiny run on two workers with checkpoints on a loopback S3
+server that draws from both sources and ends with a checkpoint whose class head is the union's."""
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,14 +98,23 @@ def _config(tmp_path):
 
 
 @pytest.mark.ray
-def test_train_on_pseudo_labels_mixed_with_coco(coco, labels, tmp_path, capsys, caplog):
+@pytest.mark.slow
+def test_train_on_pseudo_labels_mixed_with_coco(coco, labels, s3_bucket, tmp_path, capsys, caplog):
+    """Two workers (DDP over gloo), checkpoints on the loopback S3 server, samples from both sources; the final
+    checkpoint, read from S3, predicts with the union vocabulary."""
     import logging
+    import warnings
 
     import fsspec
 
-    storage = str(tmp_path / "runs")
+    import fcclip
+    from pipelines.train import load_train_config, lr_factor
+    from pipelines.train_data import MixSpec, open_training_sources
+
+    storage = f"s3://{s3_bucket}/runs"
+    config = _config(tmp_path)
     caplog.set_level(logging.INFO, logger="fcclip.train")
-    code = main(["train", "--config", _config(tmp_path), "--data", labels, "--mix", f"coco={coco}:0.5",
+    code = main(["train", "--config", config, "--data", labels, "--mix", f"coco={coco}:0.5",
                  "--storage", storage, "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-iters", "20"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
@@ -113,6 +123,8 @@ def test_train_on_pseudo_labels_mixed_with_coco(coco, labels, tmp_path, capsys, 
     finals = [line for line in captured.out.splitlines() if line.startswith("final checkpoint: ")]
     assert len(finals) == 1, captured.out
     final = finals[0].split(": ", 1)[1]
+    assert final.startswith(f"{storage}/mix/checkpoint_") and final.endswith("/model.pth")
+    assert "trained to iteration 20" in captured.out
 
     # both sources were read: worker 0's counts, 20 iterations x 2 samples (half the global batch), about half each.
     # Two workers: they must draw from the labeling output at the same steps, or Ray Train's split of it blocks one
@@ -123,10 +135,29 @@ def test_train_on_pseudo_labels_mixed_with_coco(coco, labels, tmp_path, capsys, 
     n_labels, n_coco = int(drawn[1]), int(drawn[2])
     assert n_labels + n_coco == 40 and abs(n_coco - 20) < 4 * math.sqrt(40 * 0.25), (n_labels, n_coco)
     frame = ray.train.Result.from_path(f"{storage}/mix").metrics_dataframe
-    assert frame["iteration"].tolist() == [10, 20]
+    assert frame["iteration"].tolist() == [10, 20] and frame["start_iteration"].tolist() == [0, 0]
     assert (frame["samples_from_labels"] + frame["samples_from_coco"]).tolist() == [20, 40]
+    assert all(math.isfinite(v) for v in frame.select_dtypes("number").to_numpy().ravel())
+    solver = load_train_config(config).solver
+    assert frame["lr"].tolist() == pytest.approx([solver.lr * lr_factor(i, solver) for i in (10, 20)])
+    assert frame["samples_per_s"].gt(0).all() and frame["data_wait_share"].between(0, 1).all()
 
-    # the class head follows the union vocabulary: 8 classes + no-object
+    # the checkpoint: the training state at iteration 20, and a class head that follows the union vocabulary
+    with fsspec.open(final.rsplit("/", 1)[0] + "/state.pt", "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    assert state["iteration"] == 20 and state["scheduler"]["last_epoch"] == 20
     with fsspec.open(final, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)["model"]
-    assert state["criterion.empty_weight"].shape == (9,)
+        weights = torch.load(f, map_location="cpu", weights_only=True)["model"]
+    assert weights["criterion.empty_weight"].shape == (9,)  # 8 classes + no-object
+
+    # ... which predicts, its s3:// URI as the weights, with that vocabulary
+    union = open_training_sources(labels, MixSpec("coco", coco, 0.5), split="train2017",
+                                  synonyms="coco_panoptic")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fcclip.build_model("fcclip-tiny", weights=final, device="cpu")
+    assert model.weights_id.startswith("sha256:")
+    image = sorted((Path(coco) / "train2017").glob("*.jpg"))[0]
+    pred = fcclip.Predictor(model, union, short_edge=None)(str(image)).panoptic
+    assert pred.segment_map.shape == (128, 160)
+    assert {s["category_id"] for s in pred.segments} <= {c.id for c in union.categories}

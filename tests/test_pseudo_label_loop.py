@@ -1,8 +1,8 @@
 """The data-engine loop at tiny scale: a teacher trained on synthetic COCO panoptic labels a second, unlabelled
 synthetic set (`fcclip label`); a student trained only on those pseudo-labels (`fcclip train --data DEST`, through
 Ray Data) segments the held-out validation set nearly as well as the teacher; `fcclip eval --data DEST` measures
-its agreement with the pseudo-labels. The teacher's training is stopped
-half-way and resumed (`--resume`), with periodic validation PQ."""
+its agreement with the pseudo-labels. The teacher's training is stopped half-way and resumed (`--resume`), with
+periodic validation PQ."""
 import json
 import os
 import warnings
@@ -118,10 +118,10 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
     capsys.readouterr()
 
     # 3. the student, on the pseudo-labels only
-    assert main(["train", "--config", _config(tmp_path, "student", STUDENT_ITERATIONS, checkpoint_every=STUDENT_ITERATIONS,
-                                              eval_every=0),
-                 "--data", str(dest), "--storage", str(tmp_path / "runs"), "--num-workers", "1",
-                 "--cpus-per-worker", "1"]) == 0
+    student_config = _config(tmp_path, "student", STUDENT_ITERATIONS, checkpoint_every=STUDENT_ITERATIONS,
+                             eval_every=0)
+    assert main(["train", "--config", student_config, "--data", str(dest), "--storage", str(runs),
+                 "--num-workers", "1", "--cpus-per-worker", "1"]) == 0
     student = _final(capsys.readouterr().out)
 
     teacher_pq, student_pq = _val_pq(teacher, str(labelled)), _val_pq(student, str(labelled))

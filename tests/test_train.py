@@ -1,8 +1,8 @@
-"""`fcclip train` (pipelines/train.py): schedule, weight decay and config units; a two-worker Ray Train run on CPU (gloo)
-with checkpoints on a loopback S3 server, on a labeling output read from S3 mixed with a COCO tree, one worker killed
-mid-run, its final checkpoint predicting; what --data is, and how a labeling output's rows are read. That training
-learns (PQ on held-out images far above the untrained model's), a stopped run resumed with --resume, and periodic
-validation PQ are in tests/test_pseudo_label_loop.py; a resume with other settings is refused in
+"""`fcclip train` (pipelines/train.py): schedule, weight decay and config units; a two-worker Ray Train run on CPU
+(gloo) with checkpoints on a loopback S3 server, on a labeling output read from S3 mixed with a COCO tree, one worker
+killed mid-run, its final checkpoint predicting; what --data is, and how a labeling output's rows are read. That
+training learns (PQ on held-out images far above the untrained model's), a stopped run resumed with --resume, and
+periodic validation PQ are in tests/test_pseudo_label_loop.py; a resume with other settings is refused in
 tests/test_train_resume.py."""
 import math
 import os

@@ -25,4 +25,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 test-loop: $(VENV)/.installed  # the round trip alone (it is part of `make test` too)
-	$(BIN)/python -m pytest -q -rP -m loop
+	$(BIN)/python -m pytest -q -rP --show-capture=stdout -m loop

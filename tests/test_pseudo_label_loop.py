@@ -102,9 +102,11 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
             "--num-workers", "1", "--cpus-per-worker", "2"]
     assert main([*args, "--max-iters", str(half)]) == 0
     stopped = _final(capsys.readouterr().out)
+    assert torch.load(stopped.rsplit("/", 1)[0] + "/state.pt", weights_only=True)["iteration"] == half
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{runs / 'teacher'} already holds a training run" in err and "--resume" in err
+    assert ray.train.Result.from_path(str(runs / "teacher")).metrics_dataframe["iteration"].tolist() == [half]
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     teacher = _final(out)

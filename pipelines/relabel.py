@@ -61,7 +61,7 @@ from .sink import EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, new_run_id, 
 
 logger = logging.getLogger("fcclip.relabel")
 
-_SKIPPED_COLUMNS = ("vocabulary", "run_id")  # replaced by DEST2's
+_SKIPPED_COLUMNS = ("vocabulary", "run_id", "margin", "branches_agree", "unlabeled_share", "uncertainty")  # DEST2's
 BATCH_ROWS = 512
 
 
@@ -248,12 +248,43 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=schema.field(name).type)
     n = table.num_rows
+    columns.update(_uncertainty(result, take, offsets, new_segments, table))
     columns["vocabulary"] = pa.array([constants["vocabulary"]] * n, pa.string())
     columns["run_id"] = pa.array([constants["run_id"]] * n, pa.string())
     status = table.column("status").to_pylist()
     stats["ok"] += status.count("ok")
     stats["failed"] += n - status.count("ok")
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table) -> dict:
+    """sink.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
+    NEW, the unlabeled share from the kept segments' areas (dropped segments' pixels become unlabeled)."""
+    from fcclip.uncertainty import image_uncertainty, query_signals, unlabeled_share
+
+    ens = result.classification.ensemble
+    margin, agree = query_signals(ens.probs, ens.in_vocab_probs, ens.out_vocab_probs)
+    margin = margin.numpy()[take].astype(np.float32).tolist() if take else []
+    agree = agree.numpy()[take].astype(bool).tolist() if take else []
+    status = table.column("status").to_pylist()
+    heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
+    shares, scores = [], []
+    for i, st in enumerate(status):
+        lo, hi = offsets[i], offsets[i + 1]
+        if st != "ok":
+            shares.append(None)
+            scores.append(None)
+            continue
+        share = unlabeled_share([s["area"] for s in segments[lo:hi]], heights[i], widths[i])
+        shares.append(share)
+        scores.append(image_uncertainty(margin[lo:hi], agree[lo:hi], share))
+    off = pa.array(offsets, pa.int32())
+    return {
+        "margin": pa.ListArray.from_arrays(off, pa.array(margin, pa.float32())),
+        "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "unlabeled_share": pa.array(shares, pa.float32()),
+        "uncertainty": pa.array(scores, pa.float32()),
+    }
 
 
 def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,

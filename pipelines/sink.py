@@ -72,8 +72,18 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("vocabulary", pa.string()),
         pa.field("run_id", pa.string()),
+        # fcclip.uncertainty: per segment (lists parallel to `segments`) and per image; null from model stages
+        # that do not give them
+        pa.field("margin", pa.list_(pa.float32())),
+        pa.field("branches_agree", pa.list_(pa.bool_())),
+        pa.field("unlabeled_share", pa.float32()),
+        pa.field("uncertainty", pa.float32()),
     ]
 )
+
+UNCERTAINTY_COLUMNS = ("margin", "branches_agree", "unlabeled_share", "uncertainty")
+"""fcclip.uncertainty's signals: `margin` and `branches_agree` per segment, `unlabeled_share` and `uncertainty`
+per image."""
 
 
 EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")

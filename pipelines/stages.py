@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
 EMBEDDING_KEYS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
+UNCERTAINTY_KEYS = ("margin", "branches_agree")  # per segment, fcclip.uncertainty (model stages may omit them)
 """With ``--embeddings``, what a model stage adds to each segment (see FCCLIPSegmenter)."""
 
 
@@ -215,10 +216,24 @@ class FCCLIPSegmenter:
                 keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
                 segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
             segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
+            _add_uncertainty(segments, [s["query_index"] for s in kept], out, j)
             if self.embeddings:
                 _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
             results.append((_narrow(segment_map), segments))
         return results
+
+
+def _add_uncertainty(segments: list[dict], queries: list[int], out, j: int) -> None:
+    """Attach to each segment its query's margin and branch agreement (fcclip.uncertainty.query_signals)."""
+    if not segments:
+        return
+    from fcclip.uncertainty import query_signals
+
+    ens = out.ensemble
+    margin, agree = query_signals(ens.probs[j], ens.in_vocab_probs[j], ens.out_vocab_probs[j])
+    margin, agree = margin.cpu().numpy(), agree.cpu().numpy()
+    for s, q in zip(segments, queries):
+        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]))
 
 
 def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> None:
@@ -267,7 +282,7 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
         model_s += time.perf_counter() - t
         for i, (segment_map, segs) in zip(index, out):
             maps[i] = _narrow(np.asarray(segment_map))
-            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_KEYS if k in s} for s in segs]
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_KEYS + UNCERTAINTY_KEYS if k in s} for s in segs]
 
     for start in range(0, len(todo), max(1, batch_size)):
         batch = todo[start : start + max(1, batch_size)]
@@ -402,10 +417,40 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
         "vocabulary": pa.array([constants["vocabulary"]] * n, pa.string()),
         "run_id": pa.array([constants["run_id"]] * n, pa.string()),
     }
+    columns.update(_uncertainty_columns(embedded, offsets, status, widths, heights, seg_fields["area"]))
     if dim:
         columns.update(_embedding_columns(embedded, offsets_array, dim, schema))
     table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
     return table.append_column("row", pa.array(rows, pa.int32()))
+
+
+def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[str], widths: list, heights: list,
+                         areas: list[int]) -> dict:
+    """sink.UNCERTAINTY_COLUMNS for a chunk: margins and agreement as lists parallel to ``segments`` (null where the
+    model stage gave none), the unlabeled share and the image's uncertainty (null on error rows, and the
+    uncertainty also where a segment has no signals)."""
+    from fcclip.uncertainty import image_uncertainty, unlabeled_share
+
+    margins = [s.get("margin") for s in segments]
+    agree = [s.get("branches_agree") for s in segments]
+    shares, scores = [], []
+    for i, st in enumerate(status):
+        lo, hi = offsets[i], offsets[i + 1]
+        if st != "ok":
+            shares.append(None)
+            scores.append(None)
+            continue
+        share = unlabeled_share(areas[lo:hi], heights[i], widths[i])
+        shares.append(share)
+        m, a = margins[lo:hi], agree[lo:hi]
+        scores.append(None if any(v is None for v in m + a) else image_uncertainty(m, a, share))
+    off = pa.array(offsets, pa.int32())
+    return {
+        "margin": pa.ListArray.from_arrays(off, pa.array(margins, pa.float32())),
+        "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "unlabeled_share": pa.array(shares, pa.float32()),
+        "uncertainty": pa.array(scores, pa.float32()),
+    }
 
 
 def _embedding_columns(segments: list[dict], offsets: pa.Array, dim: int, schema: pa.Schema) -> dict:

@@ -1,0 +1,76 @@
+"""Signals that predict a wrong label, from what the model already computed (pure functions).
+
+Per segment (from the query it came from, ``PanopticOutput.query_index``):
+
+- ``margin``: the ensembled probability of the segment's class minus that of the next best class (void excluded),
+  in [0, 1]. A small margin means another class of the vocabulary was almost as likely.
+- ``branches_agree``: whether the in-vocabulary (decoder) and out-of-vocabulary (frozen CLIP) classifiers put the
+  same class on top. FC-CLIP's geometric ensemble hides their disagreement; a disagreement is a coin toss the
+  ensemble settled.
+
+Per image:
+
+- ``unlabeled_share``: the share of the image's pixels that no segment covers, in [0, 1].
+- ``uncertainty``: one number to rank images by (:func:`image_uncertainty`), in [0, 1].
+
+All of them are computed once per image at labeling time from tensors the model has anyway (no extra forward
+pass) and stored as columns of the labeling output; ``fcclip relabel`` recomputes them under a new vocabulary from
+the stored embeddings.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["query_signals", "segment_doubt", "image_uncertainty", "unlabeled_share"]
+
+
+def query_signals(
+    probs: torch.Tensor, in_vocab_probs: torch.Tensor, out_vocab_probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: the margin between the best and second-best class after the ensemble, and whether the two
+    classifiers agree on the top class.
+
+    Args:
+        probs: (..., Q, K + 1) the ensemble's class probabilities, void last (``EnsembleOutput.probs``).
+        in_vocab_probs, out_vocab_probs: (..., Q, K) each branch's class probabilities without void.
+    Returns:
+        margin: (..., Q) float32 in [0, 1] (1 - 0 with a single class: nothing to confuse it with).
+        agree: (..., Q) bool.
+    """
+    classes = probs[..., :-1].float()
+    if classes.shape[-1] >= 2:
+        top2 = classes.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+    else:
+        margin = classes[..., 0]
+    agree = in_vocab_probs.argmax(-1) == out_vocab_probs.argmax(-1)
+    return margin.clamp(0.0, 1.0), agree
+
+
+def segment_doubt(margin: float, agree: bool) -> float:
+    """One segment's doubt in [0, 1]: (1 - margin) when the branches agree, pushed half-way to 1 when they do not."""
+    doubt = 1.0 - float(np.clip(margin, 0.0, 1.0))
+    return doubt if agree else 0.5 * (1.0 + doubt)
+
+
+def image_uncertainty(margins: Sequence[float], agree: Sequence[bool], unlabeled: float) -> float:
+    """An image's uncertainty in [0, 1]: the mean of its segments' doubts (:func:`segment_doubt`), averaged with
+    its unlabeled share; 1 for an image without segments (nothing was found: a person should look).
+
+    A segment counts once whatever its size: small segments are wrong at least as often as large ones.
+    """
+    if len(margins) == 0:
+        return 1.0
+    doubts = [segment_doubt(m, a) for m, a in zip(margins, agree)]
+    return float(0.5 * (sum(doubts) / len(doubts)) + 0.5 * float(np.clip(unlabeled, 0.0, 1.0)))
+
+
+def unlabeled_share(areas: Sequence[int], height: int, width: int) -> float:
+    """The share of pixels no segment covers, from the segments' areas (panoptic segments do not overlap)."""
+    total = int(height) * int(width)
+    if total <= 0:
+        return 0.0
+    return float(np.clip(1.0 - float(sum(int(a) for a in areas)) / total, 0.0, 1.0))

@@ -49,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                        RAY_EXTRA),
     "search": Command("pipelines.search", "segments of a labeling output ranked by similarity to a text",
                       ("pyarrow",)),
+    "review": Command("pipelines.review", "pick the labels most likely wrong, review them in Label Studio, pull "
+                      "the corrections back", ("pyarrow",)),
     "embed-text": Command("pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
     "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
     "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),

@@ -112,8 +112,15 @@ class LabelStudio:
         return self.request("GET", f"/api/projects/{found[0]['id']}") if found else None
 
     def tasks(self, project_id: int) -> list[dict]:
-        """Every task of the project with its annotations (the JSON export of all tasks)."""
-        return self.request("GET", f"/api/projects/{project_id}/export?exportType=JSON&download_all_tasks=true")
+        """Every task of the project with its predictions and annotations, a page at a time."""
+        out, page = [], 1
+        while True:
+            data = self.request("GET", f"/api/tasks?project={project_id}&fields=all&page={page}&page_size=100")
+            batch = data.get("tasks", []) if isinstance(data, dict) else data
+            out += batch
+            if not batch or len(out) >= int(data.get("total", len(out))):
+                return out
+            page += 1
 
 
 # ----------------------------------------------------------------------------------------------------- the config

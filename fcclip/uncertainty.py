@@ -50,21 +50,25 @@ def query_signals(
     return margin.clamp(0.0, 1.0), agree
 
 
-def segment_doubt(margin: float, agree: bool) -> float:
-    """One segment's doubt in [0, 1]: (1 - margin) when the branches agree, pushed half-way to 1 when they do not."""
+def segment_doubt(margin: float, agree: bool, use_agreement: bool = True) -> float:
+    """One segment's doubt in [0, 1]: (1 - margin), pushed half-way to 1 when the branches disagree.
+
+    ``use_agreement``: whether the disagreement counts. It does not when the model's ensemble gives the
+    out-of-vocabulary branch no weight (alpha = beta = 0, e.g. ``fcclip-tiny``, whose CLIP is random): that branch
+    then decides nothing and its vote is noise.
+    """
     doubt = 1.0 - float(np.clip(margin, 0.0, 1.0))
-    return doubt if agree else 0.5 * (1.0 + doubt)
+    return doubt if agree or not use_agreement else 0.5 * (1.0 + doubt)
 
 
-def image_uncertainty(margins: Sequence[float], agree: Sequence[bool], unlabeled: float) -> float:
+def image_uncertainty(doubts: Sequence[float], unlabeled: float) -> float:
     """An image's uncertainty in [0, 1]: the mean of its segments' doubts (:func:`segment_doubt`), averaged with
     its unlabeled share; 1 for an image without segments (nothing was found: a person should look).
 
     A segment counts once whatever its size: small segments are wrong at least as often as large ones.
     """
-    if len(margins) == 0:
+    if len(doubts) == 0:
         return 1.0
-    doubts = [segment_doubt(m, a) for m, a in zip(margins, agree)]
     return float(0.5 * (sum(doubts) / len(doubts)) + 0.5 * float(np.clip(unlabeled, 0.0, 1.0)))
 
 

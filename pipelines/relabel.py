@@ -248,7 +248,7 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=schema.field(name).type)
     n = table.num_rows
-    columns.update(_uncertainty(result, take, offsets, new_segments, table))
+    columns.update(_uncertainty(result, take, offsets, new_segments, table, space.alpha > 0 or space.beta > 0))
     columns["vocabulary"] = pa.array([constants["vocabulary"]] * n, pa.string())
     columns["run_id"] = pa.array([constants["run_id"]] * n, pa.string())
     status = table.column("status").to_pylist()
@@ -257,10 +257,11 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table) -> dict:
+def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table,
+                 use_agreement: bool) -> dict:
     """sink.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
     NEW, the unlabeled share from the kept segments' areas (dropped segments' pixels become unlabeled)."""
-    from fcclip.uncertainty import image_uncertainty, query_signals, unlabeled_share
+    from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt, unlabeled_share
 
     ens = result.classification.ensemble
     margin, agree = query_signals(ens.probs, ens.in_vocab_probs, ens.out_vocab_probs)
@@ -277,7 +278,8 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
             continue
         share = unlabeled_share([s["area"] for s in segments[lo:hi]], heights[i], widths[i])
         shares.append(share)
-        scores.append(image_uncertainty(margin[lo:hi], agree[lo:hi], share))
+        scores.append(image_uncertainty([segment_doubt(m, a, use_agreement)
+                                         for m, a in zip(margin[lo:hi], agree[lo:hi])], share))
     off = pa.array(offsets, pa.int32())
     return {
         "margin": pa.ListArray.from_arrays(off, pa.array(margin, pa.float32())),

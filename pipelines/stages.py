@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
 EMBEDDING_KEYS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
-UNCERTAINTY_KEYS = ("margin", "branches_agree")  # per segment, fcclip.uncertainty (model stages may omit them)
+UNCERTAINTY_KEYS = ("margin", "branches_agree", "doubt")  # per segment, fcclip.uncertainty (model stages may omit
+# them); doubt is not stored, the image's uncertainty is made of it
 """With ``--embeddings``, what a model stage adds to each segment (see FCCLIPSegmenter)."""
 
 
@@ -195,6 +196,8 @@ class FCCLIPSegmenter:
         self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
         self.embeddings = spec.embeddings
+        inference = self.model.config.inference
+        self.use_agreement = inference.alpha > 0 or inference.beta > 0  # the CLIP branch has a say
         self.run_metadata = {}
         if spec.embeddings:
             from fcclip.reclassify import EmbeddingSpace
@@ -216,24 +219,28 @@ class FCCLIPSegmenter:
                 keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
                 segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
             segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
-            _add_uncertainty(segments, [s["query_index"] for s in kept], out, j)
+            _add_uncertainty(segments, [s["query_index"] for s in kept], out, j, self.use_agreement)
             if self.embeddings:
                 _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
             results.append((_narrow(segment_map), segments))
         return results
 
 
-def _add_uncertainty(segments: list[dict], queries: list[int], out, j: int) -> None:
-    """Attach to each segment its query's margin and branch agreement (fcclip.uncertainty.query_signals)."""
+def _add_uncertainty(segments: list[dict], queries: list[int], out, j: int, use_agreement: bool) -> None:
+    """Attach to each segment its query's margin, branch agreement and doubt (fcclip.uncertainty); the doubt counts
+    the agreement when ``use_agreement`` (the ensemble weights the out-of-vocabulary branch)."""
     if not segments:
         return
     from fcclip.uncertainty import query_signals
+
+    from fcclip.uncertainty import segment_doubt
 
     ens = out.ensemble
     margin, agree = query_signals(ens.probs[j], ens.in_vocab_probs[j], ens.out_vocab_probs[j])
     margin, agree = margin.cpu().numpy(), agree.cpu().numpy()
     for s, q in zip(segments, queries):
-        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]))
+        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]),
+                 doubt=segment_doubt(float(margin[q]), bool(agree[q]), use_agreement))
 
 
 def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> None:
@@ -433,6 +440,7 @@ def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[
 
     margins = [s.get("margin") for s in segments]
     agree = [s.get("branches_agree") for s in segments]
+    doubts = [s.get("doubt") for s in segments]
     shares, scores = [], []
     for i, st in enumerate(status):
         lo, hi = offsets[i], offsets[i + 1]
@@ -442,8 +450,8 @@ def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[
             continue
         share = unlabeled_share(areas[lo:hi], heights[i], widths[i])
         shares.append(share)
-        m, a = margins[lo:hi], agree[lo:hi]
-        scores.append(None if any(v is None for v in m + a) else image_uncertainty(m, a, share))
+        d = doubts[lo:hi]
+        scores.append(None if any(v is None for v in d) else image_uncertainty(d, share))
     off = pa.array(offsets, pa.int32())
     return {
         "margin": pa.ListArray.from_arrays(off, pa.array(margins, pa.float32())),

@@ -9,7 +9,7 @@ import torch
 
 from fcclip import Predictor
 from fcclip.reclassify import EmbeddingSpace
-from fcclip.uncertainty import image_uncertainty, query_signals
+from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt
 from fcclip.vocabulary import load_vocabulary
 from pipelines.cli import main
 from pipelines.sink import SCHEMA, output_schema
@@ -89,8 +89,8 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
         assert r["branches_agree"] == agree[r["query_index"]].tolist()
         assert r["unlabeled_share"] == pytest.approx(1 - sum(s["area"] for s in r["segments"]) / (size[0] * size[1]),
                                                      abs=1e-4)
-        assert r["uncertainty"] == pytest.approx(image_uncertainty(r["margin"], r["branches_agree"],
-                                                                   r["unlabeled_share"]), abs=1e-4)
+        doubts = [segment_doubt(m, a) for m, a in zip(r["margin"], r["branches_agree"])]  # alpha, beta > 0 here
+        assert r["uncertainty"] == pytest.approx(image_uncertainty(doubts, r["unlabeled_share"]), abs=1e-4)
 
 
 def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path, capsys):

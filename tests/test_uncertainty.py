@@ -26,11 +26,12 @@ def test_doubt_and_image_uncertainty():
     assert segment_doubt(0.0, True) == 1.0
     assert segment_doubt(1.0, False) == 0.5
     assert segment_doubt(0.6, False) == pytest.approx(0.7)
-    assert image_uncertainty([], [], 0.0) == 1.0  # nothing found: look at it
-    assert image_uncertainty([1.0, 1.0], [True, True], 0.0) == 0.0
-    assert image_uncertainty([0.5, 1.0], [True, False], 0.2) == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
+    assert segment_doubt(0.6, False, use_agreement=False) == pytest.approx(0.4)  # CLIP's branch had no say
+    assert image_uncertainty([], 0.0) == 1.0  # nothing found: look at it
+    assert image_uncertainty([0.0, 0.0], 0.0) == 0.0
+    assert image_uncertainty([0.5, 0.5], 0.2) == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
     # more doubt ranks higher
-    assert image_uncertainty([0.1], [False], 0.3) > image_uncertainty([0.9], [True], 0.3)
+    assert image_uncertainty([segment_doubt(0.1, False)], 0.3) > image_uncertainty([segment_doubt(0.9, True)], 0.3)
     assert unlabeled_share([10, 20], 10, 10) == pytest.approx(0.7)
     assert unlabeled_share([], 4, 5) == 1.0
     assert unlabeled_share([20], 4, 5) == 0.0
@@ -64,10 +65,27 @@ def test_model_stage_columns_are_the_models_own(tiny_preset, tiny_model):
         np.testing.assert_allclose(r["margin"], margin[queries].numpy(), atol=1e-4)
         assert r["branches_agree"] == agree[queries].tolist()
         assert r["unlabeled_share"] == pytest.approx(float((pred.panoptic.segment_map == 0).mean()), abs=1e-6)
-        assert r["uncertainty"] == pytest.approx(image_uncertainty(r["margin"], r["branches_agree"],
-                                                                   r["unlabeled_share"]), abs=1e-6)
+        doubts = [segment_doubt(m, a) for m, a in zip(r["margin"], r["branches_agree"])]  # alpha, beta > 0 here
+        assert r["uncertainty"] == pytest.approx(image_uncertainty(doubts, r["unlabeled_share"]), abs=1e-5)
         total += len(queries)
     assert total > 0
+
+
+def test_without_clip_weight_disagreement_does_not_count():
+    """fcclip-tiny's own preset gives CLIP's branch no weight (alpha = beta = 0): its doubts ignore agreement."""
+
+    from fcclip.vocabulary import load_vocabulary
+    from pipelines.stages import FCCLIPSegmenter, ModelSpec
+
+    vocab = load_vocabulary("person; car; grass [stuff]; sky [stuff]")
+    segmenter = FCCLIPSegmenter(ModelSpec(model="fcclip-tiny", weights="random", vocabulary=vocab.to_dict(),
+                                          device="cpu"))
+    assert not segmenter.use_agreement
+    rng = np.random.default_rng(1)
+    ((_, segments),) = segmenter([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)], [(64, 64)])
+    assert segments
+    for s in segments:
+        assert s["doubt"] == pytest.approx(1 - s["margin"])
 
 
 def test_stage_without_signals_and_error_rows_give_nulls():

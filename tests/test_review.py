@@ -328,3 +328,24 @@ def test_codec_matches_label_studios_own(label_studio, tmp_path):
     for m, decoded, encoded in zip(masks, theirs["decoded"], theirs["encoded"]):
         np.testing.assert_array_equal(np.array(decoded) == 255, m)
         np.testing.assert_array_equal(brush.decode(encoded, *m.shape), m)
+
+
+def test_object_store_images_get_presigned_urls(s3_bucket):
+    """An s3:// image reaches the reviewer's browser through a presigned URL (no credentials in it)."""
+    import boto3
+    import requests
+
+    from pipelines.label_studio import _image_url
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="photos/a.jpg", Body=b"jpeg bytes")
+    url, folder = _image_url(f"s3://{s3_bucket}/photos/a.jpg", None, expiry=600)
+    assert folder is None and url.startswith("http") and "Signature" in url
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in url
+    assert requests.get(url, timeout=30).content == b"jpeg bytes"
+    assert _image_url("https://example.com/x.jpg", None, 600) == ("https://example.com/x.jpg", None)
+    from pipelines.label_studio import LabelStudioError
+
+    with pytest.raises(LabelStudioError, match="--document-root"):
+        _image_url("/data/x.jpg", None, 600)
+    with pytest.raises(LabelStudioError, match="not under --document-root"):
+        _image_url("/elsewhere/x.jpg", "/data", 600)

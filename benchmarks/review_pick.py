@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--gt-images", type=int, default=64)
     p.add_argument("--val-images", type=int, default=16)
     p.add_argument("--pool", type=int, default=128)
+    p.add_argument("--pool-seed", type=int, default=1, help="the pool's synthetic images (the teacher's are seed 0)")
     p.add_argument("--count", type=int, default=16, help="images picked")
     p.add_argument("--teacher-iterations", type=int, default=150)
     p.add_argument("--random-seeds", type=int, default=200)
@@ -184,11 +185,12 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    gt_root, pool = out / "gt", out / "pool"
+    gt_root, pool = out / "gt", out / f"pool-{args.pool_seed}"
     t0 = time.time()
     if not (gt_root / "annotations").exists():
         write_coco_panoptic(gt_root, args.gt_images, seed=0, size=SIZE, num_val=args.val_images)
-        write_coco_panoptic(pool, args.pool, seed=1, size=SIZE, also_val=False)
+    if not (pool / "annotations").exists():
+        write_coco_panoptic(pool, args.pool, seed=args.pool_seed, size=SIZE, also_val=False)
     vocabulary = CocoPanoptic(str(gt_root)).vocabulary(synonyms="coco_panoptic")
     vocab_path = out / "vocabulary.json"
     vocab_path.write_text(json.dumps(vocabulary.to_dict()))
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     if not teacher_file.exists():
         teacher_file.write_text(_train(out, "teacher", str(gt_root), args.teacher_iterations))
     teacher = teacher_file.read_text().strip()
-    labels = out / "labels"
+    labels = out / f"labels-{args.pool_seed}"
     if not labels.exists():
         _run(["label", str(pool / "train2017"), "--out", str(labels), "--vocab", str(vocab_path), "--model",
               "fcclip-tiny", "--weights", teacher, "--short-edge", "0", "--shard-size", "32", "--no-progress"])
@@ -216,8 +218,9 @@ def main(argv=None) -> int:
         "wrong_share_all": overall, "count": args.count, "wrong_share_uncertainty": share_u,
         "wrong_share_random_mean": share_r, "wrong_share_random_p95": float(np.percentile(randoms, 95)),
         "ratio": share_u / max(share_r, 1e-9), "teacher_iterations": args.teacher_iterations, "setup_s": setup_s,
+        "pool_seed": args.pool_seed,
     }
-    print(f"## review_pick.py\n\n{len(rows)} labeled images, {report['segments']} segments, "
+    print(f"## review_pick.py (pool seed {args.pool_seed})\n\n{len(rows)} labeled images, {report['segments']} segments, "
           f"{overall:.1%} of them wrong (IoU < 0.5 with ground truth, or another class)\n")
     print("| picks | images | wrong segments among their segments |\n|---|---|---|")
     print(f"| by uncertainty | {args.count} | {share_u:.1%} |")
@@ -226,13 +229,13 @@ def main(argv=None) -> int:
     print(f"\nratio uncertainty / random: {report['ratio']:.2f}x")
 
     if args.student:
-        reviewed, merged = out / "reviewed", out / "merged"
+        reviewed, merged = out / f"reviewed-{args.pool_seed}", out / f"merged-{args.pool_seed}"
         if not merged.exists():
             _reviewed_output(reviewed, by_uncertainty, rows, truth, vocabulary)
             review.merge(str(labels), str(reviewed), str(merged))
         t1 = time.time()
-        alone = _train(out, "student-pseudo", str(labels), args.student_iterations)
-        mixed = _train(out, "student-reviewed", str(merged), args.student_iterations)
+        alone = _train(out, f"student-pseudo-{args.pool_seed}", str(labels), args.student_iterations)
+        mixed = _train(out, f"student-reviewed-{args.pool_seed}", str(merged), args.student_iterations)
         pq_teacher, pq_alone, pq_mixed = (_val_pq(w, str(gt_root)) for w in (teacher, alone, mixed))
         report.update(student_iterations=args.student_iterations, pq_teacher=pq_teacher, pq_student_pseudo=pq_alone,
                       pq_student_reviewed=pq_mixed, student_s=time.time() - t1)

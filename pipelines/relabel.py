@@ -267,6 +267,12 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
     margin, agree = query_signals(ens.probs, ens.in_vocab_probs, ens.out_vocab_probs)
     margin = margin.numpy()[take].astype(np.float32).tolist() if take else []
     agree = agree.numpy()[take].astype(bool).tolist() if take else []
+    mask = {}  # the masks do not change: each kept segment keeps its source segment's mask signals (null if none)
+    counts = [len(row or []) for row in table.column("segments").to_pylist()]
+    for name in ("mask_score", "kept_share"):
+        lists = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+        values = [v for row, n in zip(lists, counts) for v in (row if row is not None and len(row) == n else [None] * n)]
+        mask[name] = [values[k] for k in take]
     status = table.column("status").to_pylist()
     heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
     shares, scores = [], []
@@ -278,12 +284,15 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
             continue
         share = unlabeled_share([s["area"] for s in segments[lo:hi]], heights[i], widths[i])
         shares.append(share)
-        scores.append(image_uncertainty([segment_doubt(m, a, use_agreement)
-                                         for m, a in zip(margin[lo:hi], agree[lo:hi])], share))
+        scores.append(image_uncertainty([
+            segment_doubt(m, a, ms, ks, use_agreement) for m, a, ms, ks in
+            zip(margin[lo:hi], agree[lo:hi], mask["mask_score"][lo:hi], mask["kept_share"][lo:hi])], share))
     off = pa.array(offsets, pa.int32())
     return {
         "margin": pa.ListArray.from_arrays(off, pa.array(margin, pa.float32())),
         "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "mask_score": pa.ListArray.from_arrays(off, pa.array(mask["mask_score"], pa.float32())),
+        "kept_share": pa.ListArray.from_arrays(off, pa.array(mask["kept_share"], pa.float32())),
         "unlabeled_share": pa.array(shares, pa.float32()),
         "uncertainty": pa.array(scores, pa.float32()),
     }

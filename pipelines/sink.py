@@ -76,14 +76,16 @@ SCHEMA = pa.schema(
         # that do not give them
         pa.field("margin", pa.list_(pa.float32())),
         pa.field("branches_agree", pa.list_(pa.bool_())),
+        pa.field("mask_score", pa.list_(pa.float32())),
+        pa.field("kept_share", pa.list_(pa.float32())),
         pa.field("unlabeled_share", pa.float32()),
         pa.field("uncertainty", pa.float32()),
     ]
 )
 
-UNCERTAINTY_COLUMNS = ("margin", "branches_agree", "unlabeled_share", "uncertainty")
-"""fcclip.uncertainty's signals: `margin` and `branches_agree` per segment, `unlabeled_share` and `uncertainty`
-per image."""
+UNCERTAINTY_COLUMNS = ("margin", "branches_agree", "mask_score", "kept_share", "unlabeled_share", "uncertainty")
+"""fcclip.uncertainty's signals: `margin`, `branches_agree`, `mask_score` and `kept_share` per segment (lists
+parallel to `segments`), `unlabeled_share` and `uncertainty` per image."""
 
 
 EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
 EMBEDDING_KEYS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
-UNCERTAINTY_KEYS = ("margin", "branches_agree", "doubt")  # per segment, fcclip.uncertainty (model stages may omit
+UNCERTAINTY_KEYS = ("margin", "branches_agree", "mask_score", "kept_share", "doubt")  # per segment, fcclip.uncertainty (model stages may omit
 # them); doubt is not stored, the image's uncertainty is made of it
 """With ``--embeddings``, what a model stage adds to each segment (see FCCLIPSegmenter)."""
 
@@ -219,28 +219,39 @@ class FCCLIPSegmenter:
                 keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
                 segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
             segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
-            _add_uncertainty(segments, [s["query_index"] for s in kept], out, j, self.use_agreement)
+            _add_uncertainty(segments, [s["query_index"] for s in kept], [s["area"] for s in kept], out, j,
+                             resized[j], size, self.use_agreement)
             if self.embeddings:
                 _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
             results.append((_narrow(segment_map), segments))
         return results
 
 
-def _add_uncertainty(segments: list[dict], queries: list[int], out, j: int, use_agreement: bool) -> None:
-    """Attach to each segment its query's margin, branch agreement and doubt (fcclip.uncertainty); the doubt counts
-    the agreement when ``use_agreement`` (the ensemble weights the out-of-vocabulary branch)."""
+def _add_uncertainty(segments: list[dict], queries: list[int], areas: list[int], out, j: int,
+                     resized: tuple[int, int], size: tuple[int, int], use_agreement: bool) -> None:
+    """Attach to each segment its query's signals (fcclip.uncertainty: margin, branch agreement, mask score, kept
+    share) and its doubt; the doubt counts the agreement when ``use_agreement`` (the ensemble weights CLIP's
+    branch). ``resized``: the image's (h, w) as fed to the model; ``size``: the output's (H, W)."""
     if not segments:
         return
-    from fcclip.uncertainty import query_signals
+    import torch
 
-    from fcclip.uncertainty import segment_doubt
+    from fcclip.uncertainty import mask_signals, query_signals, segment_doubt
 
     ens = out.ensemble
     margin, agree = query_signals(ens.probs[j], ens.in_vocab_probs[j], ens.out_vocab_probs[j])
     margin, agree = margin.cpu().numpy(), agree.cpu().numpy()
-    for s, q in zip(segments, queries):
-        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]),
-                 doubt=segment_doubt(float(margin[q]), bool(agree[q]), use_agreement))
+    index = torch.as_tensor(queries, dtype=torch.long)
+    h4, w4 = -(-int(resized[0]) // 4), -(-int(resized[1]) // 4)
+    logits = out.mask_logits[j][index.to(out.mask_logits.device), :h4, :w4]
+    scale = (int(size[0]) * int(size[1])) / max(logits.shape[-2] * logits.shape[-1], 1)
+    mask_score, kept_share = mask_signals(logits, torch.as_tensor(areas, device=logits.device), scale)
+    mask_score, kept_share = mask_score.cpu().numpy(), kept_share.cpu().numpy()
+    for k, (s, q) in enumerate(zip(segments, queries)):
+        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]), mask_score=float(mask_score[k]),
+                 kept_share=float(kept_share[k]))
+        s["doubt"] = segment_doubt(s["margin"], s["branches_agree"], s["mask_score"], s["kept_share"],
+                                   use_agreement)
 
 
 def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> None:
@@ -441,6 +452,8 @@ def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[
     margins = [s.get("margin") for s in segments]
     agree = [s.get("branches_agree") for s in segments]
     doubts = [s.get("doubt") for s in segments]
+    mask_scores = [s.get("mask_score") for s in segments]
+    kept = [s.get("kept_share") for s in segments]
     shares, scores = [], []
     for i, st in enumerate(status):
         lo, hi = offsets[i], offsets[i + 1]
@@ -456,6 +469,8 @@ def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[
     return {
         "margin": pa.ListArray.from_arrays(off, pa.array(margins, pa.float32())),
         "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "mask_score": pa.ListArray.from_arrays(off, pa.array(mask_scores, pa.float32())),
+        "kept_share": pa.ListArray.from_arrays(off, pa.array(kept, pa.float32())),
         "unlabeled_share": pa.array(shares, pa.float32()),
         "uncertainty": pa.array(scores, pa.float32()),
     }

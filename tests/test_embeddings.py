@@ -89,7 +89,8 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
         assert r["branches_agree"] == agree[r["query_index"]].tolist()
         assert r["unlabeled_share"] == pytest.approx(1 - sum(s["area"] for s in r["segments"]) / (size[0] * size[1]),
                                                      abs=1e-4)
-        doubts = [segment_doubt(m, a) for m, a in zip(r["margin"], r["branches_agree"])]  # alpha, beta > 0 here
+        doubts = [segment_doubt(*v) for v in  # alpha, beta > 0 here
+                  zip(r["margin"], r["branches_agree"], r["mask_score"], r["kept_share"])]
         assert r["uncertainty"] == pytest.approx(image_uncertainty(doubts, r["unlabeled_share"]), abs=1e-4)
 
 
@@ -170,6 +171,7 @@ def test_relabel_with_another_vocabulary_gives_the_models_classes(lake, tiny_mod
             gaps = [p[0, q].topk(2).values for p in (ens.in_vocab_probs, ens.out_vocab_probs)]
             if all(float(g[0] - g[1]) > 1e-2 for g in gaps):  # not a near tie that float16 could flip
                 assert a == bool(agree[q])
+        assert set(after[uri]["mask_score"]) <= set(r["mask_score"])  # the masks' signals are kept
         share = 1 - sum(s["area"] for s in got) / (after[uri]["height"] * after[uri]["width"])
         assert after[uri]["unlabeled_share"] == pytest.approx(share, abs=1e-4)
         changed += len(got)

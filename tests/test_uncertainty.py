@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt, unlabeled_share
+from fcclip.uncertainty import image_uncertainty, mask_signals, query_signals, segment_doubt, unlabeled_share
 
 
 def test_query_signals_on_known_probabilities():
@@ -21,17 +21,31 @@ def test_query_signals_on_known_probabilities():
     assert m1.tolist() == pytest.approx([0.9]) and a1.tolist() == [True]
 
 
+def test_mask_signals_on_known_masks():
+    big = 20.0
+    logits = torch.full((3, 4, 4), -big)
+    logits[0, :2, :2] = big  # 4 sure cells
+    logits[1, :, :2] = 0.4  # 8 hesitant cells (p = 0.599)
+    # query 2: no cell above 0.5
+    kept_pixels = torch.tensor([32, 64, 5])
+    mask_score, kept_share = mask_signals(logits, kept_pixels, scale=16.0)  # 16 output pixels per cell
+    np.testing.assert_allclose(mask_score.numpy(), [1.0, float(torch.sigmoid(torch.tensor(0.4))), 0.0], atol=1e-6)
+    np.testing.assert_allclose(kept_share.numpy(), [0.5, 0.5, 1.0], atol=1e-6)  # 32 / (4 x 16), 64 / (8 x 16)
+
+
 def test_doubt_and_image_uncertainty():
     assert segment_doubt(1.0, True) == 0.0
-    assert segment_doubt(0.0, True) == 1.0
+    assert segment_doubt(0.0, True) == 0.5  # two classes tied: half confident
+    assert segment_doubt(1.0, True, 0.5, 0.5) == pytest.approx(0.75)
     assert segment_doubt(1.0, False) == 0.5
-    assert segment_doubt(0.6, False) == pytest.approx(0.7)
-    assert segment_doubt(0.6, False, use_agreement=False) == pytest.approx(0.4)  # CLIP's branch had no say
+    assert segment_doubt(0.6, False, 1.0, 1.0) == pytest.approx(0.5 * (1 + 0.2))
+    assert segment_doubt(0.6, False, use_agreement=False) == pytest.approx(0.2)  # CLIP's branch had no say
     assert image_uncertainty([], 0.0) == 1.0  # nothing found: look at it
     assert image_uncertainty([0.0, 0.0], 0.0) == 0.0
-    assert image_uncertainty([0.5, 0.5], 0.2) == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
+    assert image_uncertainty([0.5, 0.3], 0.2) == pytest.approx(0.75 * 0.4 + 0.25 * 0.2)
     # more doubt ranks higher
-    assert image_uncertainty([segment_doubt(0.1, False)], 0.3) > image_uncertainty([segment_doubt(0.9, True)], 0.3)
+    assert image_uncertainty([segment_doubt(0.9, True, 0.6, 0.5)], 0.1) > \
+        image_uncertainty([segment_doubt(0.9, True, 0.95, 1.0)], 0.1)
     assert unlabeled_share([10, 20], 10, 10) == pytest.approx(0.7)
     assert unlabeled_share([], 4, 5) == 1.0
     assert unlabeled_share([20], 4, 5) == 0.0
@@ -65,7 +79,17 @@ def test_model_stage_columns_are_the_models_own(tiny_preset, tiny_model):
         np.testing.assert_allclose(r["margin"], margin[queries].numpy(), atol=1e-4)
         assert r["branches_agree"] == agree[queries].tolist()
         assert r["unlabeled_share"] == pytest.approx(float((pred.panoptic.segment_map == 0).mean()), abs=1e-6)
-        doubts = [segment_doubt(m, a) for m, a in zip(r["margin"], r["branches_agree"])]  # alpha, beta > 0 here
+        # mask signals from the query's own stride-4 mask, computed here by hand
+        h4, w4 = -(-images[i].shape[0] // 4), -(-images[i].shape[1] // 4)
+        for k, (q, s) in enumerate(zip(queries, pred.panoptic.segments)):
+            prob = torch.sigmoid(out.mask_logits[0, q, :h4, :w4]).numpy()
+            own = prob > 0.5
+            assert r["mask_score"][k] == pytest.approx(prob[own].mean() if own.any() else 0.0, abs=1e-5)
+            scale = images[i].shape[0] * images[i].shape[1] / (h4 * w4)
+            expected = min(1.0, s["area"] / (own.sum() * scale)) if own.any() else 1.0
+            assert r["kept_share"][k] == pytest.approx(expected, abs=1e-5)
+        doubts = [segment_doubt(m, a, ms, ks) for m, a, ms, ks in  # alpha, beta > 0 here: agreement counts
+                  zip(r["margin"], r["branches_agree"], r["mask_score"], r["kept_share"])]
         assert r["uncertainty"] == pytest.approx(image_uncertainty(doubts, r["unlabeled_share"]), abs=1e-5)
         total += len(queries)
     assert total > 0
@@ -85,7 +109,7 @@ def test_without_clip_weight_disagreement_does_not_count():
     ((_, segments),) = segmenter([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)], [(64, 64)])
     assert segments
     for s in segments:
-        assert s["doubt"] == pytest.approx(1 - s["margin"])
+        assert s["doubt"] == pytest.approx(1 - s["mask_score"] * s["kept_share"] * (1 + s["margin"]) / 2, abs=1e-6)
 
 
 def test_stage_without_signals_and_error_rows_give_nulls():

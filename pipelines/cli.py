@@ -3,6 +3,7 @@
     fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
     fcclip label SOURCE --out DEST --vocab VOCAB [--embeddings] [...]
     fcclip relabel DEST --vocab NEW --out DEST2 | fcclip search DEST TEXT | fcclip embed-text TEXT
+    fcclip review pick | push | pull | merge   (people in the loop, with Label Studio)
     fcclip train --config NAME_OR_YAML --data ROOT --storage URI [...]
     fcclip eval | show | export | submit | metrics | synth ...
     fcclip models | fcclip vocabularies

@@ -230,9 +230,11 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
             folders.add(folder)
         regions = prediction_regions(r["segments"] or [], r["width"], r["height"], values, index)
         pick = wanted.pop(r["image_id"])
+        prediction = {"model_version": r["model"] or "fcclip", "result": regions}
+        if pick["score"] is not None:  # Label Studio sorts tasks by it (uncertainty picks)
+            prediction["score"] = float(pick["score"])
         tasks.append({"data": {"image": image, "uri": r["uri"], "image_id": r["image_id"], "why": pick["why"]},
-                      "predictions": [{"model_version": r["model"] or "fcclip", "result": regions,
-                                       "score": float(pick["score"]) if pick["score"] is not None else None}]})
+                      "predictions": [prediction]})
     if folders:
         _local_storage(ls, pid, folders, document_root)
     for start in range(0, len(tasks), 50):
@@ -367,7 +369,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
                                 "review": {"label_studio": ls.url, "project": project, "project_id": info["id"]}})
     summary = {"reviewed": len(rows), "pending": pending, "unknown_labels": sorted(set(map(str, unknown))),
                "run_id": run_id}
-    dest.write_bytes(f"_fcclip/pull.json", json.dumps(summary, indent=1).encode())
+    dest.write_bytes("_fcclip/pull.json", json.dumps(summary, indent=1).encode())
     return summary
 
 

@@ -1,6 +1,5 @@
 """fcclip.uncertainty's signals on hand-built probabilities, and the model stage's columns (no Ray)."""
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 

@@ -2,7 +2,7 @@
 
 Label Studio is reached over its REST API with the token in ``LABEL_STUDIO_API_KEY`` (never a flag, never written
 anywhere): a legacy API token (``Authorization: Token ...``), or a personal access token (a JWT refresh token,
-exchanged at ``/api/token/refresh`` for short-lived access tokens).
+exchanged at ``/api/token/refresh/`` for short-lived access tokens).
 
 push:
 - the project's labeling config is the run's vocabulary: one ``BrushLabels`` label per class, with the class's
@@ -77,7 +77,7 @@ class LabelStudio:
         if self.token.count(".") != 2:  # a legacy token
             return f"Token {self.token}"
         if self._access is None or self._access[1] < time.time():  # a personal access token (JWT refresh token)
-            r = self.session.post(f"{self.url}/api/token/refresh", json={"refresh": self.token}, timeout=self.timeout)
+            r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self.token}, timeout=self.timeout)
             if r.status_code != 200:
                 raise LabelStudioError(f"{self.url}: the personal access token was refused ({r.status_code})")
             self._access = (r.json()["access"], time.time() + 240)

@@ -348,3 +348,20 @@ def test_object_store_images_get_presigned_urls(s3_bucket):
         _image_url("/data/x.jpg", None, 600)
     with pytest.raises(LabelStudioError, match="not under --document-root"):
         _image_url("/elsewhere/x.jpg", "/data", 600)
+
+
+def test_personal_access_tokens_work_too(label_studio, tmp_path, monkeypatch, capsys):
+    """A personal access token (a JWT refresh token, Label Studio 1.23's default kind) is exchanged for access
+    tokens: the same pull through it."""
+    from pipelines.label_studio import LabelStudio
+
+    url, token, root, email = label_studio
+    pat = _api(url, token, "POST", "/api/token/")["token"]
+    assert pat.count(".") == 2
+    client = LabelStudio(url, pat)
+    assert client._auth().startswith("Bearer ")
+    client.request("POST", "/api/projects", json={"title": "made with a personal token"})
+    assert "made with a personal token" in {p["title"] for p in LabelStudio(url, token).projects()}
+    assert {p["title"] for p in client.projects()} == {p["title"] for p in LabelStudio(url, token).projects()}
+    with pytest.raises(Exception, match="personal access token was refused"):
+        LabelStudio(url, pat[:-4] + "AAAA").projects()

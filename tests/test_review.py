@@ -365,3 +365,40 @@ def test_personal_access_tokens_work_too(label_studio, tmp_path, monkeypatch, ca
     assert {p["title"] for p in client.projects()} == {p["title"] for p in LabelStudio(url, token).projects()}
     with pytest.raises(Exception, match="personal access token was refused"):
         LabelStudio(url, pat[:-4] + "AAAA").projects()
+
+
+def test_annotation_regions_become_panoptic_segments():
+    """Regions painted in order (a later one takes shared pixels), regions of one stuff class merged, labels not in
+    the vocabulary left out and reported, labels matched by any name of their class; config round trip."""
+    from pipelines.label_studio import annotation_segments, config_vocabulary, labeling_config
+
+    vocabulary = VOCAB.to_dict()
+    assert config_vocabulary(labeling_config(vocabulary)) == vocabulary
+    h, w = 9, 11
+    a = np.zeros((h, w), bool)
+    a[:5, :6] = True  # a cat
+    b = np.zeros((h, w), bool)
+    b[3:7, 4:9] = True  # a car over part of the cat
+    sky1 = np.zeros((h, w), bool)
+    sky1[0, 6:] = True
+    sky2 = np.zeros((h, w), bool)
+    sky2[8, :] = True
+    hidden = np.zeros((h, w), bool)
+    hidden[4, 5] = True  # a dog entirely under the car painted after it
+
+    def region(mask, label):
+        return {"type": "brushlabels", "original_height": h, "original_width": w,
+                "value": {"format": "rle", "rle": brush.encode(mask), "brushlabels": [label]}}
+
+    result = [region(a, "cat"), region(hidden, "puppy"), region(b, "car"), region(sky1, "sky"),
+              region(sky2, "sky"), region(a, "zebra"), {"type": "textarea", "value": {"text": ["note"]}}]
+    segments, unknown = annotation_segments(result, h, w, vocabulary)
+    assert unknown == ["zebra"]
+    assert [(s["id"], s["label"]) for s in segments] == [(1, "cat"), (2, "car"), (3, "sky")]
+    masks = [decode_rle(s["rle"]) for s in segments]
+    np.testing.assert_array_equal(masks[0], a & ~b)
+    np.testing.assert_array_equal(masks[1], b)
+    np.testing.assert_array_equal(masks[2], sky1 | sky2)
+    assert [s["area"] for s in segments] == [int(m.sum()) for m in masks]
+    assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
+    assert [s["is_thing"] for s in segments] == [True, True, False] and all(s["score"] == 1.0 for s in segments)

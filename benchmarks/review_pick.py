@@ -67,9 +67,10 @@ def _run(argv: list[str]) -> str:
     return buf.getvalue()
 
 
-def _train(out: Path, name: str, data: str, iterations: int) -> str:
+def _train(out: Path, name: str, data: str, iterations: int, cpus: int = 2) -> str:
+    """Train fcclip-tiny; ``cpus`` per worker (1 on a labeling output: Ray Data's read tasks need the other)."""
     stdout = _run(["train", "--config", _config(out, name, iterations), "--data", data, "--storage",
-                   str(out / "runs"), "--num-workers", "1", "--cpus-per-worker", "2"])
+                   str(out / "runs"), "--num-workers", "1", "--cpus-per-worker", str(cpus)])
     return next(l.split(": ", 1)[1].strip() for l in stdout.splitlines() if l.startswith("final checkpoint: "))
 
 
@@ -234,8 +235,8 @@ def main(argv=None) -> int:
             _reviewed_output(reviewed, by_uncertainty, rows, truth, vocabulary)
             review.merge(str(labels), str(reviewed), str(merged))
         t1 = time.time()
-        alone = _train(out, f"student-pseudo-{args.pool_seed}", str(labels), args.student_iterations)
-        mixed = _train(out, f"student-reviewed-{args.pool_seed}", str(merged), args.student_iterations)
+        alone = _train(out, f"student-pseudo-{args.pool_seed}", str(labels), args.student_iterations, cpus=1)
+        mixed = _train(out, f"student-reviewed-{args.pool_seed}", str(merged), args.student_iterations, cpus=1)
         pq_teacher, pq_alone, pq_mixed = (_val_pq(w, str(gt_root)) for w in (teacher, alone, mixed))
         report.update(student_iterations=args.student_iterations, pq_teacher=pq_teacher, pq_student_pseudo=pq_alone,
                       pq_student_reviewed=pq_mixed, student_s=time.time() - t1)

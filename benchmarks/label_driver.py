@@ -92,14 +92,14 @@ def write_inputs(folder: Path, n: int) -> None:
 # ------------------------------------------------------------------------------------------------ the driver
 def child(args) -> int:
     """One labeling run in this process (the driver); prints its own measurements as JSON on the last line."""
-    from pipelines.label import LabelConfig, run_label
+    from fcclip_pipelines.label import LabelConfig, run_label
 
     cfg = LabelConfig(
         source=args.source, dest=args.dest, vocab="cat; dog", model="fcclip-tiny", weights="random",
         batch_size=args.batch_size, short_edge=0, shard_size=args.shard_size, num_cpus=args.num_cpus,
         chunk_size=args.chunk_size,
     )
-    from pipelines import runtime
+    from fcclip_pipelines import runtime
 
     started_ray = runtime.init_ray(num_cpus=args.num_cpus)  # here, so that its start-up is not in the figures
     idle = _cpu_s()

@@ -3,16 +3,16 @@
     python benchmarks/relabel_speed.py --model fcclip-tiny --size 640 --images 4
     python benchmarks/relabel_speed.py --model fcclip-convnext-large --size 640 --images 2 --repeat 200
 
-1. Labeling: the model stage of `fcclip label --embeddings` (``pipelines.stages.FCCLIPSegmenter``: resize already
+1. Labeling: the model stage of `fcclip label --embeddings` (``fcclip_pipelines.stages.FCCLIPSegmenter``: resize already
    done, forward, panoptic post-processing, embeddings picked) over N synthetic images, one at a time, after one
    warm-up image: seconds per image. This is a lower bound of what labeling again costs (no decoding, no I/O, no
    RLE encoding, no Ray).
-2. The rows those images become (``pipelines.stages.encode_rows``), written as a part file is (Parquet, zstd): bytes
+2. The rows those images become (``fcclip_pipelines.stages.encode_rows``), written as a part file is (Parquet, zstd): bytes
    per image with the embedding columns and without them (the column chunks' compressed sizes: a part file's footer
    and its ``fcclip.embeddings`` metadata come once per file and are given apart), and the same rows with random
    unit vectors of D = 768 in place of the model's (what the embeddings of ConvNeXt-L cost, whatever the model run).
 3. Relabel: the new vocabulary's text classifier (the model's text tower, timed on its own: once per job), then
-   ``pipelines.relabel.relabel_batch`` (the work of a relabel task: re-classification, merges, the new rows) over
+   ``fcclip_pipelines.relabel.relabel_batch`` (the work of a relabel task: re-classification, merges, the new rows) over
    the rows repeated ``--repeat`` times: segments/s and seconds per image. Reading and writing the part files is not
    included (see the README of benchmarks for the end-to-end command).
 
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     from fcclip.datasets.synthetic import synthetic_image
     from fcclip.text import build_text_classifier
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
-    from pipelines.sink import EMBEDDING_COLUMNS, encode_table
-    from pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
+    from fcclip_pipelines.relabel import NewVocabulary, new_stats, relabel_batch
+    from fcclip_pipelines.output import EMBEDDING_COLUMNS, encode_table
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

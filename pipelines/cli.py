@@ -39,25 +39,25 @@ class Command(NamedTuple):
 RAY_EXTRA = ("ray", "pyarrow")
 
 COMMANDS: dict[str, Command] = {
-    "predict": Command("pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
-    "label": Command("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
-    "show": Command("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
+    "predict": Command("fcclip_pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
+    "label": Command("fcclip_pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
+    "show": Command("fcclip_pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
                     "overlays", ("pyarrow", "duckdb")),
-    "export": Command("pipelines.export", "a labeling output as COCO panoptic / instances / semantic files",
+    "export": Command("fcclip_pipelines.export", "a labeling output as COCO panoptic / instances / semantic files",
                       ("pyarrow",)),
-    "relabel": Command("pipelines.relabel", "a labeling output under a new vocabulary, from its stored embeddings",
+    "relabel": Command("fcclip_pipelines.relabel", "a labeling output under a new vocabulary, from its stored embeddings",
                        RAY_EXTRA),
-    "search": Command("pipelines.search", "segments of a labeling output ranked by similarity to a text",
+    "search": Command("fcclip_pipelines.search", "segments of a labeling output ranked by similarity to a text",
                       ("pyarrow",)),
-    "embed-text": Command("pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
-    "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
-    "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
+    "embed-text": Command("fcclip_pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
+    "train": Command("fcclip_pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
+    "eval": Command("fcclip_pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
     "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
-    "submit": Command("pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
+    "submit": Command("fcclip_pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
                       ("ray",)),
-    "synth": Command("pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
-    "models": Command("pipelines.models", "list the model presets"),
-    "vocabularies": Command("pipelines.vocabularies", "list the builtin vocabularies"),
+    "synth": Command("fcclip_pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
+    "models": Command("fcclip_pipelines.models", "list the model presets"),
+    "vocabularies": Command("fcclip_pipelines.vocabularies", "list the builtin vocabularies"),
 }
 
 # third-party packages that only the `ray` extra installs

@@ -2,7 +2,7 @@
 
     fcclip embed-text "a flooded street" [--model PRESET] [--weights W]
 
-The vector is made as ``fcclip search`` makes its query (``pipelines.search.text_embedding``): the model's text tower,
+The vector is made as ``fcclip search`` makes its query (``fcclip_pipelines.search.text_embedding``): the model's text tower,
 the classification prompt templates. Use the labeling run's model and weights.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import ray
 
 from . import runtime
-from .sink import Destination, commit_shard, write_fragment
+from .output import Destination, commit_shard, write_fragment
 from .stages import ReadDecode, describe_model, encode_rows, label_images
 
 logger = logging.getLogger("fcclip.label")

@@ -41,8 +41,8 @@ from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
-from pipelines import runtime
-from pipelines.show.output import OutputError, open_output, segment_map
+from fcclip_pipelines import runtime
+from fcclip_pipelines.output import OutputError, open_output, segment_map
 
 logger = logging.getLogger("fcclip.eval")
 

@@ -13,7 +13,7 @@ The job, in order:
 2. Shards without a committed part file are labelled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
    images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
-   completed shard writes its Parquet part file (see pipelines/sink.py for why this is exactly-once). The driver
+   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once). The driver
    only schedules and keeps metadata: no pixels, masks or rows pass through it.
 3. Faults are bounded: when a decode task's worker dies (a decoder segfault, an out-of-memory kill), its chunk's
    images are run one at a time, each retried a bounded number of times, and an image that still fails becomes an
@@ -21,7 +21,7 @@ The job, in order:
    actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
-4. With ``--embeddings``, each row also holds its segments' query embeddings (pipelines.sink.EMBEDDING_COLUMNS), and
+4. With ``--embeddings``, each row also holds its segments' query embeddings (fcclip_pipelines.output.EMBEDDING_COLUMNS), and
    the first model actor to start is asked for the model's ``EmbeddingSpace`` (stages.describe_model), which goes
    into every part file's metadata (``fcclip.embeddings``) and run.json: what ``fcclip relabel`` and ``fcclip
    search`` need beyond the text.
@@ -44,7 +44,7 @@ from fcclip.vocabulary import VocabularyError, load_vocabulary
 from . import runtime
 from .engine import LabelEngine, LabelError
 from .progress import JobProgress
-from .sink import PART_RE, Destination, new_run_id
+from .output import PART_RE, Destination, new_run_id
 from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 

@@ -12,7 +12,7 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
 2. One Ray task per part file of DEST (a local Ray unless ``--address``): the part file is read without its
    ``vocabulary`` and ``run_id`` columns, every segment is re-classified in one matrix product per batch of rows by
    :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
-   written atomically (``pipelines.sink.write_part``), so DEST2 is exactly-once and resumable like a labeling
+   written atomically (``fcclip_pipelines.output.write_part``), so DEST2 is exactly-once and resumable like a labeling
    output: a rerun skips committed part files; other settings are refused unless ``--overwrite``.
 3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
@@ -56,8 +56,9 @@ from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 from . import runtime
 from .embed_text import TextTowerMismatch, text_tower
 from .label import DestinationError, reopen_run
-from .show.output import OutputError, open_output
-from .sink import EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, new_run_id, output_schema, write_part
+from .output import (
+    EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, new_run_id, open_output, output_schema, write_part,
+)
 
 logger = logging.getLogger("fcclip.relabel")
 

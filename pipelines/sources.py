@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sink import META_DIR, Destination, manifest_name
+from .output import META_DIR, Destination, manifest_name
 
 logger = logging.getLogger(__name__)
 

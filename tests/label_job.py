@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.label import add_arguments, main_args  # noqa: E402
-from pipelines.stages import read_bytes  # noqa: E402
+from fcclip_pipelines.label import add_arguments, main_args  # noqa: E402
+from fcclip_pipelines.stages import read_bytes  # noqa: E402
 
 MAGENTA = (255, 0, 255)
 

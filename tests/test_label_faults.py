@@ -121,7 +121,7 @@ class Job:
         env.pop("RAY_ADDRESS", None)
         self.log = open(Path(self.ray_tmp) / "job.log", "w+")
         if stand_ins is None:
-            command = [sys.executable, "-m", "pipelines", "label", *args]
+            command = [sys.executable, "-m", "fcclip_pipelines", "label", *args]
         else:
             command = [sys.executable, str(Path(__file__).parent / "label_job.py"), *stand_ins, "--", *args]
         self.proc = subprocess.Popen(
@@ -223,7 +223,7 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
     from ray._private.state import actors as actor_table  # the GCS's table; ray.util.state needs the dashboard
     from ray.cluster_utils import Cluster
 
-    from pipelines.label import LabelConfig, run_label
+    from fcclip_pipelines.label import LabelConfig, run_label
 
     uris = _images(tmp_path / "in", 40)
     dest = tmp_path / "out"
@@ -507,7 +507,7 @@ def test_progress_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
     args = [a for a in _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "2") if a != "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "label", *args], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", "label", *args], stdin=slave, stdout=slave, stderr=slave,
                             env=env, start_new_session=True, cwd=Path(__file__).parent.parent)
     os.close(slave)
     data = b""
@@ -550,14 +550,14 @@ def test_progress_on_a_terminal(tmp_path):
 
 @pytest.mark.slow
 def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
-    """pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
+    """fcclip_pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
     names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it."""
     ray_tmp = _ray_tmpdir()
     os.makedirs(Path(ray_tmp) / "ray", exist_ok=True)
     (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     script = (
         "import ray\n"
-        "from pipelines import runtime\n"
+        "from fcclip_pipelines import runtime\n"
         "started = runtime.init_ray(num_cpus=1)\n"
         "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
         "print('ready', ray.get(actor.ready.remote()))\n"

@@ -14,7 +14,7 @@ import yaml
 
 import fcclip
 from fcclip.config import train_config_path
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 try:  # imported before any capsys: Ray's log handler keeps the stderr it finds at import
     import ray.train  # noqa: F401
@@ -83,7 +83,7 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
 
     from fcclip.datasets.coco_panoptic import CocoPanoptic
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
-    from pipelines.train import load_train_config, lr_factor, validation_pq
+    from fcclip_pipelines.train import load_train_config, lr_factor, validation_pq
 
     labelled, unlabelled = tmp_path / "labelled", tmp_path / "unlabelled"
     write_coco_panoptic(labelled, GROUND_TRUTH, seed=0, size=(128, 160), num_val=VAL)  # teacher's train + held-out val

@@ -7,9 +7,9 @@ from pycocotools import mask as mask_util
 
 from fcclip.reclassify import EmbeddingSpace, reclassify
 from fcclip.vocabulary import load_vocabulary
-from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
-from pipelines.sink import SCHEMA, output_schema
-from pipelines.stages import _embedding_columns
+from fcclip_pipelines.relabel import NewVocabulary, new_stats, relabel_batch
+from fcclip_pipelines.output import SCHEMA, output_schema
+from fcclip_pipelines.stages import _embedding_columns
 
 D = 8
 H, W = 4, 6

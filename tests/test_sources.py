@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sink import Destination
-from pipelines.sources import SourceError, iter_source, read_manifest_shard, write_manifest
+from fcclip_pipelines.output import Destination
+from fcclip_pipelines.sources import SourceError, iter_source, read_manifest_shard, write_manifest
 
 
 def test_manifest_of_10000_uris_on_s3_is_streamed(s3_bucket, tmp_path, monkeypatch):
     import boto3
-    import pipelines.sources as sources
+    import fcclip_pipelines.sources as sources
 
     uris = [f"s3://{s3_bucket}/photos/{i:05d}.jpg" for i in range(10_000)]
     local = tmp_path / "manifest.parquet"
@@ -35,8 +35,8 @@ def test_manifest_of_10000_uris_on_s3_is_streamed(s3_bucket, tmp_path, monkeypat
     # time, so Arrow never holds the file's 20 MB.
     code = (
         "import sys, pyarrow as pa\n"
-        "from pipelines.sink import Destination\n"
-        "from pipelines.sources import write_manifest\n"
+        "from fcclip_pipelines.output import Destination\n"
+        "from fcclip_pipelines.sources import write_manifest\n"
         "write_manifest(sys.argv[1], Destination(sys.argv[2]), shard_size=1000)\n"
         "print(pa.default_memory_pool().max_memory())\n"
     )

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 try:  # imported before any capsys: Ray's log handler keeps the stderr it finds at import
     import ray.train  # noqa: F401
@@ -47,7 +47,7 @@ def labels(ray_local, tmp_path_factory):
 @pytest.mark.ray
 def test_sources_open_into_one_vocabulary_either_way(coco, labels):
     from fcclip.datasets.labels import LabelSelection
-    from pipelines.train_data import MixSpec, open_training_sources
+    from fcclip_pipelines.train_data import MixSpec, open_training_sources
 
     run = {c.label: c.id for c in open_training_sources(labels, split="train2017", synonyms=None).vocabulary
            .categories}

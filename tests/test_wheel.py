@@ -58,7 +58,7 @@ def test_the_wheel_holds_the_package_data(wheel):
     assert not [n for n in names if n.startswith(("tests/", "cluster/", "benchmarks/"))]
     assert f"fcclip-{fcclip.__version__}.dist-info/entry_points.txt" in names
     entry_points = zipfile.ZipFile(wheel).read(f"fcclip-{fcclip.__version__}.dist-info/entry_points.txt").decode()
-    assert "fcclip = pipelines.cli:main" in entry_points
+    assert "fcclip = fcclip_pipelines.cli:main" in entry_points
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_the_installed_wheel_runs_outside_the_repository(installed, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     proc = _run(installed, [str(installed / "bin" / "python"), "-c",
-                            "import fcclip, pipelines.cli; print(fcclip.__file__); print(pipelines.cli.__file__)"],
+                            "import fcclip, fcclip_pipelines.cli; print(fcclip.__file__); print(fcclip_pipelines.cli.__file__)"],
                 work)
     assert proc.returncode == 0, proc.stderr
     for line in proc.stdout.split():  # the wheel's copies, not this checkout

@@ -101,23 +101,23 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        segmenter = FCCLIPSegmenter(ModelSpec(args.model, "random", vocabulary.to_dict(), device="cpu",
+        model_stage = FCCLIPSegmenter(ModelSpec(args.model, "random", vocabulary.to_dict(), device="cpu",
                                               embeddings=True))
     build_s = time.perf_counter() - t
     images = [synthetic_image(i, args.size, args.size) for i in range(args.images + 1)]
-    segmenter([images[0]], [images[0].shape[:2]])  # warm-up
+    model_stage([images[0]], [images[0].shape[:2]])  # warm-up
     images = images[1:]
     meta = {"height": [args.size] * args.images, "width": [args.size] * args.images, "error": [""] * args.images}
     t = time.perf_counter()
-    labelled = label_images(segmenter, meta, images, batch_size=1)
+    labeled = label_images(model_stage, meta, images, batch_size=1)
     label_s = (time.perf_counter() - t) / args.images
 
-    space = segmenter.run_metadata["embeddings"]
+    space = model_stage.run_metadata["embeddings"]
     dim = space["dim"]
     uris = [f"synthetic/{i:06d}.jpg" for i in range(args.images)]
-    constants = {"vocabulary": "bench@0", "run_id": "bench", "model": segmenter.model_id, "embedding_dim": dim}
-    table = encode_rows(uris, list(range(args.images)), meta, labelled, constants).drop_columns(["row"])
-    segments = sum(len(s) for s in labelled["segments"])
+    constants = {"vocabulary": "bench@0", "run_id": "bench", "model": model_stage.model_id, "embedding_dim": dim}
+    table = encode_rows(uris, list(range(args.images)), meta, labeled, constants).drop_columns(["row"])
+    segments = sum(len(s) for s in labeled["segments"])
     sizes = column_bytes(encode_table(table, {}))
     with_bytes = sum(sizes.values())
     without_bytes = sum(v for k, v in sizes.items() if k not in EMBEDDING_COLUMNS)
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
 
     new_vocabulary = load_vocabulary(args.new_vocab)
     t = time.perf_counter()
-    text = build_text_classifier(segmenter.model.backbone, new_vocabulary,
-                                 train_vocabulary=segmenter.model.config.inference.train_vocabulary)
+    text = build_text_classifier(model_stage.model.backbone, new_vocabulary,
+                                 train_vocabulary=model_stage.model.config.inference.train_vocabulary)
     text_s = time.perf_counter() - t
     new = NewVocabulary(new_vocabulary.to_dict(), text.embeddings.float().numpy(), text.synonym_class.numpy(), space)
     big = pa.concat_tables([table] * args.repeat).combine_chunks()

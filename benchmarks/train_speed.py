@@ -5,7 +5,7 @@ tree, as pseudo-labels (a labeling output streamed through Ray Data), or both mi
     .venv/bin/python benchmarks/train_speed.py --data-kind labels --iters 100 --num-cpus 2
     .venv/bin/python benchmarks/train_speed.py --data-kind mix --mix-share 0.5 --iters 100 --num-cpus 2
 
-With ``--data-kind labels`` the generated images are first labelled by ``fcclip label`` (fcclip-tiny, random weights
+With ``--data-kind labels`` the generated images are first labeled by ``fcclip label`` (fcclip-tiny, random weights
 unless --label-weights, at their own size) and training reads that output (`fcclip_pipelines.train_data`): Parquet part
 files, images from their URIs, masks from the RLEs, LSJ on Ray Data CPU tasks, batches into the workers' shards.
 Labeling is not timed. The training workers then get (CPUs - 1) / workers CPUs by default, leaving one to Ray Data.

@@ -2,7 +2,7 @@
 
     predictor = Predictor(model, vocabulary="ade20k_150")
     result = predictor("photo.jpg")          # path, URI, PIL image, HxWx3 uint8 array or encoded bytes
-    result.panoptic.segment_map             # (H, W) int32 segment ids, 0 = unlabelled
+    result.panoptic.segment_map             # (H, W) int32 segment ids, 0 = unlabeled
     result.panoptic.segments                # [{id, label, category_id, class_index, is_thing, score, area, bbox}]
 
 Pre-processing follows the reference's test path: resize so the short edge is ``short_edge`` (800) unless the long

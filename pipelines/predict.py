@@ -97,7 +97,7 @@ def predict(args: argparse.Namespace) -> int:
         "categories": categories,
     }
     (out / "panoptic.json").write_text(json.dumps(summary, indent=1))
-    print(f"{len(annotations)} image(s) labelled, {failed} failed; results in {out}")
+    print(f"{len(annotations)} image(s) labeled, {failed} failed; results in {out}")
     return 1 if failed else 0
 
 

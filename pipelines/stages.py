@@ -203,7 +203,8 @@ class FCCLIPSegmenter:
             self.run_metadata["embeddings"] = EmbeddingSpace.from_model(self.model).to_dict()
 
     @classmethod
-    def factory(cls, spec: ModelSpec):
+    def builder(cls, spec: ModelSpec):
+        """The zero-argument callable that builds this model stage in a model actor (``make_model_stage``)."""
         return functools.partial(cls, spec)
 
     def __call__(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, list]]:
@@ -236,9 +237,9 @@ def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> No
                  embedding_valid=bool(valid[k]))
 
 
-def describe_model(segmenter) -> dict:
-    """What a model stage adds to the run's metadata (``run_metadata``; stand-in stages have none)."""
-    return dict(getattr(segmenter, "run_metadata", None) or {})
+def run_metadata(model_stage) -> dict:
+    """What a model stage adds to the run's metadata (its ``run_metadata`` attribute; stand-in stages have none)."""
+    return dict(getattr(model_stage, "run_metadata", None) or {})
 
 
 def _narrow(segment_map: np.ndarray) -> np.ndarray:
@@ -248,7 +249,7 @@ def _narrow(segment_map: np.ndarray) -> np.ndarray:
     return segment_map.astype(dtype, copy=False)
 
 
-def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
+def label_images(model_stage, meta: dict, images: list, batch_size: int) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
     A batch that raises (e.g. out of memory on one huge batch) is run again one image at a time; an image that
@@ -265,7 +266,7 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
     def run(index):
         nonlocal model_s
         t = time.perf_counter()
-        out = segmenter([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
+        out = model_stage([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
         for i, (segment_map, segs) in zip(index, out):
             maps[i] = _narrow(np.asarray(segment_map))
@@ -276,23 +277,23 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
         try:
             run(batch)
         except Exception as e:
-            logger.warning("batch failed (%s); labelling its images one at a time", e)
+            logger.warning("batch failed (%s); labeling its images one at a time", e)
             for i in batch:
                 try:
                     run([i])
                 except Exception as e1:
                     errors[i] = f"model failed: {type(e1).__name__}: {e1}"
                     logger.debug("%s", traceback.format_exc())
-    return {"maps": maps, "segments": segments, "error": errors, "model": segmenter.model_id, "model_s": model_s}
+    return {"maps": maps, "segments": segments, "error": errors, "model": model_stage.model_id, "model_s": model_s}
 
 
-def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | None, constants: dict,
+def encode_rows(uris: list[str], rows: list[int], meta: dict, labeled: dict | None, constants: dict,
                 errors: list[str] | None = None) -> pa.Table:
     """The output rows of one chunk as an Arrow table: output.SCHEMA plus ``row`` (the row's place in its shard).
 
-    ``labelled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
+    ``labeled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
     error (rows that failed outside the stages, e.g. a worker that kept crashing). ``constants``: vocabulary and
-    run_id, the model id used when ``labelled`` is None, and ``embedding_dim`` (D) when the run stores embeddings
+    run_id, the model id used when ``labeled`` is None, and ``embedding_dim`` (D) when the run stores embeddings
     (then the table has output.EMBEDDING_COLUMNS too). Segments are built as list<struct> columns directly.
     """
     dim = constants.get("embedding_dim")
@@ -300,20 +301,20 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
     embedded: list[dict] = []
 
     n = len(uris)
-    error = list(errors) if errors is not None else list((labelled or meta)["error"])
-    model = (labelled or {}).get("model") or constants["model"]
+    error = list(errors) if errors is not None else list((labeled or meta)["error"])
+    model = (labeled or {}).get("model") or constants["model"]
     seg_fields = {k: [] for k in ("id", "label", "category_id", "is_thing", "score", "area", "bbox", "size", "counts")}
     offsets = [0]
     status, widths, heights = [], [], []
     for i in range(n):
         err = error[i]
-        if not err and labelled is not None:
+        if not err and labeled is not None:
             try:
-                cols = panoptic_columns(labelled["maps"][i], labelled["segments"][i])
+                cols = panoptic_columns(labeled["maps"][i], labeled["segments"][i])
             except Exception as e:
                 err = error[i] = f"encoding failed: {type(e).__name__}: {e}"
             else:
-                segs = labelled["segments"][i]
+                segs = labeled["segments"][i]
                 for key in ("id", "label", "category_id", "is_thing", "score"):
                     seg_fields[key].extend(s[key] for s in segs)
                 seg_fields["area"].extend(cols["area"])

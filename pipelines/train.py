@@ -709,10 +709,10 @@ def _record_settings(run_dir: str, settings: dict) -> None:
 def _has_checkpoint(run_dir: str) -> bool:
     """Whether Ray Train continues the run at `run_dir` from a checkpoint. A run that stopped before its first one
     trained nothing that other settings could be mixed with: its re-run with corrected settings starts afresh and
-    records them."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # written with the first one
-
-    return _exists(f"{run_dir}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")  # not Result.from_path: it logs a paragraph
+    records them. Ray Train's documented layout: each reported checkpoint is a ``checkpoint_*`` folder of the run's
+    (not Result.from_path, which logs a paragraph; no private Ray module)."""
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    return any(fs.find(folder) for folder in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if fs.isdir(folder))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

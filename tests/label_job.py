@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     faults = [tuple(f.split(":", 1)) for f in mine.fault]
     return main_args(
-        args, reader=FaultyReader(faults) if faults else None, model_stage=HangingModel if mine.hanging_model else None
+        args, reader=FaultyReader(faults) if faults else None, make_model_stage=HangingModel if mine.hanging_model else None
     )
 
 

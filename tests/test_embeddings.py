@@ -36,7 +36,7 @@ def _label(source, dest, model, *more):
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory, ray_local, tiny_preset):
-    """Five synthetic images and an unreadable file, labelled with embeddings at their own size by `tiny_model`
+    """Five synthetic images and an unreadable file, labeled with embeddings at their own size by `tiny_model`
     (fcclip-tiny with the paper's ensemble weights, so that CLIP's branch counts)."""
     from fcclip.datasets.synthetic import write_images
 

@@ -52,7 +52,7 @@ def labeled(tmp_path_factory):
     dest = root / "out"
     rows = _parquet_rows(dest)
     assert len(rows) == 7 and sum(r["status"] == "error" for r in rows) == 1
-    assert sum(len(r["segments"]) for r in rows) > 0, "the run labelled nothing: nothing to export"
+    assert sum(len(r["segments"]) for r in rows) > 0, "the run labeled nothing: nothing to export"
     return {"dest": dest, "rows": rows}
 
 

@@ -271,15 +271,15 @@ def test_stages_run_without_ray(tmp_path):
     assert [None if im is None else im.shape[:2] for im in images] == [(64, 85), (64, 85), None]
     assert meta["error"][2] and not meta["error"][0] and (meta["height"][0], meta["width"][0]) == (72, 96)
     spec = ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu")
-    segmenter = FCCLIPSegmenter.factory(spec)()
-    labelled = label_images(segmenter, meta, images, batch_size=2)
-    assert labelled["model"] == "fcclip-tiny@random" and labelled["maps"][2] is None
+    model_stage = FCCLIPSegmenter.builder(spec)()
+    labeled = label_images(model_stage, meta, images, batch_size=2)
+    assert labeled["model"] == "fcclip-tiny@random" and labeled["maps"][2] is None
     constants = {"vocabulary": "custom@x", "run_id": "r1", "model": "unused"}
-    table = encode_rows(uris, [0, 1, 2], meta, labelled, constants)
+    table = encode_rows(uris, [0, 1, 2], meta, labeled, constants)
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error"] and [r["row"] for r in rows] == [0, 1, 2]
     assert (rows[0]["width"], rows[0]["height"]) == (96, 72) and rows[2]["width"] is None
-    for r, segment_map in zip(rows[:2], labelled["maps"][:2]):
+    for r, segment_map in zip(rows[:2], labeled["maps"][:2]):
         assert segment_map.shape == (72, 96)
         for s in r["segments"]:
             mask = mask_util.decode({"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}).astype(bool)

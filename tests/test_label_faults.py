@@ -189,7 +189,7 @@ def test_crashing_hanging_and_stuck_images_become_error_rows(tmp_path):
       worker's main thread) and is a "timed out" error row, the worker living on;
     - one stuck out of the alarm's reach (native code) is ended by the watchdog at twice the limit and goes the
       crashed-worker way.
-    The job finishes and every other image is labelled."""
+    The job finishes and every other image is labeled."""
     uris = _images(tmp_path / "in", 6, extra=("poison-pill.jpg", "slow-poke.jpg", "stuck-decoder.jpg"))
     job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
                           "--decode-timeout", "1"),
@@ -463,7 +463,7 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
 def test_hanging_model_batch_is_abandoned(tmp_path):
     """A model stage that never returns from a batch (a stand-in that really sleeps): past --batch-timeout the actor
     is killed and replaced, the batch's images are run one at a time, and the one that hangs alone becomes an error
-    row; every other image is labelled."""
+    row; every other image is labeled."""
     from PIL import Image
 
     uris = _images(tmp_path / "in", 5, size=(48, 64))
@@ -492,7 +492,7 @@ def test_hanging_model_batch_is_abandoned(tmp_path):
 
 @pytest.mark.slow
 def test_progress_on_a_terminal(tmp_path):
-    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labelled with rate and ETA,
+    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labeled with rate and ETA,
     shards committed), none of Ray Data's operator bars nor Ray's start-up warnings."""
     import fcntl
     import pty
@@ -540,7 +540,7 @@ def test_progress_on_a_terminal(tmp_path):
     assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
-    final = [line for line in screen if line.startswith("labelled  6/6 images, ok 6, failed 0,")]
+    final = [line for line in screen if line.startswith("labeled  6/6 images, ok 6, failed 0,")]
     assert final and "images/s, ETA" in final[-1], text[-3000:]
     assert "committed 3/3 shards" in screen, text[-3000:]
     assert "labeled 6 image(s)" in text

@@ -68,7 +68,7 @@ def batch():
 
 
 def _relabel(source, min_score):
-    """(the relabelled table, its counts, the new vocabulary) under "wall [stuff]; floor [stuff]; chair", whose text
+    """(the relabeled table, its counts, the new vocabulary) under "wall [stuff]; floor [stuff]; chair", whose text
     rows are the first three axes."""
     vocabulary = load_vocabulary("wall [stuff]; floor [stuff]; chair")
     new = NewVocabulary(vocabulary.to_dict(), np.eye(D, dtype=np.float32)[:3], np.arange(3), _space().to_dict())

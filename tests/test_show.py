@@ -117,7 +117,7 @@ def labels(tmp_path_factory):
 
     _write_output(rows, write)
     deleted = paths[2]
-    deleted.unlink()  # labelled, then gone: the report shows a placeholder
+    deleted.unlink()  # labeled, then gone: the report shows a placeholder
     return {"dest": dest, "rows": rows, "deleted": str(deleted), "big": str(big), "root": root}
 
 

@@ -73,7 +73,7 @@ def test_folder_glob_and_extensions(tmp_path):
         list(iter_source(str(tmp_path / "missing")))
 
 
-def test_duplicates_are_labelled_once(tmp_path):
+def test_duplicates_are_labeled_once(tmp_path):
     (tmp_path / "m.txt").write_text("x/1.jpg\nx/2.jpg\nx/1.jpg\n")
     summary = write_manifest(str(tmp_path / "m.txt"), Destination(str(tmp_path / "out")), shard_size=10)
     assert summary.num_images == 2 and summary.duplicates == 1

@@ -35,7 +35,7 @@ def labels(ray_local, tmp_path_factory):
     """A labeling output (`fcclip label`, fcclip-tiny with random weights) of 8 other synthetic images."""
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
 
-    images = tmp_path_factory.mktemp("unlabelled")
+    images = tmp_path_factory.mktemp("unlabeled")
     write_coco_panoptic(images, 8, seed=1, size=(128, 160), also_val=False)
     dest = str(tmp_path_factory.mktemp("labels") / "out")
     assert main(["label", str(images / "train2017"), "--out", dest, "--vocab", LABEL_VOCABULARY, "--model",

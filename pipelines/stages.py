@@ -116,8 +116,7 @@ class ReadDecode:
         self.reader = reader or read_bytes
 
     def __call__(self, uris: list[str]) -> tuple[dict, list]:
-        from fcclip.images import decode_image_bytes
-        from fcclip.predictor import resize_image
+        from fcclip.images import decode_image_bytes, resize_image  # PIL and numpy only: no torch in decode tasks
 
         meta = {"height": [], "width": [], "error": []}
         images = []

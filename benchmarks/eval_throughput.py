@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fcclip-evalbench-") as tmp:
         root = Path(tmp) / "coco"
         h, w = args.size, args.size * 4 // 3
-        subprocess.run([py, "-m", "pipelines", "synth", "coco-panoptic", "--out", str(root), "--images", "1",
+        subprocess.run([py, "-m", "fcclip_pipelines", "synth", "coco-panoptic", "--out", str(root), "--images", "1",
                         "--size", str(h), str(w)], check=True, capture_output=True, cwd=REPO)
         # the validation split with the requested number of images
         from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
         write_coco_panoptic(root, 1, seed=1, size=(h, w), num_val=args.images)
         common = ["--model", args.model, "--weights", "random", "--num-cpus", str(args.num_cpus), "--no-progress"]
         sizes = ["--short-edge", str(h), "--max-size", str(w)]
-        t_eval, out_eval = run([py, "-m", "pipelines", "eval", "--dataset", "coco_panoptic", "--data", str(root),
+        t_eval, out_eval = run([py, "-m", "fcclip_pipelines", "eval", "--dataset", "coco_panoptic", "--data", str(root),
                                 "--out", f"{tmp}/eval.json", *common, *sizes])
-        t_label, out_label = run([py, "-m", "pipelines", "label", str(root / "val2017"), "--out", f"{tmp}/labels",
+        t_label, out_label = run([py, "-m", "fcclip_pipelines", "label", str(root / "val2017"), "--out", f"{tmp}/labels",
                                   "--vocab", "coco_panoptic", "--summary-json", f"{tmp}/label.json", *common, *sizes])
         ev = json.loads(Path(f"{tmp}/eval.json").read_text())
         lab = json.loads(Path(f"{tmp}/label.json").read_text())

@@ -2,7 +2,7 @@
 
     python benchmarks/label_driver.py [--images 200] [--scale 10] [--num-cpus 2] [--chunk-size 128] [--json PATH]
 
-The stand-in model stage (handed to ``run_label`` through its ``model_stage`` argument, the seam tests use too)
+The stand-in model stage (handed to ``run_label`` through its ``make_model_stage`` argument, the seam tests use too)
 ignores its input and returns one fixed, realistic result per image: an 800x1200 segment map with 30 irregular
 segments (COCO RLE of 10-30 KiB per row). The inputs are 800x1200 JPEGs of one colour (cheap to read and decode), at
 their own size (``--short-edge 0``). Everything else is the real job: listing, decode tasks, the model actor, mask
@@ -11,7 +11,7 @@ encoding, Parquet commits.
 Each run is a fresh process (its own local Ray) at N and at scale x N images. Reported:
 - rows/s: the steady rate, (10N - N) rows over the difference of the two runs' wall times (start-up cancels out);
 - driver CPU s per 1,000 rows: the driver process's own CPU time (user + system, its threads included; not the
-  Ray workers, not the raylet) while labelling, as the difference between the two runs per 1,000 extra rows; beside
+  Ray workers, not the raylet) while labeling, as the difference between the two runs per 1,000 extra rows; beside
   it the part left once an idle driver's CPU (Ray's own threads, measured for 10 s before each run: it grows with
   time, not rows) is taken out;
 - driver and worker peak memory (VmHWM) in each run: flat from N to 10N when nothing grows with the collection;
@@ -92,14 +92,14 @@ def write_inputs(folder: Path, n: int) -> None:
 # ------------------------------------------------------------------------------------------------ the driver
 def child(args) -> int:
     """One labeling run in this process (the driver); prints its own measurements as JSON on the last line."""
-    from pipelines.label import LabelConfig, run_label
+    from fcclip_pipelines.label import LabelConfig, run_label
 
     cfg = LabelConfig(
         source=args.source, dest=args.dest, vocab="cat; dog", model="fcclip-tiny", weights="random",
         batch_size=args.batch_size, short_edge=0, shard_size=args.shard_size, num_cpus=args.num_cpus,
         chunk_size=args.chunk_size,
     )
-    from pipelines import runtime
+    from fcclip_pipelines import runtime
 
     started_ray = runtime.init_ray(num_cpus=args.num_cpus)  # here, so that its start-up is not in the figures
     idle = _cpu_s()
@@ -107,7 +107,7 @@ def child(args) -> int:
     idle_cpu_per_s = (_cpu_s() - idle) / IDLE_S
     started = time.perf_counter()
     cpu0 = _cpu_s()
-    summary = run_label(cfg, progress=False, model_stage=StandInModel)
+    summary = run_label(cfg, progress=False, make_model_stage=StandInModel)
     cpu1 = _cpu_s()
     wall = time.perf_counter() - started
     runtime.shutdown_ray(started_ray)

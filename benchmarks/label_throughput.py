@@ -103,7 +103,7 @@ def _cmdline(pid: int) -> str:
 
 def pipeline(model_name: str, folder: Path, out: Path, batch: int, vocab: str, num_cpus: int) -> dict:
     cmd = [
-        sys.executable, "-m", "pipelines", "label", str(folder), "--out", str(out), "--vocab", vocab,
+        sys.executable, "-m", "fcclip_pipelines", "label", str(folder), "--out", str(out), "--vocab", vocab,
         "--model", model_name, "--weights", "random", "--batch-size", str(batch), "--num-cpus", str(num_cpus),
         "--shard-size", "10", "--no-progress", "--summary-json", str(out) + ".summary.json",
     ]

@@ -3,16 +3,16 @@
     python benchmarks/relabel_speed.py --model fcclip-tiny --size 640 --images 4
     python benchmarks/relabel_speed.py --model fcclip-convnext-large --size 640 --images 2 --repeat 200
 
-1. Labeling: the model stage of `fcclip label --embeddings` (``pipelines.stages.FCCLIPSegmenter``: resize already
+1. Labeling: the model stage of `fcclip label --embeddings` (``fcclip_pipelines.stages.FCCLIPSegmenter``: resize already
    done, forward, panoptic post-processing, embeddings picked) over N synthetic images, one at a time, after one
    warm-up image: seconds per image. This is a lower bound of what labeling again costs (no decoding, no I/O, no
    RLE encoding, no Ray).
-2. The rows those images become (``pipelines.stages.encode_rows``), written as a part file is (Parquet, zstd): bytes
+2. The rows those images become (``fcclip_pipelines.stages.encode_rows``), written as a part file is (Parquet, zstd): bytes
    per image with the embedding columns and without them (the column chunks' compressed sizes: a part file's footer
    and its ``fcclip.embeddings`` metadata come once per file and are given apart), and the same rows with random
    unit vectors of D = 768 in place of the model's (what the embeddings of ConvNeXt-L cost, whatever the model run).
 3. Relabel: the new vocabulary's text classifier (the model's text tower, timed on its own: once per job), then
-   ``pipelines.relabel.relabel_batch`` (the work of a relabel task: re-classification, merges, the new rows) over
+   ``fcclip_pipelines.relabel.relabel_batch`` (the work of a relabel task: re-classification, merges, the new rows) over
    the rows repeated ``--repeat`` times: segments/s and seconds per image. Reading and writing the part files is not
    included (see the README of benchmarks for the end-to-end command).
 
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     from fcclip.datasets.synthetic import synthetic_image
     from fcclip.text import build_text_classifier
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
-    from pipelines.sink import EMBEDDING_COLUMNS, encode_table
-    from pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
+    from fcclip_pipelines.relabel import NewVocabulary, new_stats, relabel_batch
+    from fcclip_pipelines.output import EMBEDDING_COLUMNS, encode_table
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,23 +101,23 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        segmenter = FCCLIPSegmenter(ModelSpec(args.model, "random", vocabulary.to_dict(), device="cpu",
+        model_stage = FCCLIPSegmenter(ModelSpec(args.model, "random", vocabulary.to_dict(), device="cpu",
                                               embeddings=True))
     build_s = time.perf_counter() - t
     images = [synthetic_image(i, args.size, args.size) for i in range(args.images + 1)]
-    segmenter([images[0]], [images[0].shape[:2]])  # warm-up
+    model_stage([images[0]], [images[0].shape[:2]])  # warm-up
     images = images[1:]
     meta = {"height": [args.size] * args.images, "width": [args.size] * args.images, "error": [""] * args.images}
     t = time.perf_counter()
-    labelled = label_images(segmenter, meta, images, batch_size=1)
+    labeled = label_images(model_stage, meta, images, batch_size=1)
     label_s = (time.perf_counter() - t) / args.images
 
-    space = segmenter.run_metadata["embeddings"]
+    space = model_stage.run_metadata["embeddings"]
     dim = space["dim"]
     uris = [f"synthetic/{i:06d}.jpg" for i in range(args.images)]
-    constants = {"vocabulary": "bench@0", "run_id": "bench", "model": segmenter.model_id, "embedding_dim": dim}
-    table = encode_rows(uris, list(range(args.images)), meta, labelled, constants).drop_columns(["row"])
-    segments = sum(len(s) for s in labelled["segments"])
+    constants = {"vocabulary": "bench@0", "run_id": "bench", "model": model_stage.model_id, "embedding_dim": dim}
+    table = encode_rows(uris, list(range(args.images)), meta, labeled, constants).drop_columns(["row"])
+    segments = sum(len(s) for s in labeled["segments"])
     sizes = column_bytes(encode_table(table, {}))
     with_bytes = sum(sizes.values())
     without_bytes = sum(v for k, v in sizes.items() if k not in EMBEDDING_COLUMNS)
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
 
     new_vocabulary = load_vocabulary(args.new_vocab)
     t = time.perf_counter()
-    text = build_text_classifier(segmenter.model.backbone, new_vocabulary,
-                                 train_vocabulary=segmenter.model.config.inference.train_vocabulary)
+    text = build_text_classifier(model_stage.model.backbone, new_vocabulary,
+                                 train_vocabulary=model_stage.model.config.inference.train_vocabulary)
     text_s = time.perf_counter() - t
     new = NewVocabulary(new_vocabulary.to_dict(), text.embeddings.float().numpy(), text.synonym_class.numpy(), space)
     big = pa.concat_tables([table] * args.repeat).combine_chunks()

@@ -57,7 +57,7 @@ def _run(argv: list[str]) -> str:
     import contextlib
     import io
 
-    from pipelines.cli import main
+    from fcclip_pipelines.cli import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -120,9 +120,9 @@ def _reviewed_output(dest: Path, ids: list[str], rows: dict, truth: dict, vocabu
 
     import pyarrow as pa
 
-    from pipelines.label_studio import REVIEW_FIELDS
-    from pipelines.sink import SCHEMA, Destination, write_part
-    from pipelines.stages import panoptic_columns
+    from fcclip_pipelines.label_studio import REVIEW_FIELDS
+    from fcclip_pipelines.output import SCHEMA, Destination, write_part
+    from fcclip.masks import panoptic_columns
 
     by_id = {c.id: c for c in vocabulary.categories}
     out = []
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
 
     from fcclip.datasets.coco_panoptic import CocoPanoptic
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
-    from pipelines import review
+    from fcclip_pipelines import review
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

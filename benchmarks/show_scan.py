@@ -2,8 +2,8 @@
 
     python benchmarks/show_scan.py --files 20 --rows 10000 --segments 5
 
-Writes a synthetic output in the documented schema (``pipelines.sink.SCHEMA``: --files part files of --rows rows,
---segments segments each with 600-character RLE strings, 2% error rows), then runs ``pipelines.show.scan`` on it
+Writes a synthetic output in the documented schema (``fcclip_pipelines.output.SCHEMA``: --files part files of --rows rows,
+--segments segments each with 600-character RLE strings, 2% error rows), then runs ``fcclip_pipelines.show.scan`` on it
 (the counts and the seeded sample; no image is drawn) in a fresh process, and prints rows, segments, the Parquet
 size, the seconds the scan took and the peak resident memory it added (sampled every 10 ms), with the CPU's model
 and flags.
@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipelines.show as show  # noqa: E402
+import fcclip_pipelines.show as show  # noqa: E402
 from fcclip.vocabulary import load_vocabulary  # noqa: E402
-from pipelines.sink import SCHEMA, part_name  # noqa: E402
+from fcclip_pipelines.output import SCHEMA, part_name  # noqa: E402
 
 LABELS = ["cat", "dog", "grass", "sky"]
 

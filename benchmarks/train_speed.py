@@ -5,14 +5,14 @@ tree, as pseudo-labels (a labeling output streamed through Ray Data), or both mi
     .venv/bin/python benchmarks/train_speed.py --data-kind labels --iters 100 --num-cpus 2
     .venv/bin/python benchmarks/train_speed.py --data-kind mix --mix-share 0.5 --iters 100 --num-cpus 2
 
-With ``--data-kind labels`` the generated images are first labelled by ``fcclip label`` (fcclip-tiny, random weights
-unless --label-weights, at their own size) and training reads that output (`pipelines.train_data`): Parquet part
+With ``--data-kind labels`` the generated images are first labeled by ``fcclip label`` (fcclip-tiny, random weights
+unless --label-weights, at their own size) and training reads that output (`fcclip_pipelines.train_data`): Parquet part
 files, images from their URIs, masks from the RLEs, LSJ on Ray Data CPU tasks, batches into the workers' shards.
 Labeling is not timed. The training workers then get (CPUs - 1) / workers CPUs by default, leaving one to Ray Data.
 ``--data-kind mix`` trains on that output with ``--mix coco=ROOT:SHARE``, ROOT the generated tree (``--mix-share``
 of the samples decoded by the training workers themselves, as on a COCO tree).
 
-Runs the real training job (`pipelines.train.run_train`: data loading with LSJ, forward, criterion, backward, DDP
+Runs the real training job (`fcclip_pipelines.train.run_train`: data loading with LSJ, forward, criterion, backward, DDP
 all-reduce, optimizer) for --iters iterations with deterministic random weights, and reports, over the iterations
 after --warmup:
 
@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_CONFIG = "fcclip-tiny-synthetic"  # a packaged training config (fcclip/configs/train/)
+DEFAULT_CONFIG = "fcclip-tiny-synthetic"  # a packaged training config (configs/train/)
 _DATA_NAMES = {"coco": "COCO tree", "labels": "labeling output", "mix": "labeling output + {share:.0%} COCO tree"}
 
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
-    from pipelines.train import load_train_config, run_train
-    from pipelines.train_data import MixSpec
+    from fcclip_pipelines.train import load_train_config, run_train
+    from fcclip_pipelines.train_data import MixSpec
 
     cfg = load_train_config(args.config)
     data = dataclasses.replace(
@@ -215,7 +215,7 @@ def _label(tmp: Path, cfg, weights: str) -> tuple[str, float]:
     import pyarrow.parquet as pq
 
     from fcclip.datasets.coco_panoptic import CocoPanoptic
-    from pipelines.cli import main as fcclip
+    from fcclip_pipelines.cli import main as fcclip
 
     vocab = tmp / "vocabulary.json"
     vocab.write_text(json.dumps(CocoPanoptic(tmp / "data").vocabulary(synonyms=cfg.data.synonyms).to_dict()))

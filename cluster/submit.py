@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.submit import add_arguments, main_args  # noqa: E402
+from fcclip_pipelines.submit import add_arguments, main_args  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="cluster/submit.py", description=__doc__,

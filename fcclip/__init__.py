@@ -19,6 +19,20 @@ Glossary (one name per concept, in the code, the docstrings and the README):
     class_index    the position of a class in the vocabulary, 0..K-1 (rows of the text embeddings)
     is_thing       a class of countable objects (instances) rather than stuff (COCO JSON files spell it isthing)
     query          one of the transformer decoder's Q object queries (250 for the released models)
+
+Spelling: label, labeled, labeling, unlabeled, relabel (American, one l), everywhere.
+
+The labeling pipeline (fcclip_pipelines, the repository's pipelines/):
+
+    labeling output  what `fcclip label` writes to DEST: Parquet part files of one row per image; its schema, metadata
+                   keys, writing and reading live in one module, fcclip_pipelines.output
+    reader         a callable URI -> bytes (default: fsspec); run inside the decoder
+    decoder        the ReadDecode stage: reads (through the reader), decodes and resizes a chunk's images on CPU
+    model_stage    the object that turns decoded images into segment maps and segments (FCCLIPSegmenter, or a stand-in
+                   in tests and benchmarks); built once per model actor by make_model_stage, a zero-argument callable
+                   (FCCLIPSegmenter.builder(spec))
+    run_metadata   what a model stage adds to a run's file metadata (the embedding space with --embeddings)
+    EMBEDDING_COLUMNS  the per-segment embedding columns of a run with --embeddings (fcclip_pipelines.output)
 """
 from __future__ import annotations
 

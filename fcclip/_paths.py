@@ -1,8 +1,9 @@
 """Where the package finds its data files and its cache.
 
 The model presets (``configs/models``), training configs (``configs/train``) and builtin vocabularies
-(``configs/vocabularies``) are package data: they sit inside the installed ``fcclip`` package, so a wheel, a
-``pip install .`` and an editable checkout all find them the same way.
+(``configs/vocabularies``) live in the repository's top-level ``configs/`` folder, which an install ships as package
+data inside the ``fcclip`` package (``fcclip/configs``, pyproject.toml's package-dir mapping). An installed wheel
+finds them there; a checkout (an editable install, or ``fcclip`` imported from the repository) beside the package.
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 
 
 def config_dir() -> Path:
-    """The package's ``configs/`` folder (model presets, training configs, builtin vocabularies)."""
-    path = Path(str(resources.files("fcclip").joinpath("configs")))
-    if not path.is_dir():  # a broken install (package data left out of the wheel)
-        raise FileNotFoundError(f"fcclip's package data is missing: no folder {path}; reinstall fcclip")
-    return path
+    """The ``configs/`` folder (model presets, training configs, builtin vocabularies): ``fcclip/configs`` in an
+    installed wheel, the repository's ``configs/`` in a checkout."""
+    package = Path(str(resources.files("fcclip")))
+    for path in (package / "configs", package.parent / "configs"):
+        if (path / "models").is_dir():
+            return path
+    # a broken install (package data left out of the wheel)
+    raise FileNotFoundError(f"fcclip's package data is missing: no folder {package / 'configs'}; reinstall fcclip")
 
 
 def cache_dir() -> Path:

@@ -1,5 +1,5 @@
-"""Typed model configs, the model presets (package data: ``fcclip/configs/models``) and where the packaged training
-configs (``fcclip/configs/train``) are found.
+"""Typed model configs, the model presets (``configs/models``, package data) and where the packaged training
+configs (``configs/train``) are found.
 
 A preset is a small YAML file with four sections (``clip``, ``head``, ``inference``, ``weights``) that map one to one
 onto the frozen dataclasses below. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -143,12 +143,12 @@ def config_from_dict(data: Mapping[str, Any], name: str | None = None) -> ModelC
 
 
 def list_models() -> list[str]:
-    """Names of the model presets (``fcclip/configs/models/*.yaml``)."""
+    """Names of the model presets (``configs/models/*.yaml``)."""
     return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
 
 
 def list_train_configs() -> list[str]:
-    """Names of the packaged training configs (``fcclip/configs/train/*.yaml``)."""
+    """Names of the packaged training configs (``configs/train/*.yaml``)."""
     return sorted(p.stem for p in (config_dir() / "train").glob("*.yaml"))
 
 

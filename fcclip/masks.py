@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 if TYPE_CHECKING:  # torch is not imported at run time: readers of the output (show, export) do not need it
     from torch import Tensor
 
-__all__ = ["decode_rle", "encode_rle", "id2rgb", "mask_to_bbox", "rgb2id", "segment_bboxes"]
+__all__ = ["decode_rle", "encode_rle", "id2rgb", "mask_to_bbox", "panoptic_columns", "rgb2id", "segment_bboxes"]
 
 
 def _as_bool_mask(mask: np.ndarray | Tensor) -> np.ndarray:
@@ -120,6 +120,48 @@ def segment_bboxes(segment_map: np.ndarray | Tensor, ids: list[int] | np.ndarray
         x0, x1, y0, y1 = int(c[0]), int(c[-1]), int(r[0]), int(r[-1])
         boxes.append([float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)])
     return boxes
+
+
+def panoptic_columns(segment_map: np.ndarray, segments: list[dict]) -> dict:
+    """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
+
+    Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
+    is run-length encoded once, column-major as COCO RLE wants it, and each segment's runs are taken from that single
+    pass (not one full-size mask comparison per segment); pycocotools compresses them and derives areas and boxes.
+    The strings are those ``pycocotools.mask.encode`` gives for each segment's mask.
+    """
+    h, w = (int(v) for v in segment_map.shape)
+    if not segments:
+        return {"area": [], "bbox": [], "size": (h, w), "counts": []}
+    flat = np.asarray(segment_map).ravel(order="F")
+    n = flat.size
+    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
+    lengths = np.diff(np.append(starts, n))
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by segment id, in position order within each id
+    ids = np.array([s["id"] for s in segments], dtype=np.int64)
+    first = np.searchsorted(values[order], ids, side="left")
+    last = np.searchsorted(values[order], ids, side="right")
+    uncompressed = []
+    for lo, hi in zip(first, last):
+        run = order[lo:hi]
+        begin, length = starts[run], lengths[run]
+        counts = np.empty(2 * len(run) + 1, dtype=np.int64)
+        counts[0:-1:2] = begin - np.concatenate([[0], begin[:-1] + length[:-1]])  # zeros before each run of ones
+        counts[1::2] = length
+        counts[-1] = n - (begin[-1] + length[-1]) if len(run) else n  # zeros after the last run
+        if counts[-1] == 0 and len(run):
+            counts = counts[:-1]
+        uncompressed.append({"size": [h, w], "counts": counts.tolist()})
+    rles = mask_utils.frPyObjects(uncompressed, h, w)
+    areas = mask_utils.area(rles)
+    boxes = mask_utils.toBbox(rles)
+    return {
+        "area": [int(a) for a in areas],
+        "bbox": [[float(v) for v in box] for box in boxes],
+        "size": (h, w),
+        "counts": [r["counts"].decode("ascii") for r in rles],
+    }
 
 
 def id2rgb(ids: np.ndarray) -> np.ndarray:

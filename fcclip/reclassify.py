@@ -10,7 +10,7 @@ labeling run stored (``fcclip label --embeddings``), a new vocabulary is a matri
 
 A segment's class and score are then those post-processing gives its query (:func:`fcclip.postprocess.
 select_panoptic_queries`): the top of the softmax over the ensembled log-probabilities, void included. Which queries
-become segments, and their masks, stay as labelled: see ``fcclip relabel`` for how this differs from labeling again.
+become segments, and their masks, stay as labeled: see ``fcclip relabel`` for how this differs from labeling again.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""``python -m pipelines ...`` is the ``fcclip`` command (for an environment whose scripts are not on PATH)."""
+"""``python -m fcclip_pipelines ...`` is the ``fcclip`` command (for an environment whose scripts are not on PATH)."""
 import sys
 
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 sys.exit(main())

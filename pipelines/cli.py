@@ -37,34 +37,33 @@ class Command(NamedTuple):
     needs: tuple[str, ...] = ()  # packages of the `ray` extra it runs on
 
 
-RAY_EXTRA = ("ray", "pyarrow")
+RAY_EXTRA = ("ray",)
 
 COMMANDS: dict[str, Command] = {
-    "predict": Command("pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
-    "label": Command("pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
-    "show": Command("pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
-                    "overlays", ("pyarrow", "duckdb")),
-    "export": Command("pipelines.export", "a labeling output as COCO panoptic / instances / semantic files",
-                      ("pyarrow",)),
-    "relabel": Command("pipelines.relabel", "a labeling output under a new vocabulary, from its stored embeddings",
+    "predict": Command("fcclip_pipelines.predict", "segment images; write COCO panoptic PNG + JSON and an overlay per image"),
+    "label": Command("fcclip_pipelines.label", "label an image collection on Ray: Parquet with COCO RLE masks", RAY_EXTRA),
+    "show": Command("fcclip_pipelines.show", "an HTML report of a labeling output: counts, classes, scores, errors, "
+                    "overlays", ("duckdb",)),
+    "export": Command("fcclip_pipelines.export", "a labeling output as COCO panoptic / instances / semantic files"),
+    "relabel": Command("fcclip_pipelines.relabel", "a labeling output under a new vocabulary, from its stored embeddings",
                        RAY_EXTRA),
-    "search": Command("pipelines.search", "segments of a labeling output ranked by similarity to a text",
-                      ("pyarrow",)),
-    "review": Command("pipelines.review", "pick the labels most likely wrong, review them in Label Studio, pull "
-                      "the corrections back", ("pyarrow",)),
-    "embed-text": Command("pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
-    "train": Command("pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
-    "eval": Command("pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
+    "search": Command("fcclip_pipelines.search", "segments of a labeling output ranked by similarity to a text",
+                      ("duckdb",)),
+    "review": Command("fcclip_pipelines.review", "pick the labels most likely wrong, review them in Label Studio, "
+                      "pull the corrections back"),
+    "embed-text": Command("fcclip_pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
+    "train": Command("fcclip_pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
+    "eval": Command("fcclip_pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
     "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
-    "submit": Command("pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
+    "submit": Command("fcclip_pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",
                       ("ray",)),
-    "synth": Command("pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
-    "models": Command("pipelines.models", "list the model presets"),
-    "vocabularies": Command("pipelines.vocabularies", "list the builtin vocabularies"),
+    "synth": Command("fcclip_pipelines.synth", "generate synthetic data: images, or a COCO-panoptic-layout dataset"),
+    "models": Command("fcclip_pipelines.models", "list the model presets"),
+    "vocabularies": Command("fcclip_pipelines.vocabularies", "list the builtin vocabularies"),
 }
 
 # third-party packages that only the `ray` extra installs
-_EXTRA_PACKAGES = {"ray", "pyarrow", "duckdb", "s3fs", "pandas"}
+_EXTRA_PACKAGES = {"ray", "duckdb", "s3fs", "boto3", "pandas", "tqdm"}
 
 
 class MissingExtra(ImportError):
@@ -128,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(load_command(args.command).main_args(args) or 0)
+    except BrokenPipeError:  # the reader of stdout went away (`fcclip models | head -2`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 1
     except Exception as e:
         if not storage_error(e) or args.verbose:
             raise

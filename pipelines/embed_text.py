@@ -2,7 +2,7 @@
 
     fcclip embed-text "a flooded street" [--model PRESET] [--weights W]
 
-The vector is made as ``fcclip search`` makes its query (``pipelines.search.text_embedding``): the model's text tower,
+The vector is made as ``fcclip search`` makes its query (``fcclip_pipelines.search.text_embedding``): the model's text tower,
 the classification prompt templates. Use the labeling run's model and weights.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
     del net
     if expect_text_tower is not None and text_tower_digest(backbone) != expect_text_tower:
         raise TextTowerMismatch(
-            f"the text tower of {model} with weights {weights!r} is not the one that labelled the run; give the "
+            f"the text tower of {model} with weights {weights!r} is not the one that labeled the run; give the "
             "run's --model and --weights"
         )
     return backbone

@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import ray
 
 from . import runtime
-from .sink import Destination, commit_shard, write_fragment
-from .stages import ReadDecode, describe_model, encode_rows, label_images
+from .output import Destination, commit_shard, write_fragment
+from .stages import ReadDecode, encode_rows, label_images, run_metadata
 
 logger = logging.getLogger("fcclip.label")
 
@@ -43,14 +43,14 @@ class LabelError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- Ray stages
-def _decode(reader: ReadDecode, uris: list[str]):
-    meta, images = reader(uris)
+def _decode(decoder: ReadDecode, uris: list[str]):
+    meta, images = decoder(uris)
     return meta, images
 
 
-def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, labelled: dict | None,
+def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, labeled: dict | None,
            constants: dict, errors: list[str] | None = None) -> dict:
-    table = encode_rows(uris, rows, meta, labelled, constants, errors=errors)
+    table = encode_rows(uris, rows, meta, labeled, constants, errors=errors)
     name = write_fragment(Destination(dest_uri), shard, table)
     status = table.column("status").to_pylist()
     reasons: dict[str, int] = {}
@@ -68,9 +68,9 @@ def _commit(dest_uri: str, shard: int, fragments: list[str], expected: int, file
     return commit_shard(Destination(dest_uri), shard, fragments, expected, file_metadata)
 
 
-def _label_chunk(segmenter, batch_size: int, meta: dict, images: list) -> dict:
+def _label_chunk(model_stage, batch_size: int, meta: dict, images: list) -> dict:
     """The model actor's work on one chunk (runtime.ModelActor.run)."""
-    return label_images(segmenter, meta, images, batch_size)
+    return label_images(model_stage, meta, images, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------- the driver
@@ -90,7 +90,7 @@ class _Actor:
     handle: object
     ready_ref: object
     ready: bool = False
-    calls: collections.deque = field(default_factory=collections.deque)  # (chunk, info_ref, labelled_ref, budget)
+    calls: collections.deque = field(default_factory=collections.deque)  # (chunk, info_ref, labeled_ref, budget)
     head_since: float = 0.0  # when the oldest call started, as far as the driver knows
     failures: int = 0
 
@@ -107,21 +107,21 @@ class EngineResult:
     model_ids: set = field(default_factory=set)
     actor_images: int = 0
     actor_outside_s: float = 0.0
-    model_metadata: dict | None = None  # the model stage's run_metadata (asked of the first actor, with describe)
+    run_metadata: dict | None = None  # the model stage's run_metadata (asked of the first actor)
 
 
 class LabelEngine:
     """Schedules one run's pending shards; see the module docstring."""
 
-    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, reader: ReadDecode, model_stage, *,
+    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode, make_model_stage, *,
                  actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float, cpus_per_actor: float,
                  batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None,
-                 describe: bool = False):
+                 ask_run_metadata: bool = False):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
-        self.reader_ref = ray.put(reader)
-        self.model_stage = model_stage
+        self.decoder_ref = ray.put(decoder)
+        self.make_model_stage = make_model_stage
         self.actors_range = actors
         self.batch_size = batch_size
         self.chunk_size = max(1, chunk_size)
@@ -131,7 +131,7 @@ class LabelEngine:
         self.constants = constants
         self.file_metadata = file_metadata
         self.progress = progress
-        self.describe = describe  # ask the first ready actor for its model's run metadata, add it to the files'
+        self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its model's run metadata, add it to the files'
         self.result = EngineResult()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_decoding = cpus + 1
@@ -144,7 +144,7 @@ class LabelEngine:
 
     # ------------------------------------------------------------------ actors
     def _new_actor(self) -> _Actor:
-        handle = runtime.start_model_actor(self.model_stage, gpus=self.gpus, cpus=self.cpus_per_actor)
+        handle = runtime.start_model_actor(self.make_model_stage, gpus=self.gpus, cpus=self.cpus_per_actor)
         return _Actor(handle, handle.ready.remote())
 
     def _replace(self, actor: _Actor) -> _Actor:
@@ -192,7 +192,7 @@ class LabelEngine:
                 self.queue.append(Chunk(shard, rows, uris[rows[0] : rows[-1] + 1]))
 
     def _fail(self, chunk: Chunk, reason: str) -> None:
-        """A chunk that could not be labelled: its images one at a time, or an error row for a single image."""
+        """A chunk that could not be labeled: its images one at a time, or an error row for a single image."""
         if len(chunk.rows) > 1:
             self.result.recovered += len(chunk.rows)
             for row, uri in zip(reversed(chunk.rows), reversed(chunk.uris)):
@@ -200,8 +200,8 @@ class LabelEngine:
             return
         self._write(chunk, None, errors=[reason])
 
-    def _write(self, chunk: Chunk, labelled_ref, errors: list[str] | None = None) -> None:
-        ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labelled_ref,
+    def _write(self, chunk: Chunk, labeled_ref, errors: list[str] | None = None) -> None:
+        ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labeled_ref,
                                    self.constants, errors=errors)
         chunk.images = None
         self.writing[ref] = chunk
@@ -212,7 +212,7 @@ class LabelEngine:
                and len(self.decoding) + len(self.decoded) < 4 * len(self.actors)):
             chunk = self.queue.popleft()
             decode = self.decode_fn if len(chunk.uris) == 1 else self.decode_chunk_fn
-            meta_ref, images_ref = decode.remote(self.reader_ref, chunk.uris)
+            meta_ref, images_ref = decode.remote(self.decoder_ref, chunk.uris)
             chunk.images = images_ref
             self.decoding[meta_ref] = chunk
 
@@ -221,12 +221,12 @@ class LabelEngine:
         for actor in self.actors:
             while actor.ready and self.decoded and len(actor.calls) < 2:
                 chunk = self.decoded.popleft()
-                info_ref, labelled_ref = actor.handle.run.options(num_returns=2).remote(
+                info_ref, labeled_ref = actor.handle.run.options(num_returns=2).remote(
                     _label_chunk, self.batch_size, chunk.meta, chunk.images)
                 batches = -(-len(chunk.rows) // self.batch_size)
                 if not actor.calls:
                     actor.head_since = now
-                actor.calls.append((chunk, info_ref, labelled_ref, batches))
+                actor.calls.append((chunk, info_ref, labeled_ref, batches))
 
     def _wait(self) -> set | None:
         """The references that are done (at least one within half a second), or None when nothing can move."""
@@ -250,7 +250,7 @@ class LabelEngine:
             return
         if not actor.calls:
             return
-        chunk, info_ref, labelled_ref, batches = actor.calls[0]
+        chunk, info_ref, labeled_ref, batches = actor.calls[0]
         if info_ref in ready:
             actor.calls.popleft()
             actor.head_since = now
@@ -268,7 +268,7 @@ class LabelEngine:
                 return
             self.result.actor_images += len(chunk.rows)
             self.result.actor_outside_s += info["total_s"] - info["model_s"]
-            self._write(chunk, labelled_ref)
+            self._write(chunk, labeled_ref)
         elif self.batch_timeout and now - actor.head_since > self.batch_timeout * batches:
             limit = self.batch_timeout * batches
             logger.warning("a model call ran past %.0f s; replacing its actor, its images go one by one", limit)
@@ -283,11 +283,11 @@ class LabelEngine:
         actor = self.actors[i]
         try:
             self.result.model_ids.add(ray.get(actor.ready_ref))
-            if self.describe and self.result.model_metadata is None:
+            if self.ask_run_metadata and self.result.run_metadata is None:
                 # before any chunk goes to an actor, so before any shard is committed
-                _, meta_ref = actor.handle.run.options(num_returns=2).remote(describe_model)
-                self.result.model_metadata = ray.get(meta_ref)
-                self.file_metadata = {**self.file_metadata, **self.result.model_metadata}
+                _, meta_ref = actor.handle.run.options(num_returns=2).remote(run_metadata)
+                self.result.run_metadata = ray.get(meta_ref)
+                self.file_metadata = {**self.file_metadata, **self.result.run_metadata}
             actor.ready = True
         except ray.exceptions.RayActorError as e:
             self.startup_failures += 1
@@ -336,7 +336,7 @@ class LabelEngine:
             for reason, n in info["errors"].items():
                 res.errors[reason] = res.errors.get(reason, 0) + n
             if self.progress is not None:
-                self.progress.labelled(info["ok"], info["failed"])
+                self.progress.labeled(info["ok"], info["failed"])
             state = self.open_shards[chunk.shard]
             state["fragments"].append(info["fragment"])
             state["covered"] += len(chunk.rows)

@@ -4,7 +4,7 @@
     fcclip eval --model PRESET --weights W --data DEST [--min-score S] [--short-edge N]   (DEST: a labeling output)
 
 Without ``--dataset``, ``--data`` is a labeling output of ``fcclip label`` and its pseudo-labels are the ground
-truth: the PQ of a model against them is its agreement with the model that labelled (a student against its
+truth: the PQ of a model against them is its agreement with the model that labeled (a student against its
 teacher). The run's vocabulary is the vocabulary of both; segments scoring below ``--min-score`` are void (as they
 are ignore regions in ``fcclip train``); error rows are skipped. The rows stream through Ray Data (part files read
 with only the columns needed, error rows filtered in the scan), never listed on the driver.
@@ -41,8 +41,8 @@ from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
-from pipelines import runtime
-from pipelines.show.output import OutputError, open_output, segment_map
+from fcclip_pipelines import runtime
+from fcclip_pipelines.output import OutputError, open_output, segment_map
 
 logger = logging.getLogger("fcclip.eval")
 

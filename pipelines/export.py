@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fcclip.masks import id2rgb
-from pipelines.show.output import LabelingOutput, OutputError, open_output, segment_map
+from fcclip_pipelines.output import LabelingOutput, OutputError, open_output, segment_map
 
 logger = logging.getLogger("fcclip.export")
 

@@ -10,10 +10,10 @@ The job, in order:
    under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
    them; other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
    holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
-2. Shards without a committed part file are labelled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
+2. Shards without a committed part file are labeled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
    images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
-   completed shard writes its Parquet part file (see pipelines/sink.py for why this is exactly-once). The driver
+   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once). The driver
    only schedules and keeps metadata: no pixels, masks or rows pass through it.
 3. Faults are bounded: when a decode task's worker dies (a decoder segfault, an out-of-memory kill), its chunk's
    images are run one at a time, each retried a bounded number of times, and an image that still fails becomes an
@@ -21,8 +21,8 @@ The job, in order:
    actor is replaced at once). An image whose read and decode take longer than ``--decode-timeout`` is an error row;
    one stuck where the time limit cannot interrupt it (native code) ends its worker and goes the crash way
    (pipelines/stages.py, ``_time_limit``). Every input image ends up in exactly one row.
-4. With ``--embeddings``, each row also holds its segments' query embeddings (pipelines.sink.EMBEDDING_COLUMNS), and
-   the first model actor to start is asked for the model's ``EmbeddingSpace`` (stages.describe_model), which goes
+4. With ``--embeddings``, each row also holds its segments' query embeddings (fcclip_pipelines.output.EMBEDDING_COLUMNS), and
+   the first model actor to start is asked for the model's ``EmbeddingSpace`` (stages.run_metadata), which goes
    into every part file's metadata (``fcclip.embeddings``) and run.json: what ``fcclip relabel`` and ``fcclip
    search`` need beyond the text.
 """
@@ -44,7 +44,7 @@ from fcclip.vocabulary import VocabularyError, load_vocabulary
 from . import runtime
 from .engine import LabelEngine, LabelError
 from .progress import JobProgress
-from .sink import PART_RE, Destination, new_run_id
+from .output import PART_RE, Destination, new_run_id
 from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
@@ -215,14 +215,15 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
 
 
 def run_label(
-    cfg: LabelConfig, progress: bool = True, overwrite: bool = False, verbose: bool = False, model_stage=None,
-    reader=None,
+    cfg: LabelConfig, progress: bool = True, overwrite: bool = False, verbose: bool = False,
+    make_model_stage=None, reader=None,
 ) -> LabelSummary:
     """Run (or resume) a labeling job; returns its summary.
 
     ``progress``: progress lines (tqdm on a terminal, log lines otherwise); ``verbose`` adds Ray's own warnings.
     ``overwrite``: see prepare_run. The seams for stand-ins (benchmarks, fault tests), both picklable:
-    ``model_stage``: a zero-argument factory called once in each model actor, returning the model stage (see
+    ``make_model_stage``: a zero-argument callable (a class, say) called once in each model actor, returning the model
+    stage (see
     stages.FCCLIPSegmenter for its interface); default FC-CLIP as ``cfg`` says. ``reader``: URI -> bytes, called in
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
@@ -231,13 +232,13 @@ def run_label(
     try:
         if bars.bars:
             with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
-                return _run_label(cfg, bars, overwrite, verbose, model_stage, reader)
-        return _run_label(cfg, bars, overwrite, verbose, model_stage, reader)
+                return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
+        return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
     finally:
         bars.close()
 
 
-def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_stage, reader) -> LabelSummary:
+def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader) -> LabelSummary:
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
@@ -279,25 +280,25 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, model_sta
             constants["embedding_dim"] = clip_embed_dim(model_config.clip)
         inf = model_config.inference
         short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
-        decode = ReadDecode(
+        decoder = ReadDecode(
             short_edge if short_edge and short_edge > 0 else None,
             cfg.max_size if cfg.max_size is not None else inf.max_size,
             cfg.max_pixels or DEFAULT_MAX_PIXELS, timeout_s=cfg.decode_timeout, reader=reader,
         )
         engine = LabelEngine(
-            dest, {s: sizes[s] for s in pending}, lambda shard: read_manifest_shard(dest, shard), decode,
-            model_stage or FCCLIPSegmenter.factory(spec), actors=cfg.actors, batch_size=cfg.batch_size,
+            dest, {s: sizes[s] for s in pending}, lambda shard: read_manifest_shard(dest, shard), decoder,
+            make_model_stage or FCCLIPSegmenter.builder(spec), actors=cfg.actors, batch_size=cfg.batch_size,
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
-            describe=cfg.embeddings,
+            ask_run_metadata=cfg.embeddings,
         )
-        bars.labelling_started(sum(sizes[s] for s in pending), len(pending), len(done))
+        bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
         result = engine.run(pending)
     finally:
         runtime.shutdown_ray(started_ray)
     dest.remove_fragments()
-    if result.model_metadata and "embeddings" not in run:
-        run["embeddings"] = result.model_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
+    if result.run_metadata and "embeddings" not in run:
+        run["embeddings"] = result.run_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
         dest.write_run(run)
     summary.images = result.ok + result.failed
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
@@ -370,8 +371,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
 
-def main_args(args: argparse.Namespace, model_stage=None, reader=None) -> int:
-    """The subcommand; ``model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
+def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> int:
+    """The subcommand; ``make_model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
     cfg = LabelConfig(
         source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
@@ -383,7 +384,7 @@ def main_args(args: argparse.Namespace, model_stage=None, reader=None) -> int:
     try:
         summary = run_label(
             cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False),
-            model_stage=model_stage, reader=reader,
+            make_model_stage=make_model_stage, reader=reader,
         )
     except (ConfigError, VocabularyError, SourceError, DestinationError, FileNotFoundError, NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)

@@ -63,7 +63,10 @@ class LabelStudio:
     """A minimal Label Studio REST client (requests). ``token``: a legacy API token or a personal access token."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60):
-        import requests
+        try:
+            import requests
+        except ImportError:
+            raise LabelStudioError('push and pull need requests: pip install "fcclip[review]"') from None
 
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
@@ -198,8 +201,8 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
     """Create (or extend) the project ``project`` with one task per picked image (module docstring)."""
     import pyarrow.dataset as ds
 
+    from .output import open_output
     from .review import read_picks
-    from .show.output import open_output
 
     picks = read_picks(picks_path)
     ls = client or LabelStudio(url)
@@ -314,7 +317,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     and the pending tasks."""
     from fcclip.vocabulary import Vocabulary
 
-    from .sink import SCHEMA, Destination, new_run_id, write_part
+    from .output import SCHEMA, Destination, new_run_id, write_part
 
     ls = client or LabelStudio(url)
     info = ls.project(project)

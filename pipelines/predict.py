@@ -19,12 +19,10 @@ from fcclip.build import build_model
 from fcclip.checkpoint import CheckpointError
 from fcclip.config import ConfigError
 from fcclip.images import ImageDecodeError
-from fcclip.masks import id2rgb
+from fcclip.masks import id2rgb, panoptic_columns
 from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
 from fcclip.vocabulary import VocabularyError
-
-from .stages import panoptic_columns
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +97,7 @@ def predict(args: argparse.Namespace) -> int:
         "categories": categories,
     }
     (out / "panoptic.json").write_text(json.dumps(summary, indent=1))
-    print(f"{len(annotations)} image(s) labelled, {failed} failed; results in {out}")
+    print(f"{len(annotations)} image(s) labeled, {failed} failed; results in {out}")
     return 1 if failed else 0
 
 

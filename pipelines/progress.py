@@ -2,11 +2,11 @@
 
     listing   12,000 images in 12 shards
     start-up  Ray and 2 model actor(s) ready after 00:24
-    labelled  3,120/12,000 images, ok 3,101, failed 19, 41.3 images/s, ETA 03:35
+    labeled  3,120/12,000 images, ok 3,101, failed 19, 41.3 images/s, ETA 03:35
     committed 3/12 shards
 
 On a terminal these are tqdm lines updated in place (on stderr); elsewhere (a log file, a CI job, a test's pipe)
-the same information comes as log lines: at each stage's start and end, and about once a minute while labelling.
+the same information comes as log lines: at each stage's start and end, and about once a minute while labeling.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class JobProgress:
     def __init__(self, enabled: bool = True, stream=None):
         self.stream = stream if stream is not None else sys.stderr
         self.bars = enabled and _interactive(self.stream)
-        self._listing = self._startup = self._labelled = self._committed = None
+        self._listing = self._startup = self._labeled = self._committed = None
         self._listed = 0
         self._started = None
         self._counts = {"ok": 0, "failed": 0}
@@ -96,51 +96,51 @@ class JobProgress:
                     self._startup.close()
                     self._startup = None
 
-    # ------------------------------------------------------------------ labelling and commits
-    def labelling_started(self, images: int, shards: int, skipped_shards: int) -> None:
+    # ------------------------------------------------------------------ labeling and commits
+    def labeling_started(self, images: int, shards: int, skipped_shards: int) -> None:
         self._total_images = images
         if skipped_shards:
             logger.info("%d shard(s) already committed by an earlier run are skipped", skipped_shards)
         self._total_shards = shards
         if not self.bars:
-            logger.info("labelling %d images in %d shards", images, shards)
+            logger.info("labeling %d images in %d shards", images, shards)
 
-    def _open_labelling_bars(self) -> None:
+    def _open_labeling_bars(self) -> None:
         """Once the start-up line is done (so that the lines do not take each other's place)."""
-        self._labelled = self._bar(
-            "labelled", total=self._total_images, unit=" images",
+        self._labeled = self._bar(
+            "labeled", total=self._total_images, unit=" images",
             bar_format="{desc} {n_fmt}/{total_fmt} images{postfix}, {rate_fmt}, ETA {remaining}",
         )
-        self._labelled.set_postfix_str("ok 0, failed 0", refresh=False)
+        self._labeled.set_postfix_str("ok 0, failed 0", refresh=False)
         self._committed = self._bar(
             "committed", total=self._total_shards, bar_format="{desc} {n_fmt}/{total_fmt} shards"
         )
 
-    def labelled(self, ok: int, failed: int) -> None:
+    def labeled(self, ok: int, failed: int) -> None:
         self._startup_done()
         self._counts["ok"] += ok
         self._counts["failed"] += failed
-        if self.bars and self._labelled is None:
-            self._open_labelling_bars()
-        if self._labelled is not None:
-            self._labelled.set_postfix_str(f"ok {self._counts['ok']:,}, failed {self._counts['failed']:,}",
+        if self.bars and self._labeled is None:
+            self._open_labeling_bars()
+        if self._labeled is not None:
+            self._labeled.set_postfix_str(f"ok {self._counts['ok']:,}, failed {self._counts['failed']:,}",
                                            refresh=False)
-            self._labelled.update(ok + failed)
+            self._labeled.update(ok + failed)
         elif time.monotonic() - self._last_log >= LOG_EVERY_S:
             self._last_log = time.monotonic()
             done = self._counts["ok"] + self._counts["failed"]
-            logger.info("labelled %d/%d images (%d failed)", done, self._total_images, self._counts["failed"])
+            logger.info("labeled %d/%d images (%d failed)", done, self._total_images, self._counts["failed"])
 
     def committed(self, shards: int = 1) -> None:
-        if self.bars and self._labelled is None:
+        if self.bars and self._labeled is None:
             self._startup_done()
-            self._open_labelling_bars()
+            self._open_labeling_bars()
         if self._committed is not None:
             self._committed.update(shards)
 
     def close(self) -> None:
         self._stop_clock.set()
-        for bar in (self._listing, self._startup, self._labelled, self._committed):
+        for bar in (self._listing, self._startup, self._labeled, self._committed):
             if bar is not None:
                 bar.close()
-        self._listing = self._startup = self._labelled = self._committed = None
+        self._listing = self._startup = self._labeled = self._committed = None

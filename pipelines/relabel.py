@@ -8,16 +8,16 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
 
 1. NEW's text classifier is computed once, on the driver, with the run's model's text tower (the model is built
    loaded from the run's preset and weights, its image tower and decoders dropped at once: they never run, and no
-   image is read). Its text tower must be the one that labelled DEST (the digest in the metadata).
+   image is read). Its text tower must be the one that labeled DEST (the digest in the metadata).
 2. One Ray task per part file of DEST (a local Ray unless ``--address``): the part file is read without its
    ``vocabulary`` and ``run_id`` columns, every segment is re-classified in one matrix product per batch of rows by
    :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
-   written atomically (``pipelines.sink.write_part``), so DEST2 is exactly-once and resumable like a labeling
+   written atomically (``fcclip_pipelines.output.write_part``), so DEST2 is exactly-once and resumable like a labeling
    output: a rerun skips committed part files; other settings are refused unless ``--overwrite``.
 3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
    under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
-   ``--min-score`` (default: DEST's) is dropped: its pixels become unlabelled. Stuff segments of one image that NEW
+   ``--min-score`` (default: DEST's) is dropped: its pixels become unlabeled. Stuff segments of one image that NEW
    gives the same class, adjacent or not, are merged into one, as the model merges a stuff class's queries: the
    union of their masks, the largest score, the embeddings of the query with that score (the first on ties), and
    the smallest id of the merged segments; every other segment keeps its id, mask, area and box. Error rows pass
@@ -56,8 +56,9 @@ from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 from . import runtime
 from .embed_text import TextTowerMismatch, text_tower
 from .label import DestinationError, reopen_run
-from .show.output import OutputError, open_output
-from .sink import EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, new_run_id, output_schema, write_part
+from .output import (
+    EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, new_run_id, open_output, output_schema, write_part,
+)
 
 logger = logging.getLogger("fcclip.relabel")
 
@@ -66,7 +67,7 @@ BATCH_ROWS = 512
 
 
 class RelabelError(ValueError):
-    """DEST cannot be relabelled (the message is one line a user can act on)."""
+    """DEST cannot be relabeled (the message is one line a user can act on)."""
 
 
 @dataclass
@@ -259,7 +260,7 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
 
 def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table,
                  use_agreement: bool) -> dict:
-    """sink.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
+    """output.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
     NEW, the unlabeled share from the kept segments' areas (dropped segments' pixels become unlabeled)."""
     from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt, unlabeled_share
 
@@ -420,7 +421,7 @@ def main_args(args: argparse.Namespace) -> int:
     except (RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError, FileNotFoundError) as e:
         print(f"fcclip relabel: error: {e}", file=sys.stderr)
         return 2
-    print(f"relabelled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
+    print(f"relabeled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
           f"({s.text_seconds:.1f} s of it for the model's text tower): {s.segments_in} segments in, {s.segments} out, "
           f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
     if s.skipped_shards:

@@ -82,7 +82,7 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Pi
     """
     from fcclip.vocabulary import Vocabulary
 
-    from .show.output import open_output
+    from .output import open_output
 
     if count < 1:
         raise ReviewError("--count must be >= 1")
@@ -178,8 +178,7 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
     work: thousands, not millions) are held in memory. Returns the counts."""
     from .label_studio import REVIEW_FIELDS
-    from .show.output import open_output
-    from .sink import SCHEMA, Destination, new_run_id, write_part
+    from .output import SCHEMA, Destination, new_run_id, open_output, write_part
 
     base, done = open_output(dest), open_output(reviewed)
     if base.vocabulary != done.vocabulary:
@@ -242,7 +241,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args: argparse.Namespace) -> int:
     from . import label_studio
-    from .show.output import OutputError
+    from .output import OutputError
 
     try:
         if args.review_command == "pick":

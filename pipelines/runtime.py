@@ -3,16 +3,18 @@
     started = runtime.init_ray(address=None, num_cpus=None, verbose=False)   # a NEW local Ray, or join a cluster
     try:
         gpus = runtime.gpus_per_actor(requested=None)                         # 1 when the cluster has GPUs, else 0
-        actor = runtime.start_model_actor(factory, gpus=gpus, cpus=1.0)       # factory() builds the model, once
+        actor = runtime.start_model_actor(make_model_stage, gpus=gpus, cpus=1.0)  # builds it, once
         model_id = ray.get(actor.ready.remote())
-        info_ref, out_ref = actor.run.options(num_returns=2).remote(work, *args)   # work(model, *args) on it
+        info_ref, out_ref = actor.run.options(num_returns=2).remote(work, *args)   # work(model_stage, *args)
     finally:
         runtime.shutdown_ray(started)                                         # only what init_ray started
 
 - Without ``address`` (and without ``RAY_ADDRESS``) a new local Ray is started, always: a bare ``ray.init()`` would
   join whatever cluster ``/tmp/ray/ray_current_cluster`` names (the last ``ray start`` on the machine, possibly
   another user's, possibly dead).
-- ``RETRIES`` bounds every retry the jobs ask Ray for (Ray's default for actors is to retry forever).
+- ``RETRIES`` bounds every retry the jobs ask Ray for. Ray's defaults: a task is retried 3 times when its worker
+  dies; an actor is never restarted (``max_restarts=0``), and the model actors keep that: the engine replaces a dead
+  or hung actor itself, within its own bound.
 - Ray's own start-up chatter is kept at ERROR on the driver unless ``verbose``: the token-authentication notice of a
   local cluster, its INFO lines, Ray Data's hint about its progress UI.
 """
@@ -84,33 +86,33 @@ def device_for(gpus: float) -> str:
 
 
 class ModelActor:
-    """The model actor: builds a model once (``factory()``, e.g. stages.FCCLIPSegmenter.factory(spec)), then runs
-    ``work(model, *args)`` on it, call after call. Device work only belongs here: the callers keep decoding and
+    """The model actor: builds its model stage once (``make_model_stage()``, e.g. the callable that
+    ``stages.FCCLIPSegmenter.builder(spec)`` returns), then runs ``work(model_stage, *args)`` on it, call after call. Device work only belongs here: the callers keep decoding and
     encoding in CPU tasks."""
 
-    def __init__(self, factory):
-        self.model = factory()
+    def __init__(self, make_model_stage):
+        self.model_stage = make_model_stage()
 
     def ready(self) -> str:
         """The model's id once it is loaded (``model_id`` when it has one)."""
-        return str(getattr(self.model, "model_id", type(self.model).__name__))
+        return str(getattr(self.model_stage, "model_id", type(self.model_stage).__name__))
 
     def run(self, work, *args) -> tuple[dict, object]:
         """(info, result): ``info["total_s"]`` is the call's time inside the actor; a dict result's ``model_s`` (the
         time spent inside the model itself) is copied there too. Call with ``num_returns=2`` so that the small info
         can be fetched without the result."""
         started = time.perf_counter()
-        result = work(self.model, *args)
+        result = work(self.model_stage, *args)
         info = {"total_s": time.perf_counter() - started}
         if isinstance(result, dict) and "model_s" in result:
             info["model_s"] = result["model_s"]
         return info, result
 
 
-def start_model_actor(factory, *, gpus: float, cpus: float = 1.0):
+def start_model_actor(make_model_stage, *, gpus: float, cpus: float = 1.0):
     """A new ModelActor. Ray never restarts it (``max_restarts=0``, no task retries): a caller whose actor died or hung
     kills it (``ray.kill``) and starts another, counting its own bounded retries (see pipelines/engine.py)."""
     import ray
 
     cls = ray.remote(ModelActor)
-    return cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(factory)
+    return cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(make_model_stage)

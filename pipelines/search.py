@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fcclip.config import ConfigError
 
 from .embed_text import TextTowerMismatch, text_embedding
-from .show.output import OutputError, open_output
+from .output import OutputError, open_output
 from .show.overlays import overlay, read_rows
 
 _LEAVES = ("id", "label", "score")

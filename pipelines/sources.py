@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sink import META_DIR, Destination, manifest_name
+from .output import META_DIR, Destination, manifest_name
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _iter_local_folder(root: str) -> Iterator[str]:
 
 def iter_source(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[tuple[str, bool]]:
     """(uri, selected) for every entry of SOURCE; ``selected`` is False for listed files without an image
-    extension (counted and reported, not labelled). Manifest entries are always selected."""
+    extension (counted and reported, not labeled). Manifest entries are always selected."""
     extensions = tuple(e.lower() for e in extensions)
     fs, path = fsspec.core.url_to_fs(source)
     prefix = _protocol_prefix(source)
@@ -131,7 +131,7 @@ class ManifestSummary:
     num_shards: int
     shard_sizes: list[int]
     skipped: int  # listed files without an image extension
-    duplicates: int  # URIs listed more than once (labelled once)
+    duplicates: int  # URIs listed more than once (labeled once)
 
 
 def write_manifest(

@@ -3,7 +3,7 @@
     ReadDecode      URIs -> (meta: original height/width and error per image, images: resized RGB arrays)   CPU task
     label_images    a model stage over decoded images -> segment maps + segments per image                 model actor
     encode_rows     segment maps -> the output rows as an Arrow table (COCO RLE, area, box, labels)        CPU task
-    write_fragment / commit_shard (pipelines/sink.py)                                                         CPU tasks
+    write_fragment / commit_shard (pipelines/output.py)                                                         CPU tasks
 
 A row that fails at any stage carries its reason in ``error`` through the later stages and becomes an error row.
 Stages hold only plain settings (no filesystem objects, no credentials); workers read object storage with the
@@ -29,14 +29,17 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from fcclip.masks import panoptic_columns
+
+from .output import EMBEDDING_COLUMNS, SEGMENT, output_schema
+
 logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
-EMBEDDING_KEYS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
-UNCERTAINTY_KEYS = ("margin", "branches_agree", "mask_score", "kept_share", "doubt")  # per segment, fcclip.uncertainty (model stages may omit
-# them); doubt is not stored, the image's uncertainty is made of it
-"""With ``--embeddings``, what a model stage adds to each segment (see FCCLIPSegmenter)."""
+UNCERTAINTY_KEYS = ("margin", "branches_agree", "mask_score", "kept_share", "doubt")
+"""What a model stage may add to each segment (fcclip.uncertainty; stand-in stages may not): the stored signals, and
+``doubt``, which is not stored: the image's ``uncertainty`` is made of it."""
 
 
 def image_id(uri: str) -> str:
@@ -116,8 +119,7 @@ class ReadDecode:
         self.reader = reader or read_bytes
 
     def __call__(self, uris: list[str]) -> tuple[dict, list]:
-        from fcclip.images import decode_image_bytes
-        from fcclip.predictor import resize_image
+        from fcclip.images import decode_image_bytes, resize_image  # PIL and numpy only: no torch in decode tasks
 
         meta = {"height": [], "width": [], "error": []}
         images = []
@@ -205,7 +207,8 @@ class FCCLIPSegmenter:
             self.run_metadata["embeddings"] = EmbeddingSpace.from_model(self.model).to_dict()
 
     @classmethod
-    def factory(cls, spec: ModelSpec):
+    def builder(cls, spec: ModelSpec):
+        """The zero-argument callable that builds this model stage in a model actor (``make_model_stage``)."""
         return functools.partial(cls, spec)
 
     def __call__(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, list]]:
@@ -267,9 +270,9 @@ def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> No
                  embedding_valid=bool(valid[k]))
 
 
-def describe_model(segmenter) -> dict:
-    """What a model stage adds to the run's metadata (``run_metadata``; stand-in stages have none)."""
-    return dict(getattr(segmenter, "run_metadata", None) or {})
+def run_metadata(model_stage) -> dict:
+    """What a model stage adds to the run's metadata (its ``run_metadata`` attribute; stand-in stages have none)."""
+    return dict(getattr(model_stage, "run_metadata", None) or {})
 
 
 def _narrow(segment_map: np.ndarray) -> np.ndarray:
@@ -279,7 +282,7 @@ def _narrow(segment_map: np.ndarray) -> np.ndarray:
     return segment_map.astype(dtype, copy=False)
 
 
-def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
+def label_images(model_stage, meta: dict, images: list, batch_size: int) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
     A batch that raises (e.g. out of memory on one huge batch) is run again one image at a time; an image that
@@ -296,101 +299,56 @@ def label_images(segmenter, meta: dict, images: list, batch_size: int) -> dict:
     def run(index):
         nonlocal model_s
         t = time.perf_counter()
-        out = segmenter([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
+        out = model_stage([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
         for i, (segment_map, segs) in zip(index, out):
             maps[i] = _narrow(np.asarray(segment_map))
-            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_KEYS + UNCERTAINTY_KEYS if k in s} for s in segs]
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS + UNCERTAINTY_KEYS if k in s}
+                           for s in segs]
 
     for start in range(0, len(todo), max(1, batch_size)):
         batch = todo[start : start + max(1, batch_size)]
         try:
             run(batch)
         except Exception as e:
-            logger.warning("batch failed (%s); labelling its images one at a time", e)
+            logger.warning("batch failed (%s); labeling its images one at a time", e)
             for i in batch:
                 try:
                     run([i])
                 except Exception as e1:
                     errors[i] = f"model failed: {type(e1).__name__}: {e1}"
                     logger.debug("%s", traceback.format_exc())
-    return {"maps": maps, "segments": segments, "error": errors, "model": segmenter.model_id, "model_s": model_s}
+    return {"maps": maps, "segments": segments, "error": errors, "model": model_stage.model_id, "model_s": model_s}
 
 
-def panoptic_columns(segment_map: np.ndarray, segments: list[dict]) -> dict:
-    """One panoptic result -> its stored form: per segment COCO RLE (at the map's size), area and box [x, y, w, h].
-
-    Returns {"area": [...], "bbox": [[...]], "size": (H, W), "counts": [str]} in the order of ``segments``. The map
-    is run-length encoded once, column-major as COCO RLE wants it, and each segment's runs are taken from that single
-    pass (not one full-size mask comparison per segment); pycocotools compresses them and derives areas and boxes.
-    The strings are those ``pycocotools.mask.encode`` gives for each segment's mask.
-    """
-    from pycocotools import mask as mask_util
-
-    h, w = (int(v) for v in segment_map.shape)
-    if not segments:
-        return {"area": [], "bbox": [], "size": (h, w), "counts": []}
-    flat = np.asarray(segment_map).ravel(order="F")
-    n = flat.size
-    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
-    lengths = np.diff(np.append(starts, n))
-    values = flat[starts]
-    order = np.argsort(values, kind="stable")  # runs grouped by segment id, in position order within each id
-    ids = np.array([s["id"] for s in segments], dtype=np.int64)
-    first = np.searchsorted(values[order], ids, side="left")
-    last = np.searchsorted(values[order], ids, side="right")
-    uncompressed = []
-    for lo, hi in zip(first, last):
-        run = order[lo:hi]
-        begin, length = starts[run], lengths[run]
-        counts = np.empty(2 * len(run) + 1, dtype=np.int64)
-        counts[0:-1:2] = begin - np.concatenate([[0], begin[:-1] + length[:-1]])  # zeros before each run of ones
-        counts[1::2] = length
-        counts[-1] = n - (begin[-1] + length[-1]) if len(run) else n  # zeros after the last run
-        if counts[-1] == 0 and len(run):
-            counts = counts[:-1]
-        uncompressed.append({"size": [h, w], "counts": counts.tolist()})
-    rles = mask_util.frPyObjects(uncompressed, h, w)
-    areas = mask_util.area(rles)
-    boxes = mask_util.toBbox(rles)
-    return {
-        "area": [int(a) for a in areas],
-        "bbox": [[float(v) for v in box] for box in boxes],
-        "size": (h, w),
-        "counts": [r["counts"].decode("ascii") for r in rles],
-    }
-
-
-def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | None, constants: dict,
+def encode_rows(uris: list[str], rows: list[int], meta: dict, labeled: dict | None, constants: dict,
                 errors: list[str] | None = None) -> pa.Table:
-    """The output rows of one chunk as an Arrow table: sink.SCHEMA plus ``row`` (the row's place in its shard).
+    """The output rows of one chunk as an Arrow table: output.SCHEMA plus ``row`` (the row's place in its shard).
 
-    ``labelled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
+    ``labeled`` is label_images' result (None when every row failed earlier); ``errors`` overrides the per-row
     error (rows that failed outside the stages, e.g. a worker that kept crashing). ``constants``: vocabulary and
-    run_id, the model id used when ``labelled`` is None, and ``embedding_dim`` (D) when the run stores embeddings
-    (then the table has sink.EMBEDDING_COLUMNS too). Segments are built as list<struct> columns directly.
+    run_id, the model id used when ``labeled`` is None, and ``embedding_dim`` (D) when the run stores embeddings
+    (then the table has output.EMBEDDING_COLUMNS too). Segments are built as list<struct> columns directly.
     """
-    from .sink import SEGMENT, output_schema
-
     dim = constants.get("embedding_dim")
     schema = output_schema(dim)
     embedded: list[dict] = []
 
     n = len(uris)
-    error = list(errors) if errors is not None else list((labelled or meta)["error"])
-    model = (labelled or {}).get("model") or constants["model"]
+    error = list(errors) if errors is not None else list((labeled or meta)["error"])
+    model = (labeled or {}).get("model") or constants["model"]
     seg_fields = {k: [] for k in ("id", "label", "category_id", "is_thing", "score", "area", "bbox", "size", "counts")}
     offsets = [0]
     status, widths, heights = [], [], []
     for i in range(n):
         err = error[i]
-        if not err and labelled is not None:
+        if not err and labeled is not None:
             try:
-                cols = panoptic_columns(labelled["maps"][i], labelled["segments"][i])
+                cols = panoptic_columns(labeled["maps"][i], labeled["segments"][i])
             except Exception as e:
                 err = error[i] = f"encoding failed: {type(e).__name__}: {e}"
             else:
-                segs = labelled["segments"][i]
+                segs = labeled["segments"][i]
                 for key in ("id", "label", "category_id", "is_thing", "score"):
                     seg_fields[key].extend(s[key] for s in segs)
                 seg_fields["area"].extend(cols["area"])
@@ -444,7 +402,7 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labelled: dict | N
 
 def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[str], widths: list, heights: list,
                          areas: list[int]) -> dict:
-    """sink.UNCERTAINTY_COLUMNS for a chunk: margins and agreement as lists parallel to ``segments`` (null where the
+    """output.UNCERTAINTY_COLUMNS for a chunk: margins and agreement as lists parallel to ``segments`` (null where the
     model stage gave none), the unlabeled share and the image's uncertainty (null on error rows, and the
     uncertainty also where a segment has no signals)."""
     from fcclip.uncertainty import image_uncertainty, unlabeled_share
@@ -477,7 +435,7 @@ def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[
 
 
 def _embedding_columns(segments: list[dict], offsets: pa.Array, dim: int, schema: pa.Schema) -> dict:
-    """The embedding columns (sink.EMBEDDING_COLUMNS) of the segments of a chunk, lists parallel to ``segments``."""
+    """The embedding columns (output.EMBEDDING_COLUMNS) of the segments of a chunk, lists parallel to ``segments``."""
     n = len(segments)
     if any("embedding_in" not in s for s in segments):
         raise ValueError("the model stage gave segments without embeddings to a run that stores them")

@@ -9,14 +9,14 @@ on both mixed by a share.
 ``--config`` is a packaged training config's name (``fcclip-convnext-large-coco``, the paper's recipe;
 ``fcclip-tiny-synthetic``, a smoke run) or a path to a YAML file in the same format.
 
-``--data`` is detected (`pipelines.train_data.open_training_data`): a COCO panoptic tree, whose categories are the
+``--data`` is detected (`fcclip_pipelines.train_data.open_training_data`): a COCO panoptic tree, whose categories are the
 training vocabulary, or a labeling output (``fcclip label``'s part files), whose run vocabulary is (after
 ``--class-map``, ``--keep``, ``--drop``). ``--mix`` adds a source of the other kind that gives SHARE of the training
-samples; the training vocabulary is then the union of both (`pipelines.train_data.open_training_sources`,
+samples; the training vocabulary is then the union of both (`fcclip_pipelines.train_data.open_training_sources`,
 `fcclip.training.mix`). Each Ray Train worker builds the model (frozen CLIP + trainable head) and trains with DDP;
 the global batch is split across the workers. A COCO tree is read by each worker's own loader processes (decode +
 large-scale jitter on CPU); a labeling output streams through Ray Data into the workers' dataset shards (read,
-decoded and augmented on CPU tasks; see `pipelines.train_data`), with segments scoring below ``--min-score`` as
+decoded and augmented on CPU tasks; see `fcclip_pipelines.train_data`), with segments scoring below ``--min-score`` as
 ignore regions (`fcclip.training.ignore`); with ``--mix`` each worker draws every sample from one source or the
 other by share and reports how many it drew from each. Every ``checkpoint_every`` iterations rank 0 writes a
 checkpoint (model in the reference's checkpoint layout, optimizer, scheduler, grad scaler, iteration, RNG states) to
@@ -68,8 +68,8 @@ from fcclip.training.data import collate, collate_batches, normalize_images, tra
 from fcclip.training.ignore import build_ignore_criterion
 from fcclip.training.mix import MixedSamples
 from fcclip.vocabulary import Vocabulary
-from pipelines import runtime
-from pipelines.train_data import (
+from fcclip_pipelines import runtime
+from fcclip_pipelines.train_data import (
     KINDS,
     MixSpec,
     TrainingSources,
@@ -709,10 +709,10 @@ def _record_settings(run_dir: str, settings: dict) -> None:
 def _has_checkpoint(run_dir: str) -> bool:
     """Whether Ray Train continues the run at `run_dir` from a checkpoint. A run that stopped before its first one
     trained nothing that other settings could be mixed with: its re-run with corrected settings starts afresh and
-    records them."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # written with the first one
-
-    return _exists(f"{run_dir}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")  # not Result.from_path: it logs a paragraph
+    records them. Ray Train's documented layout: each reported checkpoint is a ``checkpoint_*`` folder of the run's
+    (not Result.from_path, which logs a paragraph; no private Ray module)."""
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    return any(fs.find(folder) for folder in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if fs.isdir(folder))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ Ray Data.
 
 `open_training_data` looks at ``--data`` and says which it is (`TrainingData`): a COCO panoptic layout (it has
 ``annotations/panoptic_{split}.json``) or a labeling output (``*.parquet`` part files with fcclip's columns and
-``fcclip.vocabulary`` metadata, see `pipelines.show.output`). Anything else is refused with one line naming both.
+``fcclip.vocabulary`` metadata, see `fcclip_pipelines.output`). Anything else is refused with one line naming both.
 
 ``--mix KIND=URI:SHARE`` (`parse_mix`) adds a second source of the other kind: ``--data DEST --mix coco=ROOT:0.5``
 or ``--data ROOT --mix labels=DEST:0.3``. SHARE is the share of training samples drawn from it, the ``--data``
@@ -52,7 +52,7 @@ from fcclip.images import load_image
 from fcclip.training.data import collate_batches, pack_sample, train_sample, unpack_sample
 from fcclip.training.mix import union_vocabulary
 from fcclip.vocabulary import Vocabulary
-from pipelines.show.output import LabelingOutput, OutputError, open_output
+from fcclip_pipelines.output import LabelingOutput, OutputError, open_output
 
 logger = logging.getLogger("fcclip.train")
 

@@ -43,7 +43,7 @@ def good_images(n: int, size=(72, 96)) -> dict[str, bytes]:
 
 
 def bad_inputs() -> dict[str, tuple[bytes, str]]:
-    """{name: (bytes, expected status)}: odd-but-valid images are labelled ("ok"), broken ones are error rows."""
+    """{name: (bytes, expected status)}: odd-but-valid images are labeled ("ok"), broken ones are error rows."""
     base = Image.fromarray(synthetic_image(50, 60, 80))
     truncated = _jpeg(base)[:300]
     sixteen = Image.fromarray((np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) * 13).astype(np.uint16))

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 @pytest.fixture(autouse=True)
 def _root_log_handlers():
-    """`pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
+    """`fcclip_pipelines.cli.main` configures logging onto the captured stderr; drop that handler when the test ends."""
     import logging
 
     root = logging.getLogger()

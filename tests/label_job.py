@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.label import add_arguments, main_args  # noqa: E402
-from pipelines.stages import read_bytes  # noqa: E402
+from fcclip_pipelines.label import add_arguments, main_args  # noqa: E402
+from fcclip_pipelines.stages import read_bytes  # noqa: E402
 
 MAGENTA = (255, 0, 255)
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     faults = [tuple(f.split(":", 1)) for f in mine.fault]
     return main_args(
-        args, reader=FaultyReader(faults) if faults else None, model_stage=HangingModel if mine.hanging_model else None
+        args, reader=FaultyReader(faults) if faults else None, make_model_stage=HangingModel if mine.hanging_model else None
     )
 
 

@@ -156,7 +156,7 @@ def make_mapillary(root: Path) -> dict:
     for i, stem in enumerate(("--0Y8Lq9pVxW", "_1Gn_xkw7sa_")):
         write_image(val / "images" / f"{stem}.jpg", i)
         write_panoptic(val / "panoptic" / f"{stem}.png", panoptic_ids())
-        write_label(val / "labels" / f"{stem}.png", label_map(0, 64, 65), palette=True)  # 65: unlabelled
+        write_label(val / "labels" / f"{stem}.png", label_map(0, 64, 65), palette=True)  # 65: unlabeled
         images.append({"id": stem, "file_name": f"{stem}.jpg", "height": H, "width": W})
         annotations.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments(28, 20, 20)})
     panoptic_json(val / "panoptic" / "panoptic_2018.json", "mapillary_vistas", images, annotations)
@@ -251,8 +251,8 @@ def test_reader_in_the_reference_layout(tmp_path, name):
         semantic = dataset.load_semantic(record)
         assert semantic.dtype == np.int64 and semantic.shape == (H, W)
         np.testing.assert_array_equal(semantic, expected["semantic"])
-        labelled = semantic[semantic != dataset.spec.ignore_label]
-        assert labelled.min() >= 0 and labelled.max() < SIZES[name]
+        labeled = semantic[semantic != dataset.spec.ignore_label]
+        assert labeled.min() >= 0 and labeled.max() < SIZES[name]
         if name in PANOPTIC:
             assert os.path.isfile(record.panoptic_uri)
             assert (record.height, record.width) == (H, W)
@@ -323,7 +323,7 @@ def test_ade847_also_found_where_its_prepare_script_writes(tmp_path):
 
 def test_unexpected_label_values_are_errors(tmp_path):
     make_semantic(tmp_path, "pascal_ctx_d2", "images/validation", "annotations_ctx59/validation", ".png",
-                  (0, 59), (0, 59))  # 59 is past the 59 classes and is not the unlabelled value
+                  (0, 59), (0, 59))  # 59 is past the 59 classes and is not the unlabeled value
     dataset = open_benchmark("pascal_ctx_59", tmp_path)
     with pytest.raises(ValueError, match=r"unexpected label values \[59\]"):
         dataset.load_semantic(dataset.records()[0])

@@ -15,7 +15,7 @@ from PIL import Image
 import fcclip
 from fcclip.datasets.synthetic import write_images
 from fcclip.masks import rgb2id
-from pipelines.cli import COMMANDS, build_parser, load_command, main
+from fcclip_pipelines.cli import COMMANDS, build_parser, load_command, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 def test_help_and_models_do_not_import_torch():
     code = (
         "import sys\n"
-        "from pipelines.cli import main\n"
+        "from fcclip_pipelines.cli import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as e:\n"
@@ -119,7 +119,7 @@ def test_help_and_models_do_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     assert "COMMAND" in proc.stdout and "predict" in proc.stdout and "fcclip-tiny" in proc.stdout
     # and the check bites: a command that does need torch shows up in it
-    proc = _run_python("import sys\nfrom pipelines.cli import load_command\nload_command('predict')\n"
+    proc = _run_python("import sys\nfrom fcclip_pipelines.cli import load_command\nload_command('predict')\n"
                        "assert 'torch' not in sys.modules")
     assert proc.returncode != 0 and "AssertionError" in proc.stderr
 
@@ -127,7 +127,7 @@ def test_help_and_models_do_not_import_torch():
 def test_import_fcclip_does_not_import_ray():
     proc = _run_python("import sys, fcclip, fcclip.build, fcclip.predictor, fcclip.checkpoint, fcclip.metrics, "
                        "fcclip.training\nassert 'ray' not in sys.modules, 'ray imported'\n"
-                       "assert not [m for m in sys.modules if m.startswith('pipelines')], 'pipelines imported'")
+                       "assert not [m for m in sys.modules if m.startswith('fcclip_pipelines')], 'fcclip_pipelines imported'")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -143,9 +143,9 @@ def test_fcclip_never_imports_pipelines():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                names = [node.value] if node.value.startswith("pipelines.") else []
+                names = [node.value] if node.value.startswith("fcclip_pipelines.") else []
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
-                          if n == "pipelines" or n.startswith("pipelines.")]
+                          if n == "fcclip_pipelines" or n.startswith("fcclip_pipelines.")]
     assert not offenders, offenders
 
 
@@ -155,7 +155,7 @@ def test_a_missing_ray_extra_is_named(tmp_path):
     code = (
         "import sys\n"
         "sys.modules['ray'] = None  # what an environment without the extra looks like to `import ray`\n"
-        "from pipelines.cli import main\n"
+        "from fcclip_pipelines.cli import main\n"
         "assert main(['train', '--config', 'fcclip-tiny-synthetic', '--data', 'd', '--storage', 's']) == 2\n"
         "assert main(['label', 'images/', '--out', 'o', '--vocab', 'cat;']) == 2\n"
         "assert main(['models']) == 0\n"
@@ -169,7 +169,7 @@ def test_a_missing_ray_extra_is_named(tmp_path):
 
 def test_module_entry_point(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
+        [sys.executable, "-m", "fcclip_pipelines", "synth", "images", "--out", str(tmp_path / "s"), "--count", "2"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ import ray.autoscaler
 import yaml
 
 from fcclip.config import list_train_configs, train_config_path
-from pipelines.cli import build_parser
+from fcclip_pipelines.cli import build_parser
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = ROOT / "cluster"
@@ -248,6 +248,6 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     assert {".git", ".venv", "tests"} <= set(ignored)
     copied = [w for _, steps in _stages() for s in steps if s.startswith("COPY ") and "--from=" not in s
               for w in s.split()[1:-1]]
-    assert set(copied) == {"pyproject.toml", "README.md", "fcclip", "pipelines"}
+    assert set(copied) == {"pyproject.toml", "README.md", "fcclip", "pipelines", "configs"}
     for path in copied:
         assert path not in ignored and (ROOT / path).exists()

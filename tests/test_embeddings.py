@@ -11,8 +11,8 @@ from fcclip import Predictor
 from fcclip.reclassify import EmbeddingSpace
 from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt
 from fcclip.vocabulary import load_vocabulary
-from pipelines.cli import main
-from pipelines.sink import SCHEMA, output_schema
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.output import SCHEMA, output_schema
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +37,7 @@ def _label(source, dest, model, *more):
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory, ray_local, tiny_preset):
-    """Five synthetic images and an unreadable file, labelled with embeddings at their own size by `tiny_model`
+    """Five synthetic images and an unreadable file, labeled with embeddings at their own size by `tiny_model`
     (fcclip-tiny with the paper's ensemble weights, so that CLIP's branch counts)."""
     from fcclip.datasets.synthetic import write_images
 
@@ -198,7 +198,7 @@ def test_search_ranks_a_segments_own_embedding_first(lake):
     """A query built from a segment's stored CLIP embedding ranks that segment first; segments whose stored vector
     is the very same (the tiny model pools some masks over the same few cells of its coarse CLIP grid) tie with
     it, in file and row order."""
-    from pipelines.search import search_segments
+    from fcclip_pipelines.search import search_segments
 
     dest = lake / "labels"
     segments = [(r["uri"], s["id"], tuple(v)) for r in _rows(dest).values()
@@ -246,7 +246,7 @@ def test_search_command_gallery_and_duckdb_sql(lake, capsys):
 def test_show_export_and_training_reader_ignore_the_embeddings(lake, tmp_path):
     import pyarrow.parquet as pq
 
-    from pipelines.train_data import DecodeSamples, open_training_data
+    from fcclip_pipelines.train_data import DecodeSamples, open_training_data
 
     for dest in (lake / "labels", lake / "same"):
         assert main(["show", str(dest), "--out", str(tmp_path / "r.html"), "--sample", "2"]) == 0

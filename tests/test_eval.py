@@ -7,7 +7,7 @@ import pytest
 
 from fcclip.datasets.benchmarks import open_benchmark
 from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
-from pipelines.evaluate import jsonable, merge_states, new_accumulators, update
+from fcclip_pipelines.evaluate import jsonable, merge_states, new_accumulators, update
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     import ray
 
     from fcclip import Predictor, build_model
-    from pipelines.cli import main
+    from fcclip_pipelines.cli import main
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -17,12 +17,11 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-import pipelines.export as export
+import fcclip_pipelines.export as export
 from fcclip.datasets.synthetic import write_images
 from fcclip.masks import decode_rle, encode_rle, mask_to_bbox
 from fcclip.metrics.panoptic import load_panoptic_png, pq_compute
-from pipelines.show.output import segment_map
-from pipelines.sink import encode_part
+from fcclip_pipelines.output import encode_part, segment_map
 from tests.test_show import VOCAB, _corrupt_data_pages, _rows, _write_output
 from tests.test_show import labels as labels  # noqa: F401  (the hand-written output, a module fixture)
 
@@ -34,7 +33,7 @@ def labeled(tmp_path_factory):
     """An output of `fcclip label` on 6 synthetic images and one file that is not an image, in 2 part files."""
     import ray
 
-    import pipelines.label as label
+    import fcclip_pipelines.label as label
 
     root = tmp_path_factory.mktemp("labeled")
     write_images(root / "in", count=6, size=(96, 128), seed=1)
@@ -53,7 +52,7 @@ def labeled(tmp_path_factory):
     dest = root / "out"
     rows = _parquet_rows(dest)
     assert len(rows) == 7 and sum(r["status"] == "error" for r in rows) == 1
-    assert sum(len(r["segments"]) for r in rows) > 0, "the run labelled nothing: nothing to export"
+    assert sum(len(r["segments"]) for r in rows) > 0, "the run labeled nothing: nothing to export"
     return {"dest": dest, "rows": rows}
 
 

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_util
 
-from pipelines.cli import main
-from pipelines.stages import image_id
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.stages import image_id
 from tests.catalogue import bad_inputs, good_images
 
 pytestmark = pytest.mark.ray
@@ -173,8 +173,8 @@ def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
     # a run whose manifest is complete but which committed nothing (stopped before its first shard) gives way too
     from fcclip.config import load_config
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.label import LabelConfig, prepare_run
-    from pipelines.sink import Destination
+    from fcclip_pipelines.label import LabelConfig, prepare_run
+    from fcclip_pipelines.output import Destination
 
     other = tmp_path / "o2"
     cfg = LabelConfig(source=str(tmp_path / "nope"), dest=str(other), vocab=VOCAB, model="fcclip-tiny")
@@ -237,7 +237,7 @@ def test_overwrite_writes_beside_foreign_files_and_max_failed_fraction(tmp_path,
 def test_panoptic_columns_match_pycocotools_per_mask():
     """The single-pass encoder gives, for every segment, what pycocotools gives for its mask alone: the same RLE
     string, area and box; segments absent from the map, maps of one id, 1x1 maps included."""
-    from pipelines.stages import panoptic_columns
+    from fcclip_pipelines.stages import panoptic_columns
 
     rng = np.random.default_rng(0)
     maps = [rng.integers(0, 5, size=rng.integers(1, 40, 2)).astype(np.uint8) for _ in range(20)]
@@ -258,8 +258,8 @@ def test_panoptic_columns_match_pycocotools_per_mask():
 def test_stages_run_without_ray(tmp_path):
     """The stages are plain callables: the whole chain on one chunk, in process, to a committed part file."""
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.sink import Destination, commit_shard, write_fragment
-    from pipelines.stages import FCCLIPSegmenter, ModelSpec, ReadDecode, encode_rows, label_images
+    from fcclip_pipelines.output import Destination, commit_shard, write_fragment
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec, ReadDecode, encode_rows, label_images
 
     files = {**good_images(2), "odd/not_an_image.jpg": b"nope"}
     uris = []
@@ -271,15 +271,15 @@ def test_stages_run_without_ray(tmp_path):
     assert [None if im is None else im.shape[:2] for im in images] == [(64, 85), (64, 85), None]
     assert meta["error"][2] and not meta["error"][0] and (meta["height"][0], meta["width"][0]) == (72, 96)
     spec = ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu")
-    segmenter = FCCLIPSegmenter.factory(spec)()
-    labelled = label_images(segmenter, meta, images, batch_size=2)
-    assert labelled["model"] == "fcclip-tiny@random" and labelled["maps"][2] is None
+    model_stage = FCCLIPSegmenter.builder(spec)()
+    labeled = label_images(model_stage, meta, images, batch_size=2)
+    assert labeled["model"] == "fcclip-tiny@random" and labeled["maps"][2] is None
     constants = {"vocabulary": "custom@x", "run_id": "r1", "model": "unused"}
-    table = encode_rows(uris, [0, 1, 2], meta, labelled, constants)
+    table = encode_rows(uris, [0, 1, 2], meta, labeled, constants)
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error"] and [r["row"] for r in rows] == [0, 1, 2]
     assert (rows[0]["width"], rows[0]["height"]) == (96, 72) and rows[2]["width"] is None
-    for r, segment_map in zip(rows[:2], labelled["maps"][:2]):
+    for r, segment_map in zip(rows[:2], labeled["maps"][:2]):
         assert segment_map.shape == (72, 96)
         for s in r["segments"]:
             mask = mask_util.decode({"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}).astype(bool)

@@ -121,7 +121,7 @@ class Job:
         env.pop("RAY_ADDRESS", None)
         self.log = open(Path(self.ray_tmp) / "job.log", "w+")
         if stand_ins is None:
-            command = [sys.executable, "-m", "pipelines", "label", *args]
+            command = [sys.executable, "-m", "fcclip_pipelines", "label", *args]
         else:
             command = [sys.executable, str(Path(__file__).parent / "label_job.py"), *stand_ins, "--", *args]
         self.proc = subprocess.Popen(
@@ -189,7 +189,7 @@ def test_crashing_hanging_and_stuck_images_become_error_rows(tmp_path):
       worker's main thread) and is a "timed out" error row, the worker living on;
     - one stuck out of the alarm's reach (native code) is ended by the watchdog at twice the limit and goes the
       crashed-worker way.
-    The job finishes and every other image is labelled."""
+    The job finishes and every other image is labeled."""
     uris = _images(tmp_path / "in", 6, extra=("poison-pill.jpg", "slow-poke.jpg", "stuck-decoder.jpg"))
     job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--batch-size", "2",
                           "--decode-timeout", "1"),
@@ -223,7 +223,7 @@ def test_actor_killed_and_node_removed_on_a_3_node_cluster(tmp_path, monkeypatch
     from ray._private.state import actors as actor_table  # the GCS's table; ray.util.state needs the dashboard
     from ray.cluster_utils import Cluster
 
-    from pipelines.label import LabelConfig, run_label
+    from fcclip_pipelines.label import LabelConfig, run_label
 
     uris = _images(tmp_path / "in", 40)
     dest = tmp_path / "out"
@@ -463,7 +463,7 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
 def test_hanging_model_batch_is_abandoned(tmp_path):
     """A model stage that never returns from a batch (a stand-in that really sleeps): past --batch-timeout the actor
     is killed and replaced, the batch's images are run one at a time, and the one that hangs alone becomes an error
-    row; every other image is labelled."""
+    row; every other image is labeled."""
     from PIL import Image
 
     uris = _images(tmp_path / "in", 5, size=(48, 64))
@@ -492,7 +492,7 @@ def test_hanging_model_batch_is_abandoned(tmp_path):
 
 @pytest.mark.slow
 def test_progress_on_a_terminal(tmp_path):
-    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labelled with rate and ETA,
+    """`fcclip label` under a pseudo-terminal: one line per stage (listing, start-up, labeled with rate and ETA,
     shards committed), none of Ray Data's operator bars nor Ray's start-up warnings."""
     import fcntl
     import pty
@@ -507,7 +507,7 @@ def test_progress_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
     args = [a for a in _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "2") if a != "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "label", *args], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", "label", *args], stdin=slave, stdout=slave, stderr=slave,
                             env=env, start_new_session=True, cwd=Path(__file__).parent.parent)
     os.close(slave)
     data = b""
@@ -540,7 +540,7 @@ def test_progress_on_a_terminal(tmp_path):
     assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
-    final = [line for line in screen if line.startswith("labelled  6/6 images, ok 6, failed 0,")]
+    final = [line for line in screen if line.startswith("labeled  6/6 images, ok 6, failed 0,")]
     assert final and "images/s, ETA" in final[-1], text[-3000:]
     assert "committed 3/3 shards" in screen, text[-3000:]
     assert "labeled 6 image(s)" in text
@@ -550,14 +550,14 @@ def test_progress_on_a_terminal(tmp_path):
 
 @pytest.mark.slow
 def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
-    """pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
+    """fcclip_pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
     names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it."""
     ray_tmp = _ray_tmpdir()
     os.makedirs(Path(ray_tmp) / "ray", exist_ok=True)
     (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     script = (
         "import ray\n"
-        "from pipelines import runtime\n"
+        "from fcclip_pipelines import runtime\n"
         "started = runtime.init_ray(num_cpus=1)\n"
         "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
         "print('ready', ray.get(actor.ready.remote()))\n"

@@ -217,10 +217,10 @@ def _relabel(ids, segments, rng):
     old = sorted(s["id"] for s in segments)
     new = rng.choice(np.arange(1, 1 << 24), size=len(old), replace=False)
     lut = dict(zip(old, new.tolist()))
-    relabelled = np.zeros(ids.shape, dtype=np.int64)
+    relabeled = np.zeros(ids.shape, dtype=np.int64)
     for o, n in lut.items():
-        relabelled[ids == o] = n
-    return relabelled, [dict(s, id=lut[s["id"]]) for s in reversed(segments)]
+        relabeled[ids == o] = n
+    return relabeled, [dict(s, id=lut[s["id"]]) for s in reversed(segments)]
 
 
 def test_segment_id_permutation_invariance():
@@ -322,7 +322,7 @@ def test_semantic_ignore_and_absent_classes():
         SemanticAccumulator(5, ignore_index=None).update(gt, pred)
 
 
-def test_semantic_predicted_only_class_and_unlabelled_prediction():
+def test_semantic_predicted_only_class_and_unlabeled_prediction():
     acc = SemanticAccumulator(4)
     acc.update(np.array([[0, 0, 0, 0]]), np.array([[0, 0, 3, 255]]))
     r = acc.result()

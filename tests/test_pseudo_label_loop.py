@@ -1,4 +1,4 @@
-"""The data-engine loop at tiny scale: a teacher trained on synthetic COCO panoptic labels a second, unlabelled
+"""The data-engine loop at tiny scale: a teacher trained on synthetic COCO panoptic labels a second, unlabeled
 synthetic set (`fcclip label`); a student trained only on those pseudo-labels (`fcclip train --data DEST`, through
 Ray Data) segments the held-out validation set nearly as well as the teacher; `fcclip eval --data DEST` measures
 its agreement with the pseudo-labels. The teacher's training is stopped half-way and resumed (`--resume`), with
@@ -14,7 +14,7 @@ import yaml
 
 import fcclip
 from fcclip.config import train_config_path
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 try:  # imported before any capsys: Ray's log handler keeps the stderr it finds at import
     import ray.train  # noqa: F401
@@ -22,7 +22,7 @@ except ImportError:
     pass
 
 # The recipe: 4 crops of 128 px per iteration, lr 1e-3; the teacher trains TEACHER_ITERATIONS on 64 ground-truth
-# images, the student STUDENT_ITERATIONS on the UNLABELLED images the teacher labelled. fcclip-tiny predicts with the
+# images, the student STUDENT_ITERATIONS on the UNLABELED images the teacher labeled. fcclip-tiny predicts with the
 # in-vocabulary classifier alone (its preset's ensemble weights are 0: its random CLIP knows nothing). Measured on
 # 2026-12-02, val PQ on 16 held-out images, student / teacher: see README.md, "Train on your pseudo-labels".
 TEACHER_ITERATIONS, STUDENT_ITERATIONS = 200, 200
@@ -32,7 +32,7 @@ RECIPE = {
     "solver": {"batch_size": 4, "lr": 0.001, "warmup_iters": 10, "warmup_factor": 1.0, "clip_grad": 1.0},
     "loss": {"num_points": 1024},
 }
-GROUND_TRUTH, UNLABELLED, VAL = 64, 128, 16
+GROUND_TRUTH, UNLABELED, VAL = 64, 128, 16
 STUDENT_SHARE = 0.8  # the student's val PQ is at least this share of the teacher's (issue 14)
 
 
@@ -83,13 +83,13 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
 
     from fcclip.datasets.coco_panoptic import CocoPanoptic
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
-    from pipelines.train import load_train_config, lr_factor, validation_pq
+    from fcclip_pipelines.train import load_train_config, lr_factor, validation_pq
 
-    labelled, unlabelled = tmp_path / "labelled", tmp_path / "unlabelled"
-    write_coco_panoptic(labelled, GROUND_TRUTH, seed=0, size=(128, 160), num_val=VAL)  # teacher's train + held-out val
-    write_coco_panoptic(unlabelled, UNLABELLED, seed=1, size=(128, 160), also_val=False)  # only its images are used
+    labeled, unlabeled = tmp_path / "labeled", tmp_path / "unlabeled"
+    write_coco_panoptic(labeled, GROUND_TRUTH, seed=0, size=(128, 160), num_val=VAL)  # teacher's train + held-out val
+    write_coco_panoptic(unlabeled, UNLABELED, seed=1, size=(128, 160), also_val=False)  # only its images are used
     vocab = tmp_path / "vocabulary.json"
-    vocab.write_text(json.dumps(CocoPanoptic(labelled).vocabulary(synonyms="coco_panoptic").to_dict()))
+    vocab.write_text(json.dumps(CocoPanoptic(labeled).vocabulary(synonyms="coco_panoptic").to_dict()))
 
     # 1. the teacher, on ground truth, with periodic validation PQ at its checkpoints (eval_every). It is stopped
     #    half-way and resumed, as a preempted job would be; the same command without --resume is refused
@@ -98,7 +98,7 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
                              eval_images=VAL)
     runs = tmp_path / "runs"
     # --data relative to the current folder, as a user types it: the workers run in other folders
-    args = ["train", "--config", teacher_config, "--data", os.path.relpath(labelled), "--storage", str(runs),
+    args = ["train", "--config", teacher_config, "--data", os.path.relpath(labeled), "--storage", str(runs),
             "--num-workers", "1", "--cpus-per-worker", "2"]
     assert main([*args, "--max-iters", str(half)]) == 0
     stopped = _final(capsys.readouterr().out)
@@ -112,9 +112,9 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
     teacher = _final(out)
     assert teacher != stopped and f"trained to iteration {TEACHER_ITERATIONS}" in out
 
-    # 2. it labels the unlabelled images (nothing of their annotation is read)
+    # 2. it labels the unlabeled images (nothing of their annotation is read)
     dest = tmp_path / "pseudo"
-    assert main(["label", str(unlabelled / "train2017"), "--out", str(dest), "--vocab", str(vocab),
+    assert main(["label", str(unlabeled / "train2017"), "--out", str(dest), "--vocab", str(vocab),
                  "--model", "fcclip-tiny", "--weights", teacher, "--short-edge", "0", "--shard-size", "32",
                  "--no-progress"]) == 0
     capsys.readouterr()
@@ -126,7 +126,7 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
                  "--num-workers", "1", "--cpus-per-worker", "1"]) == 0
     student = _final(capsys.readouterr().out)
 
-    teacher_pq, student_pq = _val_pq(teacher, str(labelled)), _val_pq(student, str(labelled))
+    teacher_pq, student_pq = _val_pq(teacher, str(labeled)), _val_pq(student, str(labeled))
 
     # 4. the student's agreement with the pseudo-labels it learned from (the labeling model's own agreement, 1.0, is
     #    checked in tests/test_train_mix.py)
@@ -134,13 +134,13 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
     assert main(["eval", "--model", "fcclip-tiny", "--weights", student, "--data", str(dest), "--short-edge", "0",
                  "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
-    assert result["images"] == UNLABELLED and result["failed"] == 0
+    assert result["images"] == UNLABELED and result["failed"] == 0
     agreement = result["panoptic"]["All"]["pq"]
     capsys.readouterr()
     print(f"val PQ: teacher {teacher_pq:.3f}, student {student_pq:.3f} ({student_pq / max(teacher_pq, 1e-9):.2f}x); "
           f"the student's PQ against the pseudo-labels: {agreement:.3f}")
     assert teacher_pq > 0.5, "the teacher did not learn the synthetic set"
-    assert _val_pq("random", str(labelled)) < 0.05  # what training started from
+    assert _val_pq("random", str(labeled)) < 0.05  # what training started from
     assert student_pq >= STUDENT_SHARE * teacher_pq
     assert 0.3 < agreement < 1.0
 
@@ -161,5 +161,5 @@ def test_student_on_pseudo_labels_nearly_matches_its_teacher(ray_local, tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = fcclip.build_model("fcclip-tiny", weights=teacher, device="cpu")
-    vocabulary = CocoPanoptic(str(labelled), cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
-    assert validation_pq(model, str(labelled), cfg, vocabulary) == pytest.approx(history["val_pq"].iloc[1], abs=1e-9)
+    vocabulary = CocoPanoptic(str(labeled), cfg.data.split).vocabulary(synonyms=cfg.data.synonyms)
+    assert validation_pq(model, str(labeled), cfg, vocabulary) == pytest.approx(history["val_pq"].iloc[1], abs=1e-9)

@@ -7,9 +7,9 @@ from pycocotools import mask as mask_util
 
 from fcclip.reclassify import EmbeddingSpace, reclassify
 from fcclip.vocabulary import load_vocabulary
-from pipelines.relabel import NewVocabulary, new_stats, relabel_batch
-from pipelines.sink import SCHEMA, output_schema
-from pipelines.stages import _embedding_columns
+from fcclip_pipelines.relabel import NewVocabulary, new_stats, relabel_batch
+from fcclip_pipelines.output import SCHEMA, output_schema
+from fcclip_pipelines.stages import _embedding_columns
 
 D = 8
 H, W = 4, 6
@@ -68,7 +68,7 @@ def batch():
 
 
 def _relabel(source, min_score):
-    """(the relabelled table, its counts, the new vocabulary) under "wall [stuff]; floor [stuff]; chair", whose text
+    """(the relabeled table, its counts, the new vocabulary) under "wall [stuff]; floor [stuff]; chair", whose text
     rows are the first three axes."""
     vocabulary = load_vocabulary("wall [stuff]; floor [stuff]; chair")
     new = NewVocabulary(vocabulary.to_dict(), np.eye(D, dtype=np.float32)[:3], np.arange(3), _space().to_dict())

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from fcclip import brush
-from fcclip.masks import decode_rle
+from fcclip.masks import decode_rle, panoptic_columns
 from fcclip.vocabulary import load_vocabulary
-from pipelines import review
-from pipelines.cli import main
-from pipelines.sink import Destination, rows_to_table, write_part
-from pipelines.stages import image_id, panoptic_columns
+from fcclip_pipelines import review
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.output import Destination, rows_to_table, write_part
+from fcclip_pipelines.stages import image_id
 
 VOCAB = load_vocabulary("cat; dog, puppy; car; grass, lawn [stuff]; sky [stuff]")
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,7 +334,7 @@ def test_object_store_images_get_presigned_urls(s3_bucket):
     import boto3
     import requests
 
-    from pipelines.label_studio import _image_url
+    from fcclip_pipelines.label_studio import _image_url
 
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="photos/a.jpg", Body=b"jpeg bytes")
     url, folder = _image_url(f"s3://{s3_bucket}/photos/a.jpg", None, expiry=600)
@@ -342,7 +342,7 @@ def test_object_store_images_get_presigned_urls(s3_bucket):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in url
     assert requests.get(url, timeout=30).content == b"jpeg bytes"
     assert _image_url("https://example.com/x.jpg", None, 600) == ("https://example.com/x.jpg", None)
-    from pipelines.label_studio import LabelStudioError
+    from fcclip_pipelines.label_studio import LabelStudioError
 
     with pytest.raises(LabelStudioError, match="--document-root"):
         _image_url("/data/x.jpg", None, 600)
@@ -353,7 +353,7 @@ def test_object_store_images_get_presigned_urls(s3_bucket):
 def test_personal_access_tokens_work_too(label_studio, tmp_path, monkeypatch, capsys):
     """A personal access token (a JWT refresh token, Label Studio 1.23's default kind) is exchanged for access
     tokens: the same pull through it."""
-    from pipelines.label_studio import LabelStudio
+    from fcclip_pipelines.label_studio import LabelStudio
 
     url, token, root, email = label_studio
     pat = _api(url, token, "POST", "/api/token/")["token"]
@@ -370,7 +370,7 @@ def test_personal_access_tokens_work_too(label_studio, tmp_path, monkeypatch, ca
 def test_annotation_regions_become_panoptic_segments():
     """Regions painted in order (a later one takes shared pixels), regions of one stuff class merged, labels not in
     the vocabulary left out and reported, labels matched by any name of their class; config round trip."""
-    from pipelines.label_studio import annotation_segments, config_vocabulary, labeling_config
+    from fcclip_pipelines.label_studio import annotation_segments, config_vocabulary, labeling_config
 
     vocabulary = VOCAB.to_dict()
     assert config_vocabulary(labeling_config(vocabulary)) == vocabulary

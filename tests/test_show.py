@@ -1,6 +1,6 @@
 """`fcclip show`: an HTML report of a labeling output, checked against DuckDB and rendered in headless Chromium.
 
-The labeling output is written directly in the documented schema (pipelines.sink), with real COCO RLEs of masks
+The labeling output is written directly in the documented schema (fcclip_pipelines.output), with real COCO RLEs of masks
 on synthetic images, so these tests need no Ray and no model.
 """
 import base64
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipelines.show as show
+import fcclip_pipelines.show as show
 from fcclip.datasets.synthetic import synthetic_image, write_images
 from fcclip.masks import encode_rle, mask_to_bbox
 from fcclip.vocabulary import load_vocabulary
-from pipelines.sink import encode_part, part_name
-from pipelines.stages import image_id
+from fcclip_pipelines.output import encode_part, part_name
+from fcclip_pipelines.stages import image_id
 
 VOCAB = load_vocabulary("cat; dog, puppy; grass [stuff]; sky [stuff]")
 THRESHOLDS = {"alpha": 0.4, "beta": 0.8, "object_mask_threshold": 0.8, "overlap_threshold": 0.8, "min_score": 0.0}
@@ -117,7 +117,7 @@ def labels(tmp_path_factory):
 
     _write_output(rows, write)
     deleted = paths[2]
-    deleted.unlink()  # labelled, then gone: the report shows a placeholder
+    deleted.unlink()  # labeled, then gone: the report shows a placeholder
     return {"dest": dest, "rows": rows, "deleted": str(deleted), "big": str(big), "root": root}
 
 
@@ -242,11 +242,11 @@ def test_numbers_match_duckdb(labels, tmp_path):
 
 
 def test_gallery(labels, tmp_path, monkeypatch):
-    import pipelines.show.output
+    import fcclip_pipelines.output
 
     decoded = []
-    real_decode = pipelines.show.output.decode_rle
-    monkeypatch.setattr(pipelines.show.output, "decode_rle", lambda rle: decoded.append(rle) or real_decode(rle))
+    real_decode = fcclip_pipelines.output.decode_rle
+    monkeypatch.setattr(fcclip_pipelines.output, "decode_rle", lambda rle: decoded.append(rle) or real_decode(rle))
     page = _run(labels["dest"], tmp_path / "all.html", "--sample", "50")
     parser = _parse(page)
     ok = {r["uri"]: r for r in labels["rows"] if r["status"] == "ok"}

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sink import Destination
-from pipelines.sources import SourceError, iter_source, read_manifest_shard, write_manifest
+from fcclip_pipelines.output import Destination
+from fcclip_pipelines.sources import SourceError, iter_source, read_manifest_shard, write_manifest
 
 
 def test_manifest_of_10000_uris_on_s3_is_streamed(s3_bucket, tmp_path, monkeypatch):
     import boto3
-    import pipelines.sources as sources
+    import fcclip_pipelines.sources as sources
 
     uris = [f"s3://{s3_bucket}/photos/{i:05d}.jpg" for i in range(10_000)]
     local = tmp_path / "manifest.parquet"
@@ -35,8 +35,8 @@ def test_manifest_of_10000_uris_on_s3_is_streamed(s3_bucket, tmp_path, monkeypat
     # time, so Arrow never holds the file's 20 MB.
     code = (
         "import sys, pyarrow as pa\n"
-        "from pipelines.sink import Destination\n"
-        "from pipelines.sources import write_manifest\n"
+        "from fcclip_pipelines.output import Destination\n"
+        "from fcclip_pipelines.sources import write_manifest\n"
         "write_manifest(sys.argv[1], Destination(sys.argv[2]), shard_size=1000)\n"
         "print(pa.default_memory_pool().max_memory())\n"
     )
@@ -73,7 +73,7 @@ def test_folder_glob_and_extensions(tmp_path):
         list(iter_source(str(tmp_path / "missing")))
 
 
-def test_duplicates_are_labelled_once(tmp_path):
+def test_duplicates_are_labeled_once(tmp_path):
     (tmp_path / "m.txt").write_text("x/1.jpg\nx/2.jpg\nx/1.jpg\n")
     summary = write_manifest(str(tmp_path / "m.txt"), Destination(str(tmp_path / "out")), shard_size=10)
     assert summary.num_images == 2 and summary.duplicates == 1

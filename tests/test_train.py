@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from fcclip.config import ConfigError, list_train_configs, train_config_path
-from pipelines.cli import main
-from pipelines.train import (
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.train import (
     DataConfig,
     SolverConfig,
     TrainConfig,
@@ -253,7 +253,7 @@ def labels(ray_local, dataset, tmp_path_factory):
 
 
 def test_data_kind_is_detected(dataset, tmp_path, capsys):
-    from pipelines.train_data import open_training_data
+    from fcclip_pipelines.train_data import open_training_data
 
     coco = open_training_data(dataset, split="train2017", synonyms="coco_panoptic")
     assert coco.kind == "coco" and [c.id for c in coco.vocabulary.categories] == [1, 3, 18, 187, 191, 193]
@@ -283,7 +283,7 @@ def test_labeling_output_rows_become_samples(labels):
     import pyarrow.parquet as pq
 
     from fcclip.datasets.labels import LabelSelection
-    from pipelines.train_data import open_training_data, read_samples
+    from fcclip_pipelines.train_data import open_training_data, read_samples
 
     dest, broken = labels
     data = open_training_data(dest, split="train2017", synonyms=None, selection=LabelSelection(class_map=(("18", "1"),)))
@@ -373,7 +373,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, 
 
     import fcclip
     from fcclip.datasets.coco_panoptic import CocoPanoptic
-    from pipelines.train_data import MixSpec, open_training_sources
+    from fcclip_pipelines.train_data import MixSpec, open_training_sources
 
     max_iters = 15
     path = _config(tmp_path, "kill", checkpoint_every=5, keep_checkpoints=20, log_every=5, max_failures=2,

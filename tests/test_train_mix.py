@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 try:  # imported before any capsys: Ray's log handler keeps the stderr it finds at import
     import ray.train  # noqa: F401
@@ -35,7 +35,7 @@ def labels(ray_local, tmp_path_factory):
     """A labeling output (`fcclip label`, fcclip-tiny with random weights) of 8 other synthetic images."""
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
 
-    images = tmp_path_factory.mktemp("unlabelled")
+    images = tmp_path_factory.mktemp("unlabeled")
     write_coco_panoptic(images, 8, seed=1, size=(128, 160), also_val=False)
     dest = str(tmp_path_factory.mktemp("labels") / "out")
     assert main(["label", str(images / "train2017"), "--out", dest, "--vocab", LABEL_VOCABULARY, "--model",
@@ -47,7 +47,7 @@ def labels(ray_local, tmp_path_factory):
 @pytest.mark.ray
 def test_sources_open_into_one_vocabulary_either_way(coco, labels):
     from fcclip.datasets.labels import LabelSelection
-    from pipelines.train_data import MixSpec, open_training_sources
+    from fcclip_pipelines.train_data import MixSpec, open_training_sources
 
     run = {c.label: c.id for c in open_training_sources(labels, split="train2017", synonyms=None).vocabulary
            .categories}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fcclip.config import train_config_path
-from pipelines.cli import main
+from fcclip_pipelines.cli import main
 
 try:  # imported before any capsys: Ray's log handler keeps the stderr it finds at import
     from ray.train.torch import TorchTrainer
@@ -28,8 +28,8 @@ def test_the_refusal_names_each_setting_that_differs():
 
     from fcclip.datasets.labels import LabelSelection
     from fcclip.vocabulary import Vocabulary
-    from pipelines.train import SettingsMismatch, _differences, load_train_config, run_settings
-    from pipelines.train_data import TrainingData, TrainingSources
+    from fcclip_pipelines.train import SettingsMismatch, _differences, load_train_config, run_settings
+    from fcclip_pipelines.train_data import TrainingData, TrainingSources
 
     vocabulary = Vocabulary.from_dict({"name": "run", "categories": [
         {"id": 1, "names": ["cat"]}, {"id": 2, "names": ["dog", "puppy"]}, {"id": 3, "names": ["sky"], "isthing": 0}]})

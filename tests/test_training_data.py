@@ -76,7 +76,7 @@ def test_reader_reads_back_what_the_png_encodes(synth_root):
             assert CATEGORIES[cls]["id"] == segment["category_id"]
             assert crowd == bool(segment["iscrowd"])
         assert masks.sum(0).max() <= 1  # disjoint
-        np.testing.assert_array_equal(masks.any(0), ids != 0)  # everything else is unlabelled
+        np.testing.assert_array_equal(masks.any(0), ids != 0)  # everything else is unlabeled
         crowds += int(iscrowd.sum())
     assert crowds > 0  # the fixture's seed makes some crowd segments
 

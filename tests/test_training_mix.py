@@ -10,7 +10,7 @@ import torch
 from fcclip.training.data import collate_batches
 from fcclip.training.mix import MixedSamples, union_vocabulary
 from fcclip.vocabulary import Vocabulary
-from pipelines.train_data import MixSpec, parse_mix
+from fcclip_pipelines.train_data import MixSpec, parse_mix
 
 LABELS = Vocabulary.from_dict({"name": "run", "categories": [
     {"id": 1, "names": ["dog", "puppy"], "isthing": 1, "color": [1, 1, 1]},

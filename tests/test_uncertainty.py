@@ -55,7 +55,7 @@ def test_model_stage_columns_are_the_models_own(tiny_preset, tiny_model):
     unlabeled_share is the share of zeros in the segment map."""
     from fcclip import Predictor
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec, encode_rows, label_images
 
     vocab = load_vocabulary("person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]")
     spec = ModelSpec(model=tiny_preset, weights="random", vocabulary=vocab.to_dict(), device="cpu")
@@ -63,8 +63,8 @@ def test_model_stage_columns_are_the_models_own(tiny_preset, tiny_model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), rng.integers(0, 255, (72, 56, 3), dtype=np.uint8)]
     meta = {"height": [64, 72], "width": [80, 56], "error": ["", ""]}
-    labelled = label_images(segmenter, meta, images, batch_size=1)  # batches pad: compare image by image
-    table = encode_rows(["a.jpg", "b.jpg"], [0, 1], meta, labelled, {"vocabulary": "v", "run_id": "r", "model": "m"})
+    labeled = label_images(segmenter, meta, images, batch_size=1)  # batches pad: compare image by image
+    table = encode_rows(["a.jpg", "b.jpg"], [0, 1], meta, labeled, {"vocabulary": "v", "run_id": "r", "model": "m"})
     rows = table.to_pylist()
     predictor = Predictor(tiny_model, vocab, short_edge=None, tasks=("panoptic",))
     total = 0
@@ -98,7 +98,7 @@ def test_without_clip_weight_disagreement_does_not_count():
     """fcclip-tiny's own preset gives CLIP's branch no weight (alpha = beta = 0): its doubts ignore agreement."""
 
     from fcclip.vocabulary import load_vocabulary
-    from pipelines.stages import FCCLIPSegmenter, ModelSpec
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec
 
     vocab = load_vocabulary("person; car; grass [stuff]; sky [stuff]")
     segmenter = FCCLIPSegmenter(ModelSpec(model="fcclip-tiny", weights="random", vocabulary=vocab.to_dict(),
@@ -112,13 +112,13 @@ def test_without_clip_weight_disagreement_does_not_count():
 
 
 def test_stage_without_signals_and_error_rows_give_nulls():
-    from pipelines.stages import encode_rows
+    from fcclip_pipelines.stages import encode_rows
 
     meta = {"height": [4, 0], "width": [4, 0], "error": ["", "decode failed"]}
-    labelled = {"maps": [np.ones((4, 4), np.uint8), None],
+    labeled = {"maps": [np.ones((4, 4), np.uint8), None],
                 "segments": [[{"id": 1, "label": "cat", "category_id": 1, "is_thing": True, "score": 0.9}], []],
                 "error": ["", "decode failed"], "model": "stand-in"}
-    rows = encode_rows(["a", "b"], [0, 1], meta, labelled, {"vocabulary": "v", "run_id": "r", "model": "m"}).to_pylist()
+    rows = encode_rows(["a", "b"], [0, 1], meta, labeled, {"vocabulary": "v", "run_id": "r", "model": "m"}).to_pylist()
     assert rows[0]["margin"] == [None] and rows[0]["branches_agree"] == [None]
     assert rows[0]["unlabeled_share"] == 0.0 and rows[0]["uncertainty"] is None
     assert rows[1]["status"] == "error" and rows[1]["unlabeled_share"] is None and rows[1]["margin"] == []

@@ -1,15 +1,23 @@
-"""The built wheel works on its own: installed into a fresh virtual environment and run from a folder outside the
-repository, it lists its model presets and vocabularies and segments an image (package data included).
+"""What users install is what is tested: the built wheel, installed into a fresh virtual environment from the package
+index with only the dependencies it declares (nothing of this environment's site-packages), run from a folder
+outside the repository.
 
-The fresh environment reuses this environment's installed dependencies (a .pth file adds our site-packages after
-its own), but not this checkout: the test checks that the `fcclip` and `pipelines` it imports are the wheel's.
+1. The core install (`pip install fcclip`): `models`, `vocabularies`, `synth`, `predict`, `metrics`, `export` and
+   `search`'s refusal work as README says; the commands of the Ray extra say in one line what to install.
+2. The same environment given the cluster image's dependency list, built exactly as cluster/Dockerfile builds it
+   (pyproject.toml's dependencies and its `ray` extra, read by the Dockerfile's own command, then the wheel with
+   --no-deps and `pip check`): `fcclip label` of an S3 prefix on the loopback S3 server lists and labels it.
+
+The environment is made with uv (from the `test` extra; the package index as pip is configured here), which
+installs PyTorch's wheels in seconds from its cache instead of minutes.
 """
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -21,21 +29,27 @@ from fcclip._paths import config_dir
 from fcclip.datasets.synthetic import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "README.md", "fcclip", "pipelines", "configs")  # what cluster/Dockerfile copies
 
 pytestmark = pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import setuptools"], capture_output=True).returncode != 0,
-    reason="building the wheel needs setuptools (pip install -e '.[test]' installs it)",
+    shutil.which("uv", path=str(Path(sys.executable).parent)) is None and shutil.which("uv") is None,
+    reason="the fresh environment is built with uv: pip install -e '.[test]' installs it",
 )
+
+
+def _uv() -> str:
+    return shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     """The wheel, built from the files cluster/Dockerfile builds it from (a copy: the checkout stays untouched)."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("fcclip", "pipelines"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(ROOT / name, src / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
          str(src)],
@@ -45,71 +59,129 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_the_wheel_holds_the_package_data(wheel):
+def test_the_wheel_holds_the_package_data_and_only_fcclip_names(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = config_dir()
+    assert configs == ROOT / "configs"  # the checkout's top-level configs/ ...
     for path in sorted(configs.rglob("*")):
-        if path.is_file():
+        if path.is_file():  # ... is package data of the wheel's fcclip
             assert f"fcclip/configs/{path.relative_to(configs).as_posix()}" in names
     assert "fcclip/configs/models/fcclip-tiny.yaml" in names
-    assert "fcclip/configs/train/fcclip-tiny-synthetic.yaml" in names
-    assert "fcclip/configs/vocabularies/ade20k_150.json" in names
-    assert "pipelines/cli.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "cluster/", "benchmarks/"))]
-    assert f"fcclip-{fcclip.__version__}.dist-info/entry_points.txt" in names
+    assert "fcclip_pipelines/cli.py" in names and "fcclip_pipelines/show/report.html" in names
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"fcclip", "fcclip_pipelines"}, top
+    # every package of the checkout is in the wheel (pyproject.toml lists them by hand)
+    for package, installed in (("fcclip", "fcclip"), ("pipelines", "fcclip_pipelines")):
+        for init in (ROOT / package).rglob("__init__.py"):
+            assert f"{installed}/{init.relative_to(ROOT / package).as_posix()}" in names, init
     entry_points = zipfile.ZipFile(wheel).read(f"fcclip-{fcclip.__version__}.dist-info/entry_points.txt").decode()
-    assert "fcclip = pipelines.cli:main" in entry_points
+    assert "fcclip = fcclip_pipelines.cli:main" in entry_points
 
 
 @pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory):
-    """A fresh venv with the wheel installed (no pip inside: this environment's pip installs into it)."""
+def fresh_env(wheel, tmp_path_factory):
+    """A new virtual environment holding the wheel and the dependencies it declares, resolved from the package index:
+    no site-packages of this environment."""
     env_dir = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
-    # dependencies from this environment, after the venv's own site-packages (so the wheel's fcclip comes first)
-    (site / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
-         str(wheel)],
-        check=True, timeout=600,
-    )
+    subprocess.run([_uv(), "pip", "install", "--quiet", "--python", str(python), str(wheel)],
+                   check=True, timeout=900, env=_env(env_dir))
     return env_dir
 
 
-def _run(installed, args, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+def _env(env_dir: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
 
 
-def test_the_installed_wheel_runs_outside_the_repository(installed, tmp_path):
+def _run(env_dir: Path, args: list[str], cwd: Path, timeout: float = 600, **extra):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env(env_dir, **extra))
+
+
+def _distributions(env_dir: Path) -> set[str]:
+    out = _run(env_dir, [_uv(), "pip", "list", "--python", str(env_dir / "bin" / "python"), "--format", "json"],
+               env_dir).stdout
+    return {re.sub(r"[-_.]+", "-", d["name"]).lower() for d in json.loads(out)}
+
+
+def test_the_core_install_runs_its_commands_outside_the_repository(fresh_env, tmp_path):
+    installed = _distributions(fresh_env)
+    assert "torch" in installed and "pyarrow" in installed
+    assert not installed & {"ray", "duckdb", "s3fs", "boto3", "pandas", "pytest", "moto"}, installed
+
     work = tmp_path / "elsewhere"
     work.mkdir()
-    proc = _run(installed, [str(installed / "bin" / "python"), "-c",
-                            "import fcclip, pipelines.cli; print(fcclip.__file__); print(pipelines.cli.__file__)"],
-                work)
+    python, fcclip_cmd = str(fresh_env / "bin" / "python"), str(fresh_env / "bin" / "fcclip")
+    proc = _run(fresh_env, [python, "-c", "import fcclip, fcclip_pipelines.cli, sys; print(fcclip.__file__); "
+                            "print(fcclip_pipelines.cli.__file__); print(sys.prefix)"], work)
     assert proc.returncode == 0, proc.stderr
-    for line in proc.stdout.split():  # the wheel's copies, not this checkout
-        assert Path(line).resolve().is_relative_to(installed.resolve()), line
+    for line in proc.stdout.split():  # the wheel's copies, not this checkout, and no other environment
+        assert Path(line).resolve().is_relative_to(fresh_env.resolve()), line
 
-    fcclip_cmd = str(installed / "bin" / "fcclip")
-    proc = _run(installed, [fcclip_cmd, "models"], work)
-    assert proc.returncode == 0, proc.stderr
-    assert "fcclip-convnext-large" in proc.stdout and "fcclip-tiny" in proc.stdout
-    proc = _run(installed, [fcclip_cmd, "vocabularies"], work)
-    assert proc.returncode == 0, proc.stderr
-    assert "ade20k_150" in proc.stdout and "coco_panoptic" in proc.stdout
+    for args, expect in ((["models"], "fcclip-tiny"), (["vocabularies"], "coco_panoptic"),
+                         (["metrics", "--help"], "panoptic")):
+        proc = _run(fresh_env, [fcclip_cmd, *args], work)
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr
 
-    (image,) = write_images(work / "images", count=1, size=(64, 80))
-    proc = _run(installed, [fcclip_cmd, "predict", str(image.relative_to(work)), "--vocab", "ade20k_150",
-                            "--model", "fcclip-tiny", "--weights", "random", "--device", "cpu", "--out", "out"],
-                work)
+    proc = _run(fresh_env, [fcclip_cmd, "synth", "images", "--out", "images", "--count", "2", "--height", "64",
+                            "--width", "80"], work)
     assert proc.returncode == 0, proc.stderr
-    record = json.loads((work / "out" / f"{image.stem}.json").read_text())
+    proc = _run(fresh_env, [fcclip_cmd, "predict", "images/synth_00000.jpg", "--vocab", "ade20k_150", "--model",
+                            "fcclip-tiny", "--weights", "random", "--device", "cpu", "--out", "out"], work)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((work / "out" / "synth_00000.json").read_text())
     assert (record["height"], record["width"]) == (64, 80)
     summary = json.loads((work / "out" / "panoptic.json").read_text())
     assert summary["vocabulary"]["name"] == "ade20k_150" and len(summary["categories"]) == 150
+    assert (work / "out" / "synth_00000.png").is_file() and (work / "out" / "synth_00000_overlay.png").is_file()
     assert not (ROOT / "out").exists()
+
+    # the Ray extra's commands say what to install, in one line, and touch nothing
+    for args in (["label", "images", "--out", "labels", "--vocab", "cat;"], ["show", "labels", "--out", "r.html"],
+                 ["search", "labels", "cat"]):
+        proc = _run(fresh_env, [fcclip_cmd, *args], work)
+        assert proc.returncode == 2, (args, proc.stderr)
+        line, = proc.stderr.strip().splitlines()
+        assert f"fcclip {args[0]} needs the Ray extra: pip install 'fcclip[ray]' (missing: " in line, line
+    assert not (work / "labels").exists() and not (work / "r.html").exists()
+
+
+def test_the_cluster_image_dependencies_label_an_s3_prefix(fresh_env, wheel, s3_server, s3_bucket, tmp_path):
+    """cluster/Dockerfile's dependency list, made by the Dockerfile's own command from pyproject.toml, is enough for
+    `fcclip label s3://...` (listing pages through boto3, reading and writing through s3fs)."""
+    (command,) = re.findall(r'^RUN (python -c ".*") > requirements\.txt$', (ROOT / "cluster" / "Dockerfile").read_text(),
+                            re.M)
+    req_dir = tmp_path / "req"
+    req_dir.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", req_dir / "pyproject.toml")
+    proc = subprocess.run(command.replace("python -c", f"{shlex.quote(sys.executable)} -c", 1) + " > requirements.txt",
+                          shell=True, cwd=req_dir, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    python = str(fresh_env / "bin" / "python")
+    for args in (["install", "--quiet", "-r", str(req_dir / "requirements.txt")],
+                 ["install", "--quiet", "--no-deps", "--reinstall", str(wheel)], ["check"]):
+        subprocess.run([_uv(), "pip", *args, "--python", python], check=True, timeout=900, env=_env(fresh_env))
+    assert {"ray", "boto3", "s3fs"} <= _distributions(fresh_env)
+
+    import boto3
+
+    work = tmp_path / "elsewhere"
+    images = write_images(work / "images", count=3, size=(48, 64))
+    s3 = boto3.client("s3")
+    for path in images:
+        s3.upload_file(str(path), s3_bucket, f"photos/{path.name}")
+    s3.put_object(Bucket=s3_bucket, Key="photos/broken.jpg", Body=b"\xff\xd8\xff\xe0 not a jpeg")
+
+    proc = _run(fresh_env, [str(fresh_env / "bin" / "fcclip"), "label", f"s3://{s3_bucket}/photos/", "--out",
+                            f"s3://{s3_bucket}/labels/", "--vocab", "cat; grass [stuff]", "--model", "fcclip-tiny",
+                            "--weights", "random", "--num-cpus", "2", "--no-progress", "--summary-json", "summary.json"],
+                work, timeout=600, RAY_ADDRESS="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert (summary["ok"], summary["failed"]) == (3, 1), summary
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="labels/")["Contents"]]
+    assert "labels/part-000000.parquet" in keys, keys
+

@@ -15,7 +15,7 @@ COCO panoptic val2017 (``coco/``; PQ, AP, mIoU; 133 classes)::
     panoptic_val2017/<stem>.png               segment ids, id = R + 256 G + 256^2 B
     val2017/<stem>.jpg                        the images (named by the PNG's stem, as the reference does)
     panoptic_semseg_val2017/<stem>.png        semantic maps, 0..132 in the vocabulary's order (sorted by id), 255
-                                              unlabelled (prepare_coco_semantic_annos_from_panoptic_annos.py)
+                                              unlabeled (prepare_coco_semantic_annos_from_panoptic_annos.py)
     annotations/instances_val2017.json        the instance annotations the reference's AP reads (`instances_uri`)
 
   Without ``panoptic_semseg_val2017/`` the semantic map is derived from the panoptic PNG exactly as that script
@@ -26,7 +26,7 @@ ADE20K-150 (``ADEChallengeData2016/``; PQ, AP, mIoU)::
     ade20k_panoptic_val.json                  made by prepare_ade20k_pan_seg.py: category ids 0..149
     ade20k_panoptic_val/<stem>.png            segment ids
     images/validation/<stem>.jpg
-    annotations_detectron2/validation/<stem>.png   prepare_ade20k_sem_seg.py: 0..149, 255 unlabelled
+    annotations_detectron2/validation/<stem>.png   prepare_ade20k_sem_seg.py: 0..149, 255 unlabeled
     ade20k_instance_val.json                  for AP (`instances_uri`)
 
 Cityscapes (``cityscapes/``; PQ, AP, mIoU; tested at 1024 / 2560)::
@@ -34,13 +34,13 @@ Cityscapes (``cityscapes/``; PQ, AP, mIoU; tested at 1024 / 2560)::
     gtFine/cityscapes_panoptic_val.json       cityscapesScripts createPanopticImgs.py: label ids (7 road, ..., 33)
     gtFine/cityscapes_panoptic_val/<id>_gtFine_panoptic.png
     leftImg8bit/val/<city>/<id>_leftImg8bit.png    <id> = <city>_<seq>_<frame>
-    gtFine/val/<city>/<id>_gtFine_labelTrainIds.png  createTrainIdLabelImgs.py: train ids 0..18, 255 unlabelled
+    gtFine/val/<city>/<id>_gtFine_labelTrainIds.png  createTrainIdLabelImgs.py: train ids 0..18, 255 unlabeled
 
   The image of an annotation is found from its image id (the city is the id less its last two fields) rather than
   by listing every city folder, as the reference does; the two agree on the official layout. The reference's
   semantic metric (CityscapesSemSegEvaluator) compares label ids on ``*_gtFine_labelIds.png``, which gives the same
   confusion matrix as train ids; when a ``labelTrainIds`` file is missing, `load_semantic` reads the ``labelIds``
-  file and maps label ids to the 19 classes (every other id unlabelled). ``extra`` has ``label_ids_uri`` and
+  file and maps label ids to the 19 classes (every other id unlabeled). ``extra`` has ``label_ids_uri`` and
   ``instance_ids_uri`` (the ``*_gtFine_instanceIds.png`` the reference's AP reads).
 
 Mapillary Vistas v1.2 (``mapillary_vistas/``; PQ, mIoU; tested at 1024 / 2560)::
@@ -48,7 +48,7 @@ Mapillary Vistas v1.2 (``mapillary_vistas/``; PQ, mIoU; tested at 1024 / 2560)::
     validation/panoptic/panoptic_2018.json    category ids 1..65
     validation/panoptic/<stem>.png
     validation/images/<stem>.jpg
-    validation/labels/<stem>.png              8-bit palette PNG, index 0..64 = contiguous class, 65 = unlabelled
+    validation/labels/<stem>.png              8-bit palette PNG, index 0..64 = contiguous class, 65 = unlabeled
 
   The reference evaluates these labels with its ignore label 65; here they come back with 255 (`spec.ignore_label`).
 
@@ -56,14 +56,14 @@ ADE20K-847 (``ADE20K_2021_17_01/``, or ``ade/ADE20K_2021_17_01/`` where prepare_
 the reference's registration reads the former; mIoU)::
 
     images_detectron2/validation/<stem>.jpg
-    annotations_detectron2/validation/<stem>.tif   16-bit train ids 0..846, 65535 unlabelled
+    annotations_detectron2/validation/<stem>.tif   16-bit train ids 0..846, 65535 unlabeled
 
 Pascal Context 59 / 459 (``pascal_ctx_d2/``, made by prepare_pascal_ctx_sem_seg.py and
 prepare_pascal_ctx_full_sem_seg.py from ``VOCdevkit/VOC2010``; mIoU)::
 
     images/validation/<stem>.jpg
-    annotations_ctx59/validation/<stem>.png    0..58, 255 unlabelled
-    annotations_ctx459/validation/<stem>.tif   16-bit 0..458, 65535 unlabelled
+    annotations_ctx59/validation/<stem>.png    0..58, 255 unlabeled
+    annotations_ctx459/validation/<stem>.tif   16-bit 0..458, 65535 unlabeled
 
 Pascal VOC 20 / 21 (``pascal_voc_d2/``, made by prepare_pascal_voc_sem_seg.py from ``VOCdevkit/VOC2012``; mIoU)::
 
@@ -80,7 +80,7 @@ two folders' listings (not recursive), sorted; images without a label map are le
 Label maps are converted to contiguous class indices, the positions in the benchmark's vocabulary, which are the
 indices the reference's evaluators use: values already contiguous (ADE-150, COCO, Pascal, Mapillary), or train ids
 mapped through the vocabulary's ``trainId`` (Cityscapes, ADE-847, where they coincide with the positions). The
-dataset's own unlabelled value becomes `BenchmarkSpec.ignore_label`: 255, or 65535 for the benchmarks with more
+dataset's own unlabeled value becomes `BenchmarkSpec.ignore_label`: 255, or 65535 for the benchmarks with more
 than 255 classes. Any other value is an error (the reference's evaluator would fail or miscount on it).
 
 Test resolution: the reference's eval configs set ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` only for Cityscapes
@@ -129,7 +129,7 @@ class BenchmarkSpec:
         tasks: the metrics the paper reports on it, among ``("panoptic", "instance", "semantic")`` (PQ, AP, mIoU).
         short_edge: test-time resize of the short edge (``INPUT.MIN_SIZE_TEST`` of the reference's eval config).
         max_size: the long edge's limit (``INPUT.MAX_SIZE_TEST``).
-        ignore_label: the value of unlabelled pixels in `BenchmarkDataset.load_semantic`'s maps.
+        ignore_label: the value of unlabeled pixels in `BenchmarkDataset.load_semantic`'s maps.
     """
 
     name: str
@@ -290,7 +290,7 @@ class _Layout:
     marker: str                        # a file or folder that identifies the dataset folder
     image_dir: str
     semantic_dir: str | None
-    semantic_void: int                 # the label maps' unlabelled value
+    semantic_void: int                 # the label maps' unlabeled value
     semantic_ext: str = ".png"
     image_ext: str = ".jpg"
     panoptic_json: str | None = None
@@ -403,7 +403,7 @@ class BenchmarkDataset:
         raise ValueError(f"{self.spec.name} has no panoptic ground truth (its tasks: {self.spec.tasks})")
 
     def load_semantic(self, record: EvalRecord) -> np.ndarray:
-        """(H, W) int64 contiguous class indices in [0, K), `spec.ignore_label` where unlabelled.
+        """(H, W) int64 contiguous class indices in [0, K), `spec.ignore_label` where unlabeled.
 
         Raises:
             ValueError: the label map holds a value the dataset does not define.
@@ -428,7 +428,7 @@ class BenchmarkDataset:
         for raw, index in pairs:
             table[raw] = index
         if table[void] != -1:
-            raise ValueError(f"{self.spec.name}: unlabelled value {void} is also a class")
+            raise ValueError(f"{self.spec.name}: unlabeled value {void} is also a class")
         table[void] = self.spec.ignore_label
         return table
 
@@ -553,7 +553,7 @@ class _Cityscapes(_PanopticBenchmark):
             label_ids_uri = record.extra.get("label_ids_uri")
             if not label_ids_uri:
                 raise
-        # label ids: the 19 evaluated classes by their dataset id; every other id is unlabelled
+        # label ids: the 19 evaluated classes by their dataset id; every other id is unlabeled
         table = np.full(256, self.spec.ignore_label, dtype=np.int64)
         for index, category in enumerate(self._vocabulary.categories):
             table[category.id] = index

@@ -3,7 +3,7 @@
 ::
 
     ROOT/annotations/panoptic_{split}.json   images, annotations (segments_info per image), categories
-    ROOT/panoptic_{split}/*.png              segment ids, id = R + 256 G + 256^2 B (0: unlabelled)
+    ROOT/panoptic_{split}/*.png              segment ids, id = R + 256 G + 256^2 B (0: unlabeled)
     ROOT/{split}/*.jpg                       the images
 
 ROOT is a local folder or any fsspec URI (``s3://bucket/coco``, ``memory://...``). Categories keep the JSON's order:

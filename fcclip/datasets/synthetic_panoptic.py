@@ -2,7 +2,7 @@
 
 Each image has stuff (sky above a horizon; grass, pavement or both below) and 1-4 things (person: tall ellipse,
 car: wide rectangle, dog: wide ellipse), each class with its own colour and texture so that a model can learn them
-in a few hundred steps; things occlude each other. Some images have a thin unlabelled band at the horizon (id 0,
+in a few hundred steps; things occlude each other. Some images have a thin unlabeled band at the horizon (id 0,
 as COCO's void) and a small crowd segment (a group of little people, ``iscrowd: 1``). Categories are real COCO
 panoptic ids, names and colours, so a model trained here uses COCO's class indices for those classes.
 
@@ -46,7 +46,7 @@ _APPEARANCE = {
     _PAVEMENT: (110, 110, 110),
     _GRASS: (60, 150, 50),
 }
-_MIN_THING_AREA = 24  # pixels; smaller visible remains of an occluded thing become unlabelled
+_MIN_THING_AREA = 24  # pixels; smaller visible remains of an occluded thing become unlabeled
 
 
 def synthetic_panoptic_image(rng: np.random.Generator, height: int = 256, width: int = 320
@@ -55,13 +55,13 @@ def synthetic_panoptic_image(rng: np.random.Generator, height: int = 256, width:
 
     Returns:
         image: (H, W, 3) uint8.
-        ids: (H, W) int64 segment ids (0: unlabelled).
+        ids: (H, W) int64 segment ids (0: unlabeled).
         segments_info: COCO's per-segment dicts: ``id``, ``category_id``, ``iscrowd``, ``bbox`` [x, y, w, h],
             ``area``.
     """
     h, w = height, width
     yy, xx = np.mgrid[0:h, 0:w]
-    index = np.zeros((h, w), dtype=np.int32)  # segment index + 1, 0 = unlabelled
+    index = np.zeros((h, w), dtype=np.int32)  # segment index + 1, 0 = unlabeled
     segments: list[dict[str, Any]] = []  # {"category_id", "iscrowd"} in index order
 
     def add(category_id: int, mask: np.ndarray, iscrowd: int = 0) -> None:
@@ -80,7 +80,7 @@ def synthetic_panoptic_image(rng: np.random.Generator, height: int = 256, width:
     else:
         add(int(ground), yy >= horizon)
     if rng.uniform() < 0.5:
-        index[max(horizon - 1, 0): horizon + 1] = 0  # an unlabelled band
+        index[max(horizon - 1, 0): horizon + 1] = 0  # an unlabeled band
 
     # Things, later ones in front.
     side = min(h, w)
@@ -106,7 +106,7 @@ def synthetic_panoptic_image(rng: np.random.Generator, height: int = 256, width:
             crowd |= ((xx - px) / r) ** 2 + ((yy - cy) / (2.2 * r)) ** 2 <= 1
         add(_PERSON, crowd, iscrowd=1)
 
-    # Segments that ended up (nearly) hidden become unlabelled; fresh, unique random ids as COCO's.
+    # Segments that ended up (nearly) hidden become unlabeled; fresh, unique random ids as COCO's.
     image = np.zeros((h, w, 3), dtype=np.float64)
     ids = np.zeros((h, w), dtype=np.int64)
     segments_info = []

@@ -2,14 +2,14 @@
 computes them (the evaluator behind FC-CLIP's published semantic numbers).
 
 With K classes, TP_c the pixels of class c predicted c, GT_c the ground-truth pixels of c, P_c the pixels predicted c
-(over labelled ground truth only):
+(over labeled ground truth only):
 
     IoU_c = TP_c / (GT_c + P_c - TP_c),   acc_c = TP_c / GT_c
     mIoU, mACC: means over the classes with ground-truth pixels (the others have no accuracy and their IoU is left
                 out: a class only predicted, never present, does not lower mIoU)
     fwIoU = sum_c IoU_c * GT_c / sum GT,  pACC = sum TP / sum GT
 
-Ground-truth pixels equal to `ignore_index` are left out. A predicted label outside [0, K) (say 255, "unlabelled")
+Ground-truth pixels equal to `ignore_index` are left out. A predicted label outside [0, K) (say 255, "unlabeled")
 counts as wrong for the pixel's ground-truth class and as nobody's prediction.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``fcclip show``: a self-contained HTML report of a labeling output (``DEST/*.parquet``, see ``pipelines.sink``).
+"""``fcclip show``: a self-contained HTML report of a labeling output (``DEST/*.parquet``, see ``fcclip_pipelines.output``).
 
     fcclip show DEST --out report.html [--sample N] [--seed S] [--top-classes K] [--image-width PX] [--max-errors N]
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import fsspec
 
-from .output import LabelingOutput, NotALabelingOutput, OutputError, open_output
+from ..output import LabelingOutput, NotALabelingOutput, OutputError, open_output
 from .overlays import Figure, render_samples
 from .page import plural, render_html
 from .scan import SCORE_BINS, ClassStats, Report, Sample, scan

@@ -19,7 +19,7 @@ from PIL import Image
 from fcclip.images import load_image
 from fcclip.visualize import draw_panoptic
 
-from .output import segment_map
+from ..output import segment_map
 from .scan import Report, Sample
 
 logger = logging.getLogger("fcclip.show")

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output import LabelingOutput, OutputError, open_output
+from ..output import LabelingOutput, OutputError, open_output
 
 __all__ = ["ClassStats", "Report", "Sample", "error_reason_sql", "scan"]
 
@@ -255,7 +255,7 @@ def scan(dest: str | LabelingOutput, *, sample: int = 24, seed: int = 0, max_err
     """Count DEST's rows, segments, classes and errors and draw the sample (see the module docstring).
 
     Raises:
-        NotALabelingOutput: DEST is not a labeling output (``pipelines.show.output.open_output``).
+        NotALabelingOutput: DEST is not a labeling output (``fcclip_pipelines.output.open_output``).
     """
     output = dest if isinstance(dest, LabelingOutput) else open_output(dest)
     report = Report(output=output, sample_size=sample, seed=seed)

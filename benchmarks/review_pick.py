@@ -9,7 +9,8 @@
 3. With ``--student``: a reviewer is simulated by the ground truth of the picked images (what a perfect reviewer
    submits in Label Studio, written as ``fcclip review pull`` writes it), ``fcclip review merge`` replaces their
    pseudo-labels, and two students are trained alike (``--student-iterations``), one on the pseudo-labels alone and
-   one on the merged output; both are scored (PQ) on the held-out val split of the teacher's set.
+   one on the merged output, and, as a control, one with as many random picks reviewed; all are scored (PQ) on the
+   held-out val split of the teacher's set.
 
     .venv/bin/python benchmarks/review_pick.py --out out/review-bench [--student] [--json out/review.json]
 """
@@ -230,21 +231,31 @@ def main(argv=None) -> int:
     print(f"\nratio uncertainty / random: {report['ratio']:.2f}x")
 
     if args.student:
-        reviewed, merged = out / f"reviewed-{args.pool_seed}", out / f"merged-{args.pool_seed}"
-        if not merged.exists():
-            _reviewed_output(reviewed, by_uncertainty, rows, truth, vocabulary)
-            review.merge(str(labels), str(reviewed), str(merged))
+        random_ids = review.pick(str(labels), args.count, "random", seed=0).table.column("image_id").to_pylist()
+        merged = {}
+        for rule, ids in (("uncertainty", by_uncertainty), ("random", random_ids)):
+            reviewed, merged[rule] = out / f"reviewed-{rule}-{args.pool_seed}", out / f"merged-{rule}-{args.pool_seed}"
+            if not merged[rule].exists():
+                _reviewed_output(reviewed, ids, rows, truth, vocabulary)
+                review.merge(str(labels), str(reviewed), str(merged[rule]))
         t1 = time.time()
         alone = _train(out, f"student-pseudo-{args.pool_seed}", str(labels), args.student_iterations, cpus=1)
-        mixed = _train(out, f"student-reviewed-{args.pool_seed}", str(merged), args.student_iterations, cpus=1)
-        pq_teacher, pq_alone, pq_mixed = (_val_pq(w, str(gt_root)) for w in (teacher, alone, mixed))
+        mixed = _train(out, f"student-reviewed-{args.pool_seed}", str(merged["uncertainty"]), args.student_iterations,
+                       cpus=1)
+        control = _train(out, f"student-reviewed-random-{args.pool_seed}", str(merged["random"]),
+                         args.student_iterations, cpus=1)
+        pq_teacher, pq_alone, pq_mixed, pq_control = (_val_pq(w, str(gt_root))
+                                                      for w in (teacher, alone, mixed, control))
         report.update(student_iterations=args.student_iterations, pq_teacher=pq_teacher, pq_student_pseudo=pq_alone,
-                      pq_student_reviewed=pq_mixed, student_s=time.time() - t1)
+                      pq_student_reviewed=pq_mixed, pq_student_reviewed_random=pq_control,
+                      student_s=time.time() - t1)
         print(f"\n| model | val PQ ({args.val_images} held-out images) |\n|---|---|")
         print(f"| teacher ({args.teacher_iterations} it. on {args.gt_images} ground-truth images) | {pq_teacher:.3f} |")
         print(f"| student on the {len(rows)} pseudo-labels alone ({args.student_iterations} it.) | {pq_alone:.3f} |")
         print(f"| student on the same with the {args.count} uncertainty picks reviewed ({args.student_iterations} it.)"
               f" | {pq_mixed:.3f} |")
+        print(f"| student on the same with {args.count} random picks reviewed ({args.student_iterations} it.)"
+              f" | {pq_control:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -540,7 +540,7 @@ def test_progress_on_a_terminal(tmp_path):
     assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
-    final = [line for line in screen if line.startswith("labeled  6/6 images, ok 6, failed 0,")]
+    final = [line for line in screen if line.startswith("labeled   6/6 images, ok 6, failed 0,")]
     assert final and "images/s, ETA" in final[-1], text[-3000:]
     assert "committed 3/3 shards" in screen, text[-3000:]
     assert "labeled 6 image(s)" in text
@@ -559,7 +559,7 @@ def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
         "import ray\n"
         "from fcclip_pipelines import runtime\n"
         "started = runtime.init_ray(num_cpus=1)\n"
-        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
+        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.resolve_gpus(None, None), cpus=0.5)\n"
         "print('ready', ray.get(actor.ready.remote()))\n"
         "info, out = ray.get(list(actor.run.options(num_returns=2).remote(lambda m, x: m + x, '!')))\n"
         "print('result', out, info['total_s'] >= 0)\n"

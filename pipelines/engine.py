@@ -6,16 +6,15 @@ sizes, segment maps and rows never reach it.
 
     driver:  chunk (shard, rows, URIs) ----------------------------------------------------------------> bookkeeping
     decode task (CPU):     URIs -> images decoded (a count, to the driver) + meta (sizes, errors) + images (store)
-    model actor (GPU/CPU): one batch of a chunk's images -> segment maps + segments (object store); device work only
-    write task (CPU):      the chunk's batches -> RLE, areas, boxes -> Arrow rows -> a fragment under _fcclip/fragments
+    model actor (GPU/CPU): a chunk's images, batch by batch -> segment maps + segments (object store); device work
+    write task (CPU):      segment maps -> RLE, areas, boxes -> Arrow rows -> a fragment under _fcclip/fragments
     commit task (CPU):     a shard's fragments -> DEST/part-NNNNNN.parquet (atomic), fragments deleted
 
 Resources are asked for, never read off the cluster: every model actor asks for ``gpus`` GPUs and
 ``cpus_per_actor`` CPUs, every decode and write task for one CPU, so that an autoscaling cluster sees the demand and
-adds the nodes. The model actors are a pool of MIN to MAX (``actors``): MIN start at once; while the batches waiting
-for them are more than twice their number, more start, up to MAX (no more starting at once than are up, so the pool
-at most doubles while nodes come up); once no batch is left to give them, idle actors are ended, so that their nodes
-go back. Decode tasks run ahead of the model by up to four
+adds the nodes. The model actors are a pool of MIN to MAX (``actors``): MIN start at once; while the chunks waiting
+for them are more than their number, more start, up to MAX (no more starting at once than are up, so the pool at most
+doubles while nodes come up); once no chunk is left to give them, idle actors are ended, so that their nodes go back. Decode tasks run ahead of the model by up to four
 chunks per actor (their images wait in the object store), however many CPUs the cluster has at the moment.
 
 Faults, all bounded:
@@ -25,8 +24,10 @@ Faults, all bounded:
   still fails is split the same way; an image that fails alone becomes an error row;
 - a model actor that dies (killed, its node removed) is replaced; its chunks are run again, at most ``RETRIES``
   times, then image by image as above;
-- a model call (one batch) running past ``batch_timeout`` is abandoned: its actor is killed and replaced, the
-  chunk's images are run again one at a time, and an image that times out alone becomes an error row.
+- a model batch running past ``batch_timeout`` is abandoned: its actor is killed and replaced, the chunk's images
+  are run again one at a time, and an image that times out alone becomes an error row. The limit is per batch: a
+  call (one chunk, several batches) that runs past it is asked how long its current batch has been running
+  (``ModelActor.batch_age``, answered beside the model's thread) and given the rest of that batch's limit.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import ray
 
 from . import runtime
 from .output import Destination, commit_shard, write_fragment
-from .stages import ReadDecode, encode_rows, label_images, merge_labeled, run_metadata
+from .stages import ReadDecode, encode_rows, label_images, run_metadata
 
 logger = logging.getLogger("fcclip.label")
 
@@ -57,10 +58,9 @@ def _decode(decoder: ReadDecode, uris: list[str]):
     return sum(1 for err in meta["error"] if not err), meta, images
 
 
-def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, constants: dict,
-           errors: list[str] | None, *parts: dict) -> dict:
-    """Encode a chunk's rows (its batches' results ``parts``, in any order) and write them as a fragment."""
-    labeled = merge_labeled(meta, list(parts)) if parts else None
+def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, labeled: dict | None,
+           constants: dict, errors: list[str] | None = None) -> dict:
+    """Encode a chunk's rows (the model's result ``labeled``; None when none ran) and write them as a fragment."""
     table = encode_rows(uris, rows, meta, labeled, constants, errors=errors)
     name = write_fragment(Destination(dest_uri), shard, table)
     status = table.column("status").to_pylist()
@@ -79,9 +79,10 @@ def _commit(dest_uri: str, shard: int, fragments: list[str], expected: int, file
     return commit_shard(Destination(dest_uri), shard, fragments, expected, file_metadata)
 
 
-def _label_batch(model_stage, index: list[int], meta: dict, images: list) -> dict:
-    """The model actor's work: one batch of a chunk, the images at ``index`` (runtime.ModelActor.run)."""
-    return label_images(model_stage, meta, images, len(index), index=index)
+def _label_chunk(model_stage, batch_size: int, meta: dict, images: list) -> dict:
+    """The model actor's work on one chunk (runtime.ModelActor.run), batch by batch, each batch's start marked for
+    the actor's heartbeat."""
+    return label_images(model_stage, meta, images, batch_size, on_batch=runtime.mark_batch)
 
 
 # ---------------------------------------------------------------------------------------------------- the driver
@@ -92,21 +93,15 @@ class Chunk:
     uris: list[str]
     isolated: bool = False  # a single image run again after its chunk failed
     attempts: int = 0  # model calls that died with their actor
-    generation: int = 0  # bumped when the chunk is run again: results of an older run are dropped
     meta: object = None  # ObjectRef: sizes and decode errors
     images: object = None  # ObjectRef
-    parts: dict = field(default_factory=dict)  # batch number -> ObjectRef of its label_images result
-    batches: int = 0
 
 
 @dataclass
 class Call:
     chunk: Chunk
-    generation: int
-    batch: int
-    index: list[int]
-    info_ref: object = None
-    labeled_ref: object = None
+    info_ref: object
+    labeled_ref: object
 
 
 @dataclass
@@ -115,7 +110,7 @@ class _Actor:
     ready_ref: object
     ready: bool = False
     calls: collections.deque = field(default_factory=collections.deque)  # Call, oldest first
-    head_since: float = 0.0  # when the oldest call started, as far as the driver knows
+    deadline: float = 0.0  # when the oldest call's current batch runs out of time, as far as the driver knows
 
 
 @dataclass
@@ -178,13 +173,13 @@ class LabelEngine:
         """Grow the pool with the backlog (up to MAX), shrink it when no batch is left for it."""
         upstream = self.shards or self.queue or self.decoding or self.decoded
         starting = sum(1 for a in self.actors if not a.ready)
-        if not self.actors and (upstream or self.batches):
+        if not self.actors and upstream:
             self.actors.append(self._new_actor())
-        elif (len(self.actors) < self.max_actors and len(self.batches) > 2 * len(self.actors)
+        elif (len(self.actors) < self.max_actors and len(self.decoded) > len(self.actors)
               and starting < max(1, len(self.actors) - starting)):  # at most doubling while nodes come up
             self.actors.append(self._new_actor())
-            logger.info("model actors: %d (batches waiting: %d)", len(self.actors), len(self.batches))
-        elif not upstream and not self.batches:
+            logger.info("model actors: %d (chunks waiting: %d)", len(self.actors), len(self.decoded))
+        elif not (self.shards or self.queue or self.decoding or self.decoded):
             idle = [a for a in self.actors if a.ready and not a.calls]
             for actor in idle:
                 self._end(actor)
@@ -198,18 +193,16 @@ class LabelEngine:
         self.shards = collections.deque(pending)  # not yet split into chunks
         self.open_shards: dict[int, dict] = {}  # shard -> {"fragments": [names], "covered": rows written so far}
         self.decoding: dict = {}  # count ref -> chunk
-        self.decoded: collections.deque[Chunk] = collections.deque()  # decoded, not yet split into batches
-        self.batches: collections.deque[Call] = collections.deque()  # waiting for a model actor
+        self.decoded: collections.deque[Chunk] = collections.deque()  # waiting for a model call
         self.writing: dict = {}  # ref -> chunk
         self.committing: dict = {}  # ref -> (shard, attempts)
         self.actors = [self._new_actor() for _ in range(self.min_actors)]
         self.startup_failures = 0
         try:
-            while (self.shards or self.queue or self.decoding or self.decoded or self.batches or self.writing
-                   or self.committing or any(a.calls for a in self.actors)):
+            while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
+                   or any(a.calls for a in self.actors)):
                 self._refill()
                 self._submit_decodes()
-                self._split_batches()
                 self._scale()
                 self._submit_model_calls()
                 ready = self._wait()
@@ -238,21 +231,18 @@ class LabelEngine:
 
     def _fail(self, chunk: Chunk, reason: str) -> None:
         """A chunk that could not be labeled: its images one at a time, or an error row for a single image."""
-        chunk.generation += 1
         if len(chunk.rows) > 1:
             self.result.recovered += len(chunk.rows)
             for row, uri in zip(reversed(chunk.rows), reversed(chunk.uris)):
                 self.queue.appendleft(Chunk(chunk.shard, [row], [uri], isolated=True))
             return
-        self._write(chunk, errors=[reason])
+        self._write(chunk, None, errors=[reason])
 
-    def _write(self, chunk: Chunk, errors: list[str] | None = None) -> None:
-        parts = [] if errors else [chunk.parts[b] for b in sorted(chunk.parts)]
+    def _write(self, chunk: Chunk, labeled_ref, errors: list[str] | None = None) -> None:
         # the decode's sizes go with error rows too, where the decode succeeded (chunk.meta)
-        ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, self.constants,
-                                   errors, *parts)
+        ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labeled_ref,
+                                   self.constants, errors=errors)
         chunk.images = None
-        chunk.parts = {}
         self.writing[ref] = chunk
 
     def _submit_decodes(self) -> None:
@@ -263,29 +253,16 @@ class LabelEngine:
             count_ref, chunk.meta, chunk.images = decode.remote(self.decoder_ref, chunk.uris)
             self.decoding[count_ref] = chunk
 
-    def _split_batches(self) -> None:
-        """Decoded chunks -> one model call per batch, while the actors' queue is short."""
-        while self.decoded and len(self.batches) < 4 * self.batch_size * max(1, len(self.actors)):
-            chunk = self.decoded.popleft()
-            positions = list(range(len(chunk.rows)))
-            starts = range(0, len(positions), self.batch_size)
-            chunk.batches = len(starts)
-            chunk.parts = {}
-            for b, start in enumerate(starts):
-                self.batches.append(Call(chunk, chunk.generation, b, positions[start : start + self.batch_size]))
-
     def _submit_model_calls(self) -> None:
         now = time.monotonic()
         for actor in self.actors:
-            while actor.ready and self.batches and len(actor.calls) < 2:
-                call = self.batches.popleft()
-                if call.generation != call.chunk.generation:
-                    continue  # its chunk failed meanwhile
-                call.info_ref, call.labeled_ref = actor.handle.run.options(num_returns=2).remote(
-                    _label_batch, call.index, call.chunk.meta, call.chunk.images)
+            while actor.ready and self.decoded and len(actor.calls) < 2:
+                chunk = self.decoded.popleft()
+                info_ref, labeled_ref = actor.handle.run.options(num_returns=2).remote(
+                    _label_chunk, self.batch_size, chunk.meta, chunk.images)
                 if not actor.calls:
-                    actor.head_since = now
-                actor.calls.append(call)
+                    actor.deadline = now + (self.batch_timeout or 0)
+                actor.calls.append(Call(chunk, info_ref, labeled_ref))
 
     def _wait(self) -> set | None:
         """The references that are done (at least one within half a second), or None when nothing can move."""
@@ -301,7 +278,7 @@ class LabelEngine:
         return set(ready)
 
     def _on_actor(self, actor: _Actor, ready: set, now: float) -> None:
-        """An actor: started (or failed to), its oldest call done (or died, or ran past the time limit)."""
+        """An actor: started (or failed to), its oldest call done (or died, or its batch ran past the time limit)."""
         if not actor.ready:
             if actor.ready_ref in ready:
                 self._on_started(actor)
@@ -311,39 +288,47 @@ class LabelEngine:
         call = actor.calls[0]
         if call.info_ref in ready:
             actor.calls.popleft()
-            actor.head_since = now
+            actor.deadline = now + (self.batch_timeout or 0)
             try:
                 info = ray.get(call.info_ref)
             except ray.exceptions.RayActorError as e:
                 logger.warning("a model actor died (%s); replacing it", _short(e))
-                chunks = {id(c.chunk): c for c in [call, *actor.calls] if c.generation == c.chunk.generation}
+                requeue = [c.chunk for c in actor.calls]
                 self._replace(actor)
-                for c in chunks.values():
-                    self._retry(c.chunk, "model actor crashed or was killed", count_attempts=True)
+                for chunk in [call.chunk, *requeue]:
+                    self._retry(chunk, "model actor crashed or was killed", count_attempts=True)
                 return
             except Exception as e:  # its input was lost (a node removed): decode again
-                if call.generation == call.chunk.generation:
-                    self._retry(call.chunk, f"model stage failed: {_short(e)}")
+                self._retry(call.chunk, f"model stage failed: {_short(e)}")
                 return
-            if call.generation != call.chunk.generation:
-                return  # the chunk failed on another actor meanwhile
-            self.result.actor_images += len(call.index)
+            self.result.actor_images += len(call.chunk.rows)
             self.result.actor_outside_s += info["total_s"] - info["model_s"]
-            chunk = call.chunk
-            chunk.parts[call.batch] = call.labeled_ref
-            if len(chunk.parts) == chunk.batches:
-                self._write(chunk)
-        elif self.batch_timeout and now - actor.head_since > self.batch_timeout:
-            logger.warning("a model call ran past %.0f s; replacing its actor, its images go one by one",
+            self._write(call.chunk, call.labeled_ref)
+        elif self.batch_timeout and now > actor.deadline:
+            age = self._batch_age(actor)
+            if age is not None and age < self.batch_timeout:  # a later batch of the call: it has the rest of its limit
+                actor.deadline = now + self.batch_timeout - age
+                return
+            logger.warning("a model batch ran past %.0f s; replacing its actor, its images go one by one",
                            self.batch_timeout)
-            others = [c for c in list(actor.calls)[1:] if c.generation == c.chunk.generation]
+            requeue = [c.chunk for c in list(actor.calls)[1:]]
             actor.calls.clear()
             self._replace(actor)
-            if call.generation == call.chunk.generation:
-                self._fail(call.chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
-            for c in reversed(others):
-                if c.generation == c.chunk.generation:
-                    self.batches.appendleft(c)
+            self._fail(call.chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
+            for chunk in reversed(requeue):
+                self.decoded.appendleft(chunk)
+
+    def _batch_age(self, actor: _Actor) -> float | None:
+        """How long the actor's current batch has been running, by its own clock; None when it does not answer
+        within a few seconds (a model stuck in native code holding the GIL) or is idle."""
+        probe = actor.handle.batch_age.options(concurrency_group="probe").remote()
+        done, _ = ray.wait([probe], timeout=5.0)
+        if not done:
+            return None
+        try:
+            return ray.get(probe)
+        except Exception:
+            return None
 
     def _replace(self, actor: _Actor) -> None:
         self._end(actor)
@@ -353,7 +338,7 @@ class LabelEngine:
         try:
             self.result.model_ids.add(ray.get(actor.ready_ref))
             if self.ask_run_metadata and self.result.run_metadata is None:
-                # before any batch goes to an actor, so before any shard is committed
+                # before any chunk goes to an actor, so before any shard is committed
                 _, meta_ref = actor.handle.run.options(num_returns=2).remote(run_metadata)
                 self.result.run_metadata = ray.get(meta_ref)
                 self.file_metadata = {**self.file_metadata, **self.result.run_metadata}
@@ -372,8 +357,6 @@ class LabelEngine:
         if chunk.attempts > RETRIES:
             self._fail(chunk, f"{reason} ({chunk.attempts} attempts)" if count_attempts else reason)
         else:
-            chunk.generation += 1
-            chunk.parts = {}
             self.queue.appendleft(chunk)
 
     def _on_decoded(self, ready: set) -> None:
@@ -386,7 +369,7 @@ class LabelEngine:
                 self._fail(chunk, _crashed(e))
                 continue
             if not decoded:
-                self._write(chunk)  # every image failed to decode: error rows, no model call
+                self._write(chunk, None)  # every image failed to decode: error rows, no model call
             else:
                 self.decoded.append(chunk)
 

@@ -137,6 +137,15 @@ def assigned_gpus() -> list:
     return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
+_batch_started: float | None = None  # in a model actor's process: when the running call's current batch started
+
+
+def mark_batch() -> None:
+    """Called by the work running in a model actor as each batch starts (ModelActor.batch_age reads it)."""
+    global _batch_started
+    _batch_started = time.monotonic()
+
+
 class ModelActor:
     """The model actor: builds its model stage once (``make_model_stage()``, e.g. the callable that
     ``stages.FCCLIPSegmenter.builder(spec)`` returns), then runs ``work(model_stage, *args)`` on it, call after call. Device work only belongs here: the callers keep decoding and
@@ -153,12 +162,23 @@ class ModelActor:
         """(info, result): ``info["total_s"]`` is the call's time inside the actor; a dict result's ``model_s`` (the
         time spent inside the model itself) is copied there too. Call with ``num_returns=2`` so that the small info
         can be fetched without the result."""
+        global _batch_started
         started = time.perf_counter()
-        result = work(self.model_stage, *args)
+        _batch_started = time.monotonic()
+        try:
+            result = work(self.model_stage, *args)
+        finally:
+            _batch_started = None
         info = {"total_s": time.perf_counter() - started}
         if isinstance(result, dict) and "model_s" in result:
             info["model_s"] = result["model_s"]
         return info, result
+
+    def batch_age(self) -> float | None:
+        """Seconds since the running call's current batch started (None when idle). Call it in the actor's "probe"
+        concurrency group, so that it is answered while ``run`` works (``run`` itself never runs twice at once)."""
+        started = _batch_started
+        return None if started is None else time.monotonic() - started
 
 
 def start_model_actor(make_model_stage, *, gpus: float, cpus: float = 1.0):
@@ -166,5 +186,5 @@ def start_model_actor(make_model_stage, *, gpus: float, cpus: float = 1.0):
     kills it (``ray.kill``) and starts another, counting its own bounded retries (see pipelines/engine.py)."""
     import ray
 
-    cls = ray.remote(ModelActor)
+    cls = ray.remote(concurrency_groups={"probe": 1})(ModelActor)
     return cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(make_model_stage)

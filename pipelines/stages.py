@@ -281,32 +281,33 @@ def _narrow(segment_map: np.ndarray) -> np.ndarray:
     return segment_map.astype(dtype, copy=False)
 
 
-def label_images(model_stage, meta: dict, images: list, batch_size: int, index: list[int] | None = None) -> dict:
-    """Run the model stage over decoded images in batches of ``batch_size``; device work only.
+def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batch: Callable[[], None] | None = None
+                 ) -> dict:
+    """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
-    ``index``: the positions in ``images`` to run (default all; the engine sends one batch per call); images whose
-    decode failed (``meta["error"]``) are skipped. A batch that raises (e.g. out of memory on one huge batch) is run
-    again one image at a time; an image that still raises gets the model's error. Returns {"index": positions run,
-    "maps": [(H, W) array or None], "segments": [[...]], "error": [...], "model": id, "model_s": seconds inside the
-    model stage}, the lists parallel to "index".
+    Images whose decode failed (``meta["error"]``) are skipped. A batch that raises (e.g. out of memory on one huge
+    batch) is run again one image at a time; an image that still raises is an error row. ``on_batch`` is called as
+    each batch starts (the model actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or
+    None], "segments": [[...]], "error": [...], "model": id, "model_s": seconds inside the model stage}.
     """
-    index = list(range(len(images))) if index is None else list(index)
-    position = {i: k for k, i in enumerate(index)}
-    errors = [meta["error"][i] for i in index]
-    maps: list = [None] * len(index)
-    segments: list = [[] for _ in index]
-    todo = [i for i in index if not meta["error"][i]]
+    n = len(images)
+    errors = list(meta["error"])
+    maps: list = [None] * n
+    segments: list = [[] for _ in range(n)]
+    todo = [i for i in range(n) if not errors[i]]
     model_s = 0.0
 
-    def run(batch):
+    def run(index):
         nonlocal model_s
+        if on_batch is not None:
+            on_batch()
         t = time.perf_counter()
-        out = model_stage([images[i] for i in batch], [(meta["height"][i], meta["width"][i]) for i in batch])
+        out = model_stage([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
-        for i, (segment_map, segs) in zip(batch, out):
-            maps[position[i]] = _narrow(np.asarray(segment_map))
-            segments[position[i]] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS + UNCERTAINTY_KEYS if k in s}
-                                     for s in segs]
+        for i, (segment_map, segs) in zip(index, out):
+            maps[i] = _narrow(np.asarray(segment_map))
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS + UNCERTAINTY_KEYS if k in s}
+                           for s in segs]
 
     step = max(1, batch_size)
     for start in range(0, len(todo), step):
@@ -319,24 +320,9 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, index: 
                 try:
                     run([i])
                 except Exception as e1:
-                    errors[position[i]] = f"model failed: {type(e1).__name__}: {e1}"
+                    errors[i] = f"model failed: {type(e1).__name__}: {e1}"
                     logger.debug("%s", traceback.format_exc())
-    return {"index": index, "maps": maps, "segments": segments, "error": errors, "model": model_stage.model_id,
-            "model_s": model_s}
-
-
-def merge_labeled(meta: dict, parts: list[dict]) -> dict:
-    """The results of a chunk's model calls (label_images with ``index``) as one result over the whole chunk:
-    {"maps", "segments", "error", "model"} lists parallel to the chunk's images (decode errors kept)."""
-    n = len(meta["error"])
-    merged = {"maps": [None] * n, "segments": [[] for _ in range(n)], "error": list(meta["error"]), "model": None}
-    for part in parts:
-        merged["model"] = merged["model"] or part["model"]
-        for k, i in enumerate(part["index"]):
-            merged["maps"][i] = part["maps"][k]
-            merged["segments"][i] = part["segments"][k]
-            merged["error"][i] = part["error"][k]
-    return merged
+    return {"maps": maps, "segments": segments, "error": errors, "model": model_stage.model_id, "model_s": model_s}
 
 
 def encode_rows(uris: list[str], rows: list[int], meta: dict, labeled: dict | None, constants: dict,

@@ -8,6 +8,7 @@
                    native code, out of the time limit's alarm);
 --hanging-model    the model stage is a stand-in that segments each image as one "thing" segment, and never returns
                    from a batch holding an image whose top-left pixel is pure magenta (255, 0, 255);
+--model-seconds S  ... and takes S seconds for every other batch;
 --slow-model S     the model stage is a stand-in that takes S seconds per image and names in its model id the GPUs
                    Ray assigned to its actor (the rows' ``model`` column shows them);
 --log-reads FILE   each read appends the Ray node type it ran on ($RAY_NODE_TYPE_NAME, set on the nodes of a fake
@@ -59,9 +60,13 @@ class FaultyReader:
 class HangingModel:
     model_id = "hanging-stand-in@none"
 
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds  # per batch that does not hang
+
     def __call__(self, images, sizes):
         if any(tuple(int(v) for v in image[0, 0]) == MAGENTA for image in images):
             time.sleep(3600)  # a forward that never returns
+        time.sleep(self.seconds)
         segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 1.0}
         return [(np.ones(size, np.uint8), [segment]) for size in sizes]
 
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
     own = argparse.ArgumentParser()
     own.add_argument("--fault", action="append", default=[])
     own.add_argument("--hanging-model", action="store_true")
+    own.add_argument("--model-seconds", type=float, default=0.0)
     own.add_argument("--slow-model", type=float, default=None)
     own.add_argument("--log-reads", default=None)
     mine = own.parse_args(argv[:split])
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
     faults = [tuple(f.split(":", 1)) for f in mine.fault]
     make_model_stage = None
     if mine.hanging_model:
-        make_model_stage = HangingModel
+        make_model_stage = functools.partial(HangingModel, mine.model_seconds)
     elif mine.slow_model is not None:
         make_model_stage = functools.partial(SlowModel, mine.slow_model)
     reader = FaultyReader(faults, mine.log_reads) if faults or mine.log_reads else None

@@ -121,8 +121,7 @@ def _reviewed_output(dest: Path, ids: list[str], rows: dict, truth: dict, vocabu
 
     import pyarrow as pa
 
-    from fcclip_pipelines.label_studio import REVIEW_FIELDS
-    from fcclip_pipelines.output import SCHEMA, Destination, write_part
+    from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA, Destination, write_part
     from fcclip.masks import panoptic_columns
 
     by_id = {c.id: c for c in vocabulary.categories}

@@ -42,15 +42,10 @@ import pyarrow as pa
 
 from fcclip import brush
 
-__all__ = ["LabelStudio", "LabelStudioError", "labeling_config", "push", "pull", "REVIEW_FIELDS", "TOKEN_ENV"]
+__all__ = ["LabelStudio", "LabelStudioError", "labeling_config", "push", "pull", "TOKEN_ENV"]
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 FROM_NAME, TO_NAME = "label", "image"
-REVIEW_FIELDS = [
-    pa.field("source", pa.string()),  # "human-reviewed" (pull) or "model" (merge)
-    pa.field("reviewed_by", pa.string()),
-    pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
-]
 _VOCAB_COMMENT = re.compile(r"<!--\s*fcclip\.vocabulary\s+(.*?)\s*-->", re.S)
 
 
@@ -317,7 +312,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     and the pending tasks."""
     from fcclip.vocabulary import Vocabulary
 
-    from .output import SCHEMA, Destination, new_run_id, write_part
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, write_part
 
     ls = client or LabelStudio(url)
     info = ls.project(project)

@@ -110,6 +110,13 @@ UNCERTAINTY_COLUMNS = ("margin", "branches_agree", "mask_score", "kept_share", "
 """fcclip.uncertainty's signals: `margin`, `branches_agree`, `mask_score` and `kept_share` per segment (lists
 parallel to `segments`), `unlabeled_share` and `uncertainty` per image."""
 
+REVIEW_FIELDS = [
+    pa.field("source", pa.string()),  # "human-reviewed" (fcclip review pull) or "model" (fcclip review merge)
+    pa.field("reviewed_by", pa.string()),  # the annotator's e-mail
+    pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
+]
+"""The columns a reviewed output (``fcclip review pull``) and a merged one (``fcclip review merge``) add to SCHEMA."""
+
 
 EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
 """The columns ``fcclip label --embeddings`` adds, each a list parallel to ``segments`` (one item per segment)."""

@@ -177,8 +177,7 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     ``human-reviewed``; the other rows' says ``model``). DEST's embedding columns are not carried (reviewed rows have
     none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
     work: thousands, not millions) are held in memory. Returns the counts."""
-    from .label_studio import REVIEW_FIELDS
-    from .output import SCHEMA, Destination, new_run_id, open_output, write_part
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, open_output, write_part
 
     base, done = open_output(dest), open_output(reviewed)
     if base.vocabulary != done.vocabulary:

@@ -5,6 +5,11 @@ learned offsets; values are read with bilinear interpolation (zero outside the m
 softmax-normalised weights. No compiled extension is needed; the same code runs on CPU and GPU: the bilinear
 weights and the attention weights are folded into one weighted gather of value rows over all levels
 (``embedding_bag``), several times faster on a CPU than ``grid_sample`` per level.
+
+Everything here computes in float32 with autocast off, also inside ``torch.autocast`` (as the reference's CUDA
+kernel does): a sampling position in bf16 has 8 bits of mantissa, so beyond 128 px it is a whole pixel and the
+bilinear sample loses its fraction. No tensor is written in place through a strided view, so ``torch.compile``
+traces it in one graph.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .precision import float32_region
 
 
 def multi_scale_deformable_attention(
@@ -35,23 +42,28 @@ def multi_scale_deformable_attention(
         sampling_locations: (B, Lq, M, L, P, 2) normalised (x, y) in [0, 1] (0 and 1 are the outer pixel edges).
         attention_weights: (B, Lq, M, L, P), summing to 1 over (L, P).
     Returns:
-        (B, Lq, M * D).
+        (B, Lq, M * D), float32.
     """
+    with float32_region(value.device.type):
+        return _gather_attention(value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float())
+
+
+def _gather_attention(value, spatial_shapes, sampling_locations, attention_weights):
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if b * m * s >= 2**31:
         raise ValueError(f"too many value rows ({b} x {m} x {s}) for int32 indices")
-    device, dtype = value.device, value.dtype
-    # per (batch, query, head): L levels x 4 neighbours x P points, each a value row and its weight
-    index = torch.empty((b, lq, m, n_levels, 4, n_points), dtype=torch.int32, device=device)
-    weight = []  # L * 4 of (B, Lq, M, P), stacked at the end (differentiable: training learns the offsets)
+    device = value.device
+    # per (batch, query, head): L levels x 4 neighbours x P points, each a value row and its weight; L * 4 of
+    # (B, Lq, M, P) each, stacked at the end (the weights are differentiable: training learns the offsets)
+    index, weight = [], []
     # the value row of (batch, head, position) in a (B * M * S, D) table
     base = (torch.arange(b, device=device, dtype=torch.int32).view(b, 1, 1, 1) * m
             + torch.arange(m, device=device, dtype=torch.int32).view(1, 1, m, 1)) * s
     start = 0
     for level, (h, w) in enumerate(spatial_shapes):
-        loc = sampling_locations[:, :, :, level].to(dtype)  # (B, Lq, M, P, 2)
-        attn = attention_weights[:, :, :, level].to(dtype)  # (B, Lq, M, P)
+        loc = sampling_locations[:, :, :, level]  # (B, Lq, M, P, 2)
+        attn = attention_weights[:, :, :, level]  # (B, Lq, M, P)
         # pixel coordinates: grid_sample's unnormalisation with align_corners=False
         x = loc[..., 0] * w - 0.5
         y = loc[..., 1] * h - 0.5
@@ -63,11 +75,12 @@ def multi_scale_deformable_attention(
         xs = (x0.clamp(0, w - 1).int(), (x0 + 1).clamp(0, w - 1).int())
         ys = (y0.clamp(0, h - 1).int() * w, (y0 + 1).clamp(0, h - 1).int() * w)
         row0 = base + start
-        for c, (dx, dy) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
-            torch.add(row0 + ys[dy], xs[dx], out=index[:, :, :, level, c])
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            index.append(row0 + ys[dy] + xs[dx])
             weight.append(wy[dy] * wx[dx])
         start += h * w
     table = value.permute(0, 2, 1, 3).reshape(b * m * s, d)
+    index = torch.stack(index, dim=3)  # (B, Lq, M, L * 4, P)
     weight = torch.stack(weight, dim=3)  # (B, Lq, M, L * 4, P), the order of `index`
     out = F.embedding_bag(
         index.view(b * lq * m, -1), table, per_sample_weights=weight.reshape(b * lq * m, -1), mode="sum"
@@ -158,8 +171,12 @@ class MSDeformAttn(nn.Module):
             value_input: (B, S, C) flattened features of all levels.
             spatial_shapes: [(H_l, W_l)] of the levels.
         Returns:
-            (B, Lq, C).
+            (B, Lq, C) float32, computed in float32 with autocast off (see the module's docstring).
         """
+        with float32_region(query.device.type):
+            return self._forward(query.float(), reference_points.float(), value_input.float(), spatial_shapes)
+
+    def _forward(self, query, reference_points, value_input, spatial_shapes):
         b, lq, _ = query.shape
         s = value_input.shape[1]
         value = self.value_proj(value_input).view(b, s, self.n_heads, self.d_model // self.n_heads)

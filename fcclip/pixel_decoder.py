@@ -1,5 +1,10 @@
 """Mask2Former's pixel decoder: a deformable-attention encoder over res3..res5 and an FPN level at stride 4.
 
+It computes in float32, also under ``torch.autocast``, as the reference does (its ``forward_features`` runs with
+autocast off): its inputs are cast to float32 and autocast is off inside (:func:`fcclip.precision.float32_region`).
+In bf16 the deformable attention's sampling positions keep 8 bits of mantissa: at the stride-8 level of a
+1024x1365 input, a position beyond 128 px is stored in whole pixels and its bilinear sample loses its fraction.
+
 Parameter names follow the reference (``input_proj``, ``transformer.encoder.layers``, ``adapter_1``, ``layer_1``,
 ``mask_features``) so that released checkpoints load unchanged.
 """
@@ -13,6 +18,7 @@ from torch import nn
 
 from .deform_attn import MSDeformAttn
 from .layers import ConvNorm, c2_xavier_fill, sine_position_embedding
+from .precision import float32_region
 
 
 @dataclass
@@ -134,9 +140,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> PixelDecoderOutput:
         """
         Args:
-            features: "res2".."res5" from the backbone, (B, C_i, H/4..H/32, W/4..W/32). Cast to float32 (as the
-                reference does: the deformable attention runs in full precision).
+            features: "res2".."res5" from the backbone, (B, C_i, H/4..H/32, W/4..W/32), any float dtype.
+        Returns:
+            float32 outputs, computed in float32 with autocast off (see the module's docstring).
         """
+        with float32_region(features["res2"].device.type):
+            return self._forward(features)
+
+    def _forward(self, features: dict[str, torch.Tensor]) -> PixelDecoderOutput:
         srcs, pos, shapes = [], [], []
         for proj, name in zip(self.input_proj, self.encoder_features):
             x = features[name].float()

@@ -11,8 +11,13 @@ Native support on a CPU is read from the instruction-set flags Linux reports in 
 - bfloat16: ``avx512_bf16`` (AVX-512 BF16, e.g. Cooper Lake, Zen 4) or ``amx_bf16`` (AMX, Sapphire Rapids);
 - float16: ``avx512_fp16`` (Sapphire Rapids) or ``amx_fp16`` (Granite Rapids).
 
-Where the flags cannot be read (not Linux), the CPU counts as lacking them. On CUDA, bfloat16 needs
-``torch.cuda.is_bf16_supported()``; float16 is always native.
+Where the flags cannot be read (not Linux), the CPU counts as lacking them. On CUDA, bfloat16 needs native support
+(compute capability 8.0 or newer: A100, H100, L4, RTX 30xx and later): ``torch.cuda.is_bf16_supported()`` also
+counts emulation by default, under which V100 and T4 would accept bf16 and run it slowly; float16 is always native.
+
+Some parts of the model stay in float32 under autocast, as in the reference: the pixel decoder with its deformable
+attention (sampling positions in bf16 lose their fraction beyond 128 px), and the class logits with the ensemble.
+They run inside :func:`float32_region`.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["NATIVE_CPU_FLAGS", "cpu_flags", "cpu_has_native", "resolve_autocast_dtype"]
+__all__ = [
+    "NATIVE_CPU_FLAGS", "cpu_flags", "cpu_has_native", "cuda_has_native_bf16", "float32_region", "resolve_autocast_dtype",
+]
 
 NATIVE_CPU_FLAGS: dict[torch.dtype, tuple[str, ...]] = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16"),
@@ -62,6 +69,18 @@ def cpu_has_native(dtype: torch.dtype, flags: Iterable[str] | None = None) -> bo
     return any(flag in have for flag in needed)
 
 
+def cuda_has_native_bf16(device: torch.device | str | int | None = None) -> bool:
+    """Whether the CUDA device computes bfloat16 natively (compute capability 8.0 or newer); emulation does not count."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def float32_region(device_type: str):
+    """A context in which autocast is off for ``device_type``: what runs inside computes in its inputs' dtype (the
+    caller casts them to float32). Inside ``torch.compile`` too."""
+    return torch.autocast(device_type, enabled=False)
+
+
 def resolve_autocast_dtype(
     dtype: torch.dtype | None, device: torch.device | str, flags: Iterable[str] | None = None
 ) -> torch.dtype | None:
@@ -81,8 +100,8 @@ def resolve_autocast_dtype(
         native = cpu_has_native(dtype, flags)
         why = f"this CPU has none of the {dtype} instruction sets ({', '.join(NATIVE_CPU_FLAGS.get(dtype, ()))})"
     elif device.type == "cuda":
-        native = dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-        why = "this GPU does not support bfloat16"
+        native = dtype != torch.bfloat16 or cuda_has_native_bf16(device)
+        why = "this GPU has no native bfloat16 (compute capability below 8.0)"
     else:
         return dtype
     if native:

@@ -166,11 +166,22 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
 
 
 def param_groups(model, solver: SolverConfig) -> list[dict]:
-    """Trainable parameters with the reference's weight decay: none on norm layers and nn.Embedding tables."""
+    """Trainable parameters with the reference's weight decay (none on norm layers and nn.Embedding tables), one
+    group per (learning rate, weight decay): two or three groups, not one per tensor (~300 for the paper's model),
+    so the optimizer's multi-tensor step handles each group in a few kernel launches. Within a group the parameters
+    keep the model's order."""
     norm_types = (
         torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, torch.nn.LocalResponseNorm,
     )
-    groups, seen = [], set()
+    groups: dict[tuple[float, float], dict] = {}
+    for p, wd in _trainable(model, solver, norm_types):
+        groups.setdefault((solver.lr, wd), {"params": [], "weight_decay": wd, "lr": solver.lr})["params"].append(p)
+    return list(groups.values())
+
+
+def _trainable(model, solver: SolverConfig, norm_types) -> list[tuple[torch.nn.Parameter, float]]:
+    """(parameter, weight decay) of each trainable parameter, in the model's order (``model.modules()``)."""
+    out, seen = [], set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -181,8 +192,36 @@ def param_groups(model, solver: SolverConfig) -> list[dict]:
                 wd = solver.weight_decay_norm
             elif isinstance(module, torch.nn.Embedding):
                 wd = solver.weight_decay_embed
-            groups.append({"params": [p], "weight_decay": wd, "lr": solver.lr})
-    return groups
+            out.append((p, wd))
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model, solver: SolverConfig) -> None:
+    """Load an optimizer state dict into the optimizer of `param_groups`, also one written with a parameter group per
+    tensor (as runs did before the groups were merged): each tensor's state is then mapped by the model's order.
+    The state's tensors go to each parameter's device (a checkpoint written on a CPU resumes on a GPU and back)."""
+    saved = state["param_groups"]
+    if len(saved) != len(optimizer.param_groups) and all(len(g["params"]) == 1 for g in saved):
+        norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d,
+                      torch.nn.LocalResponseNorm)
+        model_index = {id(p): i for i, (p, _) in enumerate(_trainable(model, solver, norm_types))}
+        old_index = [g["params"][0] for g in saved]  # saved group i held the model's i-th trainable tensor
+        if sorted(old_index) != list(range(len(model_index))):
+            raise ValueError(f"the checkpoint's optimizer has {len(saved)} tensors, the model {len(model_index)}")
+        by_tensor = {g["params"][0]: g for g in saved}
+        groups, states, j = [], {}, 0
+        for group in optimizer.param_groups:
+            indices = []
+            for p in group["params"]:
+                i = model_index[id(p)]
+                if i in state["state"]:
+                    states[j] = state["state"][i]
+                indices.append(j)
+                j += 1
+            first = by_tensor[model_index[id(group["params"][0])]]
+            groups.append({**first, "params": indices})
+        state = {"state": states, "param_groups": groups}
+    optimizer.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -210,8 +249,9 @@ class Samples(torch.utils.data.IterableDataset):
             )
 
 
-def _loader(source: dict, cfg: TrainConfig, batch_size: int | None, seed: int):
-    """A COCO source's loader: batches of `batch_size`, or single samples (``None``)."""
+def _loader(source: dict, cfg: TrainConfig, batch_size: int | None, seed: int, pin: bool = False):
+    """A COCO source's loader: batches of `batch_size`, or single samples (``None``); `pin`: batches in pinned
+    memory (for a GPU)."""
     return torch.utils.data.DataLoader(
         Samples(source["uri"], cfg.data.split, cfg.data, seed, source["class_index"]),
         batch_size=batch_size,
@@ -219,6 +259,7 @@ def _loader(source: dict, cfg: TrainConfig, batch_size: int | None, seed: int):
         collate_fn=collate if batch_size else _as_is,
         persistent_workers=cfg.data.loader_workers > 0,
         prefetch_factor=2 if cfg.data.loader_workers > 0 else None,
+        pin_memory=pin and bool(batch_size),
     )
 
 
@@ -244,7 +285,7 @@ def _batches(w: _Worker, sources: list[dict], start: int) -> tuple[Any, MixedSam
         if source["kind"] == "labels":  # Ray Data streams this worker's share of the labeling output's samples
             shard = ray.train.get_dataset_shard("labels")
             return stream_batches(shard, batch_size) if batch_size else stream_samples(shard)
-        return iter(_loader(source, w.cfg, batch_size, seed))
+        return iter(_loader(source, w.cfg, batch_size, seed, pin=w.device.type == "cuda"))
 
     if len(sources) == 1:
         return stream(sources[0], w.per_worker_batch), None
@@ -307,30 +348,119 @@ def _restore(w: _Worker) -> tuple[int, str | None]:
     holds the run's history so far on rank 0)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        torch.manual_seed(w.cfg.seed + w.rank)
+        torch.manual_seed(w.cfg.seed + w.rank)  # every device's generator
+        random.seed(w.cfg.seed + w.rank)
         return 0, None
     tensorboard_dir = None
     with checkpoint.as_directory() as d:
         load_weights(w.model, os.path.join(d, "model.pth"))
-        state = torch.load(os.path.join(d, "state.pt"), map_location=w.device, weights_only=True)
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         if w.rank == 0 and os.path.isdir(os.path.join(d, "tensorboard")):  # keep the run's history
             tensorboard_dir = tempfile.mkdtemp(prefix="fcclip-tb-")
             shutil.copytree(os.path.join(d, "tensorboard"), tensorboard_dir, dirs_exist_ok=True)
-    w.optimizer.load_state_dict(state["optimizer"])
-    w.scheduler.load_state_dict(state["scheduler"])
-    w.scaler.load_state_dict(state["scaler"])
-    start = int(state["iteration"])
-    torch.set_rng_state(state["torch_rng"][w.rank % len(state["torch_rng"])].cpu())
+    start = restore_state(w, state)
     logger.info("rank %d resumes at iteration %d", w.rank, start)
     return start, tensorboard_dir
+
+
+def training_state(w: _Worker, iteration: int, rng_states: list[dict], train_config: dict) -> dict:
+    """What a checkpoint's ``state.pt`` holds besides the model: optimizer, schedule, grad scaler (empty without
+    mixed precision), the iteration, every rank's random states (`gather_rng_states`) and the config."""
+    return {
+        "optimizer": w.optimizer.state_dict(),
+        "scheduler": w.scheduler.state_dict(),
+        "scaler": w.scaler.state_dict(),
+        "iteration": iteration,
+        "rng": rng_states,
+        "config": json.dumps(train_config),
+    }
+
+
+def restore_state(w: _Worker, state: dict) -> int:
+    """Load `training_state`'s dict (as ``torch.load(map_location="cpu", weights_only=True)`` gives it) into the
+    worker, on whatever device the worker has; returns the iteration to start at.
+
+    A checkpoint may come from another device: the optimizer's tensors go to the parameters' device; a grad-scaler
+    state written without mixed precision (a CPU run: empty) leaves an enabled scaler as it starts; each rank takes
+    its own random states, and a rank the checkpoint has none for (more workers than it was written with, a GPU
+    rank after a CPU run for its CUDA generator) is seeded from (seed, rank, iteration): ranks never draw alike.
+    """
+    load_optimizer_state(w.optimizer, state["optimizer"], w.model, w.cfg.solver)
+    w.scheduler.load_state_dict(state["scheduler"])
+    if len(w.scheduler.base_lrs) != len(w.optimizer.param_groups):  # written with a parameter group per tensor
+        w.scheduler.base_lrs = [g["initial_lr"] for g in w.optimizer.param_groups]
+        w.scheduler._last_lr = [g["lr"] for g in w.optimizer.param_groups]
+    if state.get("scaler") and w.scaler.is_enabled():
+        w.scaler.load_state_dict(state["scaler"])
+    start = int(state["iteration"])
+    # checkpoints from before every rank's states were saved hold rank 0's CPU generator only ("torch_rng")
+    states = state.get("rng") or [{"cpu": t} for t in state.get("torch_rng", [])[:1]]
+    restore_rng(states, w.rank, w.device, fallback_seed=_seed(w.cfg.seed, w.rank, start))
+    return start
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random states, as tensors and plain values (``torch.load(weights_only=True)`` reads them):
+    torch's CPU generator, the CUDA generator of ``device`` (on a GPU: point sampling draws there), Python's
+    ``random`` and numpy's global generator."""
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    out = {
+        "cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every rank's `rng_state`, in rank order (an all-gather: every rank calls it together)."""
+    import torch.distributed as dist
+
+    mine = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(states: list[dict], rank: int, device: torch.device, fallback_seed: int) -> None:
+    """Restore ``states[rank]`` (`rng_state`'s dict). Each generator without a saved state (no entry for this
+    rank, or a key missing from it) is seeded from ``fallback_seed`` instead."""
+    mine = states[rank] if rank < len(states) else {}
+    if "cpu" in mine:
+        torch.set_rng_state(mine["cpu"])
+    else:
+        torch.manual_seed(fallback_seed)
+    if "python" in mine:
+        version, internal, gauss = mine["python"]
+        random.setstate((version, tuple(internal), gauss))
+    else:
+        random.seed(fallback_seed)
+    if "numpy" in mine:
+        keys, pos, has_gauss, gauss = mine["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    else:
+        np.random.seed(fallback_seed % 2**32)
+    if device.type == "cuda":
+        if mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+        else:
+            torch.cuda.manual_seed(fallback_seed)
 
 
 def _step(w: _Worker, net: torch.nn.Module, batch: dict, params: list) -> tuple[torch.Tensor, dict]:
     """One optimizer step on a batch; (the weighted total loss, the loss terms)."""
     inference = w.model.config.inference
-    images = normalize_images(batch["images"].to(w.device), batch["image_sizes"], inference.pixel_mean,
+    images = normalize_images(_to_device(batch["images"], w.device), batch["image_sizes"], inference.pixel_mean,
                               inference.pixel_std)
-    targets = [{k: v.to(w.device) for k, v in t.items()} for t in batch["targets"]]
+    targets = [{k: _to_device(v, w.device) for k, v in t.items()} for t in batch["targets"]]
     w.model.train()
     with torch.autocast(w.device.type, dtype=torch.float16, enabled=w.use_amp):
         out = net(images, w.text)
@@ -344,6 +474,14 @@ def _step(w: _Worker, net: torch.nn.Module, batch: dict, params: list) -> tuple[
     w.scaler.update()
     w.scheduler.step()
     return total, losses
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the worker's device; to a GPU from pinned memory without blocking (the COCO loader pins
+    its batches; others are pinned here)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 @dataclass
@@ -373,24 +511,22 @@ def _report(w: _Worker, metrics: dict, it: int, train_config: dict, writer, save
     if not save:
         ray.train.report(metrics)
         return
+    rng_states = gather_rng_states(w.device)  # every rank's, on every rank (a collective)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if w.rank == 0:
             torch.save({"model": official_state_dict(w.model, len(w.vocabulary))}, os.path.join(d, "model.pth"))
-            state = {
-                "optimizer": w.optimizer.state_dict(),
-                "scheduler": w.scheduler.state_dict(),
-                "scaler": w.scaler.state_dict(),
-                "iteration": it,
-                "torch_rng": [torch.get_rng_state()],
-                "numpy_rng": np.random.get_state()[1].tolist()[:8],
-                "config": json.dumps(train_config),
-            }
-            torch.save(state, os.path.join(d, "state.pt"))
+            torch.save(training_state(w, it, rng_states, train_config), os.path.join(d, "state.pt"))
             if writer is not None:
                 shutil.copytree(writer.logdir, os.path.join(d, "tensorboard"), dirs_exist_ok=True)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _buffers_change(model: torch.nn.Module) -> bool:
+    """Whether a training forward updates some buffer (a BatchNorm in training mode that tracks statistics)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in model.modules())
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -400,9 +536,12 @@ def train_loop_per_worker(config: dict) -> None:
     coco = next((s for s in sources if s["kind"] == "coco"), None)  # its val split gives the periodic PQ
     w = _build_worker(cfg, Vocabulary.from_dict(config["vocabulary"]))
     start, tensorboard_dir = _restore(w)
-    random.seed(cfg.seed + w.rank + start)
 
-    net = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    w.model.train()
+    # buffers are broadcast from rank 0 before each forward only where training changes them (BatchNorm statistics;
+    # the frozen CLIP stays in eval mode)
+    net = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={
+        "find_unused_parameters": False, "broadcast_buffers": _buffers_change(w.model)})
     loader, mixed = _batches(w, sources, start)
     params = [p for p in w.model.parameters() if p.requires_grad]
     writer = _tensorboard(w.rank, tensorboard_dir)
@@ -510,6 +649,7 @@ def run_train(
     A resume (`resume`) with other data, selection, vocabulary or model config than the run was started with is
     refused before Ray starts (`SettingsMismatch`, a ValueError; see `run_settings`).
     """
+    check_gpus_per_worker(gpus_per_worker, num_workers)
     # the training workers run in other folders: a local path relative to this one must not reach them as it is
     data_root = _absolute(data_root)
     if mix is not None:
@@ -591,6 +731,16 @@ def run_train(
     if "://" not in final and "://" in storage:
         final = f"{storage.split('://', 1)[0]}://{final}"
     return result, final
+
+
+def check_gpus_per_worker(gpus_per_worker: float | None, num_workers: int) -> None:
+    """Refuse a fractional GPU per worker with more than one worker (ValueError, one line): workers with GPUs
+    all-reduce over NCCL, which cannot have two ranks on one GPU ("Duplicate GPU detected"). One worker may share
+    a GPU."""
+    if gpus_per_worker and num_workers > 1 and gpus_per_worker != int(gpus_per_worker):
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker:g} with {num_workers} workers: the workers all-reduce "
+                         "over NCCL, which needs a GPU of its own for each (two ranks on one GPU fail with "
+                         "'Duplicate GPU detected'); give whole GPUs, or --num-workers 1")
 
 
 def _exists(uri: str) -> bool:

@@ -162,11 +162,16 @@ class ModelActor:
         """(info, result): ``info["total_s"]`` is the call's time inside the actor; a dict result's ``model_s`` (the
         time spent inside the model itself) is copied there too. Call with ``num_returns=2`` so that the small info
         can be fetched without the result."""
+        from .stages import DeviceLost
+
         global _batch_started
         started = time.perf_counter()
         _batch_started = time.monotonic()
         try:
             result = work(self.model_stage, *args)
+        except DeviceLost as e:  # this process's CUDA context is dead: end it, the caller starts another actor
+            logging.getLogger(__name__).error("%s; ending this model actor", e)
+            os._exit(70)
         finally:
             _batch_started = None
         info = {"total_s": time.perf_counter() - started}

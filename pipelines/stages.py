@@ -281,14 +281,34 @@ def _narrow(segment_map: np.ndarray) -> np.ndarray:
     return segment_map.astype(dtype, copy=False)
 
 
+class DeviceLost(RuntimeError):
+    """A CUDA error after which the process's CUDA context is unusable (a device-side assert, an illegal address):
+    every later call on it fails too. The model actor ends on it (pipelines/runtime.py), so that the engine replaces
+    it and retries its images on a fresh one, instead of turning them all into error rows."""
+
+
+def device_lost(e: BaseException) -> bool:
+    """Whether `e` is a sticky CUDA error (not out of memory, after which the device works on)."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    if isinstance(e, getattr(torch, "AcceleratorError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and "out of memory" not in text and any(
+        marker in text for marker in ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error"))
+
+
 def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batch: Callable[[], None] | None = None
                  ) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
     Images whose decode failed (``meta["error"]``) are skipped. A batch that raises (e.g. out of memory on one huge
-    batch) is run again one image at a time; an image that still raises is an error row. ``on_batch`` is called as
-    each batch starts (the model actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or
-    None], "segments": [[...]], "error": [...], "model": id, "model_s": seconds inside the model stage}.
+    batch) is run again one image at a time; an image that still raises is an error row; a sticky CUDA error
+    (`device_lost`) raises `DeviceLost` instead. ``on_batch`` is called as each batch starts (the model actor's
+    heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or None], "segments": [[...]], "error":
+    [...], "model": id, "model_s": seconds inside the model stage}.
     """
     n = len(images)
     errors = list(meta["error"])
@@ -315,11 +335,15 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batc
         try:
             run(batch)
         except Exception as e:
+            if device_lost(e):
+                raise DeviceLost(f"the device is lost: {type(e).__name__}: {e}") from e
             logger.warning("batch failed (%s); labeling its images one at a time", e)
             for i in batch:
                 try:
                     run([i])
                 except Exception as e1:
+                    if device_lost(e1):
+                        raise DeviceLost(f"the device is lost: {type(e1).__name__}: {e1}") from e1
                     errors[i] = f"model failed: {type(e1).__name__}: {e1}"
                     logger.debug("%s", traceback.format_exc())
     return {"maps": maps, "segments": segments, "error": errors, "model": model_stage.model_id, "model_s": model_s}

@@ -84,6 +84,11 @@ def test_lr_schedule_drives_the_optimizer():
         assert opt2.param_groups[0]["lr"] == pytest.approx(solver.lr * lr_factor(k, solver))
 
 
+def _decay(groups) -> dict[int, float]:
+    """id(parameter) -> its weight decay."""
+    return {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+
+
 def test_weight_decay_groups_on_a_hand_built_module():
     class Net(torch.nn.Module):
         def __init__(self):
@@ -100,9 +105,9 @@ def test_weight_decay_groups_on_a_hand_built_module():
 
     net = Net()
     groups = param_groups(net, SolverConfig(lr=0.1, weight_decay=0.05, weight_decay_norm=0.0, weight_decay_embed=0.0))
-    decay = {id(g["params"][0]): g["weight_decay"] for g in groups}
-    assert all(len(g["params"]) == 1 and g["lr"] == 0.1 for g in groups)
-    assert len(decay) == len(groups)  # every parameter once
+    decay = _decay(groups)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 0.05), (0.1, 0.0)]  # one per (lr, decay)
+    assert len(decay) == sum(len(g["params"]) for g in groups)  # every parameter once
     names = {id(p): n for n, p in net.named_parameters()}
     by_name = {names[k]: v for k, v in decay.items()}
     assert by_name == {
@@ -113,16 +118,17 @@ def test_weight_decay_groups_on_a_hand_built_module():
     }
     # the norm and embedding rates are their own settings
     groups = param_groups(net, SolverConfig(weight_decay=0.05, weight_decay_norm=0.01, weight_decay_embed=0.02))
-    by_name = {names[id(g["params"][0])]: g["weight_decay"] for g in groups}
+    by_name = {names[k]: v for k, v in _decay(groups).items()}
     assert by_name["ln.weight"] == 0.01 and by_name["embed.weight"] == 0.02 and by_name["conv.weight"] == 0.05
 
 
 def test_weight_decay_groups_on_the_tiny_model(tiny_model):
     groups = param_groups(tiny_model, SolverConfig())
     trainable = {id(p) for p in tiny_model.parameters() if p.requires_grad}
-    assert {id(g["params"][0]) for g in groups} == trainable and len(groups) == len(trainable)
+    decay = _decay(groups)
+    assert set(decay) == trainable and sum(len(g["params"]) for g in groups) == len(trainable)
+    assert len(groups) == 2  # (lr, 0.05) and (lr, 0): not one per tensor
     assert not any(id(p) in trainable for p in tiny_model.backbone.parameters())  # the CLIP is frozen
-    decay = {id(g["params"][0]): g["weight_decay"] for g in groups}
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
     kinds = {"norm": set(), "embedding": set(), "other": set()}
     for module in tiny_model.modules():

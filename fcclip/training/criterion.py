@@ -249,7 +249,7 @@ class SetCriterion(nn.Module):
         return weighted_total(losses, self.weight_dict)[0]
 
     def _head_losses(self, outputs, targets, num_masks, generator) -> dict[str, torch.Tensor]:
-        indices = self.matcher(outputs, targets, generator=generator)
+        indices = _on_device(self.matcher(outputs, targets, generator=generator), outputs["pred_logits"].device)
         losses = self.loss_labels(outputs, targets, indices)
         losses.update(self.loss_masks(outputs, targets, indices, num_masks, generator=generator))
         return losses
@@ -272,6 +272,17 @@ def build_criterion(num_classes: int, *, class_weight: float = 2.0, mask_weight:
     weights = build_weight_dict(class_weight, mask_weight, dice_weight, dec_layers, deep_supervision)
     return SetCriterion(num_classes, matcher, weights, eos_coef=no_object_weight, num_points=num_points,
                         oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio)
+
+
+def _on_device(indices: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+    """The matcher's (query, target) index pairs of every image on `device` in one copy (not two per image and
+    loss: a GPU step made about 80 blocking copies of them)."""
+    if device.type == "cpu" or not indices:
+        return indices
+    lengths = [len(src) for src, _ in indices]
+    flat = torch.cat([torch.stack((src, tgt)) for src, tgt in indices], dim=1)  # (2, M) int64
+    flat = flat.pin_memory().to(device, non_blocking=True)
+    return [(pair[0], pair[1]) for pair in flat.split(lengths, dim=1)]
 
 
 def _max_size(targets: Sequence[Mapping[str, torch.Tensor]]) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "NATIVE_CPU_FLAGS", "cpu_flags", "cpu_has_native", "cuda_has_native_bf16", "float32_region", "resolve_autocast_dtype",
+    "use_tf32",
 ]
 
 NATIVE_CPU_FLAGS: dict[torch.dtype, tuple[str, ...]] = {
@@ -79,6 +80,19 @@ def float32_region(device_type: str):
     """A context in which autocast is off for ``device_type``: what runs inside computes in its inputs' dtype (the
     caller casts them to float32). Inside ``torch.compile`` too."""
     return torch.autocast(device_type, enabled=False)
+
+
+def use_tf32(device: torch.device | str) -> bool:
+    """On a CUDA device, let float32 matrix products and convolutions run on TF32 tensor cores (A100 and newer:
+    several times faster; 10 bits of mantissa in the products, float32 accumulation), as the reference's training
+    does by PyTorch's defaults of its time. Process-wide (a torch setting): called where a process puts the model on
+    its device (the label actor, a training worker, ``fcclip predict`` / ``eval``), not by the library, so a test
+    that compares with a fixture keeps strict float32. Returns whether it was turned on (not on a CPU)."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def resolve_autocast_dtype(

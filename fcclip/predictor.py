@@ -42,6 +42,16 @@ TASKS = ("panoptic", "semantic", "instance")
 # float32 values (32 MiB), so memory stays bounded at any output size. Measured at 640x640 on a 2-core CPU: 1M
 # values per chunk is 3x slower (each chunk adds into the (K, H, W) semantic scores), 8M is as fast as 32M.
 CHUNK_VALUES = 8_000_000
+# On a GPU each chunk is a few kernel launches whatever its size, and memory is plentiful next to the model's own
+# (the paper's model at 1024 px): 64M values (256 MiB of logits, as much of probabilities), 46 queries of 1024x1365
+# per chunk, all of them for most images. Not tuned on a GPU yet (benchmarks/gpu_throughput.py measures the label
+# rows against the bare predictor).
+CUDA_CHUNK_VALUES = 64_000_000
+
+
+def chunk_values(device: torch.device) -> int:
+    """How many float32 values of upsampled mask logits post-processing handles at a time on ``device``."""
+    return CUDA_CHUNK_VALUES if device.type == "cuda" else CHUNK_VALUES
 
 
 @dataclass
@@ -78,6 +88,34 @@ class Prediction:
     semantic: SemanticResult | None = None
     instances: InstanceResult | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _chunk_plan(needed: torch.Tensor, panoptic_index: torch.Tensor | None, instance_queries: torch.Tensor | None,
+                chunk: int, device: torch.device) -> list[tuple]:
+    """The chunks of post-processing: per chunk of at most ``chunk`` of the ``needed`` queries, (their indices, the
+    chunk's rows the panoptic votes take, the rows the instance task takes). Rows are None where the task takes
+    none of the chunk and ``...`` (every row: ``probs[...]`` is ``probs``) where it takes all of them.
+
+    Planned on the host from the few query indices (a host sync per image, not one per chunk and task) and copied to
+    ``device`` in one transfer."""
+    host = [t.cpu() if t is not None else None for t in (needed, panoptic_index, instance_queries)]
+    needed, selections = host[0], host[1:]
+    plan = []
+    for start in range(0, needed.numel(), chunk):
+        index = needed[start : start + chunk]
+        entry = [index]
+        for selected in selections:
+            rows = None
+            if selected is not None:
+                rows = torch.isin(index, selected).nonzero().squeeze(1)
+                rows = None if rows.numel() == 0 else ... if rows.numel() == index.numel() else rows
+            entry.append(rows)
+        plan.append(entry)
+    tensors = [t for entry in plan for t in entry if isinstance(t, torch.Tensor)]
+    if device.type != "cpu" and tensors:
+        moved = iter(torch.cat(tensors).pin_memory().to(device, non_blocking=True).split([t.numel() for t in tensors]))
+        plan = [[next(moved) if isinstance(t, torch.Tensor) else t for t in entry] for entry in plan]
+    return [tuple(entry) for entry in plan]
 
 
 def pad_batch(images: Sequence[torch.Tensor], divisibility: int) -> torch.Tensor:
@@ -219,12 +257,11 @@ class Predictor:
             class_probs = class_logits.softmax(-1)[:, :-1]
             sem = None
             votes = PixelVotes(panoptic.scores, (h, w), device) if panoptic is not None else None
-            pan_index = panoptic.index.to(device) if panoptic is not None else None
             inst_queries, inst_position = candidates.queries() if candidates is not None else (None, None)
             inst_masks, inst_scores = [], []
-            chunk = max(1, CHUNK_VALUES // max(1, h * w))
-            for start in range(0, int(needed.numel()), chunk):
-                index = needed[start : start + chunk]
+            chunk = max(1, chunk_values(device) // max(1, h * w))
+            plan = _chunk_plan(needed, panoptic.index if panoptic is not None else None, inst_queries, chunk, device)
+            for index, pan_rows, inst_rows in plan:
                 logits = self._resize_masks(mask_logits[index], resized_size, padded_size, output_size)
                 probs = logits.sigmoid()
                 if semantic:
@@ -232,19 +269,12 @@ class Predictor:
                         sem = semantic_scores(class_probs[index], probs)
                     else:  # accumulated in place: (K, H*W) += (K, n) @ (n, H*W)
                         sem.view(sem.shape[0], -1).addmm_(class_probs[index].T, probs.reshape(probs.shape[0], -1))
-                if votes is not None:
-                    rows = torch.isin(index, pan_index).nonzero().squeeze(1)
-                    if rows.numel():
-                        votes.add(probs[rows] if rows.numel() < index.numel() else probs)
-                if inst_queries is not None:
-                    rows = torch.isin(index, inst_queries.to(device)).nonzero().squeeze(1)
-                    if rows.numel():
-                        whole = rows.numel() == index.numel()
-                        masks, scores = instance_mask_scores(
-                            logits if whole else logits[rows], probs if whole else probs[rows]
-                        )
-                        inst_masks.append(masks)
-                        inst_scores.append(scores)
+                if pan_rows is not None:
+                    votes.add(probs[pan_rows])
+                if inst_rows is not None:
+                    masks, scores = instance_mask_scores(logits[inst_rows], probs[inst_rows])
+                    inst_masks.append(masks)
+                    inst_scores.append(scores)
                 del logits, probs
 
             if panoptic is not None:

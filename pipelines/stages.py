@@ -182,12 +182,14 @@ class FCCLIPSegmenter:
         import torch
 
         from fcclip.build import build_model
+        from fcclip.precision import use_tf32
         from fcclip.predictor import Predictor
         from fcclip.vocabulary import Vocabulary
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = build_model(spec.model, weights=spec.weights, device=spec.device)
+        use_tf32(self.model.device)
         # the predictor runs it where the device has it natively and says so where not (fcclip.precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.autocast or "")
         self.predictor = Predictor(

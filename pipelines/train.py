@@ -61,6 +61,7 @@ from fcclip.datasets.coco_panoptic import CocoPanoptic, filter_empty
 from fcclip.datasets.labels import LabelSelection, parse_class_map
 from fcclip.masks import rgb2id
 from fcclip.metrics.panoptic import PanopticAccumulator
+from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.text import TextClassifierCache, build_text_classifier
 from fcclip.training.criterion import outputs_from_model, weighted_total
@@ -324,6 +325,7 @@ def _build_worker(cfg: TrainConfig, vocabulary: Vocabulary) -> _Worker:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg.model, weights=cfg.weights, device=device)
+    use_tf32(device)
     text = build_text_classifier(
         model.backbone, vocabulary, train_vocabulary=vocabulary, cache=TextClassifierCache(enabled=False)
     )

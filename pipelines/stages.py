@@ -306,17 +306,19 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batc
                  ) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
-    Images whose decode failed (``meta["error"]``) are skipped. A batch that raises (e.g. out of memory on one huge
-    batch) is run again one image at a time; an image that still raises is an error row; a sticky CUDA error
-    (`device_lost`) raises `DeviceLost` instead. ``on_batch`` is called as each batch starts (the model actor's
-    heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or None], "segments": [[...]], "error":
-    [...], "model": id, "model_s": seconds inside the model stage}.
+    Images whose decode failed (``meta["error"]``) are skipped. Images of similar aspect ratio are batched together:
+    a batch is padded to its largest height and width, so a portrait image beside a landscape one would cost up to
+    ~1.7x their pixels (results go back to each image's own position). A batch that raises (e.g. out of memory on
+    one huge batch) is run again one image at a time; an image that still raises is an error row; a sticky CUDA
+    error (`device_lost`) raises `DeviceLost` instead. ``on_batch`` is called as each batch starts (the model
+    actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or None], "segments": [[...]],
+    "error": [...], "model": id, "model_s": seconds inside the model stage}.
     """
     n = len(images)
     errors = list(meta["error"])
     maps: list = [None] * n
     segments: list = [[] for _ in range(n)]
-    todo = [i for i in range(n) if not errors[i]]
+    todo = sorted((i for i in range(n) if not errors[i]), key=lambda i: images[i].shape[0] / images[i].shape[1])
     model_s = 0.0
 
     def run(index):

@@ -86,3 +86,27 @@ def test_the_model_actor_ends_on_a_lost_device(ray_local):
     info, result = actor.run.options(num_returns=2).remote(_label, meta, images)
     with pytest.raises(ray_local.exceptions.RayActorError):  # the engine replaces an actor that died
         ray_local.get(info, timeout=60)
+
+
+class _Recording(_Stage):
+    """Records the (h, w) of the images of each batch."""
+
+    def __init__(self):
+        super().__init__(RuntimeError("unused"), fail_above=10**9)
+        self.batches = []
+
+    def __call__(self, images, sizes):
+        self.batches.append([im.shape[:2] for im in images])
+        return super().__call__(images, sizes)
+
+
+def test_batches_group_images_by_aspect_ratio():
+    """Portrait and landscape images alternate in the chunk; each batch holds one orientation, so padding to the
+    batch's largest height and width adds nothing, and every row still gets its own image's result."""
+    shapes = [(96, 64), (64, 96), (96, 64), (64, 96), (96, 64), (64, 96)]
+    images = [np.zeros((h, w, 3), np.uint8) for h, w in shapes]
+    meta = {"height": [h for h, _ in shapes], "width": [w for _, w in shapes], "error": [None] * 6}
+    stage = _Recording()
+    out = label_images(stage, meta, images, batch_size=3)
+    assert [set(b) for b in stage.batches] == [{(64, 96)}, {(96, 64)}]
+    assert [m.shape for m in out["maps"]] == shapes

@@ -1,17 +1,21 @@
 """Throughput and peak memory on one GPU: the forward, the panoptic predictor, and `fcclip label` beside them.
 
     python benchmarks/gpu_throughput.py                               # on a GPU: ConvNeXt-L, short edge 1024 and 800
-    python benchmarks/gpu_throughput.py --device cpu --size 256       # a dry run of the script on a CPU
+    python benchmarks/gpu_throughput.py --device cpu                  # a dry run of the script on a CPU
 
-For each short edge (images 4:3, e.g. 1024 x 1365), dtype (fp32, bf16), compiled or not and batch size (1, 4, 8):
+For each short edge (images 4:3, e.g. 1024 x 1365), precision (fp32: strict float32; tf32: float32 with TF32
+matrix products, CUDA only, what the label actor and training use; bf16: bf16 autocast with the pixel decoder, the
+deformable attention and the class logits in float32), compiled or not (``torch.compile(dynamic=True)``: one graph
+for every input size) and batch size (1, 4, 8):
 
     forward    ``model.inference(batch, text)`` on a ready (B, 3, H, W) batch under autocast: images/s and the peak
                memory of the call (CUDA: ``max_memory_allocated`` after a reset, beside the memory held before it).
     predictor  ``Predictor.infer`` + ``Predictor.postprocess`` with ``tasks=("panoptic",)`` (what labeling pays) on
                decoded uint8 arrays: resize, normalise, pad, model, panoptic post-processing at the image's size.
 
-Then, at the first short edge and per dtype, `fcclip label` on the same kind of images written as JPEG files, run
-through its command line in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
+Then, at the first short edge and per dtype (bf16, and float32 as the label actor runs it: TF32 on a GPU), `fcclip
+label` on the same kind of images written as JPEG files, run through its command line (the ``fcclip`` console script
+beside this Python, else ``python -m pipelines``) in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
 uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
 steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
 encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
@@ -19,15 +23,24 @@ encoding), as a share of the uncompiled bare predictor's images/s at that batch 
 The model has random weights (nothing is downloaded); with trained weights more queries pass the panoptic threshold,
 so post-processing costs somewhat more. Every configuration runs ``--warmup`` untimed then ``--iters`` timed calls;
 figures are medians. A configuration the device cannot run (bf16 on a CPU without native bf16, see
-fcclip.precision) is reported as skipped. ``--budget-s`` (default 270 s) bounds the whole run: once it is spent, the
-configurations not yet started are reported as not run, so the script finishes in under five minutes on one GPU.
+fcclip.precision) is reported as skipped. ``--budget-s`` (default 270 s on a GPU) bounds the whole run: once it is
+spent, the configurations not yet started are reported as not run, so the script finishes in under five minutes on
+one GPU. With ``--json`` the figures are written after every configuration (``"partial": true`` until the end), so a
+run cut short keeps what it measured.
 
 Order: the uncompiled configurations, then the label runs, then the compiled ones (each compiled configuration's
 warm-up pays its compilation, so they come last and take what the budget leaves).
 
-On a CPU the defaults make a dry run that checks the script works, not a measurement: ``fcclip-tiny``, one warm-up
-and one timed call, no compiled configurations (compiling takes minutes there), N = 16 images for the label runs.
-``--model``, ``--iters``, ``--compile`` and ``--label-images`` override them.
+Exit status 1 when any configuration or label run failed (an error, out of memory, a label run with failed images);
+configurations left out by the budget or skipped for the device do not count. The CPU dry run checks the script so.
+
+On a CPU the defaults make a dry run that checks the script works, not a measurement: ``fcclip-tiny`` at short edge
+256, one warm-up and one timed call, no compiled configurations (compiling takes minutes there), N = 16 images for
+the label runs, no time budget (every row runs). ``--model``, ``--size``, ``--iters``, ``--compile``,
+``--label-images`` and ``--budget-s`` override them.
+
+Compiled rows count the graphs dynamo compiled during the configuration (``graphs``): with ``dynamic=True`` the
+second size and batch should compile nothing new.
 """
 from __future__ import annotations
 
@@ -57,16 +70,16 @@ from fcclip.precision import cpu_flags, resolve_autocast_dtype  # noqa: E402
 from fcclip.predictor import Predictor, pad_batch, resize_image  # noqa: E402
 from fcclip.text import TextClassifierCache  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # the autocast dtype of each precision
 MIB = 1024 * 1024
 CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
 
 
 class Budget:
-    """Seconds left of the run's time budget."""
+    """Seconds left of the run's time budget (0: none)."""
 
     def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
+        self.end = time.perf_counter() + seconds if seconds else float("inf")
 
     def left(self) -> float:
         return self.end - time.perf_counter()
@@ -119,6 +132,8 @@ def bench_model(args, device, model, vocabulary, cache, short_edge, dtype_name, 
         for i, img in enumerate(decoded):
             predictor.postprocess(out.class_logits[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
 
+    set_tf32(device, dtype_name == "tf32")
+
     rows = []
     for what, fn in (("forward", forward), ("predictor (panoptic)", predict)):
         row = {"what": what, "short_edge": short_edge, "input": f"{height}x{width}", "padded": list(images.shape[-2:]),
@@ -126,15 +141,42 @@ def bench_model(args, device, model, vocabulary, cache, short_edge, dtype_name, 
         if budget.left() <= 0:
             rows.append(dict(row, status="not run (time budget spent)"))
             continue
+        graphs = compiled_graphs()
         try:
             seconds, mem = time_calls(fn, device, args.warmup, args.iters)
         except torch.OutOfMemoryError as e:
             rows.append(dict(row, status=f"out of memory: {str(e).splitlines()[0]}"))
             torch.cuda.empty_cache()
             continue
+        except Exception as e:  # a failed configuration is a row (the exit status says so), the others still run
+            rows.append(dict(row, status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            continue
         rows.append(dict(row, status="ok", seconds=seconds, images_per_s=batch / statistics.median(seconds),
-                         memory=mem))
+                         memory=mem, **({"graphs": compiled_graphs() - graphs} if compiled else {})))
     return rows
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def set_tf32(device: torch.device, on: bool) -> None:
+    """TF32 matrix products and convolutions on or off (CUDA; a CPU has none)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def fcclip_command() -> list[str]:
+    """The ``fcclip`` command: its console script beside this Python (an installed checkout), else the package's
+    ``python -m`` entry."""
+    script = Path(sys.executable).with_name("fcclip")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "pipelines"]
 
 
 def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, out: Path) -> dict:
@@ -142,7 +184,7 @@ def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, 
     height, width = image_size(short_edge, args.aspect)
     summary_path = out.with_suffix(".summary.json")
     cmd = [
-        sys.executable, "-m", "fcclip", "label", str(folder), "--out", str(out), "--vocab", args.vocab,
+        *fcclip_command(), "label", str(folder), "--out", str(out), "--vocab", args.vocab,
         "--model", args.model, "--weights", "random", "--batch-size", str(batch),
         "--short-edge", str(short_edge), "--max-size", str(max(height, width)),
         "--shard-size", str(batch), "--no-progress", "--summary-json", str(summary_path),
@@ -154,12 +196,15 @@ def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, 
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, RAY_DEDUP_LOGS="1"))
     wall = time.perf_counter() - start
+    command = " ".join(["fcclip", *cmd[len(fcclip_command()):]])
     if proc.returncode != 0:
-        return {"status": f"failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}",
-                "command": " ".join(cmd[1:])}
+        return {"status": f"failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}", "command": command}
     summary = json.loads(summary_path.read_text())
+    if summary["failed"]:
+        return {"status": f"failed: {summary['failed']} of {summary['ok'] + summary['failed']} images: "
+                          f"{json.dumps(summary.get('errors', ''))[:500]}", "command": command}
     return {"status": "ok", "wall_s": wall, "images": summary["ok"] + summary["failed"], "failed": summary["failed"],
-            "command": " ".join(cmd[1:])}
+            "command": command}
 
 
 def bench_label(args, short_edge: int, dtype_name: str, batch: int, work: Path) -> dict:
@@ -209,7 +254,7 @@ def report(result: dict) -> str:
         f"timed {meta['iters']} calls (medians); random weights",
         f"- load average before: {meta['load_before']}, after: {meta['load_after']}; wall {meta['wall_s']:.0f} s",
         "",
-        "| what | short edge | input (padded) | dtype | compiled | batch | images/s | ms / batch | peak memory |",
+        "| what | short edge | input (padded) | dtype | compiled (new graphs) | batch | images/s | ms / batch | peak memory |",
         "|---|---:|---|---|---|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
@@ -220,7 +265,7 @@ def report(result: dict) -> str:
             continue
         lines.append(
             f"| {r['what']} | {r['short_edge']} | {r['input']} ({padded}) | {r['dtype']} | "
-            f"{'yes' if r['compiled'] else 'no'} | {r['batch']} | {r['images_per_s']:.2f} | "
+            f"{'yes (%d)' % r['graphs'] if r['compiled'] else 'no'} | {r['batch']} | {r['images_per_s']:.2f} | "
             f"{1000 * statistics.median(r['seconds']):.0f} | {fmt_mem(r['memory'])} |"
         )
     if result["label"]:
@@ -248,9 +293,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = CUDA when available")
     p.add_argument("--model", default=None, help="preset (default: fcclip-convnext-large on a GPU, fcclip-tiny on a CPU)")
-    p.add_argument("--size", default="1024,800", help="short edges, comma-separated (default: %(default)s)")
+    p.add_argument("--size", default=None, help="short edges, comma-separated (default: 1024,800 on a GPU, 256 on a CPU)")
     p.add_argument("--aspect", type=float, default=4 / 3, help="width / height of the images (default 4:3)")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,tf32,bf16", help="precisions (default: %(default)s; tf32 on CUDA only)")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--compile", default=None,
                    help="off, on or both (default: both on a GPU; off on a CPU, where compiling takes minutes)")
@@ -262,7 +307,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-batch", type=int, default=None, help="batch size of the label runs (default: largest)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the label run's local Ray (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
-    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting configurations after this many s")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting configurations after this many s (default: 270 on a GPU, none on a CPU; 0: none)")
+    p.add_argument("--label-dtypes", default=None,
+                   help="precisions of the label runs (default: bf16 and the float32 the label actor runs: tf32 on a "
+                        "GPU, fp32 on a CPU)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     return args
@@ -277,6 +326,8 @@ def main(argv=None) -> int:
     args.iters = args.iters if args.iters is not None else (5 if gpu else 1)
     args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     args.label_images = args.label_images if args.label_images is not None else (64 if gpu else 16)
+    args.size = args.size or ("1024,800" if gpu else "256")
+    args.budget_s = args.budget_s if args.budget_s is not None else (270.0 if gpu else 0.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.size.split(",") if s]
@@ -300,7 +351,9 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ok = DTYPES[name] is None or resolve_autocast_dtype(DTYPES[name], device) is not None
-        if ok:
+        if name == "tf32" and not gpu:
+            result["skipped"].append("tf32: no TF32 on a CPU")
+        elif ok:
             usable.append(name)
         else:
             result["skipped"].append(f"{name}: {device.type} without native {name} (it would run float32; see "
@@ -308,19 +361,27 @@ def main(argv=None) -> int:
 
     cache = TextClassifierCache(enabled=False)
 
+    def save(partial: bool) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({**result, "partial": partial}, indent=1, default=str) + "\n")
+
     def model_rows(compiled: bool) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*random weights.*")
             model = build_model(args.model, weights="random", device=device)
         if compiled:
-            model.compile_parts()
-        for short_edge in sizes:
-            for dtype_name in usable:
+            model.compile_parts(dynamic=True)
+        # bf16 first (the recommended setting: a budget cut short leaves it measured), every size per dtype (a
+        # compiled model's second size shows whether it recompiles)
+        for dtype_name in sorted(usable, key=lambda d: d != "bf16"):
+            for short_edge in sizes:
                 for batch in batches:
                     result["rows"] += bench_model(args, device, model, args.vocab, cache, short_edge, dtype_name,
                                                   compiled, batch, budget)
                     print(f"done: short edge {short_edge}, {dtype_name}, compiled {compiled}, batch {batch} "
                           f"({budget.left():.0f} s of the budget left)", file=sys.stderr)
+                    save(partial=True)
         del model
         if gpu:
             torch.cuda.empty_cache()
@@ -332,7 +393,11 @@ def main(argv=None) -> int:
         label_batch = args.label_batch or max(batches)
         with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
             short_edge = sizes[0]  # the label runs are long (two Ray start-ups each): the first size only
-            for dtype_name in sorted(usable, key=lambda d: d != "bf16"):  # bf16 first: the target setting
+            # the label actor runs float32 with TF32 on a GPU (fcclip.precision.use_tf32): compared with that
+            label_dtypes = [d for d in usable if d != ("fp32" if "tf32" in usable else "tf32")]
+            if args.label_dtypes:
+                label_dtypes = [d for d in args.label_dtypes.split(",") if d in usable]
+            for dtype_name in sorted(label_dtypes, key=lambda d: d != "bf16"):  # bf16 first: the target setting
                 if budget.left() <= 0:
                     result["label"].append({"short_edge": short_edge, "dtype": dtype_name, "batch": label_batch,
                                             "images": [args.label_images, 2 * args.label_images],
@@ -346,17 +411,22 @@ def main(argv=None) -> int:
                     row["share_of_bare"] = row["steady_images_per_s"] / bare["images_per_s"]
                 result["label"].append(row)
                 print(f"done: label, short edge {short_edge}, {dtype_name}", file=sys.stderr)
+                save(partial=True)
     if True in compile_modes:
         model_rows(True)
+    set_tf32(device, False)
 
     meta["load_after"] = load_average()
     meta["wall_s"] = time.perf_counter() - started
     text = report(result)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    return 0
+    save(partial=False)
+    failed = [r for r in [*result["rows"], *result["label"]]
+              if r["status"] != "ok" and not r["status"].startswith("not run")]
+    for r in failed:
+        print(f"FAILED: {r.get('what', 'fcclip label')}, short edge {r['short_edge']}, {r['dtype']}, batch {r['batch']}: "
+              f"{r['status'][:300]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

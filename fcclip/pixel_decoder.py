@@ -77,9 +77,11 @@ def _reference_points(spatial_shapes, batch, device, dtype):
     """(B, S, L, 2): every pixel centre of every level, normalised to [0, 1], repeated for each level."""
     points = []
     for h, w in spatial_shapes:
+        # 0.5, 1.5, ..., h - 0.5 (exact in float32, as linspace gives them; arange keeps h symbolic under
+        # torch.compile(dynamic=True), where linspace's step count would fix it)
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         points.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))

@@ -14,8 +14,8 @@ for every input size) and batch size (1, 4, 8):
                decoded uint8 arrays: resize, normalise, pad, model, panoptic post-processing at the image's size.
 
 Then, at the first short edge and per dtype (bf16, and float32 as the label actor runs it: TF32 on a GPU), `fcclip
-label` on the same kind of images written as JPEG files, run through its command line (the ``fcclip`` console script
-beside this Python, else ``python -m pipelines``) in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
+label` on the same kind of images written as JPEG files, run through its command line (this checkout's, as
+pyproject.toml's ``fcclip`` script names it) in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
 uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
 steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
 encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
@@ -171,12 +171,13 @@ def set_tf32(device: torch.device, on: bool) -> None:
 
 
 def fcclip_command() -> list[str]:
-    """The ``fcclip`` command: its console script beside this Python (an installed checkout), else the package's
-    ``python -m`` entry."""
-    script = Path(sys.executable).with_name("fcclip")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pipelines"]
+    """This checkout's ``fcclip`` command: the console script's target as pyproject.toml names it, run by this Python
+    from the checkout (an installed ``fcclip`` script may belong to another checkout or version)."""
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["fcclip"]
+    module, func = target.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
 
 
 def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, out: Path) -> dict:
@@ -194,7 +195,10 @@ def run_label(args, short_edge: int, dtype_name: str, batch: int, folder: Path, 
     if dtype_name == "bf16":
         cmd.append("--bf16")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, RAY_DEDUP_LOGS="1"))
+    # the checkout first on the path of the command and of its Ray workers
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONPATH=path))
     wall = time.perf_counter() - start
     command = " ".join(["fcclip", *cmd[len(fcclip_command()):]])
     if proc.returncode != 0:

@@ -2,7 +2,9 @@
 pixel decoder and its deformable attention compute in float32 (their layers' outputs, the sampling step's inputs),
 and give the float32 run's outputs within the parity fixture's tolerances; the class logits and the ensemble are
 float32; the rest of the model does run in bf16. A CUDA device without native bf16 (a stand-in capability) is
-refused in one line: emulation does not count."""
+refused in one line: emulation does not count. The same checks run under CUDA autocast on a GPU (marker ``gpu``)."""
+import copy
+
 import warnings
 
 import pytest
@@ -17,6 +19,14 @@ from fcclip.text import TextClassifierCache, build_text_classifier
 from test_parity import TOL  # the parity fixture's tolerances, read from its README
 
 BF16 = torch.bfloat16
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request, tiny_model):
+    """The tiny model on each device (a copy on CUDA: the session's model stays on the CPU)."""
+    return tiny_model if request.param == "cpu" else copy.deepcopy(tiny_model).to(request.param)
 
 
 def _within(name, ours, ref):
@@ -26,18 +36,19 @@ def _within(name, ours, ref):
 
 
 @pytest.fixture(scope="module")
-def features(tiny_model):
+def features(model):
     """The tiny backbone's features of a 256 x 352 input under bf16 autocast, in bf16 (a backbone whose stages end
     in a bf16 op gives them so)."""
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 256, 352)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
-        feats = tiny_model.backbone(images)
+    images = torch.randn(2, 3, 256, 352).to(model.device)
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=BF16):
+        feats = model.backbone(images)
     return {k: v.to(BF16) for k, v in feats.items()}
 
 
-def test_pixel_decoder_computes_in_float32_under_autocast(tiny_model, features, monkeypatch):
-    decoder = tiny_model.sem_seg_head.pixel_decoder
+def test_pixel_decoder_computes_in_float32_under_autocast(model, features, monkeypatch):
+    decoder = model.sem_seg_head.pixel_decoder
+    device_type = model.device.type
     layer_dtypes, sampling = {}, []
 
     def record(module, args, output):
@@ -48,12 +59,12 @@ def test_pixel_decoder_computes_in_float32_under_autocast(tiny_model, features, 
     gather = deform_attn._gather_attention
 
     def recording_gather(value, shapes, locations, weights):
-        sampling.append((value.dtype, locations.dtype, weights.dtype, torch.is_autocast_enabled("cpu")))
+        sampling.append((value.dtype, locations.dtype, weights.dtype, torch.is_autocast_enabled(device_type)))
         return gather(value, shapes, locations, weights)
 
     monkeypatch.setattr(deform_attn, "_gather_attention", recording_gather)
     try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+        with torch.inference_mode(), torch.autocast(device_type, dtype=BF16):
             mixed = decoder(features)
     finally:
         for h in hooks:
@@ -71,7 +82,8 @@ def test_pixel_decoder_computes_in_float32_under_autocast(tiny_model, features, 
         _within(f"pixel_decoder_multi_scale_{i}", mixed.multi_scale[i], plain.multi_scale[i])
 
 
-def test_deformable_attention_keeps_sub_pixel_positions_under_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_deformable_attention_keeps_sub_pixel_positions_under_autocast(device):
     """A level 400 px wide: in bf16 a position beyond 128 px is a whole pixel (the sample loses its fraction); in
     float32 under autocast the output is the float32 run's."""
     torch.manual_seed(0)
@@ -82,9 +94,10 @@ def test_deformable_attention_keeps_sub_pixel_positions_under_autocast():
     value = torch.randn(1, 4 * 400, 32)
     query = torch.randn(1, 64, 32)
     reference = torch.rand(1, 64, 1, 2) * torch.tensor([0.6, 1.0]) + torch.tensor([0.4, 0.0])  # x beyond 160 px
+    attn, value, query, reference = (t.to(device) for t in (attn, value, query, reference))
     with torch.no_grad():
         plain = attn(query, reference, value, shapes)
-        with torch.autocast("cpu", dtype=BF16):
+        with torch.autocast(torch.device(device).type, dtype=BF16):
             mixed = attn(query.to(BF16), reference, value.to(BF16), shapes)
         rounded = attn(query.to(BF16).float(), reference, value.to(BF16).float(), shapes)
         # the sampling positions rounded to bf16 (what the sampling step did when it ran in the values' dtype)
@@ -99,23 +112,24 @@ def test_deformable_attention_keeps_sub_pixel_positions_under_autocast():
     assert (coarse - exact).abs().max() > 0.2  # a sample a fraction of a pixel off reads other values
 
 
-def test_class_logits_and_ensemble_are_float32_under_autocast(tiny_model):
-    text = build_text_classifier(tiny_model.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
+def test_class_logits_and_ensemble_are_float32_under_autocast(model):
+    device = model.device
+    text = build_text_classifier(model.backbone, "cat; dog; grass [stuff]", cache=TextClassifierCache(enabled=False))
     torch.manual_seed(0)
-    images = torch.randn(1, 3, 128, 160)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
-        out = tiny_model.inference(images, text)
+    images = torch.randn(1, 3, 128, 160).to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=BF16):
+        out = model.inference(images, text)
     assert out.raw.mask_logits.dtype == BF16  # the transformer decoder runs in bf16
     assert out.raw.class_logits.dtype == torch.float32  # its class logits do not
     for t in (out.class_logits, out.out_vocab_logits, out.ensemble.probs, out.ensemble.in_vocab_probs):
         assert t.dtype == torch.float32
 
     # bf16 embeddings give the float32 logits of those same embeddings, not bf16-rounded ones
-    emb = torch.randn(2, 5, 64).to(BF16)
-    classifier = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1)
+    emb = torch.randn(2, 5, 64).to(device, BF16)
+    classifier = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1).to(device)
     synonym_class = torch.tensor([0, 1, 1])
-    scale = torch.tensor(4.6052)
-    with torch.autocast("cpu", dtype=BF16):
+    scale = torch.tensor(4.6052).to(device)
+    with torch.autocast(device.type, dtype=BF16):
         mixed = classification_logits(emb, classifier, scale, synonym_class, 2)
         ens = geometric_ensemble(mixed, mixed.flip(-1), torch.tensor([True, False]), 0.4, 0.8)
     exact = classification_logits(emb.float(), classifier, scale, synonym_class, 2)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 23 in one run of about six minutes on one GPU: the first thing to run on a lent GPU machine.
+#
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh          # from the checkout's root; OUT defaults to ./gpu-check
+#
+# 1. benchmarks/gpu_throughput.py at reduced counts (ConvNeXt-L with random weights, short edges 1024 and 800,
+#    fp32 / tf32 / bf16, batches 1 and 4, eager then compiled with what a 180 s budget leaves, `fcclip label` in bf16
+#    on 16 and 32 images): gpu_throughput.md and .json (written as it goes: a run cut short keeps its figures).
+# 2. The CUDA tests (pytest -m gpu: post-processing on CUDA, mixed precision under CUDA autocast, bf16 against fp32
+#    PQ of a tiny model trained with mixed precision, a CPU checkpoint resumed on the GPU and back, TF32) and the
+#    precision tests: pytest.log.
+# 3. `fcclip train` resumed across devices: 5 iterations on the CPU, resumed on the GPU with mixed precision (a
+#    checkpoint without grad-scaler state) to 10, and back on the CPU to 15: train_resume.log.
+#
+# Needs no network and no weights. Python packages: torch with CUDA, and the project's dependencies (pyproject.toml:
+# numpy, pillow, pyyaml, open_clip_torch, timm, ftfy, regex, huggingface_hub, safetensors, scipy, pycocotools,
+# pyarrow, fsspec, ray[data,train], tensorboardX optional) plus pytest. The checkout is used from where it is
+# (PYTHONPATH); with no `fcclip` importable it is installed with `pip install --no-deps --no-index -e .`.
+# Exit status: 0 when every step passed. Everything it prints is also in $OUT/gpu_check.log.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S) UTC)"; }
+# this checkout's `fcclip` command, as pyproject.toml names its console script
+FCCLIP=("$PY" -c "import importlib, sys, tomllib
+module, func = tomllib.load(open('pyproject.toml', 'rb'))['project']['scripts']['fcclip'].split(':')
+sys.exit(getattr(importlib.import_module(module), func)())")
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PY" -c "import fcclip" 2>/dev/null || "$PY" -m pip install --no-deps --no-index --no-build-isolation -e . || status=1
+"$PY" - <<'EOF' || status=1
+import sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+print("device:", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0),
+      "| bf16 (torch, counting emulation):", torch.cuda.is_bf16_supported())
+from fcclip.precision import resolve_autocast_dtype
+print("fcclip: bf16 autocast on this GPU:", resolve_autocast_dtype(torch.bfloat16, "cuda"))
+EOF
+grep -m1 -o 'model name.*' /proc/cpuinfo || true
+
+step "1. benchmarks/gpu_throughput.py (reduced)"
+timeout 260 "$PY" benchmarks/gpu_throughput.py --size 1024,800 --batches 1,4 --iters 3 --warmup 1 \
+    --label-images 16 --label-dtypes bf16 --budget-s 180 --json "$OUT/gpu_throughput.json" \
+    > "$OUT/gpu_throughput.md"
+rc=$?
+cat "$OUT/gpu_throughput.md"
+[ $rc -eq 0 ] || { echo "gpu_throughput.py: exit $rc (124: cut by the timeout; the JSON keeps what it measured)"; status=1; }
+
+step "2. CUDA tests and precision tests"
+timeout 200 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_precision.py tests/test_mixed_precision.py \
+    2>&1 | tee -a "$OUT/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "3. fcclip train: CPU -> GPU (mixed precision) -> CPU"
+work=$(mktemp -d)
+"$PY" -c "from fcclip.datasets.synthetic_panoptic import write_coco_panoptic as w; w('$work/coco', 16, seed=0, size=(128, 160))"
+cat > "$work/run.yaml" <<'EOF'
+name: resume-check
+model: fcclip-tiny
+weights: random
+data: {image_size: 128, min_scale: 0.8, max_scale: 1.2, loader_workers: 0}
+solver: {batch_size: 4, lr: 0.001, max_iters: 15, steps: [12], warmup_iters: 2, clip_grad: 1.0, amp: true}
+loss: {num_points: 1024}
+checkpoint_every: 5
+eval_every: 0
+log_every: 5
+EOF
+train() { timeout 120 "${FCCLIP[@]}" train --config "$work/run.yaml" --data "$work/coco" --storage "$work/runs" "$@"; }
+{
+    train --gpus-per-worker 0 --max-iters 5 &&
+    train --resume --gpus-per-worker 1 --max-iters 10 &&
+    train --resume --gpus-per-worker 0 --max-iters 15 &&
+    "$PY" - "$work/runs/resume-check" <<'EOF'
+import glob, sys, torch
+states = sorted(glob.glob(sys.argv[1] + "/checkpoint_*/state.pt"))
+last = torch.load(states[-1], map_location="cpu", weights_only=True)
+print("last checkpoint:", states[-1], "iteration", last["iteration"], "| ranks with random states:", len(last["rng"]))
+assert last["iteration"] == 15
+EOF
+} 2>&1 | tee "$OUT/train_resume.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+rm -rf "$work"
+
+step "done: status $status"
+exit $status

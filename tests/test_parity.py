@@ -154,6 +154,17 @@ def test_pixel_decoder(model, outputs, ref):
         assert_close(f"pixel_decoder_multi_scale_{i}", pd.multi_scale[i], ref[f"pixel_decoder_multi_scale_{i}"])
 
 
+def test_pixel_decoder_under_bf16_autocast(model, outputs, ref):
+    """Under bf16 autocast (what --bf16 runs) the pixel decoder computes in float32, as the reference: its outputs
+    from the same features are the reference's float32 ones within the fixture's tolerances."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pd = model.sem_seg_head.pixel_decoder(outputs[0].raw.features)
+    assert pd.mask_features.dtype == torch.float32
+    assert_close("pixel_decoder_mask_features", pd.mask_features, ref["pixel_decoder_mask_features"])
+    for i in range(3):
+        assert_close(f"pixel_decoder_multi_scale_{i}", pd.multi_scale[i], ref[f"pixel_decoder_multi_scale_{i}"])
+
+
 @pytest.fixture(scope="module")
 def forward_with_aux(model, predictor, image):
     """The forward as training runs it: every decoder head's outputs (inference computes only the last one's)."""

@@ -1,5 +1,5 @@
 """bf16 labels are as good as float32 labels: fcclip-tiny trained in this process on the synthetic COCO panoptic set
-(the round trip's recipe, fewer iterations; the training step is `fcclip train`'s own, `pipelines.train._step`)
+(the round trip's recipe, fewer iterations; the training step is `fcclip train`'s own, `fcclip_pipelines.train._step`)
 predicts held-out images with float32 and under bf16 autocast (the pixel decoder, the deformable attention and the
 class logits in float32, as the reference). Their PQ against the ground truth may differ by at most 0.5 PQ points
 (0.005); the PQ of the bf16 predictions taking the float32 ones as ground truth is printed beside them.
@@ -28,7 +28,7 @@ def _train(root, device: torch.device):
     from fcclip.text import TextClassifierCache, build_text_classifier
     from fcclip.training.data import collate, train_sample
     from fcclip.training.ignore import build_ignore_criterion
-    from pipelines.train import SolverConfig, TrainConfig, _step, _Worker, lr_factor, param_groups
+    from fcclip_pipelines.train import SolverConfig, TrainConfig, _step, _Worker, lr_factor, param_groups
 
     torch.manual_seed(0)
     ds = CocoPanoptic(root, "train2017")

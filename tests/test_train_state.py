@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.train import (
+from fcclip_pipelines.train import (
     SolverConfig,
     TrainConfig,
     _Worker,
@@ -138,7 +138,7 @@ def test_every_rank_draws_its_own_samples_after_a_resume(tmp_path):
 
 
 def test_fractional_gpus_per_worker_with_nccl_are_refused_in_one_line(tmp_path, capsys):
-    from pipelines.cli import main
+    from fcclip_pipelines.cli import main
 
     args = ["train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "none"), "--storage",
             str(tmp_path / "runs")]

@@ -680,6 +680,7 @@ def run_train(
         raise SettingsMismatch(run_dir, differences)
     runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
     gpus_per_worker = runtime.resolve_gpus(gpus_per_worker, address)  # asked for, never read off the cluster
+    check_gpus_per_worker(gpus_per_worker, num_workers)
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker

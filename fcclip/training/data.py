@@ -289,9 +289,9 @@ def normalize_images(images: torch.Tensor, image_sizes: Sequence[tuple[int, int]
     This is the reference's order (normalise, then pad with zeros); LSJ's own padding (`pad_value`) is inside the
     image size and is normalised like image pixels, as in the reference. Returns (B, 3, H, W) float32.
     """
-    mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(pixel_std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    x = (images.float() - mean) / std
+    x = images.float()
+    for c, (mean, std) in enumerate(zip(pixel_mean, pixel_std)):  # Python numbers: no copy to the device
+        x[:, c].sub_(float(mean)).div_(float(std))
     for b, (h, w) in enumerate(image_sizes):
         x[b, :, h:, :] = 0
         x[b, :, :, w:] = 0

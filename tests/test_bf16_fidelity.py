@@ -1,8 +1,10 @@
 """bf16 labels are as good as float32 labels: fcclip-tiny trained in this process on the synthetic COCO panoptic set
 (the round trip's recipe, fewer iterations; the training step is `fcclip train`'s own, `fcclip_pipelines.train._step`)
 predicts held-out images with float32 and under bf16 autocast (the pixel decoder, the deformable attention and the
-class logits in float32, as the reference). Their PQ against the ground truth may differ by at most 0.5 PQ points
-(0.005); the PQ of the bf16 predictions taking the float32 ones as ground truth is printed beside them.
+class logits in float32, as the reference). The bf16 labels' PQ against the ground truth may be at most 0.5 PQ
+points (0.005) below the float32 labels'; the PQ of the bf16 predictions taking the float32 ones as ground truth is
+printed beside them. (At this size a PQ moves by about half a point when one segment flips, so the bound is one-sided:
+bf16 scoring higher by chance is no failure.)
 
 Measured figures are in benchmarks/README.md ("bf16 fidelity"). On a CPU without native bf16 the autocast is emulated
 (slower, same numbers): the predictor would refuse it, so the test sets it on the predictor directly. On a GPU
@@ -102,4 +104,4 @@ def test_bf16_labels_are_within_half_a_pq_point_of_float32(tmp_path, device):
           f"PQ fp32 {pq['fp32']:.4f}, bf16 {pq['bf16']:.4f} (gap {pq['bf16'] - pq['fp32']:+.4f}); "
           f"PQ of bf16 against fp32 {agreement:.4f}")
     assert pq["fp32"] > 0.3  # a trained model: the comparison means something
-    assert abs(pq["bf16"] - pq["fp32"]) <= MAX_PQ_GAP
+    assert pq["fp32"] - pq["bf16"] <= MAX_PQ_GAP

@@ -113,7 +113,9 @@ def _chunk_plan(needed: torch.Tensor, panoptic_index: torch.Tensor | None, insta
         plan.append(entry)
     tensors = [t for entry in plan for t in entry if isinstance(t, torch.Tensor)]
     if device.type != "cpu" and tensors:
-        moved = iter(torch.cat(tensors).pin_memory().to(device, non_blocking=True).split([t.numel() for t in tensors]))
+        flat = torch.cat(tensors)
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        moved = iter(flat.split([t.numel() for t in tensors]))
         plan = [[next(moved) if isinstance(t, torch.Tensor) else t for t in entry] for entry in plan]
     return [tuple(entry) for entry in plan]
 

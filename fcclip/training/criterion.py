@@ -281,7 +281,7 @@ def _on_device(indices: Sequence[tuple[torch.Tensor, torch.Tensor]], device: tor
         return indices
     lengths = [len(src) for src, _ in indices]
     flat = torch.cat([torch.stack((src, tgt)) for src, tgt in indices], dim=1)  # (2, M) int64
-    flat = flat.pin_memory().to(device, non_blocking=True)
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
     return [(pair[0], pair[1]) for pair in flat.split(lengths, dim=1)]
 
 

@@ -92,7 +92,12 @@ checkpoint_every: 5
 eval_every: 0
 log_every: 5
 EOF
-train() { timeout 120 "${FCCLIP[@]}" train --config "$work/run.yaml" --data "$work/coco" --storage "$work/runs" "$@"; }
+train() {
+    timeout 150 "${FCCLIP[@]}" train --config "$work/run.yaml" --data "$work/coco" --storage "$work/runs" "$@"
+    local rc=$?
+    echo "fcclip train $*: exit $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
+    return $rc
+}
 {
     train --gpus-per-worker 0 --max-iters 5 &&
     train --resume --gpus-per-worker "$GPUS" --max-iters 10 &&

@@ -102,10 +102,7 @@ class _Recording(_Stage):
 
 def test_batches_group_images_by_aspect_ratio():
     """Portrait and landscape images alternate in the chunk; each batch holds one orientation, so padding to the
-    batch's largest height and width adds nothing, and every row still gets its own image's result: all at once,
-    and as the engine calls it, one run of positions per call, merged by the positions each call says it ran."""
-    from fcclip_pipelines.stages import merge_labeled
-
+    batch's largest height and width adds nothing, and every row still gets its own image's result."""
     shapes = [(96, 64), (64, 96), (96, 64), (64, 96), (96, 64), (64, 96)]
     images = [np.zeros((h, w, 3), np.uint8) for h, w in shapes]
     meta = {"height": [h for h, _ in shapes], "width": [w for _, w in shapes], "error": [None] * 6}
@@ -113,9 +110,3 @@ def test_batches_group_images_by_aspect_ratio():
     out = label_images(stage, meta, images, batch_size=3)
     assert [set(b) for b in stage.batches] == [{(64, 96)}, {(96, 64)}]
     assert [m.shape for m in out["maps"]] == shapes
-
-    stage = _Recording()
-    parts = [label_images(stage, meta, images, 3, index=run) for run in ([0, 1, 2], [3, 4, 5])]
-    assert [set(b) for b in stage.batches] == [{(64, 96)}, {(96, 64)}]
-    assert sorted(i for part in parts for i in part["index"]) == list(range(6))  # each image once
-    assert [m.shape for m in merge_labeled(meta, parts)["maps"]] == shapes

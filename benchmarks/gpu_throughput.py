@@ -15,8 +15,8 @@ for every input size) and batch size (1, 4, 8):
 
 Then, at the first short edge and per dtype (bf16, and float32 as the label actor runs it: TF32 on a GPU), `fcclip
 label` on the same kind of images written as JPEG files, run through its command line (this checkout's, as
-pyproject.toml's ``fcclip`` script names it) in a subprocess with its own local Ray (one model actor on the GPU, the largest batch size;
-uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
+pyproject.toml's ``fcclip`` script names it) in a subprocess with its own local Ray (one model actor on the GPU, the
+largest batch size; uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
 steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
 encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
 
@@ -258,7 +258,8 @@ def report(result: dict) -> str:
         f"timed {meta['iters']} calls (medians); random weights",
         f"- load average before: {meta['load_before']}, after: {meta['load_after']}; wall {meta['wall_s']:.0f} s",
         "",
-        "| what | short edge | input (padded) | dtype | compiled (new graphs) | batch | images/s | ms / batch | peak memory |",
+        "| what | short edge | input (padded) | dtype | compiled (new graphs) | batch | images/s | ms / batch "
+        "| peak memory |",
         "|---|---:|---|---|---|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
@@ -297,7 +298,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu; auto = CUDA when available")
     p.add_argument("--model", default=None, help="preset (default: fcclip-convnext-large on a GPU, fcclip-tiny on a CPU)")
-    p.add_argument("--size", default=None, help="short edges, comma-separated (default: 1024,800 on a GPU, 256 on a CPU)")
+    p.add_argument("--size", default=None,
+                   help="short edges, comma-separated (default: 1024,800 on a GPU, 256 on a CPU)")
     p.add_argument("--aspect", type=float, default=4 / 3, help="width / height of the images (default 4:3)")
     p.add_argument("--dtypes", default="fp32,tf32,bf16", help="precisions (default: %(default)s; tf32 on CUDA only)")
     p.add_argument("--batches", default="1,4,8")
@@ -312,7 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the label run's local Ray (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting configurations after this many s (default: 270 on a GPU, none on a CPU; 0: none)")
+                   help="stop starting configurations after this many s (default: 270 on a GPU, none on a CPU; "
+                        "0: none)")
     p.add_argument("--label-dtypes", default=None,
                    help="precisions of the label runs (default: bf16 and the float32 the label actor runs: tf32 on a "
                         "GPU, fp32 on a CPU)")
@@ -428,8 +431,8 @@ def main(argv=None) -> int:
     failed = [r for r in [*result["rows"], *result["label"]]
               if r["status"] != "ok" and not r["status"].startswith("not run")]
     for r in failed:
-        print(f"FAILED: {r.get('what', 'fcclip label')}, short edge {r['short_edge']}, {r['dtype']}, batch {r['batch']}: "
-              f"{r['status'][:300]}", file=sys.stderr)
+        print(f"FAILED: {r.get('what', 'fcclip label')}, short edge {r['short_edge']}, {r['dtype']}, "
+              f"batch {r['batch']}: {r['status'][:300]}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 import torch
 
 __all__ = [
-    "NATIVE_CPU_FLAGS", "cpu_flags", "cpu_has_native", "cuda_has_native_bf16", "float32_region", "resolve_autocast_dtype",
-    "use_tf32",
+    "NATIVE_CPU_FLAGS", "cpu_flags", "cpu_has_native", "cuda_has_native_bf16", "float32_region",
+    "resolve_autocast_dtype", "use_tf32",
 ]
 
 NATIVE_CPU_FLAGS: dict[torch.dtype, tuple[str, ...]] = {
@@ -71,7 +71,8 @@ def cpu_has_native(dtype: torch.dtype, flags: Iterable[str] | None = None) -> bo
 
 
 def cuda_has_native_bf16(device: torch.device | str | int | None = None) -> bool:
-    """Whether the CUDA device computes bfloat16 natively (compute capability 8.0 or newer); emulation does not count."""
+    """Whether the CUDA device computes bfloat16 natively (compute capability 8.0 or newer); emulation does not
+    count."""
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
 

@@ -104,8 +104,9 @@ def test_bf16_labels_are_within_half_a_pq_point_of_float32(tmp_path, device):
     pq = {name: _pq(val, preds, truths) for name, preds in predicted.items()}
     fp32_as_truth = [(m, [dict(s, iscrowd=0) for s in segs]) for m, segs in predicted["fp32"]]
     agreement = _pq(val, predicted["bf16"], fp32_as_truth)
-    print(f"\nbf16 fidelity on {device.type}, fcclip-tiny trained {ITERATIONS} iterations, {VAL_IMAGES} held-out images: "
-          f"PQ fp32 {pq['fp32']:.4f}, bf16 {pq['bf16']:.4f} (gap {pq['bf16'] - pq['fp32']:+.4f}); "
-          f"PQ of bf16 against fp32 {agreement:.4f} (training {trained - started:.0f} s, predictions {predicted_s:.0f} s)")
+    print(f"\nbf16 fidelity on {device.type}, fcclip-tiny trained {ITERATIONS} iterations, {VAL_IMAGES} held-out "
+          f"images: PQ fp32 {pq['fp32']:.4f}, bf16 {pq['bf16']:.4f} (gap {pq['bf16'] - pq['fp32']:+.4f}); "
+          f"PQ of bf16 against fp32 {agreement:.4f} (training {trained - started:.0f} s, "
+          f"predictions {predicted_s:.0f} s)")
     assert pq["fp32"] > 0.3  # a trained model: the comparison means something
     assert pq["fp32"] - pq["bf16"] <= MAX_PQ_GAP

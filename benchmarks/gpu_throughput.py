@@ -16,8 +16,8 @@ for every input size) and batch size (1, 4, 8):
 Then, at the first short edge and per dtype (bf16, and float32 as the label actor runs it: TF32 on a GPU), `fcclip
 label` on the same kind of images written as JPEG files, run through its command line (this checkout's, as
 pyproject.toml's ``fcclip`` script names it) in a subprocess with its own local Ray (one model actor on the GPU, the
-largest batch size; uncompiled: the label command has no compile option), once on N and once on 2N images: images/s end to end, and the
-steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
+largest batch size; uncompiled: the label command has no compile option), once on N and once on 2N images: images/s
+end to end, and the steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
 encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
 
 The model has random weights (nothing is downloaded); with trained weights more queries pass the panoptic threshold,

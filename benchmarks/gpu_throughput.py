@@ -17,8 +17,8 @@ Then, at the first short edge and per dtype (bf16, and float32 as the label acto
 label` on the same kind of images written as JPEG files, run through its command line (this checkout's, as
 pyproject.toml's ``fcclip`` script names it) in a subprocess with its own local Ray (one model actor on the GPU, the
 largest batch size; uncompiled: the label command has no compile option), once on N and once on 2N images: images/s
-end to end, and the steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up, model loading, text
-encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
+end to end, and the steady rate N / (wall(2N) - wall(N)), which leaves out what every run pays once (Ray start-up,
+model loading, text encoding), as a share of the uncompiled bare predictor's images/s at that batch size.
 
 The model has random weights (nothing is downloaded); with trained weights more queries pass the panoptic threshold,
 so post-processing costs somewhat more. Every configuration runs ``--warmup`` untimed then ``--iters`` timed calls;

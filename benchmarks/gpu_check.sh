@@ -4,7 +4,7 @@
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh          # from the checkout's root; OUT defaults to ./gpu-check
 #
 # 1. benchmarks/gpu_throughput.py at reduced counts (ConvNeXt-L with random weights, short edges 1024 and 800,
-#    fp32 / tf32 / bf16, batches 1 and 4, eager then compiled with what a 180 s budget leaves, `fcclip label` in bf16
+#    fp32 / tf32 / bf16, batches 1 and 4, eager then compiled with what a 150 s budget leaves, `fcclip label` in bf16
 #    on 16 and 32 images): gpu_throughput.md and .json (written as it goes: a run cut short keeps its figures).
 # 2. The CUDA tests (pytest -m gpu: post-processing on CUDA, mixed precision under CUDA autocast, bf16 against fp32
 #    PQ of a tiny model trained with mixed precision, a CPU checkpoint resumed on the GPU and back, TF32) and the
@@ -60,8 +60,8 @@ grep -m1 -o 'model name.*' /proc/cpuinfo || true
 
 if [[ $STEPS == *1* ]]; then
 step "1. benchmarks/gpu_throughput.py (reduced)"
-timeout 260 "$PY" benchmarks/gpu_throughput.py --size 1024,800 --batches 1,4 --iters 3 --warmup 1 \
-    --label-images 16 --label-dtypes bf16 --budget-s 180 --json "$OUT/gpu_throughput.json" \
+timeout 200 "$PY" benchmarks/gpu_throughput.py --size 1024,800 --batches 1,4 --iters 3 --warmup 1 \
+    --label-images 16 --label-dtypes bf16 --budget-s 150 --json "$OUT/gpu_throughput.json" \
     > "$OUT/gpu_throughput.md"
 rc=$?
 cat "$OUT/gpu_throughput.md"
@@ -70,7 +70,7 @@ fi
 
 if [[ $STEPS == *2* ]]; then
 step "2. CUDA tests and precision tests"
-timeout 200 "$PY" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tee "$OUT/pytest.log"
+timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_precision.py tests/test_mixed_precision.py \
     2>&1 | tee -a "$OUT/pytest.log"
@@ -93,7 +93,7 @@ eval_every: 0
 log_every: 5
 EOF
 train() {
-    timeout 150 "${FCCLIP[@]}" train --config "$work/run.yaml" --data "$work/coco" --storage "$work/runs" "$@"
+    timeout 100 "${FCCLIP[@]}" train --config "$work/run.yaml" --data "$work/coco" --storage "$work/runs" "$@"
     local rc=$?
     echo "fcclip train $*: exit $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
     return $rc

@@ -41,7 +41,7 @@ from fcclip.config import ConfigError, load_config
 from fcclip.images import DEFAULT_MAX_PIXELS
 from fcclip.vocabulary import VocabularyError, load_vocabulary
 
-from . import runtime
+from . import lake, runtime
 from .engine import LabelEngine, LabelError
 from .progress import JobProgress
 from .output import PART_RE, Destination, new_run_id
@@ -76,6 +76,7 @@ class LabelConfig:
     autocast: str | None = None
     num_cpus: int | None = None  # for a local Ray started by the job
     embeddings: bool = False  # store each segment's query embeddings (fcclip relabel, fcclip search)
+    refresh: bool = True  # a rerun labels changed objects again (their old rows replaced); False: new URIs only
 
 
 @dataclass
@@ -94,6 +95,11 @@ class LabelSummary:
     errors: dict = field(default_factory=dict)
     startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
     actor_overhead_s_per_image: float | None = None  # model actor time per image outside the model stage's call
+    new: int | None = None  # URIs of this listing DEST lacked (None: the first listing)
+    changed: int | None = None  # URIs whose object changed since labeled (labeled again unless --no-refresh)
+    unchanged: int | None = None
+    not_refreshed: int = 0  # changed, kept as labeled (--no-refresh)
+    version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
 
     @property
     def images_per_second(self) -> float:
@@ -196,7 +202,13 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
     settings = _settings(cfg, model_config, vocabulary)
     run = reopen_run(dest, settings, overwrite)
     if run is not None:
-        return run
+        if not lake.has_table(dest):  # labeled before DEST was a table, or killed before its first version
+            lake.adopt_parts(dest, run, dest.survey().parts)
+        sizes = run["shard_sizes"]
+        done = lake.committed_shards(dest, run)
+        if any(s not in done and sizes[s] > 0 for s in range(len(sizes))):
+            return run  # an unfinished run or increment: resumed as listed
+        return _next_increment(cfg, dest, run, on_listed)
     t = time.time()
     dest.clear_manifest()  # shards of an earlier listing that did not finish
     summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
@@ -209,7 +221,31 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
         "vocabulary": vocabulary.to_dict(), "thresholds": _thresholds(cfg, model_config),
         "num_images": summary.num_images, "shard_sizes": summary.shard_sizes,
         "non_image_files": summary.skipped, "duplicate_uris": summary.duplicates,
+        "increments": [{"first_shard": 0, "listed": time.time(), "new": summary.num_images}],
     }
+    dest.write_run(run)
+    return run
+
+
+def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
+    """A complete run labeled again: SOURCE listed again, what the table lacks (new URIs, changed objects unless
+    ``cfg.refresh`` is off) becomes the run's next shards (pipelines/lake.py). run.json names them only once all are
+    written, so a listing cut short is listed again by the next run."""
+    t = time.time()
+    increment = lake.plan_increment(cfg.source, dest, run, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS,
+                                    refresh=cfg.refresh, on_listed=on_listed)
+    sizes = increment.pop("shard_sizes")
+    logger.info(
+        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged; %d shard(s) to label",
+        cfg.source, time.time() - t, increment["new"], increment["changed"],
+        f" ({increment['not_refreshed']} more kept as labeled: --no-refresh)" if increment["not_refreshed"] else "",
+        increment["unchanged"], len(sizes),
+    )
+    run = dict(run)
+    increments = list(run.get("increments") or [{"first_shard": 0, "new": run["num_images"]}])
+    increments.append({**increment, "listed": time.time()})
+    run.update(increments=increments, shard_sizes=list(run["shard_sizes"]) + sizes,
+               num_images=sum(sizes), non_image_files=increment["skipped"], duplicate_uris=increment["duplicates"])
     dest.write_run(run)
     return run
 
@@ -229,6 +265,8 @@ def run_label(
     """
 
     bars = JobProgress(enabled=progress)
+    lock = lake.WriterLock(Destination(cfg.dest))
+    lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
     try:
         if bars.bars:
             with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
@@ -236,6 +274,7 @@ def run_label(
         return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
     finally:
         bars.close()
+        lock.release()
 
 
 def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader) -> LabelSummary:
@@ -247,13 +286,18 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     run = prepare_run(cfg, dest, model_config, vocabulary, overwrite=overwrite, on_listed=bars.listed)
     sizes = run["shard_sizes"]
     bars.listing_done(run["num_images"], len(sizes))
-    done = dest.committed_shards()
+    done = lake.committed_shards(dest, run)
     pending = [s for s in range(len(sizes)) if s not in done and sizes[s] > 0]
+    increment = lake.latest_increment(run)
     summary = LabelSummary(
-        dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done),
+        dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done - set(range(increment["first_shard"]))),
         non_image_files=run.get("non_image_files", 0), duplicate_uris=run.get("duplicate_uris", 0),
     )
+    if len(run.get("increments") or ()) > 1:
+        summary.new, summary.changed, summary.unchanged = increment["new"], increment["changed"], increment["unchanged"]
+        summary.not_refreshed = increment.get("not_refreshed", 0)
     if not pending:
+        summary.version = lake.table_version(dest)
         logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
         summary.seconds = time.time() - started
         return summary
@@ -291,6 +335,10 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
+            on_committed=lake.ShardCommitter(dest, {
+                "run_id": run["run_id"], "model": f"{model_config.name}@{cfg.weights}",
+                "vocabulary_digest": vocabulary.digest, "increment": len(run.get("increments") or [None]) - 1,
+            }),
         )
         bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
         result = engine.run(pending)
@@ -301,6 +349,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         run["embeddings"] = result.run_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
         dest.write_run(run)
     summary.images = result.ok + result.failed
+    summary.version = lake.table_version(dest)
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
     summary.errors = result.errors
     summary.recovered = result.recovered
@@ -367,6 +416,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also Ray's own warnings and log lines (as `fcclip -v label`)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
+    p.add_argument("--no-refresh", action="store_true",
+                   help="on a rerun, label only URIs DEST lacks: objects changed since labeled keep their old rows")
     p.add_argument("--embeddings", action="store_true",
                    help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
@@ -380,13 +431,15 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
         batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size, embeddings=args.embeddings,
+        refresh=not args.no_refresh,
     )
     try:
         summary = run_label(
             cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False),
             make_model_stage=make_model_stage, reader=reader,
         )
-    except (ConfigError, VocabularyError, SourceError, DestinationError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConfigError, VocabularyError, SourceError, DestinationError, lake.DestinationBusy, FileNotFoundError,
+            NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
     except LabelError as e:
@@ -415,6 +468,9 @@ def print_summary(s: LabelSummary) -> None:
     )
     if s.startup_seconds:
         print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up)")
+    if s.new is not None:
+        kept = f" ({s.not_refreshed} changed kept as labeled, --no-refresh)" if s.not_refreshed else ""
+        print(f"listed again: {s.new} new, {s.changed} changed, {s.unchanged} unchanged{kept}")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:
@@ -425,7 +481,8 @@ def print_summary(s: LabelSummary) -> None:
         print(f"{s.non_image_files} listed file(s) without an image extension were not labeled")
     if s.duplicate_uris:
         print(f"{s.duplicate_uris} duplicate URI(s) in the source were labeled once")
-    print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")
+    version = f", table version {s.version}" if s.version is not None else ""
+    print(f"output: {s.dest.rstrip('/')} (a Delta table{version}; run {s.run_id})")
 
 
 def summary_dict(s: LabelSummary) -> dict:

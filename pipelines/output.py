@@ -69,6 +69,8 @@ REQUIRED_COLUMNS = ("uri", "image_id", "width", "height", "status", "error", "se
 """Columns every part file has (:data:`SCHEMA`); the run columns (``run_id``, ``model``, ...) may not."""
 _SHOWN_FILES = 3
 PART_RE = re.compile(r"part-(\d+)\.parquet$")
+REWRITE_RE = re.compile(r"part-(\d+)-r(\d+)\.parquet$")
+DELTA_LOG = "_delta_log"
 
 RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 SEGMENT = pa.struct(
@@ -101,6 +103,17 @@ SCHEMA = pa.schema(
 
 EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")
 """The columns ``fcclip label --embeddings`` adds, each a list parallel to ``segments`` (one item per segment)."""
+
+
+SOURCE_COLUMNS = ("source_etag", "source_size", "source_mtime")
+"""What SOURCE's listing said of each row's object when it was labeled (null where the listing does not say: a plain
+manifest): its ETag, size in bytes and modification time. A later run labels the object again when they differ
+(pipelines/lake.py). Added to the rows when their shard is committed, from the shard's manifest."""
+SOURCE_FIELDS = [
+    pa.field("source_etag", pa.string()),
+    pa.field("source_size", pa.int64()),
+    pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+]
 
 
 def embedding_fields(dim: int) -> list[pa.Field]:
@@ -221,31 +234,45 @@ class Destination:
         shards = len(run.get("shard_sizes") or []) if run and run.get("manifest_complete") else 0
         parts: dict[int, str] = {}
         foreign: list[str] = []
+        rewrites: list[str] = []
         for entry in entries:
             path = entry["name"].rstrip("/")
             if path == self.root:
                 continue  # an object store's marker of the prefix itself
             name = path.rsplit("/", 1)[-1]
-            if name == META_DIR:
+            if name in (META_DIR, DELTA_LOG):
+                continue
+            if REWRITE_RE.fullmatch(name) and int(REWRITE_RE.fullmatch(name).group(1)) < shards:
+                rewrites.append(path)
                 continue
             m = PART_RE.fullmatch(name)
             if m and int(m.group(1)) < shards and entry.get("type") != "directory":
                 parts[int(m.group(1))] = path
             else:
                 foreign.append(name + ("/" if entry.get("type") == "directory" else ""))
-        return Survey(run, parts, sorted(foreign))
+        return Survey(run, parts, sorted(foreign), rewrites)
 
     def remove_own_files(self, survey: "Survey") -> None:
-        """Remove what fcclip wrote (the run's part files, then ``_fcclip/``), nothing else. The order keeps a
+        """Remove what fcclip wrote (the table's log, the run's part files, then ``_fcclip/``), nothing else. The order keeps a
         removal cut short consistent: part files go while run.json still names them as the run's; run.json goes
         before the manifest it describes (a manifest without run.json is never trusted)."""
         fs = self.fs
-        for path in survey.parts.values():
+        log = self.path(DELTA_LOG)  # first: a table naming files that are gone would not read
+        if fs.exists(log):
+            fs.rm(log, recursive=True)
+        for path in [*survey.parts.values(), *survey.rewrites]:
             fs.rm_file(path)
-        for relative in (f"{META_DIR}/run.json", META_DIR):
-            target = self.path(relative)
-            if fs.exists(target):
-                fs.rm(target, recursive=relative == META_DIR)
+        run_json = self.path(META_DIR, "run.json")
+        if fs.exists(run_json):
+            fs.rm_file(run_json)
+        fs.invalidate_cache(self.path(META_DIR))
+        try:
+            children = fs.ls(self.path(META_DIR), detail=False)
+        except FileNotFoundError:
+            children = []
+        for child in children:  # all but the lock of the run doing this (pipelines/lake.py)
+            if child.rstrip("/").rsplit("/", 1)[-1] != "lock.json":
+                fs.rm(child, recursive=True)
         fs.invalidate_cache(self.root)
 
     def clear_manifest(self) -> None:
@@ -284,6 +311,7 @@ class Survey:
     run: dict | None  # run.json's content, None when DEST holds no run's settings
     parts: dict[int, str]  # committed part files of that run: {shard: path}
     foreign: list[str]  # names directly under DEST that fcclip did not write (folders end in '/')
+    rewrites: list[str] = field(default_factory=list)  # part files rewritten by an increment (pipelines/lake.py)
 
 
 def new_run_id() -> str:
@@ -338,6 +366,7 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     if got != list(range(expected_rows)):
         missing = sorted(set(range(expected_rows)) - set(got))
         raise RuntimeError(f"shard {shard}: the fragments do not cover its rows (missing {missing[:10]})")
+    table = with_source_columns(dest, shard, table)
     write_part(dest, shard, table.drop_columns(["row"]), file_metadata)
     target = dest.path(fragment_dir(shard))
     fs = dest.fs
@@ -346,6 +375,17 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     except FileNotFoundError:
         pass
     return table.num_rows
+
+
+def with_source_columns(dest: Destination, shard: int, table: pa.Table) -> pa.Table:
+    """The shard's rows (in row order, with ``row``) with :data:`SOURCE_COLUMNS` from its manifest appended."""
+    manifest = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
+    if manifest.column("uri").to_pylist() != table.column("uri").to_pylist():
+        raise RuntimeError(f"shard {shard}: its rows are not its manifest's URIs")
+    for fld, name in zip(SOURCE_FIELDS, ("etag", "size", "mtime")):
+        column = manifest.column(name).cast(fld.type) if name in manifest.column_names else pa.nulls(len(manifest), fld.type)
+        table = table.append_column(fld, column)
+    return table
 
 
 def write_part(dest: Destination, shard: int, table: pa.Table, file_metadata: dict[str, Any]) -> None:

@@ -122,14 +122,22 @@ def test_resume_skips_committed_shards_and_rejects_other_settings(tmp_path, ray_
     assert main(args) == 0
     first = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.parquet")}
     assert sorted(first) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
-    (tmp_path / "out" / "part-000001.parquet").unlink()
+    # a run killed after writing a shard's part file, before naming it in the table's log: the last version is
+    # undone (its log entry removed), and its part file removed too
+    log = sorted((tmp_path / "out" / "_delta_log").glob("*.json"))
+    assert len(log) == 3  # one version per shard
+    last = [json.loads(line) for line in log[-1].read_text().splitlines()]
+    (added,) = [a["add"]["path"] for a in last if "add" in a]
+    log[-1].unlink()
+    (tmp_path / "out" / added).unlink()
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "labeled 2 image(s)" in out and "2 shard(s) were already committed" in out
     again = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.parquet")}
     assert sorted(again) == sorted(first)
-    assert again["part-000000.parquet"] == first["part-000000.parquet"]  # untouched
+    untouched = sorted(set(first) - {added})
+    assert [again[n] for n in untouched] == [first[n] for n in untouched]
     import pandas as pd
 
     df = pd.read_parquet(tmp_path / "out")

@@ -128,6 +128,7 @@ def _add_action(dest: Destination, relative: str):
 
     fs = dest.fs
     path = dest.path(relative)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])  # written by a Ray task: not in this process's listing cache
     size = int(fs.info(path)["size"])
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
@@ -425,7 +426,7 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
         shutil.rmtree(work, ignore_errors=True)
     return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"],
             "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
-            "unchanged": counts["distinct"] - counts["new"] - counts["changed"],
+            "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
             "not_refreshed": counts["not_refreshed"]}
 
 

@@ -480,8 +480,9 @@ def _read_footer(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str] | 
     return list(schema.names), dict(schema.metadata or {}), ""
 
 
-def open_output(dest: str) -> LabelingOutput:
-    """List and check DEST's part files (``DEST/*.parquet``), reading only their footers.
+def open_output(dest: str, version: int | None = None) -> LabelingOutput:
+    """List and check DEST's part files, reading only their footers: those of the table's current version (or of
+    ``version``) when DEST is a Delta table (``DEST/_delta_log``), else ``DEST/*.parquet``.
 
     Raises:
         NotALabelingOutput: DEST is missing, holds no ``*.parquet`` file, or holds one that fcclip did not write
@@ -493,10 +494,23 @@ def open_output(dest: str) -> LabelingOutput:
     if not fs.isdir(root):
         what = "a file" if fs.exists(root) else "no such folder"
         raise NotALabelingOutput(f"{dest} is not a labeling output: {what}")
-    found = fs.glob(f"{root}/*.parquet", detail=True)
-    files = sorted(p for p, info in found.items() if info.get("type", "file") == "file")
-    if not files:
-        raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
+    from . import lake  # lake builds on this module
+
+    table = Destination(dest)
+    if lake.has_table(table):
+        try:
+            files = [table.path(name) for name in lake.table_files(table, version)]
+        except Exception as e:  # a version the log does not have (vacuumed, or not yet written)
+            raise OutputError(f"{dest}: cannot read version {version} of its table ({' '.join(str(e).split())[:200]})")
+        if not files:
+            raise NotALabelingOutput(f"{dest} is not a labeling output: its table's version holds no part file")
+    elif version is not None:
+        raise OutputError(f"{dest} is not a Delta table (no _delta_log): it has no version {version}")
+    else:
+        found = fs.glob(f"{root}/*.parquet", detail=True)
+        files = sorted(p for p, info in found.items() if info.get("type", "file") == "file")
+        if not files:
+            raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
 
     foreign: list[tuple[str, str]] = []
     columns: set[str] | None = None

@@ -305,6 +305,7 @@ class WriterLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created: list[str] = []  # local folders the lock created (removed with it when left empty)
 
     def _body(self) -> bytes:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -315,6 +316,7 @@ class WriterLock:
         dest, body = self.dest, self._body()
         if dest.is_local:
             path = dest.path(LOCK)
+            self._created = [p for p in (dest.root, dest.path(META_DIR)) if not os.path.isdir(p)]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -393,11 +395,12 @@ class WriterLock:
         held = self._read()
         if held and held.get("token") == self.token:
             self.dest.fs.rm_file(self.dest.path(LOCK))
-        if self.dest.is_local:  # a DEST refused (foreign files) is left as it was: no empty _fcclip/
-            try:
-                os.rmdir(self.dest.path(META_DIR))
-            except OSError:
-                pass
+        if self.dest.is_local:  # a DEST refused (foreign files) is left as it was: no empty _fcclip/ or DEST
+            for path in reversed(self._created):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
 
     def __enter__(self):
         self.acquire()

@@ -133,6 +133,12 @@ def output_schema(embedding_dim: int | None = None) -> pa.Schema:
     return pa.schema(list(SCHEMA) + embedding_fields(embedding_dim)) if embedding_dim else SCHEMA
 
 
+def part_schema(embedding_dim: int | None = None) -> pa.Schema:
+    """A part file's schema: the encoded rows' (:func:`output_schema`), then :data:`SOURCE_FIELDS` (added when the
+    shard is committed)."""
+    return pa.schema(list(output_schema(embedding_dim)) + SOURCE_FIELDS)
+
+
 def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
 
@@ -555,6 +561,12 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
     urls = [fs.unstrip_protocol(p) if _has_protocol(dest) else p for p in files]
     return LabelingOutput(dest=dest, fs=fs, files=files, urls=urls, columns=sorted(columns or ()),
                           vocabulary=vocabulary, metadata=metadata)
+
+
+def add_version_argument(p, what: str = "DEST") -> None:
+    """``--version N``: the commands that read a labeling output read version N of its table (default: current)."""
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help=f"read version N of {what}'s table (DEST/_delta_log; default: the current version)")
 
 
 def _has_protocol(dest: str) -> bool:

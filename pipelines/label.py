@@ -264,9 +264,9 @@ def run_label(
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
 
-    bars = JobProgress(enabled=progress)
     lock = lake.WriterLock(Destination(cfg.dest))
     lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
+    bars = JobProgress(enabled=progress)
     try:
         if bars.bars:
             with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
@@ -322,6 +322,10 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             from fcclip.backbone import clip_embed_dim
 
             constants["embedding_dim"] = clip_embed_dim(model_config.clip)
+        committer = lake.ShardCommitter(dest, {
+            "run_id": run["run_id"], "model": f"{model_config.name}@{cfg.weights}",
+            "vocabulary_digest": vocabulary.digest, "increment": len(run.get("increments") or [None]) - 1,
+        })
         inf = model_config.inference
         short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
         decoder = ReadDecode(
@@ -335,13 +339,13 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
-            on_committed=lake.ShardCommitter(dest, {
-                "run_id": run["run_id"], "model": f"{model_config.name}@{cfg.weights}",
-                "vocabulary_digest": vocabulary.digest, "increment": len(run.get("increments") or [None]) - 1,
-            }),
+            on_committed=committer,
         )
         bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
-        result = engine.run(pending)
+        try:
+            result = engine.run(pending)
+        finally:  # what is complete goes into the table, also when the job fails
+            committer.flush()
     finally:
         runtime.shutdown_ray(started_ray)
     dest.remove_fragments()

@@ -163,10 +163,24 @@ def commit_version(dest: Destination, add: list[str], remove: list[str] = (), in
                                       storage_options=options, commit_properties=props)
         return 0
     table = open_table(dest)
-    current = table.schema().to_arrow() if schema is None else None
-    target = delta_schema(schema.remove_metadata()) if schema is not None else current
+    if schema is not None:
+        _add_new_columns(table, schema, props)
+    target = table.schema()
     table.create_write_transaction(actions, mode="append", schema=target, commit_properties=props)
     return table.version() + 1
+
+
+def _add_new_columns(table, schema: pa.Schema, props) -> None:
+    """Columns of a file to add that the table lacks (a DEST labeled before a column existed): one version that
+    records them in the table's schema, before the version that adds the file (nullable: older files read as null)."""
+    from deltalake import Field
+
+    have = {f.name for f in table.schema().fields}
+    new = [f for f in schema if f.name not in have]
+    if new:
+        table.alter.add_columns([Field.from_arrow(pa.field(f.name, delta_type(f.type), True)) for f in new],
+                                commit_properties=props)
+        table.update_incremental()
 
 
 def committed_shards(dest: Destination, run: dict) -> set[int]:
@@ -200,19 +214,40 @@ def adopt_parts(dest: Destination, run: dict, parts: dict[int, str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- shard commits
 class ShardCommitter:
-    """The driver's half of a shard's commit: once the shard's part file is complete, rewrite the part files holding
-    rows its URIs replace (a Ray task each, when Ray runs), then one version that adds the part file and the
-    rewrites and removes the files they replace."""
+    """The driver's half of a shard's commit, called once the shard's part file is complete: one table version adds
+    the part files of the shards completed since the last version (a version at most every ``interval_s`` seconds,
+    so that a driver committing many shards a second writes fewer, larger versions; :meth:`flush` commits what is
+    left). A shard whose rows replace others' is committed at once, alone: its version also removes the part files
+    holding the old rows and adds them rewritten without those rows (a Ray task each, when Ray runs)."""
 
-    def __init__(self, dest: Destination, info: dict, remote: bool = True):
+    def __init__(self, dest: Destination, info: dict, remote: bool = True, interval_s: float = 2.0):
         self.dest = dest
         self.info = info
         self.remote = remote
+        self.interval_s = interval_s
+        self.waiting: list[int] = []  # complete shards not yet in a version
+        self.last = 0.0  # when the last version was committed (monotonic)
 
-    def __call__(self, shard: int) -> int:
+    def __call__(self, shard: int) -> None:
+        replaced = _replaced_rows(self.dest, shard)
+        if replaced:
+            self.flush()
+            self._commit([shard], replaced)
+        else:
+            self.waiting.append(shard)
+            if time.monotonic() - self.last >= self.interval_s:
+                self.flush()
+
+    def flush(self) -> None:
+        """Commit the shards waiting for a version."""
+        if self.waiting:
+            shards, self.waiting = self.waiting, []
+            self._commit(shards, {})
+
+    def _commit(self, shards: list[int], replaced: dict[int, list[str]]) -> int:
         dest = self.dest
-        replaced = _replaced_rows(dest, shard)
-        add, remove = [part_file(shard)], []
+        add, remove = [part_file(s) for s in shards], []
+        shard = shards[0]
         if replaced:
             current = {}
             for name in table_files(dest):
@@ -228,8 +263,10 @@ class ShardCommitter:
                 remove.append(name)
                 if kept:
                     add.append(rewrite_name(old, shard))
-        info = {**self.info, "shard": shard, "files_removed": len(remove)}
-        return commit_version(dest, add, remove, info)
+        info = {**self.info, "shards": shards, "files_removed": len(remove)}
+        version = commit_version(dest, add, remove, info)
+        self.last = time.monotonic()
+        return version
 
 
 def part_file(shard: int) -> str:

@@ -511,19 +511,20 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
                "NULL::TIMESTAMPTZ AS source_mtime, NULL::INTEGER AS shard WHERE false")
     con.execute(f"CREATE TEMP VIEW listed AS {listed}")
     con.execute(f"CREATE TEMP VIEW old AS {old}")
-    changed = _CHANGED if refresh else "false"
+    # one join: what is new or changed (a few rows of the listing, as a rule) goes to a local table, then sorted
     con.execute(f"""
-        COPY (
-            SELECT l.uri, l.etag, l.size, l.mtime, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces
+        CREATE TEMP TABLE todo AS
+            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces
             FROM listed l LEFT JOIN old o ON l.uri = o.uri
-            WHERE o.uri IS NULL OR {changed}
-            ORDER BY (o.uri IS NOT NULL), l.ord
-        ) TO '{out_path}' (FORMAT parquet, COMPRESSION zstd)""")
-    row = con.execute(f"""
-        SELECT count(*), count(*) FILTER (WHERE o.uri IS NULL), count(*) FILTER (WHERE {_CHANGED})
-        FROM listed l LEFT JOIN old o ON l.uri = o.uri""").fetchone()
+            WHERE o.uri IS NULL OR {_CHANGED}""")
+    keep = "" if refresh else "WHERE replaces IS NULL"
+    con.execute(f"""COPY (SELECT uri, etag, size, mtime, replaces FROM todo {keep}
+                          ORDER BY (replaces IS NOT NULL), ord) TO '{out_path}' (FORMAT parquet, COMPRESSION zstd)""")
+    new, all_changed = (int(v) for v in con.execute(
+        "SELECT count(*) FILTER (WHERE replaces IS NULL), count(*) FILTER (WHERE replaces IS NOT NULL) FROM todo"
+    ).fetchall()[0])
+    distinct = int(con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
     con.close()
-    distinct, new, all_changed = (int(v) for v in row)
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
             "not_refreshed": 0 if refresh else all_changed}
 

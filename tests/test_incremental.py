@@ -106,6 +106,14 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     assert pl.scan_delta(dest).select(pl.col("uri").n_unique()).collect().item() == 30
     dataset = open_table(Destination(dest), version=first).to_pyarrow_dataset()
     assert duckdb.sql("select count(distinct uri) from dataset").fetchall()[0][0] == 20
+    # and the commands: version `first` as it was, the current one by default
+    for version, expected in ((first, 20), (None, 30)):
+        out = tmp_path / f"export-{version}"
+        more = ["--version", str(version)] if version is not None else []
+        assert main(["export", dest, "--format", "coco-instances", "--out", str(out), *more]) == 0
+        assert len(json.loads((out / "instances.json").read_text())["images"]) == expected
+    assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "x"), "--version", "99"]) == 2
+    assert "version 99" in capsys.readouterr().err
 
 
 def _inventory(bucket: str, key: str) -> None:
@@ -201,3 +209,36 @@ def test_two_drivers_and_a_driver_killed_mid_increment(s3_server, tmp_path, ray_
     assert all(r["status"] == "ok" for r in rows)
     assert not (Path(dest) / "_fcclip" / "lock.json").exists()
     assert len(table_files(Destination(dest))) == 8
+
+
+def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):
+    """The lock on object storage: a conditional put (If-None-Match), so of two drivers one gets it; a lock whose
+    owner is gone from this host is stale and taken over; a released lock is gone."""
+    import json as json_
+    import subprocess
+    import sys
+
+    import boto3
+
+    from fcclip_pipelines.lake import LOCK, DestinationBusy, WriterLock
+
+    dest = Destination(f"s3://{s3_bucket}/labels")
+    first, second = WriterLock(dest), WriterLock(dest)
+    first.acquire()
+    try:
+        with pytest.raises(DestinationBusy, match="being written by another fcclip run"):
+            second.acquire()
+    finally:
+        first.release()
+    assert not dest.exists(LOCK)
+    # a driver killed while holding it: its process is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with WriterLock(dest) as lock:
+        body = json_.loads(dest.read_bytes(LOCK))
+        assert body["token"] == lock.token
+        boto3.client("s3").put_object(Bucket=s3_bucket, Key="labels/" + LOCK,
+                                      Body=json_.dumps({**body, "token": "dead", "pid": int(gone.stdout)}).encode())
+    assert dest.exists(LOCK)  # not ours any more: left in place
+    with WriterLock(dest) as lock:  # ... and taken over, its owner being gone
+        assert json_.loads(dest.read_bytes(LOCK))["token"] == lock.token
+    assert not dest.exists(LOCK)

@@ -1,6 +1,6 @@
 """The incremental diff at scale: a listing of N URIs against a DEST of N labeled rows (pipelines/lake.py).
 
-    python benchmarks/lake_diff.py --sizes 1000000 3000000 10000000 [--memory-limit 1GB] [--work /tmp/lake-diff]
+    python benchmarks/lake_diff.py --sizes 1000000 3000000 10000000 [--memory-limit 1GB] [--work DIR] [--json PATH]
 
 For each N, in a fresh process (so that its peak memory is its own): DuckDB writes a DEST of N rows as part files
 of 100,000 rows (``uri``, ``source_etag``, ``source_size``, ``source_mtime``: the columns the diff reads; a real part
@@ -72,17 +72,21 @@ def child(work: Path, n: int, memory_limit: str | None) -> dict:
             "shards": len(sizes), "memory_limit": memory_limit}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
     p.add_argument("--memory-limit", default=None, help="DuckDB's memory_limit (default: DuckDB's, 80%% of RAM)")
     p.add_argument("--work", default="/tmp/fcclip-lake-diff")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     work = Path(args.work)
     if args.child is not None:
         print(json.dumps(child(work, args.child, args.memory_limit)))
         return 0
+    results = []
+    print(f"| N | DuckDB memory_limit | diff (s) | manifest shards (s) | peak RSS (MB) | new | changed |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.sizes:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -90,8 +94,13 @@ def main() -> int:
         if args.memory_limit:
             command += ["--memory-limit", args.memory_limit]
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-        print(out.strip().splitlines()[-1], flush=True)
+        r = json.loads(out.strip().splitlines()[-1])
+        results.append(r)
+        print(f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['shards_s']} | {r['peak_rss_mb']:,} "
+              f"| {r['new']:,} | {r['changed']:,} |", flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

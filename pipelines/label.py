@@ -6,15 +6,19 @@
                  [--embeddings]
 
 The job, in order:
-1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
-   under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
-   them; other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
-   holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
+1. The driver takes DEST's lock (one writer at a time, pipelines/lake.py). SOURCE is listed (or the manifest or
+   inventory report read) in a stream to Parquet files on local disk, deduplicated in DuckDB and split into shards
+   of ``--shard-size`` URIs, written under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json).
+   A rerun with the same DEST resumes the run; once it is complete, a rerun lists SOURCE again and labels what the
+   table lacks (new URIs, changed objects: the run's next shards). Other settings are refused while a shard of the
+   run is committed (``--overwrite`` starts over). A DEST holding files fcclip did not write is refused unless
+   ``--overwrite`` (see prepare_run).
 2. Shards without a committed part file are labeled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
    images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
-   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once). The driver
-   only schedules and keeps metadata: no pixels, masks or rows pass through it.
+   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once), and the
+   driver names it in a version of DEST's Delta table (pipelines/lake.py). The driver only schedules and keeps
+   metadata: no pixels, masks or rows pass through it.
 3. Faults are bounded: when a decode task's worker dies (a decoder segfault, an out-of-memory kill), its chunk's
    images are run one at a time, each retried a bounded number of times, and an image that still fails becomes an
    error row. So does a model actor that dies (it is replaced) and a model batch that runs past ``--batch-timeout`` (its
@@ -45,7 +49,7 @@ from . import lake, runtime
 from .engine import LabelEngine, LabelError
 from .progress import JobProgress
 from .output import PART_RE, Destination, new_run_id
-from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
+from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
 logger = logging.getLogger("fcclip.label")
@@ -211,17 +215,20 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
         return _next_increment(cfg, dest, run, on_listed)
     t = time.time()
     dest.clear_manifest()  # shards of an earlier listing that did not finish
-    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
+    # the first listing is an increment of an empty table: on local disk and in DuckDB, duplicates dropped there
+    listing = lake.plan_increment(cfg.source, dest, {"shard_sizes": []}, cfg.shard_size,
+                                  cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
+    sizes = listing.pop("shard_sizes")
     logger.info(
         "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
-        summary.num_images, summary.num_shards, time.time() - t, summary.skipped, summary.duplicates,
+        sum(sizes), len(sizes), time.time() - t, listing["skipped"], listing["duplicates"],
     )
     run = {
         "run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": True,
         "vocabulary": vocabulary.to_dict(), "thresholds": _thresholds(cfg, model_config),
-        "num_images": summary.num_images, "shard_sizes": summary.shard_sizes,
-        "non_image_files": summary.skipped, "duplicate_uris": summary.duplicates,
-        "increments": [{"first_shard": 0, "listed": time.time(), "new": summary.num_images}],
+        "num_images": sum(sizes), "shard_sizes": sizes,
+        "non_image_files": listing["skipped"], "duplicate_uris": listing["duplicates"],
+        "increments": [{**listing, "listed": time.time()}],
     }
     dest.write_run(run)
     return run

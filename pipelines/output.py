@@ -9,9 +9,13 @@ plus :data:`EMBEDDING_COLUMNS` when a run stores embeddings (:func:`output_schem
 metadata holds ``fcclip.<key>`` = JSON for the run's vocabulary, thresholds, run id, model and weights
 (:data:`METADATA_PREFIX`, :data:`VOCABULARY_KEY`).
 
-Layout of DEST:
+Layout of DEST (a Delta table, pipelines/lake.py):
 
-    DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists
+    DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists, in the table
+                                        once a version of DEST/_delta_log names it
+    DEST/part-000003-r000042.parquet    shard 3's rows without those shard 42 replaced (an increment, lake.py)
+    DEST/_delta_log/                    the table's log: which part files make each version (written by the driver)
+    DEST/_fcclip/lock.json              the one writer's lock (lake.WriterLock)
     DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size),
                                         written once the manifest is complete (a manifest without it is not trusted)
     DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
@@ -34,7 +38,9 @@ Why a reader never sees a partial file or a row twice:
 - writing a shard again (a retried commit, a resumed run) replaces the file with the same rows: never a second copy;
 - fragments of a killed run are never read by a later run (it commits only the fragments it wrote itself); they are
   deleted with their shard's folder when that shard is committed, and whatever is left when a run completes.
-Nothing else under DEST ends in ``.parquet``, so ``DEST/**/*.parquet`` is exactly the committed output.
+Until an increment replaces rows, nothing else directly under DEST ends in ``.parquet``, so ``DEST/*.parquet`` is the
+committed output (plus, at most, part files written just before a kill and named in no version yet: they hold a
+shard's complete rows, which the rerun writes again); the table's current version is exactly it, always.
 
 Reading: a folder is a labeling output when it holds at least one ``*.parquet`` file and every one of them has the
 columns a reader needs (:data:`REQUIRED_COLUMNS`) and the run's vocabulary in its key-value metadata. Anything else

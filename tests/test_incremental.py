@@ -114,6 +114,12 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
         assert len(json.loads((out / "instances.json").read_text())["images"]) == expected
     assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "x"), "--version", "99"]) == 2
     assert "version 99" in capsys.readouterr().err
+    from fcclip_pipelines.train_data import open_training_data
+
+    past = open_training_data(dest, split="train", synonyms=None, version=first).output
+    assert sorted(Path(f).name for f in past.files) == [f"part-{i:06d}.parquet" for i in range(5)]
+    current = open_training_data(dest, split="train", synonyms=None).output
+    assert len(current.files) > 5 and any("-r" in Path(f).name for f in current.files)  # the rewrite of a shard
 
 
 def _inventory(bucket: str, key: str) -> None:

@@ -29,6 +29,7 @@ taken over.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -41,9 +42,10 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output import DELTA_LOG, META_DIR, Destination, manifest_name
+from .output import DELTA_LOG, META_DIR, Destination, manifest_name, part_name
 
 logger = logging.getLogger("fcclip.label")
 
@@ -246,7 +248,7 @@ class ShardCommitter:
 
     def _commit(self, shards: list[int], replaced: dict[int, list[str]]) -> int:
         dest = self.dest
-        add, remove = [part_file(s) for s in shards], []
+        add, remove = [part_name(s) for s in shards], []
         shard = shards[0]
         if replaced:
             current = {}
@@ -269,16 +271,8 @@ class ShardCommitter:
         return version
 
 
-def part_file(shard: int) -> str:
-    from .output import part_name
-
-    return part_name(shard)
-
-
 def _replaced_rows(dest: Destination, shard: int) -> dict[int, list[str]]:
     """{old shard: URIs} that shard ``shard``'s rows replace (its manifest's ``replaces`` column)."""
-    import io
-
     table = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
     if "replaces" not in table.column_names:
         return {}
@@ -292,10 +286,6 @@ def _replaced_rows(dest: Destination, shard: int) -> dict[int, list[str]]:
 def rewrite_without(dest_uri: str, name: str, new_name: str, uris: list[str]) -> int:
     """Write ``new_name``: part file ``name`` without the rows of ``uris`` (its schema and key-value metadata kept),
     unless no row remains. Returns the rows kept."""
-    import io
-
-    import pyarrow.compute as pc
-
     dest = Destination(dest_uri)
     table = pq.read_table(io.BytesIO(dest.read_bytes(name)))
     kept = table.filter(pc.invert(pc.is_in(table.column("uri"), value_set=pa.array(uris, pa.string()))))

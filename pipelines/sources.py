@@ -21,12 +21,10 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import hashlib
 import io
 import logging
 import os
 import posixpath
-from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 from urllib.parse import unquote_plus
 
@@ -299,56 +297,6 @@ def list_to_parquet(source: str, work: str, extensions: tuple[str, ...] = IMAGE_
     if cols["uri"] or not files:
         flush()
     return {"listed": listed, "skipped": skipped}
-
-
-@dataclass
-class ManifestSummary:
-    num_images: int
-    num_shards: int
-    shard_sizes: list[int]
-    skipped: int  # listed files without an image extension
-    duplicates: int  # URIs listed more than once (labeled once)
-
-
-def write_manifest(
-    source: str,
-    dest: Destination,
-    shard_size: int,
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
-    on_listed: Callable[[int], None] | None = None,
-) -> ManifestSummary:
-    """Stream SOURCE into shards of ``shard_size`` URIs under DEST/_fcclip/manifest (memory: one shard, plus 8 bytes
-    per URI to drop duplicates). ``on_listed(n)`` is told of each shard's ``n`` URIs as it is written."""
-    if shard_size < 1:
-        raise ValueError("shard size must be >= 1")
-    seen: set[bytes] = set()
-    shard, buffer, sizes = 0, [], []
-    skipped = duplicates = 0
-
-    def flush():
-        nonlocal shard, buffer
-        write_manifest_shard(dest, shard, pa.Table.from_pylist(
-            [{"uri": e.uri, "etag": e.etag, "size": e.size, "mtime": e.mtime} for e in buffer], schema=MANIFEST_SCHEMA))
-        sizes.append(len(buffer))
-        if on_listed is not None:
-            on_listed(len(buffer))
-        shard, buffer = shard + 1, []
-
-    for entry in iter_source_entries(source, extensions):
-        if not entry.selected:
-            skipped += 1
-            continue
-        key = hashlib.blake2b(entry.uri.encode(), digest_size=8).digest()
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        buffer.append(entry)
-        if len(buffer) == shard_size:
-            flush()
-    if buffer:
-        flush()
-    return ManifestSummary(sum(sizes), len(sizes), sizes, skipped, duplicates)
 
 
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()), ("mtime", MTIME)])

@@ -210,21 +210,6 @@ class Destination:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
-    def committed_shards(self) -> set[int]:
-        """Shards whose part file exists."""
-        fs = self.fs
-        try:
-            names = fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return set()
-        fs.invalidate_cache(self.root)
-        shards = set()
-        for name in names:
-            m = PART_RE.search(name.rsplit("/", 1)[-1])
-            if m:
-                shards.add(int(m.group(1)))
-        return shards
-
     # ------------------------------------------------------------------ what DEST holds
     def survey(self) -> "Survey":
         """What DEST holds, from listings only (no file is read but ``_fcclip/run.json``).

@@ -2,9 +2,10 @@
 
 The part files stay what pipelines/output.py writes (plain Parquet, the output's schema and metadata); this module
 only names them in the table's log, ``DEST/_delta_log/`` (delta-rs, the ``deltalake`` package), through its
-transaction API (add and remove actions). The driver commits each shard once its part file is complete: one table
-version per shard, whose commit info names the run, the model, the vocabulary's digest and the rows added and
-removed (:func:`commit_version`). A killed run leaves a table of the versions it committed; a part file written but
+transaction API (add and remove actions). The driver commits shards once their part files are complete: a table
+version per batch of shards completed within ``ShardCommitter.interval_s`` (a shard replacing rows alone), whose
+commit info names the run, the model, the vocabulary's digest, the shards and the rows added and replaced
+(:class:`ShardCommitter`, :func:`commit_version`). A killed run leaves a table of the versions it committed; a part file written but
 not yet named in the log is in no version, and the rerun writes it again (same name, same rows) and names it then.
 
 Shards and versions: a shard is *committed* when a version adds its part file. A later increment may replace some
@@ -250,6 +251,7 @@ class ShardCommitter:
         dest = self.dest
         add, remove = [part_name(s) for s in shards], []
         shard = shards[0]
+        rows_replaced = 0
         if replaced:
             current = {}
             for name in table_files(dest):
@@ -260,12 +262,13 @@ class ShardCommitter:
             for old, uris in sorted(replaced.items()):
                 if old in current:
                     jobs.append((old, current[old], uris))
+                    rows_replaced += len(uris)
             results = _run_rewrites(dest, shard, jobs, self.remote)
             for (old, name, _), kept in zip(jobs, results):
                 remove.append(name)
                 if kept:
                     add.append(rewrite_name(old, shard))
-        info = {**self.info, "shards": shards, "files_removed": len(remove)}
+        info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
         version = commit_version(dest, add, remove, info)
         self.last = time.monotonic()
         return version

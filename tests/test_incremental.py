@@ -78,6 +78,9 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     out = capsys.readouterr().out
     assert "listed again: 10 new, 3 changed, 17 unchanged" in out and "labeled 13 image(s)" in out, out
     _check_versions(dest, first, names, added, replaced, prefix=str(folder) + "/")
+    history = open_table(Destination(dest)).history()
+    assert sum(int(h.get("fcclip.rows_replaced", 0)) for h in history) == 3
+    assert any("-r" in f for f in table_files(Destination(dest)))  # an old part file without its replaced rows
     # the changed rows' shard replaced the old part file in the same version: no version holds a URI twice
     for version in range(first, table_version(Destination(dest)) + 1):
         uris = open_table(Destination(dest), version=version).to_pyarrow_table(columns=["uri"]).column("uri")

@@ -5,8 +5,9 @@ only names them in the table's log, ``DEST/_delta_log/`` (delta-rs, the ``deltal
 transaction API (add and remove actions). The driver commits shards once their part files are complete: a table
 version per batch of shards completed within ``ShardCommitter.interval_s`` (a shard replacing rows alone), whose
 commit info names the run, the model, the vocabulary's digest, the shards and the rows added and replaced
-(:class:`ShardCommitter`, :func:`commit_version`). A killed run leaves a table of the versions it committed; a part file written but
-not yet named in the log is in no version, and the rerun writes it again (same name, same rows) and names it then.
+(:class:`ShardCommitter`, :func:`commit_version`). A killed run leaves a table of the versions it committed; a
+part file written but not yet named in the log is in no version, and the rerun writes it again (same name, same
+rows) and names it then.
 
 Shards and versions: a shard is *committed* when a version adds its part file. A later increment may replace some
 of its rows (their objects changed in SOURCE): the version that adds the new rows' shard also removes the old part
@@ -516,7 +517,8 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
     new, all_changed = (int(v) for v in con.execute(
         "SELECT count(*) FILTER (WHERE replaces IS NULL), count(*) FILTER (WHERE replaces IS NOT NULL) FROM todo"
     ).fetchall()[0])
-    distinct = int(con.execute(f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
+    distinct = int(con.execute(
+        f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
     con.close()
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
             "not_refreshed": 0 if refresh else all_changed}

@@ -250,9 +250,10 @@ class Destination:
         return Survey(run, parts, sorted(foreign), rewrites)
 
     def remove_own_files(self, survey: "Survey") -> None:
-        """Remove what fcclip wrote (the table's log, the run's part files, then ``_fcclip/``), nothing else. The order keeps a
-        removal cut short consistent: part files go while run.json still names them as the run's; run.json goes
-        before the manifest it describes (a manifest without run.json is never trusted)."""
+        """Remove what fcclip wrote (the table's log, the run's part files, then ``_fcclip/`` but the lock), nothing
+        else. The order keeps a removal cut short consistent: the log goes first (a table naming files that are gone
+        would not read; part files without it are adopted again); part files go while run.json still names them as
+        the run's; run.json goes before the manifest it describes (a manifest without run.json is never trusted)."""
         fs = self.fs
         log = self.path(DELTA_LOG)  # first: a table naming files that are gone would not read
         if fs.exists(log):
@@ -380,7 +381,8 @@ def with_source_columns(dest: Destination, shard: int, table: pa.Table) -> pa.Ta
     if manifest.column("uri").to_pylist() != table.column("uri").to_pylist():
         raise RuntimeError(f"shard {shard}: its rows are not its manifest's URIs")
     for fld, name in zip(SOURCE_FIELDS, ("etag", "size", "mtime")):
-        column = manifest.column(name).cast(fld.type) if name in manifest.column_names else pa.nulls(len(manifest), fld.type)
+        column = (manifest.column(name).cast(fld.type) if name in manifest.column_names
+                  else pa.nulls(len(manifest), fld.type))
         table = table.append_column(fld, column)
     return table
 

@@ -265,7 +265,8 @@ def with_source(table: pa.Table, batch: pa.RecordBatch) -> pa.Table:
     """A relabeled batch with its rows' SOURCE_COLUMNS carried over (one row out per row in, in order)."""
     for fld in SOURCE_FIELDS:
         index = batch.schema.get_field_index(fld.name)
-        table = table.append_column(fld, batch.column(index).cast(fld.type) if index >= 0 else pa.nulls(len(batch), fld.type))
+        column = batch.column(index).cast(fld.type) if index >= 0 else pa.nulls(len(batch), fld.type)
+        table = table.append_column(fld, column)
     return table
 
 
@@ -406,7 +407,8 @@ def main_args(args: argparse.Namespace) -> int:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
                         weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
                         verbose=getattr(args, "verbose", False), version=args.version)
-    except (lake.DestinationBusy, RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError, FileNotFoundError) as e:
+    except (lake.DestinationBusy, RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError,
+            FileNotFoundError) as e:
         print(f"fcclip relabel: error: {e}", file=sys.stderr)
         return 2
     print(f"relabeled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "

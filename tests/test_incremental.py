@@ -70,7 +70,8 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     # each version names the shards it commits (5 shards of 4); together, every shard once
     shards = [s for h in history if "fcclip.shards" in h for s in json.loads(h["fcclip.shards"])]
     assert sorted(shards) == [0, 1, 2, 3, 4] and len(history) == first + 1
-    assert {h.get("fcclip.run_id") for h in history} == {pq.read_table(f"{dest}/part-000000.parquet")["run_id"][0].as_py()}
+    run_id = pq.read_table(f"{dest}/part-000000.parquet")["run_id"][0].as_py()
+    assert {h.get("fcclip.run_id") for h in history} == {run_id}
     assert all(h.get("fcclip.vocabulary_digest") and h.get("fcclip.model") == "fcclip-tiny@random" for h in history)
 
     added, replaced = _grow(folder, tmp_path)

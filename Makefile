@@ -5,11 +5,20 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e ".[ray,test]"
+	$(BIN)/pip install -e ".[ray,test,review]"
 	touch $@
 
-.PHONY: install demo test test-loop
+# Label Studio in its own environment (it pins Django and many others): tests/test_review.py starts it from here
+LABEL_STUDIO_VERSION := 1.23.2
+LS_VENV := .venv-ls
+$(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install "label-studio==$(LABEL_STUDIO_VERSION)"
+	touch $@
+
+.PHONY: install install-label-studio demo test test-loop
 install: $(VENV)/.installed
+install-label-studio: $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 
 VOCAB := person; car; dog, puppy; tree [stuff]; sky [stuff]; grass, lawn [stuff]
 
@@ -21,7 +30,7 @@ demo: $(VENV)/.installed
 	$(BIN)/fcclip predict demo/images/synth_00000.jpg demo/images/synth_00001.jpg --vocab "$(VOCAB)" \
 		--model fcclip-tiny --weights random --device cpu --out demo/overlays
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 	$(BIN)/python -m pytest -q
 
 test-loop: $(VENV)/.installed  # the round trip alone (it is part of `make test` too)

@@ -3,10 +3,11 @@
     python benchmarks/label_driver.py [--images 200] [--scale 10] [--num-cpus 2] [--chunk-size 128] [--json PATH]
 
 The stand-in model stage (handed to ``run_label`` through its ``make_model_stage`` argument, the seam tests use too)
-ignores its input and returns one fixed, realistic result per image: an 800x1200 segment map with 30 irregular
-segments (COCO RLE of 10-30 KiB per row). The inputs are 800x1200 JPEGs of one colour (cheap to read and decode), at
-their own size (``--short-edge 0``). Everything else is the real job: listing, decode tasks, the model actor, mask
-encoding, Parquet commits.
+returns a realistic result per image, one of 16 made in advance and chosen by the image's content: an 800x1200
+segment map with 10 to 40 irregular segments (COCO RLE of 10-40 KiB per row), so that rows differ from image to image.
+The inputs are 16 different 800x1200 JPEGs (a colour and a pattern each), copied round-robin, at their own size
+(``--short-edge 0``). Everything else is the real job: listing, decode tasks, the model actor, mask encoding, Parquet
+commits.
 
 Each run is a fresh process (its own local Ray) at N and at scale x N images. Reported:
 - rows/s: the steady rate, (10N - N) rows over the difference of the two runs' wall times (start-up cancels out);
@@ -62,31 +63,43 @@ def standin_result(height: int = HEIGHT, width: int = WIDTH, count: int = SEGMEN
     return segment_map, segments
 
 
+VARIANTS = 16
+
+
 class StandInModel:
-    """A model stage that costs nothing: the same result for every image (at the image's own size when that is
-    800x1200, the inputs' size)."""
+    """A model stage that costs next to nothing: one of VARIANTS results made in advance (10 to 40 segments), chosen
+    by the image's top-left pixel (the inputs' variant), at the image's own size when that is 800x1200."""
 
     model_id = "stand-in@none"
 
     def __init__(self):
-        self.segment_map, self.segments = standin_result()
+        self.results = [standin_result(count=10 + 2 * v, seed=v) for v in range(VARIANTS)]
 
     def __call__(self, images, sizes):
         out = []
-        for size in sizes:  # a map of its own per image, as a real model returns (shipped, not shared)
-            fits = tuple(size) == self.segment_map.shape
-            out.append((self.segment_map.copy() if fits else np.zeros(size, np.uint8), self.segments if fits else []))
+        for image, size in zip(images, sizes):  # a map of its own per image, as a real model returns (shipped)
+            segment_map, segments = self.results[int(image[0, 0, 0]) // 10 % VARIANTS]
+            fits = tuple(size) == segment_map.shape
+            out.append((segment_map.copy() if fits else np.zeros(size, np.uint8), segments if fits else []))
         return out
 
 
 def write_inputs(folder: Path, n: int) -> None:
+    """``n`` JPEGs: VARIANTS different ones (the top-left pixel's red value, 10 * variant + 5, names the variant; a
+    pattern of stripes each), copied round-robin."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    first = folder / "img_000000.jpg"
-    Image.new("RGB", (WIDTH, HEIGHT), (90, 140, 60)).save(first, quality=90)
-    for i in range(1, n):
-        shutil.copyfile(first, folder / f"img_{i:06d}.jpg")
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
+    for v in range(min(n, VARIANTS)):
+        pixels = np.empty((HEIGHT, WIDTH, 3), np.uint8)
+        pixels[..., 0] = 10 * v + 5
+        pixels[..., 1] = (((xs + v * 37) // (20 + 3 * v)) % 2) * 120 + 60
+        pixels[..., 2] = (((ys + xs * v) // 50) % 3) * 60 + 40
+        pixels[:16, :16, 0] = 10 * v + 5  # a flat corner: JPEG keeps the variant's value there
+        Image.fromarray(pixels).save(folder / f"img_{v:06d}.jpg", quality=95)
+    for i in range(VARIANTS, n):
+        shutil.copyfile(folder / f"img_{i % VARIANTS:06d}.jpg", folder / f"img_{i:06d}.jpg")
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -246,7 +259,7 @@ def main(argv=None) -> int:
     idle_rate = (small["driver_idle_cpu_s_per_s"] + big["driver_idle_cpu_s_per_s"]) / 2
     net_per_1000 = cpu_per_1000 - 1000 * idle_rate * extra_wall / extra
     flags = _cpu_flags()
-    print(f"# label driver: stand-in model ({HEIGHT}x{WIDTH}, {SEGMENTS} segments), batch {args.batch_size}, "
+    print(f"# label driver: stand-in model ({HEIGHT}x{WIDTH}, {VARIANTS} results of 10-40 segments), batch {args.batch_size}, "
           f"shard size {args.shard_size}, chunk size {args.chunk_size}, local Ray with {args.num_cpus} CPUs; "
           f"{os.cpu_count()} cores, {flags}")
     print()

@@ -22,7 +22,9 @@ from typing import IO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageSource", "decode_image_bytes", "load_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageSource", "decode_image_bytes", "load_image", "resize_image", "resized_shape",
+]
 
 DEFAULT_MAX_PIXELS = 178_956_970
 """Largest width * height decoded by default: Pillow's default hard limit (2 * 89,478,485), about 13,377 x 13,377
@@ -221,3 +223,23 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
     out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
     return np.ascontiguousarray(out, dtype=np.uint8)
 
+
+def resized_shape(height: int, width: int, short_edge: int | None, max_size: int) -> tuple[int, int]:
+    """The reference's ResizeShortestEdge: (new_h, new_w)."""
+    if short_edge is None:
+        return height, width
+    scale = short_edge / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+def resize_image(image: np.ndarray, short_edge: int | None, max_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> resized (bilinear, with PIL as the reference) uint8."""
+    h, w = image.shape[:2]
+    new_h, new_w = resized_shape(h, w, short_edge, max_size)
+    if (new_h, new_w) == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .images import DEFAULT_MAX_PIXELS, load_image, resize_image, resized_shape  # noqa: F401 (re-exported)
 from .masks import segment_bboxes
 from .model import FCCLIP, InferenceOutput
 from .precision import resolve_autocast_dtype
@@ -78,27 +78,6 @@ class Prediction:
     semantic: SemanticResult | None = None
     instances: InstanceResult | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def resized_shape(height: int, width: int, short_edge: int | None, max_size: int) -> tuple[int, int]:
-    """The reference's ResizeShortestEdge: (new_h, new_w)."""
-    if short_edge is None:
-        return height, width
-    scale = short_edge / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        scale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
-    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
-
-
-def resize_image(image: np.ndarray, short_edge: int | None, max_size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> resized (bilinear, with PIL as the reference) uint8."""
-    h, w = image.shape[:2]
-    new_h, new_w = resized_shape(h, w, short_edge, max_size)
-    if (new_h, new_w) == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
 def pad_batch(images: Sequence[torch.Tensor], divisibility: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
     fcclip predict IMAGE... --vocab VOCAB --out DIR [--model PRESET] [--weights W]
     fcclip label SOURCE --out DEST --vocab VOCAB [--embeddings] [...]
     fcclip relabel DEST --vocab NEW --out DEST2 | fcclip search DEST TEXT | fcclip embed-text TEXT
+    fcclip review pick | push | pull | merge   (people in the loop, with Label Studio)
     fcclip train --config NAME_OR_YAML --data ROOT --storage URI [...]
     fcclip eval | show | export | submit | metrics | synth ...
     fcclip models | fcclip vocabularies
@@ -48,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                        RAY_EXTRA),
     "search": Command("fcclip_pipelines.search", "segments of a labeling output ranked by similarity to a text",
                       ("duckdb",)),
+    "review": Command("fcclip_pipelines.review", "pick the labels most likely wrong, review them in Label Studio, "
+                      "pull the corrections back"),
     "embed-text": Command("fcclip_pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
     "train": Command("fcclip_pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
     "eval": Command("fcclip_pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),

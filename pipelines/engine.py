@@ -1,23 +1,33 @@
-"""The labeling engine on Ray core: chunks of a shard flow decode task -> model actor -> encode-and-write task, and a
-commit task per completed shard composes the shard's part file. The driver only schedules: it submits tasks, passes
-object references from one stage to the next, and receives per chunk a small dict of metadata (rows covered,
-counts, error reasons, a fragment's name); pixels, segment maps and rows never reach it.
+"""The labeling engine on Ray core: chunks of a shard flow decode task -> model actors (one call per batch) ->
+encode-and-write task, and a commit task per completed shard composes the shard's part file. The driver only
+schedules: it submits tasks, passes object references from one stage to the next, and receives per chunk a count
+of decoded images and a small dict of metadata (rows covered, counts, error reasons, a fragment's name); pixels,
+sizes, segment maps and rows never reach it.
 
     driver:  chunk (shard, rows, URIs) ----------------------------------------------------------------> bookkeeping
-    decode task (CPU):        URIs -> meta (sizes, errors; to the driver) + images (object store)
-    model actor (GPU/CPU):    images -> segment maps + segments (object store); the actor does device work only
-    write task (CPU):         segment maps -> RLE, areas, boxes -> Arrow rows -> a fragment under _fcclip/fragments
-    commit task (CPU):        a shard's fragments -> DEST/part-NNNNNN.parquet (atomic), fragments deleted
+    decode task (CPU):     URIs -> images decoded (a count, to the driver) + meta (sizes, errors) + images (store)
+    model actor (GPU/CPU): a chunk's images, batch by batch -> segment maps + segments (object store); device work
+    write task (CPU):      segment maps -> RLE, areas, boxes -> Arrow rows -> a fragment under _fcclip/fragments
+    commit task (CPU):     a shard's fragments -> DEST/part-NNNNNN.parquet (atomic), fragments deleted
+
+Resources are asked for, never read off the cluster: every model actor asks for ``gpus`` GPUs and
+``cpus_per_actor`` CPUs, every decode and write task for one CPU, so that an autoscaling cluster sees the demand and
+adds the nodes. The model actors are a pool of MIN to MAX (``actors``): MIN start at once; while the chunks waiting
+for them are more than their number, more start, up to MAX (no more starting at once than are up, so the pool at most
+doubles while nodes come up); once no chunk is left to give them, idle actors are ended, so that their nodes go back. Decode tasks run ahead of the model by up to four
+chunks per actor (their images wait in the object store), however many CPUs the cluster has at the moment.
 
 Faults, all bounded:
 - a decode task whose worker dies (a decoder segfault, an OOM kill) splits its chunk into single images at once:
   a decoder crash is usually one image's doing, and retrying the whole chunk would only crash on it again. Each
   single image's decode, and every write and commit task, is retried by Ray ``RETRIES`` times; a write task that
   still fails is split the same way; an image that fails alone becomes an error row;
-- a model actor that dies (killed, its node removed) is replaced; its chunk is run again, at most ``RETRIES`` times,
-  then image by image as above;
-- a model call running past ``batch_timeout`` per batch is abandoned: its actor is killed and replaced, the chunk's
-  images are run again one at a time, and an image that times out alone becomes an error row.
+- a model actor that dies (killed, its node removed) is replaced; its chunks are run again, at most ``RETRIES``
+  times, then image by image as above;
+- a model batch running past ``batch_timeout`` is abandoned: its actor is killed and replaced, the chunk's images
+  are run again one at a time, and an image that times out alone becomes an error row. The limit is per batch: a
+  call (one chunk, several batches) that runs past it is asked how long its current batch has been running
+  (``ModelActor.batch_age``, answered beside the model's thread) and given the rest of that batch's limit.
 """
 from __future__ import annotations
 
@@ -45,11 +55,12 @@ class LabelError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- Ray stages
 def _decode(decoder: ReadDecode, uris: list[str]):
     meta, images = decoder(uris)
-    return meta, images
+    return sum(1 for err in meta["error"] if not err), meta, images
 
 
 def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, labeled: dict | None,
            constants: dict, errors: list[str] | None = None) -> dict:
+    """Encode a chunk's rows (the model's result ``labeled``; None when none ran) and write them as a fragment."""
     table = encode_rows(uris, rows, meta, labeled, constants, errors=errors)
     name = write_fragment(Destination(dest_uri), shard, table)
     status = table.column("status").to_pylist()
@@ -69,8 +80,9 @@ def _commit(dest_uri: str, shard: int, fragments: list[str], expected: int, file
 
 
 def _label_chunk(model_stage, batch_size: int, meta: dict, images: list) -> dict:
-    """The model actor's work on one chunk (runtime.ModelActor.run)."""
-    return label_images(model_stage, meta, images, batch_size)
+    """The model actor's work on one chunk (runtime.ModelActor.run), batch by batch, each batch's start marked for
+    the actor's heartbeat."""
+    return label_images(model_stage, meta, images, batch_size, on_batch=runtime.mark_batch)
 
 
 # ---------------------------------------------------------------------------------------------------- the driver
@@ -81,8 +93,15 @@ class Chunk:
     uris: list[str]
     isolated: bool = False  # a single image run again after its chunk failed
     attempts: int = 0  # model calls that died with their actor
-    meta: dict | None = None
+    meta: object = None  # ObjectRef: sizes and decode errors
     images: object = None  # ObjectRef
+
+
+@dataclass
+class Call:
+    chunk: Chunk
+    info_ref: object
+    labeled_ref: object
 
 
 @dataclass
@@ -90,9 +109,8 @@ class _Actor:
     handle: object
     ready_ref: object
     ready: bool = False
-    calls: collections.deque = field(default_factory=collections.deque)  # (chunk, info_ref, labeled_ref, budget)
-    head_since: float = 0.0  # when the oldest call started, as far as the driver knows
-    failures: int = 0
+    calls: collections.deque = field(default_factory=collections.deque)  # Call, oldest first
+    deadline: float = 0.0  # when the oldest call's current batch runs out of time, as far as the driver knows
 
 
 @dataclass
@@ -108,22 +126,24 @@ class EngineResult:
     actor_images: int = 0
     actor_outside_s: float = 0.0
     run_metadata: dict | None = None  # the model stage's run_metadata (asked of the first actor)
+    max_actors: int = 0  # the most model actors alive at once
+    actors_started: int = 0
 
 
 class LabelEngine:
     """Schedules one run's pending shards; see the module docstring."""
 
-    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode, make_model_stage, *,
-                 actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float, cpus_per_actor: float,
-                 batch_timeout: float | None, constants: dict, file_metadata: dict, progress=None,
-                 ask_run_metadata: bool = False, on_committed=None):
+    def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode,
+                 make_model_stage, *, actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float,
+                 cpus_per_actor: float, batch_timeout: float | None, constants: dict, file_metadata: dict,
+                 progress=None, ask_run_metadata: bool = False, on_committed=None):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
         self.decoder_ref = ray.put(decoder)
         self.make_model_stage = make_model_stage
-        self.actors_range = actors
-        self.batch_size = batch_size
+        self.min_actors, self.max_actors = actors
+        self.batch_size = max(1, batch_size)
         self.chunk_size = max(1, chunk_size)
         self.gpus = gpus
         self.cpus_per_actor = cpus_per_actor
@@ -132,25 +152,40 @@ class LabelEngine:
         self.file_metadata = file_metadata
         self.progress = progress
         self.on_committed = on_committed  # shard -> None, on the driver once its part file is written (the table's log)
-        self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its model's run metadata, add it to the files'
+        self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its run metadata, add it to the files'
         self.result = EngineResult()
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.max_decoding = cpus + 1
         decode = ray.remote(_decode)
-        self.decode_fn = decode.options(num_cpus=1, num_returns=2, max_retries=RETRIES)
+        self.decode_fn = decode.options(num_cpus=1, num_returns=3, max_retries=RETRIES)
         # a chunk's decode is not retried: its worker's death splits the chunk into single images instead
-        self.decode_chunk_fn = decode.options(num_cpus=1, num_returns=2, max_retries=0)
+        self.decode_chunk_fn = decode.options(num_cpus=1, num_returns=3, max_retries=0)
         self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES)
         self.commit_fn = ray.remote(_commit).options(num_cpus=0.5, max_retries=RETRIES)
 
     # ------------------------------------------------------------------ actors
     def _new_actor(self) -> _Actor:
         handle = runtime.start_model_actor(self.make_model_stage, gpus=self.gpus, cpus=self.cpus_per_actor)
+        self.result.actors_started += 1
         return _Actor(handle, handle.ready.remote())
 
-    def _replace(self, actor: _Actor) -> _Actor:
+    def _end(self, actor: _Actor) -> None:
         ray.kill(actor.handle, no_restart=True)
-        return self._new_actor()
+
+    def _scale(self) -> None:
+        """Grow the pool with the backlog (up to MAX), shrink it when no batch is left for it."""
+        upstream = self.shards or self.queue or self.decoding or self.decoded
+        starting = sum(1 for a in self.actors if not a.ready)
+        if not self.actors and upstream:
+            self.actors.append(self._new_actor())
+        elif (len(self.actors) < self.max_actors and len(self.decoded) > len(self.actors)
+              and starting < max(1, len(self.actors) - starting)):  # at most doubling while nodes come up
+            self.actors.append(self._new_actor())
+            logger.info("model actors: %d (chunks waiting: %d)", len(self.actors), len(self.decoded))
+        elif not (self.shards or self.queue or self.decoding or self.decoded):
+            idle = [a for a in self.actors if a.ready and not a.calls]
+            for actor in idle:
+                self._end(actor)
+                self.actors.remove(actor)
+        self.result.max_actors = max(self.result.max_actors, len(self.actors))
 
     # ------------------------------------------------------------------ the loop
     def run(self, pending: list[int]) -> EngineResult:
@@ -158,28 +193,31 @@ class LabelEngine:
         self.queue: collections.deque[Chunk] = collections.deque()  # to decode
         self.shards = collections.deque(pending)  # not yet split into chunks
         self.open_shards: dict[int, dict] = {}  # shard -> {"fragments": [names], "covered": rows written so far}
-        self.decoding: dict = {}  # meta ref -> chunk
+        self.decoding: dict = {}  # count ref -> chunk
         self.decoded: collections.deque[Chunk] = collections.deque()  # waiting for a model call
         self.writing: dict = {}  # ref -> chunk
         self.committing: dict = {}  # ref -> (shard, attempts)
-        self.actors = [self._new_actor() for _ in range(self.actors_range[1])]
+        self.actors = [self._new_actor() for _ in range(self.min_actors)]
         self.startup_failures = 0
-        while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
-               or any(a.calls for a in self.actors)):
-            self._refill()
-            self._submit_decodes()
-            self._submit_model_calls()
-            ready = self._wait()
-            if ready is None:
-                continue
-            now = time.monotonic()
-            for i in range(len(self.actors)):
-                self._on_actor(i, ready, now)
-            self._on_decoded(ready)
-            self._on_written(ready)
-            self._on_committed(ready)
-        for actor in self.actors:
-            ray.kill(actor.handle, no_restart=True)
+        try:
+            while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
+                   or any(a.calls for a in self.actors)):
+                self._refill()
+                self._submit_decodes()
+                self._scale()
+                self._submit_model_calls()
+                ready = self._wait()
+                if ready is None:
+                    continue
+                now = time.monotonic()
+                for actor in list(self.actors):
+                    self._on_actor(actor, ready, now)
+                self._on_decoded(ready)
+                self._on_written(ready)
+                self._on_committed(ready)
+        finally:
+            for actor in self.actors:
+                self._end(actor)
         return self.result
 
     def _refill(self) -> None:
@@ -202,20 +240,19 @@ class LabelEngine:
         self._write(chunk, None, errors=[reason])
 
     def _write(self, chunk: Chunk, labeled_ref, errors: list[str] | None = None) -> None:
+        # the decode's sizes go with error rows too, where the decode succeeded (chunk.meta)
         ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labeled_ref,
                                    self.constants, errors=errors)
         chunk.images = None
         self.writing[ref] = chunk
 
     def _submit_decodes(self) -> None:
-        # decoded chunks wait in the object store for a model call: enough to keep every actor busy, no more
-        while (self.queue and len(self.decoding) < self.max_decoding
-               and len(self.decoding) + len(self.decoded) < 4 * len(self.actors)):
+        # decoded chunks wait in the object store for the model: enough to keep every actor busy, no more
+        while self.queue and len(self.decoding) + len(self.decoded) < 4 * max(1, len(self.actors)):
             chunk = self.queue.popleft()
             decode = self.decode_fn if len(chunk.uris) == 1 else self.decode_chunk_fn
-            meta_ref, images_ref = decode.remote(self.decoder_ref, chunk.uris)
-            chunk.images = images_ref
-            self.decoding[meta_ref] = chunk
+            count_ref, chunk.meta, chunk.images = decode.remote(self.decoder_ref, chunk.uris)
+            self.decoding[count_ref] = chunk
 
     def _submit_model_calls(self) -> None:
         now = time.monotonic()
@@ -224,16 +261,15 @@ class LabelEngine:
                 chunk = self.decoded.popleft()
                 info_ref, labeled_ref = actor.handle.run.options(num_returns=2).remote(
                     _label_chunk, self.batch_size, chunk.meta, chunk.images)
-                batches = -(-len(chunk.rows) // self.batch_size)
                 if not actor.calls:
-                    actor.head_since = now
-                actor.calls.append((chunk, info_ref, labeled_ref, batches))
+                    actor.deadline = now + (self.batch_timeout or 0)
+                actor.calls.append(Call(chunk, info_ref, labeled_ref))
 
     def _wait(self) -> set | None:
         """The references that are done (at least one within half a second), or None when nothing can move."""
         waiting = list(self.decoding) + list(self.writing) + list(self.committing)
         waiting += [a.ready_ref for a in self.actors if not a.ready]
-        waiting += [a.calls[0][1] for a in self.actors if a.calls]
+        waiting += [a.calls[0].info_ref for a in self.actors if a.calls]
         if not waiting:  # nothing can move (no actor at all): should not happen, but never spin
             time.sleep(0.1)
             return None
@@ -242,46 +278,64 @@ class LabelEngine:
             ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)
         return set(ready)
 
-    def _on_actor(self, i: int, ready: set, now: float) -> None:
-        """Actor ``i``: started (or failed to), its oldest call done (or died, or ran past the time limit)."""
-        actor = self.actors[i]
+    def _on_actor(self, actor: _Actor, ready: set, now: float) -> None:
+        """An actor: started (or failed to), its oldest call done (or died, or its batch ran past the time limit)."""
         if not actor.ready:
             if actor.ready_ref in ready:
-                self._on_started(i)
+                self._on_started(actor)
             return
         if not actor.calls:
             return
-        chunk, info_ref, labeled_ref, batches = actor.calls[0]
-        if info_ref in ready:
+        call = actor.calls[0]
+        if call.info_ref in ready:
             actor.calls.popleft()
-            actor.head_since = now
+            actor.deadline = now + (self.batch_timeout or 0)
             try:
-                info = ray.get(info_ref)
+                info = ray.get(call.info_ref)
             except ray.exceptions.RayActorError as e:
                 logger.warning("a model actor died (%s); replacing it", _short(e))
-                requeue = [c for c, *_ in actor.calls]
-                self.actors[i] = self._replace(actor)
-                for c in [chunk, *requeue]:
-                    self._retry(c, "model actor crashed or was killed", count_attempts=True)
+                requeue = [c.chunk for c in actor.calls]
+                self._replace(actor)
+                for chunk in [call.chunk, *requeue]:
+                    self._retry(chunk, "model actor crashed or was killed", count_attempts=True)
                 return
             except Exception as e:  # its input was lost (a node removed): decode again
-                self._retry(chunk, f"model stage failed: {_short(e)}")
+                self._retry(call.chunk, f"model stage failed: {_short(e)}")
                 return
-            self.result.actor_images += len(chunk.rows)
+            self.result.actor_images += len(call.chunk.rows)
             self.result.actor_outside_s += info["total_s"] - info["model_s"]
-            self._write(chunk, labeled_ref)
-        elif self.batch_timeout and now - actor.head_since > self.batch_timeout * batches:
-            limit = self.batch_timeout * batches
-            logger.warning("a model call ran past %.0f s; replacing its actor, its images go one by one", limit)
-            requeue = [c for c, *_ in list(actor.calls)[1:]]
+            self._write(call.chunk, call.labeled_ref)
+        elif self.batch_timeout and now > actor.deadline:
+            age = self._batch_age(actor)
+            if age is not None and age < self.batch_timeout:  # a later batch of the call: it has the rest of its limit
+                actor.deadline = now + self.batch_timeout - age
+                return
+            logger.warning("a model batch ran past %.0f s; replacing its actor, its images go one by one",
+                           self.batch_timeout)
+            requeue = [c.chunk for c in list(actor.calls)[1:]]
             actor.calls.clear()
-            self.actors[i] = self._replace(actor)
-            self._fail(chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
-            for c in reversed(requeue):
-                self.decoded.appendleft(c)
+            self._replace(actor)
+            self._fail(call.chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
+            for chunk in reversed(requeue):
+                self.decoded.appendleft(chunk)
 
-    def _on_started(self, i: int) -> None:
-        actor = self.actors[i]
+    def _batch_age(self, actor: _Actor) -> float | None:
+        """How long the actor's current batch has been running, by its own clock; None when it does not answer
+        within a few seconds (a model stuck in native code holding the GIL) or is idle."""
+        probe = actor.handle.batch_age.options(concurrency_group="probe").remote()
+        done, _ = ray.wait([probe], timeout=5.0)
+        if not done:
+            return None
+        try:
+            return ray.get(probe)
+        except Exception:
+            return None
+
+    def _replace(self, actor: _Actor) -> None:
+        self._end(actor)
+        self.actors[self.actors.index(actor)] = self._new_actor()
+
+    def _on_started(self, actor: _Actor) -> None:
         try:
             self.result.model_ids.add(ray.get(actor.ready_ref))
             if self.ask_run_metadata and self.result.run_metadata is None:
@@ -292,10 +346,10 @@ class LabelEngine:
             actor.ready = True
         except ray.exceptions.RayActorError as e:
             self.startup_failures += 1
-            if self.startup_failures > RETRIES + len(self.actors):
+            if self.startup_failures > RETRIES + self.max_actors:
                 raise LabelError(f"the model actor could not start: {_short(e)}") from None
             logger.warning("a model actor failed to start (%s); starting another", _short(e))
-            self.actors[i] = self._new_actor()
+            self._replace(actor)
 
     def _retry(self, chunk: Chunk, reason: str, count_attempts: bool = False) -> None:
         """Run a chunk whose model call was lost again (decoded again: its images may have died with a node), at
@@ -310,12 +364,12 @@ class LabelEngine:
         for ref in [r for r in self.decoding if r in ready]:
             chunk = self.decoding.pop(ref)
             try:
-                chunk.meta = ray.get(ref)
+                decoded = ray.get(ref)
             except Exception as e:  # the task's worker died (a chunk's at once, a single image's after retries)
-                chunk.images = None
+                chunk.images = chunk.meta = None
                 self._fail(chunk, _crashed(e))
                 continue
-            if not any(not err for err in chunk.meta["error"]):
+            if not decoded:
                 self._write(chunk, None)  # every image failed to decode: error rows, no model call
             else:
                 self.decoded.append(chunk)
@@ -327,6 +381,7 @@ class LabelEngine:
             try:
                 info = ray.get(ref)
             except Exception as e:
+                chunk.meta = None  # it may be what could not be read
                 self._fail(chunk, _crashed(e))
                 continue
             if res.first_rows_at is None:

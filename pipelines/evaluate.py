@@ -168,11 +168,19 @@ def label_categories(vocabulary: Vocabulary) -> list[dict]:
 
 
 
-def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool) -> float:
-    """Join ``address`` / $RAY_ADDRESS or start a local Ray; the GPUs per model actor (1 where the cluster has GPUs)."""
+def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool,
+               actors: tuple[int, int], gpu_wait: float) -> float:
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray; the GPUs per model actor, asked for
+    (runtime.resolve_gpus) and granted for the first actor within ``gpu_wait`` seconds (else ResourcesNotGranted)."""
     runtime.init_ray(address, num_cpus, verbose=True)
     ray_data.DataContext.get_current().enable_progress_bars = progress
-    return runtime.gpus_per_actor(gpus_per_actor)
+    gpus = runtime.resolve_gpus(gpus_per_actor, address)
+    asked = f"model actors: {actors[0]}" + (f"-{actors[1]}" if actors[1] != actors[0] else "") + (
+        f" x {gpus:g} GPU + 1 CPU" if gpus else " on CPU")
+    logger.info("%s", asked)
+    if gpus:
+        runtime.wait_for_resources({"GPU": gpus, "CPU": 1}, 1, gpu_wait, asked)
+    return gpus
 
 
 def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str, actors: tuple[int, int],
@@ -206,13 +214,14 @@ def run_eval_labels(
     model: str, weights: str, dest: str, *, batch_size: int = 2, actors: tuple[int, int] = (1, 1),
     gpus_per_actor: float | None = None, address: str | None = None, short_edge: int | None = None,
     max_size: int | None = None, min_score: float = 0.0, num_cpus: int | None = None, progress: bool = True,
+    gpu_wait: float = runtime.GPU_WAIT_S,
     version: int | None = None,
 ) -> dict:
     """PQ of a model against a labeling output's pseudo-labels (module docstring). ``short_edge``: None for the
     model's test size, 0 for each image's own size; ``version``: of DEST's table (default: the current one)."""
     output = open_output(dest, version)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress)
+    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
     started = time.time()
     ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)))
           .select_columns(["uri", "image_id", "status", "segments"])  # both pushed into the Parquet scan
@@ -239,10 +248,11 @@ def run_eval(
     model: str, weights: str, dataset: str, root: str, *, batch_size: int = 2, actors: tuple[int, int] = (1, 1),
     gpus_per_actor: float | None = None, address: str | None = None, limit: int | None = None,
     short_edge: int | None = None, max_size: int | None = None, num_cpus: int | None = None, progress: bool = True,
+    gpu_wait: float = runtime.GPU_WAIT_S,
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress)
+    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
     started = time.time()
     items = [{"image_id": r.image_id} for r in records]
     ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
@@ -312,7 +322,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--gpus-per-actor", type=float, default=None)
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs each model actor asks for: default 1 on a cluster (--address / $RAY_ADDRESS), and on "
+                   "this machine 1 if it has a GPU, else 0")
+    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
+                   help="seconds to wait for the first GPU before exiting with status 1 (default: %(default)g)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--short-edge", type=int, default=None,
                    help="override the benchmark's (or the model's) test size; 0: each image's own size")
@@ -329,7 +343,8 @@ def main_args(args: argparse.Namespace) -> int:
                 raise ValueError("--limit applies to benchmarks (--dataset) only")
             results = run_eval_labels(
                 args.model, args.weights, args.data, batch_size=args.batch_size, actors=(args.actors, args.actors),
-                gpus_per_actor=args.gpus_per_actor, address=args.address, short_edge=args.short_edge,
+                gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait, address=args.address,
+                short_edge=args.short_edge,
                 max_size=args.max_size, min_score=args.min_score, num_cpus=args.num_cpus,
                 progress=not args.no_progress, version=args.version,
             )
@@ -338,13 +353,17 @@ def main_args(args: argparse.Namespace) -> int:
                 raise ValueError("--version applies to labeling outputs (without --dataset) only")
             results = run_eval(
                 args.model, args.weights, args.dataset, args.data, batch_size=args.batch_size,
-                actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, address=args.address,
+                actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait,
+                address=args.address,
                 limit=args.limit, short_edge=args.short_edge, max_size=args.max_size, num_cpus=args.num_cpus,
                 progress=not args.no_progress,
             )
     except OutputError as e:
         print(f"fcclip eval: error: {e} (without --dataset, --data must be a labeling output)", file=sys.stderr)
         return 2
+    except runtime.ResourcesNotGranted as e:
+        print(f"fcclip eval: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"fcclip eval: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """`fcclip label`: stream an image collection through FC-CLIP on Ray and write Parquet, resumably.
 
     fcclip label SOURCE --out DEST --vocab VOCAB [--model PRESET] [--weights W] [--batch-size N]
-                 [--actors N | MIN-MAX] [--gpus-per-actor F] [--min-score S] [--short-edge N] [--address ADDR]
+                 [--actors N | MIN-MAX] [--gpus-per-actor F] [--gpu-wait S] [--min-score S] [--short-edge N] [--address ADDR]
                  [--decode-timeout SECONDS] [--batch-timeout SECONDS] [--overwrite] [--max-failed-fraction F]
                  [--embeddings]
 
@@ -65,7 +65,8 @@ class LabelConfig:
     weights: str = "official"
     batch_size: int = 4
     actors: tuple[int, int] = (1, 1)
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    gpus_per_actor: float | None = None  # default: runtime.default_gpus (1 on a cluster; locally the machine's)
+    gpu_wait: float = runtime.GPU_WAIT_S  # seconds to wait for the asked-for GPUs before giving up
     cpus_per_actor: float = 1.0
     min_score: float = 0.0
     short_edge: int | None = None  # default: the model's (800)
@@ -99,6 +100,7 @@ class LabelSummary:
     errors: dict = field(default_factory=dict)
     startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
     actor_overhead_s_per_image: float | None = None  # model actor time per image outside the model stage's call
+    model_actors: int = 0  # the most model actors alive at once (the pool grows from MIN towards MAX)
     new: int | None = None  # URIs of this listing DEST lacked (None: the first listing)
     changed: int | None = None  # URIs whose object changed since labeled (labeled again unless --no-refresh)
     unchanged: int | None = None
@@ -312,10 +314,16 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     bars.startup_started(cfg.actors[1])
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
-        gpus = runtime.gpus_per_actor(cfg.gpus_per_actor)
-        spec = ModelSpec(
+        gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)
+        asked = (f"model actors: {cfg.actors[0]}" + (f"-{cfg.actors[1]}" if cfg.actors[1] != cfg.actors[0] else "")
+                 + (f" x {gpus:g} GPU" if gpus else " on CPU") + f" + {cfg.cpus_per_actor:g} CPU"
+                 + (f", {cfg.autocast}" if cfg.autocast else ", float32"))
+        logger.info("%s", asked)
+        if gpus:  # granted, or one line and a non-zero exit: never the model on CPU instead
+            runtime.wait_for_resources({"GPU": gpus, "CPU": cfg.cpus_per_actor}, 1, cfg.gpu_wait, asked)
+        spec = ModelSpec(  # device "auto": the actor's device follows the GPU Ray assigns it
             model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
-            device=runtime.device_for(gpus), autocast=cfg.autocast, embeddings=cfg.embeddings,
+            autocast=cfg.autocast, embeddings=cfg.embeddings,
         )
         file_metadata = {
             "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
@@ -364,6 +372,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
     summary.errors = result.errors
     summary.recovered = result.recovered
+    summary.model_actors = result.max_actors
     summary.seconds = time.time() - started
     if result.first_rows_at is not None:
         summary.startup_seconds = result.first_rows_at - started
@@ -400,15 +409,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="fcclip-convnext-large", help="preset or preset YAML (default: %(default)s)")
     p.add_argument("--weights", default="official", help="'official', 'random' (smoke runs), or a path/URI")
     p.add_argument("--batch-size", type=int, default=4, help="images per model forward pass (default: %(default)s)")
-    p.add_argument("--actors", type=_parse_actors, default=(1, 1), help="model actors: N or MIN-MAX (autoscaling)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--actors", type=_parse_actors, default=(1, 1),
+                   help="model actors: N, or MIN-MAX: MIN start at once, more (up to MAX) while images wait for them, "
+                   "idle ones end when none are left (default: 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs each model actor asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its "
+                   "autoscaler adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 runs the "
+                   "model on CPU")
+    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
+                   help="seconds to wait for the first GPU before exiting with status 1 (default: %(default)g)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this")
     p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default 800; 0 = keep size)")
     p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default 1333)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast on GPUs")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model under bfloat16 autocast (where the device computes bfloat16 natively)")
     p.add_argument("--decode-timeout", type=float, default=120.0,
                    help="seconds to read and decode one image before it becomes an error row (default: %(default)s)")
     p.add_argument("--batch-timeout", type=float, default=600.0,
@@ -437,7 +454,7 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
     """The subcommand; ``make_model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
     cfg = LabelConfig(
         source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
-        batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait,
         cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
@@ -453,7 +470,7 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
             NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
-    except LabelError as e:
+    except (LabelError, runtime.ResourcesNotGranted) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 1
     print_summary(summary)

@@ -103,8 +103,27 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("vocabulary", pa.string()),
         pa.field("run_id", pa.string()),
+        # fcclip.uncertainty: per segment (lists parallel to `segments`) and per image; null from model stages
+        # that do not give them
+        pa.field("margin", pa.list_(pa.float32())),
+        pa.field("branches_agree", pa.list_(pa.bool_())),
+        pa.field("mask_score", pa.list_(pa.float32())),
+        pa.field("kept_share", pa.list_(pa.float32())),
+        pa.field("unlabeled_share", pa.float32()),
+        pa.field("uncertainty", pa.float32()),
     ]
 )
+
+UNCERTAINTY_COLUMNS = ("margin", "branches_agree", "mask_score", "kept_share", "unlabeled_share", "uncertainty")
+"""fcclip.uncertainty's signals: `margin`, `branches_agree`, `mask_score` and `kept_share` per segment (lists
+parallel to `segments`), `unlabeled_share` and `uncertainty` per image."""
+
+REVIEW_FIELDS = [
+    pa.field("source", pa.string()),  # "human-reviewed" (fcclip review pull) or "model" (fcclip review merge)
+    pa.field("reviewed_by", pa.string()),  # the annotator's e-mail
+    pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
+]
+"""The columns a reviewed output (``fcclip review pull``) and a merged one (``fcclip review merge``) add to SCHEMA."""
 
 
 EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_valid")

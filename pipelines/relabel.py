@@ -64,7 +64,7 @@ from .output import (
 
 logger = logging.getLogger("fcclip.relabel")
 
-_SKIPPED_COLUMNS = ("vocabulary", "run_id")  # replaced by DEST2's
+_SKIPPED_COLUMNS = ("vocabulary", "run_id", "margin", "branches_agree", "unlabeled_share", "uncertainty")  # DEST2's
 BATCH_ROWS = 512
 
 
@@ -253,6 +253,7 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=schema.field(name).type)
     n = table.num_rows
+    columns.update(_uncertainty(result, take, offsets, new_segments, table, space.alpha > 0 or space.beta > 0))
     columns["vocabulary"] = pa.array([constants["vocabulary"]] * n, pa.string())
     columns["run_id"] = pa.array([constants["run_id"]] * n, pa.string())
     status = table.column("status").to_pylist()
@@ -268,6 +269,45 @@ def with_source(table: pa.Table, batch: pa.RecordBatch) -> pa.Table:
         column = batch.column(index).cast(fld.type) if index >= 0 else pa.nulls(len(batch), fld.type)
         table = table.append_column(fld, column)
     return table
+def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table,
+                 use_agreement: bool) -> dict:
+    """output.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
+    NEW, the unlabeled share from the kept segments' areas (dropped segments' pixels become unlabeled)."""
+    from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt, unlabeled_share
+
+    ens = result.classification.ensemble
+    margin, agree = query_signals(ens.probs, ens.in_vocab_probs, ens.out_vocab_probs)
+    margin = margin.numpy()[take].astype(np.float32).tolist() if take else []
+    agree = agree.numpy()[take].astype(bool).tolist() if take else []
+    mask = {}  # the masks do not change: each kept segment keeps its source segment's mask signals (null if none)
+    counts = [len(row or []) for row in table.column("segments").to_pylist()]
+    for name in ("mask_score", "kept_share"):
+        lists = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+        values = [v for row, n in zip(lists, counts) for v in (row if row is not None and len(row) == n else [None] * n)]
+        mask[name] = [values[k] for k in take]
+    status = table.column("status").to_pylist()
+    heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
+    shares, scores = [], []
+    for i, st in enumerate(status):
+        lo, hi = offsets[i], offsets[i + 1]
+        if st != "ok":
+            shares.append(None)
+            scores.append(None)
+            continue
+        share = unlabeled_share([s["area"] for s in segments[lo:hi]], heights[i], widths[i])
+        shares.append(share)
+        scores.append(image_uncertainty([
+            segment_doubt(m, a, ms, ks, use_agreement) for m, a, ms, ks in
+            zip(margin[lo:hi], agree[lo:hi], mask["mask_score"][lo:hi], mask["kept_share"][lo:hi])], share))
+    off = pa.array(offsets, pa.int32())
+    return {
+        "margin": pa.ListArray.from_arrays(off, pa.array(margin, pa.float32())),
+        "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "mask_score": pa.ListArray.from_arrays(off, pa.array(mask["mask_score"], pa.float32())),
+        "kept_share": pa.ListArray.from_arrays(off, pa.array(mask["kept_share"], pa.float32())),
+        "unlabeled_share": pa.array(shares, pa.float32()),
+        "uncertainty": pa.array(scores, pa.float32()),
+    }
 
 
 def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,

@@ -2,7 +2,8 @@
 
     started = runtime.init_ray(address=None, num_cpus=None, verbose=False)   # a NEW local Ray, or join a cluster
     try:
-        gpus = runtime.gpus_per_actor(requested=None)                         # 1 when the cluster has GPUs, else 0
+        gpus = runtime.resolve_gpus(requested, address)                       # asked for, never read off the cluster
+        runtime.wait_for_resources({"GPU": gpus, "CPU": 1}, 1, 600, "model actors")  # granted, or one line
         actor = runtime.start_model_actor(make_model_stage, gpus=gpus, cpus=1.0)  # builds it, once
         model_id = ray.get(actor.ready.remote())
         info_ref, out_ref = actor.run.options(num_returns=2).remote(work, *args)   # work(model_stage, *args)
@@ -68,21 +69,81 @@ def quiet(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def cluster_gpus() -> float:
+GPU_WAIT_S = 600.0
+"""How long a job waits for the GPUs it asked for (``--gpu-wait``) before it says so and exits non-zero."""
+
+
+class ResourcesNotGranted(RuntimeError):
+    """The cluster did not grant what a job asked for within the wait; the message is one line for the user."""
+
+
+def on_cluster(address: str | None) -> bool:
+    """Whether the job joins a cluster (``address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it) rather than
+    starting Ray on this machine."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def default_gpus(address: str | None) -> float:
+    """The GPUs per model actor or training worker when none are asked for: 1 on a cluster, whatever it holds at
+    this moment (an autoscaling cluster starts without GPU nodes: asking is what makes its autoscaler add them;
+    pass 0 for a CPU-only cluster); on this machine, 1 when the local Ray found a GPU, else 0. Call after
+    ``init_ray``."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    if on_cluster(address):
+        return 1.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def gpus_per_actor(requested: float | None = None) -> float:
-    """``requested``, or 1 when the cluster has GPUs, else 0."""
-    if requested is not None:
-        return float(requested)
-    return 1.0 if cluster_gpus() > 0 else 0.0
+def resolve_gpus(requested: float | None, address: str | None) -> float:
+    """``requested`` when given, else :func:`default_gpus`."""
+    return float(requested) if requested is not None else default_gpus(address)
 
 
-def device_for(gpus: float) -> str:
-    return "cuda" if gpus > 0 else "cpu"
+def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, what: str) -> float:
+    """Ask the cluster for ``count`` x ``bundle`` (a placement group, which an autoscaler answers by adding nodes)
+    and wait until it is granted; the group is released at once (the nodes stay until their idle timeout, for the
+    job's actors or workers to take). Returns the seconds waited; raises ResourcesNotGranted after ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {k: float(v) for k, v in bundle.items() if v}
+    started = time.monotonic()
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        have = ray.cluster_resources()
+        held = ", ".join(f"{have.get(k, 0):g} {k}" for k in bundle)
+        raise ResourcesNotGranted(
+            f"asked for {what}; the cluster did not grant {count} x {_bundle_text(bundle)} within {timeout_s:g} s "
+            f"(it holds {held}). Add such nodes (or let the autoscaler add them), wait longer with --gpu-wait, or "
+            "pass 0 GPUs to run on CPU")
+    return time.monotonic() - started
+
+
+def _bundle_text(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+
+def assigned_gpus() -> list:
+    """The GPU ids Ray assigned to the current worker or actor ([] outside Ray or without GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+
+
+_batch_started: float | None = None  # in a model actor's process: when the running call's current batch started
+
+
+def mark_batch() -> None:
+    """Called by the work running in a model actor as each batch starts (ModelActor.batch_age reads it)."""
+    global _batch_started
+    _batch_started = time.monotonic()
 
 
 class ModelActor:
@@ -101,12 +162,23 @@ class ModelActor:
         """(info, result): ``info["total_s"]`` is the call's time inside the actor; a dict result's ``model_s`` (the
         time spent inside the model itself) is copied there too. Call with ``num_returns=2`` so that the small info
         can be fetched without the result."""
+        global _batch_started
         started = time.perf_counter()
-        result = work(self.model_stage, *args)
+        _batch_started = time.monotonic()
+        try:
+            result = work(self.model_stage, *args)
+        finally:
+            _batch_started = None
         info = {"total_s": time.perf_counter() - started}
         if isinstance(result, dict) and "model_s" in result:
             info["model_s"] = result["model_s"]
         return info, result
+
+    def batch_age(self) -> float | None:
+        """Seconds since the running call's current batch started (None when idle). Call it in the actor's "probe"
+        concurrency group, so that it is answered while ``run`` works (``run`` itself never runs twice at once)."""
+        started = _batch_started
+        return None if started is None else time.monotonic() - started
 
 
 def start_model_actor(make_model_stage, *, gpus: float, cpus: float = 1.0):
@@ -114,5 +186,5 @@ def start_model_actor(make_model_stage, *, gpus: float, cpus: float = 1.0):
     kills it (``ray.kill``) and starts another, counting its own bounded retries (see pipelines/engine.py)."""
     import ray
 
-    cls = ray.remote(ModelActor)
+    cls = ray.remote(concurrency_groups={"probe": 1})(ModelActor)
     return cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(make_model_stage)

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 SEGMENT_KEYS = ("id", "label", "category_id", "is_thing", "score")
+UNCERTAINTY_KEYS = ("margin", "branches_agree", "mask_score", "kept_share", "doubt")
+"""What a model stage may add to each segment (fcclip.uncertainty; stand-in stages may not): the stored signals, and
+``doubt``, which is not stored: the image's ``uncertainty`` is made of it."""
 
 
 def image_id(uri: str) -> str:
@@ -116,8 +119,7 @@ class ReadDecode:
         self.reader = reader or read_bytes
 
     def __call__(self, uris: list[str]) -> tuple[dict, list]:
-        from fcclip.images import decode_image_bytes
-        from fcclip.predictor import resize_image
+        from fcclip.images import decode_image_bytes, resize_image  # PIL and numpy only: no torch in decode tasks
 
         meta = {"height": [], "width": [], "error": []}
         images = []
@@ -151,8 +153,8 @@ class ModelSpec:
     weights: str
     vocabulary: dict  # Vocabulary.to_dict()
     min_score: float = 0.0
-    device: str = "auto"
-    autocast: str | None = None  # "bf16" / "fp16" on GPUs
+    device: str = "auto"  # "auto": the GPU Ray assigned to the actor (it sets CUDA_VISIBLE_DEVICES), else the CPU
+    autocast: str | None = None  # "bf16" / "fp16"
     embeddings: bool = False  # add each segment's query embeddings (fcclip label --embeddings)
 
 
@@ -186,9 +188,8 @@ class FCCLIPSegmenter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = build_model(spec.model, weights=spec.weights, device=spec.device)
+        # the predictor runs it where the device has it natively and says so where not (fcclip.precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.autocast or "")
-        if dtype is not None and self.model.device.type != "cuda":
-            dtype = None
         self.predictor = Predictor(
             self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",),
             autocast_dtype=dtype,
@@ -196,6 +197,8 @@ class FCCLIPSegmenter:
         self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
         self.embeddings = spec.embeddings
+        inference = self.model.config.inference
+        self.use_agreement = inference.alpha > 0 or inference.beta > 0  # the CLIP branch has a say
         self.run_metadata = {}
         if spec.embeddings:
             from fcclip.reclassify import EmbeddingSpace
@@ -218,10 +221,39 @@ class FCCLIPSegmenter:
                 keep_ids = np.array([s["id"] for s in kept], dtype=segment_map.dtype)
                 segment_map = np.where(np.isin(segment_map, keep_ids), segment_map, 0)
             segments = [{k: s[k] for k in SEGMENT_KEYS} for s in kept]
+            _add_uncertainty(segments, [s["query_index"] for s in kept], [s["area"] for s in kept], out, j,
+                             resized[j], size, self.use_agreement)
             if self.embeddings:
                 _add_embeddings(segments, [s["query_index"] for s in kept], out, j)
             results.append((_narrow(segment_map), segments))
         return results
+
+
+def _add_uncertainty(segments: list[dict], queries: list[int], areas: list[int], out, j: int,
+                     resized: tuple[int, int], size: tuple[int, int], use_agreement: bool) -> None:
+    """Attach to each segment its query's signals (fcclip.uncertainty: margin, branch agreement, mask score, kept
+    share) and its doubt; the doubt counts the agreement when ``use_agreement`` (the ensemble weights CLIP's
+    branch). ``resized``: the image's (h, w) as fed to the model; ``size``: the output's (H, W)."""
+    if not segments:
+        return
+    import torch
+
+    from fcclip.uncertainty import mask_signals, query_signals, segment_doubt
+
+    ens = out.ensemble
+    margin, agree = query_signals(ens.probs[j], ens.in_vocab_probs[j], ens.out_vocab_probs[j])
+    margin, agree = margin.cpu().numpy(), agree.cpu().numpy()
+    index = torch.as_tensor(queries, dtype=torch.long)
+    h4, w4 = -(-int(resized[0]) // 4), -(-int(resized[1]) // 4)
+    logits = out.mask_logits[j][index.to(out.mask_logits.device), :h4, :w4]
+    scale = (int(size[0]) * int(size[1])) / max(logits.shape[-2] * logits.shape[-1], 1)
+    mask_score, kept_share = mask_signals(logits, torch.as_tensor(areas, device=logits.device), scale)
+    mask_score, kept_share = mask_score.cpu().numpy(), kept_share.cpu().numpy()
+    for k, (s, q) in enumerate(zip(segments, queries)):
+        s.update(margin=float(margin[q]), branches_agree=bool(agree[q]), mask_score=float(mask_score[k]),
+                 kept_share=float(kept_share[k]))
+        s["doubt"] = segment_doubt(s["margin"], s["branches_agree"], s["mask_score"], s["kept_share"],
+                                   use_agreement)
 
 
 def _add_embeddings(segments: list[dict], queries: list[int], out, j: int) -> None:
@@ -249,12 +281,14 @@ def _narrow(segment_map: np.ndarray) -> np.ndarray:
     return segment_map.astype(dtype, copy=False)
 
 
-def label_images(model_stage, meta: dict, images: list, batch_size: int) -> dict:
+def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batch: Callable[[], None] | None = None
+                 ) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
-    A batch that raises (e.g. out of memory on one huge batch) is run again one image at a time; an image that
-    still raises is an error row. Returns {"maps": [(H, W) array or None], "segments": [[...]], "error": [...],
-    "model": id, "model_s": seconds inside the model stage}.
+    Images whose decode failed (``meta["error"]``) are skipped. A batch that raises (e.g. out of memory on one huge
+    batch) is run again one image at a time; an image that still raises is an error row. ``on_batch`` is called as
+    each batch starts (the model actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or
+    None], "segments": [[...]], "error": [...], "model": id, "model_s": seconds inside the model stage}.
     """
     n = len(images)
     errors = list(meta["error"])
@@ -265,15 +299,19 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int) -> dict
 
     def run(index):
         nonlocal model_s
+        if on_batch is not None:
+            on_batch()
         t = time.perf_counter()
         out = model_stage([images[i] for i in index], [(meta["height"][i], meta["width"][i]) for i in index])
         model_s += time.perf_counter() - t
         for i, (segment_map, segs) in zip(index, out):
             maps[i] = _narrow(np.asarray(segment_map))
-            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS if k in s} for s in segs]
+            segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS + UNCERTAINTY_KEYS if k in s}
+                           for s in segs]
 
-    for start in range(0, len(todo), max(1, batch_size)):
-        batch = todo[start : start + max(1, batch_size)]
+    step = max(1, batch_size)
+    for start in range(0, len(todo), step):
+        batch = todo[start : start + step]
         try:
             run(batch)
         except Exception as e:
@@ -359,10 +397,45 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labeled: dict | No
         "vocabulary": pa.array([constants["vocabulary"]] * n, pa.string()),
         "run_id": pa.array([constants["run_id"]] * n, pa.string()),
     }
+    columns.update(_uncertainty_columns(embedded, offsets, status, widths, heights, seg_fields["area"]))
     if dim:
         columns.update(_embedding_columns(embedded, offsets_array, dim, schema))
     table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
     return table.append_column("row", pa.array(rows, pa.int32()))
+
+
+def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[str], widths: list, heights: list,
+                         areas: list[int]) -> dict:
+    """output.UNCERTAINTY_COLUMNS for a chunk: margins and agreement as lists parallel to ``segments`` (null where the
+    model stage gave none), the unlabeled share and the image's uncertainty (null on error rows, and the
+    uncertainty also where a segment has no signals)."""
+    from fcclip.uncertainty import image_uncertainty, unlabeled_share
+
+    margins = [s.get("margin") for s in segments]
+    agree = [s.get("branches_agree") for s in segments]
+    doubts = [s.get("doubt") for s in segments]
+    mask_scores = [s.get("mask_score") for s in segments]
+    kept = [s.get("kept_share") for s in segments]
+    shares, scores = [], []
+    for i, st in enumerate(status):
+        lo, hi = offsets[i], offsets[i + 1]
+        if st != "ok":
+            shares.append(None)
+            scores.append(None)
+            continue
+        share = unlabeled_share(areas[lo:hi], heights[i], widths[i])
+        shares.append(share)
+        d = doubts[lo:hi]
+        scores.append(None if any(v is None for v in d) else image_uncertainty(d, share))
+    off = pa.array(offsets, pa.int32())
+    return {
+        "margin": pa.ListArray.from_arrays(off, pa.array(margins, pa.float32())),
+        "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
+        "mask_score": pa.ListArray.from_arrays(off, pa.array(mask_scores, pa.float32())),
+        "kept_share": pa.ListArray.from_arrays(off, pa.array(kept, pa.float32())),
+        "unlabeled_share": pa.array(shares, pa.float32()),
+        "uncertainty": pa.array(scores, pa.float32()),
+    }
 
 
 def _embedding_columns(segments: list[dict], offsets: pa.Array, dim: int, schema: pa.Schema) -> dict:

@@ -490,6 +490,7 @@ def run_train(
     num_workers: int = 1,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float = 1.0,
+    gpu_wait: float = runtime.GPU_WAIT_S,
     max_iters: int | None = None,
     resume: bool = False,
     address: str | None = None,
@@ -537,11 +538,15 @@ def run_train(
     if differences and _has_checkpoint(run_dir):
         raise SettingsMismatch(run_dir, differences)
     runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus_per_worker = runtime.resolve_gpus(gpus_per_worker, address)  # asked for, never read off the cluster
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
+    asked = (f"training workers: {num_workers} x " + (f"{gpus_per_worker:g} GPU + " if gpus_per_worker else "")
+             + f"{cpus_per_worker:g} CPU, {'nccl' if gpus_per_worker else 'gloo'}")
+    logger.info("%s", asked)
+    if gpus_per_worker:  # all of them, granted (an autoscaler adds the nodes), or one line: never CPU instead
+        runtime.wait_for_resources({"GPU": gpus_per_worker, "CPU": cpus_per_worker}, num_workers, gpu_wait, asked)
     datasets = None
     if "labels" in by_kind:
         spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
@@ -727,7 +732,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on version N of the labeling output's table (default: the current one)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each training worker asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its "
+                   "autoscaler adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 trains on "
+                   "CPU (gloo)")
+    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
+                   help="seconds to wait for every worker's GPU before exiting with status 1 (default: %(default)g)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-iters", type=int, default=None, help="override the config's iteration count")
     p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")
@@ -763,6 +773,7 @@ def main_args(args: argparse.Namespace) -> int:
         mix = parse_mix(args.mix) if args.mix else None
         result, final = run_train(
             cfg, args.data, args.storage, num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+            gpu_wait=args.gpu_wait,
             cpus_per_worker=args.cpus_per_worker, max_iters=args.max_iters, resume=args.resume,
             address=args.address, name=args.name, num_cpus=args.num_cpus, selection=selection, mix=mix,
             data_version=args.version,
@@ -770,6 +781,9 @@ def main_args(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"fcclip train: error: {e}", file=sys.stderr)
         return 2
+    except runtime.ResourcesNotGranted as e:
+        print(f"fcclip train: error: {e}", file=sys.stderr)
+        return 1
     metrics = result.metrics or {}
     print(
         f"trained to iteration {metrics.get('iteration')}: loss {metrics.get('loss', float('nan')):.4f}, "

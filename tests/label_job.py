@@ -7,13 +7,19 @@
                    Python (a read that never returns), ``stall`` sleeps with SIGALRM blocked (a decoder stuck in
                    native code, out of the time limit's alarm);
 --hanging-model    the model stage is a stand-in that segments each image as one "thing" segment, and never returns
-                   from a batch holding an image whose top-left pixel is pure magenta (255, 0, 255).
+                   from a batch holding an image whose top-left pixel is pure magenta (255, 0, 255);
+--model-seconds S  ... and takes S seconds for every other batch;
+--slow-model S     the model stage is a stand-in that takes S seconds per image and names in its model id the GPUs
+                   Ray assigned to its actor (the rows' ``model`` column shows them);
+--log-reads FILE   each read appends the Ray node type it ran on ($RAY_NODE_TYPE_NAME, set on the nodes of a fake
+                   autoscaling cluster) to FILE.
 
 Run as a script, so that Ray ships these classes to its workers by value: production code has no switch for them.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -31,10 +37,14 @@ MAGENTA = (255, 0, 255)
 
 
 class FaultyReader:
-    def __init__(self, faults: list[tuple[str, str]]):
+    def __init__(self, faults: list[tuple[str, str]], log: str | None = None):
         self.faults = faults
+        self.log = log
 
     def __call__(self, uri: str) -> bytes:
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{os.environ.get('RAY_NODE_TYPE_NAME', 'head')}\n")
         for kind, needle in self.faults:
             if needle in uri:
                 if kind == "crash":
@@ -50,9 +60,27 @@ class FaultyReader:
 class HangingModel:
     model_id = "hanging-stand-in@none"
 
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds  # per batch that does not hang
+
     def __call__(self, images, sizes):
         if any(tuple(int(v) for v in image[0, 0]) == MAGENTA for image in images):
             time.sleep(3600)  # a forward that never returns
+        time.sleep(self.seconds)
+        segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 1.0}
+        return [(np.ones(size, np.uint8), [segment]) for size in sizes]
+
+
+class SlowModel:
+    def __init__(self, seconds: float):
+        import ray
+
+        self.seconds = seconds
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        self.model_id = f"slow-stand-in@gpus={','.join(gpus) or 'none'}"
+
+    def __call__(self, images, sizes):
+        time.sleep(self.seconds * len(images))
         segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 1.0}
         return [(np.ones(size, np.uint8), [segment]) for size in sizes]
 
@@ -63,6 +91,9 @@ def main(argv=None) -> int:
     own = argparse.ArgumentParser()
     own.add_argument("--fault", action="append", default=[])
     own.add_argument("--hanging-model", action="store_true")
+    own.add_argument("--model-seconds", type=float, default=0.0)
+    own.add_argument("--slow-model", type=float, default=None)
+    own.add_argument("--log-reads", default=None)
     mine = own.parse_args(argv[:split])
     label = argparse.ArgumentParser(prog="fcclip label")
     add_arguments(label)
@@ -71,9 +102,13 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     faults = [tuple(f.split(":", 1)) for f in mine.fault]
-    return main_args(
-        args, reader=FaultyReader(faults) if faults else None, make_model_stage=HangingModel if mine.hanging_model else None
-    )
+    make_model_stage = None
+    if mine.hanging_model:
+        make_model_stage = functools.partial(HangingModel, mine.model_seconds)
+    elif mine.slow_model is not None:
+        make_model_stage = functools.partial(SlowModel, mine.slow_model)
+    reader = FaultyReader(faults, mine.log_reads) if faults or mine.log_reads else None
+    return main_args(args, reader=reader, make_model_stage=make_model_stage)
 
 
 if __name__ == "__main__":

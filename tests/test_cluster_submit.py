@@ -93,7 +93,8 @@ def test_submit_label_job(ray_head, s3_bucket, capsys):
     proc = subprocess.run(
         [str(BIN / "fcclip"), "submit", "--address", ray_head, "--",
          "fcclip", "label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", "cat; dog; sky [stuff]",
-         "--model", "fcclip-tiny", "--weights", "random", "--shard-size", "2", "--no-progress"],
+         "--model", "fcclip-tiny", "--weights", "random", "--shard-size", "2", "--no-progress",
+         "--gpus-per-actor", "0"],  # a CPU-only cluster says so: on a cluster the actors ask for a GPU by default
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,6 +9,7 @@ import torch
 
 from fcclip import Predictor
 from fcclip.reclassify import EmbeddingSpace
+from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt
 from fcclip.vocabulary import load_vocabulary
 from fcclip_pipelines.cli import main
 from fcclip_pipelines.output import SCHEMA, output_schema, part_schema
@@ -81,6 +82,16 @@ def test_label_stores_each_segments_query_embeddings(lake, tiny_model):
                 assert np.linalg.norm(stored) == pytest.approx(1.0, abs=2e-3)
                 np.testing.assert_allclose(stored, ours[0, q].numpy(), atol=2e-3)
         assert all(r["embedding_valid"])
+        # the uncertainty columns are the model's own ensemble's, for the same queries (fcclip.uncertainty)
+        margin, agree = query_signals(out.ensemble.probs[0], out.ensemble.in_vocab_probs[0],
+                                      out.ensemble.out_vocab_probs[0])
+        np.testing.assert_allclose(r["margin"], margin[r["query_index"]].numpy(), atol=1e-4)
+        assert r["branches_agree"] == agree[r["query_index"]].tolist()
+        assert r["unlabeled_share"] == pytest.approx(1 - sum(s["area"] for s in r["segments"]) / (size[0] * size[1]),
+                                                     abs=1e-4)
+        doubts = [segment_doubt(*v) for v in  # alpha, beta > 0 here
+                  zip(r["margin"], r["branches_agree"], r["mask_score"], r["kept_share"])]
+        assert r["uncertainty"] == pytest.approx(image_uncertainty(doubts, r["unlabeled_share"]), abs=1e-4)
 
 
 def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path, capsys):
@@ -140,9 +151,10 @@ def test_relabel_with_another_vocabulary_gives_the_models_classes(lake, tiny_mod
             if c == len(vocabulary) or score <= 0.0:
                 continue
             if not vocabulary.thing_mask[c] and c in stuff:
-                stuff[c]["score"] = max(stuff[c]["score"], score)
+                if score > stuff[c]["score"]:
+                    stuff[c].update(score=score, query=q)
                 continue
-            entry = {"id": s["id"], "label": vocabulary.labels[c], "score": score}
+            entry = {"id": s["id"], "label": vocabulary.labels[c], "score": score, "query": q}
             expected.append(entry)
             if not vocabulary.thing_mask[c]:
                 stuff[c] = entry
@@ -150,6 +162,18 @@ def test_relabel_with_another_vocabulary_gives_the_models_classes(lake, tiny_mod
         assert [(s["id"], s["label"]) for s in got] == [(e["id"], e["label"]) for e in expected]
         for s, e in zip(got, expected):
             assert s["score"] == pytest.approx(e["score"], rel=SCORE_RTOL)
+        # uncertainty recomputed under NEW from the kept query of each segment (float16 embeddings: loose)
+        ens = out.ensemble
+        margin, agree = query_signals(ens.probs[0], ens.in_vocab_probs[0], ens.out_vocab_probs[0])
+        queries = [e["query"] for e in expected]
+        np.testing.assert_allclose(after[uri]["margin"], margin[queries].numpy(), atol=2e-2)
+        for q, a in zip(queries, after[uri]["branches_agree"]):
+            gaps = [p[0, q].topk(2).values for p in (ens.in_vocab_probs, ens.out_vocab_probs)]
+            if all(float(g[0] - g[1]) > 1e-2 for g in gaps):  # not a near tie that float16 could flip
+                assert a == bool(agree[q])
+        assert set(after[uri]["mask_score"]) <= set(r["mask_score"])  # the masks' signals are kept
+        share = 1 - sum(s["area"] for s in got) / (after[uri]["height"] * after[uri]["width"])
+        assert after[uri]["unlabeled_share"] == pytest.approx(share, abs=1e-4)
         changed += len(got)
     assert changed > 0
     assert json.loads((other / "_fcclip" / "run.json").read_text())["vocabulary"] == vocabulary.to_dict()

@@ -473,14 +473,16 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
 def test_hanging_model_batch_is_abandoned(tmp_path):
     """A model stage that never returns from a batch (a stand-in that really sleeps): past --batch-timeout the actor
     is killed and replaced, the batch's images are run one at a time, and the one that hangs alone becomes an error
-    row; every other image is labeled."""
+    row; every other image is labeled. The limit is per batch: every other batch takes 1.2 s of a 3 s limit, so a
+    chunk of three batches (3.6 s in one model call) is not cut short."""
     from PIL import Image
 
     uris = _images(tmp_path / "in", 5, size=(48, 64))
     Image.new("RGB", (64, 48), (255, 0, 255)).save(tmp_path / "in" / "hung-forward.png")
     uris = sorted(uris + [str(tmp_path / "in" / "hung-forward.png")])
-    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "3", "--batch-size", "2",
-                          "--chunk-size", "3", "--batch-timeout", "3"), stand_ins=["--hanging-model"])
+    job = Job(_label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "3", "--batch-size", "1",
+                          "--chunk-size", "3", "--batch-timeout", "3"),
+              stand_ins=["--hanging-model", "--model-seconds", "1.2"])
     try:
         code = job.wait()
         out = job.output()
@@ -490,6 +492,8 @@ def test_hanging_model_batch_is_abandoned(tmp_path):
     assert code == 0, out[-5000:]
     assert "labeled 6 image(s)" in out and "5 ok, 1 failed" in out, out[-3000:]
     assert "re-run one at a time" in out
+    # twice: the chunk holding the hung image, then that image alone; never the chunk of three 1.2 s batches
+    assert out.count("a model batch ran past 3 s") == 2, out[-3000:]
     rows = _assert_exactly_once(_rows(tmp_path / "out"), uris)
     hung = rows[str(tmp_path / "in" / "hung-forward.png")]
     assert hung["status"] == "error" and hung["error"] == "model timed out after 3 s on this image alone", hung
@@ -550,7 +554,7 @@ def test_progress_on_a_terminal(tmp_path):
     assert any(line.startswith("listing   6 images in 3 shards") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) starting ...") for line in screen), text[-3000:]
     assert any(line.startswith("start-up  Ray and 1 model actor(s) ready after") for line in screen), text[-3000:]
-    final = [line for line in screen if line.startswith("labeled  6/6 images, ok 6, failed 0,")]
+    final = [line for line in screen if line.startswith("labeled   6/6 images, ok 6, failed 0,")]
     assert final and "images/s, ETA" in final[-1], text[-3000:]
     assert "committed 3/3 shards" in screen, text[-3000:]
     assert "labeled 6 image(s)" in text
@@ -569,7 +573,7 @@ def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
         "import ray\n"
         "from fcclip_pipelines import runtime\n"
         "started = runtime.init_ray(num_cpus=1)\n"
-        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.gpus_per_actor(), cpus=0.5)\n"
+        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.resolve_gpus(None, None), cpus=0.5)\n"
         "print('ready', ray.get(actor.ready.remote()))\n"
         "info, out = ray.get(list(actor.run.options(num_returns=2).remote(lambda m, x: m + x, '!')))\n"
         "print('result', out, info['total_s'] >= 0)\n"

@@ -1,0 +1,407 @@
+"""``fcclip review push`` and ``pull``: a pick list to a Label Studio project and its annotations back.
+
+Label Studio is reached over its REST API with the token in ``LABEL_STUDIO_API_KEY`` (never a flag, never written
+anywhere): a legacy API token (``Authorization: Token ...``), or a personal access token (a JWT refresh token,
+exchanged at ``/api/token/refresh/`` for short-lived access tokens).
+
+push:
+- the project's labeling config is the run's vocabulary: one ``BrushLabels`` label per class, with the class's
+  colour and ``hint`` thing or stuff; the vocabulary itself rides along in an XML comment of the config, so pull
+  maps the labels back to category ids with nothing but the project;
+- one task per picked image: ``data`` = {image: a URL the reviewer's browser opens, uri, image_id, why}; the
+  model's segments are its prediction (pre-annotation), one brush region per segment, in Label Studio's brush RLE
+  (:mod:`fcclip.brush`), pixel for pixel the stored COCO RLE;
+- images: a local file becomes ``/data/local-files/?d=PATH`` under the server's
+  ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` (``--document-root``, default that variable), and the project gets a
+  local-files storage for the images' folder so that Label Studio serves them; an ``s3://`` / ``gs://`` object gets
+  a presigned URL (``--url-expiry``, 7 days); an ``http(s)://`` URI is used as it is;
+- a rerun adds only the images the project does not have yet (by image id).
+
+pull: every task's latest submitted (not skipped) annotation becomes an ``ok`` row of a labeling output: the brush
+regions decoded, painted in the order of the annotation's regions (a later region takes the pixels it shares with
+an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip label`` writes them,
+score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and ``reviewed_at`` (when the
+annotation was last updated, UTC). Tasks without a submitted annotation are pending: listed (uri, image id, task)
+and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import re
+import sys
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import pyarrow as pa
+
+from fcclip import brush
+
+__all__ = ["LabelStudio", "LabelStudioError", "labeling_config", "push", "pull", "TOKEN_ENV"]
+
+TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+FROM_NAME, TO_NAME = "label", "image"
+_VOCAB_COMMENT = re.compile(r"<!--\s*fcclip\.vocabulary\s+(.*?)\s*-->", re.S)
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio refused or cannot be reached; one line."""
+
+
+# ----------------------------------------------------------------------------------------------------- the client
+class LabelStudio:
+    """A minimal Label Studio REST client (requests). ``token``: a legacy API token or a personal access token."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60):
+        try:
+            import requests
+        except ImportError:
+            raise LabelStudioError('push and pull need requests: pip install "fcclip[review]"') from None
+
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        if not self.token:
+            raise LabelStudioError(f"set {TOKEN_ENV} to a Label Studio API token (Account & Settings)")
+        self.session = requests.Session()
+        self.timeout = timeout
+        self._access: tuple[str, float] | None = None
+
+    def _auth(self) -> str:
+        if self.token.count(".") != 2:  # a legacy token
+            return f"Token {self.token}"
+        if self._access is None or self._access[1] < time.time():  # a personal access token (JWT refresh token)
+            r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self.token}, timeout=self.timeout)
+            if r.status_code != 200:
+                raise LabelStudioError(f"{self.url}: the personal access token was refused ({r.status_code})")
+            self._access = (r.json()["access"], time.time() + 240)
+        return f"Bearer {self._access[0]}"
+
+    def request(self, method: str, path: str, **kwargs):
+        import requests
+
+        try:
+            r = self.session.request(method, f"{self.url}{path}", headers={"Authorization": self._auth()},
+                                     timeout=self.timeout, **kwargs)
+        except requests.RequestException as e:
+            raise LabelStudioError(f"cannot reach Label Studio at {self.url}: {type(e).__name__}") from None
+        if r.status_code >= 400:
+            text = " ".join(r.text.split())[:300]
+            raise LabelStudioError(f"{method} {path}: {r.status_code} {text}")
+        return r.json() if r.content else None
+
+    def projects(self) -> list[dict]:
+        out, page = [], 1
+        while True:
+            data = self.request("GET", f"/api/projects?page={page}&page_size=100")
+            out += data["results"] if isinstance(data, dict) else data
+            if not isinstance(data, dict) or not data.get("next"):
+                return out
+            page += 1
+
+    def project(self, title: str) -> dict | None:
+        found = [p for p in self.projects() if p.get("title") == title]
+        if len(found) > 1:
+            raise LabelStudioError(f"{len(found)} projects are named {title!r}; rename all but one")
+        return self.request("GET", f"/api/projects/{found[0]['id']}") if found else None
+
+    def tasks(self, project_id: int) -> list[dict]:
+        """Every task of the project with its predictions and annotations, a page at a time."""
+        out, page = [], 1
+        while True:
+            data = self.request("GET", f"/api/tasks?project={project_id}&fields=all&page={page}&page_size=100")
+            batch = data.get("tasks", []) if isinstance(data, dict) else data
+            out += batch
+            if not batch or len(out) >= int(data.get("total", len(out))):
+                return out
+            page += 1
+
+
+# ----------------------------------------------------------------------------------------------------- the config
+def label_values(vocabulary: dict) -> list[str]:
+    """The Label Studio label of each class: its first name, with ``#id`` when another class has the same one."""
+    firsts = [c["names"][0] for c in vocabulary["categories"]]
+    return [n if firsts.count(n) == 1 else f"{n} #{c['id']}" for n, c in zip(firsts, vocabulary["categories"])]
+
+
+def labeling_config(vocabulary: dict) -> str:
+    """The project's labeling config for a vocabulary (``Vocabulary.to_dict()``), the vocabulary in a comment."""
+    from fcclip.vocabulary import Vocabulary
+
+    vocab = Vocabulary.from_dict(vocabulary)
+    lines = ["<View>", f'  <Image name="{TO_NAME}" value="$image" zoom="true"/>',
+             f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">']
+    for value, c in zip(label_values(vocabulary), vocab.categories):
+        colour = "#%02x%02x%02x" % tuple(c.color)
+        lines.append(f"    <Label value={quoteattr(value)} background={quoteattr(colour)} "
+                     f"hint={quoteattr('thing' if c.is_thing else 'stuff')}/>")
+    text = json.dumps(vocabulary, sort_keys=True, ensure_ascii=True).replace("--", "-\\u002d")
+    lines += ["  </BrushLabels>", f"  <!-- fcclip.vocabulary {text} -->", "</View>"]
+    return "\n".join(lines)
+
+
+def config_vocabulary(config: str) -> dict:
+    m = _VOCAB_COMMENT.search(config or "")
+    if not m:
+        raise LabelStudioError("the project's labeling config was not made by fcclip review push (no vocabulary)")
+    return json.loads(m.group(1))
+
+
+# ------------------------------------------------------------------------------------------------------- push
+def _image_url(uri: str, document_root: str | None, expiry: int) -> tuple[str, str | None]:
+    """(URL for the browser, local folder that needs a local-files storage or None)."""
+    import fsspec
+
+    if uri.startswith(("http://", "https://")):
+        return uri, None
+    if "://" in uri and not uri.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            return fs.sign(path, expiration=expiry), None
+        except NotImplementedError:
+            raise LabelStudioError(f"cannot presign {uri}: its filesystem has no signed URLs") from None
+    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if not document_root:
+        raise LabelStudioError(f"{uri} is a local file: give --document-root (the server's "
+                               "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, with local-file serving enabled)")
+    root = os.path.abspath(document_root)
+    if os.path.commonpath([root, path]) != root:
+        raise LabelStudioError(f"{uri} is not under --document-root {root}")
+    relative = posixpath.join(*os.path.relpath(path, root).split(os.sep))
+    return "/data/local-files/?d=" + urllib.parse.quote(relative), os.path.dirname(path)
+
+
+def prediction_regions(segments: list[dict], width: int, height: int, values: list[str], index: dict) -> list[dict]:
+    """A row's segments as Label Studio brush regions (the stored COCO RLE decoded, re-encoded as brush RLE)."""
+    from fcclip.masks import decode_rle
+
+    regions = []
+    for s in segments:
+        mask = decode_rle(s["rle"])
+        regions.append({
+            "id": f"seg{s['id']}", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
+            "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+            "score": float(s["score"]),
+            "value": {"format": "rle", "rle": brush.encode(mask), "brushlabels": [values[index[s["category_id"]]]]},
+        })
+    return regions
+
+
+def push(picks_path: str, url: str, project: str, *, document_root: str | None = None,
+         expiry: int = 7 * 24 * 3600, client: LabelStudio | None = None) -> dict:
+    """Create (or extend) the project ``project`` with one task per picked image (module docstring)."""
+    import pyarrow.dataset as ds
+
+    from .output import open_output
+    from .review import read_picks
+
+    picks = read_picks(picks_path)
+    ls = client or LabelStudio(url)
+    config = labeling_config(picks.vocabulary)
+    existing = ls.project(project)
+    if existing is None:
+        existing = ls.request("POST", "/api/projects", json={
+            "title": project, "label_config": config,
+            "description": f"fcclip review: {picks.table.num_rows} images of {picks.dest} picked by {picks.by}"})
+        have: set[str] = set()
+    else:
+        if config_vocabulary(existing.get("label_config", "")) != picks.vocabulary:
+            raise LabelStudioError(f"project {project!r} holds another vocabulary; push to a new project")
+        have = {t["data"].get("image_id") for t in ls.tasks(existing["id"])}
+    pid = existing["id"]
+
+    wanted = {r["image_id"]: r for r in picks.table.to_pylist() if r["image_id"] not in have}
+    output = open_output(picks.dest)
+    values = label_values(picks.vocabulary)
+    index = {int(c["id"]): i for i, c in enumerate(picks.vocabulary["categories"])}
+    dataset = ds.dataset(output.files, filesystem=output.fs, format="parquet")
+    rows = dataset.to_table(columns=["uri", "image_id", "width", "height", "status", "segments", "model"],
+                            filter=ds.field("image_id").isin(list(wanted)) if wanted else ds.scalar(False)).to_pylist()
+    tasks, folders = [], set()
+    for r in sorted(rows, key=lambda r: wanted[r["image_id"]]["rank"]):
+        image, folder = _image_url(r["uri"], document_root, expiry)
+        if folder:
+            folders.add(folder)
+        regions = prediction_regions(r["segments"] or [], r["width"], r["height"], values, index)
+        pick = wanted.pop(r["image_id"])
+        prediction = {"model_version": r["model"] or "fcclip", "result": regions}
+        if pick["score"] is not None:  # Label Studio sorts tasks by it (uncertainty picks)
+            prediction["score"] = float(pick["score"])
+        tasks.append({"data": {"image": image, "uri": r["uri"], "image_id": r["image_id"], "why": pick["why"]},
+                      "predictions": [prediction]})
+    if folders:
+        _local_storage(ls, pid, folders, document_root)
+    for start in range(0, len(tasks), 50):
+        ls.request("POST", f"/api/projects/{pid}/import", json=tasks[start:start + 50])
+    return {"project_id": pid, "url": f"{ls.url}/projects/{pid}", "added": len(tasks), "already": len(have),
+            "missing": sorted(wanted)}
+
+
+def _local_storage(ls: LabelStudio, project_id: int, folders: set[str], document_root: str) -> None:
+    """A local-files storage over the images' common folder (Label Studio serves only files under one)."""
+    folder = os.path.commonpath(sorted(folders))
+    if os.path.abspath(folder) == os.path.abspath(document_root):
+        raise LabelStudioError(f"the images lie directly in --document-root {document_root}; Label Studio serves "
+                               "only files in a subfolder of it")
+    storages = ls.request("GET", f"/api/storages/localfiles?project={project_id}") or []
+    if any(os.path.commonpath([s["path"], folder]) == os.path.normpath(s["path"]) for s in storages):
+        return
+    ls.request("POST", "/api/storages/localfiles", json={
+        "project": project_id, "path": folder, "title": "fcclip images", "use_blob_urls": False})
+
+
+# ------------------------------------------------------------------------------------------------------- pull
+def annotation_segments(result: list[dict], height: int, width: int, vocabulary: dict) -> tuple[list[dict], list]:
+    """An annotation's brush regions -> panoptic segments (module docstring) and the labels it could not map."""
+    from pycocotools import mask as mask_util
+
+    values = label_values(vocabulary)
+    by_value = {v: i for i, v in enumerate(values)}
+    for i, c in enumerate(vocabulary["categories"]):  # any name of a class, for hand-made configs
+        for n in c["names"]:
+            by_value.setdefault(n, i)
+    categories = vocabulary["categories"]
+    owner = np.zeros((height, width), np.int32)  # region number + 1 (0: unlabeled)
+    classes, unknown = [], []
+    for region in result:
+        if region.get("type", "").lower() != "brushlabels" or region.get("value", {}).get("format") != "rle":
+            continue
+        names = region["value"].get("brushlabels") or []
+        if not names or names[0] not in by_value:
+            unknown.append(names[0] if names else None)
+            continue
+        h, w = int(region.get("original_height", height)), int(region.get("original_width", width))
+        if (h, w) != (height, width):
+            raise LabelStudioError(f"a region is {w}x{h}, the image {width}x{height}")
+        mask = brush.decode(region["value"]["rle"], height, width)
+        classes.append(by_value[names[0]])
+        owner[mask] = len(classes)
+    segments, stuff = [], {}
+    for k, c in enumerate(classes, start=1):
+        cat = categories[c]
+        if not cat.get("isthing", 1) and c in stuff:
+            owner[owner == k] = stuff[c]
+            continue
+        if not cat.get("isthing", 1):
+            stuff[c] = k
+        segments.append((k, c))
+    out = []
+    for new_id, (k, c) in enumerate(((k, c) for k, c in segments if (owner == k).any()), start=1):
+        rle = mask_util.encode(np.asfortranarray((owner == k).astype(np.uint8)))
+        cat = categories[c]
+        out.append({"id": new_id, "label": cat["names"][0], "category_id": int(cat["id"]),
+                    "is_thing": bool(cat.get("isthing", 1)), "score": 1.0, "area": int(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "rle": {"size": [height, width], "counts": rle["counts"].decode("ascii")}})
+    return out, unknown
+
+
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None) -> dict:
+    """The project's submitted annotations as a labeling output at ``out`` (module docstring); returns the counts
+    and the pending tasks."""
+    from fcclip.vocabulary import Vocabulary
+
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, write_part
+
+    ls = client or LabelStudio(url)
+    info = ls.project(project)
+    if info is None:
+        raise LabelStudioError(f"no project named {project!r} at {ls.url}")
+    vocabulary = config_vocabulary(info.get("label_config", ""))
+    vocab = Vocabulary.from_dict(vocabulary)
+    dest = Destination(out)
+    if dest.fs.exists(dest.root) and dest.fs.glob(dest.path("*.parquet")):
+        raise LabelStudioError(f"{out} already holds part files; give an empty or new folder")
+    users = {}
+    rows, pending, unknown = [], [], []
+    for task in sorted(ls.tasks(info["id"]), key=lambda t: t["id"]):
+        data = task.get("data", {})
+        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        if not done:
+            pending.append({"uri": data.get("uri"), "image_id": data.get("image_id"), "task": task["id"]})
+            continue
+        ann = max(done, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a["id"]))
+        regions = [r for r in ann.get("result") or [] if r.get("type", "").lower() == "brushlabels"]
+        size = next(((int(r["original_height"]), int(r["original_width"])) for r in regions), None)
+        if size is None:  # an annotation without regions: take the size from the prediction
+            size = next(((int(r["original_height"]), int(r["original_width"]))
+                         for p in task.get("predictions") or [] for r in p.get("result") or []), None)
+        if size is None:
+            pending.append({"uri": data.get("uri"), "image_id": data.get("image_id"), "task": task["id"]})
+            continue
+        segments, bad = annotation_segments(ann.get("result") or [], size[0], size[1], vocabulary)
+        unknown += bad
+        who = ann.get("completed_by")
+        if isinstance(who, dict):
+            who = who.get("email") or str(who.get("id"))
+        elif who is not None:
+            if who not in users:
+                try:
+                    users[who] = ls.request("GET", f"/api/users/{who}").get("email") or str(who)
+                except LabelStudioError:
+                    users[who] = str(who)
+            who = users[who]
+        rows.append({"uri": data.get("uri"), "image_id": data.get("image_id"), "width": size[1], "height": size[0],
+                     "status": "ok", "error": None, "segments": segments,
+                     "model": next((p.get("model_version") for p in task.get("predictions") or []), None),
+                     "vocabulary": f"{vocab.name}@{vocab.digest[:16]}", "run_id": None,
+                     "source": "human-reviewed", "reviewed_by": who,
+                     "reviewed_at": _when(ann.get("updated_at") or ann.get("created_at"))})
+    run_id = new_run_id()
+    for r in rows:
+        r["run_id"] = run_id
+    schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id,
+                                "review": {"label_studio": ls.url, "project": project, "project_id": info["id"]}})
+    summary = {"reviewed": len(rows), "pending": pending, "unknown_labels": sorted(set(map(str, unknown))),
+               "run_id": run_id}
+    dest.write_bytes("_fcclip/pull.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def add_push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("picks", metavar="PICKS", help="fcclip review pick's --out")
+    p.add_argument("--label-studio", required=True, metavar="URL", help="e.g. http://localhost:8080")
+    p.add_argument("--project", required=True, metavar="NAME", help="created when missing, extended otherwise")
+    p.add_argument("--document-root", default=os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"),
+                   help="the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for local images (default: that "
+                        "variable here)")
+    p.add_argument("--url-expiry", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+                   help="lifetime of presigned object-store URLs (default: 7 days)")
+
+
+def add_pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label-studio", required=True, metavar="URL")
+    p.add_argument("--project", required=True, metavar="NAME")
+    p.add_argument("--out", required=True, metavar="REVIEWED", help="a new folder: the reviewed labeling output")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    if args.review_command == "push":
+        s = push(args.picks, args.label_studio, args.project, document_root=args.document_root,
+                 expiry=args.url_expiry)
+        print(f"{s['added']} task(s) added to project {args.project!r} ({s['already']} already there): {s['url']}")
+        if s["missing"]:
+            print(f"{len(s['missing'])} picked image(s) no longer in the labeling output: {', '.join(s['missing'])}",
+                  file=sys.stderr)
+        return 0
+    s = pull(args.label_studio, args.project, args.out)
+    print(f"{s['reviewed']} reviewed image(s) written to {args.out}; {len(s['pending'])} pending")
+    for p in s["pending"]:
+        print(f"  pending: task {p['task']}  {p['image_id']}  {p['uri']}")
+    if s["unknown_labels"]:
+        print(f"labels not in the vocabulary, left out: {', '.join(s['unknown_labels'])}", file=sys.stderr)
+    return 0

@@ -1,0 +1,262 @@
+"""``fcclip review``: people in the loop. Pick the images whose labels are most likely wrong, send them to Label
+Studio with the model's masks as pre-annotations, bring the corrections back as a labeling output.
+
+    fcclip review pick DEST --count N --by uncertainty|random|class=NAME [--out PICKS] [--seed S]
+    fcclip review push PICKS --label-studio URL --project NAME [--document-root DIR] [--url-expiry SECONDS]
+    fcclip review pull --label-studio URL --project NAME --out REVIEWED
+    fcclip review merge DEST REVIEWED --out MERGED
+
+``pick`` streams over DEST's part files one batch at a time, reading only ``uri``, ``image_id``, ``status``,
+``uncertainty`` (and the segments' labels for ``class=NAME``), and keeps the best N in a heap: its memory depends on
+N, not on the number of rows. The order is a function of the rows alone (ties and ``random`` are broken by a hash
+of the image id and ``--seed``), not of how they are split into files.
+
+PICKS is one small Parquet file: ``rank``, ``uri``, ``image_id``, ``score`` (the ranking key), ``why`` (one line),
+with DEST, the rule and DEST's vocabulary in its key-value metadata (``fcclip.review``), so ``push`` finds the masks.
+
+The Label Studio side (``push``, ``pull``) is in :mod:`pipelines.label_studio`; ``merge`` applies the rule by which
+reviewed rows replace the pseudo-labels of the same images (:func:`merge`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import io
+import json
+import sys
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["pick", "read_picks", "merge", "add_arguments", "main_args"]
+
+PICKS_KEY = b"fcclip.review"
+PICKS_SCHEMA = pa.schema([
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("score", pa.float32()),
+    pa.field("why", pa.string()),
+])
+BATCH_ROWS = 4096
+
+
+class ReviewError(ValueError):
+    """A review command cannot go on; the message is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class Picks:
+    """A pick list: its rows (PICKS_SCHEMA) and where they came from."""
+
+    table: pa.Table
+    dest: str
+    by: str
+    vocabulary: dict
+
+
+def _tiebreak(image_id: str, seed: int) -> int:
+    """A 64-bit number fixed by the image and the seed: the random order, and the order among equal keys."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[:8], "big")
+
+
+def parse_by(by: str) -> tuple[str, str | None]:
+    """``uncertainty`` | ``random`` | ``class=NAME`` -> (kind, NAME or None)."""
+    if by in ("uncertainty", "random"):
+        return by, None
+    if by.startswith("class=") and by[len("class="):].strip():
+        return "class", by[len("class="):].strip()
+    raise ReviewError(f"--by {by!r}: expected uncertainty, random or class=NAME")
+
+
+def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Picks:
+    """The ``count`` images of DEST most worth a person's time under rule ``by`` (module docstring).
+
+    uncertainty: the largest ``uncertainty`` (fcclip.uncertainty.image_uncertainty) first.
+    random: a seeded random sample (the smallest hashes of seed and image id).
+    class=NAME: images with a segment of class NAME (any of its names), the most uncertain first.
+    Error rows are never picked (there is nothing to review). Raises ReviewError (one line) when DEST cannot be
+    ranked that way.
+    """
+    from fcclip.vocabulary import Vocabulary
+
+    from .output import open_output
+
+    if count < 1:
+        raise ReviewError("--count must be >= 1")
+    kind, name = parse_by(by)
+    output = open_output(dest)
+    vocabulary = Vocabulary.from_dict(output.vocabulary)
+    label = None
+    if kind == "class":
+        matches = [c.names[0] for c in vocabulary.categories if name in c.names]
+        if not matches:
+            raise ReviewError(f"--by class={name}: no class of that name in DEST's vocabulary {vocabulary.name!r}")
+        label = matches[0]
+    if kind in ("uncertainty", "class") and "uncertainty" not in output.columns:
+        raise ReviewError(f"{dest} has no uncertainty column: label it again with this version, or relabel it "
+                          "(fcclip relabel) when it was labeled with --embeddings")
+
+    columns = ["uri", "image_id", "status"] + (["uncertainty"] if kind != "random" else [])
+    heap: list[tuple] = []  # the best `count` so far, worst on top: (key, tiebreak, uri, image_id, score, why)
+    for path in output.files:
+        with output.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            wanted = list(columns)
+            if label is not None:
+                wanted.append(next(parquet.schema.column(i).path for i in range(len(parquet.schema))
+                                   if parquet.schema.column(i).path.startswith("segments.")
+                                   and parquet.schema.column(i).path.endswith(".label")))
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                data = batch.to_pydict()
+                for i, (uri, image_id, status) in enumerate(zip(data["uri"], data["image_id"], data["status"])):
+                    if status != "ok":
+                        continue
+                    tie = _tiebreak(image_id, seed)
+                    if kind == "random":
+                        key, score, why = -tie, None, f"random sample (seed {seed})"
+                    else:
+                        score = data["uncertainty"][i]
+                        if score is None:
+                            continue
+                        if label is not None:
+                            n = sum(1 for s in data["segments"][i] or [] if s["label"] == label)
+                            if n == 0:
+                                continue
+                            why = f"{n} {label} segment{'s' if n > 1 else ''}, uncertainty {score:.3f}"
+                        else:
+                            why = f"uncertainty {score:.3f}"
+                        key = score
+                    item = (key, -tie, uri, image_id, score, why)
+                    if len(heap) < count:
+                        heapq.heappush(heap, item)
+                    elif item > heap[0]:
+                        heapq.heapreplace(heap, item)
+    best = sorted(heap, reverse=True)
+    table = pa.Table.from_pydict({
+        "rank": list(range(1, len(best) + 1)),
+        "uri": [b[2] for b in best],
+        "image_id": [b[3] for b in best],
+        "score": [b[4] for b in best],
+        "why": [b[5] for b in best],
+    }, schema=PICKS_SCHEMA)
+    return Picks(table, dest, by, output.vocabulary)
+
+
+def write_picks(picks: Picks, out: str) -> None:
+    import fsspec
+
+    meta = {PICKS_KEY: json.dumps({"dest": picks.dest, "by": picks.by, "vocabulary": picks.vocabulary}).encode()}
+    buf = io.BytesIO()
+    pq.write_table(picks.table.replace_schema_metadata(meta), buf)
+    with fsspec.open(out, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def read_picks(path: str) -> Picks:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except (OSError, pa.ArrowException) as e:
+        raise ReviewError(f"{path}: cannot read a pick list ({' '.join(str(e).split())})") from None
+    meta = (table.schema.metadata or {}).get(PICKS_KEY)
+    if meta is None:
+        raise ReviewError(f"{path} is not a pick list of fcclip review pick (no fcclip.review metadata)")
+    info = json.loads(meta)
+    return Picks(table.select(PICKS_SCHEMA.names), info["dest"], info["by"], info["vocabulary"])
+
+
+# ---------------------------------------------------------------------------------------------------------- merge
+def merge(dest: str, reviewed: str, out: str) -> dict:
+    """The rule by which reviewed rows replace pseudo-labels: MERGED holds every row of DEST, in DEST's part files
+    and order, except that a row whose ``image_id`` has a reviewed row is that reviewed row (its ``source`` says
+    ``human-reviewed``; the other rows' says ``model``). DEST's embedding columns are not carried (reviewed rows have
+    none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
+    work: thousands, not millions) are held in memory. Returns the counts."""
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, open_output, write_part
+
+    base, done = open_output(dest), open_output(reviewed)
+    if base.vocabulary != done.vocabulary:
+        raise ReviewError(f"{reviewed} was reviewed under another vocabulary than {dest}'s")
+    target = Destination(out)
+    if target.fs.exists(target.root) and target.fs.glob(target.path("*.parquet")):
+        raise ReviewError(f"{out} already holds part files; give an empty or new folder")
+    schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
+    rows: dict[str, dict] = {}
+    for path in done.files:
+        with done.fs.open(path, "rb") as f:
+            for r in pq.read_table(f, columns=schema.names).to_pylist():
+                rows[r["image_id"]] = r
+    counts = {"rows": 0, "replaced": 0}
+    run_id = new_run_id()
+    for shard, path in enumerate(base.files):
+        with base.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in (parquet.schema_arrow.metadata or {}).items()
+                    if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
+            names = [n for n in SCHEMA.names if n in parquet.schema_arrow.names]
+            tables = []
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
+                out_rows = []
+                for r in batch.to_pylist():
+                    counts["rows"] += 1
+                    if r["image_id"] in rows:
+                        counts["replaced"] += 1
+                        out_rows.append(rows[r["image_id"]])
+                    else:
+                        out_rows.append({**r, "source": "model", "reviewed_by": None, "reviewed_at": None})
+                tables.append(pa.Table.from_pylist(out_rows, schema=schema))
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})
+        write_part(target, shard, table, meta)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="review_command", required=True, metavar="STEP")
+    q = sub.add_parser("pick", help="the N images most worth a person's time, as a small Parquet list")
+    q.add_argument("dest", metavar="DEST", help="a labeling output")
+    q.add_argument("--count", type=int, required=True, help="how many images")
+    q.add_argument("--by", default="uncertainty", help="uncertainty (default), random, or class=NAME")
+    q.add_argument("--out", default=None, metavar="PICKS", help="write the list here (a .parquet file)")
+    q.add_argument("--seed", type=int, default=0, help="for random picks and ties (default: %(default)s)")
+
+    from . import label_studio
+
+    label_studio.add_push_arguments(sub.add_parser(
+        "push", help="a Label Studio project with the picked images and the model's masks as pre-annotations"))
+    label_studio.add_pull_arguments(sub.add_parser(
+        "pull", help="the submitted annotations of a Label Studio project, as a labeling output"))
+    m = sub.add_parser("merge", help="a labeling output whose reviewed images replace their pseudo-labels")
+    m.add_argument("dest", metavar="DEST", help="the labeling output")
+    m.add_argument("reviewed", metavar="REVIEWED", help="fcclip review pull's output")
+    m.add_argument("--out", required=True, metavar="MERGED")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    from . import label_studio
+    from .output import OutputError
+
+    try:
+        if args.review_command == "pick":
+            picks = pick(args.dest, args.count, args.by, seed=args.seed)
+            for r in picks.table.to_pylist():
+                print(f"{r['rank']:>5}  {r['image_id']}  {r['uri']}  ({r['why']})")
+            print(f"{picks.table.num_rows} image(s) picked by {picks.by} from {args.dest}"
+                  + (f"; list in {args.out}" if args.out else ""))
+            if args.out:
+                write_picks(picks, args.out)
+            return 0
+        if args.review_command == "merge":
+            counts = merge(args.dest, args.reviewed, args.out)
+            print(f"{counts['rows']} rows, {counts['replaced']} replaced by reviewed rows; written to {args.out}")
+            return 0
+        return label_studio.main_args(args)
+    except (ReviewError, OutputError, label_studio.LabelStudioError) as e:
+        print(f"fcclip review {args.review_command}: error: {e}", file=sys.stderr)
+        return 2

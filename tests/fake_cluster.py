@@ -1,0 +1,130 @@
+"""An autoscaling Ray cluster on this machine, for tests: Ray's fake multi-node provider (the one
+``ray.cluster_utils.AutoscalingCluster`` uses) behind a head started by ``ray start --head --autoscaling-config``.
+
+Worker nodes are real raylets that the autoscaler launches and terminates on this machine when demand asks for them;
+GPUs are fake resources. ``AutoscalingCluster.start()`` itself runs ``ray stop --force`` (every Ray on the machine),
+so the head is started here instead, on free ports, in its own temp dir and process group, with token
+authentication (as cluster/ configures real clusters); ``stop()`` ends only this cluster's processes.
+
+    with FakeAutoscalingCluster(node_types={"gpu": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 2}}) as c:
+        subprocess.run([..., "--address", c.address], env=c.env)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeAutoscalingCluster:
+    def __init__(self, node_types: dict[str, dict], head_cpus: float = 0, idle_timeout_s: float = 6.0):
+        self.port = free_port()
+        self.token = secrets.token_hex(32)
+        # short: Ray's socket paths must stay under 107 bytes
+        self.temp = Path(tempfile.mkdtemp(prefix="fk", dir="/tmp"))
+        types = {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
+        for name, spec in node_types.items():
+            types[name] = {"resources": dict(spec["resources"]), "node_config": {},
+                           "min_workers": spec.get("min_workers", 0), "max_workers": spec.get("max_workers", 1)}
+        self.config = {
+            "cluster_name": f"fcclip-test-{self.port}",
+            "max_workers": sum(t.get("max_workers", 0) for t in types.values()),
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_timeout_s / 60,
+            "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{self.port}",
+                         "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True},
+            "auth": {"ssh_user": "ubuntu"},
+            "available_node_types": types,
+            "head_node_type": "ray.head.default",
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env.pop("RAY_ADDRESS", None)
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "FakeAutoscalingCluster":
+        config = self.temp / "autoscaling.json"
+        config.write_text(json.dumps(self.config))
+        env = dict(self.env, RAY_FAKE_CLUSTER="1")
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']}",
+             "--num-gpus=0", "--include-dashboard=false", f"--autoscaling-config={config}",
+             f"--temp-dir={self.temp / 'ray'}", "--disable-usage-stats"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ray start failed:\n{self.proc.stdout.read()}")
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the fake cluster's head did not come up")
+        time.sleep(2)
+        return self
+
+    def processes(self) -> list[int]:
+        """This cluster's processes: the head's group, and the worker nodes' raylets and workers (their command
+        lines name the head's port or temp dir)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if str(self.temp) in line or f"127.0.0.1:{self.port}" in line:
+                pids.append(int(entry.name))
+        return pids
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,404 @@
+"""`fcclip review`: pick over a labeling output, and push / pull against a real Label Studio server.
+
+The Label Studio tests start `label-studio` from its own environment (`make .venv-ls`, or FCCLIP_LABEL_STUDIO naming
+the executable) on a free loopback port, with its SQLite default in a temporary folder and a user and legacy API
+token made for the test, and stop it (its whole process group) at the end. Without it they fail under CI and are
+skipped elsewhere.
+"""
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fcclip import brush
+from fcclip.masks import decode_rle, panoptic_columns
+from fcclip.vocabulary import load_vocabulary
+from fcclip_pipelines import review
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.output import Destination, rows_to_table, write_part
+from fcclip_pipelines.stages import image_id
+
+VOCAB = load_vocabulary("cat; dog, puppy; car; grass, lawn [stuff]; sky [stuff]")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _segment_map(rng, h, w):
+    """A panoptic map: sky on top, grass below, two or three things (ids 3..)."""
+    seg = np.zeros((h, w), np.int32)
+    seg[: h // 3] = 1
+    seg[2 * h // 3:] = 2
+    things = []
+    for k in range(int(rng.integers(2, 4))):
+        y, x = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
+        seg[y:y + int(rng.integers(4, h // 2)), x:x + int(rng.integers(4, w // 2))] = 3 + k
+        things.append(3 + k)
+    seg[rng.random((h, w)) < 0.02] = 0  # a few unlabeled pixels, scattered
+    return seg
+
+
+def make_output(dest: Path, uris: list[str], sizes, uncertainties, *, files: int = 1, seed: int = 0,
+                errors: tuple[int, ...] = ()):
+    """A labeling output made by hand: per image a segment map encoded by the label stage's own encoder."""
+    rng = np.random.default_rng(seed)
+    cats = VOCAB.categories
+    rows = []
+    for i, (uri, (h, w), u) in enumerate(zip(uris, sizes, uncertainties)):
+        if i in errors:
+            rows.append({"uri": uri, "image_id": image_id(uri), "status": "error", "error": "decode failed",
+                         "segments": []})
+            continue
+        seg = _segment_map(rng, h, w)
+        ids = [int(v) for v in np.unique(seg) if v]
+        classes = {1: 4, 2: 3}
+        segs = [{"id": s, "label": cats[classes.get(s, s % 3)].names[0], "category_id": cats[classes.get(s, s % 3)].id,
+                 "is_thing": s > 2, "score": 0.5} for s in ids]
+        cols = panoptic_columns(seg, segs)
+        for s, area, bbox, counts in zip(segs, cols["area"], cols["bbox"], cols["counts"]):
+            s.update(area=area, bbox=bbox, rle={"size": [h, w], "counts": counts})
+        rows.append({"uri": uri, "image_id": image_id(uri), "width": w, "height": h, "status": "ok", "error": None,
+                     "segments": segs, "model": "fcclip-tiny@test", "vocabulary": "v", "run_id": "r",
+                     "margin": [0.5] * len(segs), "branches_agree": [True] * len(segs),
+                     "unlabeled_share": float((seg == 0).mean()), "uncertainty": u})
+    per = -(-len(rows) // files)
+    for shard in range(files):
+        write_part(Destination(str(dest)), shard, rows_to_table(rows[shard * per:(shard + 1) * per]),
+                   {"vocabulary": VOCAB.to_dict(), "run_id": "r"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ pick
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pick")
+    n = 40
+    uris = [f"s3://bucket/img_{i:03d}.jpg" for i in range(n)]
+    rng = np.random.default_rng(1)
+    unc = [float(v) for v in rng.random(n)]
+    rows = make_output(root / "one", uris, [(12, 16)] * n, unc, files=1, errors=(3, 7))
+    make_output(root / "four", uris, [(12, 16)] * n, unc, files=4, errors=(3, 7))
+    return root, rows
+
+
+def test_pick_by_uncertainty_streams_and_ranks(lake, monkeypatch):
+    root, rows = lake
+    ok = [r for r in rows if r["status"] == "ok"]
+    expected = [r["image_id"] for r in sorted(ok, key=lambda r: -r["uncertainty"])[:7]]
+    monkeypatch.setattr(review, "BATCH_ROWS", 3)  # many batches: the heap, not a table, holds the picks
+    for layout in ("one", "four"):
+        picks = review.pick(str(root / layout), 7, "uncertainty")
+        got = picks.table.to_pylist()
+        assert [r["image_id"] for r in got] == expected
+        assert [r["rank"] for r in got] == list(range(1, 8))
+        assert got[0]["why"] == f"uncertainty {got[0]['score']:.3f}"
+        assert got[0]["score"] == pytest.approx(max(r["uncertainty"] for r in ok))
+
+
+def test_pick_random_is_seeded_and_skips_error_rows(lake):
+    root, rows = lake
+    a = review.pick(str(root / "one"), 38, "random", seed=3).table.column("image_id").to_pylist()
+    b = review.pick(str(root / "four"), 38, "random", seed=3).table.column("image_id").to_pylist()
+    c = review.pick(str(root / "one"), 38, "random", seed=4).table.column("image_id").to_pylist()
+    assert a == b != c  # a function of the rows and the seed, not of the files
+    assert sorted(a) == sorted(r["image_id"] for r in rows if r["status"] == "ok")  # all 38 ok rows, no error row
+    assert review.pick(str(root / "one"), 100, "random").table.num_rows == 38
+
+
+def test_pick_by_class_and_the_cli(lake, tmp_path, capsys):
+    root, rows = lake
+    with_car = [r for r in rows if r["status"] == "ok" and any(s["label"] == "car" for s in r["segments"])]
+    assert 0 < len(with_car) < 38
+    out = tmp_path / "picks.parquet"
+    assert main(["review", "pick", str(root / "one"), "--count", "50", "--by", "class=car", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(with_car)} image(s) picked by class=car" in printed
+    picks = review.read_picks(str(out))
+    assert picks.dest == str(root / "one") and picks.vocabulary == VOCAB.to_dict()
+    assert [r["image_id"] for r in picks.table.to_pylist()] == \
+        [r["image_id"] for r in sorted(with_car, key=lambda r: -r["uncertainty"])]
+    assert "car segment" in picks.table.column("why")[0].as_py()
+    # synonyms name the class too; unknown classes and rules are one-line errors
+    assert review.pick(str(root / "one"), 50, "class=puppy").table.num_rows > 0
+    assert main(["review", "pick", str(root / "one"), "--count", "5", "--by", "class=zebra"]) == 2
+    assert "no class of that name" in capsys.readouterr().err
+    assert main(["review", "pick", str(root / "one"), "--count", "5", "--by", "loudness"]) == 2
+    assert "expected uncertainty, random or class=NAME" in capsys.readouterr().err
+    assert main(["review", "pick", str(tmp_path), "--count", "5"]) == 2
+    assert "not a labeling output" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- Label Studio
+def _label_studio_bin():
+    path = os.environ.get("FCCLIP_LABEL_STUDIO") or str(ROOT / ".venv-ls" / "bin" / "label-studio")
+    if not os.access(path, os.X_OK):
+        message = f"Label Studio is not installed at {path} (make .venv-ls)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A Label Studio server on loopback: (url, token, document root, user e-mail)."""
+    import requests
+
+    exe = _label_studio_bin()
+    base = tmp_path_factory.mktemp("label-studio")
+    root = base / "files"
+    root.mkdir()
+    port, token, email = _free_port(), secrets.token_hex(20), "reviewer@example.com"
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"), "LATEST_VERSION_CHECK": "false",
+           "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root),
+           "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
+    log = open(base / "server.log", "wb")
+    proc = subprocess.Popen(
+        [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port), "--username", email,
+         "--password", secrets.token_hex(8), "--user-token", token, "--enable-legacy-api-token"],
+        cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"label-studio exited ({proc.returncode}): {(base / 'server.log').read_text()[-2000:]}")
+            try:
+                if requests.get(f"{url}/api/projects", headers={"Authorization": f"Token {token}"},
+                                timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("label-studio did not answer within 180 s")
+            time.sleep(1)
+        yield url, token, root, email
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.close()
+
+
+def _api(url, token, method, path, **kw):
+    import requests
+
+    r = requests.request(method, url + path, headers={"Authorization": f"Token {token}"}, timeout=30, **kw)
+    assert r.status_code < 400, (method, path, r.status_code, r.text[:500])
+    return r.json() if r.content else None
+
+
+def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, capsys):
+    """Push 5 picked images; annotate 3 through the API (accepted, a mask edited, a class changed); pull: the accepted
+    masks are the model's pixel for pixel, the edit and the class change are there, the 2 others are pending."""
+    from fcclip.datasets.synthetic import write_images
+
+    url, token, root, email = label_studio
+    images = write_images(root / "photos", count=6, size=(37, 53), seed=5)
+    labels = tmp_path / "labels"
+    rows = make_output(labels, [str(p) for p in images], [(37, 53)] * 6, [0.9, 0.8, 0.1, 0.7, 0.6, 0.5], seed=2)
+    picks = tmp_path / "picks.parquet"
+    assert main(["review", "pick", str(labels), "--count", "5", "--out", str(picks)]) == 0
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    assert main(["review", "push", str(picks), "--label-studio", url, "--project", "review-1"]) == 2
+    assert "set LABEL_STUDIO_API_KEY" in capsys.readouterr().err  # the token comes from the environment only
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    push = ["review", "push", str(picks), "--label-studio", url, "--project", "review-1", "--document-root", str(root)]
+    assert main(push) == 0
+    assert "5 task(s) added" in capsys.readouterr().out
+    assert main(push) == 0  # a rerun adds nothing
+    assert "0 task(s) added to project 'review-1' (5 already there)" in capsys.readouterr().out
+
+    project = next(p for p in _api(url, token, "GET", "/api/projects")["results"] if p["title"] == "review-1")
+    tasks = _api(url, token, "GET", f"/api/tasks?project={project['id']}&fields=all&page_size=100")["tasks"]
+    by_id = {r["image_id"]: r for r in rows}
+    assert sorted(t["data"]["image_id"] for t in tasks) == sorted(
+        r["image_id"] for r in rows if r["uncertainty"] != 0.1)
+    for t in tasks:
+        # the browser's URL serves the image, through Label Studio's local-file serving
+        import requests
+
+        r = requests.get(url + t["data"]["image"], headers={"Authorization": f"Token {token}"}, timeout=30)
+        assert r.status_code == 200 and r.content == Path(t["data"]["uri"]).read_bytes()
+        # the prediction is the model's segments, mask for mask
+        row = by_id[t["data"]["image_id"]]
+        (prediction,) = t["predictions"]
+        assert len(prediction["result"]) == len(row["segments"])
+        for region, s in zip(prediction["result"], row["segments"]):
+            assert region["value"]["brushlabels"] == [s["label"]]
+            np.testing.assert_array_equal(brush.decode(region["value"]["rle"], 37, 53), decode_rle(s["rle"]))
+
+    # a reviewer: accepts the first as predicted, edits a mask of the second, changes a class in the third
+    accepted, edited, changed = sorted(tasks, key=lambda t: t["id"])[:3]
+    _api(url, token, "POST", f"/api/tasks/{accepted['id']}/annotations",
+         json={"result": accepted["predictions"][0]["result"], "lead_time": 1.0})
+    result = [dict(r) for r in edited["predictions"][0]["result"]]
+    thing = next(k for k, r in enumerate(result) if r["value"]["brushlabels"][0] in ("cat", "dog", "car"))
+    mask = brush.decode(result[thing]["value"]["rle"], 37, 53)
+    new_mask = mask.copy()
+    ys, xs = np.nonzero(mask)
+    new_mask[ys.min():ys.min() + 2] = False  # two rows shaved off
+    assert new_mask.sum() < mask.sum()
+    result[thing] = {**result[thing], "value": {**result[thing]["value"], "rle": brush.encode(new_mask)}}
+    _api(url, token, "POST", f"/api/tasks/{edited['id']}/annotations", json={"result": result, "lead_time": 2.0})
+    result3 = [dict(r) for r in changed["predictions"][0]["result"]]
+    k3 = next(k for k, r in enumerate(result3) if r["value"]["brushlabels"][0] in ("cat", "dog", "car"))
+    old = result3[k3]["value"]["brushlabels"][0]
+    new = "cat" if old != "cat" else "car"
+    result3[k3] = {**result3[k3], "value": {**result3[k3]["value"], "brushlabels": [new]}}
+    _api(url, token, "POST", f"/api/tasks/{changed['id']}/annotations", json={"result": result3})
+
+    reviewed = tmp_path / "reviewed"
+    assert main(["review", "pull", "--label-studio", url, "--project", "review-1", "--out", str(reviewed)]) == 0
+    out = capsys.readouterr().out
+    assert "3 reviewed image(s)" in out and "2 pending" in out
+    pending = {t["data"]["image_id"] for t in tasks} - {accepted["data"]["image_id"], edited["data"]["image_id"],
+                                                        changed["data"]["image_id"]}
+    assert all(p in out for p in pending)
+    assert {p["image_id"] for p in json.loads((reviewed / "_fcclip" / "pull.json").read_text())["pending"]} == pending
+
+    got = {r["image_id"]: r for r in pq.read_table(reviewed).to_pylist()}
+    assert len(got) == 3
+    for r in got.values():
+        assert r["source"] == "human-reviewed" and r["reviewed_by"] == email and r["reviewed_at"] is not None
+        assert r["status"] == "ok" and (r["width"], r["height"]) == (53, 37)
+    masks = lambda r: [(s["label"], s["category_id"], s["is_thing"], decode_rle(s["rle"]).tobytes())
+                       for s in r["segments"]]
+    a = got[accepted["data"]["image_id"]]
+    assert masks(a) == masks(by_id[a["image_id"]])  # pixel-identical to the model's
+    assert [s["area"] for s in a["segments"]] == [s["area"] for s in by_id[a["image_id"]]["segments"]]
+    np.testing.assert_allclose([s["bbox"] for s in a["segments"]], [s["bbox"] for s in by_id[a["image_id"]]["segments"]])
+    e = got[edited["data"]["image_id"]]
+    np.testing.assert_array_equal(decode_rle(e["segments"][thing]["rle"]), new_mask)
+    assert e["segments"][thing]["area"] == int(new_mask.sum())
+    c = got[changed["data"]["image_id"]]
+    assert c["segments"][k3]["label"] == new
+    assert c["segments"][k3]["category_id"] == next(cat.id for cat in VOCAB.categories if cat.names[0] == new)
+    assert masks(c)[k3][3] == masks(by_id[c["image_id"]])[k3][3]
+
+    # the reviewed output is a labeling output; merged, its rows replace the pseudo-labels of the same images
+    merged = tmp_path / "merged"
+    assert main(["review", "merge", str(labels), str(reviewed), "--out", str(merged)]) == 0
+    m = {r["image_id"]: r for r in pq.read_table(merged).to_pylist()}
+    assert len(m) == 6 and sum(r["source"] == "human-reviewed" for r in m.values()) == 3
+    assert masks(m[e["image_id"]]) == masks(e) and masks(m[rows[2]["image_id"]]) == masks(rows[2])
+
+
+def test_codec_matches_label_studios_own(label_studio, tmp_path):
+    """Label Studio's own converter decodes our RLE to the same pixels, and we decode its encoding."""
+    python = Path(_label_studio_bin()).parent / "python"
+    rng = np.random.default_rng(0)
+    masks = [rng.random((19, 23)) < 0.4, np.zeros((5, 3), bool), np.ones((7, 11), bool)]
+    masks.append(np.hypot(*np.mgrid[:41, :29] - 15) < 11)
+    ours = [brush.encode(m) for m in masks]
+    script = (
+        "import json, sys, numpy as np\n"
+        "from label_studio_sdk.converter import brush as b\n"
+        "data = json.load(sys.stdin)\n"
+        "out = {'decoded': [], 'encoded': []}\n"
+        "for rle, (h, w) in zip(data['ours'], data['shapes']):\n"
+        "    out['decoded'].append(np.reshape(b.decode_rle(rle), [h, w, 4])[:, :, 3].tolist())\n"
+        "for m in data['masks']:\n"
+        "    out['encoded'].append(b.mask2rle((np.array(m, np.uint8) * 255)))\n"
+        "json.dump(out, sys.stdout)\n")
+    proc = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=120,
+                          input=json.dumps({"ours": ours, "shapes": [m.shape for m in masks],
+                                            "masks": [m.astype(int).tolist() for m in masks]}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(proc.stdout)
+    for m, decoded, encoded in zip(masks, theirs["decoded"], theirs["encoded"]):
+        np.testing.assert_array_equal(np.array(decoded) == 255, m)
+        np.testing.assert_array_equal(brush.decode(encoded, *m.shape), m)
+
+
+def test_object_store_images_get_presigned_urls(s3_bucket):
+    """An s3:// image reaches the reviewer's browser through a presigned URL (no credentials in it)."""
+    import boto3
+    import requests
+
+    from fcclip_pipelines.label_studio import _image_url
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="photos/a.jpg", Body=b"jpeg bytes")
+    url, folder = _image_url(f"s3://{s3_bucket}/photos/a.jpg", None, expiry=600)
+    assert folder is None and url.startswith("http") and "Signature" in url
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in url
+    assert requests.get(url, timeout=30).content == b"jpeg bytes"
+    assert _image_url("https://example.com/x.jpg", None, 600) == ("https://example.com/x.jpg", None)
+    from fcclip_pipelines.label_studio import LabelStudioError
+
+    with pytest.raises(LabelStudioError, match="--document-root"):
+        _image_url("/data/x.jpg", None, 600)
+    with pytest.raises(LabelStudioError, match="not under --document-root"):
+        _image_url("/elsewhere/x.jpg", "/data", 600)
+
+
+def test_personal_access_tokens_work_too(label_studio, tmp_path, monkeypatch, capsys):
+    """A personal access token (a JWT refresh token, Label Studio 1.23's default kind) is exchanged for access
+    tokens: the same pull through it."""
+    from fcclip_pipelines.label_studio import LabelStudio
+
+    url, token, root, email = label_studio
+    pat = _api(url, token, "POST", "/api/token/")["token"]
+    assert pat.count(".") == 2
+    client = LabelStudio(url, pat)
+    assert client._auth().startswith("Bearer ")
+    client.request("POST", "/api/projects", json={"title": "made with a personal token"})
+    assert "made with a personal token" in {p["title"] for p in LabelStudio(url, token).projects()}
+    assert {p["title"] for p in client.projects()} == {p["title"] for p in LabelStudio(url, token).projects()}
+    with pytest.raises(Exception, match="personal access token was refused"):
+        LabelStudio(url, pat[:-4] + "AAAA").projects()
+
+
+def test_annotation_regions_become_panoptic_segments():
+    """Regions painted in order (a later one takes shared pixels), regions of one stuff class merged, labels not in
+    the vocabulary left out and reported, labels matched by any name of their class; config round trip."""
+    from fcclip_pipelines.label_studio import annotation_segments, config_vocabulary, labeling_config
+
+    vocabulary = VOCAB.to_dict()
+    assert config_vocabulary(labeling_config(vocabulary)) == vocabulary
+    h, w = 9, 11
+    a = np.zeros((h, w), bool)
+    a[:5, :6] = True  # a cat
+    b = np.zeros((h, w), bool)
+    b[3:7, 4:9] = True  # a car over part of the cat
+    sky1 = np.zeros((h, w), bool)
+    sky1[0, 6:] = True
+    sky2 = np.zeros((h, w), bool)
+    sky2[8, :] = True
+    hidden = np.zeros((h, w), bool)
+    hidden[4, 5] = True  # a dog entirely under the car painted after it
+
+    def region(mask, label):
+        return {"type": "brushlabels", "original_height": h, "original_width": w,
+                "value": {"format": "rle", "rle": brush.encode(mask), "brushlabels": [label]}}
+
+    result = [region(a, "cat"), region(hidden, "puppy"), region(b, "car"), region(sky1, "sky"),
+              region(sky2, "sky"), region(a, "zebra"), {"type": "textarea", "value": {"text": ["note"]}}]
+    segments, unknown = annotation_segments(result, h, w, vocabulary)
+    assert unknown == ["zebra"]
+    assert [(s["id"], s["label"]) for s in segments] == [(1, "cat"), (2, "car"), (3, "sky")]
+    masks = [decode_rle(s["rle"]) for s in segments]
+    np.testing.assert_array_equal(masks[0], a & ~b)
+    np.testing.assert_array_equal(masks[1], b)
+    np.testing.assert_array_equal(masks[2], sky1 | sky2)
+    assert [s["area"] for s in segments] == [int(m.sum()) for m in masks]
+    assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
+    assert [s["is_thing"] for s in segments] == [True, True, False] and all(s["score"] == 1.0 for s in segments)

@@ -33,6 +33,13 @@ The labeling pipeline (fcclip_pipelines, the repository's pipelines/):
                    (FCCLIPSegmenter.builder(spec))
     run_metadata   what a model stage adds to a run's file metadata (the embedding space with --embeddings)
     EMBEDDING_COLUMNS  the per-segment embedding columns of a run with --embeddings (fcclip_pipelines.output)
+    table          DEST as a Delta Lake table: its log (DEST/_delta_log) names the part files of each version
+                   (fcclip_pipelines.lake)
+    version        one commit of the table's log: the part files of one or more committed shards added (and, for an
+                   increment's changed objects, the files holding their old rows replaced)
+    increment      the shards a rerun adds to a complete run: the URIs SOURCE lists and the table lacks (new) or holds
+                   for an object that changed since (changed)
+    SOURCE_COLUMNS source_etag, source_size, source_mtime: what the listing said of each row's object
 """
 from __future__ import annotations
 

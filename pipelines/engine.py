@@ -136,7 +136,7 @@ class LabelEngine:
     def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode,
                  make_model_stage, *, actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float,
                  cpus_per_actor: float, batch_timeout: float | None, constants: dict, file_metadata: dict,
-                 progress=None, ask_run_metadata: bool = False):
+                 progress=None, ask_run_metadata: bool = False, on_committed=None):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -151,6 +151,7 @@ class LabelEngine:
         self.constants = constants
         self.file_metadata = file_metadata
         self.progress = progress
+        self.on_committed = on_committed  # shard -> None, on the driver once its part file is written (the table's log)
         self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its run metadata, add it to the files'
         self.result = EngineResult()
         decode = ray.remote(_decode)
@@ -414,6 +415,8 @@ class LabelEngine:
                 self._commit(shard, attempts + 1)
                 continue
             del self.open_shards[shard]
+            if self.on_committed is not None:
+                self.on_committed(shard)
             self.result.committed.append(shard)
             if self.progress is not None:
                 self.progress.committed()

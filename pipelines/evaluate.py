@@ -42,7 +42,7 @@ from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
 from fcclip_pipelines import runtime
-from fcclip_pipelines.output import OutputError, open_output, segment_map
+from fcclip_pipelines.output import OutputError, add_version_argument, open_output, segment_map
 
 logger = logging.getLogger("fcclip.eval")
 
@@ -215,10 +215,11 @@ def run_eval_labels(
     gpus_per_actor: float | None = None, address: str | None = None, short_edge: int | None = None,
     max_size: int | None = None, min_score: float = 0.0, num_cpus: int | None = None, progress: bool = True,
     gpu_wait: float = runtime.GPU_WAIT_S,
+    version: int | None = None,
 ) -> dict:
     """PQ of a model against a labeling output's pseudo-labels (module docstring). ``short_edge``: None for the
-    model's test size, 0 for each image's own size."""
-    output = open_output(dest)
+    model's test size, 0 for each image's own size; ``version``: of DEST's table (default: the current one)."""
+    output = open_output(dest, version)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
     gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
     started = time.time()
@@ -313,6 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="official")
     p.add_argument("--dataset", default=None, choices=list_benchmarks(),
                    help="a benchmark; without it, --data is a labeling output whose pseudo-labels are the ground truth")
+    add_version_argument(p, "--data")
     p.add_argument("--data", required=True, help="datasets root ($DETECTRON2_DATASETS layout) or the dataset folder; "
                                                  "without --dataset, a labeling output (local or s3://)")
     p.add_argument("--min-score", type=float, default=0.0,
@@ -344,9 +346,11 @@ def main_args(args: argparse.Namespace) -> int:
                 gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait, address=args.address,
                 short_edge=args.short_edge,
                 max_size=args.max_size, min_score=args.min_score, num_cpus=args.num_cpus,
-                progress=not args.no_progress,
+                progress=not args.no_progress, version=args.version,
             )
         else:
+            if args.version is not None:
+                raise ValueError("--version applies to labeling outputs (without --dataset) only")
             results = run_eval(
                 args.model, args.weights, args.dataset, args.data, batch_size=args.batch_size,
                 actors=(args.actors, args.actors), gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait,

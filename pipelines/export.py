@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fcclip.masks import id2rgb
-from fcclip_pipelines.output import LabelingOutput, OutputError, open_output, segment_map
+from fcclip_pipelines.output import LabelingOutput, OutputError, add_version_argument, open_output, segment_map
 
 logger = logging.getLogger("fcclip.export")
 
@@ -244,7 +244,7 @@ def _head(output: LabelingOutput, fmt: str, categories: list[dict], target) -> d
     return head
 
 
-def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64) -> ExportSummary:
+def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64, version: int | None = None) -> ExportSummary:
     """Export the labeling output DEST to ``out`` in format ``fmt`` (see the module docstring).
 
     Raises:
@@ -254,7 +254,7 @@ def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64) -> ExportSumm
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    output = open_output(dest)
+    output = open_output(dest, version)
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/") or root
     json_path = f"{root}/{_JSON_NAME[fmt]}"
@@ -283,6 +283,7 @@ def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64) -> ExportSumm
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="a labeling output: local folder or object-store prefix (*.parquet)")
+    add_version_argument(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write into (a path or a URI)")
     p.add_argument("--batch-rows", type=int, default=64, metavar="N",
@@ -294,7 +295,7 @@ def main_args(args: argparse.Namespace) -> int:
         print("fcclip export: error: --batch-rows must be >= 1", file=sys.stderr)
         return 2
     try:
-        summary = export(args.dest, args.format, args.out, batch_rows=args.batch_rows)
+        summary = export(args.dest, args.format, args.out, batch_rows=args.batch_rows, version=args.version)
     except (OutputError, ExportError) as e:
         print(f"fcclip export: error: {e}", file=sys.stderr)
         return 2

@@ -6,15 +6,19 @@
                  [--embeddings]
 
 The job, in order:
-1. SOURCE is listed (or the manifest read) in a stream and split into shards of ``--shard-size`` URIs, written
-   under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json). A rerun with the same DEST reuses
-   them; other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
-   holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
+1. The driver takes DEST's lock (one writer at a time, pipelines/lake.py). SOURCE is listed (or the manifest or
+   inventory report read) in a stream to Parquet files on local disk, deduplicated in DuckDB and split into shards
+   of ``--shard-size`` URIs, written under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json).
+   A rerun with the same DEST resumes the run; once it is complete, a rerun lists SOURCE again and labels what the
+   table lacks (new URIs, changed objects: the run's next shards). Other settings are refused while a shard of the
+   run is committed (``--overwrite`` starts over). A DEST holding files fcclip did not write is refused unless
+   ``--overwrite`` (see prepare_run).
 2. Shards without a committed part file are labeled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
    images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
-   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once). The driver
-   only schedules and keeps metadata: no pixels, masks or rows pass through it.
+   completed shard writes its Parquet part file (see pipelines/output.py for why this is exactly-once), and the
+   driver names it in a version of DEST's Delta table (pipelines/lake.py). The driver only schedules and keeps
+   metadata: no pixels, masks or rows pass through it.
 3. Faults are bounded: when a decode task's worker dies (a decoder segfault, an out-of-memory kill), its chunk's
    images are run one at a time, each retried a bounded number of times, and an image that still fails becomes an
    error row. So does a model actor that dies (it is replaced) and a model batch that runs past ``--batch-timeout`` (its
@@ -41,11 +45,11 @@ from fcclip.config import ConfigError, load_config
 from fcclip.images import DEFAULT_MAX_PIXELS
 from fcclip.vocabulary import VocabularyError, load_vocabulary
 
-from . import runtime
+from . import lake, runtime
 from .engine import LabelEngine, LabelError
 from .progress import JobProgress
 from .output import PART_RE, Destination, new_run_id
-from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard, write_manifest
+from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
 logger = logging.getLogger("fcclip.label")
@@ -77,6 +81,7 @@ class LabelConfig:
     autocast: str | None = None
     num_cpus: int | None = None  # for a local Ray started by the job
     embeddings: bool = False  # store each segment's query embeddings (fcclip relabel, fcclip search)
+    refresh: bool = True  # a rerun labels changed objects again (their old rows replaced); False: new URIs only
 
 
 @dataclass
@@ -96,6 +101,11 @@ class LabelSummary:
     startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
     actor_overhead_s_per_image: float | None = None  # model actor time per image outside the model stage's call
     model_actors: int = 0  # the most model actors alive at once (the pool grows from MIN towards MAX)
+    new: int | None = None  # URIs of this listing DEST lacked (None: the first listing)
+    changed: int | None = None  # URIs whose object changed since labeled (labeled again unless --no-refresh)
+    unchanged: int | None = None
+    not_refreshed: int = 0  # changed, kept as labeled (--no-refresh)
+    version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
 
     @property
     def images_per_second(self) -> float:
@@ -198,20 +208,53 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
     settings = _settings(cfg, model_config, vocabulary)
     run = reopen_run(dest, settings, overwrite)
     if run is not None:
-        return run
+        if not lake.has_table(dest):  # labeled before DEST was a table, or killed before its first version
+            lake.adopt_parts(dest, run, dest.survey().parts)
+        sizes = run["shard_sizes"]
+        done = lake.committed_shards(dest, run)
+        if any(s not in done and sizes[s] > 0 for s in range(len(sizes))):
+            return run  # an unfinished run or increment: resumed as listed
+        return _next_increment(cfg, dest, run, on_listed)
     t = time.time()
     dest.clear_manifest()  # shards of an earlier listing that did not finish
-    summary = write_manifest(cfg.source, dest, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
+    # the first listing is an increment of an empty table: on local disk and in DuckDB, duplicates dropped there
+    listing = lake.plan_increment(cfg.source, dest, {"shard_sizes": []}, cfg.shard_size,
+                                  cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
+    sizes = listing.pop("shard_sizes")
     logger.info(
         "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
-        summary.num_images, summary.num_shards, time.time() - t, summary.skipped, summary.duplicates,
+        sum(sizes), len(sizes), time.time() - t, listing["skipped"], listing["duplicates"],
     )
     run = {
         "run_id": new_run_id(), "settings": settings, "created": time.time(), "manifest_complete": True,
         "vocabulary": vocabulary.to_dict(), "thresholds": _thresholds(cfg, model_config),
-        "num_images": summary.num_images, "shard_sizes": summary.shard_sizes,
-        "non_image_files": summary.skipped, "duplicate_uris": summary.duplicates,
+        "num_images": sum(sizes), "shard_sizes": sizes,
+        "non_image_files": listing["skipped"], "duplicate_uris": listing["duplicates"],
+        "increments": [{**listing, "listed": time.time()}],
     }
+    dest.write_run(run)
+    return run
+
+
+def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
+    """A complete run labeled again: SOURCE listed again, what the table lacks (new URIs, changed objects unless
+    ``cfg.refresh`` is off) becomes the run's next shards (pipelines/lake.py). run.json names them only once all are
+    written, so a listing cut short is listed again by the next run."""
+    t = time.time()
+    increment = lake.plan_increment(cfg.source, dest, run, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS,
+                                    refresh=cfg.refresh, on_listed=on_listed)
+    sizes = increment.pop("shard_sizes")
+    logger.info(
+        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged; %d shard(s) to label",
+        cfg.source, time.time() - t, increment["new"], increment["changed"],
+        f" ({increment['not_refreshed']} more kept as labeled: --no-refresh)" if increment["not_refreshed"] else "",
+        increment["unchanged"], len(sizes),
+    )
+    run = dict(run)
+    increments = list(run.get("increments") or [{"first_shard": 0, "new": run["num_images"]}])
+    increments.append({**increment, "listed": time.time()})
+    run.update(increments=increments, shard_sizes=list(run["shard_sizes"]) + sizes,
+               num_images=sum(sizes), non_image_files=increment["skipped"], duplicate_uris=increment["duplicates"])
     dest.write_run(run)
     return run
 
@@ -230,6 +273,8 @@ def run_label(
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
 
+    lock = lake.WriterLock(Destination(cfg.dest))
+    lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
     bars = JobProgress(enabled=progress)
     try:
         if bars.bars:
@@ -238,6 +283,7 @@ def run_label(
         return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
     finally:
         bars.close()
+        lock.release()
 
 
 def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader) -> LabelSummary:
@@ -249,13 +295,18 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     run = prepare_run(cfg, dest, model_config, vocabulary, overwrite=overwrite, on_listed=bars.listed)
     sizes = run["shard_sizes"]
     bars.listing_done(run["num_images"], len(sizes))
-    done = dest.committed_shards()
+    done = lake.committed_shards(dest, run)
     pending = [s for s in range(len(sizes)) if s not in done and sizes[s] > 0]
+    increment = lake.latest_increment(run)
     summary = LabelSummary(
-        dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done),
+        dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done - set(range(increment["first_shard"]))),
         non_image_files=run.get("non_image_files", 0), duplicate_uris=run.get("duplicate_uris", 0),
     )
+    if len(run.get("increments") or ()) > 1:
+        summary.new, summary.changed, summary.unchanged = increment["new"], increment["changed"], increment["unchanged"]
+        summary.not_refreshed = increment.get("not_refreshed", 0)
     if not pending:
+        summary.version = lake.table_version(dest)
         logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
         summary.seconds = time.time() - started
         return summary
@@ -286,6 +337,10 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             from fcclip.backbone import clip_embed_dim
 
             constants["embedding_dim"] = clip_embed_dim(model_config.clip)
+        committer = lake.ShardCommitter(dest, {
+            "run_id": run["run_id"], "model": f"{model_config.name}@{cfg.weights}",
+            "vocabulary_digest": vocabulary.digest, "increment": len(run.get("increments") or [None]) - 1,
+        })
         inf = model_config.inference
         short_edge = cfg.short_edge if cfg.short_edge is not None else inf.short_edge
         decoder = ReadDecode(
@@ -299,9 +354,13 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
+            on_committed=committer,
         )
         bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
-        result = engine.run(pending)
+        try:
+            result = engine.run(pending)
+        finally:  # what is complete goes into the table, also when the job fails
+            committer.flush()
     finally:
         runtime.shutdown_ray(started_ray)
     dest.remove_fragments()
@@ -309,6 +368,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         run["embeddings"] = result.run_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
         dest.write_run(run)
     summary.images = result.ok + result.failed
+    summary.version = lake.table_version(dest)
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments
     summary.errors = result.errors
     summary.recovered = result.recovered
@@ -384,6 +444,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also Ray's own warnings and log lines (as `fcclip -v label`)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
+    p.add_argument("--no-refresh", action="store_true",
+                   help="on a rerun, label only URIs DEST lacks: objects changed since labeled keep their old rows")
     p.add_argument("--embeddings", action="store_true",
                    help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
@@ -397,13 +459,15 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
         batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size, embeddings=args.embeddings,
+        refresh=not args.no_refresh,
     )
     try:
         summary = run_label(
             cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False),
             make_model_stage=make_model_stage, reader=reader,
         )
-    except (ConfigError, VocabularyError, SourceError, DestinationError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConfigError, VocabularyError, SourceError, DestinationError, lake.DestinationBusy, FileNotFoundError,
+            NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
     except (LabelError, runtime.ResourcesNotGranted) as e:
@@ -432,6 +496,9 @@ def print_summary(s: LabelSummary) -> None:
     )
     if s.startup_seconds:
         print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up)")
+    if s.new is not None:
+        kept = f" ({s.not_refreshed} changed kept as labeled, --no-refresh)" if s.not_refreshed else ""
+        print(f"listed again: {s.new} new, {s.changed} changed, {s.unchanged} unchanged{kept}")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:
@@ -442,7 +509,8 @@ def print_summary(s: LabelSummary) -> None:
         print(f"{s.non_image_files} listed file(s) without an image extension were not labeled")
     if s.duplicate_uris:
         print(f"{s.duplicate_uris} duplicate URI(s) in the source were labeled once")
-    print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")
+    version = f", table version {s.version}" if s.version is not None else ""
+    print(f"output: {s.dest.rstrip('/')} (a Delta table{version}; run {s.run_id})")
 
 
 def summary_dict(s: LabelSummary) -> dict:

@@ -9,9 +9,13 @@ plus :data:`EMBEDDING_COLUMNS` when a run stores embeddings (:func:`output_schem
 metadata holds ``fcclip.<key>`` = JSON for the run's vocabulary, thresholds, run id, model and weights
 (:data:`METADATA_PREFIX`, :data:`VOCABULARY_KEY`).
 
-Layout of DEST:
+Layout of DEST (a Delta table, pipelines/lake.py):
 
-    DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists
+    DEST/part-000000.parquet ...        one file per shard of the manifest, complete when it exists, in the table
+                                        once a version of DEST/_delta_log names it
+    DEST/part-000003-r000042.parquet    shard 3's rows without those shard 42 replaced (an increment, lake.py)
+    DEST/_delta_log/                    the table's log: which part files make each version (written by the driver)
+    DEST/_fcclip/lock.json              the one writer's lock (lake.WriterLock)
     DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size),
                                         written once the manifest is complete (a manifest without it is not trusted)
     DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
@@ -34,7 +38,9 @@ Why a reader never sees a partial file or a row twice:
 - writing a shard again (a retried commit, a resumed run) replaces the file with the same rows: never a second copy;
 - fragments of a killed run are never read by a later run (it commits only the fragments it wrote itself); they are
   deleted with their shard's folder when that shard is committed, and whatever is left when a run completes.
-Nothing else under DEST ends in ``.parquet``, so ``DEST/**/*.parquet`` is exactly the committed output.
+Until an increment replaces rows, nothing else directly under DEST ends in ``.parquet``, so ``DEST/*.parquet`` is the
+committed output (plus, at most, part files written just before a kill and named in no version yet: they hold a
+shard's complete rows, which the rerun writes again); the table's current version is exactly it, always.
 
 Reading: a folder is a labeling output when it holds at least one ``*.parquet`` file and every one of them has the
 columns a reader needs (:data:`REQUIRED_COLUMNS`) and the run's vocabulary in its key-value metadata. Anything else
@@ -69,6 +75,8 @@ REQUIRED_COLUMNS = ("uri", "image_id", "width", "height", "status", "error", "se
 """Columns every part file has (:data:`SCHEMA`); the run columns (``run_id``, ``model``, ...) may not."""
 _SHOWN_FILES = 3
 PART_RE = re.compile(r"part-(\d+)\.parquet$")
+REWRITE_RE = re.compile(r"part-(\d+)-r(\d+)\.parquet$")
+DELTA_LOG = "_delta_log"
 
 RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 SEGMENT = pa.struct(
@@ -122,6 +130,17 @@ EMBEDDING_COLUMNS = ("query_index", "embedding_in", "embedding_out", "embedding_
 """The columns ``fcclip label --embeddings`` adds, each a list parallel to ``segments`` (one item per segment)."""
 
 
+SOURCE_COLUMNS = ("source_etag", "source_size", "source_mtime")
+"""What SOURCE's listing said of each row's object when it was labeled (null where the listing does not say: a plain
+manifest): its ETag, size in bytes and modification time. A later run labels the object again when they differ
+(pipelines/lake.py). Added to the rows when their shard is committed, from the shard's manifest."""
+SOURCE_FIELDS = [
+    pa.field("source_etag", pa.string()),
+    pa.field("source_size", pa.int64()),
+    pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+]
+
+
 def embedding_fields(dim: int) -> list[pa.Field]:
     """The embedding columns for D = ``dim``: per segment its query, the decoder's class embedding (``embedding_in``)
     and the mask-pooled CLIP embedding (``embedding_out``), both L2-normalised, float16, fixed size D; and ``valid``."""
@@ -137,6 +156,12 @@ def embedding_fields(dim: int) -> list[pa.Field]:
 def output_schema(embedding_dim: int | None = None) -> pa.Schema:
     """SCHEMA, plus the embedding columns when ``embedding_dim`` is given."""
     return pa.schema(list(SCHEMA) + embedding_fields(embedding_dim)) if embedding_dim else SCHEMA
+
+
+def part_schema(embedding_dim: int | None = None) -> pa.Schema:
+    """A part file's schema: the encoded rows' (:func:`output_schema`), then :data:`SOURCE_FIELDS` (added when the
+    shard is committed)."""
+    return pa.schema(list(output_schema(embedding_dim)) + SOURCE_FIELDS)
 
 
 def part_name(shard: int) -> str:
@@ -204,21 +229,6 @@ class Destination:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
-    def committed_shards(self) -> set[int]:
-        """Shards whose part file exists."""
-        fs = self.fs
-        try:
-            names = fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return set()
-        fs.invalidate_cache(self.root)
-        shards = set()
-        for name in names:
-            m = PART_RE.search(name.rsplit("/", 1)[-1])
-            if m:
-                shards.add(int(m.group(1)))
-        return shards
-
     # ------------------------------------------------------------------ what DEST holds
     def survey(self) -> "Survey":
         """What DEST holds, from listings only (no file is read but ``_fcclip/run.json``).
@@ -240,31 +250,46 @@ class Destination:
         shards = len(run.get("shard_sizes") or []) if run and run.get("manifest_complete") else 0
         parts: dict[int, str] = {}
         foreign: list[str] = []
+        rewrites: list[str] = []
         for entry in entries:
             path = entry["name"].rstrip("/")
             if path == self.root:
                 continue  # an object store's marker of the prefix itself
             name = path.rsplit("/", 1)[-1]
-            if name == META_DIR:
+            if name in (META_DIR, DELTA_LOG):
+                continue
+            if REWRITE_RE.fullmatch(name) and int(REWRITE_RE.fullmatch(name).group(1)) < shards:
+                rewrites.append(path)
                 continue
             m = PART_RE.fullmatch(name)
             if m and int(m.group(1)) < shards and entry.get("type") != "directory":
                 parts[int(m.group(1))] = path
             else:
                 foreign.append(name + ("/" if entry.get("type") == "directory" else ""))
-        return Survey(run, parts, sorted(foreign))
+        return Survey(run, parts, sorted(foreign), rewrites)
 
     def remove_own_files(self, survey: "Survey") -> None:
-        """Remove what fcclip wrote (the run's part files, then ``_fcclip/``), nothing else. The order keeps a
-        removal cut short consistent: part files go while run.json still names them as the run's; run.json goes
-        before the manifest it describes (a manifest without run.json is never trusted)."""
+        """Remove what fcclip wrote (the table's log, the run's part files, then ``_fcclip/`` but the lock), nothing
+        else. The order keeps a removal cut short consistent: the log goes first (a table naming files that are gone
+        would not read; part files without it are adopted again); part files go while run.json still names them as
+        the run's; run.json goes before the manifest it describes (a manifest without run.json is never trusted)."""
         fs = self.fs
-        for path in survey.parts.values():
+        log = self.path(DELTA_LOG)  # first: a table naming files that are gone would not read
+        if fs.exists(log):
+            fs.rm(log, recursive=True)
+        for path in [*survey.parts.values(), *survey.rewrites]:
             fs.rm_file(path)
-        for relative in (f"{META_DIR}/run.json", META_DIR):
-            target = self.path(relative)
-            if fs.exists(target):
-                fs.rm(target, recursive=relative == META_DIR)
+        run_json = self.path(META_DIR, "run.json")
+        if fs.exists(run_json):
+            fs.rm_file(run_json)
+        fs.invalidate_cache(self.path(META_DIR))
+        try:
+            children = fs.ls(self.path(META_DIR), detail=False)
+        except FileNotFoundError:
+            children = []
+        for child in children:  # all but the lock of the run doing this (pipelines/lake.py)
+            if child.rstrip("/").rsplit("/", 1)[-1] != "lock.json":
+                fs.rm(child, recursive=True)
         fs.invalidate_cache(self.root)
 
     def clear_manifest(self) -> None:
@@ -303,6 +328,7 @@ class Survey:
     run: dict | None  # run.json's content, None when DEST holds no run's settings
     parts: dict[int, str]  # committed part files of that run: {shard: path}
     foreign: list[str]  # names directly under DEST that fcclip did not write (folders end in '/')
+    rewrites: list[str] = field(default_factory=list)  # part files rewritten by an increment (pipelines/lake.py)
 
 
 def new_run_id() -> str:
@@ -357,6 +383,7 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     if got != list(range(expected_rows)):
         missing = sorted(set(range(expected_rows)) - set(got))
         raise RuntimeError(f"shard {shard}: the fragments do not cover its rows (missing {missing[:10]})")
+    table = with_source_columns(dest, shard, table)
     write_part(dest, shard, table.drop_columns(["row"]), file_metadata)
     target = dest.path(fragment_dir(shard))
     fs = dest.fs
@@ -365,6 +392,18 @@ def commit_shard(dest: Destination, shard: int, fragments: list[str], expected_r
     except FileNotFoundError:
         pass
     return table.num_rows
+
+
+def with_source_columns(dest: Destination, shard: int, table: pa.Table) -> pa.Table:
+    """The shard's rows (in row order, with ``row``) with :data:`SOURCE_COLUMNS` from its manifest appended."""
+    manifest = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
+    if manifest.column("uri").to_pylist() != table.column("uri").to_pylist():
+        raise RuntimeError(f"shard {shard}: its rows are not its manifest's URIs")
+    for fld, name in zip(SOURCE_FIELDS, ("etag", "size", "mtime")):
+        column = (manifest.column(name).cast(fld.type) if name in manifest.column_names
+                  else pa.nulls(len(manifest), fld.type))
+        table = table.append_column(fld, column)
+    return table
 
 
 def write_part(dest: Destination, shard: int, table: pa.Table, file_metadata: dict[str, Any]) -> None:
@@ -459,8 +498,9 @@ def _read_footer(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str] | 
     return list(schema.names), dict(schema.metadata or {}), ""
 
 
-def open_output(dest: str) -> LabelingOutput:
-    """List and check DEST's part files (``DEST/*.parquet``), reading only their footers.
+def open_output(dest: str, version: int | None = None) -> LabelingOutput:
+    """List and check DEST's part files, reading only their footers: those of the table's current version (or of
+    ``version``) when DEST is a Delta table (``DEST/_delta_log``), else ``DEST/*.parquet``.
 
     Raises:
         NotALabelingOutput: DEST is missing, holds no ``*.parquet`` file, or holds one that fcclip did not write
@@ -472,10 +512,23 @@ def open_output(dest: str) -> LabelingOutput:
     if not fs.isdir(root):
         what = "a file" if fs.exists(root) else "no such folder"
         raise NotALabelingOutput(f"{dest} is not a labeling output: {what}")
-    found = fs.glob(f"{root}/*.parquet", detail=True)
-    files = sorted(p for p, info in found.items() if info.get("type", "file") == "file")
-    if not files:
-        raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
+    from . import lake  # lake builds on this module
+
+    table = Destination(dest)
+    if lake.has_table(table):
+        try:
+            files = [table.path(name) for name in lake.table_files(table, version)]
+        except Exception as e:  # a version the log does not have (vacuumed, or not yet written)
+            raise OutputError(f"{dest}: cannot read version {version} of its table ({' '.join(str(e).split())[:200]})")
+        if not files:
+            raise NotALabelingOutput(f"{dest} is not a labeling output: its table's version holds no part file")
+    elif version is not None:
+        raise OutputError(f"{dest} is not a Delta table (no _delta_log): it has no version {version}")
+    else:
+        found = fs.glob(f"{root}/*.parquet", detail=True)
+        files = sorted(p for p, info in found.items() if info.get("type", "file") == "file")
+        if not files:
+            raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
 
     foreign: list[tuple[str, str]] = []
     columns: set[str] | None = None
@@ -520,6 +573,12 @@ def open_output(dest: str) -> LabelingOutput:
     urls = [fs.unstrip_protocol(p) if _has_protocol(dest) else p for p in files]
     return LabelingOutput(dest=dest, fs=fs, files=files, urls=urls, columns=sorted(columns or ()),
                           vocabulary=vocabulary, metadata=metadata)
+
+
+def add_version_argument(p, what: str = "DEST") -> None:
+    """``--version N``: the commands that read a labeling output read version N of its table (default: current)."""
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help=f"read version N of {what}'s table (DEST/_delta_log; default: the current version)")
 
 
 def _has_protocol(dest: str) -> bool:

@@ -53,11 +53,13 @@ from fcclip.reclassify import EmbeddingSpace, reclassify
 from fcclip.text import TextClassifier, build_text_classifier
 from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
-from . import runtime
+from . import lake, runtime
 from .embed_text import TextTowerMismatch, text_tower
 from .label import DestinationError, reopen_run
+from .lake import TABLE_FILE_RE
 from .output import (
-    EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, new_run_id, open_output, output_schema, write_part,
+    EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, new_run_id, open_output,
+    SOURCE_FIELDS, output_schema, part_name, part_schema, write_part,
 )
 
 logger = logging.getLogger("fcclip.relabel")
@@ -105,10 +107,11 @@ class Source:
     run: dict | None = None  # DEST's run.json
 
 
-def open_source(dest: str) -> Source:
-    """DEST's part files and metadata, checked: a complete labeling output with embeddings (footers only)."""
+def open_source(dest: str, version: int | None = None) -> Source:
+    """DEST's part files and metadata, checked: a complete labeling output with embeddings (footers only); the files
+    of ``version`` of its table (default: the current one) when DEST is a table."""
     try:
-        output = open_output(dest)
+        output = open_output(dest, version)
     except OutputError as e:
         raise RelabelError(str(e)) from None
     missing = [c for c in EMBEDDING_COLUMNS if c not in output.columns]
@@ -121,15 +124,16 @@ def open_source(dest: str) -> Source:
             raise RelabelError(f"{dest}: its part files disagree on fcclip.{key}; point at the output of one run")
         metadata[key] = json.loads(next(iter(values)))
     shards, rows = [], []
+    is_table = lake.has_table(Destination(dest))
     for path in output.files:
-        m = PART_RE.search(path.rsplit("/", 1)[-1])
+        m = (TABLE_FILE_RE if is_table else PART_RE).search(path.rsplit("/", 1)[-1])
         if not m:
             raise RelabelError(f"{dest}: {path.rsplit('/', 1)[-1]} is not a part file's name")
         shards.append(int(m.group(1)))
         with output.fs.open(path, "rb") as f:
             rows.append(pq.ParquetFile(f).metadata.num_rows)
     run = Destination(dest).read_run()
-    if run is not None:
+    if run is not None and not is_table:  # a table's version says which files are its rows
         expected = [i for i, n in enumerate(run.get("shard_sizes") or []) if n > 0]
         if sorted(shards) != expected:
             raise RelabelError(
@@ -258,6 +262,13 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
+def with_source(table: pa.Table, batch: pa.RecordBatch) -> pa.Table:
+    """A relabeled batch with its rows' SOURCE_COLUMNS carried over (one row out per row in, in order)."""
+    for fld in SOURCE_FIELDS:
+        index = batch.schema.get_field_index(fld.name)
+        column = batch.column(index).cast(fld.type) if index >= 0 else pa.nulls(len(batch), fld.type)
+        table = table.append_column(fld, column)
+    return table
 def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dict], table: pa.Table,
                  use_agreement: bool) -> dict:
     """output.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
@@ -309,10 +320,10 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         columns = [c for c in parquet.schema_arrow.names if c not in _SKIPPED_COLUMNS]
-        tables = [relabel_batch(batch, new, min_score, constants, stats)
+        tables = [with_source(relabel_batch(batch, new, min_score, constants, stats), batch)
                   for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)]
     dim = new.embeddings.shape[1]
-    table = pa.concat_tables(tables) if tables else output_schema(dim).empty_table()
+    table = pa.concat_tables(tables) if tables else part_schema(dim).empty_table()
     write_part(Destination(dest_uri), shard, table, file_metadata)
     return stats
 
@@ -330,14 +341,22 @@ def _text_classifier(source: Source, vocabulary, model: str | None, weights: str
 
 def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | None = None, model: str | None = None,
                 weights: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                overwrite: bool = False, verbose: bool = False) -> RelabelSummary:
-    """Run (or resume) a relabel job; returns its summary (module docstring)."""
+                overwrite: bool = False, verbose: bool = False, version: int | None = None) -> RelabelSummary:
+    """Run (or resume) a relabel job; returns its summary (module docstring). ``version``: of DEST's table (default:
+    the current one). DEST2 is a Delta table as a labeling output is: one version per part file written."""
+    with lake.WriterLock(Destination(out)):
+        return _run_relabel(source_dest, vocab, out, min_score=min_score, model=model, weights=weights,
+                            address=address, num_cpus=num_cpus, overwrite=overwrite, verbose=verbose, version=version)
+
+
+def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, weights, address, num_cpus, overwrite,
+                 verbose, version) -> RelabelSummary:
 
 
 
     started = time.time()
     vocabulary = load_vocabulary(vocab)
-    source = open_source(source_dest)
+    source = open_source(source_dest, version)
     thresholds = dict(source.metadata.get("thresholds") or {})
     min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
     source_run = source.metadata.get("run_id")
@@ -349,6 +368,9 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
         "min_score": min_score, "model": model or source.metadata.get("model"),
         "weights": weights or source.metadata.get("weights"),
     }
+    source_table = Destination(source_dest)
+    if lake.has_table(source_table):  # DEST2 is DEST's version relabeled: a later version of DEST is another run
+        settings["source_version"] = version if version is not None else lake.table_version(source_table)
     run = reopen_run(dest, settings, overwrite)
     if run is None:
         sizes = [0] * (max(source.shards) + 1 if source.shards else 0)
@@ -363,7 +385,9 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
         }
         dest.write_run(run)
     summary = RelabelSummary(dest=out, run_id=run["run_id"])
-    done = dest.committed_shards()
+    if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
+        lake.adopt_parts(dest, run, dest.survey().parts)
+    done = {int(m.group(1)) for name in lake.table_files(dest) if (m := PART_RE.search(name))}
     pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
     summary.skipped_shards = len(source.shards) - len(pending)
     if not pending:
@@ -388,8 +412,12 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
-                refs.pop(ref)
+                shard = refs.pop(ref)
                 stats = ray.get(ref)
+                lake.commit_version(dest, [part_name(shard)], info={
+                    "run_id": run["run_id"], "model": str(settings["model"]),
+                    "vocabulary_digest": vocabulary.digest, "shard": shard, "source_run": source_run,
+                })
                 for key, value in stats.items():
                     setattr(summary, key, getattr(summary, key) + value)
     finally:
@@ -402,6 +430,7 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="a labeling output made with fcclip label --embeddings")
+    add_version_argument(p)
     p.add_argument("--vocab", required=True, help="the new vocabulary (as fcclip label's --vocab)")
     p.add_argument("--out", required=True, metavar="DEST2", help="output folder or object-store prefix")
     p.add_argument("--min-score", type=float, default=None, help="drop segments scoring below this (default: DEST's)")
@@ -417,8 +446,9 @@ def main_args(args: argparse.Namespace) -> int:
     try:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
                         weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
-                        verbose=getattr(args, "verbose", False))
-    except (RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError, FileNotFoundError) as e:
+                        verbose=getattr(args, "verbose", False), version=args.version)
+    except (lake.DestinationBusy, RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError,
+            FileNotFoundError) as e:
         print(f"fcclip relabel: error: {e}", file=sys.stderr)
         return 2
     print(f"relabeled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
@@ -426,7 +456,7 @@ def main_args(args: argparse.Namespace) -> int:
           f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
-    print(f"output: {s.dest.rstrip('/')}/*.parquet (run {s.run_id})")
+    print(f"output: {s.dest.rstrip('/')} (a Delta table; run {s.run_id})")
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump({**asdict(s), "segments_per_second": s.segments_per_second}, f, indent=1)

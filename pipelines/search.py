@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fcclip.config import ConfigError
 
 from .embed_text import TextTowerMismatch, text_embedding
-from .output import OutputError, open_output
+from .output import OutputError, add_version_argument, open_output
 from .show.overlays import overlay, read_rows
 
 _LEAVES = ("id", "label", "score")
@@ -50,10 +50,11 @@ class Hit:
     row: int
 
 
-def search_segments(dest: str, query: np.ndarray, top: int = 50) -> list[Hit]:
-    """The ``top`` segments of DEST most similar (cosine) to ``query`` (D,), best first (ties: file, row, order)."""
+def search_segments(dest: str, query: np.ndarray, top: int = 50, version: int | None = None) -> list[Hit]:
+    """The ``top`` segments of DEST (``version`` of its table; default the current one) most similar (cosine) to
+    ``query`` (D,), best first (ties: file, row, order)."""
     try:
-        output = open_output(dest)
+        output = open_output(dest, version)
     except OutputError as e:
         raise SearchError(str(e)) from None
     if "embedding_out" not in output.columns:
@@ -102,11 +103,11 @@ def _top(hits: list[Hit], top: int) -> list[Hit]:
 
 
 def search_dest(dest: str, text: str, top: int = 50, model: str | None = None,
-                weights: str | None = None) -> list[Hit]:
+                weights: str | None = None, version: int | None = None) -> list[Hit]:
     """Segments of DEST ranked by similarity to ``text`` (embedded with the run's model unless given)."""
 
     try:
-        output = open_output(dest)
+        output = open_output(dest, version)
     except OutputError as e:
         raise SearchError(str(e)) from None
     values = {k: output.metadata_values(k) for k in ("model", "weights", "embeddings")}
@@ -115,12 +116,12 @@ def search_dest(dest: str, text: str, top: int = 50, model: str | None = None,
     space = json.loads(values["embeddings"][0])
     query = text_embedding(text, model or values["model"][0], weights or values["weights"][0],
                            expect_text_tower=space["text_tower"])
-    return search_segments(dest, query, top)
+    return search_segments(dest, query, top, version)
 
 
-def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 480) -> str:
+def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 480, version: int | None = None) -> str:
     """A self-contained HTML page: each hit's image with the hit's mask drawn (the report's overlay code)."""
-    output = open_output(dest)
+    output = open_output(dest, version)
     colors = output.colors()
     records: dict[tuple[str, int], dict] = {}
     for url in sorted({h.file for h in hits}):
@@ -153,6 +154,7 @@ def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 4
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="a labeling output made with fcclip label --embeddings")
     p.add_argument("text", help="what to look for, e.g. 'a flooded street'")
+    add_version_argument(p)
     p.add_argument("--top", type=int, default=50, help="segments listed (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="HITS.html", help="also write an HTML gallery of the hits")
     p.add_argument("--model", default=None, help="default: DEST's model")
@@ -164,7 +166,7 @@ def main_args(args: argparse.Namespace) -> int:
         print("fcclip search: error: --top must be >= 1", file=sys.stderr)
         return 2
     try:
-        hits = search_dest(args.dest, args.text, args.top, args.model, args.weights)
+        hits = search_dest(args.dest, args.text, args.top, args.model, args.weights, version=args.version)
     except (SearchError, TextTowerMismatch, ConfigError, FileNotFoundError) as e:
         print(f"fcclip search: error: {e}", file=sys.stderr)
         return 2
@@ -173,7 +175,7 @@ def main_args(args: argparse.Namespace) -> int:
         print(f"{h.similarity:.4f}\t{h.uri}\t{h.segment_id}\t{h.label}\t{h.score:.3f}")
     if args.out:
         with fsspec.open(args.out, "w", encoding="utf-8") as f:
-            f.write(gallery_html(args.dest, args.text, hits))
+            f.write(gallery_html(args.dest, args.text, hits, version=args.version))
         print(f"{len(hits)} hits -> {args.out}")
     return 0
 

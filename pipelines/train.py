@@ -640,6 +640,7 @@ def run_train(
     callbacks: list | None = None,
     selection: LabelSelection = LabelSelection(),
     mix: MixSpec | None = None,
+    data_version: int | None = None,
 ):
     """Train; returns (ray.train.Result, the final model checkpoint's URI).
 
@@ -657,7 +658,7 @@ def run_train(
     if mix is not None:
         mix = dataclasses.replace(mix, uri=_absolute(mix.uri))
     training = open_training_sources(data_root, mix, split=cfg.data.split, synonyms=cfg.data.synonyms,
-                                     selection=selection)
+                                     selection=selection, version=data_version)
     by_kind = {s.kind: s for s in training.sources}
     if "coco" not in by_kind and cfg.eval_every:
         logger.info("eval_every is set but %s is a labeling output (no val split): no periodic validation PQ",
@@ -880,6 +881,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="a COCO panoptic tree or a labeling output of fcclip label (local or s3://...; detected)")
     p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help="train on version N of the labeling output's table (default: the current one)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -926,6 +929,7 @@ def main_args(args: argparse.Namespace) -> int:
             gpu_wait=args.gpu_wait,
             cpus_per_worker=args.cpus_per_worker, max_iters=args.max_iters, resume=args.resume,
             address=args.address, name=args.name, num_cpus=args.num_cpus, selection=selection, mix=mix,
+            data_version=args.version,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"fcclip train: error: {e}", file=sys.stderr)

@@ -134,8 +134,9 @@ def parse_mix(spec: str) -> MixSpec:
 
 
 def open_training_data(uri: str, *, split: str, synonyms: str | None,
-                       selection: LabelSelection = LabelSelection()) -> TrainingData:
-    """Detect and open ``--data`` (reads the COCO JSON, or only the part files' footers).
+                       selection: LabelSelection = LabelSelection(), version: int | None = None) -> TrainingData:
+    """Detect and open ``--data`` (reads the COCO JSON, or only the part files' footers; of ``version`` of a labeling
+    output's table, default the current one).
 
     Raises:
         ValueError: ``uri`` is neither (the message says what was looked for), or the selection names unknown
@@ -150,7 +151,7 @@ def open_training_data(uri: str, *, split: str, synonyms: str | None,
         vocabulary = CocoPanoptic(uri, split).vocabulary(synonyms=synonyms)
         return TrainingData(uri, "coco", vocabulary, {c.id: k for k, c in enumerate(vocabulary.categories)})
     try:
-        output = open_output(uri)
+        output = open_output(uri, version)
     except OutputError as e:
         raise ValueError(f"{uri} is neither a COCO panoptic tree (no {coco_json}) nor a labeling output ({e})"
                          ) from None
@@ -159,25 +160,28 @@ def open_training_data(uri: str, *, split: str, synonyms: str | None,
 
 
 def open_training_sources(uri: str, mix: MixSpec | None = None, *, split: str, synonyms: str | None,
-                          selection: LabelSelection = LabelSelection()) -> TrainingSources:
-    """Open ``--data`` and the ``--mix`` source (module docstring); without `mix`, ``--data`` alone.
+                          selection: LabelSelection = LabelSelection(), version: int | None = None) -> TrainingSources:
+    """Open ``--data`` and the ``--mix`` source (module docstring); without `mix`, ``--data`` alone. ``version``: of
+    the labeling output's table (default: the current one).
 
     Raises:
         ValueError: as `open_training_data`; the mix source is not of its stated kind, or of the same kind as
             ``--data``; the vocabularies cannot be joined (`union_vocabulary`).
     """
     if mix is None:
-        data = open_training_data(uri, split=split, synonyms=synonyms, selection=selection)
+        data = open_training_data(uri, split=split, synonyms=synonyms, selection=selection, version=version)
         return TrainingSources(data.vocabulary, [data])
     # the pseudo-label options go to whichever source is the labeling output
     first = open_training_data(uri, split=split, synonyms=synonyms,
-                               selection=selection if mix.kind == "coco" else LabelSelection())
+                               selection=selection if mix.kind == "coco" else LabelSelection(),
+                               version=version if mix.kind == "coco" else None)
     if first.kind == mix.kind:
         raise ValueError(f"--mix {mix.kind}=...: --data {uri} is a {KINDS[first.kind]} too; mix a COCO "
                          "panoptic tree with a labeling output")
     try:
         second = open_training_data(mix.uri, split=split, synonyms=synonyms,
-                                    selection=selection if mix.kind == "labels" else LabelSelection())
+                                    selection=selection if mix.kind == "labels" else LabelSelection(),
+                                    version=version if mix.kind == "labels" else None)
     except ValueError as e:
         raise ValueError(f"--mix {mix.kind}={mix.uri}: {e}") from None
     if second.kind != mix.kind:

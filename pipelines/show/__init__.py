@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import fsspec
 
-from ..output import LabelingOutput, NotALabelingOutput, OutputError, open_output
+from ..output import LabelingOutput, NotALabelingOutput, OutputError, add_version_argument, open_output
 from .overlays import Figure, render_samples
 from .page import plural, render_html
 from .scan import SCORE_BINS, ClassStats, Report, Sample, scan
@@ -31,16 +31,19 @@ __all__ = [
 
 
 def build_report(
-    dest: str, *, sample: int = 24, seed: int = 0, top_classes: int = 8, image_width: int = 640, max_errors: int = 200
+    dest: str, *, sample: int = 24, seed: int = 0, top_classes: int = 8, image_width: int = 640, max_errors: int = 200,
+    version: int | None = None,
 ) -> tuple[str, Report]:
-    """Scan DEST, draw the sampled images and return (the HTML page, the counts)."""
-    report = scan(dest, sample=sample, seed=seed, max_errors=max_errors)
+    """Scan DEST (``version`` of its table; default the current one), draw the sampled images and return (the HTML
+    page, the counts)."""
+    report = scan(open_output(dest, version), sample=sample, seed=seed, max_errors=max_errors)
     figures = render_samples(report, max_width=image_width, max_height=int(image_width * 1.5))
     return render_html(report, figures, top_classes=top_classes), report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="a labeling output: local folder or object-store prefix (*.parquet)")
+    add_version_argument(p)
     p.add_argument("--out", required=True, metavar="REPORT.html", help="the HTML file to write (a path or a URI)")
     p.add_argument("--sample", type=int, default=24, metavar="N",
                    help="ok images drawn in the gallery (default: %(default)s)")
@@ -61,7 +64,7 @@ def main_args(args: argparse.Namespace) -> int:
     try:
         page, report = build_report(
             args.dest, sample=args.sample, seed=args.seed, top_classes=args.top_classes, image_width=args.image_width,
-            max_errors=args.max_errors,
+            max_errors=args.max_errors, version=args.version,
         )
     except OutputError as e:
         print(f"fcclip show: error: {e}", file=sys.stderr)

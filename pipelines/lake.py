@@ -1,0 +1,557 @@
+"""DEST as a Delta Lake table: its log, the one writer's lock, and the diff that makes a rerun incremental.
+
+The part files stay what pipelines/output.py writes (plain Parquet, the output's schema and metadata); this module
+only names them in the table's log, ``DEST/_delta_log/`` (delta-rs, the ``deltalake`` package), through its
+transaction API (add and remove actions). The driver commits shards once their part files are complete: a table
+version per batch of shards completed within ``ShardCommitter.interval_s`` (a shard replacing rows alone), whose
+commit info names the run, the model, the vocabulary's digest, the shards and the rows added and replaced
+(:class:`ShardCommitter`, :func:`commit_version`). A killed run leaves a table of the versions it committed; a
+part file written but not yet named in the log is in no version, and the rerun writes it again (same name, same
+rows) and names it then.
+
+Shards and versions: a shard is *committed* when a version adds its part file. A later increment may replace some
+of its rows (their objects changed in SOURCE): the version that adds the new rows' shard also removes the old part
+file and adds its rewrite without those rows, named ``part-OLD-rNEW.parquet`` (OLD's rows, as rewritten when NEW was
+committed). So every version holds each URI at most once, and a reader of any version sees the old row or the new
+one, never both.
+
+Incremental runs (:func:`plan_increment`): a DEST whose shards are all committed, labeled again with the same
+settings, lists SOURCE again into Parquet files on local disk, and DuckDB compares that listing with the URIs of the
+current version (an anti-join on ``uri`` and, for URIs in both, the object's ETag, else its size and modification
+time, recorded per row in ``source_etag``, ``source_size``, ``source_mtime``). DuckDB spills to a local temporary
+folder, so neither side is held in memory. What is new, then what changed, becomes the next shards of the run's
+manifest, each changed URI with the shard that holds its old row (``replaces``).
+
+One writer (:class:`WriterLock`): ``DEST/_fcclip/lock.json``, created only if absent (``O_EXCL`` on a local
+filesystem; ``If-None-Match: *`` on S3), holding the owner's host, process id and a heartbeat the owner rewrites
+every ``HEARTBEAT_S`` seconds. A second driver is refused at once, unless the lock is stale: its heartbeat older than
+``STALE_S``, or its owner a process of this host that no longer runs (a killed driver). A stale lock is removed and
+taken over.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .output import DELTA_LOG, META_DIR, Destination, manifest_name, part_name
+
+logger = logging.getLogger("fcclip.label")
+
+LOCK = f"{META_DIR}/lock.json"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+TABLE_FILE_RE = re.compile(r"part-(\d+)(?:-r(\d+))?\.parquet$")
+"""A part file in the table: ``part-N.parquet`` (shard N as labeled) or ``part-N-rM.parquet`` (shard N's rows that
+remained when shard M replaced some of them)."""
+
+
+def rewrite_name(shard: int, by: int) -> str:
+    return f"part-{shard:06d}-r{by:06d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------------- the log
+def storage_options(uri: str) -> dict[str, str]:
+    """delta-rs options for DEST: on S3, plain HTTP when the endpoint is (a test server, MinIO), and renames without
+    a lock service (safe: :class:`WriterLock` keeps one writer per DEST)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if endpoint.startswith("http://"):
+        options["AWS_ALLOW_HTTP"] = "true"
+    return options
+
+
+def table_uri(dest: Destination) -> str:
+    return os.path.abspath(dest.uri) if "://" not in dest.uri else dest.uri
+
+
+def has_table(dest: Destination) -> bool:
+    fs = dest.fs
+    log = dest.path(DELTA_LOG)
+    fs.invalidate_cache(log)
+    try:
+        return any(p.endswith(".json") for p in fs.ls(log, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def open_table(dest: Destination, version: int | None = None):
+    """The table (deltalake.DeltaTable) at ``version`` (default: the current one)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri(dest), version=version, storage_options=storage_options(dest.uri))
+
+
+def table_files(dest: Destination, version: int | None = None) -> list[str]:
+    """Paths (relative to DEST) of the part files of a version, sorted; [] when DEST has no table yet."""
+    if not has_table(dest):
+        return []
+    actions = open_table(dest, version).get_add_actions(flatten=True)
+    return sorted(str(p) for p in pa.table(actions).column("path").to_pylist())
+
+
+def table_version(dest: Destination) -> int | None:
+    return open_table(dest).version() if has_table(dest) else None
+
+
+def delta_type(t: pa.DataType) -> pa.DataType:
+    """The Delta type the log records for an Arrow type of the output: Delta has no half float (the embedding
+    vectors' float16 is recorded as float) and no fixed-size list (recorded as an array)."""
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(pa.field(t.value_field.name, delta_type(t.value_type), t.value_field.nullable))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, delta_type(f.type), f.nullable) for f in t])
+    return t
+
+
+def delta_schema(schema: pa.Schema):
+    from deltalake import Schema
+
+    return Schema.from_arrow(pa.schema([pa.field(f.name, delta_type(f.type), f.nullable) for f in schema]))
+
+
+def _add_action(dest: Destination, relative: str):
+    from deltalake.transaction import AddAction
+
+    fs = dest.fs
+    path = dest.path(relative)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])  # written by a Ray task: not in this process's listing cache
+    size = int(fs.info(path)["size"])
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+    stats = json.dumps({"numRecords": meta.num_rows})
+    return AddAction(relative, size, {}, int(time.time() * 1000), True, stats), schema, meta.num_rows
+
+
+def commit_version(dest: Destination, add: list[str], remove: list[str] = (), info: dict | None = None) -> int:
+    """One table version that adds the part files ``add`` and removes ``remove`` (paths relative to DEST), with
+    ``info`` (``fcclip.*`` keys) in its commit info; creates the table on the first commit. Returns the version."""
+    from deltalake import CommitProperties
+    from deltalake.transaction import RemoveAction, create_table_with_add_actions
+
+    actions, schema, added_rows = [], None, 0
+    for relative in add:
+        action, file_schema, rows = _add_action(dest, relative)
+        actions.append(action)
+        added_rows += rows
+        if schema is None or len(file_schema) > len(schema):
+            schema = file_schema
+    now = int(time.time() * 1000)
+    actions += [RemoveAction(relative, True, now) for relative in remove]
+    metadata = {f"fcclip.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (info or {}).items()}
+    metadata["fcclip.rows_added"] = str(added_rows)
+    props = CommitProperties(custom_metadata=metadata)
+    options = storage_options(dest.uri)
+    if not has_table(dest):
+        if remove:
+            raise RuntimeError("the first version of a table cannot remove files")
+        create_table_with_add_actions(table_uri(dest), delta_schema(schema.remove_metadata()), actions,
+                                      storage_options=options, commit_properties=props)
+        return 0
+    table = open_table(dest)
+    if schema is not None:
+        _add_new_columns(table, schema, props)
+    target = table.schema()
+    table.create_write_transaction(actions, mode="append", schema=target, commit_properties=props)
+    return table.version() + 1
+
+
+def _add_new_columns(table, schema: pa.Schema, props) -> None:
+    """Columns of a file to add that the table lacks (a DEST labeled before a column existed): one version that
+    records them in the table's schema, before the version that adds the file (nullable: older files read as null)."""
+    from deltalake import Field
+
+    have = {f.name for f in table.schema().fields}
+    new = [f for f in schema if f.name not in have]
+    if new:
+        table.alter.add_columns([Field.from_arrow(pa.field(f.name, delta_type(f.type), True)) for f in new],
+                                commit_properties=props)
+        table.update_incremental()
+
+
+def committed_shards(dest: Destination, run: dict) -> set[int]:
+    """Shards of the run whose rows are in the table: every shard before the latest increment (an increment starts
+    only once all earlier shards are committed, and a later one may have removed a shard's file whose rows were all
+    replaced), and those of the latest increment whose part file a version added."""
+    first = latest_increment(run)["first_shard"]
+    if not has_table(dest):
+        return set()
+    done = set(range(first))
+    for name in table_files(dest):
+        m = TABLE_FILE_RE.search(name)
+        if m:
+            done.add(int(m.group(1)))
+            if m.group(2) is not None:
+                done.add(int(m.group(2)))
+    return done
+
+
+def latest_increment(run: dict) -> dict:
+    increments = run.get("increments") or [{"first_shard": 0}]
+    return increments[-1]
+
+
+def adopt_parts(dest: Destination, run: dict, parts: dict[int, str]) -> None:
+    """A DEST labeled before it became a table (part files, no log): one version naming its part files."""
+    names = [p.rsplit("/", 1)[-1] for _, p in sorted(parts.items())]
+    if names:
+        commit_version(dest, names, info={"run_id": run["run_id"], "operation": "adopt"})
+
+
+# ---------------------------------------------------------------------------------------------------- shard commits
+class ShardCommitter:
+    """The driver's half of a shard's commit, called once the shard's part file is complete: one table version adds
+    the part files of the shards completed since the last version (a version at most every ``interval_s`` seconds,
+    so that a driver committing many shards a second writes fewer, larger versions; :meth:`flush` commits what is
+    left). A shard whose rows replace others' is committed at once, alone: its version also removes the part files
+    holding the old rows and adds them rewritten without those rows (a Ray task each, when Ray runs)."""
+
+    def __init__(self, dest: Destination, info: dict, remote: bool = True, interval_s: float = 2.0):
+        self.dest = dest
+        self.info = info
+        self.remote = remote
+        self.interval_s = interval_s
+        self.waiting: list[int] = []  # complete shards not yet in a version
+        self.last = 0.0  # when the last version was committed (monotonic)
+
+    def __call__(self, shard: int) -> None:
+        replaced = _replaced_rows(self.dest, shard)
+        if replaced:
+            self.flush()
+            self._commit([shard], replaced)
+        else:
+            self.waiting.append(shard)
+            if time.monotonic() - self.last >= self.interval_s:
+                self.flush()
+
+    def flush(self) -> None:
+        """Commit the shards waiting for a version."""
+        if self.waiting:
+            shards, self.waiting = self.waiting, []
+            self._commit(shards, {})
+
+    def _commit(self, shards: list[int], replaced: dict[int, list[str]]) -> int:
+        dest = self.dest
+        add, remove = [part_name(s) for s in shards], []
+        shard = shards[0]
+        rows_replaced = 0
+        if replaced:
+            current = {}
+            for name in table_files(dest):
+                m = TABLE_FILE_RE.search(name)
+                if m:
+                    current[int(m.group(1))] = name
+            jobs = []
+            for old, uris in sorted(replaced.items()):
+                if old in current:
+                    jobs.append((old, current[old], uris))
+                    rows_replaced += len(uris)
+            results = _run_rewrites(dest, shard, jobs, self.remote)
+            for (old, name, _), kept in zip(jobs, results):
+                remove.append(name)
+                if kept:
+                    add.append(rewrite_name(old, shard))
+        info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
+        version = commit_version(dest, add, remove, info)
+        self.last = time.monotonic()
+        return version
+
+
+def _replaced_rows(dest: Destination, shard: int) -> dict[int, list[str]]:
+    """{old shard: URIs} that shard ``shard``'s rows replace (its manifest's ``replaces`` column)."""
+    table = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
+    if "replaces" not in table.column_names:
+        return {}
+    out: dict[int, list[str]] = {}
+    for uri, old in zip(table.column("uri").to_pylist(), table.column("replaces").to_pylist()):
+        if old is not None:
+            out.setdefault(int(old), []).append(uri)
+    return out
+
+
+def rewrite_without(dest_uri: str, name: str, new_name: str, uris: list[str]) -> int:
+    """Write ``new_name``: part file ``name`` without the rows of ``uris`` (its schema and key-value metadata kept),
+    unless no row remains. Returns the rows kept."""
+    dest = Destination(dest_uri)
+    table = pq.read_table(io.BytesIO(dest.read_bytes(name)))
+    kept = table.filter(pc.invert(pc.is_in(table.column("uri"), value_set=pa.array(uris, pa.string()))))
+    if kept.num_rows:
+        buf = io.BytesIO()
+        pq.write_table(kept, buf, compression="zstd")
+        dest.write_bytes(new_name, buf.getvalue())
+    return kept.num_rows
+
+
+def _run_rewrites(dest: Destination, shard: int, jobs: list, remote: bool) -> list[int]:
+    if not jobs:
+        return []
+    if remote:
+        import ray
+
+        task = ray.remote(rewrite_without).options(num_cpus=0.5, max_retries=3)
+        return ray.get([task.remote(dest.uri, name, rewrite_name(old, shard), uris) for old, name, uris in jobs])
+    return [rewrite_without(dest.uri, name, rewrite_name(old, shard), uris) for old, name, uris in jobs]
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
+class DestinationBusy(RuntimeError):
+    """Another driver writes into DEST."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WriterLock:
+    """The one writer's lock on DEST (see the module docstring). Use as a context manager."""
+
+    def __init__(self, dest: Destination, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
+        self.dest = dest
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._created: list[str] = []  # local folders the lock created (removed with it when left empty)
+
+    def _body(self) -> bytes:
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat": time.time()}).encode()
+
+    def _create(self) -> bool:
+        """Create the lock if absent; False if it exists."""
+        dest, body = self.dest, self._body()
+        if dest.is_local:
+            path = dest.path(LOCK)
+            self._created = [p for p in (dest.root, dest.path(META_DIR)) if not os.path.isdir(p)]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            return True
+        if dest.uri.startswith("s3://"):
+            import boto3
+            import botocore.exceptions
+
+            bucket, key = dest.path(LOCK).split("/", 1)
+            try:
+                boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+        if dest.exists(LOCK):  # another object store: check, then write (not atomic; documented)
+            return False
+        dest.write_bytes(LOCK, body)
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.dest.read_bytes(LOCK))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    def _stale(self, held: dict) -> bool:
+        if time.time() - float(held.get("heartbeat", 0)) > self.stale_s:
+            return True
+        return held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", -1)))
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            if self._create():
+                break
+            held = self._read()
+            if held is None:
+                continue  # released meanwhile
+            if not self._stale(held):
+                since = datetime.datetime.fromtimestamp(float(held.get("heartbeat", 0)), datetime.timezone.utc)
+                raise DestinationBusy(
+                    f"{self.dest.uri} is being written by another fcclip run (host {held.get('host')}, process "
+                    f"{held.get('pid')}, alive at {since:%Y-%m-%d %H:%M:%S} UTC); nothing was read or changed. Wait "
+                    f"for it to end (a lock older than {self.stale_s:.0f} s, or of a process gone, is taken over)"
+                )
+            logger.warning("taking over the stale lock of %s (host %s, process %s)", self.dest.uri,
+                           held.get("host"), held.get("pid"))
+            self.dest.fs.rm_file(self.dest.path(LOCK))
+        else:
+            raise DestinationBusy(f"{self.dest.uri}: another run took the lock first")
+        self._thread = threading.Thread(target=self._beat, name="fcclip-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                held = self._read()
+                if not held or held.get("token") != self.token:
+                    logger.error("the lock of %s was taken by another run", self.dest.uri)
+                    return
+                self.dest.write_bytes(LOCK, self._body())
+            except Exception as e:  # a heartbeat missed is retried; a lock not renewed for STALE_S is lost
+                logger.warning("could not renew the lock of %s: %s", self.dest.uri, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        held = self._read()
+        if held and held.get("token") == self.token:
+            self.dest.fs.rm_file(self.dest.path(LOCK))
+        if self.dest.is_local:  # a DEST refused (foreign files) is left as it was: no empty _fcclip/ or DEST
+            for path in reversed(self._created):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------------- increments
+def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, extensions, refresh: bool = True,
+                   on_listed=None, memory_limit: str | None = None) -> dict:
+    """List SOURCE again and write what the current version lacks as the run's next manifest shards (new URIs, then
+    changed ones with ``replaces``; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the
+    increment: ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates"}``."""
+    from .sources import list_to_parquet
+
+    work = tempfile.mkdtemp(prefix="fcclip-diff-")
+    try:
+        listed = list_to_parquet(source, work, extensions, on_listed=on_listed)
+        first = len(run["shard_sizes"])
+        counts = diff_listing(dest, f"{work}/listing", f"{work}/diff.parquet", refresh=refresh,
+                              memory_limit=memory_limit, temp_dir=f"{work}/spill")
+        sizes = write_shards(dest, f"{work}/diff.parquet", first, shard_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"],
+            "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
+            "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
+            "not_refreshed": counts["not_refreshed"]}
+
+
+_CHANGED = """(o.uri IS NOT NULL AND (
+    (l.etag IS NOT NULL AND o.source_etag IS NOT NULL AND l.etag <> o.source_etag)
+    OR ((l.etag IS NULL OR o.source_etag IS NULL) AND l.size IS NOT NULL AND o.source_size IS NOT NULL
+        AND (l.size <> o.source_size OR l.mtime IS DISTINCT FROM o.source_mtime))))"""
+
+
+def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bool = True,
+                 memory_limit: str | None = None, temp_dir: str | None = None, labeled_files: list[str] | None = None,
+                 ) -> dict:
+    """Compare a listing (Parquet files ``uri, etag, size, mtime, ord`` under ``listing_dir``) with the current
+    version's rows and write, ordered (new first, then changed; each in listing order), the URIs to label to
+    ``out_path`` (``uri, etag, size, mtime, replaces``). Returns ``{"distinct", "new", "changed",
+    "not_refreshed"}``. ``labeled_files`` overrides the current version's files (a benchmark's)."""
+    import duckdb
+
+    con = duckdb.connect()
+    if temp_dir:
+        os.makedirs(temp_dir, exist_ok=True)
+        con.execute(f"SET temp_directory = '{temp_dir}'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute("SET preserve_insertion_order = false")
+    files = labeled_files
+    if files is None:
+        names = table_files(dest)
+        if not dest.is_local and names:
+            con.register_filesystem(dest.fs)
+        prefix = dest.uri.split("://", 1)[0] + "://" if "://" in dest.uri else ""
+        files = [prefix + dest.path(n) if prefix else dest.path(n) for n in names]
+    listed = (f"SELECT uri, arg_min(etag, ord) AS etag, arg_min(size, ord) AS size, arg_min(mtime, ord) AS mtime, "
+              f"min(ord) AS ord FROM read_parquet('{listing_dir}/*.parquet') GROUP BY uri")
+    if files:
+        file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+        old = (f"SELECT uri, source_etag, source_size, source_mtime, "
+               f"CAST(regexp_extract(filename, 'part-(\\d+)', 1) AS INTEGER) AS shard "
+               f"FROM read_parquet({file_list}, filename = true, union_by_name = true)")
+    else:
+        old = ("SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS source_etag, NULL::BIGINT AS source_size, "
+               "NULL::TIMESTAMPTZ AS source_mtime, NULL::INTEGER AS shard WHERE false")
+    con.execute(f"CREATE TEMP VIEW listed AS {listed}")
+    con.execute(f"CREATE TEMP VIEW old AS {old}")
+    # one join: what is new or changed (a few rows of the listing, as a rule) goes to a local table, then sorted
+    con.execute(f"""
+        CREATE TEMP TABLE todo AS
+            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces
+            FROM listed l LEFT JOIN old o ON l.uri = o.uri
+            WHERE o.uri IS NULL OR {_CHANGED}""")
+    keep = "" if refresh else "WHERE replaces IS NULL"
+    con.execute(f"""COPY (SELECT uri, etag, size, mtime, replaces FROM todo {keep}
+                          ORDER BY (replaces IS NOT NULL), ord) TO '{out_path}' (FORMAT parquet, COMPRESSION zstd)""")
+    new, all_changed = (int(v) for v in con.execute(
+        "SELECT count(*) FILTER (WHERE replaces IS NULL), count(*) FILTER (WHERE replaces IS NOT NULL) FROM todo"
+    ).fetchall()[0])
+    distinct = int(con.execute(
+        f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
+    con.close()
+    return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
+            "not_refreshed": 0 if refresh else all_changed}
+
+
+def write_shards(dest: Destination, diff_path: str, first: int, shard_size: int) -> list[int]:
+    """Stream the diff into manifest shards ``first``, ``first + 1``, ...; returns their sizes."""
+    from .sources import write_manifest_shard
+
+    sizes: list[int] = []
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    pf = pq.ParquetFile(diff_path)
+
+    def flush():
+        nonlocal pending, rows
+        table = pa.Table.from_batches(pending).combine_chunks()
+        for start in range(0, table.num_rows, shard_size):
+            part = table.slice(start, shard_size)
+            if part.num_rows < shard_size and start + shard_size > table.num_rows and not final:
+                pending, rows = [b for b in part.to_batches()], part.num_rows
+                return
+            write_manifest_shard(dest, first + len(sizes), part)
+            sizes.append(part.num_rows)
+        pending, rows = [], 0
+
+    final = False
+    for batch in pf.iter_batches(batch_size=65536):
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= shard_size:
+            flush()
+    final = True
+    if rows:
+        flush()
+    return sizes

@@ -1,0 +1,254 @@
+"""A lake that grows: a rerun labels only what is new or changed, each labeling is a version of DEST's Delta table,
+and one driver writes into a DEST at a time. Locally and on the loopback S3 server (with an S3 Inventory report as
+SOURCE); a driver killed mid-increment; two drivers on one DEST."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fcclip_pipelines.cli import main
+from fcclip_pipelines.lake import open_table, table_files, table_version
+from fcclip_pipelines.output import Destination
+
+VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
+OLD_SIZE, NEW_SIZE = (48, 64), (40, 56)  # (height, width): a replaced image's new content has another size
+
+
+def _args(source: str, dest: str, *more: str) -> list[str]:
+    return ["label", source, "--out", dest, "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights", "random",
+            "--shard-size", "4", "--batch-size", "4", "--no-progress", *more]
+
+
+def _grow(folder: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    """Add 10 images (new names) and replace 3 (same names, new content of another size); (added, replaced) names."""
+    from fcclip.datasets.synthetic import write_images
+
+    added = []
+    for i, path in enumerate(write_images(tmp / "new", count=10, size=OLD_SIZE, seed=100)):
+        shutil.move(path, folder / f"added_{i:02d}.jpg")
+        added.append(f"added_{i:02d}.jpg")
+    replaced = []
+    for i, path in enumerate(write_images(tmp / "replacement", count=3, size=NEW_SIZE, seed=200)):
+        shutil.copy(path, folder / f"synth_{i:05d}.jpg")
+        replaced.append(f"synth_{i:05d}.jpg")
+    return added, replaced
+
+
+def _check_versions(dest: str, before: int, names: list[str], added: list[str], replaced: list[str],
+                    prefix: str) -> None:
+    """The current version: one row per URI, the replaced ones with their new content's size; version ``before``:
+    the 20 old rows as they were."""
+    current = open_table(Destination(dest)).to_pyarrow_table(columns=["uri", "width", "height", "status"]).to_pylist()
+    uris = [r["uri"] for r in current]
+    assert len(uris) == 30 and len(set(uris)) == 30, sorted(uris)
+    assert set(uris) == {prefix + n for n in names + added}
+    sizes = {r["uri"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in current}
+    assert all(r["status"] == "ok" for r in current)
+    assert {n: sizes[n] for n in replaced} == {n: NEW_SIZE for n in replaced}
+    assert {sizes[n] for n in names if n not in replaced} | {sizes[n] for n in added} == {OLD_SIZE}
+    old = open_table(Destination(dest), version=before).to_pyarrow_table(columns=["uri", "width", "height"])
+    assert sorted(old.column("uri").to_pylist()) == sorted(prefix + n for n in names)
+    assert {(r["height"], r["width"]) for r in old.to_pylist()} == {OLD_SIZE}
+
+
+def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path, ray_local, capsys):
+    from fcclip.datasets.synthetic import write_images
+
+    folder, dest = tmp_path / "in", str(tmp_path / "out")
+    names = [p.name for p in write_images(folder, count=20, size=OLD_SIZE)]
+    assert main(_args(str(folder), dest)) == 0
+    capsys.readouterr()
+    first = table_version(Destination(dest))
+    history = open_table(Destination(dest)).history()
+    # each version names the shards it commits (5 shards of 4); together, every shard once
+    shards = [s for h in history if "fcclip.shards" in h for s in json.loads(h["fcclip.shards"])]
+    assert sorted(shards) == [0, 1, 2, 3, 4] and len(history) == first + 1
+    run_id = pq.read_table(f"{dest}/part-000000.parquet")["run_id"][0].as_py()
+    assert {h.get("fcclip.run_id") for h in history} == {run_id}
+    assert all(h.get("fcclip.vocabulary_digest") and h.get("fcclip.model") == "fcclip-tiny@random" for h in history)
+
+    added, replaced = _grow(folder, tmp_path)
+    assert main(_args(str(folder), dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 10 new, 3 changed, 17 unchanged" in out and "labeled 13 image(s)" in out, out
+    _check_versions(dest, first, names, added, replaced, prefix=str(folder) + "/")
+    history = open_table(Destination(dest)).history()
+    assert sum(int(h.get("fcclip.rows_replaced", 0)) for h in history) == 3
+    assert any("-r" in f for f in table_files(Destination(dest)))  # an old part file without its replaced rows
+    # the changed rows' shard replaced the old part file in the same version: no version holds a URI twice
+    for version in range(first, table_version(Destination(dest)) + 1):
+        uris = open_table(Destination(dest), version=version).to_pyarrow_table(columns=["uri"]).column("uri")
+        assert len(uris) == len(set(uris.to_pylist())), version
+
+    # nothing changed: nothing labeled, no new version
+    version = table_version(Destination(dest))
+    assert main(_args(str(folder), dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 0 new, 0 changed, 30 unchanged" in out and "labeled 0 image(s)" in out, out
+    assert table_version(Destination(dest)) == version
+
+    # --no-refresh: a changed object keeps its row
+    time.sleep(0.01)
+    shutil.copy(folder / "added_00.jpg", folder / "synth_00010.jpg")
+    assert main(_args(str(folder), dest, "--no-refresh")) == 0
+    out = capsys.readouterr().out
+    assert "0 new, 0 changed, 29 unchanged (1 changed kept as labeled, --no-refresh)" in out, out
+    assert table_version(Destination(dest)) == version
+
+    # readers of a version other than deltalake's
+    import duckdb
+    import polars as pl
+
+    assert pl.scan_delta(dest, version=first).select(pl.len()).collect().item() == 20
+    assert pl.scan_delta(dest).select(pl.col("uri").n_unique()).collect().item() == 30
+    dataset = open_table(Destination(dest), version=first).to_pyarrow_dataset()
+    assert duckdb.sql("select count(distinct uri) from dataset").fetchall()[0][0] == 20
+    # and the commands: version `first` as it was, the current one by default
+    for version, expected in ((first, 20), (None, 30)):
+        out = tmp_path / f"export-{version}"
+        more = ["--version", str(version)] if version is not None else []
+        assert main(["export", dest, "--format", "coco-instances", "--out", str(out), *more]) == 0
+        assert len(json.loads((out / "instances.json").read_text())["images"]) == expected
+    assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "x"), "--version", "99"]) == 2
+    assert "version 99" in capsys.readouterr().err
+    from fcclip_pipelines.train_data import open_training_data
+
+    past = open_training_data(dest, split="train", synonyms=None, version=first).output
+    assert sorted(Path(f).name for f in past.files) == [f"part-{i:06d}.parquet" for i in range(5)]
+    current = open_training_data(dest, split="train", synonyms=None).output
+    assert len(current.files) > 5 and any("-r" in Path(f).name for f in current.files)  # the rewrite of a shard
+
+
+def _inventory(bucket: str, key: str) -> None:
+    """An S3 Inventory report's data file (Parquet, the report's column names) of ``bucket/in/``."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    rows = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="in/"):
+        for obj in page.get("Contents", []):
+            rows.append({"bucket": bucket, "key": obj["Key"], "size": obj["Size"],
+                         "last_modified_date": obj["LastModified"], "e_tag": obj["ETag"].strip('"')})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+
+
+def test_rerun_on_s3_from_an_inventory_report(s3_server, s3_bucket, tmp_path, ray_local, capsys):
+    import boto3
+
+    from fcclip.datasets.synthetic import write_images
+
+    s3 = boto3.client("s3")
+    folder = tmp_path / "in"
+    names = [p.name for p in write_images(folder, count=20, size=OLD_SIZE)]
+    for name in names:
+        s3.upload_file(str(folder / name), s3_bucket, f"in/{name}")
+    report = f"s3://{s3_bucket}/inventory/data/report.parquet"
+    dest = f"s3://{s3_bucket}/labels"
+    _inventory(s3_bucket, "inventory/data/report.parquet")
+    assert main(_args(report, dest)) == 0
+    capsys.readouterr()
+    first = table_version(Destination(dest))
+
+    added, replaced = _grow(folder, tmp_path)
+    for name in added + replaced:
+        s3.upload_file(str(folder / name), s3_bucket, f"in/{name}")
+    _inventory(s3_bucket, "inventory/data/report.parquet")  # the next day's report
+    assert main(_args(report, dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 10 new, 3 changed, 17 unchanged" in out and "labeled 13 image(s)" in out, out
+    _check_versions(dest, first, names, added, replaced, prefix=f"s3://{s3_bucket}/in/")
+    assert main(_args(report, dest)) == 0
+    assert "labeled 0 image(s)" in capsys.readouterr().out
+
+
+def test_two_drivers_and_a_driver_killed_mid_increment(s3_server, tmp_path, ray_local, capsys):
+    """Driver A labels an increment; driver B, started on the same DEST meanwhile, is refused at once and changes
+    nothing. A is killed (SIGKILL, its process group) once a version of the increment is committed; the rerun takes
+    over its lock (its process is gone) and labels the rest: every URI exactly once in the current version."""
+    from test_label_faults import Job
+
+    from fcclip.datasets.synthetic import write_images
+
+    folder, dest = tmp_path / "in", str(tmp_path / "out")
+    write_images(folder, count=4, size=OLD_SIZE)
+    args = _args(str(folder), dest, "--shard-size", "2", "--batch-size", "2")
+    assert main(args) == 0
+    first = table_version(Destination(dest))
+    for i, path in enumerate(write_images(tmp_path / "more", count=12, size=OLD_SIZE, seed=50)):
+        shutil.move(path, folder / f"more_{i:02d}.jpg")
+
+    a = Job(args[1:] + ["--num-cpus", "2"])
+    try:
+        deadline = time.monotonic() + 240
+        while a.proc.poll() is None and time.monotonic() < deadline:
+            if not (Path(dest) / "_fcclip" / "lock.json").exists():
+                time.sleep(0.05)
+                continue
+            capsys.readouterr()
+            files = sorted(p.name for p in Path(dest).iterdir())
+            assert main(args) == 2  # B: refused at once
+            err = capsys.readouterr().err
+            assert "being written by another fcclip run" in err, err
+            assert sorted(p.name for p in Path(dest).iterdir()) == files
+            break
+        while (table_version(Destination(dest)) or 0) <= first and a.proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.proc.poll() is None, f"A ended before it was killed:\n{a.output()[-3000:]}"
+        a.kill()
+    finally:
+        a.close()
+    killed_at = table_version(Destination(dest))
+    assert first < killed_at
+    assert (Path(dest) / "_fcclip" / "lock.json").exists()  # a killed driver leaves its lock
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "12 new, 0 changed, 4 unchanged" in out, out
+    rows = open_table(Destination(dest)).to_pyarrow_table(columns=["uri", "status"]).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+    assert all(r["status"] == "ok" for r in rows)
+    assert not (Path(dest) / "_fcclip" / "lock.json").exists()
+    assert len(table_files(Destination(dest))) == 8
+
+
+def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):
+    """The lock on object storage: a conditional put (If-None-Match), so of two drivers one gets it; a lock whose
+    owner is gone from this host is stale and taken over; a released lock is gone."""
+    import json as json_
+    import subprocess
+    import sys
+
+    import boto3
+
+    from fcclip_pipelines.lake import LOCK, DestinationBusy, WriterLock
+
+    dest = Destination(f"s3://{s3_bucket}/labels")
+    first, second = WriterLock(dest), WriterLock(dest)
+    first.acquire()
+    try:
+        with pytest.raises(DestinationBusy, match="being written by another fcclip run"):
+            second.acquire()
+    finally:
+        first.release()
+    assert not dest.exists(LOCK)
+    # a driver killed while holding it: its process is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with WriterLock(dest) as lock:
+        body = json_.loads(dest.read_bytes(LOCK))
+        assert body["token"] == lock.token
+        boto3.client("s3").put_object(Bucket=s3_bucket, Key="labels/" + LOCK,
+                                      Body=json_.dumps({**body, "token": "dead", "pid": int(gone.stdout)}).encode())
+    assert dest.exists(LOCK)  # not ours any more: left in place
+    with WriterLock(dest) as lock:  # ... and taken over, its owner being gone
+        assert json_.loads(dest.read_bytes(LOCK))["token"] == lock.token
+    assert not dest.exists(LOCK)

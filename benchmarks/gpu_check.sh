@@ -17,7 +17,7 @@
 # pyarrow, fsspec, ray[data,train], tensorboardX optional) plus pytest. The checkout is used from where it is
 # (PYTHONPATH; pipelines/ through a link named fcclip_pipelines): nothing is installed.
 # Exit status: 0 when every step passed. Everything it prints is also in $OUT/gpu_check.log.
-# STEPS=13 runs steps 1 and 3 only; GPUS=0 resumes step 3 on the CPU instead of the GPU (a dry run of the script on a
+# LABEL_IMAGES=0 leaves out the `fcclip label` rows of step 1 (for a machine without DuckDB and deltalake); STEPS=13 runs steps 1 and 3 only; GPUS=0 resumes step 3 on the CPU instead of the GPU (a dry run of the script on a
 # machine without one).
 set -u
 cd "$(dirname "$0")/.."
@@ -61,7 +61,7 @@ grep -m1 -o 'model name.*' /proc/cpuinfo || true
 if [[ $STEPS == *1* ]]; then
 step "1. benchmarks/gpu_throughput.py (reduced)"
 timeout 200 "$PY" benchmarks/gpu_throughput.py --size 1024,800 --batches 1,4 --iters 3 --warmup 1 \
-    --label-images 16 --label-dtypes bf16 --budget-s 150 --json "$OUT/gpu_throughput.json" \
+    --label-images "${LABEL_IMAGES:-16}" --label-dtypes bf16 --budget-s 150 --json "$OUT/gpu_throughput.json" \
     > "$OUT/gpu_throughput.md"
 rc=$?
 cat "$OUT/gpu_throughput.md"

@@ -12,7 +12,8 @@
 --slow-model S     the model stage is a stand-in that takes S seconds per image and names in its model id the GPUs
                    Ray assigned to its actor (the rows' ``model`` column shows them);
 --log-reads FILE   each read appends the Ray node type it ran on ($RAY_NODE_TYPE_NAME, set on the nodes of a fake
-                   autoscaling cluster) to FILE.
+                   autoscaling cluster) to FILE;
+--read-seconds S   each read takes S seconds more (decode tasks that keep asking for CPUs).
 
 Run as a script, so that Ray ships these classes to its workers by value: production code has no switch for them.
 """
@@ -37,11 +38,13 @@ MAGENTA = (255, 0, 255)
 
 
 class FaultyReader:
-    def __init__(self, faults: list[tuple[str, str]], log: str | None = None):
+    def __init__(self, faults: list[tuple[str, str]], log: str | None = None, seconds: float = 0.0):
         self.faults = faults
         self.log = log
+        self.seconds = seconds
 
     def __call__(self, uri: str) -> bytes:
+        time.sleep(self.seconds)
         if self.log:
             with open(self.log, "a") as f:
                 f.write(f"{os.environ.get('RAY_NODE_TYPE_NAME', 'head')}\n")
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
     own.add_argument("--model-seconds", type=float, default=0.0)
     own.add_argument("--slow-model", type=float, default=None)
     own.add_argument("--log-reads", default=None)
+    own.add_argument("--read-seconds", type=float, default=0.0)
     mine = own.parse_args(argv[:split])
     label = argparse.ArgumentParser(prog="fcclip label")
     add_arguments(label)
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
         make_model_stage = functools.partial(HangingModel, mine.model_seconds)
     elif mine.slow_model is not None:
         make_model_stage = functools.partial(SlowModel, mine.slow_model)
-    reader = FaultyReader(faults, mine.log_reads) if faults or mine.log_reads else None
+    reader = (FaultyReader(faults, mine.log_reads, mine.read_seconds)
+              if faults or mine.log_reads or mine.read_seconds else None)
     return main_args(args, reader=reader, make_model_stage=make_model_stage)
 
 

@@ -48,10 +48,13 @@ def _alive_nodes(cluster) -> list[dict]:
 
 
 def test_label_asks_for_gpus_and_the_pool_scales(cluster, tmp_path):
-    images = write_images(tmp_path / "in", count=12, size=(32, 40))
+    images = write_images(tmp_path / "in", count=24, size=(32, 40))
     reads = tmp_path / "reads.log"
     assert not [n for n in _alive_nodes(cluster) if n.get("GPU")], "the cluster must start without GPU nodes"
-    command = [sys.executable, str(TESTS / "label_job.py"), "--slow-model", "1.0", "--log-reads", str(reads), "--",
+    # reads of 0.5 s keep decode tasks asking for CPUs: the GPU nodes' one CPU goes to their actor, so the
+    # autoscaler adds the CPU node for them
+    command = [sys.executable, str(TESTS / "label_job.py"), "--slow-model", "0.5", "--log-reads", str(reads),
+               "--read-seconds", "0.5", "--",
                str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab", "thing;", "--address", cluster.address,
                "--actors", "1-2", "--batch-size", "1", "--chunk-size", "2", "--shard-size", "4", "--no-progress",
                "--summary-json", str(tmp_path / "summary.json"), "--gpu-wait", "120"]
@@ -60,7 +63,7 @@ def test_label_asks_for_gpus_and_the_pool_scales(cluster, tmp_path):
     assert "model actors: 1-2 x 1 GPU + 1 CPU, float32" in proc.stderr, proc.stderr[-3000:]
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert (summary["ok"], summary["failed"]) == (12, 0), summary
+    assert (summary["ok"], summary["failed"]) == (24, 0), summary
     assert summary["model_actors"] == 2, summary  # the pool grew to MAX while images waited
 
     rows = [r for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
@@ -69,7 +72,7 @@ def test_label_asks_for_gpus_and_the_pool_scales(cluster, tmp_path):
     assert models and all(m.startswith("slow-stand-in@gpus=") and not m.endswith("=none") for m in models), models
 
     kinds = reads.read_text().split()
-    assert len(kinds) >= 12 and "cpu" in kinds, kinds  # decoding moved to the CPU node once it joined
+    assert len(kinds) >= 24 and "cpu" in kinds, kinds  # decoding moved to the CPU node once it joined
     # GPU nodes were launched for the actors, and go back once idle (the autoscaler's idle timeout: 6 s here)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and [n for n in _alive_nodes(cluster) if n.get("GPU")]:

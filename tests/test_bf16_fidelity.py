@@ -1,10 +1,10 @@
 """bf16 labels are as good as float32 labels: fcclip-tiny trained in this process on the synthetic COCO panoptic set
 (the round trip's recipe, fewer iterations; the training step is `fcclip train`'s own, `fcclip_pipelines.train._step`)
 predicts held-out images with float32 and under bf16 autocast (the pixel decoder, the deformable attention and the
-class logits in float32, as the reference). The bf16 labels' PQ against the ground truth may be at most 0.5 PQ
-points (0.005) below the float32 labels'; the PQ of the bf16 predictions taking the float32 ones as ground truth is
-printed beside them. (At this size a PQ moves by about half a point when one segment flips, so the bound is one-sided:
-bf16 scoring higher by chance is no failure.)
+class logits in float32, as the reference). The bf16 labels' PQ against the ground truth must be within 0.5 PQ points
+(0.005) of the float32 labels', either way; the PQ of the bf16 predictions taking the float32 ones as ground truth is
+printed beside them. 256 held-out images: on 48, one segment that flips moves PQ by about half a point, and the gap
+measured +0.9 and -0.8 points; on 256 it measured -0.06 (100 iterations) and +0.19 (150).
 
 Measured figures are in benchmarks/README.md ("bf16 fidelity"). On a CPU without native bf16 the autocast is emulated
 (slower, same numbers): the predictor would refuse it, so the test sets it on the predictor directly. On a GPU
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-ITERATIONS, BATCH, TRAIN_IMAGES, VAL_IMAGES = 150, 4, 64, 48
+ITERATIONS, BATCH, TRAIN_IMAGES, VAL_IMAGES = 100, 4, 64, 256
 MAX_PQ_GAP = 0.005  # 0.5 PQ points
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
@@ -109,4 +109,4 @@ def test_bf16_labels_are_within_half_a_pq_point_of_float32(tmp_path, device):
           f"PQ of bf16 against fp32 {agreement:.4f} (training {trained - started:.0f} s, "
           f"predictions {predicted_s:.0f} s)")
     assert pq["fp32"] > 0.3  # a trained model: the comparison means something
-    assert pq["fp32"] - pq["bf16"] <= MAX_PQ_GAP
+    assert abs(pq["fp32"] - pq["bf16"]) <= MAX_PQ_GAP

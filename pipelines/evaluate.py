@@ -322,11 +322,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs each model actor asks for: default 1 on a cluster (--address / $RAY_ADDRESS), and on "
-                   "this machine 1 if it has a GPU, else 0")
-    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
-                   help="seconds to wait for the first GPU before exiting with status 1 (default: %(default)g)")
+    runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--short-edge", type=int, default=None,
                    help="override the benchmark's (or the model's) test size; 0: each image's own size")

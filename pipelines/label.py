@@ -412,12 +412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=_parse_actors, default=(1, 1),
                    help="model actors: N, or MIN-MAX: MIN start at once, more (up to MAX) while images wait for them, "
                    "idle ones end when none are left (default: 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs each model actor asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its "
-                   "autoscaler adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 runs the "
-                   "model on CPU")
-    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
-                   help="seconds to wait for the first GPU before exiting with status 1 (default: %(default)g)")
+    runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this")
     p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default 800; 0 = keep size)")

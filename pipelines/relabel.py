@@ -57,6 +57,7 @@ from . import lake, runtime
 from .embed_text import TextTowerMismatch, text_tower
 from .label import DestinationError, reopen_run
 from .lake import TABLE_FILE_RE
+from .stages import uncertainty_columns
 from .output import (
     EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, new_run_id, open_output,
     SOURCE_FIELDS, output_schema, part_name, part_schema, write_part,
@@ -273,7 +274,7 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
                  use_agreement: bool) -> dict:
     """output.UNCERTAINTY_COLUMNS under NEW: each kept segment's margin and agreement from its query's ensemble under
     NEW, the unlabeled share from the kept segments' areas (dropped segments' pixels become unlabeled)."""
-    from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt, unlabeled_share
+    from fcclip.uncertainty import query_signals, segment_doubt
 
     ens = result.classification.ensemble
     margin, agree = query_signals(ens.probs, ens.in_vocab_probs, ens.out_vocab_probs)
@@ -285,29 +286,12 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
         lists = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
         values = [v for row, n in zip(lists, counts) for v in (row if row is not None and len(row) == n else [None] * n)]
         mask[name] = [values[k] for k in take]
-    status = table.column("status").to_pylist()
-    heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
-    shares, scores = [], []
-    for i, st in enumerate(status):
-        lo, hi = offsets[i], offsets[i + 1]
-        if st != "ok":
-            shares.append(None)
-            scores.append(None)
-            continue
-        share = unlabeled_share([s["area"] for s in segments[lo:hi]], heights[i], widths[i])
-        shares.append(share)
-        scores.append(image_uncertainty([
-            segment_doubt(m, a, ms, ks, use_agreement) for m, a, ms, ks in
-            zip(margin[lo:hi], agree[lo:hi], mask["mask_score"][lo:hi], mask["kept_share"][lo:hi])], share))
-    off = pa.array(offsets, pa.int32())
-    return {
-        "margin": pa.ListArray.from_arrays(off, pa.array(margin, pa.float32())),
-        "branches_agree": pa.ListArray.from_arrays(off, pa.array(agree, pa.bool_())),
-        "mask_score": pa.ListArray.from_arrays(off, pa.array(mask["mask_score"], pa.float32())),
-        "kept_share": pa.ListArray.from_arrays(off, pa.array(mask["kept_share"], pa.float32())),
-        "unlabeled_share": pa.array(shares, pa.float32()),
-        "uncertainty": pa.array(scores, pa.float32()),
-    }
+    doubts = [segment_doubt(m, a, ms, ks, use_agreement)
+              for m, a, ms, ks in zip(margin, agree, mask["mask_score"], mask["kept_share"])]
+    return uncertainty_columns(
+        offsets, table.column("status").to_pylist(), table.column("width").to_pylist(),
+        table.column("height").to_pylist(), [s["area"] for s in segments], margins=margin, agree=agree,
+        mask_scores=mask["mask_score"], kept=mask["kept_share"], doubts=doubts)
 
 
 def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,

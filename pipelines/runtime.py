@@ -86,13 +86,12 @@ def on_cluster(address: str | None) -> bool:
 def default_gpus(address: str | None) -> float:
     """The GPUs per model actor or training worker when none are asked for: 1 on a cluster, whatever it holds at
     this moment (an autoscaling cluster starts without GPU nodes: asking is what makes its autoscaler add them;
-    pass 0 for a CPU-only cluster); on this machine, 1 when the local Ray found a GPU, else 0. Call after
-    ``init_ray``."""
-    import ray
-
+    pass 0 for a CPU-only cluster); on this machine, 1 when it has a CUDA device, else 0."""
     if on_cluster(address):
         return 1.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
 
 
 def resolve_gpus(requested: float | None, address: str | None) -> float:
@@ -115,17 +114,25 @@ def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, w
     finally:
         remove_placement_group(group)
     if not ready:
-        have = ray.cluster_resources()
-        held = ", ".join(f"{have.get(k, 0):g} {k}" for k in bundle)
         raise ResourcesNotGranted(
-            f"asked for {what}; the cluster did not grant {count} x {_bundle_text(bundle)} within {timeout_s:g} s "
-            f"(it holds {held}). Add such nodes (or let the autoscaler add them), wait longer with --gpu-wait, or "
+            f"asked for {what}; the cluster did not grant {count} x {_bundle_text(bundle)} within {timeout_s:g} s. "
+            "Add such nodes (or let the autoscaler add them), wait longer with --gpu-wait, or "
             "pass 0 GPUs to run on CPU")
     return time.monotonic() - started
 
 
 def _bundle_text(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+
+def add_gpu_arguments(p, flag: str, who: str, on_cpu: str, wait_for: str) -> None:
+    """The GPU request of a job's command line: ``flag`` (GPUs each of ``who`` asks for, default
+    :func:`default_gpus`) and ``--gpu-wait`` (how long to wait for ``wait_for``)."""
+    p.add_argument(flag, type=float, default=None,
+                   help=f"GPUs each {who} asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its autoscaler "
+                   f"adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 {on_cpu}")
+    p.add_argument("--gpu-wait", type=float, default=GPU_WAIT_S,
+                   help=f"seconds to wait for {wait_for} before exiting with status 1 (default: %(default)g)")
 
 
 def assigned_gpus() -> list:

@@ -434,16 +434,21 @@ def encode_rows(uris: list[str], rows: list[int], meta: dict, labeled: dict | No
 
 def _uncertainty_columns(segments: list[dict], offsets: list[int], status: list[str], widths: list, heights: list,
                          areas: list[int]) -> dict:
-    """output.UNCERTAINTY_COLUMNS for a chunk: margins and agreement as lists parallel to ``segments`` (null where the
-    model stage gave none), the unlabeled share and the image's uncertainty (null on error rows, and the
-    uncertainty also where a segment has no signals)."""
+    """output.UNCERTAINTY_COLUMNS for a chunk, from the signals the model stage put on each segment (null where it
+    gave none)."""
+    return uncertainty_columns(
+        offsets, status, widths, heights, areas, margins=[s.get("margin") for s in segments],
+        agree=[s.get("branches_agree") for s in segments], mask_scores=[s.get("mask_score") for s in segments],
+        kept=[s.get("kept_share") for s in segments], doubts=[s.get("doubt") for s in segments])
+
+
+def uncertainty_columns(offsets: list[int], status: list[str], widths: list, heights: list, areas: list[int], *,
+                        margins: list, agree: list, mask_scores: list, kept: list, doubts: list) -> dict:
+    """output.UNCERTAINTY_COLUMNS: the per-segment signals as lists parallel to the segments (``offsets`` delimit
+    each row's), the unlabeled share and the image's uncertainty (null on error rows, and the uncertainty also where
+    a segment has no doubt). Labeling (here) and fcclip relabel (under a new vocabulary) both build them so."""
     from fcclip.uncertainty import image_uncertainty, unlabeled_share
 
-    margins = [s.get("margin") for s in segments]
-    agree = [s.get("branches_agree") for s in segments]
-    doubts = [s.get("doubt") for s in segments]
-    mask_scores = [s.get("mask_score") for s in segments]
-    kept = [s.get("kept_share") for s in segments]
     shares, scores = [], []
     for i, st in enumerate(status):
         lo, hi = offsets[i], offsets[i + 1]

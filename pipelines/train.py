@@ -692,11 +692,6 @@ def run_train(
         runtime.wait_for_resources({"GPU": gpus_per_worker, "CPU": cpus_per_worker}, num_workers, gpu_wait, asked)
     datasets = None
     if "labels" in by_kind:
-        spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
-        if spare < 1:
-            logger.warning("the training workers take %g of the cluster's %g CPUs: Ray Data needs at least one more "
-                           "to read and decode the samples (lower --cpus-per-worker, or add CPU nodes)",
-                           num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0))
         datasets = {"labels": label_dataset(
             by_kind["labels"], image_size=cfg.data.image_size, min_scale=cfg.data.min_scale,
             max_scale=cfg.data.max_scale, min_score=selection.min_score, seed=cfg.seed,
@@ -885,12 +880,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on version N of the labeling output's table (default: the current one)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs each training worker asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its "
-                   "autoscaler adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 trains on "
-                   "CPU (gloo)")
-    p.add_argument("--gpu-wait", type=float, default=runtime.GPU_WAIT_S,
-                   help="seconds to wait for every worker's GPU before exiting with status 1 (default: %(default)g)")
+    runtime.add_gpu_arguments(p, "--gpus-per-worker", "training worker", "trains on CPU (gloo)", "every worker's GPU")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-iters", type=int, default=None, help="override the config's iteration count")
     p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")

@@ -3,20 +3,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the suite last passed with (a new release on the package index cannot turn CI red)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e ".[ray,test,review]"
+	$(BIN)/pip install -c constraints.txt -e ".[ray,test,review]"
 	touch $@
 
 # Label Studio in its own environment (it pins Django and many others): tests/test_review.py starts it from here
 LABEL_STUDIO_VERSION := 1.23.2
 LS_VENV := .venv-ls
-$(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION):
+$(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION): constraints-label-studio.txt
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(LS_VENV)/bin/pip install -c constraints-label-studio.txt "label-studio==$(LABEL_STUDIO_VERSION)"
 	touch $@
 
-.PHONY: install install-label-studio demo test test-loop
+# New versions for both constraint files: resolve pyproject.toml's ranges afresh (a current pip), then `make test`
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -U pip
+	$(LOCK_VENV)/bin/pip install -q -e ".[ray,test,review]"
+	sed -n '/^#/p' constraints.txt > constraints.new
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^fcclip' >> constraints.new && mv constraints.new constraints.txt
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -U pip
+	$(LOCK_VENV)/bin/pip install -q "label-studio==$(LABEL_STUDIO_VERSION)"
+	sed -n '/^#/p' constraints-label-studio.txt > constraints.new
+	$(LOCK_VENV)/bin/pip freeze >> constraints.new && mv constraints.new constraints-label-studio.txt
+	rm -rf $(LOCK_VENV)
+
+.PHONY: install install-label-studio lock demo test test-loop
 install: $(VENV)/.installed
 install-label-studio: $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 

@@ -63,7 +63,7 @@ COMMANDS: dict[str, Command] = {
 }
 
 # third-party packages that only the `ray` extra installs
-_EXTRA_PACKAGES = {"ray", "duckdb", "s3fs", "boto3", "pandas", "tqdm"}
+_EXTRA_PACKAGES = {"ray", "duckdb", "s3fs", "botocore", "pandas", "tqdm"}
 
 
 class MissingExtra(ImportError):

@@ -357,12 +357,13 @@ class WriterLock:
                 f.write(body)
             return True
         if dest.uri.startswith("s3://"):
-            import boto3
             import botocore.exceptions
+
+            from .sources import s3_client
 
             bucket, key = dest.path(LOCK).split("/", 1)
             try:
-                boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+                s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
             except botocore.exceptions.ClientError as e:
                 if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False

@@ -93,13 +93,21 @@ def iter_manifest(uri: str, batch_rows: int = 65536) -> Iterator[str]:
                     yield _join(base, line)
 
 
-def _iter_s3_prefix(uri: str) -> Iterator[tuple[str, str | None, int | None, datetime.datetime | None]]:
-    import boto3
+def s3_client():
+    """A botocore S3 client, configured as the AWS tools are (environment, profile, ``AWS_ENDPOINT_URL``).
 
+    botocore, not boto3: botocore comes with s3fs (through aiobotocore, which pins its release), while a boto3 of
+    the user's own would have to match that pin."""
+    import botocore.session
+
+    return botocore.session.get_session().create_client("s3")
+
+
+def _iter_s3_prefix(uri: str) -> Iterator[tuple[str, str | None, int | None, datetime.datetime | None]]:
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    paginator = boto3.client("s3").get_paginator("list_objects_v2")
+    paginator = s3_client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             yield f"s3://{bucket}/{obj['Key']}", obj.get("ETag"), obj.get("Size"), obj.get("LastModified")

@@ -23,10 +23,11 @@ def _root_log_handlers():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray of 2 CPUs for a test module (tests/test_train.py has its own, started after its S3 server)."""
+    """A new local Ray of 2 CPUs for a test module (address="local": never a cluster that the machine's last `ray start`
+    left in /tmp/ray; tests/test_train.py has its own, started after its S3 server)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -25,7 +25,7 @@ SCORE_RTOL = 1e-2  # float16 embeddings at logit scale 100 (see tests/test_recla
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

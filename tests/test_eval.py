@@ -59,7 +59,7 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     from fcclip import Predictor, build_model
     from fcclip_pipelines.cli import main
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "results.json"
         code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",

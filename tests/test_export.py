@@ -44,7 +44,7 @@ def labeled(tmp_path_factory):
         str(root / "in"), "--out", str(root / "out"), "--vocab", LABEL_VOCAB, "--model", "fcclip-tiny",
         "--weights", "random", "--shard-size", "4", "--no-progress",
     ])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert label.main_args(args) == 0
     finally:

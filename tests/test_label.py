@@ -19,7 +19,7 @@ VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

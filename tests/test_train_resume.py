@@ -60,7 +60,7 @@ def ray_local(s3_server):
     """A local Ray of 2 CPUs; started after the S3 server so that its workers inherit AWS_ENDPOINT_URL."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

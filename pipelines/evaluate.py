@@ -39,6 +39,7 @@ from fcclip.images import load_image
 from fcclip.metrics.instance import InstanceAccumulator
 from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
+from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
 from fcclip_pipelines import runtime
@@ -56,6 +57,7 @@ class EvalModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = build_model(model, weights=weights, device=device)
+        use_tf32(net.device)
         self.predictor = Predictor(
             net,
             self.dataset.vocabulary(),
@@ -136,6 +138,7 @@ class LabelsEvalModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = build_model(model, weights=weights, device=device)
+        use_tf32(net.device)
         kwargs = {} if short_edge is None else {"short_edge": short_edge or None}
         if max_size is not None:
             kwargs["max_size"] = max_size

@@ -20,6 +20,7 @@ from fcclip.checkpoint import CheckpointError
 from fcclip.config import ConfigError
 from fcclip.images import ImageDecodeError
 from fcclip.masks import id2rgb, panoptic_columns
+from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
 from fcclip.vocabulary import VocabularyError
@@ -62,6 +63,7 @@ def _short_edge(value: int | None):
 
 def predict(args: argparse.Namespace) -> int:
     model = build_model(args.model, weights=args.weights, device=args.device)
+    use_tf32(model.device)
     predictor = Predictor(
         model, args.vocab, short_edge=_short_edge(args.short_edge), max_size=args.max_size, tasks=("panoptic",)
     )

@@ -256,7 +256,9 @@ def report(result: dict) -> str:
         f"- CPU flags that matter: {', '.join(meta['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS_SHOWN)}",
         f"- vocabulary: {meta['vocab']}; images {meta['aspect']:.3g}:1 (width:height); warm-up {meta['warmup']}, "
         f"timed {meta['iters']} calls (medians); random weights",
-        f"- load average before: {meta['load_before']}, after: {meta['load_after']}; wall {meta['wall_s']:.0f} s",
+        (f"- load average before: {meta['load_before']}, after: {meta['load_after']}; wall {meta['wall_s']:.0f} s"
+         if "wall_s" in meta else f"- load average before: {meta['load_before']}; CUT SHORT: the run was stopped "
+         "before its end, these are the configurations it finished"),
         "",
         "| what | short edge | input (padded) | dtype | compiled (new graphs) | batch | images/s | ms / batch "
         "| peak memory |",
@@ -320,12 +322,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precisions of the label runs (default: bf16 and the float32 the label actor runs: tf32 on a "
                         "GPU, fp32 on a CPU)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="print the tables of a JSON this script wrote (one cut short too) and exit")
     args = p.parse_args(argv)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     started = time.perf_counter()
     device = resolve_device(args.device)
     gpu = device.type == "cuda"

@@ -22,7 +22,15 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
     tensorboardX pydantic pydantic-core annotated-types typing-inspection
 work=$(mktemp -d)
 "$PY" -m pip download -q --no-deps "${platform[@]}" -d "$work" ray==2.60.0
-(cd "$work" && mkdir x && cd x && "$PY" -m zipfile -e ../ray-2.60.0-*.whl . \
+# unpacked with the files' modes (python -m zipfile -e drops them: Ray's gcs_server and raylet would not run)
+(cd "$work" && mkdir x && cd x && "$PY" -c "
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info)
+        if info.external_attr >> 16:
+            os.chmod(path, (info.external_attr >> 16) & 0o777)
+" ../ray-2.60.0-*.whl \
     && rm -rf ray/jars ray/rllib ray/serve ray/llm ray/dashboard/client ray/tune/examples \
     && "$PY" - <<'EOF'
 import csv, os

@@ -9,9 +9,13 @@ small result (one segment over the whole image); the reader returns the same sma
 decode tasks cost little. Everything else is the real job: the manifest, decode tasks, the model actors (asking for a
 GPU each), mask encoding, fragments and Parquet commits.
 
-Reported, from a run at N and one at scale x N images (start-up cancels out in the differences):
-- rows/s in the steady state against the ideal, actors x 1000 / per-image-ms;
-- the driver's CPU per 1,000 rows (its own process, threads included);
+Reported, for a run at N and one at scale x N images:
+- rows/s in the steady state against the ideal, actors x 1000 / per-image-ms. The steady state is the window from
+  the moment 10% of the run's rows were labeled to the moment 90% were (the driver notes the time and its CPU each
+  time a chunk's row count reaches it), so that start-up and the tail are left out. (Differences of two runs' wall
+  times, which this script took before, are no measure where the work takes seconds and start-up varies by as much:
+  on 16 cores the scale x N run took less time than the N run.);
+- the driver's CPU per 1,000 rows in that window (its own process, threads included);
 - the driver's peak memory at N and scale x N (flat when nothing in the driver grows with the collection).
 """
 from __future__ import annotations
@@ -75,8 +79,20 @@ def child(args) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
+    import fcclip_pipelines.label as label
     from fcclip_pipelines.label import LabelConfig, run_label
 
+    samples = []  # (seconds, rows labeled, driver CPU s), each time the driver counts a chunk's rows
+
+    class Recording(label.JobProgress):
+        rows = 0
+
+        def labeled(self, ok: int, failed: int) -> None:
+            super().labeled(ok, failed)
+            Recording.rows += ok + failed
+            samples.append((time.perf_counter(), Recording.rows, _cpu_s()))
+
+    label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
     for _ in range(max(1, args.actors // 4)):
         cluster.add_node(num_cpus=8, num_gpus=4)
@@ -99,8 +115,22 @@ def child(args) -> int:
         cluster.shutdown()
     print(json.dumps({"rows": summary.images, "ok": summary.ok, "wall_s": wall, "driver_cpu_s": cpu,
                       "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "startup_s": summary.startup_seconds, "model_actors": summary.model_actors}))
+                      "startup_s": summary.startup_seconds, "model_actors": summary.model_actors,
+                      **steady(samples, summary.images, started)}))
     return 0
+
+
+def steady(samples: list, rows: int, started: float) -> dict:
+    """Rows/s and driver CPU per 1,000 rows between the samples where 10% and 90% of ``rows`` were labeled."""
+    first = next((i for i, s in enumerate(samples) if s[1] >= 0.1 * rows), None)
+    last = next((i for i, s in enumerate(samples) if s[1] >= 0.9 * rows), None)
+    if first is None or last is None or last - first < 4 or samples[last][0] <= samples[first][0]:
+        # too few chunks between for a rate
+        return {"steady_rows_per_s": None, "steady_cpu_s_per_1000": None, "window_s": None, "window_rows": 0}
+    first, last = samples[first], samples[last]
+    n = last[1] - first[1]
+    return {"steady_rows_per_s": n / (last[0] - first[0]), "steady_cpu_s_per_1000": 1000 * (last[2] - first[2]) / n,
+            "window_s": [first[0] - started, last[0] - started], "window_rows": n}
 
 
 def _cpu_s() -> float:
@@ -144,25 +174,29 @@ def main(argv=None) -> int:
         runs = {name: run_once(n, Path(tmp), name, args)
                 for name, n in (("N", args.images), (f"{args.scale}N", args.images * args.scale))}
     small, big = runs["N"], runs[f"{args.scale}N"]
-    extra = big["rows"] - small["rows"]
-    rows_per_s = extra / max(big["wall_s"] - small["wall_s"], 1e-9)
     ideal = args.actors * 1000 / args.per_image_ms
-    cpu_per_1000 = 1000 * (big["driver_cpu_s"] - small["driver_cpu_s"]) / extra
     print(f"# label scale: {args.actors} simulated GPU actors, {args.per_image_ms:g} ms per image, batch "
           f"{args.batch_size}, chunk {args.chunk_size}, shard {args.shard_size}; {os.cpu_count()} cores, {_cpu_flags()}")
     print()
-    print("| run | rows | wall s | start-up s | driver CPU s | driver peak MiB | model actors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | rows | wall s | first rows at s | steady window s | steady rows/s | of the ideal | driver CPU s / "
+          "1,000 rows (window) | same, whole run | driver peak MiB | model actors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name} | {r['rows']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['driver_cpu_s']:.2f} | "
+        rate, cpu = r["steady_rows_per_s"], r["steady_cpu_s_per_1000"]
+        window = "-" if r["window_s"] is None else f"{r['window_s'][0]:.1f}-{r['window_s'][1]:.1f}"
+        print(f"| {name} | {r['rows']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {window} | "
+              f"{'-' if rate is None else f'{rate:.0f}'} | {'-' if rate is None else f'{rate / ideal:.2f}x'} | "
+              f"{'-' if cpu is None else f'{cpu:.3f}'} | {1000 * r['driver_cpu_s'] / max(r['rows'], 1):.3f} | "
               f"{r['driver_peak_mib']:.0f} | {r['model_actors']} |")
     print()
-    print(f"steady state: {rows_per_s:.0f} rows/s of an ideal {ideal:.0f} ({rows_per_s / ideal:.2f}x); driver CPU "
-          f"{cpu_per_1000:.3f} s per 1,000 rows; driver peak {small['driver_peak_mib']:.0f} -> "
-          f"{big['driver_peak_mib']:.0f} MiB")
+    rate, cpu = big["steady_rows_per_s"], big["steady_cpu_s_per_1000"]
+    if rate is not None:
+        print(f"steady state ({args.scale}N run): {rate:.0f} rows/s of an ideal {ideal:.0f} ({rate / ideal:.2f}x); "
+              f"driver CPU {cpu:.3f} s per 1,000 rows; driver peak {small['driver_peak_mib']:.0f} -> "
+              f"{big['driver_peak_mib']:.0f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows_per_s": rows_per_s, "ideal_rows_per_s": ideal,
-                                               "driver_cpu_s_per_1000_rows": cpu_per_1000, "runs": runs,
+        Path(args.json).write_text(json.dumps({"rows_per_s": rate, "ideal_rows_per_s": ideal,
+                                               "driver_cpu_s_per_1000_rows": cpu, "runs": runs,
                                                "args": vars(args)}, indent=1))
     return 0
 

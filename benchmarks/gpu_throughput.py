@@ -5,7 +5,8 @@
 
 For each short edge (images 4:3, e.g. 1024 x 1365), precision (fp32: strict float32; tf32: float32 with TF32
 matrix products, CUDA only, what the label actor and training use; bf16: bf16 autocast with the pixel decoder, the
-deformable attention and the class logits in float32), compiled or not (``torch.compile(dynamic=True)``: one graph
+deformable attention and the class logits in float32, those with TF32 on CUDA, as `fcclip label --bf16` and
+training run them), compiled or not (``torch.compile(dynamic=True)``: one graph
 for every input size) and batch size (1, 4, 8):
 
     forward    ``model.inference(batch, text)`` on a ready (B, 3, H, W) batch under autocast: images/s and the peak
@@ -132,7 +133,9 @@ def bench_model(args, device, model, vocabulary, cache, short_edge, dtype_name, 
         for i, img in enumerate(decoded):
             predictor.postprocess(out.class_logits[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
 
-    set_tf32(device, dtype_name == "tf32")
+    # bf16 as the label actor and training run it: they turn TF32 on (fcclip.precision.use_tf32) for the parts that
+    # autocast leaves in float32; only fp32 is strict
+    set_tf32(device, dtype_name != "fp32")
 
     rows = []
     for what, fn in (("forward", forward), ("predictor (panoptic)", predict)):

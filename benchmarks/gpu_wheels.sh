@@ -8,7 +8,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site; LABEL_IMAGES=0 OUT=$OUT PYTHON=python3 bash benchmarks/gpu_check.sh
 #
-# (LABEL_IMAGES=0: DuckDB and deltalake, which `fcclip label` needs, would not fit beside Ray.)
+# (LABEL_IMAGES=0: DuckDB and deltalake, which `fcclip label` needs, would not fit beside Ray; see .lake below.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$PWD/.venv/bin/python}
@@ -54,3 +54,32 @@ with zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED, compresslevel=9) as
 " "$OLDPWD/.whl/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl")
 rm -rf "$work"
 du -sh .whl
+
+# DuckDB and deltalake, which `fcclip label` needs (and so benchmarks/scale_check.sh): 52 + 25 MB of wheels do not fit
+# beside Ray in one call's carry. They go in .lake/lake.tar.xz (45 MB, the unpacked wheels), carried by a second call
+# made at once after the first (a machine stays warm 30 s; what the first call put in /tmp is still there), which
+# runs `xz -dc .lake/lake.tar.xz | tar -x -C /tmp/site`. LAKE=0 leaves it out.
+if [ "${LAKE:-1}" = 1 ]; then
+    grep -qx '/.lake/' .git/info/exclude 2>/dev/null || echo '/.lake/' >> .git/info/exclude
+    rm -rf .lake && mkdir .lake
+    work=$(mktemp -d)
+    # the versions this checkout's environment has (constraints.txt)
+    pins=$("$PY" -c "import importlib.metadata as m
+print(' '.join(f'{n}=={m.version(n)}' for n in ('duckdb', 'deltalake', 'arro3-core', 'deprecated')))")
+    # shellcheck disable=SC2086
+    "$PY" -m pip download -q --no-deps "${platform[@]}" -d "$work" $pins
+    mkdir "$work/site"
+    for wheel in "$work"/*.whl; do
+        (cd "$work/site" && "$PY" -c "
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info)
+        if info.external_attr >> 16:
+            os.chmod(path, (info.external_attr >> 16) & 0o777)
+" "$wheel")
+    done
+    tar -C "$work/site" -cf - . | xz -9 -T0 > .lake/lake.tar.xz
+    rm -rf "$work"
+    du -sh .lake
+fi

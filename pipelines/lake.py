@@ -99,10 +99,15 @@ def open_table(dest: Destination, version: int | None = None):
 
 def table_files(dest: Destination, version: int | None = None) -> list[str]:
     """Paths (relative to DEST) of the part files of a version, sorted; [] when DEST has no table yet."""
-    if not has_table(dest):
-        return []
-    actions = open_table(dest, version).get_add_actions(flatten=True)
-    return sorted(str(p) for p in pa.table(actions).column("path").to_pylist())
+    return versioned_files(dest, version)[1] if has_table(dest) else []
+
+
+def versioned_files(dest: Destination, version: int | None = None) -> tuple[int, list[str]]:
+    """(the version read, the paths relative to DEST of its part files, sorted): ``version``, or the current one as
+    of this call (one read of the log, so the two agree while a writer commits)."""
+    table = open_table(dest, version)
+    actions = table.get_add_actions(flatten=True)
+    return table.version(), sorted(str(p) for p in pa.table(actions).column("path").to_pylist())
 
 
 def table_version(dest: Destination) -> int | None:

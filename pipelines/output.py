@@ -443,6 +443,8 @@ class LabelingOutput:
         columns: the top-level columns all files share.
         metadata: ``fcclip.*`` key (without the prefix) -> {value as JSON text: number of files}.
         vocabulary: the run's vocabulary (``fcclip.vocabulary``), as ``Vocabulary.to_dict`` writes it.
+        version: the version of DEST's Delta table the files are of (the one asked for, or the current one when
+            it was read); None when DEST is not a table (part files only).
     """
 
     dest: str
@@ -452,6 +454,7 @@ class LabelingOutput:
     columns: list[str]
     vocabulary: dict
     metadata: dict[str, Counter] = field(default_factory=dict)
+    version: int | None = None
 
     def categories(self) -> list[dict]:
         """The vocabulary's categories: ``[{"id", "names", "isthing", "color", ...}]``, in class-index order."""
@@ -517,7 +520,8 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
     table = Destination(dest)
     if lake.has_table(table):
         try:
-            files = [table.path(name) for name in lake.table_files(table, version)]
+            version, names = lake.versioned_files(table, version)
+            files = [table.path(name) for name in names]
         except Exception as e:  # a version the log does not have (vacuumed, or not yet written)
             raise OutputError(f"{dest}: cannot read version {version} of its table ({' '.join(str(e).split())[:200]})")
         if not files:
@@ -572,7 +576,7 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
         raise NotALabelingOutput(f"{dest}: the fcclip.vocabulary metadata has no list of categories")
     urls = [fs.unstrip_protocol(p) if _has_protocol(dest) else p for p in files]
     return LabelingOutput(dest=dest, fs=fs, files=files, urls=urls, columns=sorted(columns or ()),
-                          vocabulary=vocabulary, metadata=metadata)
+                          vocabulary=vocabulary, metadata=metadata, version=version)
 
 
 def add_version_argument(p, what: str = "DEST") -> None:

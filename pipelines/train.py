@@ -22,7 +22,8 @@ other by share and reports how many it drew from each. Every ``checkpoint_every`
 checkpoint (model in the reference's checkpoint layout, optimizer, scheduler, grad scaler, iteration, RNG states) to
 ``--storage``; Ray Train keeps the newest ones. A lost worker or node restarts the worker group from the latest
 checkpoint (``max_failures`` times); a stopped run continues with ``--resume`` (same --storage and run name), with
-the data, selection, vocabulary and model it was started with (`run_settings`: a resume that changes them is refused).
+the data (a labeling output at the table version it started on), selection, vocabulary and model it was started with
+(`run_settings`: a resume that changes them is refused).
 At the end the command prints ``final checkpoint: PATH``, the file ``fcclip predict/label --weights PATH`` take.
 """
 from __future__ import annotations
@@ -657,6 +658,22 @@ def run_train(
     data_root = _absolute(data_root)
     if mix is not None:
         mix = dataclasses.replace(mix, uri=_absolute(mix.uri))
+    name = name or cfg.name
+    storage = storage.rstrip("/")
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    run_dir = f"{storage}/{name}"
+    if _exists(run_dir) and not resume:
+        raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
+    recorded = _recorded_settings(run_dir) if resume else None
+    if data_version is None and recorded is not None:
+        # a resume goes on with the labels the run started on, not the version that nightly labeling has made
+        # current since; another --version is another training (refused below once the run has a checkpoint)
+        data_version = next((s["version"] for s in recorded["sources"] if s["kind"] == "labels" and "version" in s),
+                            None)
+        if data_version is not None:
+            logger.info("resuming on version %d of the labeling output's table, the one the run started on",
+                        data_version)
     training = open_training_sources(data_root, mix, split=cfg.data.split, synonyms=cfg.data.synonyms,
                                      selection=selection, version=data_version)
     by_kind = {s.kind: s for s in training.sources}
@@ -667,15 +684,7 @@ def run_train(
         logger.info("training vocabulary: %d classes (the union of %s); samples: %s", len(training.vocabulary),
                     " and ".join(f"{len(s.vocabulary)} of the {KINDS[s.kind]}" for s in training.sources),
                     ", ".join(f"{s.share:.0%} {s.kind}" for s in training.sources))
-    name = name or cfg.name
-    storage = storage.rstrip("/")
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    run_dir = f"{storage}/{name}"
-    if _exists(run_dir) and not resume:
-        raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
     settings = run_settings(cfg, training, selection)
-    recorded = _recorded_settings(run_dir) if resume else None
     differences = _differences(recorded, settings) if recorded is not None else []
     if differences and _has_checkpoint(run_dir):
         raise SettingsMismatch(run_dir, differences)
@@ -760,8 +769,13 @@ def run_settings(cfg: TrainConfig, training: TrainingSources, selection: LabelSe
     fields. A resume that changes any of them would continue the run's checkpoint as another training, under the
     same name; `run_train` records them when the run starts and refuses such a resume (`SettingsMismatch`)."""
     config = dataclasses.asdict(cfg)
+    sources = []
+    for s in training.sources:
+        sources.append({"kind": s.kind, "uri": _absolute(s.uri), "share": s.share})
+        if s.output is not None and s.output.version is not None:  # a labeling output's table: which version
+            sources[-1]["version"] = s.output.version
     settings = {
-        "sources": [{"kind": s.kind, "uri": _absolute(s.uri), "share": s.share} for s in training.sources],
+        "sources": sources,
         "selection": dataclasses.asdict(selection),
         "vocabulary": training.vocabulary.to_dict(),
         "config": {key: _field(config, key) for key in _MODEL_FIELDS},
@@ -805,7 +819,18 @@ def _differences(recorded: dict, settings: dict) -> list[tuple[str, str, str]]:
     kinds = old_data["kind"] != new_data["kind"]  # the same URI may hold other data now
     differ("--data", (old_data["uri"], old_data["kind"]), (new_data["uri"], new_data["kind"]),
            lambda s: s[0] + (f" (a {KINDS[s[1]]})" if kinds else ""))
-    differ("--mix", old_mix, new_mix, lambda s: f"{s[0]['kind']}={s[0]['uri']}:{s[0]['share']:g}" if s else "none")
+
+    def unversioned(sources: list[dict]) -> list[dict]:
+        return [{k: v for k, v in s.items() if k != "version"} for s in sources]
+
+    differ("--mix", unversioned(old_mix), unversioned(new_mix),
+           lambda s: f"{s[0]['kind']}={s[0]['uri']}:{s[0]['share']:g}" if s else "none")
+    # the labeling output's table version, where the run recorded one (runs from before it resume unchecked on it)
+    old_version = next((s["version"] for s in recorded["sources"] if s["kind"] == "labels" and "version" in s), None)
+    new_version = next((s.get("version") for s in settings["sources"] if s["kind"] == "labels"), None)
+    if old_version is not None:
+        differ("--version", old_version, new_version, lambda v: "(a folder of part files, no table)" if v is None
+               else str(v))
     old_selection, new_selection = recorded["selection"], settings["selection"]
     differ("--min-score", old_selection["min_score"], new_selection["min_score"], lambda v: f"{v:g}")
     differ("--class-map", old_selection["class_map"], new_selection["class_map"],
@@ -877,7 +902,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a COCO panoptic tree or a labeling output of fcclip label (local or s3://...; detected)")
     p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
     p.add_argument("--version", type=int, default=None, metavar="N",
-                   help="train on version N of the labeling output's table (default: the current one)")
+                   help="train on version N of the labeling output's table (default: the current one; with "
+                   "--resume, the one the run started on)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
     p.add_argument("--num-workers", type=int, default=1)
     runtime.add_gpu_arguments(p, "--gpus-per-worker", "training worker", "trains on CPU (gloo)", "every worker's GPU")

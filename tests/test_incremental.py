@@ -58,7 +58,7 @@ def _check_versions(dest: str, before: int, names: list[str], added: list[str], 
     assert {(r["height"], r["width"]) for r in old.to_pylist()} == {OLD_SIZE}
 
 
-def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path, ray_local, capsys):
+def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path, ray_local, capsys, monkeypatch):
     from fcclip.datasets.synthetic import write_images
 
     folder, dest = tmp_path / "in", str(tmp_path / "out")
@@ -124,6 +124,44 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     assert sorted(Path(f).name for f in past.files) == [f"part-{i:06d}.parquet" for i in range(5)]
     current = open_training_data(dest, split="train", synonyms=None).output
     assert len(current.files) > 5 and any("-r" in Path(f).name for f in current.files)  # the rewrite of a shard
+    assert (past.version, current.version) == (first, table_version(Destination(dest)))
+
+    # training on the lake: a run records the table version it trains on, and --resume goes on with that version,
+    # not the one labeling has made current since (what each start would train on: the files given to its dataset)
+    import fcclip_pipelines.train as train
+    from fcclip.config import train_config_path
+    from ray.train.torch import TorchTrainer
+
+    class Started(Exception):
+        pass
+
+    def stop(self):
+        raise Started
+
+    trained_on = []
+
+    def spy(data, **kwargs):
+        trained_on.append((data.output.version, sorted(Path(f).name for f in data.output.files)))
+        return real_dataset(data, **kwargs)
+
+    real_dataset = train.label_dataset
+    monkeypatch.setattr(train, "label_dataset", spy)
+    monkeypatch.setattr(TorchTrainer, "fit", stop)
+    runs = tmp_path / "runs"
+    command = ["train", "--config", str(train_config_path("fcclip-tiny-synthetic")), "--data", dest,
+               "--storage", str(runs), "--name", "lake"]
+    with pytest.raises(Started):
+        main([*command, "--version", str(first)])
+    with pytest.raises(Started):
+        main([*command, "--resume"])
+    assert trained_on == [(first, [f"part-{i:06d}.parquet" for i in range(5)])] * 2
+    # once the run has a checkpoint, an explicit other version is another training: refused by name
+    (runs / "lake" / "checkpoint_000000").mkdir()
+    (runs / "lake" / "checkpoint_000000" / "state.pt").write_bytes(b"a checkpoint's file")
+    capsys.readouterr()
+    latest = table_version(Destination(dest))
+    assert main([*command, "--resume", "--version", str(latest)]) == 2
+    assert f"was trained with --version {first} (this command says {latest})" in capsys.readouterr().err
 
 
 def _inventory(bucket: str, key: str) -> None:

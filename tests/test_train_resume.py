@@ -55,6 +55,33 @@ def test_the_refusal_names_each_setting_that_differs():
     )  # max_iters is no setting: --resume --max-iters N extends a run
 
 
+def test_a_labeling_outputs_table_version_is_a_setting():
+    """A labeling output's table version is recorded with the run; another one is refused by name; a run recorded
+    before versions were resumes unchecked on them."""
+    from fcclip.datasets.labels import LabelSelection
+    from fcclip.vocabulary import Vocabulary
+    from fcclip_pipelines.output import LabelingOutput
+    from fcclip_pipelines.train import _differences, load_train_config, run_settings
+    from fcclip_pipelines.train_data import TrainingData, TrainingSources
+
+    vocabulary = Vocabulary.from_dict({"name": "run", "categories": [{"id": 1, "names": ["cat"]}]})
+    cfg = load_train_config("fcclip-tiny-synthetic")
+
+    def settings(version):
+        output = LabelingOutput(dest="s3://lake/labels", fs=None, files=[], urls=[], columns=[],
+                                vocabulary=vocabulary.to_dict(), version=version)
+        data = TrainingData("s3://lake/labels", "labels", vocabulary, {1: 0}, output=output)
+        return run_settings(cfg, TrainingSources(vocabulary, [data]), LabelSelection())
+
+    recorded = settings(3)
+    assert recorded["sources"] == [{"kind": "labels", "uri": "s3://lake/labels", "share": 1.0, "version": 3}]
+    assert _differences(recorded, settings(3)) == []
+    assert _differences(recorded, settings(5)) == [("--version", "3", "5")]
+    assert _differences(recorded, settings(None)) == [("--version", "3", "(a folder of part files, no table)")]
+    before = {**recorded, "sources": [{k: v for k, v in recorded["sources"][0].items() if k != "version"}]}
+    assert _differences(before, settings(5)) == []
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     """A local Ray of 2 CPUs; started after the S3 server so that its workers inherit AWS_ENDPOINT_URL."""

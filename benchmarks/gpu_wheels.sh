@@ -20,18 +20,22 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 "$PY" -m pip download -q --no-deps "${platform[@]}" -d .whl \
     open_clip_torch==3.3.0 ftfy wcwidth pycocotools jsonschema jsonschema-specifications referencing rpds-py \
     tensorboardX pydantic pydantic-core annotated-types typing-inspection
-work=$(mktemp -d)
-"$PY" -m pip download -q --no-deps "${platform[@]}" -d "$work" ray==2.60.0
-# unpacked with the files' modes (python -m zipfile -e drops them: Ray's gcs_server and raylet would not run)
-(cd "$work" && mkdir x && cd x && "$PY" -c "
+# unpack WHEEL FOLDER: with the files' modes (python -m zipfile -e drops them: Ray's gcs_server and raylet would
+# not run)
+unpack() {
+    mkdir -p "$2" && (cd "$2" && "$PY" -c "
 import os, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     for info in z.infolist():
         path = z.extract(info)
         if info.external_attr >> 16:
             os.chmod(path, (info.external_attr >> 16) & 0o777)
-" ../ray-2.60.0-*.whl \
-    && rm -rf ray/jars ray/rllib ray/serve ray/llm ray/dashboard/client ray/tune/examples \
+" "$1")
+}
+work=$(mktemp -d)
+"$PY" -m pip download -q --no-deps "${platform[@]}" -d "$work" ray==2.60.0
+unpack "$(echo "$work"/ray-2.60.0-*.whl)" "$work/x"
+(cd "$work/x" && rm -rf ray/jars ray/rllib ray/serve ray/llm ray/dashboard/client ray/tune/examples \
     && "$PY" - <<'EOF'
 import csv, os
 record = "ray-2.60.0.dist-info/RECORD"
@@ -68,16 +72,8 @@ if [ "${LAKE:-1}" = 1 ]; then
 print(' '.join(f'{n}=={m.version(n)}' for n in ('duckdb', 'deltalake', 'arro3-core', 'deprecated')))")
     # shellcheck disable=SC2086
     "$PY" -m pip download -q --no-deps "${platform[@]}" -d "$work" $pins
-    mkdir "$work/site"
     for wheel in "$work"/*.whl; do
-        (cd "$work/site" && "$PY" -c "
-import os, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as z:
-    for info in z.infolist():
-        path = z.extract(info)
-        if info.external_attr >> 16:
-            os.chmod(path, (info.external_attr >> 16) & 0o777)
-" "$wheel")
+        unpack "$wheel" "$work/site"
     done
     tar -C "$work/site" -cf - . | xz -9 -T0 > .lake/lake.tar.xz
     rm -rf "$work"

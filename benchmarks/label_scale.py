@@ -85,12 +85,10 @@ def child(args) -> int:
     samples = []  # (seconds, rows labeled, driver CPU s), each time the driver counts a chunk's rows
 
     class Recording(label.JobProgress):
-        rows = 0
-
         def labeled(self, ok: int, failed: int) -> None:
             super().labeled(ok, failed)
-            Recording.rows += ok + failed
-            samples.append((time.perf_counter(), Recording.rows, _cpu_s()))
+            rows = (samples[-1][1] if samples else 0) + ok + failed
+            samples.append((time.perf_counter(), rows, _cpu_s()))
 
     label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})

@@ -669,8 +669,7 @@ def run_train(
     if data_version is None and recorded is not None:
         # a resume goes on with the labels the run started on, not the version that nightly labeling has made
         # current since; another --version is another training (refused below once the run has a checkpoint)
-        data_version = next((s["version"] for s in recorded["sources"] if s["kind"] == "labels" and "version" in s),
-                            None)
+        data_version = _labels_version(recorded["sources"])
         if data_version is not None:
             logger.info("resuming on version %d of the labeling output's table, the one the run started on",
                         data_version)
@@ -826,8 +825,7 @@ def _differences(recorded: dict, settings: dict) -> list[tuple[str, str, str]]:
     differ("--mix", unversioned(old_mix), unversioned(new_mix),
            lambda s: f"{s[0]['kind']}={s[0]['uri']}:{s[0]['share']:g}" if s else "none")
     # the labeling output's table version, where the run recorded one (runs from before it resume unchecked on it)
-    old_version = next((s["version"] for s in recorded["sources"] if s["kind"] == "labels" and "version" in s), None)
-    new_version = next((s.get("version") for s in settings["sources"] if s["kind"] == "labels"), None)
+    old_version, new_version = _labels_version(recorded["sources"]), _labels_version(settings["sources"])
     if old_version is not None:
         differ("--version", old_version, new_version, lambda v: "(a folder of part files, no table)" if v is None
                else str(v))
@@ -844,6 +842,11 @@ def _differences(recorded: dict, settings: dict) -> list[tuple[str, str, str]]:
     for key in _MODEL_FIELDS:
         differ(f"the config's {key}", recorded["config"][key], settings["config"][key])
     return out
+
+
+def _labels_version(sources: list[dict]) -> int | None:
+    """The table version recorded for the labeling output among `sources` (`run_settings`'s), if any."""
+    return next((s.get("version") for s in sources if s["kind"] == "labels"), None)
 
 
 def _classes(vocabulary: dict) -> list[tuple]:

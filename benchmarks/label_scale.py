@@ -10,12 +10,17 @@ decode tasks cost little. Everything else is the real job: the manifest, decode 
 GPU each), mask encoding, fragments and Parquet commits.
 
 Reported, for a run at N and one at scale x N images:
-- rows/s in the steady state against the ideal, actors x 1000 / per-image-ms. The steady state is the window from
-  the moment 10% of the run's rows were labeled to the moment 90% were (the driver notes the time and its CPU each
-  time a chunk's row count reaches it), so that start-up and the tail are left out. (Differences of two runs' wall
-  times, which this script took before, are no measure where the work takes seconds and start-up varies by as much:
-  on 16 cores the scale x N run took less time than the N run.);
-- the driver's CPU per 1,000 rows in that window (its own process, threads included);
+- the models' rows/s in the steady state against the ideal, actors x 1000 / per-image-ms: how busy the engine keeps
+  the GPUs. Each stand-in model call notes its start and end (wall clock) in a file of its process; the steady state
+  is the window from the call that brings the models' count to 10% of the run's rows to the one that brings it to
+  90%. A model that runs one call at a time cannot exceed the ideal this way.
+- rows/s written from the moment every model actor had started its first call to the last row: the end-to-end rate
+  with start-up left out (the tail, and chunks waiting for their write tasks, are in it).
+- rows/s written in the steady state, as the driver counts them (at each chunk's write task), and the driver's CPU per
+  1,000 rows in that window (its own process, threads included). Counted at the write end, a window can read more
+  than the ideal: chunks the models finished before it, still waiting for their write tasks, land in it (16 cores,
+  2026-12-04: 1.33x). (Differences of two runs' wall times, which this script took first, are no measure either
+  where the work takes seconds and start-up varies by as much.)
 - the driver's peak memory at N and scale x N (flat when nothing in the driver grows with the collection).
 """
 from __future__ import annotations
@@ -64,11 +69,16 @@ class TimedModel:
 
     model_id = "timed-stand-in@none"
 
-    def __init__(self, per_image_s: float):
+    def __init__(self, per_image_s: float, log_dir: str | None = None):
         self.per_image_s = per_image_s
+        self.log = None if log_dir is None else os.path.join(log_dir, f"{os.getpid()}.txt")
 
     def __call__(self, images, sizes):
+        started = time.time()
         time.sleep(self.per_image_s * len(images))
+        if self.log is not None:  # one line per call: start, end (wall clock), images
+            with open(self.log, "a") as f:
+                f.write(f"{started} {time.time()} {len(images)}\n")
         segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 0.9}
         return [(np.ones(size, np.uint8), [segment]) for size in sizes]
 
@@ -88,7 +98,7 @@ def child(args) -> int:
         def labeled(self, ok: int, failed: int) -> None:
             super().labeled(ok, failed)
             rows = (samples[-1][1] if samples else 0) + ok + failed
-            samples.append((time.perf_counter(), rows, _cpu_s()))
+            samples.append((time.time(), rows, _cpu_s()))
 
     label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
@@ -102,11 +112,12 @@ def child(args) -> int:
             batch_size=args.batch_size, actors=(args.actors, args.actors), gpus_per_actor=1, cpus_per_actor=0.5,
             short_edge=0, shard_size=args.shard_size, chunk_size=args.chunk_size, gpu_wait=120,
         )
+        calls = tempfile.mkdtemp(prefix="fcclip-scale-calls-")
         cpu0 = _cpu_s()
-        started = time.perf_counter()
+        started = time.time()
         summary = run_label(cfg, progress=False, reader=StandInReader(),
-                            make_model_stage=functools.partial(TimedModel, args.per_image_ms / 1000))
-        wall = time.perf_counter() - started
+                            make_model_stage=functools.partial(TimedModel, args.per_image_ms / 1000, calls))
+        wall = time.time() - started
         cpu = _cpu_s() - cpu0
     finally:
         ray.shutdown()
@@ -114,8 +125,37 @@ def child(args) -> int:
     print(json.dumps({"rows": summary.images, "ok": summary.ok, "wall_s": wall, "driver_cpu_s": cpu,
                       "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "startup_s": summary.startup_seconds, "model_actors": summary.model_actors,
-                      **steady(samples, summary.images, started)}))
+                      **steady(samples, summary.images, started), **model_side(calls, samples, started)}))
+    shutil.rmtree(calls, ignore_errors=True)
     return 0
+
+
+def model_side(log_dir: str, samples: list, started: float) -> dict:
+    """From the stand-in model's calls (a file per actor process of start, end, images): the models' rows/s between
+    the calls that bring their count to 10% and to 90% of the rows, and rows/s written from the moment every actor
+    had started its first call to the last row."""
+    per_actor = [[tuple(map(float, line.split())) for line in path.read_text().splitlines()]
+                 for path in Path(log_dir).glob("*.txt")]
+    calls = sorted((end, n) for actor in per_actor for _, end, n in actor)
+    if not calls or not samples:
+        return {"model_rows_per_s": None, "all_busy_rows_per_s": None, "all_busy_at_s": None}
+    total = sum(n for _, n in calls)
+    done, ends = 0, []
+    for end, n in calls:
+        done += n
+        ends.append((end, done))
+    first = next(i for i, (_, d) in enumerate(ends) if d >= 0.1 * total)
+    last = next(i for i, (_, d) in enumerate(ends) if d >= 0.9 * total)
+    rate = None
+    if last > first and ends[last][0] > ends[first][0]:
+        rate = (ends[last][1] - ends[first][1]) / (ends[last][0] - ends[first][0])
+    all_busy = max(min(start for start, _, _ in actor) for actor in per_actor)
+    before = max((rows for t, rows, _ in samples if t <= all_busy), default=0)
+    end_rate = None
+    if samples[-1][0] > all_busy:
+        end_rate = (samples[-1][1] - before) / (samples[-1][0] - all_busy)
+    return {"model_rows_per_s": rate, "model_images": int(total), "all_busy_at_s": all_busy - started,
+            "all_busy_rows_per_s": end_rate}
 
 
 def steady(samples: list, rows: int, started: float) -> dict:
@@ -176,24 +216,33 @@ def main(argv=None) -> int:
     print(f"# label scale: {args.actors} simulated GPU actors, {args.per_image_ms:g} ms per image, batch "
           f"{args.batch_size}, chunk {args.chunk_size}, shard {args.shard_size}; {os.cpu_count()} cores, {_cpu_flags()}")
     print()
-    print("| run | rows | wall s | first rows at s | steady window s | steady rows/s | of the ideal | driver CPU s / "
-          "1,000 rows (window) | same, whole run | driver peak MiB | model actors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | rows | wall s | every actor busy at s | first rows at s | models' rows/s (10-90%) | of the ideal | "
+          "rows/s, every actor busy to last row | of the ideal | rows/s written (10-90%) | driver CPU s / 1,000 rows "
+          "(that window) | same, whole run | driver peak MiB | model actors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def rate(x):
+        return ("-", "-") if x is None else (f"{x:.0f}", f"{x / ideal:.2f}x")
+
     for name, r in runs.items():
-        rate, cpu = r["steady_rows_per_s"], r["steady_cpu_s_per_1000"]
-        window = "-" if r["window_s"] is None else f"{r['window_s'][0]:.1f}-{r['window_s'][1]:.1f}"
-        print(f"| {name} | {r['rows']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {window} | "
-              f"{'-' if rate is None else f'{rate:.0f}'} | {'-' if rate is None else f'{rate / ideal:.2f}x'} | "
-              f"{'-' if cpu is None else f'{cpu:.3f}'} | {1000 * r['driver_cpu_s'] / max(r['rows'], 1):.3f} | "
-              f"{r['driver_peak_mib']:.0f} | {r['model_actors']} |")
+        cpu = r["steady_cpu_s_per_1000"]
+        first = "-" if r["all_busy_at_s"] is None else f"{r['all_busy_at_s']:.1f}"
+        print(f"| {name} | {r['rows']} | {r['wall_s']:.1f} | {first} | {r['startup_s']:.1f} | "
+              f"{' | '.join(rate(r['model_rows_per_s']))} | {' | '.join(rate(r['all_busy_rows_per_s']))} | "
+              f"{rate(r['steady_rows_per_s'])[0]} | {'-' if cpu is None else f'{cpu:.3f}'} | "
+              f"{1000 * r['driver_cpu_s'] / max(r['rows'], 1):.3f} | {r['driver_peak_mib']:.0f} | "
+              f"{r['model_actors']} |")
     print()
-    rate, cpu = big["steady_rows_per_s"], big["steady_cpu_s_per_1000"]
-    if rate is not None:
-        print(f"steady state ({args.scale}N run): {rate:.0f} rows/s of an ideal {ideal:.0f} ({rate / ideal:.2f}x); "
-              f"driver CPU {cpu:.3f} s per 1,000 rows; driver peak {small['driver_peak_mib']:.0f} -> "
-              f"{big['driver_peak_mib']:.0f} MiB")
+    model, cpu = big["model_rows_per_s"], big["steady_cpu_s_per_1000"]
+    if model is not None:
+        print(f"{args.scale}N run: the models labeled {model:.0f} rows/s in the steady state, of an ideal {ideal:.0f} "
+              f"({model / ideal:.2f}x); {rate(big['all_busy_rows_per_s'])[0]} rows/s from every actor busy to the last "
+              f"row ({rate(big['all_busy_rows_per_s'])[1]}); driver CPU "
+              f"{'-' if cpu is None else f'{cpu:.3f}'} s per 1,000 rows; driver peak "
+              f"{small['driver_peak_mib']:.0f} -> {big['driver_peak_mib']:.0f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows_per_s": rate, "ideal_rows_per_s": ideal,
+        Path(args.json).write_text(json.dumps({"model_rows_per_s": model, "ideal_rows_per_s": ideal,
+                                               "all_busy_rows_per_s": big["all_busy_rows_per_s"],
                                                "driver_cpu_s_per_1000_rows": cpu, "runs": runs,
                                                "args": vars(args)}, indent=1))
     return 0

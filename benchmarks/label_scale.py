@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -185,11 +186,22 @@ def run_once(n: int, tmp: Path, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--source", str(manifest), "--dest", str(tmp / f"out_{name}"),
            "--actors", str(args.actors), "--per-image-ms", str(args.per_image_ms), "--batch-size",
            str(args.batch_size), "--chunk-size", str(args.chunk_size), "--shard-size", str(args.shard_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, start_new_session=True)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    # in a session of its own, which is ended after it, also when this process is stopped (SIGTERM, e.g. timeout):
+    # the child's simulated cluster (raylets, workers, actors) must not go on loading the machine
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"the run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"the run failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -208,6 +220,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_once ends the child's session
     with tempfile.TemporaryDirectory(prefix="fcclip-scale-") as tmp:
         runs = {name: run_once(n, Path(tmp), name, args)
                 for name, n in (("N", args.images), (f"{args.scale}N", args.images * args.scale))}

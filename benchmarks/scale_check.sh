@@ -22,6 +22,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 IMAGES=${IMAGES:-12000}
 exec > >(tee -a "$OUT/scale_check.log") 2>&1
+# stopped (e.g. by an outer timeout), stop the run in progress too: label_scale.py then ends its simulated cluster
+trap 'pkill -TERM -P $$; exit 143' TERM INT
 ENGINES=${ENGINES:-main=pipelines}
 links=$(mktemp -d)
 echo "$(nproc) cores; $(grep -m1 -o 'model name.*' /proc/cpuinfo)"
@@ -34,7 +36,8 @@ run() {  # name, limit in seconds, label_scale.py arguments; once per engine
         mkdir -p "$links/$tag" && ln -sfn "$(realpath "${engine#*=}")" "$links/$tag/fcclip_pipelines"
         echo; echo "=== $name, engine $tag (${engine#*=}): label_scale.py $* ($(date -u +%H:%M:%S) UTC)"
         PYTHONPATH="$PWD:$links/$tag${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/label_scale.py "$@" \
-            --json "$OUT/${name}_$tag.json" > "$OUT/${name}_$tag.md"
+            --json "$OUT/${name}_$tag.json" > "$OUT/${name}_$tag.md" &
+        wait $!  # in the background, so that a TERM reaches the trap at once
         local rc=$?
         cat "$OUT/${name}_$tag.md"
         [ $rc -eq 0 ] || { echo "$name ($tag): exit $rc (124: cut by the timeout)"; status=1; }

@@ -15,6 +15,8 @@
 # finished. The checkout is used from where it is (PYTHONPATH, and a link fcclip_pipelines -> pipelines): nothing is
 # installed. ENGINES="main=pipelines other=PATH" runs each configuration with each engine, one after the other (a
 # copy of another branch's pipelines/ folder, e.g. carried in an excluded folder), so that they compare within one run.
+# On the device, a call brings back at most 8 files: with two engines (9 files), write to a folder under /tmp and
+# end the command with `tar -C /tmp/res -czf $OUT/res.tgz .`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/scale-check}

@@ -307,6 +307,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="short edges, comma-separated (default: 1024,800 on a GPU, 256 on a CPU)")
     p.add_argument("--aspect", type=float, default=4 / 3, help="width / height of the images (default 4:3)")
     p.add_argument("--dtypes", default="fp32,tf32,bf16", help="precisions (default: %(default)s; tf32 on CUDA only)")
+    p.add_argument("--order", choices=("bf16-first", "given"), default="bf16-first",
+                   help="the order the precisions run in: bf16 first (a run cut short has the recommended setting), "
+                        "or as --dtypes gives them (to compare two in both orders, one run each)")
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--compile", default=None,
                    help="off, on or both (default: both on a GPU; off on a CPU, where compiling takes minutes)")
@@ -391,7 +394,8 @@ def main(argv=None) -> int:
             model.compile_parts(dynamic=True)
         # bf16 first (the recommended setting: a budget cut short leaves it measured), every size per dtype (a
         # compiled model's second size shows whether it recompiles)
-        for dtype_name in sorted(usable, key=lambda d: d != "bf16"):
+        order = usable if args.order == "given" else sorted(usable, key=lambda d: d != "bf16")
+        for dtype_name in order:
             for short_edge in sizes:
                 for batch in batches:
                     result["rows"] += bench_model(args, device, model, args.vocab, cache, short_edge, dtype_name,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import resource
@@ -140,16 +141,10 @@ def model_side(log_dir: str, samples: list, started: float) -> dict:
     calls = sorted((end, n) for actor in per_actor for _, end, n in actor)
     if not calls or not samples:
         return {"model_rows_per_s": None, "all_busy_rows_per_s": None, "all_busy_at_s": None}
-    total = sum(n for _, n in calls)
-    done, ends = 0, []
-    for end, n in calls:
-        done += n
-        ends.append((end, done))
-    first = next(i for i, (_, d) in enumerate(ends) if d >= 0.1 * total)
-    last = next(i for i, (_, d) in enumerate(ends) if d >= 0.9 * total)
-    rate = None
-    if last > first and ends[last][0] > ends[first][0]:
-        rate = (ends[last][1] - ends[first][1]) / (ends[last][0] - ends[first][0])
+    ends = list(zip((end for end, _ in calls), itertools.accumulate(n for _, n in calls)))  # (time, images so far)
+    total = ends[-1][1]
+    window = _window(ends, total, min_steps=1)
+    rate = None if window is None else (window[1][1] - window[0][1]) / (window[1][0] - window[0][0])
     all_busy = max(min(start for start, _, _ in actor) for actor in per_actor)
     before = max((rows for t, rows, _ in samples if t <= all_busy), default=0)
     end_rate = None
@@ -161,15 +156,23 @@ def model_side(log_dir: str, samples: list, started: float) -> dict:
 
 def steady(samples: list, rows: int, started: float) -> dict:
     """Rows/s and driver CPU per 1,000 rows between the samples where 10% and 90% of ``rows`` were labeled."""
-    first = next((i for i, s in enumerate(samples) if s[1] >= 0.1 * rows), None)
-    last = next((i for i, s in enumerate(samples) if s[1] >= 0.9 * rows), None)
-    if first is None or last is None or last - first < 4 or samples[last][0] <= samples[first][0]:
-        # too few chunks between for a rate
+    window = _window(samples, rows, min_steps=4)
+    if window is None:  # too few chunks between for a rate
         return {"steady_rows_per_s": None, "steady_cpu_s_per_1000": None, "window_s": None, "window_rows": 0}
-    first, last = samples[first], samples[last]
+    first, last = window
     n = last[1] - first[1]
     return {"steady_rows_per_s": n / (last[0] - first[0]), "steady_cpu_s_per_1000": 1000 * (last[2] - first[2]) / n,
             "window_s": [first[0] - started, last[0] - started], "window_rows": n}
+
+
+def _window(series: list, total: float, min_steps: int) -> tuple | None:
+    """The entries of ``series`` ((time, count so far, ...), in time order) where the count first reaches 10% and
+    90% of ``total``; None when they are fewer than ``min_steps`` entries apart or at the same time."""
+    first = next((i for i, s in enumerate(series) if s[1] >= 0.1 * total), None)
+    last = next((i for i, s in enumerate(series) if s[1] >= 0.9 * total), None)
+    if first is None or last is None or last - first < min_steps or series[last][0] <= series[first][0]:
+        return None
+    return series[first], series[last]
 
 
 def _cpu_s() -> float:

@@ -103,9 +103,9 @@ def child(args) -> int:
             samples.append((time.time(), rows, _cpu_s()))
 
     label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.head_cpus, "include_dashboard": False})
     for _ in range(max(1, args.actors // 4)):
-        cluster.add_node(num_cpus=8, num_gpus=4)
+        cluster.add_node(num_cpus=args.node_cpus, num_gpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
     try:
@@ -188,7 +188,8 @@ def run_once(n: int, tmp: Path, name: str, args) -> dict:
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--child", "--source", str(manifest), "--dest", str(tmp / f"out_{name}"),
            "--actors", str(args.actors), "--per-image-ms", str(args.per_image_ms), "--batch-size",
-           str(args.batch_size), "--chunk-size", str(args.chunk_size), "--shard-size", str(args.shard_size)]
+           str(args.batch_size), "--chunk-size", str(args.chunk_size), "--shard-size", str(args.shard_size),
+           "--node-cpus", str(args.node_cpus), "--head-cpus", str(args.head_cpus)]
     # in a session of its own, which is ended after it, also when this process is stopped (SIGTERM, e.g. timeout):
     # the child's simulated cluster (raylets, workers, actors) must not go on loading the machine
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
@@ -216,6 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--node-cpus", type=int, default=8, help="CPUs each fake node of 4 GPUs offers (its 4 model actors "
+                   "take 0.5 each; the rest run decode and write tasks); fewer start fewer worker "
+                   "processes on a small machine")
+    p.add_argument("--head-cpus", type=int, default=4, help="CPUs the head node offers (the driver's node)")
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)

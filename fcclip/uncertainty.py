@@ -24,10 +24,12 @@ vocabulary from the stored embeddings (the masks, and so ``mask_score`` and ``ke
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: the labeling's CPU stages use the numpy part only
+    import torch
 
 __all__ = ["query_signals", "mask_signals", "segment_doubt", "image_uncertainty", "unlabeled_share"]
 
@@ -67,6 +69,8 @@ def mask_signals(mask_logits: torch.Tensor, kept_pixels: torch.Tensor, scale: fl
         mask_score: (N,) float32, the mean probability over the cells where it is above 0.5 (0 when none is).
         kept_share: (N,) float32 in [0, 1], kept pixels over the pixels of the own mask (1 when it has none).
     """
+    import torch
+
     prob = mask_logits.float().sigmoid()
     own = prob > 0.5
     cells = own.flatten(1).sum(-1).float()

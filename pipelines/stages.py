@@ -51,6 +51,50 @@ class _Timeout(BaseException):
     """Raised by the alarm; a BaseException so that a library's ``except Exception`` cannot swallow it."""
 
 
+class _Watchdog:
+    """One thread per process that ends the process when a time-limited block runs past its hard deadline (see
+    _time_limit). Started on first use; a block registers its deadline on entry and removes it on exit, so an
+    image costs a dict entry, not a thread."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, tuple[float, float]] = {}  # block -> (monotonic hard deadline, its limit)
+        self._waiting_until: float | None = None  # the deadline the thread sleeps towards (None: none)
+        self._pid: int | None = None  # the process whose thread this is (threads do not survive a fork)
+        self._next = 0
+
+    def add(self, hard_s: float, seconds: float) -> int:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._pid, self._deadlines, self._waiting_until = os.getpid(), {}, None
+                threading.Thread(target=self._run, name="fcclip-time-limit", daemon=True).start()
+            self._next += 1
+            deadline = time.monotonic() + hard_s
+            self._deadlines[self._next] = (deadline, seconds)
+            if self._waiting_until is None or deadline < self._waiting_until:
+                self._cond.notify()
+            return self._next
+
+    def remove(self, block: int) -> None:
+        with self._cond:
+            self._deadlines.pop(block, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                overdue = [limit for deadline, limit in self._deadlines.values() if deadline <= now]
+                if overdue:
+                    logger.error("stuck far past the %s s time limit, out of the alarm's reach; ending this worker",
+                                 overdue[0])
+                    os._exit(75)
+                self._waiting_until = min((deadline for deadline, _ in self._deadlines.values()), default=None)
+                self._cond.wait(None if self._waiting_until is None else self._waiting_until - now)
+
+
+_WATCHDOG = _Watchdog()
+
+
 @contextmanager
 def _time_limit(seconds: float | None):
     """Bound the time spent in the block.
@@ -58,22 +102,15 @@ def _time_limit(seconds: float | None):
     After ``seconds``, SIGALRM raises _Timeout in the block (the row becomes a "timed out" error row, the worker
     lives on). The alarm only reaches Python code in the main thread: Ray runs task functions there (ReadDecode runs
     in a task), but a decoder stuck in native code never returns to the interpreter, and code run on another thread
-    cannot be signalled at all. So a watchdog thread also ends the whole worker process if the block is still running
-    at twice the limit (and at least 2 s past it): a stuck worker then becomes a crashed worker, which the pipeline
-    retries a bounded number of times and then turns into an error row. Either way the job never waits on one image
-    forever.
+    cannot be signalled at all. So the process's watchdog thread also ends the whole worker process if the block is
+    still running at twice the limit (and at least 2 s past it): a stuck worker then becomes a crashed worker, which
+    the pipeline retries a bounded number of times and then turns into an error row. Either way the job never waits
+    on one image forever.
     """
     if not seconds:
         yield
         return
-    done = threading.Event()
-
-    def watchdog():
-        if not done.wait(seconds + max(seconds, 2.0)):
-            logger.error("stuck far past the %s s time limit, out of the alarm's reach; ending this worker", seconds)
-            os._exit(75)
-
-    threading.Thread(target=watchdog, name="fcclip-time-limit", daemon=True).start()
+    block = _WATCHDOG.add(seconds + max(seconds, 2.0), seconds)
     soft = threading.current_thread() is threading.main_thread()
     if soft:
 
@@ -88,7 +125,7 @@ def _time_limit(seconds: float | None):
         if soft:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        done.set()
+        _WATCHDOG.remove(block)
 
 
 def read_bytes(uri: str) -> bytes:

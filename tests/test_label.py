@@ -315,6 +315,48 @@ def test_stages_run_without_ray(tmp_path):
     assert not (tmp_path / "out" / "part-000001.parquet").exists()
 
 
+_CPU_STAGES = """
+import sys
+import numpy as np
+import pyarrow as pa
+from fcclip_pipelines.output import Destination, commit_shard, write_fragment
+from fcclip_pipelines.sources import write_manifest_shard
+from fcclip_pipelines.stages import ReadDecode, encode_rows
+
+uris = sys.argv[2:]
+meta, images = ReadDecode(short_edge=64, max_size=128, max_pixels=10**8)(uris)
+assert meta["error"] == ["", ""], meta
+maps = [np.ones((h, w), np.uint8) for h, w in zip(meta["height"], meta["width"])]
+segment = {"id": 1, "label": "dog", "category_id": 2, "is_thing": True, "score": 0.8, "margin": 0.3,
+           "branches_agree": True, "mask_score": 0.9, "kept_share": 1.0, "doubt": 0.4}
+labeled = {"maps": maps, "segments": [[segment], [segment]], "error": ["", ""], "model": "m"}
+table = encode_rows(uris, [0, 1], meta, labeled, {"vocabulary": "v", "run_id": "r", "model": "m"})
+assert table.column("uncertainty").null_count == 0
+dest = Destination(sys.argv[1])
+write_manifest_shard(dest, 0, pa.table({"uri": uris, "size": [1, 2]}))
+assert commit_shard(dest, 0, [write_fragment(dest, 0, table)], 2, {"run_id": "r"}) == 2
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "timm", "ray"))
+assert not loaded, loaded
+"""
+
+
+def test_cpu_stages_do_not_import_torch(tmp_path):
+    """Decode, encode and write tasks run on CPU nodes: decoding an image and writing its rows (uncertainty
+    columns included) loads neither torch nor open_clip (each would cost every worker process seconds and hundreds
+    of MiB)."""
+    import subprocess
+    import sys
+
+    uris = []
+    for name, data in good_images(2).items():
+        (tmp_path / name.replace("/", "_")).write_bytes(data)
+        uris.append(str(tmp_path / name.replace("/", "_")))
+    proc = subprocess.run([sys.executable, "-c", _CPU_STAGES, str(tmp_path / "out"), *uris], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "part-000000.parquet").exists()
+
+
 def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):
     """The README's read patterns, on a local DEST with its _fcclip/ folder: the ones that work return every row
     once, the ones it warns about fail on _fcclip/run.json."""

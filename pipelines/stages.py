@@ -57,17 +57,21 @@ class _Watchdog:
     image costs a dict entry, not a thread."""
 
     def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has neither the thread nor a free lock
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._deadlines: dict[int, tuple[float, float]] = {}  # block -> (monotonic hard deadline, its limit)
         self._waiting_until: float | None = None  # the deadline the thread sleeps towards (None: none)
-        self._pid: int | None = None  # the process whose thread this is (threads do not survive a fork)
+        self._started = False
         self._next = 0
 
     def add(self, hard_s: float, seconds: float) -> int:
         with self._cond:
-            if self._pid != os.getpid():
-                self._pid, self._deadlines, self._waiting_until = os.getpid(), {}, None
+            if not self._started:
                 threading.Thread(target=self._run, name="fcclip-time-limit", daemon=True).start()
+                self._started = True
             self._next += 1
             deadline = time.monotonic() + hard_s
             self._deadlines[self._next] = (deadline, seconds)

@@ -357,6 +357,42 @@ def test_cpu_stages_do_not_import_torch(tmp_path):
     assert (tmp_path / "out" / "part-000000.parquet").exists()
 
 
+_WATCHDOG = """
+import sys, threading, time
+from fcclip_pipelines.stages import _Timeout, _time_limit
+
+for _ in range(2000):  # blocks that end in time leave nothing behind for the process's watchdog
+    with _time_limit(0.05):
+        pass
+time.sleep(2.5)  # past twice their limit (and 2 s): still alive
+try:
+    with _time_limit(0.2):  # in the main thread the alarm cuts a block stuck in Python
+        time.sleep(5)
+except _Timeout:
+    print("alarm", flush=True)
+
+def stuck():  # off the main thread no alarm reaches it: the watchdog ends the process
+    with _time_limit(0.5):
+        time.sleep(30)
+
+threading.Thread(target=stuck).start()
+time.sleep(20)
+print("still alive", flush=True)
+"""
+
+
+def test_time_limit_watchdog_ends_a_stuck_process_only():
+    """The per-image time limit's watchdog (one thread per process): thousands of blocks that end in time do not
+    trip it; a block stuck where the alarm cannot reach ends the process (exit 75) at twice its limit plus 2 s."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WATCHDOG], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    # the alarm cut the first stuck block; the watchdog ended the process before its main thread woke up
+    assert proc.stdout.split() == ["alarm"] and "stuck far past the 0.5 s time limit" in proc.stderr
+
+
 def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):
     """The README's read patterns, on a local DEST with its _fcclip/ folder: the ones that work return every row
     once, the ones it warns about fail on _fcclip/run.json."""

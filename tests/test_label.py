@@ -337,6 +337,9 @@ write_manifest_shard(dest, 0, pa.table({"uri": uris, "size": [1, 2]}))
 assert commit_shard(dest, 0, [write_fragment(dest, 0, table)], 2, {"run_id": "r"}) == 2
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "timm", "ray"))
 assert not loaded, loaded
+import fcclip_pipelines.engine  # what a Ray worker imports to run the engine's decode, write and commit tasks
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "timm"))
+assert not loaded, loaded
 """
 
 

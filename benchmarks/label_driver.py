@@ -15,6 +15,8 @@ Each run is a fresh process (its own local Ray) at N and at scale x N images. Re
   Ray workers, not the raylet) while labeling, as the difference between the two runs per 1,000 extra rows; beside
   it the part left once an idle driver's CPU (Ray's own threads, measured for 10 s before each run: it grows with
   time, not rows) is taken out;
+- the same driver CPU measured inside the 10N run alone: between the chunks that bring its rows to 10% and to 90%
+  (the driver notes the time and its CPU as it counts each chunk's rows; idle cost included), as label_scale.py does;
 - driver and worker peak memory (VmHWM) in each run: flat from N to 10N when nothing grows with the collection;
 - the model actor's time per image outside the model stage's call (unpacking inputs, packing outputs), from the
   actor's own clock, when the engine reports it.
@@ -105,7 +107,17 @@ def write_inputs(folder: Path, n: int) -> None:
 # ------------------------------------------------------------------------------------------------ the driver
 def child(args) -> int:
     """One labeling run in this process (the driver); prints its own measurements as JSON on the last line."""
+    import fcclip_pipelines.label as label
     from fcclip_pipelines.label import LabelConfig, run_label
+
+    samples = []  # (seconds, rows labeled, driver CPU s), each time the driver counts a chunk's rows
+
+    class Recording(label.JobProgress):
+        def labeled(self, ok: int, failed: int) -> None:
+            super().labeled(ok, failed)
+            samples.append((time.time(), (samples[-1][1] if samples else 0) + ok + failed, _cpu_s()))
+
+    label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
 
     cfg = LabelConfig(
         source=args.source, dest=args.dest, vocab="cat; dog", model="fcclip-tiny", weights="random",
@@ -133,6 +145,11 @@ def child(args) -> int:
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "startup_s": summary.startup_seconds,
     }
+    window = _window(samples, summary.images, min_steps=4)
+    if window is not None:  # the driver's CPU between the chunks that brought the rows to 10% and to 90%
+        (t0, rows0, cpu0), (t1, rows1, cpu1) = window
+        result["window_cpu_s_per_1000"] = 1000 * (cpu1 - cpu0) / (rows1 - rows0)
+        result["window_rows_per_s"] = (rows1 - rows0) / (t1 - t0)
     for key in ("actor_overhead_s_per_image",):
         value = getattr(summary, key, None)
         if value is not None:
@@ -142,6 +159,16 @@ def child(args) -> int:
 
 
 IDLE_S = 10.0
+
+
+def _window(series: list, total: float, min_steps: int) -> tuple | None:
+    """The entries of ``series`` ((time, count so far, ...), in time order) where the count first reaches 10% and
+    90% of ``total``; None when they are fewer than ``min_steps`` entries apart or at the same time."""
+    first = next((i for i, s in enumerate(series) if s[1] >= 0.1 * total), None)
+    last = next((i for i, s in enumerate(series) if s[1] >= 0.9 * total), None)
+    if first is None or last is None or last - first < min_steps or series[last][0] <= series[first][0]:
+        return None
+    return series[first], series[last]
 
 
 def _cpu_s() -> float:
@@ -275,9 +302,14 @@ def main(argv=None) -> int:
     print(f"steady state (N -> {args.scale}N): {rows_per_s:.1f} rows/s, "
           f"driver CPU {cpu_per_1000:.3f} s per 1,000 rows; "
           f"an idle driver costs {idle_rate:.4f} CPU s per s, so {net_per_1000:.3f} s per 1,000 rows are the rows' own")
+    window = big.get("window_cpu_s_per_1000")
+    if window is not None:
+        print(f"{args.scale}N run between 10% and 90% of its rows: {big['window_rows_per_s']:.1f} rows/s, driver CPU "
+              f"{window:.3f} s per 1,000 rows")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"rows_per_s": rows_per_s, "driver_cpu_s_per_1000_rows": cpu_per_1000,
+             "window_driver_cpu_s_per_1000_rows": window,
              "driver_idle_cpu_s_per_s": idle_rate, "driver_cpu_s_per_1000_rows_net_of_idle": net_per_1000, "runs": runs,
              "args": {k: v for k, v in vars(args).items() if k not in ("child", "source", "dest")}}, indent=1))
     return 0

@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from label_driver import _cpu_flags  # noqa: E402
+from label_driver import _cpu_flags, _window  # noqa: E402
 
 
 def _png() -> bytes:
@@ -163,16 +163,6 @@ def steady(samples: list, rows: int, started: float) -> dict:
     n = last[1] - first[1]
     return {"steady_rows_per_s": n / (last[0] - first[0]), "steady_cpu_s_per_1000": 1000 * (last[2] - first[2]) / n,
             "window_s": [first[0] - started, last[0] - started], "window_rows": n}
-
-
-def _window(series: list, total: float, min_steps: int) -> tuple | None:
-    """The entries of ``series`` ((time, count so far, ...), in time order) where the count first reaches 10% and
-    90% of ``total``; None when they are fewer than ``min_steps`` entries apart or at the same time."""
-    first = next((i for i, s in enumerate(series) if s[1] >= 0.1 * total), None)
-    last = next((i for i, s in enumerate(series) if s[1] >= 0.9 * total), None)
-    if first is None or last is None or last - first < min_steps or series[last][0] <= series[first][0]:
-        return None
-    return series[first], series[last]
 
 
 def _cpu_s() -> float:

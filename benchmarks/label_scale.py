@@ -1,10 +1,12 @@
 """Does the labeling engine keep many GPUs busy? `fcclip label` on a simulated cluster of GPU nodes, with stand-ins
 that take a fixed time per image, so that what is measured is the engine's own scheduling.
 
-    python benchmarks/label_scale.py [--actors 16] [--per-image-ms 8] [--images 4000] [--scale 5] [--json PATH]
+    python benchmarks/label_scale.py [--actors 16] [--per-image-ms 8] [--images 4000] [--scale 5]
+                                     [--node-cpus 8] [--head-cpus 4] [--json PATH]
 
-Each run is a fresh process holding a `ray.cluster_utils.Cluster`: a head and `--actors / 4` nodes of 4 fake GPUs
-each (GPUs are resources here, nothing runs on a GPU). The model stage sleeps `--per-image-ms` per image and returns a
+Each run is a fresh process holding a `ray.cluster_utils.Cluster`: a head (`--head-cpus` CPUs) and `--actors / 4`
+nodes of 4 fake GPUs and `--node-cpus` CPUs each (GPUs are resources here, nothing runs on a GPU; on a small machine
+fewer CPUs start fewer worker processes). The model stage sleeps `--per-image-ms` per image and returns a
 small result (one segment over the whole image); the reader returns the same small PNG (64x64) for every URI, so the
 decode tasks cost little. Everything else is the real job: the manifest, decode tasks, the model actors (asking for a
 GPU each), mask encoding, fragments and Parquet commits.

@@ -15,7 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 
 from ._paths import cache_dir
@@ -72,6 +71,8 @@ def tokenizer():
     """open_clip's CLIP BPE tokenizer (shipped with open_clip; nothing downloaded)."""
     global _tokenizer
     if _tokenizer is None:
+        import open_clip  # here: what only computes with text rows (fcclip relabel's tasks) need not load open_clip
+
         _tokenizer = open_clip.SimpleTokenizer()
     return _tokenizer
 

@@ -54,7 +54,6 @@ from fcclip.text import TextClassifier, build_text_classifier
 from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
 from . import lake, runtime
-from .embed_text import TextTowerMismatch, text_tower
 from .label import DestinationError, reopen_run
 from .lake import TABLE_FILE_RE
 from .stages import uncertainty_columns
@@ -315,6 +314,8 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
 # ---------------------------------------------------------------------------------------------------- the job
 def _text_classifier(source: Source, vocabulary, model: str | None, weights: str | None) -> NewVocabulary:
     """NEW's text rows from the run's model's text tower (``embed_text.text_tower``: the image tower never runs)."""
+    from .embed_text import text_tower  # the driver's: the tasks import this module, and need no model stack
+
     space = EmbeddingSpace.from_dict(source.space)
     backbone = text_tower(model or source.metadata.get("model"), weights or source.metadata.get("weights"),
                           expect_text_tower=space.text_tower)
@@ -427,6 +428,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
+    from .embed_text import TextTowerMismatch
+
     try:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
                         weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,

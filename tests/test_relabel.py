@@ -45,6 +45,10 @@ def _segment(id_, label, is_thing, score, columns, emb):
 
 @pytest.fixture
 def batch():
+    return _batch()
+
+
+def _batch():
     wall_ish = _unit(1, 0.3)  # closer to wall than to anything else, less so than e0
     segments = [
         _segment(1, "a", True, 0.5, slice(0, 2), wall_ish),
@@ -74,6 +78,22 @@ def _relabel(source, min_score):
     new = NewVocabulary(vocabulary.to_dict(), np.eye(D, dtype=np.float32)[:3], np.arange(3), _space().to_dict())
     stats = new_stats()
     return relabel_batch(source, new, min_score, {"vocabulary": "new@x", "run_id": "r1"}, stats), stats, new
+
+
+def test_relabel_tasks_do_not_load_the_model_stack():
+    """A relabel task's worker imports this module and computes with stored embeddings and the new text rows: it
+    loads torch, but not open_clip, timm or torchvision (about 2 s and hundreds of MiB per worker process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nimport tests.test_relabel as t\ntable, stats, _ = t._relabel(t._batch()[0], 0.0)\n"
+            "assert table.num_rows == 2 and stats['segments_in'] == 4, (table.num_rows, stats)\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'timm', 'torchvision'))\n"
+            "assert not loaded, loaded[:10]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_relabel_rules(batch):

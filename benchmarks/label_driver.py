@@ -107,18 +107,9 @@ def write_inputs(folder: Path, n: int) -> None:
 # ------------------------------------------------------------------------------------------------ the driver
 def child(args) -> int:
     """One labeling run in this process (the driver); prints its own measurements as JSON on the last line."""
-    import fcclip_pipelines.label as label
     from fcclip_pipelines.label import LabelConfig, run_label
 
-    samples = []  # (seconds, rows labeled, driver CPU s), each time the driver counts a chunk's rows
-
-    class Recording(label.JobProgress):
-        def labeled(self, ok: int, failed: int) -> None:
-            super().labeled(ok, failed)
-            samples.append((time.time(), (samples[-1][1] if samples else 0) + ok + failed, _cpu_s()))
-
-    label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
-
+    samples = record_chunks()
     cfg = LabelConfig(
         source=args.source, dest=args.dest, vocab="cat; dog", model="fcclip-tiny", weights="random",
         batch_size=args.batch_size, short_edge=0, shard_size=args.shard_size, num_cpus=args.num_cpus,
@@ -130,7 +121,7 @@ def child(args) -> int:
     idle = _cpu_s()
     time.sleep(IDLE_S)  # what the driver costs doing nothing (Ray's own threads): it scales with time, not rows
     idle_cpu_per_s = (_cpu_s() - idle) / IDLE_S
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     cpu0 = _cpu_s()
     summary = run_label(cfg, progress=False, make_model_stage=StandInModel)
     cpu1 = _cpu_s()
@@ -145,11 +136,7 @@ def child(args) -> int:
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "startup_s": summary.startup_seconds,
     }
-    window = _window(samples, summary.images, min_steps=4)
-    if window is not None:  # the driver's CPU between the chunks that brought the rows to 10% and to 90%
-        (t0, rows0, cpu0), (t1, rows1, cpu1) = window
-        result["window_cpu_s_per_1000"] = 1000 * (cpu1 - cpu0) / (rows1 - rows0)
-        result["window_rows_per_s"] = (rows1 - rows0) / (t1 - t0)
+    result.update(steady(samples, summary.images, started_wall))
     for key in ("actor_overhead_s_per_image",):
         value = getattr(summary, key, None)
         if value is not None:
@@ -159,6 +146,33 @@ def child(args) -> int:
 
 
 IDLE_S = 10.0
+
+
+def record_chunks() -> list:
+    """(wall-clock seconds, rows labeled so far, the driver's CPU s), appended each time the driver counts a chunk's
+    rows: through the progress hook run_label builds (``fcclip_pipelines.label.JobProgress``), replaced here."""
+    import fcclip_pipelines.label as label
+
+    samples: list = []
+
+    class Recording(label.JobProgress):
+        def labeled(self, ok: int, failed: int) -> None:
+            super().labeled(ok, failed)
+            samples.append((time.time(), (samples[-1][1] if samples else 0) + ok + failed, _cpu_s()))
+
+    label.JobProgress = Recording
+    return samples
+
+
+def steady(samples: list, rows: int, started: float) -> dict:
+    """Rows/s and driver CPU per 1,000 rows between the samples where 10% and 90% of ``rows`` were labeled."""
+    window = _window(samples, rows, min_steps=4)
+    if window is None:  # too few chunks between for a rate
+        return {"steady_rows_per_s": None, "steady_cpu_s_per_1000": None, "window_s": None, "window_rows": 0}
+    first, last = window
+    n = last[1] - first[1]
+    return {"steady_rows_per_s": n / (last[0] - first[0]), "steady_cpu_s_per_1000": 1000 * (last[2] - first[2]) / n,
+            "window_s": [first[0] - started, last[0] - started], "window_rows": n}
 
 
 def _window(series: list, total: float, min_steps: int) -> tuple | None:
@@ -302,9 +316,9 @@ def main(argv=None) -> int:
     print(f"steady state (N -> {args.scale}N): {rows_per_s:.1f} rows/s, "
           f"driver CPU {cpu_per_1000:.3f} s per 1,000 rows; "
           f"an idle driver costs {idle_rate:.4f} CPU s per s, so {net_per_1000:.3f} s per 1,000 rows are the rows' own")
-    window = big.get("window_cpu_s_per_1000")
+    window = big.get("steady_cpu_s_per_1000")
     if window is not None:
-        print(f"{args.scale}N run between 10% and 90% of its rows: {big['window_rows_per_s']:.1f} rows/s, driver CPU "
+        print(f"{args.scale}N run between 10% and 90% of its rows: {big['steady_rows_per_s']:.1f} rows/s, driver CPU "
               f"{window:.3f} s per 1,000 rows")
     if args.json:
         Path(args.json).write_text(json.dumps(

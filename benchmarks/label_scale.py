@@ -46,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from label_driver import _cpu_flags, _window  # noqa: E402
+from label_driver import _cpu_flags, _cpu_s, _window, record_chunks, steady  # noqa: E402
 
 
 def _png() -> bytes:
@@ -93,18 +93,9 @@ def child(args) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    import fcclip_pipelines.label as label
     from fcclip_pipelines.label import LabelConfig, run_label
 
-    samples = []  # (seconds, rows labeled, driver CPU s), each time the driver counts a chunk's rows
-
-    class Recording(label.JobProgress):
-        def labeled(self, ok: int, failed: int) -> None:
-            super().labeled(ok, failed)
-            rows = (samples[-1][1] if samples else 0) + ok + failed
-            samples.append((time.time(), rows, _cpu_s()))
-
-    label.JobProgress = Recording  # the driver's progress hook, which run_label builds (progress lines off)
+    samples = record_chunks()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.head_cpus, "include_dashboard": False})
     for _ in range(max(1, args.actors // 4)):
         cluster.add_node(num_cpus=args.node_cpus, num_gpus=4)
@@ -154,22 +145,6 @@ def model_side(log_dir: str, samples: list, started: float) -> dict:
         end_rate = (samples[-1][1] - before) / (samples[-1][0] - all_busy)
     return {"model_rows_per_s": rate, "model_images": int(total), "all_busy_at_s": all_busy - started,
             "all_busy_rows_per_s": end_rate}
-
-
-def steady(samples: list, rows: int, started: float) -> dict:
-    """Rows/s and driver CPU per 1,000 rows between the samples where 10% and 90% of ``rows`` were labeled."""
-    window = _window(samples, rows, min_steps=4)
-    if window is None:  # too few chunks between for a rate
-        return {"steady_rows_per_s": None, "steady_cpu_s_per_1000": None, "window_s": None, "window_rows": 0}
-    first, last = window
-    n = last[1] - first[1]
-    return {"steady_rows_per_s": n / (last[0] - first[0]), "steady_cpu_s_per_1000": 1000 * (last[2] - first[2]) / n,
-            "window_s": [first[0] - started, last[0] - started], "window_rows": n}
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_once(n: int, tmp: Path, name: str, args) -> dict:

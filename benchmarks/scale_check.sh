@@ -11,7 +11,8 @@
 #                   --target /tmp/site .whl/*.whl
 #   2. carry .lake: xz -dc .lake/lake.tar.xz | tar -x -C /tmp/site && PYTHONPATH=/tmp/site OUT=$OUT PYTHON=python3
 #                   bash benchmarks/scale_check.sh
-# About 4 minutes an engine on 16 cores (most of it the 5 raylets' start and stop). IMAGES (default 12000) is N; each run also labels 3 N. Exit status: 0 when every run
+# About 4 minutes an engine on 16 cores (most of it the 5 raylets' start and stop). IMAGES (default 12000) is N;
+# each run also labels 3 N. Exit status: 0 when every run
 # finished. The checkout is used from where it is (PYTHONPATH, and a link fcclip_pipelines -> pipelines): nothing is
 # installed. ENGINES="main=pipelines other=PATH" runs each configuration with each engine, one after the other (a
 # copy of another branch's pipelines/ folder, e.g. carried in an excluded folder), so that they compare within one run.

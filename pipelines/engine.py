@@ -15,7 +15,9 @@ Resources are asked for, never read off the cluster: every model actor asks for 
 adds the nodes. The model actors are a pool of MIN to MAX (``actors``): MIN start at once; while the chunks waiting
 for them are more than their number, more start, up to MAX (no more starting at once than are up, so the pool at most
 doubles while nodes come up); once no chunk is left to give them, idle actors are ended, so that their nodes go back. Decode tasks run ahead of the model by up to four
-chunks per actor (their images wait in the object store), however many CPUs the cluster has at the moment.
+chunks per actor (their images wait in the object store), however many CPUs the cluster has at the moment, and pause
+while the results of two chunks per actor wait for their write tasks (so that writes get CPUs where decodes would
+take them all, and the results do not pile up in the store).
 
 Faults, all bounded:
 - a decode task whose worker dies (a decoder segfault, an OOM kill) splits its chunk into single images at once:
@@ -247,8 +249,12 @@ class LabelEngine:
         self.writing[ref] = chunk
 
     def _submit_decodes(self) -> None:
-        # decoded chunks wait in the object store for the model: enough to keep every actor busy, no more
-        while self.queue and len(self.decoding) + len(self.decoded) < 4 * max(1, len(self.actors)):
+        # decoded chunks wait in the object store for the model: enough to keep every actor busy, no more. Nor more
+        # while the model's results wait for write tasks: a CPU that keeps getting decodes would never run a write
+        # (Ray hands a freed worker the next task of the same kind), and the results would pile up in the store
+        ahead = 4 * max(1, len(self.actors))
+        while (self.queue and len(self.decoding) + len(self.decoded) < ahead
+               and len(self.writing) < 2 * max(1, len(self.actors))):
             chunk = self.queue.popleft()
             decode = self.decode_fn if len(chunk.uris) == 1 else self.decode_chunk_fn
             count_ref, chunk.meta, chunk.images = decode.remote(self.decoder_ref, chunk.uris)

@@ -2,7 +2,9 @@
 encode-and-write task, and a commit task per completed shard composes the shard's part file. The driver only
 schedules: it submits tasks, passes object references from one stage to the next, and receives per chunk a count
 of decoded images and a small dict of metadata (rows covered, counts, error reasons, a fragment's name); pixels,
-sizes, segment maps and rows never reach it.
+segment maps and rows never reach it. (A chunk's sizes and decode errors, a few KiB, are held by its Ray worker as
+the owner of that small object and passed on to the model call and the write task as bytes; its Python never opens
+them.)
 
     driver:  chunk (shard, rows, URIs) ----------------------------------------------------------------> bookkeeping
     decode task (CPU):     URIs -> images decoded (a count, to the driver) + meta (sizes, errors) + images (store)

@@ -194,8 +194,6 @@ def prediction_regions(segments: list[dict], width: int, height: int, values: li
 def push(picks_path: str, url: str, project: str, *, document_root: str | None = None,
          expiry: int = 7 * 24 * 3600, client: LabelStudio | None = None) -> dict:
     """Create (or extend) the project ``project`` with one task per picked image (module docstring)."""
-    import pyarrow.dataset as ds
-
     from .output import open_output
     from .review import read_picks
 
@@ -218,9 +216,7 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
     output = open_output(picks.dest)
     values = label_values(picks.vocabulary)
     index = {int(c["id"]): i for i, c in enumerate(picks.vocabulary["categories"])}
-    dataset = ds.dataset(output.files, filesystem=output.fs, format="parquet")
-    rows = dataset.to_table(columns=["uri", "image_id", "width", "height", "status", "segments", "model"],
-                            filter=ds.field("image_id").isin(list(wanted)) if wanted else ds.scalar(False)).to_pylist()
+    rows = _picked_rows(output, list(wanted)) if wanted else []
     tasks, folders = [], set()
     for r in sorted(rows, key=lambda r: wanted[r["image_id"]]["rank"]):
         image, folder = _image_url(r["uri"], document_root, expiry)
@@ -239,6 +235,24 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
         ls.request("POST", f"/api/projects/{pid}/import", json=tasks[start:start + 50])
     return {"project_id": pid, "url": f"{ls.url}/projects/{pid}", "added": len(tasks), "already": len(have),
             "missing": sorted(wanted)}
+
+
+def _picked_rows(output, image_ids: list[str]) -> list[dict]:
+    """The rows of ``image_ids`` in the output, read file by file on this thread (not as a pyarrow dataset over the
+    output's fsspec filesystem, which can abort the process as it exits: see LabelingOutput.read)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    columns = ["uri", "image_id", "width", "height", "status", "segments", "model"]
+    wanted = pa.array(image_ids, pa.string())
+    rows: list[dict] = []
+    for path in output.files:
+        with output.fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns, use_threads=False):
+                hit = pc.is_in(batch.column("image_id"), value_set=wanted)
+                if pc.any(hit).as_py():
+                    rows += batch.filter(hit).to_pylist()
+    return rows
 
 
 def _local_storage(ls: LabelStudio, project_id: int, folders: set[str], document_root: str) -> None:

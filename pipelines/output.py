@@ -456,6 +456,28 @@ class LabelingOutput:
     metadata: dict[str, Counter] = field(default_factory=dict)
     version: int | None = None
 
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The rows of these part files (the table's version that was opened) as one Arrow table: ``columns`` (default
+        all), a column an older file lacks read as null. Read file by file, on this thread only, through ``fs``:
+        where Arrow's own threads read through a file or filesystem written in Python (deltalake's
+        ``to_pyarrow_table``, a dataset over s3fs, a threaded read of an fsspec file), they may drop their last
+        reference to it as the interpreter exits, and Python 3.11 then aborts the process ("terminate called
+        without an active exception", exit status 134) after the script's work is done."""
+        tables = []
+        for path in self.files:
+            with self.fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f, pre_buffer=False)
+                names = parquet.schema_arrow.names
+                wanted = None if columns is None else [c for c in columns if c in names]
+                tables.append(parquet.read(columns=wanted, use_threads=False))
+        table = pa.concat_tables(tables, promote_options="default")
+        if columns is None:
+            return table
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise KeyError(f"{self.dest}: no part file has the column {missing[0]!r} (columns: {self.columns})")
+        return table.select(columns)
+
     def categories(self) -> list[dict]:
         """The vocabulary's categories: ``[{"id", "names", "isthing", "color", ...}]``, in class-index order."""
         return list(self.vocabulary.get("categories", []))

@@ -15,7 +15,7 @@ import pytest
 
 from fcclip_pipelines.cli import main
 from fcclip_pipelines.lake import open_table, table_files, table_version
-from fcclip_pipelines.output import Destination
+from fcclip_pipelines.output import Destination, open_output
 
 VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
 OLD_SIZE, NEW_SIZE = (48, 64), (40, 56)  # (height, width): a replaced image's new content has another size
@@ -56,6 +56,15 @@ def _check_versions(dest: str, before: int, names: list[str], added: list[str], 
     old = open_table(Destination(dest), version=before).to_pyarrow_table(columns=["uri", "width", "height"])
     assert sorted(old.column("uri").to_pylist()) == sorted(prefix + n for n in names)
     assert {(r["height"], r["width"]) for r in old.to_pylist()} == {OLD_SIZE}
+    # the README's reader: the same rows as deltalake's, for the current version and an earlier one
+    def rows(table):
+        return sorted(table.to_pylist(), key=lambda r: r["uri"])
+
+    now = open_output(dest).read(columns=["uri", "width", "height", "status"])
+    assert rows(now) == rows(pa.Table.from_pylist(current))
+    assert rows(open_output(dest, version=before).read(columns=["uri", "width", "height"])) == rows(old)
+    with pytest.raises(KeyError, match="widht"):
+        open_output(dest).read(columns=["uri", "widht"])
 
 
 def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path, ray_local, capsys, monkeypatch):
@@ -108,8 +117,9 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
 
     assert pl.scan_delta(dest, version=first).select(pl.len()).collect().item() == 20
     assert pl.scan_delta(dest).select(pl.col("uri").n_unique()).collect().item() == 30
-    dataset = open_table(Destination(dest), version=first).to_pyarrow_dataset()
-    assert duckdb.sql("select count(distinct uri) from dataset").fetchall()[0][0] == 20
+    files = open_table(Destination(dest), version=first).file_uris()
+    assert duckdb.sql(f"select count(distinct uri) from read_parquet({files})").fetchall()[0][0] == 20
+    assert pq.read_table(files, columns=["uri", "status"]).num_rows == 20
     # and the commands: version `first` as it was, the current one by default
     for version, expected in ((first, 20), (None, 30)):
         out = tmp_path / f"export-{version}"

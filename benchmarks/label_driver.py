@@ -319,7 +319,10 @@ def main(argv=None) -> int:
     window = big.get("steady_cpu_s_per_1000")
     if window is not None:
         print(f"{args.scale}N run between 10% and 90% of its rows: {big['steady_rows_per_s']:.1f} rows/s, driver CPU "
-              f"{window:.3f} s per 1,000 rows")
+              f"{window:.3f} s per 1,000 rows (first rows at {big['startup_s']:.1f} s of {big['wall_s']:.1f})")
+        if big["steady_rows_per_s"] > 2 * rows_per_s:
+            print(f"  not a steady state: the window's rows came {big['steady_rows_per_s'] / rows_per_s:.1f}x faster "
+                  "than the run labeled them, in a burst (rows written late, e.g. write tasks waiting for a CPU)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"rows_per_s": rows_per_s, "driver_cpu_s_per_1000_rows": cpu_per_1000,

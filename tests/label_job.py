@@ -11,8 +11,8 @@
 --model-seconds S  ... and takes S seconds for every other batch;
 --slow-model S     the model stage is a stand-in that takes S seconds per image and names in its model id the GPUs
                    Ray assigned to its actor (the rows' ``model`` column shows them);
---log-reads FILE   each read appends the Ray node type it ran on ($RAY_NODE_TYPE_NAME, set on the nodes of a fake
-                   autoscaling cluster) to FILE;
+--log-reads FILE   each read appends a line to FILE: the Ray node type it ran on ($RAY_NODE_TYPE_NAME, set on the
+                   nodes of a fake autoscaling cluster) and the time it read;
 --read-seconds S   each read takes S seconds more (decode tasks that keep asking for CPUs).
 
 Run as a script, so that Ray ships these classes to its workers by value: production code has no switch for them.
@@ -47,7 +47,7 @@ class FaultyReader:
         time.sleep(self.seconds)
         if self.log:
             with open(self.log, "a") as f:
-                f.write(f"{os.environ.get('RAY_NODE_TYPE_NAME', 'head')}\n")
+                f.write(f"{os.environ.get('RAY_NODE_TYPE_NAME', 'head')} {time.time()}\n")
         for kind, needle in self.faults:
             if needle in uri:
                 if kind == "crash":

@@ -71,7 +71,7 @@ def test_label_asks_for_gpus_and_the_pool_scales(cluster, tmp_path):
     models = {r["model"] for r in rows}
     assert models and all(m.startswith("slow-stand-in@gpus=") and not m.endswith("=none") for m in models), models
 
-    kinds = reads.read_text().split()
+    kinds = [line.split()[0] for line in reads.read_text().splitlines()]
     assert len(kinds) >= 24 and "cpu" in kinds, kinds  # decoding moved to the CPU node once it joined
     # GPU nodes were launched for the actors, and go back once idle (the autoscaler's idle timeout: 6 s here)
     deadline = time.monotonic() + 120

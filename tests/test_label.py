@@ -433,45 +433,21 @@ def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):
         pl.scan_parquet(dest).collect()
 
 
-class _TimedReader:
-    """Reads a file after ``seconds``, appending the time it was read to ``log`` (one line per image)."""
-
-    def __init__(self, log: str, seconds: float):
-        self.log, self.seconds = log, seconds
-
-    def __call__(self, uri: str) -> bytes:
-        import time
-
-        from fcclip_pipelines.stages import read_bytes
-
-        time.sleep(self.seconds)
-        with open(self.log, "a") as f:
-            f.write(f"{time.time()}\n")
-        return read_bytes(uri)
-
-
-class _OneSegment:
-    model_id = "one-segment@none"
-
-    def __call__(self, images, sizes):
-        segment = {"id": 1, "label": "thing", "category_id": 1, "is_thing": True, "score": 1.0}
-        return [(np.ones(size, np.uint8), [segment]) for size in sizes]
-
-
 def test_rows_are_written_while_images_are_still_decoded(tmp_path, ray_local, monkeypatch):
     """On a machine with one CPU beside the model actor's, decode and write tasks share it: the first rows are
     written while later images still wait to be decoded, not after the last one (Ray hands a worker that finishes a
     task the owner's next queued task of the same kind, so decodes kept coming ahead of the model would hold the CPU
     to the end, and the model's results would wait in the object store meanwhile)."""
-    import sys
+    import functools
     import time
 
     from ray import cloudpickle
 
     import fcclip_pipelines.label as label
+    import tests.label_job as stand_ins
     from fcclip.datasets.synthetic import write_images
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    cloudpickle.register_pickle_by_value(stand_ins)  # the workers cannot import the tests' modules
     written: list[float] = []
 
     class Recording(label.JobProgress):
@@ -484,10 +460,10 @@ def test_rows_are_written_while_images_are_still_decoded(tmp_path, ray_local, mo
     reads = tmp_path / "reads.log"
     cfg = label.LabelConfig(source=str(tmp_path / "in"), dest=str(tmp_path / "out"), vocab="thing;", model="fcclip-tiny",
                             weights="random", batch_size=4, chunk_size=4, shard_size=64, actors=(1, 1))
-    summary = label.run_label(cfg, progress=False, make_model_stage=_OneSegment,
-                              reader=_TimedReader(str(reads), 0.05))
+    summary = label.run_label(cfg, progress=False, make_model_stage=functools.partial(stand_ins.SlowModel, 0.0),
+                              reader=stand_ins.FaultyReader([], str(reads), 0.05))  # one segment per image
     assert summary.ok == 64 and len(written) == 16
-    read_at = sorted(float(line) for line in reads.read_text().split())
+    read_at = sorted(float(line.split()[1]) for line in reads.read_text().splitlines())
     assert len(read_at) == 64
     after_first_rows = sum(t > written[0] for t in read_at)
     assert after_first_rows >= 16, f"only {after_first_rows} of 64 images were read after the first rows were written"

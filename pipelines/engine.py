@@ -26,6 +26,10 @@ Faults, all bounded:
   a decoder crash is usually one image's doing, and retrying the whole chunk would only crash on it again. Each
   single image's decode, and every write and commit task, is retried by Ray ``RETRIES`` times; a write task that
   still fails is split the same way; an image that fails alone becomes an error row;
+- a write that DEST refuses (disk full, no permission, the bucket gone) is retried by Ray ``RETRIES`` times, then ends
+  the job with that error (``LabelError``): it is no image's fault, and the shards committed so far stay, so running
+  the job again goes on from there. Writing a chunk's error rows is retried the same way, and one that still fails
+  ends the job too: nothing is left that could be written instead;
 - a model actor that dies (killed, its node removed) is replaced; its chunks are run again, at most ``RETRIES``
   times, then image by image as above;
 - a model batch running past ``batch_timeout`` is abandoned: its actor is killed and replaced, the chunk's images
@@ -44,7 +48,7 @@ import pyarrow.compute as pc
 import ray
 
 from . import runtime
-from .output import Destination, commit_shard, write_fragment
+from .output import Destination, DestinationWriteError, commit_shard, write_fragment
 from .stages import ReadDecode, encode_rows, label_images, run_metadata
 
 logger = logging.getLogger("fcclip.label")
@@ -96,6 +100,7 @@ class Chunk:
     rows: list[int]
     uris: list[str]
     isolated: bool = False  # a single image run again after its chunk failed
+    error_rows: bool = False  # its write holds error rows only (no model result)
     attempts: int = 0  # model calls that died with their actor
     meta: object = None  # ObjectRef: sizes and decode errors
     images: object = None  # ObjectRef
@@ -162,7 +167,8 @@ class LabelEngine:
         self.decode_fn = decode.options(num_cpus=1, num_returns=3, max_retries=RETRIES)
         # a chunk's decode is not retried: its worker's death splits the chunk into single images instead
         self.decode_chunk_fn = decode.options(num_cpus=1, num_returns=3, max_retries=0)
-        self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES)
+        self.write_fn = ray.remote(_write).options(num_cpus=1, max_retries=RETRIES,
+                                                   retry_exceptions=[DestinationWriteError])
         self.commit_fn = ray.remote(_commit).options(num_cpus=0.5, max_retries=RETRIES)
 
     # ------------------------------------------------------------------ actors
@@ -248,6 +254,7 @@ class LabelEngine:
         ref = self.write_fn.remote(self.dest.uri, chunk.shard, chunk.rows, chunk.uris, chunk.meta, labeled_ref,
                                    self.constants, errors=errors)
         chunk.images = None
+        chunk.error_rows = labeled_ref is None
         self.writing[ref] = chunk
 
     def _submit_decodes(self) -> None:
@@ -389,6 +396,12 @@ class LabelEngine:
             try:
                 info = ray.get(ref)
             except Exception as e:
+                if _refused_by_dest(e):
+                    raise LabelError(self._stopped(f"{_short(getattr(e, 'cause', None) or e)} "
+                                                   f"({RETRIES + 1} attempts)")) from None
+                if chunk.error_rows and chunk.meta is None and len(chunk.rows) == 1:
+                    raise LabelError(self._stopped(f"the error row of {chunk.uris[0]} could not be written: "
+                                                   f"{_short(e)}")) from None
                 chunk.meta = None  # it may be what could not be read
                 self._fail(chunk, _crashed(e))
                 continue
@@ -412,6 +425,13 @@ class LabelEngine:
                                     self.file_metadata)
         self.committing[ref] = (shard, attempts)
 
+    def _stopped(self, reason: str) -> str:
+        """The message of a job that cannot go on: why, what is committed, and how to go on."""
+        done = len(self.result.committed)
+        total = done + len(self.open_shards) + len(self.shards)
+        return (f"{reason}. {done} of the {total} shards this run had to label are committed (they stay); "
+                "run the same command again, once DEST takes writes, to label the rest")
+
     def _on_committed(self, ready: set) -> None:
         for ref in [r for r in self.committing if r in ready]:
             shard, attempts = self.committing.pop(ref)
@@ -419,7 +439,7 @@ class LabelEngine:
                 ray.get(ref)
             except Exception as e:
                 if attempts >= RETRIES:
-                    raise LabelError(f"shard {shard} could not be committed: {_short(e)}") from None
+                    raise LabelError(self._stopped(f"shard {shard} could not be committed: {_short(e)}")) from None
                 self._commit(shard, attempts + 1)
                 continue
             del self.open_shards[shard]
@@ -428,6 +448,12 @@ class LabelEngine:
             self.result.committed.append(shard)
             if self.progress is not None:
                 self.progress.committed()
+
+
+def _refused_by_dest(e: BaseException) -> bool:
+    """Whether a write task failed because DEST refused the write (Ray raises the task's exception as a RayTaskError
+    that is, where it can be, also an instance of the original class)."""
+    return isinstance(e, DestinationWriteError) or isinstance(getattr(e, "cause", None), DestinationWriteError)
 
 
 def _crashed(e: BaseException) -> str:

@@ -353,15 +353,25 @@ def fragment_dir(shard: int) -> str:
     return f"{FRAGMENTS}/shard-{shard:06d}"
 
 
+class DestinationWriteError(RuntimeError):
+    """DEST did not take a write (disk full, no permission, a bucket gone, a folder where a file should be): a fault
+    of the destination, not of the rows, so it ends the job rather than the rows becoming error rows."""
+
+
 def write_fragment(dest: Destination, shard: int, table: pa.Table) -> str:
     """Write one chunk's rows (the output schema plus ``row``) as an Arrow IPC file under the shard's fragment folder,
-    with a name no other write uses; returns its path relative to DEST. Never ends in ``.parquet``."""
+    with a name no other write uses; returns its path relative to DEST. Never ends in ``.parquet``. A write that DEST
+    refuses raises :class:`DestinationWriteError`."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     first = int(table.column("row")[0].as_py()) if table.num_rows else 0
     name = f"{fragment_dir(shard)}/rows-{first:06d}-{uuid.uuid4().hex[:12]}.arrow"
-    dest.write_bytes(name, sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    try:
+        dest.write_bytes(name, data)
+    except Exception as e:
+        raise DestinationWriteError(f"cannot write {dest.uri}/{name}: {type(e).__name__}: {e}") from e
     return name
 
 

@@ -1,5 +1,6 @@
 """`fcclip label` under real faults: a worker that crashes or hangs on one image, an actor killed and a node removed
-mid-job on a 3-node cluster, the driver killed mid-job and the job run again.
+mid-job on a 3-node cluster, the driver killed mid-job and the job run again, a destination that stops taking
+writes.
 
 Faults are real: stand-in stages handed to the job through its Python API (tests/label_job.py) make a Ray worker
 ``os._exit`` or sleep on one URI, or a model actor never return from a batch; the other faults are SIGKILLs and
@@ -467,6 +468,64 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
     assert all(r["status"] == "ok" for r in rows.values())
     assert len({r["run_id"] for r in rows.values()}) == 1
     assert [f.rsplit("/", 1)[-1] for f in out.leftovers()] == ["run.json"]  # no fragment of either run is left
+
+
+@pytest.mark.slow
+def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_path):
+    """DEST stops taking writes mid-job (here its fragment folder is replaced by a file, so every write under it fails
+    with NotADirectoryError, as a full disk or a revoked permission would fail it): the job does not turn the images
+    into error rows, nor retry for ever; it ends within its bounded retries, exit status 1, with one error line that
+    names the write that failed, says how many shards are committed and how to go on. What was committed is in the
+    table. Once DEST takes writes again, the same command labels the rest, every image exactly once, all ok."""
+    uris = _images(tmp_path / "in", 24, size=(48, 64))
+    dest = _Local(tmp_path / "out")
+    args = _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--chunk-size", "2",
+                       "--batch-size", "2")
+    fragments = tmp_path / "out" / "_fcclip" / "fragments"
+    first = Job(args, stand_ins=["--slow-model", "0.25"])
+    try:
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while not (tmp_path / "out" / "part-000000.parquet").exists() and time.monotonic() < deadline:
+            assert first.proc.poll() is None, f"the job ended before the fault:\n{first.output()[-3000:]}"
+            time.sleep(0.02)
+        blocker = tmp_path / "blocker"
+        blocker.write_text("not a folder")
+        while not fragments.is_file():  # a write may create the folder again between the two renames: once more
+            if fragments.exists():
+                os.rename(fragments, tmp_path / f"moved-{time.monotonic_ns()}")
+            try:
+                os.rename(blocker, fragments)
+            except OSError:
+                pass
+        code = first.wait()
+        output = first.output()
+    finally:
+        survivors = first.close()
+    assert survivors == []
+    assert code == 1, output[-5000:]
+    error = [line for line in output.splitlines() if line.startswith("fcclip label: error:")]
+    assert len(error) == 1, output[-5000:]
+    assert "Not a directory" in error[0] or "No such file" in error[0], error[0]  # a write, or a commit of its shard
+    assert "are committed (they stay); run the same command again" in error[0], error[0]
+    committed = dest.committed()
+    parts = set(dest.parts())
+    assert committed and committed == parts and len(parts) < 6, (sorted(committed), sorted(parts))
+    assert f"{len(parts)} of the 6 shards" in error[0], error[0]
+    assert all(r["status"] == "ok" for r in dest.rows()), "a refused write became error rows"
+
+    fragments.unlink()  # DEST takes writes again
+    second = Job(args, stand_ins=["--slow-model", "0.25"])
+    try:
+        code = second.wait()
+        output = second.output()
+    finally:
+        survivors = second.close()
+    assert survivors == []
+    assert code == 0, output[-5000:]
+    assert f"{len(parts)} shard(s) were already committed" in output, output[-3000:]
+    rows = _assert_exactly_once(dest.rows(), uris)
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert sorted(dest.parts()) == [f"part-{i:06d}.parquet" for i in range(6)]
 
 
 @pytest.mark.slow

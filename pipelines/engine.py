@@ -30,6 +30,8 @@ Faults, all bounded:
   the job with that error (``LabelError``): it is no image's fault, and the shards committed so far stay, so running
   the job again goes on from there. Writing a chunk's error rows is retried the same way, and one that still fails
   ends the job too: nothing is left that could be written instead;
+- a stop asked for (``stop``: Ctrl-C, SIGTERM) ends the loop at its next turn with ``LabelStopped``; what is
+  committed stays;
 - a model actor that dies (killed, its node removed) is replaced; its chunks are run again, at most ``RETRIES``
   times, then image by image as above;
 - a model batch running past ``batch_timeout`` is abandoned: its actor is killed and replaced, the chunk's images
@@ -58,6 +60,14 @@ RETRIES = runtime.RETRIES
 
 class LabelError(RuntimeError):
     """The job cannot go on (the model cannot start, a shard cannot be committed)."""
+
+
+class LabelStopped(LabelError):
+    """The job was asked to stop (a signal); ``signal`` is its number."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal
 
 
 # ---------------------------------------------------------------------------------------------------- Ray stages
@@ -145,7 +155,7 @@ class LabelEngine:
     def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode,
                  make_model_stage, *, actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float,
                  cpus_per_actor: float, batch_timeout: float | None, constants: dict, file_metadata: dict,
-                 progress=None, ask_run_metadata: bool = False, on_committed=None):
+                 progress=None, ask_run_metadata: bool = False, on_committed=None, stop=None):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -161,6 +171,7 @@ class LabelEngine:
         self.file_metadata = file_metadata
         self.progress = progress
         self.on_committed = on_committed  # shard -> None, on the driver once its part file is written (the table's log)
+        self.stop = stop  # runtime.StopSignals: a signal received ends the loop at its next turn
         self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its run metadata, add it to the files'
         self.result = EngineResult()
         decode = ray.remote(_decode)
@@ -212,6 +223,9 @@ class LabelEngine:
         try:
             while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
                    or any(a.calls for a in self.actors)):
+                if self.stop is not None and self.stop.received is not None:
+                    sig = self.stop.received
+                    raise LabelStopped(self._stopped(f"stopped by {sig.name}", " to label the rest"), int(sig))
                 self._refill()
                 self._submit_decodes()
                 self._scale()
@@ -425,12 +439,12 @@ class LabelEngine:
                                     self.file_metadata)
         self.committing[ref] = (shard, attempts)
 
-    def _stopped(self, reason: str) -> str:
+    def _stopped(self, reason: str, then: str = ", once DEST takes writes, to label the rest") -> str:
         """The message of a job that cannot go on: why, what is committed, and how to go on."""
         done = len(self.result.committed)
         total = done + len(self.open_shards) + len(self.shards)
         return (f"{reason}. {done} of the {total} shards this run had to label are committed (they stay); "
-                "run the same command again, once DEST takes writes, to label the rest")
+                f"run the same command again{then}")
 
     def _on_committed(self, ready: set) -> None:
         for ref in [r for r in self.committing if r in ready]:

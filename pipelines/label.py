@@ -46,7 +46,7 @@ from fcclip.images import DEFAULT_MAX_PIXELS
 from fcclip.vocabulary import VocabularyError, load_vocabulary
 
 from . import lake, runtime
-from .engine import LabelEngine, LabelError
+from .engine import LabelEngine, LabelError, LabelStopped
 from .progress import JobProgress
 from .output import PART_RE, Destination, new_run_id
 from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard
@@ -348,18 +348,20 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             cfg.max_size if cfg.max_size is not None else inf.max_size,
             cfg.max_pixels or DEFAULT_MAX_PIXELS, timeout_s=cfg.decode_timeout, reader=reader,
         )
+        stop = runtime.StopSignals("labeling", logger)
         engine = LabelEngine(
             dest, {s: sizes[s] for s in pending}, lambda shard: read_manifest_shard(dest, shard), decoder,
             make_model_stage or FCCLIPSegmenter.builder(spec), actors=cfg.actors, batch_size=cfg.batch_size,
             chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
-            on_committed=committer,
+            on_committed=committer, stop=stop,
         )
         bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
         try:
-            result = engine.run(pending)
-        finally:  # what is complete goes into the table, also when the job fails
+            with stop:  # Ctrl-C, SIGTERM: the loop ends at its next turn, and what is committed goes in the table
+                result = engine.run(pending)
+        finally:  # what is complete goes into the table, also when the job fails or is stopped
             committer.flush()
     finally:
         runtime.shutdown_ray(started_ray)
@@ -465,9 +467,15 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
             NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
+    except LabelStopped as e:
+        print(f"fcclip label: {e}", file=sys.stderr)
+        return 128 + e.signal
     except (LabelError, runtime.ResourcesNotGranted) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before labeling began, or a second Ctrl-C: the shards committed so far stay
+        print("fcclip label: interrupted; run the same command again to go on", file=sys.stderr)
+        return 130
     print_summary(summary)
     if args.summary_json:
         with open(args.summary_json, "w") as f:

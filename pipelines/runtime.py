@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,41 @@ def quiet(verbose: bool) -> None:
         return
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class StopSignals:
+    """Within the block, the first SIGINT (Ctrl-C, sent to the terminal's whole process group) or SIGTERM (``ray job
+    stop``, a pod being stopped) is a request to stop: ``received`` names it, and the job's loop ends at its next turn
+    and records what is done. A second one quits at once (KeyboardInterrupt, or SystemExit with 128 + the signal).
+    Signal handlers can only be set from the main thread: elsewhere the block changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, what: str = "the job", log: logging.Logger = logger):
+        self.what = what
+        self.log = log
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.received is not None:  # the second: at once
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.received = signal.Signals(signum)
+        self.log.warning("%s: stopping %s; what is done is kept (%s again to quit at once)", self.received.name,
+                       self.what, "Ctrl-C" if signum == signal.SIGINT else "the signal")
 
 
 GPU_WAIT_S = 600.0

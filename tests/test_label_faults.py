@@ -1,6 +1,6 @@
 """`fcclip label` under real faults: a worker that crashes or hangs on one image, an actor killed and a node removed
 mid-job on a 3-node cluster, the driver killed mid-job and the job run again, a destination that stops taking
-writes.
+writes, a job stopped by Ctrl-C or SIGTERM.
 
 Faults are real: stand-in stages handed to the job through its Python API (tests/label_job.py) make a Ray worker
 ``os._exit`` or sleep on one URI, or a model actor never return from a batch; the other faults are SIGKILLs and
@@ -526,6 +526,57 @@ def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_
     rows = _assert_exactly_once(dest.rows(), uris)
     assert all(r["status"] == "ok" for r in rows.values())
     assert sorted(dest.parts()) == [f"part-{i:06d}.parquet" for i in range(6)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stopped_job_keeps_what_is_committed_and_a_rerun_goes_on(tmp_path, sig):
+    """Ctrl-C (SIGINT to the terminal's whole process group: the driver and the local Ray it started) or SIGTERM to
+    the driver alone (as `ray job stop` or a stopped pod sends it) once a shard is committed: the job stops at the next
+    turn of its loop, puts what is committed in the table, says so in one line (no traceback) and exits with 128 + the
+    signal. The same command then labels the rest, every image exactly once."""
+    import signal as signals
+
+    uris = _images(tmp_path / "in", 24, size=(48, 64))
+    dest = _Local(tmp_path / "out")
+    args = _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--chunk-size", "2",
+                       "--batch-size", "2")
+    number = getattr(signals, sig)
+    first = Job(args, stand_ins=["--slow-model", "0.25"])
+    try:
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while not (tmp_path / "out" / "part-000000.parquet").exists() and time.monotonic() < deadline:
+            assert first.proc.poll() is None, f"the job ended before the signal:\n{first.output()[-3000:]}"
+            time.sleep(0.02)
+        if sig == "SIGINT":
+            os.killpg(first.proc.pid, number)
+        else:
+            os.kill(first.proc.pid, number)
+        code = first.wait(timeout=60)
+        output = first.output()
+    finally:
+        survivors = first.close()
+    assert survivors == []
+    assert code == 128 + number, output[-5000:]
+    assert "Traceback" not in output, output[-5000:]
+    stopped = [line for line in output.splitlines() if line.startswith("fcclip label:")]
+    assert len(stopped) == 1 and stopped[0].startswith(f"fcclip label: stopped by {sig}. "), output[-3000:]
+    assert "are committed (they stay); run the same command again to label the rest" in stopped[0], stopped[0]
+    committed = dest.committed()
+    assert "part-000000.parquet" in committed and len(committed) < 6, sorted(committed)
+    assert f"{len(committed)} of the 6 shards" in stopped[0], stopped[0]
+
+    second = Job(args, stand_ins=["--slow-model", "0.25"])
+    try:
+        code = second.wait()
+        output = second.output()
+    finally:
+        survivors = second.close()
+    assert survivors == []
+    assert code == 0, output[-5000:]
+    assert f"{len(committed)} shard(s) were already committed" in output, output[-3000:]
+    rows = _assert_exactly_once(dest.rows(), uris)
+    assert all(r["status"] == "ok" for r in rows.values())
 
 
 @pytest.mark.slow

@@ -127,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(load_command(args.command).main_args(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: what a command commits as it goes stays; no traceback unless -v
+        if args.verbose:
+            raise
+        print(f"fcclip {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of stdout went away (`fcclip models | head -2`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 1

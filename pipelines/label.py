@@ -473,9 +473,6 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
     except (LabelError, runtime.ResourcesNotGranted) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before labeling began, or a second Ctrl-C: the shards committed so far stay
-        print("fcclip label: interrupted; run the same command again to go on", file=sys.stderr)
-        return 130
     print_summary(summary)
     if args.summary_json:
         with open(args.summary_json, "w") as f:

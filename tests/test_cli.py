@@ -201,3 +201,40 @@ def test_unreachable_storage_is_one_line_not_a_traceback(argv, monkeypatch, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"fcclip {argv[0]}: error: storage: ") and f"127.0.0.1:{port}" in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(tmp_path):
+    """A command blocked on a read (its input image is a named pipe that never gets data) gets SIGINT, as Ctrl-C
+    sends it: one line, exit status 130, no traceback. (`fcclip label` stopped mid-run: test_label_faults.)"""
+    import errno
+    import os
+    import signal
+    import time
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    argv = ["predict", str(fifo), "--model", "fcclip-tiny", "--weights", "random", "--vocab", "cat; dog", "--out",
+            str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 120
+        while writer is None:  # the write end opens without blocking once the command has the pipe open to read
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # held open: the command's read waits for data
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "fcclip predict: interrupted", err

@@ -139,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not storage_error(e) or args.verbose:
             raise
         # an object store or file system that cannot be reached or refuses us: the user's setup, not a bug
-        print(f"fcclip {args.command}: error: storage: {type(e).__name__}: {_first_line(e)} (-v for the traceback)",
-              file=sys.stderr)
+        cause = getattr(e, "cause", None) or e  # a Ray task's error: what the task raised
+        print(f"fcclip {args.command}: error: storage: {type(cause).__name__}: {_first_line(cause)} "
+              "(-v for the traceback)", file=sys.stderr)
         return 1
 
 

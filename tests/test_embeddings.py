@@ -198,6 +198,23 @@ def test_relabel_is_resumable_and_refuses_other_settings(lake, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_relabel_into_a_destination_that_refuses_a_write_is_one_line(lake, capsys):
+    """A part file of DEST2 cannot be written (a folder stands where it goes): one line naming what the task's write
+    raised and where, exit status 1; once the path is free the same command finishes the rest."""
+    import shutil
+
+    dest, out = lake / "labels", lake / "refused"
+    (out / "part-000001.parquet" / "x").mkdir(parents=True)
+    args = ["relabel", str(dest), "--vocab", NEW, "--out", str(out), "--overwrite"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fcclip relabel: error: storage: IsADirectoryError: "), err[-1]
+    assert "part-000001.parquet" in err[-1] and "ray::" not in err[-1], err[-1]
+    shutil.rmtree(out / "part-000001.parquet")
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-00000{i}.parquet" for i in range(3)]
+
+
 def test_search_ranks_a_segments_own_embedding_first(lake):
     """A query built from a segment's stored CLIP embedding ranks that segment first; segments whose stored vector
     is the very same (the tiny model pools some masks over the same few cells of its coarse CLIP grid) tie with

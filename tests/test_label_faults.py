@@ -163,6 +163,17 @@ class Job:
         return survivors
 
 
+def _finish(job: Job, timeout: float = JOB_LIMIT_S) -> tuple[int, str]:
+    """Wait for ``job``, end whatever it left, and check nothing of its Ray survived: its exit status and output."""
+    try:
+        code = job.wait(timeout)
+        output = job.output()
+    finally:
+        survivors = job.close()
+    assert survivors == [], "processes of the job's Ray still alive after it"
+    return code, output
+
+
 def _label_args(source: Path, dest: Path, *more: str) -> list[str]:
     return [str(source), "--out", str(dest), "--vocab", VOCAB, "--model", "fcclip-tiny", "--weights", "random",
             "--num-cpus", "2", "--no-progress", *more]
@@ -446,13 +457,7 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
         before = {name: kept for name, kept in out.parts().items() if name in out.committed()}
         assert 0 < len(before) < N_IMAGES // 2, sorted(before)
 
-        second = Job(args)
-        try:
-            code = second.wait()
-            output = second.output()
-        finally:
-            survivors = second.close()
-        assert survivors == []
+        code, output = _finish(Job(args))
     finally:
         stop.set()
         watcher.join()
@@ -470,6 +475,38 @@ def test_driver_killed_then_rerun_writes_each_image_once(tmp_path, storage, requ
     assert [f.rsplit("/", 1)[-1] for f in out.leftovers()] == ["run.json"]  # no fragment of either run is left
 
 
+SIX_SHARDS = ("--shard-size", "4", "--chunk-size", "2", "--batch-size", "2")  # 24 images
+SLOW_MODEL = ["--slow-model", "0.25"]  # about 6 s of model time for 24 images: faults come mid-job
+
+
+def _job_with_a_committed_shard(tmp_path: Path) -> tuple[list[str], "_Local", list[str], Job]:
+    """24 images in 6 shards, labeled by a stand-in model of 0.25 s per image: the images' URIs, DEST, the command's
+    arguments and the job, still running, once its first part file is there."""
+    uris = _images(tmp_path / "in", 24, size=(48, 64))
+    args = _label_args(tmp_path / "in", tmp_path / "out", *SIX_SHARDS)
+    job = Job(args, stand_ins=SLOW_MODEL)
+    try:
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while not (tmp_path / "out" / "part-000000.parquet").exists():
+            assert job.proc.poll() is None, f"the job ended before its first shard:\n{job.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no shard committed in {JOB_LIMIT_S} s:\n{job.output()[-3000:]}"
+            time.sleep(0.02)
+    except BaseException:
+        job.close()
+        raise
+    return uris, _Local(tmp_path / "out"), args, job
+
+
+def _rerun_labels_the_rest(args: list[str], dest: "_Local", uris: list[str], committed: int) -> None:
+    """The same command again: the ``committed`` shards are skipped, the rest labeled, each image once, all ok."""
+    code, output = _finish(Job(args, stand_ins=SLOW_MODEL))
+    assert code == 0, output[-5000:]
+    assert f"{committed} shard(s) were already committed" in output, output[-3000:]
+    rows = _assert_exactly_once(dest.rows(), uris)
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert sorted(dest.parts()) == [f"part-{i:06d}.parquet" for i in range(6)]
+
+
 @pytest.mark.slow
 def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_path):
     """DEST stops taking writes mid-job (here its fragment folder is replaced by a file, so every write under it fails
@@ -477,17 +514,9 @@ def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_
     into error rows, nor retry for ever; it ends within its bounded retries, exit status 1, with one error line that
     names the write that failed, says how many shards are committed and how to go on. What was committed is in the
     table. Once DEST takes writes again, the same command labels the rest, every image exactly once, all ok."""
-    uris = _images(tmp_path / "in", 24, size=(48, 64))
-    dest = _Local(tmp_path / "out")
-    args = _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--chunk-size", "2",
-                       "--batch-size", "2")
+    uris, dest, args, first = _job_with_a_committed_shard(tmp_path)
     fragments = tmp_path / "out" / "_fcclip" / "fragments"
-    first = Job(args, stand_ins=["--slow-model", "0.25"])
     try:
-        deadline = time.monotonic() + JOB_LIMIT_S
-        while not (tmp_path / "out" / "part-000000.parquet").exists() and time.monotonic() < deadline:
-            assert first.proc.poll() is None, f"the job ended before the fault:\n{first.output()[-3000:]}"
-            time.sleep(0.02)
         blocker = tmp_path / "blocker"
         blocker.write_text("not a folder")
         while not fragments.is_file():  # a write may create the folder again between the two renames: once more
@@ -514,18 +543,7 @@ def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_
     assert all(r["status"] == "ok" for r in dest.rows()), "a refused write became error rows"
 
     fragments.unlink()  # DEST takes writes again
-    second = Job(args, stand_ins=["--slow-model", "0.25"])
-    try:
-        code = second.wait()
-        output = second.output()
-    finally:
-        survivors = second.close()
-    assert survivors == []
-    assert code == 0, output[-5000:]
-    assert f"{len(parts)} shard(s) were already committed" in output, output[-3000:]
-    rows = _assert_exactly_once(dest.rows(), uris)
-    assert all(r["status"] == "ok" for r in rows.values())
-    assert sorted(dest.parts()) == [f"part-{i:06d}.parquet" for i in range(6)]
+    _rerun_labels_the_rest(args, dest, uris, len(parts))
 
 
 @pytest.mark.slow
@@ -537,17 +555,9 @@ def test_a_stopped_job_keeps_what_is_committed_and_a_rerun_goes_on(tmp_path, sig
     signal. The same command then labels the rest, every image exactly once."""
     import signal as signals
 
-    uris = _images(tmp_path / "in", 24, size=(48, 64))
-    dest = _Local(tmp_path / "out")
-    args = _label_args(tmp_path / "in", tmp_path / "out", "--shard-size", "4", "--chunk-size", "2",
-                       "--batch-size", "2")
     number = getattr(signals, sig)
-    first = Job(args, stand_ins=["--slow-model", "0.25"])
+    uris, dest, args, first = _job_with_a_committed_shard(tmp_path)
     try:
-        deadline = time.monotonic() + JOB_LIMIT_S
-        while not (tmp_path / "out" / "part-000000.parquet").exists() and time.monotonic() < deadline:
-            assert first.proc.poll() is None, f"the job ended before the signal:\n{first.output()[-3000:]}"
-            time.sleep(0.02)
         if sig == "SIGINT":
             os.killpg(first.proc.pid, number)
         else:
@@ -566,17 +576,7 @@ def test_a_stopped_job_keeps_what_is_committed_and_a_rerun_goes_on(tmp_path, sig
     assert "part-000000.parquet" in committed and len(committed) < 6, sorted(committed)
     assert f"{len(committed)} of the 6 shards" in stopped[0], stopped[0]
 
-    second = Job(args, stand_ins=["--slow-model", "0.25"])
-    try:
-        code = second.wait()
-        output = second.output()
-    finally:
-        survivors = second.close()
-    assert survivors == []
-    assert code == 0, output[-5000:]
-    assert f"{len(committed)} shard(s) were already committed" in output, output[-3000:]
-    rows = _assert_exactly_once(dest.rows(), uris)
-    assert all(r["status"] == "ok" for r in rows.values())
+    _rerun_labels_the_rest(args, dest, uris, len(committed))
 
 
 @pytest.mark.slow

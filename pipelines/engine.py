@@ -410,9 +410,9 @@ class LabelEngine:
             try:
                 info = ray.get(ref)
             except Exception as e:
-                if _refused_by_dest(e):
-                    raise LabelError(self._stopped(f"{_short(getattr(e, 'cause', None) or e)} "
-                                                   f"({RETRIES + 1} attempts)")) from None
+                cause = getattr(e, "cause", None) or e  # what the task raised, where Ray wrapped it
+                if isinstance(cause, DestinationWriteError):
+                    raise LabelError(self._stopped(f"{_short(cause)} ({RETRIES + 1} attempts)")) from None
                 if chunk.error_rows and chunk.meta is None and len(chunk.rows) == 1:
                     raise LabelError(self._stopped(f"the error row of {chunk.uris[0]} could not be written: "
                                                    f"{_short(e)}")) from None
@@ -462,12 +462,6 @@ class LabelEngine:
             self.result.committed.append(shard)
             if self.progress is not None:
                 self.progress.committed()
-
-
-def _refused_by_dest(e: BaseException) -> bool:
-    """Whether a write task failed because DEST refused the write (Ray raises the task's exception as a RayTaskError
-    that is, where it can be, also an instance of the original class)."""
-    return isinstance(e, DestinationWriteError) or isinstance(getattr(e, "cause", None), DestinationWriteError)
 
 
 def _crashed(e: BaseException) -> str:

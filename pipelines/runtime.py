@@ -103,7 +103,7 @@ class StopSignals:
             raise SystemExit(128 + signum)
         self.received = signal.Signals(signum)
         self.log.warning("%s: stopping %s; what is done is kept (%s again to quit at once)", self.received.name,
-                       self.what, "Ctrl-C" if signum == signal.SIGINT else "the signal")
+                         self.what, "Ctrl-C" if signum == signal.SIGINT else "the signal")
 
 
 GPU_WAIT_S = 600.0

@@ -29,6 +29,7 @@ At the end the command prints ``final checkpoint: PATH``, the file ``fcclip pred
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,6 +48,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -355,7 +357,7 @@ def _restore(w: _Worker) -> tuple[int, str | None]:
         random.seed(w.cfg.seed + w.rank)
         return 0, None
     tensorboard_dir = None
-    with checkpoint.as_directory() as d:
+    with checkpoint_files(checkpoint) as d:
         load_weights(w.model, os.path.join(d, "model.pth"))
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         if w.rank == 0 and os.path.isdir(os.path.join(d, "tensorboard")):  # keep the run's history
@@ -364,6 +366,25 @@ def _restore(w: _Worker) -> tuple[int, str | None]:
     start = restore_state(w, state)
     logger.info("rank %d resumes at iteration %d", w.rank, start)
     return start, tensorboard_dir
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint: ray.train.Checkpoint):
+    """A local folder holding `checkpoint`'s files, for this process alone while the context lasts.
+
+    Not ``Checkpoint.as_directory()``: for a checkpoint on S3 or GCS it gives every process of a node one shared
+    folder, and a process that finds no download in progress downloads again into it. Two ranks on one node that
+    resume together then race: the second rewrites ``model.pth`` while the first reads it, and the first fails with
+    "...not saved properly...". Here each process downloads into a folder of its own, removed afterwards; a checkpoint
+    on a local or shared file system is read where it is."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    folder = tempfile.mkdtemp(prefix="fcclip-checkpoint-")
+    try:
+        yield checkpoint.to_directory(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def training_state(w: _Worker, iteration: int, rng_states: list[dict], train_config: dict) -> dict:

@@ -488,3 +488,41 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, s3_bucket, 
     pred = fcclip.Predictor(model, union, short_edge=None)(record["image_uri"]).panoptic
     assert pred.segment_map.shape == (128, 160)
     assert {s["category_id"] for s in pred.segments} <= {c.id for c in union.categories}
+
+
+def test_ranks_on_one_node_read_an_s3_checkpoint_each_from_their_own_folder(s3_bucket, tmp_path):
+    """Two ranks of one node resume from one checkpoint on S3 at the same time. With Ray's
+    ``Checkpoint.as_directory`` they share one download folder and the second downloads again into it, over the files
+    the first is reading (the killed-worker test above failed so: "...not saved properly..."). `checkpoint_files`
+    gives each reader a folder of its own: the first's files stay as they were while the second reads, and are
+    removed when the first is done; a checkpoint on a local file system is read in place."""
+    import fsspec
+    import ray.train
+
+    from fcclip_pipelines.train import checkpoint_files
+
+    local = tmp_path / "checkpoint"
+    local.mkdir()
+    torch.save({"model": {"w": torch.arange(100_000, dtype=torch.float32)}}, local / "model.pth")
+    uri = f"s3://{s3_bucket}/runs/checkpoint_0"
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.put(str(local) + "/", path, recursive=True)
+    checkpoint = ray.train.Checkpoint(uri)
+
+    with checkpoint_files(checkpoint) as first:
+        model = os.path.join(first, "model.pth")
+        before = os.stat(model)
+        with open(model, "rb") as reading:  # the first rank has its file open when the second one starts
+            with checkpoint_files(checkpoint) as second:
+                after = os.stat(model)
+                assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns,
+                                                                           before.st_size)
+                assert torch.load(os.path.join(second, "model.pth"), weights_only=True)["model"]["w"][-1] == 99_999
+            assert second != first and os.path.exists(model)
+            assert torch.equal(torch.load(reading, weights_only=True)["model"]["w"], torch.arange(100_000.0))
+        assert not os.path.exists(second)
+    assert not os.path.exists(first)
+
+    with checkpoint_files(ray.train.Checkpoint(str(local))) as here:
+        assert here == str(local)
+    assert (local / "model.pth").exists()

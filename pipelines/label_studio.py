@@ -22,7 +22,8 @@ regions decoded, painted in the order of the annotation's regions (a later regio
 an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip label`` writes them,
 score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and ``reviewed_at`` (when the
 annotation was last updated, UTC). Tasks without a submitted annotation are pending: listed (uri, image id, task)
-and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows.
+and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output is:
+its one part file is version 0.
 """
 from __future__ import annotations
 
@@ -326,7 +327,8 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     and the pending tasks."""
     from fcclip.vocabulary import Vocabulary
 
-    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, write_part
+    from . import lake
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, write_part
 
     ls = client or LabelStudio(url)
     info = ls.project(project)
@@ -377,8 +379,11 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         r["run_id"] = run_id
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
     table = pa.Table.from_pylist(rows, schema=schema)
-    write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id,
-                                "review": {"label_studio": ls.url, "project": project, "project_id": info["id"]}})
+    review = {"label_studio": ls.url, "project": project, "project_id": info["id"]}
+    with lake.WriterLock(dest):  # a Delta table like any labeling output: its one part file is version 0
+        write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id, "review": review})
+        lake.commit_version(dest, [part_name(0)], info={"run_id": run_id, "operation": "review pull",
+                                                         "review": review})
     summary = {"reviewed": len(rows), "pending": pending, "unknown_labels": sorted(set(map(str, unknown))),
                "run_id": run_id}
     dest.write_bytes("_fcclip/pull.json", json.dumps(summary, indent=1).encode())

@@ -176,8 +176,10 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     and order, except that a row whose ``image_id`` has a reviewed row is that reviewed row (its ``source`` says
     ``human-reviewed``; the other rows' says ``model``). DEST's embedding columns are not carried (reviewed rows have
     none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
-    work: thousands, not millions) are held in memory. Returns the counts."""
-    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, open_output, write_part
+    work: thousands, not millions) are held in memory. MERGED is a Delta table as DEST is: its part files are
+    committed as version 0 once all are written. Returns the counts."""
+    from . import lake
+    from .output import Destination, open_output
 
     base, done = open_output(dest), open_output(reviewed)
     if base.vocabulary != done.vocabulary:
@@ -185,6 +187,14 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     target = Destination(out)
     if target.fs.exists(target.root) and target.fs.glob(target.path("*.parquet")):
         raise ReviewError(f"{out} already holds part files; give an empty or new folder")
+    with lake.WriterLock(target):  # one writer at a time, as for any labeling output
+        return _write_merged(base, done, target, dest, reviewed)
+
+
+def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
+    from . import lake
+    from .output import REVIEW_FIELDS, SCHEMA, new_run_id, part_name, write_part
+
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
     rows: dict[str, dict] = {}
     for path in done.files:
@@ -213,6 +223,10 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})
         write_part(target, shard, table, meta)
+    if base.files:
+        lake.commit_version(target, [part_name(shard) for shard in range(len(base.files))], info={
+            "run_id": run_id, "operation": "review merge", "merged_from": {"labels": dest, "reviewed": reviewed},
+            "rows_replaced": counts["replaced"]})
     return counts
 
 

@@ -301,6 +301,20 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     assert len(m) == 6 and sum(r["source"] == "human-reviewed" for r in m.values()) == 3
     assert masks(m[e["image_id"]]) == masks(e) and masks(m[rows[2]["image_id"]]) == masks(rows[2])
 
+    # both are Delta tables, as a labeling output is: version 0 holds their part files; polars reads them as tables
+    import polars as pl
+    from deltalake import DeltaTable
+
+    for folder, operation, count in ((reviewed, "review pull", 3), (merged, "review merge", 6)):
+        table = DeltaTable(str(folder))
+        assert table.version() == 0
+        assert sorted(Path(u).name for u in table.file_uris()) == sorted(p.name for p in folder.glob("part-*.parquet"))
+        assert table.history()[0]["fcclip.operation"] == operation
+        frame = pl.scan_delta(str(folder)).select("image_id", "source").collect()
+        assert frame.height == count and set(frame["image_id"]) == (set(got) if count == 3 else set(m))
+        assert not (folder / "_fcclip" / "lock.json").exists()  # the writer's lock is released
+    assert pl.scan_delta(str(merged)).filter(pl.col("source") == "human-reviewed").collect().height == 3
+
 
 def test_codec_matches_label_studios_own(label_studio, tmp_path):
     """Label Studio's own converter decodes our RLE to the same pixels, and we decode its encoding."""

@@ -375,7 +375,7 @@ def checkpoint_files(checkpoint: ray.train.Checkpoint):
     Not ``Checkpoint.as_directory()``: for a checkpoint on S3 or GCS it gives every process of a node one shared
     folder, and a process that finds no download in progress downloads again into it. Two ranks on one node that
     resume together then race: the second rewrites ``model.pth`` while the first reads it, and the first fails with
-    "...not saved properly...". Here each process downloads into a folder of its own, removed afterwards; a checkpoint
+    "...not saved properly..." (ray-project/ray#48726, open). Here each process downloads into a folder of its own, removed afterwards; a checkpoint
     on a local or shared file system is read where it is."""
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         yield checkpoint.path

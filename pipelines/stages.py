@@ -143,6 +143,28 @@ def read_bytes(uri: str) -> bytes:
     return data
 
 
+def _import_before_time_limit(uris: list[str]) -> None:
+    """Import, before any time limit starts, what reading and decoding ``uris`` imports on first use: PIL's image
+    plugins, and the fsspec file system of each protocol (``s3fs`` and its aiobotocore, aiohttp; the instance is
+    cached, so the reads reuse it). The time limit's alarm can land anywhere in the main thread; landing in an import
+    it leaves that package half-imported for the rest of the worker's life, and every later read or write of the
+    worker then fails ("AttributeError: module aiohttp has no attribute http_exceptions", seen with a
+    --decode-timeout of 0.1-0.2 s on a worker's first S3 read)."""
+    import fsspec
+    from PIL import Image
+
+    Image.init()
+    seen = set()
+    for uri in uris:
+        protocol = fsspec.utils.get_protocol(uri)
+        if protocol not in seen:
+            seen.add(protocol)
+            try:
+                fsspec.core.url_to_fs(uri)
+            except Exception:  # noqa: BLE001 - an unknown protocol, a missing package: the image's read says so
+                pass
+
+
 class ReadDecode:
     """Read each URI's bytes (``reader``), decode to RGB as the predictor does, resize for the model. Errors become
     the image's ``error``; nothing raises.
@@ -162,6 +184,7 @@ class ReadDecode:
     def __call__(self, uris: list[str]) -> tuple[dict, list]:
         from fcclip.images import decode_image_bytes, resize_image  # PIL and numpy only: no torch in decode tasks
 
+        _import_before_time_limit(uris)
         meta = {"height": [], "width": [], "error": []}
         images = []
         for uri in uris:

@@ -396,6 +396,46 @@ def test_time_limit_watchdog_ends_a_stuck_process_only():
     assert proc.stdout.split() == ["alarm"] and "stuck far past the 0.5 s time limit" in proc.stderr
 
 
+_FIRST_READ = """
+import json
+import sys
+import fsspec
+from fcclip_pipelines.stages import ReadDecode
+
+uri, limit = sys.argv[1], float(sys.argv[2])
+first, _ = ReadDecode(None, 1333, None, timeout_s=limit)([uri])  # this process's first read, under the limit
+then, images = ReadDecode(None, 1333, None, timeout_s=60)([uri])
+try:
+    with fsspec.open(uri + ".copy", "wb") as f:
+        f.write(b"x")
+    wrote = "ok"
+except Exception as e:
+    wrote = f"{type(e).__name__}: {e}"
+print(json.dumps([first["error"][0], then["error"][0], images[0] is not None, wrote]))
+"""
+
+
+def test_a_time_limit_on_a_workers_first_read_leaves_it_working(s3_server, s3_bucket):
+    """A worker's first S3 read imports s3fs (aiobotocore, aiohttp: tenths of a second). A --decode-timeout whose
+    alarm fired inside those imports left aiohttp half-imported, and every later read and write of that worker failed
+    ("AttributeError: module aiohttp has no attribute http_exceptions"; `fcclip label s3://... --decode-timeout 0.2`
+    ended with its writes refused). Limits from 0.02 s to 0.4 s, each in a fresh process: the first read is in time
+    or timed out, and the next read and a write of that process work."""
+    import subprocess
+    import sys
+
+    data = next(iter(good_images(1).values()))
+    _upload(s3_bucket, {"first.jpg": data})
+    uri = f"s3://{s3_bucket}/in/first.jpg"
+    for limit in (0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4):
+        proc = subprocess.run([sys.executable, "-c", _FIRST_READ, uri, str(limit)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        first, then, decoded, wrote = json.loads(proc.stdout.strip().rsplit("\n", 1)[-1])
+        assert first in ("", f"timed out after {limit} s while reading or decoding"), (limit, proc.stdout)
+        assert (then, decoded, wrote) == ("", True, "ok"), (limit, proc.stdout)
+
+
 def test_read_patterns_of_each_engine(tmp_path, ray_local, capsys):
     """The README's read patterns, on a local DEST with its _fcclip/ folder: the ones that work return every row
     once, the ones it warns about fail on _fcclip/run.json."""

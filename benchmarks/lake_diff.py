@@ -1,12 +1,14 @@
 """The incremental diff at scale: a listing of N URIs against a DEST of N labeled rows (pipelines/lake.py).
 
-    python benchmarks/lake_diff.py --sizes 1000000 3000000 10000000 [--memory-limit 1GB] [--work DIR] [--json PATH]
+    python benchmarks/lake_diff.py --sizes 1000000 3000000 10000000 [--memory-limit 1GB] [--retry-errors]
+                                   [--work DIR] [--json PATH]
 
 For each N, in a fresh process (so that its peak memory is its own): DuckDB writes a DEST of N rows as part files
-of 100,000 rows (``uri``, ``source_etag``, ``source_size``, ``source_mtime``: the columns the diff reads; a real part
-file's other columns are never read, Parquet being columnar) and a listing of N URIs as the job writes it: 1% of
-DEST's URIs gone, 1% new, 0.1% changed (another ETag). Then ``diff_listing`` and ``write_shards`` run as a rerun
-runs them, and the child reports their time and its peak RSS (``ru_maxrss``: the whole process, Python and DuckDB).
+of 100,000 rows (``uri``, ``source_etag``, ``source_size``, ``source_mtime``, ``status``: the columns the diff reads,
+0.5% of the rows error rows; a real part file's other columns are never read, Parquet being columnar) and a listing
+of N URIs as the job writes it: 1% of DEST's URIs gone, 1% new, 0.1% changed (another ETag). Then ``diff_listing``
+and ``write_shards`` run as a rerun runs them (with ``--retry-errors``, as ``fcclip label --retry-errors`` does),
+and the child reports their time and its peak RSS (``ru_maxrss``: the whole process, Python and DuckDB).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def make_data(work: Path, n: int, file_rows: int = 100_000) -> list[str]:
         path = f"{work}/dest/part-{k:06d}.parquet"
         con.execute(f"""COPY (SELECT 's3://lake/photos/' || lpad(i::VARCHAR, 10, '0') || '.jpg' AS uri,
                 md5(i::VARCHAR) AS source_etag, 100000 + i % 5000 AS source_size,
-                TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i % 86400) AS source_mtime
+                TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i % 86400) AS source_mtime,
+                CASE WHEN i % 200 = 3 THEN 'error' ELSE 'ok' END AS status
             FROM range({start}, {min(n, start + file_rows)}) t(i)) TO '{path}' (FORMAT parquet)""")
         files.append(path)
     gone, changed = n // 100, n // 1000
@@ -51,7 +54,7 @@ def make_data(work: Path, n: int, file_rows: int = 100_000) -> list[str]:
     return files
 
 
-def child(work: Path, n: int, memory_limit: str | None) -> dict:
+def child(work: Path, n: int, memory_limit: str | None, retry_errors: bool = False) -> dict:
     from fcclip_pipelines.lake import diff_listing, write_shards
     from fcclip_pipelines.output import Destination
 
@@ -61,7 +64,7 @@ def child(work: Path, n: int, memory_limit: str | None) -> dict:
     dest = Destination(str(work / "dest"))
     t = time.time()
     counts = diff_listing(dest, f"{work}/listing", f"{work}/diff.parquet", memory_limit=memory_limit,
-                          temp_dir=f"{work}/spill", labeled_files=files)
+                          temp_dir=f"{work}/spill", labeled_files=files, retry_errors=retry_errors)
     diffed = time.time() - t
     t = time.time()
     sizes = write_shards(dest, f"{work}/diff.parquet", first=len(files), shard_size=1000)
@@ -69,35 +72,40 @@ def child(work: Path, n: int, memory_limit: str | None) -> dict:
     return {"n": n, "data_s": round(made, 1), "diff_s": round(diffed, 1), "shards_s": round(sharded, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "new": counts["new"], "changed": counts["changed"], "distinct": counts["distinct"],
-            "shards": len(sizes), "memory_limit": memory_limit}
+            "error_rows": counts["error_rows"], "retried": counts["retried"], "shards": len(sizes),
+            "memory_limit": memory_limit}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
     p.add_argument("--memory-limit", default=None, help="DuckDB's memory_limit (default: DuckDB's, 80%% of RAM)")
+    p.add_argument("--retry-errors", action="store_true", help="also list the unchanged URIs' error rows again")
     p.add_argument("--work", default="/tmp/fcclip-lake-diff")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     work = Path(args.work)
     if args.child is not None:
-        print(json.dumps(child(work, args.child, args.memory_limit)))
+        print(json.dumps(child(work, args.child, args.memory_limit, args.retry_errors)))
         return 0
     results = []
-    print(f"| N | DuckDB memory_limit | diff (s) | manifest shards (s) | peak RSS (MB) | new | changed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | DuckDB memory_limit | diff (s) | manifest shards (s) | peak RSS (MB) | new | changed | error rows "
+          "| retried |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         command = [sys.executable, __file__, "--child", str(n), "--work", str(work)]
         if args.memory_limit:
             command += ["--memory-limit", args.memory_limit]
+        if args.retry_errors:
+            command.append("--retry-errors")
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
         r = json.loads(out.strip().splitlines()[-1])
         results.append(r)
         print(f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['shards_s']} | {r['peak_rss_mb']:,} "
-              f"| {r['new']:,} | {r['changed']:,} |", flush=True)
+              f"| {r['new']:,} | {r['changed']:,} | {r['error_rows']:,} | {r['retried']:,} |", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -82,6 +82,7 @@ class LabelConfig:
     num_cpus: int | None = None  # for a local Ray started by the job
     embeddings: bool = False  # store each segment's query embeddings (fcclip relabel, fcclip search)
     refresh: bool = True  # a rerun labels changed objects again (their old rows replaced); False: new URIs only
+    retry_errors: bool = False  # a rerun also labels again the error rows of unchanged objects (replacing them)
 
 
 @dataclass
@@ -105,6 +106,8 @@ class LabelSummary:
     changed: int | None = None  # URIs whose object changed since labeled (labeled again unless --no-refresh)
     unchanged: int | None = None
     not_refreshed: int = 0  # changed, kept as labeled (--no-refresh)
+    retried: int = 0  # unchanged objects whose error rows were labeled again (--retry-errors)
+    error_rows: int | None = None  # error rows in the table when SOURCE was listed again (None: the first listing)
     version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
 
     @property
@@ -242,13 +245,15 @@ def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
     written, so a listing cut short is listed again by the next run."""
     t = time.time()
     increment = lake.plan_increment(cfg.source, dest, run, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS,
-                                    refresh=cfg.refresh, on_listed=on_listed)
+                                    refresh=cfg.refresh, on_listed=on_listed, retry_errors=cfg.retry_errors)
     sizes = increment.pop("shard_sizes")
     logger.info(
-        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged; %d shard(s) to label",
+        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged%s; %d shard(s) to label",
         cfg.source, time.time() - t, increment["new"], increment["changed"],
         f" ({increment['not_refreshed']} more kept as labeled: --no-refresh)" if increment["not_refreshed"] else "",
-        increment["unchanged"], len(sizes),
+        increment["unchanged"],
+        f" ({increment['retried']} of them error rows, labeled again: --retry-errors)" if increment["retried"] else "",
+        len(sizes),
     )
     run = dict(run)
     increments = list(run.get("increments") or [{"first_shard": 0, "new": run["num_images"]}])
@@ -305,6 +310,8 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     if len(run.get("increments") or ()) > 1:
         summary.new, summary.changed, summary.unchanged = increment["new"], increment["changed"], increment["unchanged"]
         summary.not_refreshed = increment.get("not_refreshed", 0)
+        summary.retried = increment.get("retried", 0)
+        summary.error_rows = increment.get("error_rows")
     if not pending:
         summary.version = lake.table_version(dest)
         logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
@@ -443,6 +450,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", default=None, help="also write the run's summary (counts, timings) as JSON")
     p.add_argument("--no-refresh", action="store_true",
                    help="on a rerun, label only URIs DEST lacks: objects changed since labeled keep their old rows")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="on a rerun, also label again the images whose rows are error rows (a read that failed, a "
+                   "time-out); without it they keep their error rows until their object changes")
     p.add_argument("--embeddings", action="store_true",
                    help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
@@ -456,7 +466,7 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
         batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size, embeddings=args.embeddings,
-        refresh=not args.no_refresh,
+        refresh=not args.no_refresh, retry_errors=args.retry_errors,
     )
     try:
         summary = run_label(
@@ -499,6 +509,11 @@ def print_summary(s: LabelSummary) -> None:
     if s.new is not None:
         kept = f" ({s.not_refreshed} changed kept as labeled, --no-refresh)" if s.not_refreshed else ""
         print(f"listed again: {s.new} new, {s.changed} changed, {s.unchanged} unchanged{kept}")
+        if s.retried:
+            print(f"{s.retried} error row(s) of unchanged images labeled again (--retry-errors)")
+        elif s.error_rows:
+            print(f"the table holds {s.error_rows} error row(s), kept as they are until their image changes; "
+                  "--retry-errors labels them again (after a failed read or a time-out, say)")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:

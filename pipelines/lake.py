@@ -449,10 +449,12 @@ class WriterLock:
 
 # ---------------------------------------------------------------------------------------------------- increments
 def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, extensions, refresh: bool = True,
-                   on_listed=None, memory_limit: str | None = None) -> dict:
+                   on_listed=None, memory_limit: str | None = None, retry_errors: bool = False) -> dict:
     """List SOURCE again and write what the current version lacks as the run's next manifest shards (new URIs, then
-    changed ones with ``replaces``; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the
-    increment: ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates"}``."""
+    changed ones with ``replaces``, then, with ``retry_errors``, unchanged ones whose row is an error row, with
+    ``replaces`` too; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the increment:
+    ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates", "retried",
+    "error_rows"}`` (``error_rows``: the error rows of the current version, retried or not)."""
     from .sources import list_to_parquet
 
     work = tempfile.mkdtemp(prefix="fcclip-diff-")
@@ -460,14 +462,14 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
         listed = list_to_parquet(source, work, extensions, on_listed=on_listed)
         first = len(run["shard_sizes"])
         counts = diff_listing(dest, f"{work}/listing", f"{work}/diff.parquet", refresh=refresh,
-                              memory_limit=memory_limit, temp_dir=f"{work}/spill")
+                              memory_limit=memory_limit, temp_dir=f"{work}/spill", retry_errors=retry_errors)
         sizes = write_shards(dest, f"{work}/diff.parquet", first, shard_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"],
             "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
             "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
-            "not_refreshed": counts["not_refreshed"]}
+            "not_refreshed": counts["not_refreshed"], "retried": counts["retried"], "error_rows": counts["error_rows"]}
 
 
 _CHANGED = """(o.uri IS NOT NULL AND (
@@ -478,11 +480,13 @@ _CHANGED = """(o.uri IS NOT NULL AND (
 
 def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bool = True,
                  memory_limit: str | None = None, temp_dir: str | None = None, labeled_files: list[str] | None = None,
-                 ) -> dict:
+                 retry_errors: bool = False) -> dict:
     """Compare a listing (Parquet files ``uri, etag, size, mtime, ord`` under ``listing_dir``) with the current
-    version's rows and write, ordered (new first, then changed; each in listing order), the URIs to label to
-    ``out_path`` (``uri, etag, size, mtime, replaces``). Returns ``{"distinct", "new", "changed",
-    "not_refreshed"}``. ``labeled_files`` overrides the current version's files (a benchmark's)."""
+    version's rows and write, ordered (new first, then changed, then unchanged error rows with ``retry_errors``; each
+    in listing order), the URIs to label to ``out_path`` (``uri, etag, size, mtime, replaces``). Returns
+    ``{"distinct", "new", "changed", "not_refreshed", "retried", "error_rows"}`` (``retried``: unchanged URIs whose
+    error row is labeled again; ``error_rows``: the current version's error rows). ``labeled_files`` overrides the
+    current version's files (a benchmark's)."""
     import duckdb
 
     con = duckdb.connect()
@@ -503,31 +507,35 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
               f"min(ord) AS ord FROM read_parquet('{listing_dir}/*.parquet') GROUP BY uri")
     if files:
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-        old = (f"SELECT uri, source_etag, source_size, source_mtime, "
+        old = (f"SELECT uri, source_etag, source_size, source_mtime, status, "
                f"CAST(regexp_extract(filename, 'part-(\\d+)', 1) AS INTEGER) AS shard "
                f"FROM read_parquet({file_list}, filename = true, union_by_name = true)")
     else:
         old = ("SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS source_etag, NULL::BIGINT AS source_size, "
-               "NULL::TIMESTAMPTZ AS source_mtime, NULL::INTEGER AS shard WHERE false")
+               "NULL::TIMESTAMPTZ AS source_mtime, NULL::VARCHAR AS status, NULL::INTEGER AS shard WHERE false")
     con.execute(f"CREATE TEMP VIEW listed AS {listed}")
     con.execute(f"CREATE TEMP VIEW old AS {old}")
     # one join: what is new or changed (a few rows of the listing, as a rule) goes to a local table, then sorted
+    retry = "OR o.status = 'error'" if retry_errors else ""
     con.execute(f"""
         CREATE TEMP TABLE todo AS
-            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces
+            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces,
+                   coalesce(NOT ({_CHANGED}) AND o.status = 'error', false) AS retried
             FROM listed l LEFT JOIN old o ON l.uri = o.uri
-            WHERE o.uri IS NULL OR {_CHANGED}""")
-    keep = "" if refresh else "WHERE replaces IS NULL"
+            WHERE o.uri IS NULL OR {_CHANGED} {retry}""")
+    keep = "" if refresh else "WHERE replaces IS NULL OR retried"
     con.execute(f"""COPY (SELECT uri, etag, size, mtime, replaces FROM todo {keep}
-                          ORDER BY (replaces IS NOT NULL), ord) TO '{out_path}' (FORMAT parquet, COMPRESSION zstd)""")
-    new, all_changed = (int(v) for v in con.execute(
-        "SELECT count(*) FILTER (WHERE replaces IS NULL), count(*) FILTER (WHERE replaces IS NOT NULL) FROM todo"
-    ).fetchall()[0])
+                          ORDER BY (replaces IS NOT NULL), retried, ord)
+                    TO '{out_path}' (FORMAT parquet, COMPRESSION zstd)""")
+    new, all_changed, retried = (int(v) for v in con.execute(
+        "SELECT count(*) FILTER (WHERE replaces IS NULL), count(*) FILTER (WHERE replaces IS NOT NULL AND NOT retried), "
+        "count(*) FILTER (WHERE retried) FROM todo").fetchall()[0])
     distinct = int(con.execute(
         f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
+    error_rows = int(con.execute("SELECT count(*) FROM old WHERE status = 'error'").fetchall()[0][0])
     con.close()
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
-            "not_refreshed": 0 if refresh else all_changed}
+            "not_refreshed": 0 if refresh else all_changed, "retried": retried, "error_rows": error_rows}
 
 
 def write_shards(dest: Destination, diff_path: str, first: int, shard_size: int) -> list[int]:

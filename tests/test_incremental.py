@@ -300,3 +300,59 @@ def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):
     with WriterLock(dest) as lock:  # ... and taken over, its owner being gone
         assert json_.loads(dest.read_bytes(LOCK))["token"] == lock.token
     assert not dest.exists(LOCK)
+
+
+def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_path, ray_local, capsys):
+    """A read that failed once (the object store reset the connection) leaves an error row, and the object has not
+    changed since: a plain rerun keeps the row and says how to label it again; `--retry-errors` does, replacing the
+    error row in the table's next version; then there is nothing more to retry."""
+    import argparse
+
+    from fcclip.datasets.synthetic import write_images
+    from fcclip_pipelines.label import add_arguments, main_args
+    from fcclip_pipelines.stages import read_bytes
+
+    folder, dest = tmp_path / "in", str(tmp_path / "out")
+    write_images(folder, count=8, size=OLD_SIZE)
+    flaky = str(folder / "synth_00005.jpg")
+
+    def store_that_resets_one_read(uri: str) -> bytes:  # the first run's reader: one read fails as a network would
+        if uri == flaky:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return read_bytes(uri)
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    command = _args(str(folder), dest)[1:]
+    assert main_args(parser.parse_args(command), reader=store_that_resets_one_read) == 0
+    out = capsys.readouterr().out
+    assert "7 ok, 1 failed" in out and "ConnectionResetError" in out, out
+    status = {r["uri"]: r["status"] for r in open_output(dest).read(columns=["uri", "status"]).to_pylist()}
+    assert status[flaky] == "error" and list(status.values()).count("ok") == 7
+
+    version = table_version(Destination(dest))
+    assert main(_args(str(folder), dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 0 new, 0 changed, 8 unchanged" in out and "labeled 0 image(s)" in out, out
+    assert "the table holds 1 error row(s)" in out and "--retry-errors" in out, out
+    assert table_version(Destination(dest)) == version
+
+    assert main(_args(str(folder), dest, "--retry-errors")) == 0
+    out = capsys.readouterr().out
+    assert "labeled 1 image(s)" in out and "1 ok, 0 failed" in out, out
+    assert "1 error row(s) of unchanged images labeled again (--retry-errors)" in out, out
+    rows = open_output(dest).read(columns=["uri", "status", "width", "height"]).to_pylist()
+    assert len(rows) == 8 and len({r["uri"] for r in rows}) == 8  # the error row replaced, not added to
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert next((r["height"], r["width"]) for r in rows if r["uri"] == flaky) == OLD_SIZE
+    history = open_table(Destination(dest)).history()
+    assert int(history[0]["fcclip.rows_replaced"]) == 1 and table_version(Destination(dest)) > version
+    # the version before still holds the error row
+    before = {r["uri"]: r["status"] for r in open_output(dest, version=version).read(columns=["uri", "status"]).to_pylist()}
+    assert before[flaky] == "error"
+
+    version = table_version(Destination(dest))
+    assert main(_args(str(folder), dest, "--retry-errors")) == 0
+    out = capsys.readouterr().out
+    assert "labeled 0 image(s)" in out and "error row" not in out, out
+    assert table_version(Destination(dest)) == version

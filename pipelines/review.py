@@ -253,7 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from . import label_studio
+    from . import label_studio, lake
     from .output import OutputError
 
     try:
@@ -271,6 +271,6 @@ def main_args(args: argparse.Namespace) -> int:
             print(f"{counts['rows']} rows, {counts['replaced']} replaced by reviewed rows; written to {args.out}")
             return 0
         return label_studio.main_args(args)
-    except (ReviewError, OutputError, label_studio.LabelStudioError) as e:
+    except (ReviewError, OutputError, label_studio.LabelStudioError, lake.DestinationBusy) as e:
         print(f"fcclip review {args.review_command}: error: {e}", file=sys.stderr)
         return 2

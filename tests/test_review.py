@@ -296,6 +296,12 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
 
     # the reviewed output is a labeling output; merged, its rows replace the pseudo-labels of the same images
     merged = tmp_path / "merged"
+    from fcclip_pipelines.lake import WriterLock
+
+    with WriterLock(Destination(str(merged))):  # another merge into the same folder is running: refused, untouched
+        assert main(["review", "merge", str(labels), str(reviewed), "--out", str(merged)]) == 2
+        assert "is being written by another fcclip run" in capsys.readouterr().err
+        assert not list(merged.glob("*.parquet"))
     assert main(["review", "merge", str(labels), str(reviewed), "--out", str(merged)]) == 0
     m = {r["image_id"]: r for r in pq.read_table(merged).to_pylist()}
     assert len(m) == 6 and sum(r["source"] == "human-reviewed" for r in m.values()) == 3

@@ -216,6 +216,9 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
         sizes = run["shard_sizes"]
         done = lake.committed_shards(dest, run)
         if any(s not in done and sizes[s] > 0 for s in range(len(sizes))):
+            if cfg.retry_errors:
+                logger.warning("--retry-errors: this run resumes an unfinished one first; run the same command again "
+                               "once it is complete to label the error rows again")
             return run  # an unfinished run or increment: resumed as listed
         return _next_increment(cfg, dest, run, on_listed)
     t = time.time()

@@ -10,9 +10,10 @@ The job, in order:
    inventory report read) in a stream to Parquet files on local disk, deduplicated in DuckDB and split into shards
    of ``--shard-size`` URIs, written under DEST/_fcclip/manifest; then the run's settings (DEST/_fcclip/run.json).
    A rerun with the same DEST resumes the run; once it is complete, a rerun lists SOURCE again and labels what the
-   table lacks (new URIs, changed objects: the run's next shards). Other settings are refused while a shard of the
-   run is committed (``--overwrite`` starts over). A DEST holding files fcclip did not write is refused unless
-   ``--overwrite`` (see prepare_run).
+   table lacks (new URIs, changed objects: the run's next shards). A rerun that resumed an unfinished run lists
+   SOURCE again as soon as that run is complete, in the same command: what arrived meanwhile waits for no further
+   run. Other settings are refused while a shard of the run is committed (``--overwrite`` starts over). A DEST
+   holding files fcclip did not write is refused unless ``--overwrite`` (see prepare_run).
 2. Shards without a committed part file are labeled on Ray (pipelines/engine.py), in chunks of ``--chunk-size``
    images: read bytes and decode in CPU tasks -> the model stage on actors (GPU when the cluster has one; device
    work only) -> masks to COCO RLE and Arrow rows in CPU tasks, written as fragments -> one commit task per
@@ -33,6 +34,7 @@ The job, in order:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -109,6 +111,9 @@ class LabelSummary:
     retried: int = 0  # unchanged objects whose error rows were labeled again (--retry-errors)
     error_rows: int | None = None  # error rows in the table when SOURCE was listed again (None: the first listing)
     version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
+    resumed: bool = False  # this run went on with a listing an earlier, unfinished run made
+    finished_first: dict | None = None  # when it did: that listing's part (images, ok, failed, new, changed, ...);
+    # the counts above then add both parts, and the listing's fields describe SOURCE listed again
 
     @property
     def images_per_second(self) -> float:
@@ -216,10 +221,7 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
         sizes = run["shard_sizes"]
         done = lake.committed_shards(dest, run)
         if any(s not in done and sizes[s] > 0 for s in range(len(sizes))):
-            if cfg.retry_errors:
-                logger.warning("--retry-errors: this run resumes an unfinished one first; run the same command again "
-                               "once it is complete to label the error rows again")
-            return run  # an unfinished run or increment: resumed as listed
+            return run  # an unfinished run or increment: resumed as listed (run_label lists again once it is done)
         return _next_increment(cfg, dest, run, on_listed)
     t = time.time()
     dest.clear_manifest()  # shards of an earlier listing that did not finish
@@ -283,6 +285,18 @@ def run_label(
 
     lock = lake.WriterLock(Destination(cfg.dest))
     lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
+    try:
+        summary = _run_label_once(cfg, progress, overwrite, verbose, make_model_stage, reader)
+        if summary.resumed:  # that listing is labeled now: SOURCE again, for what arrived since it was made
+            logger.info("the unfinished run is complete: listing %s again", cfg.source)
+            summary = _after_resumed(summary, _run_label_once(cfg, progress, False, verbose, make_model_stage, reader))
+        return summary
+    finally:
+        lock.release()
+
+
+def _run_label_once(cfg: LabelConfig, progress: bool, overwrite: bool, verbose: bool, make_model_stage,
+                    reader) -> LabelSummary:
     bars = JobProgress(enabled=progress)
     try:
         if bars.bars:
@@ -291,7 +305,22 @@ def run_label(
         return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
     finally:
         bars.close()
-        lock.release()
+
+
+def _after_resumed(first: LabelSummary, then: LabelSummary) -> LabelSummary:
+    """One summary of a run that finished an unfinished listing (``first``) and then labeled SOURCE listed again."""
+    errors = dict(first.errors)
+    for reason, n in then.errors.items():
+        errors[reason] = errors.get(reason, 0) + n
+    part = {k: getattr(first, k) for k in ("images", "ok", "failed", "segments", "skipped_shards", "seconds", "new",
+                                          "changed", "unchanged", "run_id")}
+    return dataclasses.replace(
+        then, images=first.images + then.images, ok=first.ok + then.ok, failed=first.failed + then.failed,
+        segments=first.segments + then.segments, recovered=first.recovered + then.recovered, errors=errors,
+        seconds=first.seconds + then.seconds, skipped_shards=first.skipped_shards,
+        startup_seconds=first.startup_seconds or then.startup_seconds,
+        model_actors=max(first.model_actors, then.model_actors), resumed=True, finished_first=part,
+    )
 
 
 def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader) -> LabelSummary:
@@ -309,6 +338,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     summary = LabelSummary(
         dest=cfg.dest, run_id=run["run_id"], skipped_shards=len(done - set(range(increment["first_shard"]))),
         non_image_files=run.get("non_image_files", 0), duplicate_uris=run.get("duplicate_uris", 0),
+        resumed=bool(pending) and increment.get("listed", 0) < started,  # a listing an earlier run made
     )
     if len(run.get("increments") or ()) > 1:
         summary.new, summary.changed, summary.unchanged = increment["new"], increment["changed"], increment["unchanged"]
@@ -367,7 +397,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             ask_run_metadata=cfg.embeddings,
             on_committed=committer, stop=stop,
         )
-        bars.labeling_started(sum(sizes[s] for s in pending), len(pending), len(done))
+        bars.labeling_started(sum(sizes[s] for s in pending), len(pending), summary.skipped_shards)  # of this listing
         try:
             with stop:  # Ctrl-C, SIGTERM: the loop ends at its next turn, and what is committed goes in the table
                 result = engine.run(pending)
@@ -509,6 +539,12 @@ def print_summary(s: LabelSummary) -> None:
     )
     if s.startup_seconds:
         print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up)")
+    first = s.finished_first
+    if first:
+        listing = (f"{first['new']} new, {first['changed']} changed, {first['unchanged']} unchanged"
+                   if first["new"] is not None else "the first listing")
+        print(f"first finished an unfinished run ({listing}): {first['images']} image(s), {first['ok']} ok, "
+              f"{first['failed']} failed; then SOURCE was listed again")
     if s.new is not None:
         kept = f" ({s.not_refreshed} changed kept as labeled, --no-refresh)" if s.not_refreshed else ""
         print(f"listed again: {s.new} new, {s.changed} changed, {s.unchanged} unchanged{kept}")

@@ -41,7 +41,8 @@ def pinned_ray_version() -> str:
 
 def test_there_is_something_to_check():
     assert {p.name for p in LAUNCHER} == {"aws.yaml", "onprem.yaml"}
-    assert {p.name for p in MANIFESTS} == {"raycluster.yaml", "rayjob-label.yaml", "rayjob-train.yaml"}
+    assert {p.name for p in MANIFESTS} == {"raycluster.yaml", "rayjob-label.yaml", "rayjob-train.yaml",
+                                          "raycronjob-label.yaml"}
 
 
 # ---------------------------------------------------------------------------------------------- launcher configs
@@ -109,8 +110,13 @@ def _manifest(path):
     return yaml.safe_load(path.read_text())
 
 
+def _job_spec(doc):
+    """A RayJob's spec; a RayCronJob's RayJob template (KubeRay v1.6: `jobTemplate` is a RayJob spec)."""
+    return {"RayJob": lambda: doc["spec"], "RayCronJob": lambda: doc["spec"]["jobTemplate"]}[doc["kind"]]()
+
+
 def _cluster_spec(doc):
-    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    return doc["spec"] if doc["kind"] == "RayCluster" else _job_spec(doc)["rayClusterSpec"]
 
 
 def _pod_specs(doc):
@@ -122,8 +128,8 @@ def _pod_specs(doc):
 
 def _containers(doc):
     containers = [c for _, g in _pod_specs(doc) for c in g["template"]["spec"]["containers"]]
-    if doc["kind"] == "RayJob":
-        containers += doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    if doc["kind"] != "RayCluster":
+        containers += _job_spec(doc)["submitterPodTemplate"]["spec"]["containers"]
     return containers
 
 
@@ -131,11 +137,17 @@ def _containers(doc):
 def test_kuberay_required_fields(path):
     doc = _manifest(path)
     assert doc["apiVersion"] == "ray.io/v1"
-    assert doc["kind"] in ("RayCluster", "RayJob")
+    assert doc["kind"] in ("RayCluster", "RayJob", "RayCronJob")
     assert doc["metadata"]["name"]
-    if doc["kind"] == "RayJob":
-        assert doc["spec"]["entrypoint"].strip()
-        assert "rayClusterSpec" in doc["spec"] or "clusterSelector" in doc["spec"]
+    if doc["kind"] == "RayCronJob":  # a standard five-field cron schedule, as KubeRay parses it
+        fields = doc["spec"]["schedule"].split()
+        assert len(fields) == 5 and all(re.fullmatch(r"[\d*,/-]+", f) for f in fields), doc["spec"]["schedule"]
+    if doc["kind"] != "RayCluster":
+        job = _job_spec(doc)
+        assert job["entrypoint"].strip()
+        assert "rayClusterSpec" in job or "clusterSelector" in job
+        assert job.get("ttlSecondsAfterFinished", 0) >= 0 and job.get("activeDeadlineSeconds", 1) > 0
+        assert job.get("shutdownAfterJobFinishes"), "a batch job deletes its cluster when it ends"
     names = set()
     for name, group in _pod_specs(doc):
         assert isinstance(group["rayStartParams"], dict)
@@ -177,15 +189,35 @@ def test_kuberay_security(path):
     assert "AWS_SECRET_ACCESS_KEY:" not in path.read_text()
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob")], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith(("rayjob", "raycronjob"))],
+                         ids=lambda p: p.name)
 def test_rayjob_entrypoints_parse_with_the_real_cli(path):
-    argv = shlex.split(_manifest(path)["spec"]["entrypoint"])
+    argv = shlex.split(_job_spec(_manifest(path))["entrypoint"])
     assert argv[0] == "fcclip"
     args = build_parser().parse_args(argv[1:])
     assert args.command in ("label", "train")
     if args.command == "train":  # a packaged config, found in the installed package
         assert args.config in list_train_configs()
         assert train_config_path(args.config).is_file()
+
+
+def test_the_nightly_job_starts_nodes_only_for_work_and_ends_before_the_next_night():
+    doc = _manifest(CLUSTER / "kuberay" / "raycronjob-label.yaml")
+    minute, hour, day, month, weekday = doc["spec"]["schedule"].split()
+    assert (day, month, weekday) == ("*", "*", "*") and minute.isdigit() and hour.isdigit()  # once a day
+    job = _job_spec(doc)
+    assert 0 < job["activeDeadlineSeconds"] < 24 * 3600  # a run never overlaps the next night's for long
+    for name, group in _pod_specs(doc):  # a night with nothing to label starts no worker pod
+        if name != "head":
+            assert group["replicas"] == group["minReplicas"] == 0, name
+    args = build_parser().parse_args(shlex.split(job["entrypoint"])[1:])
+    # the same command every night: it labels what the table lacks, and asks for GPUs only when there is some
+    assert args.command == "label" and not args.overwrite and args.gpus_per_actor == 1
+    assert "--retry-errors" not in job["entrypoint"]  # a corrupt file would rewrite a part file every night
+    # the same cluster as the one-off job, scheduled
+    once = _job_spec(_manifest(CLUSTER / "kuberay" / "rayjob-label.yaml"))
+    assert job["entrypoint"] == once["entrypoint"]
+    assert _cluster_spec(doc)["headGroupSpec"] == once["rayClusterSpec"]["headGroupSpec"]
 
 
 # ---------------------------------------------------------------------------------------------- one Ray version

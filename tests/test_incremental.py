@@ -220,8 +220,9 @@ def test_rerun_on_s3_from_an_inventory_report(s3_server, s3_bucket, tmp_path, ra
 
 def test_two_drivers_and_a_driver_killed_mid_increment(s3_server, tmp_path, ray_local, capsys):
     """Driver A labels an increment; driver B, started on the same DEST meanwhile, is refused at once and changes
-    nothing. A is killed (SIGKILL, its process group) once a version of the increment is committed; the rerun takes
-    over its lock (its process is gone) and labels the rest: every URI exactly once in the current version."""
+    nothing. A is killed (SIGKILL, its process group) once a version of the increment is committed, and images
+    arrive; the rerun takes over its lock (its process is gone), labels the rest of A's increment and then, in the
+    same command, lists SOURCE again and labels the arrivals: every URI exactly once in the current version."""
     from test_label_faults import Job
 
     from fcclip.datasets.synthetic import write_images
@@ -258,15 +259,26 @@ def test_two_drivers_and_a_driver_killed_mid_increment(s3_server, tmp_path, ray_
     killed_at = table_version(Destination(dest))
     assert first < killed_at
     assert (Path(dest) / "_fcclip" / "lock.json").exists()  # a killed driver leaves its lock
+    committed = {r["uri"] for r in open_table(Destination(dest)).to_pyarrow_table(columns=["uri"]).to_pylist()}
+    for i, path in enumerate(write_images(tmp_path / "late", count=3, size=OLD_SIZE, seed=80)):
+        shutil.move(path, folder / f"late_{i}.jpg")  # arrived while A was down
 
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "12 new, 0 changed, 4 unchanged" in out, out
+    rest = 16 - len(committed)
+    assert f"labeled {rest + 3} image(s)" in out, out
+    assert (f"first finished an unfinished run (12 new, 0 changed, 4 unchanged): {rest} image(s), {rest} ok, 0 failed"
+            in out), out
+    assert "listed again: 3 new, 0 changed, 16 unchanged" in out, out
     rows = open_table(Destination(dest)).to_pyarrow_table(columns=["uri", "status"]).to_pylist()
-    assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+    assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())  # 19, each once
     assert all(r["status"] == "ok" for r in rows)
     assert not (Path(dest) / "_fcclip" / "lock.json").exists()
-    assert len(table_files(Destination(dest))) == 8
+    assert len(table_files(Destination(dest))) == 10
+
+    assert main(args) == 0  # complete: a plain rerun lists once and labels nothing
+    out = capsys.readouterr().out
+    assert "first finished" not in out and "listed again: 0 new, 0 changed, 19 unchanged" in out, out
 
 
 def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):

@@ -196,6 +196,38 @@ def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
     assert len(pq.read_table(other).to_pylist()) == 2
 
 
+def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(tmp_path, ray_local, capsys):
+    """The same command every night (cluster/kuberay/raycronjob-label.yaml): with nothing new it lists SOURCE and
+    ends without asking for a GPU, so an autoscaler starts no GPU node for it; with something new it asks. This
+    Ray has no GPU, which stands for a GPU node type not started yet: a request is not granted within --gpu-wait.
+    The run that was refused left its listing; the next one finishes it and then lists SOURCE again."""
+    from fcclip.datasets.synthetic import write_images
+
+    folder, dest = tmp_path / "in", tmp_path / "out"
+    write_images(folder, count=2, size=(48, 64))
+    assert main(_local_args(folder, dest, "--gpus-per-actor", "0")) == 0
+    nightly = _local_args(folder, dest, "--gpus-per-actor", "1", "--gpu-wait", "3")
+    capsys.readouterr()
+    assert main(nightly) == 0  # nothing new: no GPU asked for (one asked for would not be granted)
+    captured = capsys.readouterr()
+    assert "listed again: 0 new, 0 changed, 2 unchanged" in captured.out, captured.out + captured.err
+    assert "GPU" not in captured.err, captured.err
+
+    write_images(tmp_path / "late", count=1, size=(48, 64), seed=7)[0].rename(folder / "late.jpg")
+    assert main(nightly) == 1  # something new: the GPU is asked for
+    err = capsys.readouterr().err
+    assert "did not grant 1 x {GPU: 1, CPU: 1} within 3 s" in err, err
+    assert len(pq.read_table(dest).to_pylist()) == 2
+
+    write_images(tmp_path / "later", count=1, size=(48, 64), seed=8)[0].rename(folder / "later.jpg")
+    assert main(_local_args(folder, dest, "--gpus-per-actor", "0")) == 0
+    out = capsys.readouterr().out
+    assert "first finished an unfinished run (1 new, 0 changed, 2 unchanged): 1 image(s), 1 ok" in out, out
+    assert "listed again: 1 new, 0 changed, 3 unchanged" in out and "labeled 2 image(s)" in out, out
+    rows = pq.read_table(dest).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+
+
 def test_foreign_files_in_dest_are_refused_untouched(tmp_path, capsys):
     import pyarrow as pa
 

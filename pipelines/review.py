@@ -24,6 +24,7 @@ import hashlib
 import heapq
 import io
 import json
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = ["pick", "read_picks", "merge", "add_arguments", "main_args"]
+
+logger = logging.getLogger("fcclip.review")
 
 PICKS_KEY = b"fcclip.review"
 PICKS_SCHEMA = pa.schema([
@@ -185,10 +188,38 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     if base.vocabulary != done.vocabulary:
         raise ReviewError(f"{reviewed} was reviewed under another vocabulary than {dest}'s")
     target = Destination(out)
-    if target.fs.exists(target.root) and target.fs.glob(target.path("*.parquet")):
-        raise ReviewError(f"{out} already holds part files; give an empty or new folder")
+    _unfinished_merge(target, dest, reviewed, quiet=True)  # refused before the lock is taken, when it is refused
     with lake.WriterLock(target):  # one writer at a time, as for any labeling output
+        for path in _unfinished_merge(target, dest, reviewed):  # again, under the lock: ours to replace now
+            target.fs.rm(path)
         return _write_merged(base, done, target, dest, reviewed)
+
+
+def _unfinished_merge(target, dest: str, reviewed: str, quiet: bool = False) -> list[str]:
+    """The part files in MERGED of a merge of the same DEST and REVIEWED that stopped before its commit (no table
+    log): the merge is written again from the start, and they go. Anything else in MERGED is refused untouched."""
+    from . import lake
+
+    if not target.fs.exists(target.root):
+        return []
+    parts = target.fs.glob(target.path("*.parquet"))
+    if not parts:
+        return []
+    if lake.has_table(target):
+        raise ReviewError(f"{target.uri} already holds a table; give an empty or new folder")
+    inputs = json.dumps({"labels": dest, "reviewed": reviewed}, sort_keys=True).encode()
+    for path in parts:
+        try:  # part files are written whole or not at all (Destination.write_bytes): ours read
+            with target.fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        except (OSError, pa.ArrowException):
+            meta = {}
+        if meta.get(b"fcclip.merged_from") != inputs:
+            raise ReviewError(f"{target.uri} already holds part files; give an empty or new folder")
+    if not quiet:
+        logger.warning("%s holds %d part file(s) of an unfinished merge of the same outputs (no commit): merging "
+                       "again", target.uri, len(parts))
+    return parts
 
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:

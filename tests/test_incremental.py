@@ -314,6 +314,40 @@ def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):
     assert not dest.exists(LOCK)
 
 
+def test_a_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
+    """A driver killed a moment ago can still be a zombie (ended, its parent has not collected it yet: a shell's
+    `timeout -s KILL`, a supervisor between polls). Its process is gone for the lock's purpose: taken over."""
+    import signal
+    import subprocess
+    import sys
+
+    from fcclip_pipelines.lake import LOCK, DestinationBusy, WriterLock
+
+    dest = Destination(str(tmp_path / "labels"))
+    code = ("import sys, time\nfrom fcclip_pipelines.lake import WriterLock\nfrom fcclip_pipelines.output import "
+            "Destination\nWriterLock(Destination(sys.argv[1])).acquire()\nprint('held', flush=True)\ntime.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, dest.uri], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DestinationBusy):  # alive: refused
+            WriterLock(dest).acquire()
+        holder.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait for it to end, without reaping it
+            with open(f"/proc/{holder.pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        assert dest.exists(LOCK)
+        with WriterLock(dest) as lock:  # the zombie's lock is stale
+            assert json.loads(dest.read_bytes(LOCK))["token"] == lock.token
+        assert holder.poll() == -signal.SIGKILL  # reaped only now
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_path, ray_local, capsys):
     """A read that failed once (the object store reset the connection) leaves an error row, and the object has not
     changed since: a plain rerun keeps the row and says how to label it again; `--retry-errors` does, replacing the

@@ -322,6 +322,57 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     assert pl.scan_delta(str(merged)).filter(pl.col("source") == "human-reviewed").collect().height == 3
 
 
+def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(tmp_path, capsys, caplog):
+    """`fcclip review merge` killed (SIGKILL) after writing some part files and before committing them: the same
+    merge again into the same folder replaces them and commits; part files of anything else stay refused."""
+    import datetime
+    import sys
+
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA
+
+    n = 400  # one row per part file: the merge takes seconds, time enough to be killed midway
+    uris = [f"s3://bucket/img_{i:03d}.jpg" for i in range(n)]
+    rows = make_output(tmp_path / "labels", uris, [(12, 16)] * n, [0.5] * n, files=n)
+    when = datetime.datetime(2026, 12, 5, tzinfo=datetime.timezone.utc)
+    reviewed_rows = [{**r, "source": "human-reviewed", "reviewed_by": "a@example.com", "reviewed_at": when}
+                     for r in rows[:3]]
+    write_part(Destination(str(tmp_path / "reviewed")), 0,
+               pa.Table.from_pylist(reviewed_rows, schema=pa.schema(list(SCHEMA) + REVIEW_FIELDS)),
+               {"vocabulary": VOCAB.to_dict(), "run_id": "reviewed"})
+    labels, reviewed, merged = str(tmp_path / "labels"), str(tmp_path / "reviewed"), tmp_path / "merged"
+    command = ["review", "merge", labels, reviewed, "--out", str(merged)]
+
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *command], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list(merged.glob("part-*.parquet"))) < 3:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate(timeout=60)[0]
+    written = len(list(merged.glob("part-*.parquet")))
+    assert proc.returncode == -signal.SIGKILL and 3 <= written < n, (proc.returncode, written, output[-2000:])
+    assert not (merged / "_delta_log").exists()  # killed before its commit
+
+    assert main(command) == 0, capsys.readouterr().err
+    assert f"holds {written} part file(s) of an unfinished merge of the same outputs" in caplog.text, caplog.text
+    table = DeltaTable(str(merged))
+    assert table.version() == 0 and len(table.file_uris()) == n == len(list(merged.glob("part-*.parquet")))
+    got = table.to_pyarrow_table(columns=["uri", "source"]).to_pylist()
+    assert sorted(r["uri"] for r in got) == sorted(uris)  # every row once
+    assert sum(r["source"] == "human-reviewed" for r in got) == 3
+
+    assert main(command) == 2  # committed: a table is never merged over
+    assert "already holds a table" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_output(other, uris[:2], [(12, 16)] * 2, [0.5] * 2)  # part files of something else, no log
+    assert main(["review", "merge", labels, reviewed, "--out", str(other)]) == 2
+    assert "already holds part files" in capsys.readouterr().err
+    assert len(list(other.glob("part-*.parquet"))) == 1 and not (other / "_delta_log").exists()
+
+
 def test_codec_matches_label_studios_own(label_studio, tmp_path):
     """Label Studio's own converter decodes our RLE to the same pixels, and we decode its encoding."""
     python = Path(_label_studio_bin()).parent / "python"

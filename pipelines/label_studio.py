@@ -337,8 +337,11 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     vocabulary = config_vocabulary(info.get("label_config", ""))
     vocab = Vocabulary.from_dict(vocabulary)
     dest = Destination(out)
-    if dest.fs.exists(dest.root) and dest.fs.glob(dest.path("*.parquet")):
-        raise LabelStudioError(f"{out} already holds part files; give an empty or new folder")
+    review = {"label_studio": ls.url, "project": project, "project_id": info["id"]}
+    try:  # a pull of this project stopped before its commit is pulled again; anything else in OUT is refused
+        lake.unfinished_parts(dest, "review", review, None)
+    except lake.FolderTaken as e:
+        raise LabelStudioError(str(e)) from None
     users = {}
     rows, pending, unknown = [], [], []
     for task in sorted(ls.tasks(info["id"]), key=lambda t: t["id"]):
@@ -379,8 +382,9 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         r["run_id"] = run_id
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
     table = pa.Table.from_pylist(rows, schema=schema)
-    review = {"label_studio": ls.url, "project": project, "project_id": info["id"]}
     with lake.WriterLock(dest):  # a Delta table like any labeling output: its one part file is version 0
+        for path in lake.unfinished_parts(dest, "review", review, f"pull of project {project!r}"):
+            dest.fs.rm(path)
         write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id, "review": review})
         lake.commit_version(dest, [part_name(0)], info={"run_id": run_id, "operation": "review pull",
                                                          "review": review})

@@ -317,6 +317,40 @@ def _run_rewrites(dest: Destination, shard: int, jobs: list, remote: bool) -> li
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
+class FolderTaken(ValueError):
+    """A one-shot output's folder (``fcclip review pull`` / ``merge``) holds something else; one line for the user."""
+
+
+def unfinished_parts(dest: Destination, key: str, value, what: str | None) -> list[str]:
+    """The part files in ``dest`` of an output written by the same command with the same inputs (its part files'
+    ``fcclip.<key>`` metadata is ``value``) that stopped before its commit (no table log): the command writes it
+    again from the start, and these go. ``what`` names that output in the warning (None: no warning). A table, or
+    part files of anything else, raise FolderTaken: nothing is touched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not dest.fs.exists(dest.root):
+        return []
+    parts = dest.fs.glob(dest.path("*.parquet"))
+    if not parts:
+        return []
+    if has_table(dest):
+        raise FolderTaken(f"{dest.uri} already holds a table; give an empty or new folder")
+    expected = json.dumps(value, sort_keys=True).encode()  # as encode_table writes it
+    for path in parts:
+        try:  # part files are written whole or not at all (Destination.write_bytes): ours read
+            with dest.fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        except (OSError, pa.ArrowException):
+            meta = {}
+        if meta.get(f"fcclip.{key}".encode()) != expected:
+            raise FolderTaken(f"{dest.uri} already holds part files; give an empty or new folder")
+    if what:
+        logger.warning("%s holds %d part file(s) of an unfinished %s (no commit): writing it again", dest.uri,
+                       len(parts), what)
+    return parts
+
+
 class DestinationBusy(RuntimeError):
     """Another driver writes into DEST."""
 

@@ -196,30 +196,15 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
 
 
 def _unfinished_merge(target, dest: str, reviewed: str, quiet: bool = False) -> list[str]:
-    """The part files in MERGED of a merge of the same DEST and REVIEWED that stopped before its commit (no table
-    log): the merge is written again from the start, and they go. Anything else in MERGED is refused untouched."""
+    """The part files in MERGED of a merge of the same DEST and REVIEWED that stopped before its commit: the merge is
+    written again from the start, and they go. Anything else in MERGED is refused untouched."""
     from . import lake
 
-    if not target.fs.exists(target.root):
-        return []
-    parts = target.fs.glob(target.path("*.parquet"))
-    if not parts:
-        return []
-    if lake.has_table(target):
-        raise ReviewError(f"{target.uri} already holds a table; give an empty or new folder")
-    inputs = json.dumps({"labels": dest, "reviewed": reviewed}, sort_keys=True).encode()
-    for path in parts:
-        try:  # part files are written whole or not at all (Destination.write_bytes): ours read
-            with target.fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        except (OSError, pa.ArrowException):
-            meta = {}
-        if meta.get(b"fcclip.merged_from") != inputs:
-            raise ReviewError(f"{target.uri} already holds part files; give an empty or new folder")
-    if not quiet:
-        logger.warning("%s holds %d part file(s) of an unfinished merge of the same outputs (no commit): merging "
-                       "again", target.uri, len(parts))
-    return parts
+    try:
+        return lake.unfinished_parts(target, "merged_from", {"labels": dest, "reviewed": reviewed},
+                                     None if quiet else "merge of the same outputs")
+    except lake.FolderTaken as e:
+        raise ReviewError(str(e)) from None
 
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:

@@ -270,6 +270,9 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     assert main(["review", "pull", "--label-studio", url, "--project", "review-1", "--out", str(reviewed)]) == 0
     out = capsys.readouterr().out
     assert "3 reviewed image(s)" in out and "2 pending" in out
+    # pulled again into the same folder: a committed pull is never written over
+    assert main(["review", "pull", "--label-studio", url, "--project", "review-1", "--out", str(reviewed)]) == 2
+    assert "already holds a table" in capsys.readouterr().err
     pending = {t["data"]["image_id"] for t in tasks} - {accepted["data"]["image_id"], edited["data"]["image_id"],
                                                         changed["data"]["image_id"]}
     assert all(p in out for p in pending)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # constraints.txt: the versions the suite last passed with (a new release on the package index cannot turn CI red)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -e ".[ray,test,review]"
+	$(BIN)/pip install -c constraints.txt -e ".[ray,test,review,gcs]"
 	touch $@
 
 # Label Studio in its own environment (it pins Django and many others): tests/test_review.py starts it from here
@@ -21,7 +21,7 @@ $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION): constraints-label-studio.txt
 LOCK_VENV := .venv-lock
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -U pip
-	$(LOCK_VENV)/bin/pip install -q -e ".[ray,test,review]"
+	$(LOCK_VENV)/bin/pip install -q -e ".[ray,test,review,gcs]"
 	sed -n '/^#/p' constraints.txt > constraints.new
 	$(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^fcclip' >> constraints.new && mv constraints.new constraints.txt
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -U pip

@@ -121,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:  # object-store clients log every endpoint lookup at INFO
-        for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("gcsfs").addFilter(_without_traceback)  # its retries' tracebacks: -v shows them
     warnings.simplefilter("default", UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -136,6 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 1
     except Exception as e:
+        if unusable_protocol(e) and not args.verbose:
+            # a URI whose protocol is unknown, or needs a package that is not installed (gs:// without gcsfs)
+            extra = _FILESYSTEM_EXTRAS.get(getattr(e.__cause__, "name", None) or "", "")
+            print(f"fcclip {args.command}: error: {_first_line(e)}{extra}", file=sys.stderr)
+            return 2
         if not storage_error(e) or args.verbose:
             raise
         # an object store or file system that cannot be reached or refuses us: the user's setup, not a bug
@@ -147,6 +153,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # the packages whose exceptions mean "the storage said no" (endpoint unreachable, access denied, throttled)
 _STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "adlfs", "azure")
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = None
+    return True
+
+
+_FILESYSTEM_EXTRAS = {"gcsfs": ' (pip install "fcclip[gcs]" installs it)'}
+
+
+def unusable_protocol(e: BaseException) -> bool:
+    """True for fsspec's "Protocol not known: X" and "install X to access Y" (the file system of a URI's protocol
+    is not installed): errors that fsspec's registry raises."""
+    if not isinstance(e, (ImportError, ValueError)):
+        return False
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("fsspec", "registry.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def storage_error(e: BaseException) -> bool:

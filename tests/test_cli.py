@@ -215,8 +215,11 @@ def test_ctrl_c_is_one_line_not_a_traceback(tmp_path):
     os.mkfifo(fifo)
     argv = ["predict", str(fifo), "--model", "fcclip-tiny", "--weights", "random", "--vocab", "cat; dog", "--out",
             str(tmp_path / "out")]
+    # as from a terminal: SIGINT not ignored (a suite started in the background, `make test &`, passes SIG_IGN on,
+    # and Python then leaves Ctrl-C ignored)
     proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *argv], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     writer = None
     try:
         deadline = time.monotonic() + 120
@@ -238,3 +241,27 @@ def test_ctrl_c_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "fcclip predict: interrupted", err
+
+
+def test_a_uri_whose_file_system_is_missing_or_unknown_is_one_line(tmp_path, capsys):
+    """`gs://` without gcsfs (or any protocol whose fsspec package is not installed), and a protocol fsspec does not
+    know: one line naming what to install, exit status 2, nothing written, for a source and for a destination."""
+    import importlib.util
+
+    from fsspec.registry import known_implementations
+
+    missing = next(p for p, impl in sorted(known_implementations.items())  # abfs, where adlfs is not installed
+                   if p in ("abfs", "gs", "oci") and importlib.util.find_spec(impl["class"].split(".")[0]) is None)
+    write_images(tmp_path / "in", count=1, size=(32, 40))
+    common = ["--vocab", "cat;", "--model", "fcclip-tiny", "--weights", "random", "--no-progress"]
+    for argv, expected in [
+        (["label", f"{missing}://bucket/photos/", "--out", str(tmp_path / "out"), *common], "install"),
+        (["label", str(tmp_path / "in"), "--out", f"{missing}://bucket/labels", *common], "install"),
+        (["label", "nosuch://bucket/photos/", "--out", str(tmp_path / "out"), *common], "protocol not known: nosuch"),
+        (["export", f"{missing}://bucket/labels", "--format", "coco-panoptic", "--out", str(tmp_path / "coco")],
+         "install"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fcclip {argv[0]}: error: ") and expected in err[0].lower(), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "coco").exists()

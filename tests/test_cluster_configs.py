@@ -231,7 +231,8 @@ def test_one_ray_version_everywhere():
     requirements = _dockerfile_requirements()
     assert f"ray[default,data,train]=={version}" in requirements
     project = _pyproject()["project"]
-    assert requirements == project["dependencies"] + project["optional-dependencies"]["ray"]
+    extras = project["optional-dependencies"]
+    assert requirements == project["dependencies"] + extras["ray"] + extras["gcs"]  # gs:// buckets on GKE too
 
 
 # ---------------------------------------------------------------------------------------------- Dockerfile

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from .output import DELTA_LOG, META_DIR, Destination, manifest_name, part_name
 
-logger = logging.getLogger("fcclip.label")
+logger = logging.getLogger("fcclip.lake")
 
 LOCK = f"{META_DIR}/lock.json"
 HEARTBEAT_S = 30.0

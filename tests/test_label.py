@@ -1,5 +1,6 @@
 """`fcclip label` end to end: object storage on loopback (moto), a local Ray, Parquet read back as users read it."""
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -226,6 +227,54 @@ def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(t
     assert "listed again: 1 new, 0 changed, 3 unchanged" in out and "labeled 2 image(s)" in out, out
     rows = pq.read_table(dest).to_pylist()
     assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_a_stop_while_waiting_for_gpus_is_one_line_and_the_listing_is_kept(tmp_path, capsys):
+    """SIGTERM (`ray job stop`, a pod stopped) while the job waits for GPUs that are not there: the wait ends within a
+    second, one line, exit 128 + 15, the lock released and its local Ray stopped; the listing stays, and the next
+    run labels it (then lists again)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    dest = tmp_path / "out"
+    argv = _local_args(tmp_path / "in", dest, "--gpus-per-actor", "1", "--gpu-wait", "120", "--num-cpus", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *argv], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # the request is made (and cannot be granted: this Ray has no GPU)
+            lines.append(line)
+            if "model actors: 1 x 1 GPU" in line:
+                break
+        time.sleep(2)
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = "".join(lines) + rest
+    assert code == 128 + signal.SIGTERM, err
+    assert took < 30, took  # not the 120 s of --gpu-wait
+    stopped = [line for line in err.splitlines() if line.startswith("fcclip label:")]
+    assert stopped == ["fcclip label: stopped by SIGTERM while waiting for GPUs; nothing was labeled in this run"], err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    assert not (dest / "_fcclip" / "lock.json").exists()
+    assert (dest / "_fcclip" / "run.json").exists()  # the listing is kept
+
+    capsys.readouterr()
+    assert main(_local_args(tmp_path / "in", dest, "--gpus-per-actor", "0")) == 0
+    out = capsys.readouterr().out
+    assert "first finished an unfinished run (the first listing): 2 image(s), 2 ok" in out, out
+    assert len(pq.read_table(dest).to_pylist()) == 2
 
 
 def test_foreign_files_in_dest_are_refused_untouched(tmp_path, capsys):

@@ -361,11 +361,8 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         logger.info("%s", asked)
         if gpus:  # granted, or one line and a non-zero exit: never the model on CPU instead
             with runtime.StopSignals("the wait for GPUs", logger) as waiting:
-                try:
-                    runtime.wait_for_resources({"GPU": gpus, "CPU": cfg.cpus_per_actor}, 1, cfg.gpu_wait, asked,
-                                               stop=waiting)
-                except runtime.WaitStopped:
-                    pass
+                runtime.wait_for_resources({"GPU": gpus, "CPU": cfg.cpus_per_actor}, 1, cfg.gpu_wait, asked,
+                                           stop=waiting)
             if waiting.received is not None:  # during the wait, or as it ended
                 raise LabelStopped(f"stopped by {waiting.received.name} while waiting for GPUs; nothing was labeled "
                                    "in this run", int(waiting.received))

@@ -326,9 +326,6 @@ def unfinished_parts(dest: Destination, key: str, value, what: str | None) -> li
     ``fcclip.<key>`` metadata is ``value``) that stopped before its commit (no table log): the command writes it
     again from the start, and these go. ``what`` names that output in the warning (None: no warning). A table, or
     part files of anything else, raise FolderTaken: nothing is touched."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not dest.fs.exists(dest.root):
         return []
     parts = dest.fs.glob(dest.path("*.parquet"))

@@ -188,21 +188,20 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     if base.vocabulary != done.vocabulary:
         raise ReviewError(f"{reviewed} was reviewed under another vocabulary than {dest}'s")
     target = Destination(out)
-    _unfinished_merge(target, dest, reviewed, quiet=True)  # refused before the lock is taken, when it is refused
-    with lake.WriterLock(target):  # one writer at a time, as for any labeling output
-        for path in _unfinished_merge(target, dest, reviewed):  # again, under the lock: ours to replace now
+    with lake.WriterLock(target):  # one writer at a time; refused, it leaves nothing (the lock removes what it made)
+        for path in _unfinished_merge(target, dest, reviewed):  # ours to replace, under the lock
             target.fs.rm(path)
         return _write_merged(base, done, target, dest, reviewed)
 
 
-def _unfinished_merge(target, dest: str, reviewed: str, quiet: bool = False) -> list[str]:
+def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
     """The part files in MERGED of a merge of the same DEST and REVIEWED that stopped before its commit: the merge is
     written again from the start, and they go. Anything else in MERGED is refused untouched."""
     from . import lake
 
     try:
         return lake.unfinished_parts(target, "merged_from", {"labels": dest, "reviewed": reviewed},
-                                     None if quiet else "merge of the same outputs")
+                                     "merge of the same outputs")
     except lake.FolderTaken as e:
         raise ReviewError(str(e)) from None
 

@@ -110,14 +110,6 @@ GPU_WAIT_S = 600.0
 """How long a job waits for the GPUs it asked for (``--gpu-wait``) before it says so and exits non-zero."""
 
 
-class WaitStopped(RuntimeError):
-    """A stop (``signal``) was asked for while a job waited for its resources."""
-
-    def __init__(self, signal: "signal.Signals"):
-        super().__init__(f"stopped by {signal.name} while waiting for the resources asked for")
-        self.signal = signal
-
-
 class ResourcesNotGranted(RuntimeError):
     """The cluster did not grant what a job asked for within the wait; the message is one line for the user."""
 
@@ -149,8 +141,8 @@ def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, w
     """Ask the cluster for ``count`` x ``bundle`` (a placement group, which an autoscaler answers by adding nodes)
     and wait until it is granted; the group is released at once (the nodes stay until their idle timeout, for the
     job's actors or workers to take). Returns the seconds waited; raises ResourcesNotGranted after ``timeout_s``.
-    With ``stop`` (entered by the caller), a stop asked for while waiting ends the wait within a second:
-    WaitStopped, the group released."""
+    With ``stop`` (entered by the caller), a stop asked for while waiting ends the wait within a second, the group
+    released; the caller finds it in ``stop.received``."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -158,11 +150,11 @@ def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, w
     started = time.monotonic()
     group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
     try:
-        ready, deadline = [], started + timeout_s
+        granted, ready, deadline = group.ready(), [], started + timeout_s
         while not ready and time.monotonic() < deadline:
             if stop is not None and stop.received is not None:
-                raise WaitStopped(stop.received)
-            ready, _ = ray.wait([group.ready()], timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                return time.monotonic() - started
+            ready, _ = ray.wait([granted], timeout=max(0.0, min(1.0, deadline - time.monotonic())))
     finally:
         remove_placement_group(group)
     if not ready:

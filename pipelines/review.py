@@ -187,6 +187,10 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     base, done = open_output(dest), open_output(reviewed)
     if base.vocabulary != done.vocabulary:
         raise ReviewError(f"{reviewed} was reviewed under another vocabulary than {dest}'s")
+    from .output import REVIEW_FIELDS
+
+    if done.files and not {f.name for f in REVIEW_FIELDS} <= set(done.columns):
+        raise ReviewError(f"{reviewed} is not an output of fcclip review pull (no {REVIEW_FIELDS[0].name} column)")
     target = Destination(out)
     with lake.WriterLock(target):  # one writer at a time; refused, it leaves nothing (the lock removes what it made)
         for path in _unfinished_merge(target, dest, reviewed):  # ours to replace, under the lock

@@ -369,6 +369,10 @@ def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(t
 
     assert main(command) == 2  # committed: a table is never merged over
     assert "already holds a table" in capsys.readouterr().err
+    # a labeling output given as REVIEWED (no review columns): one line, nothing written
+    assert main(["review", "merge", labels, labels, "--out", str(tmp_path / "wrong")]) == 2
+    assert "is not an output of fcclip review pull (no source column)" in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
     other = tmp_path / "other"
     make_output(other, uris[:2], [(12, 16)] * 2, [0.5] * 2)  # part files of something else, no log
     assert main(["review", "merge", labels, reviewed, "--out", str(other)]) == 2

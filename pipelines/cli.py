@@ -24,11 +24,15 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Iterable, NamedTuple, Sequence
 
 import fcclip
+
+from . import runtime
 
 
 class Command(NamedTuple):
@@ -126,11 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("gcsfs").addFilter(_without_traceback)  # its retries' tracebacks: -v shows them
     warnings.simplefilter("default", UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        runtime.raise_on_sigterm()  # set again once Ray has started (runtime.init_ray): Ray sets its own
         return int(load_command(args.command).main_args(args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C: what a command commits as it goes stays; no traceback unless -v
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what a command commits as it goes stays; no traceback unless -v
         if args.verbose:
             raise
+        if isinstance(e, runtime.Terminated) or runtime.terminated():
+            print(f"fcclip {args.command}: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"fcclip {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`fcclip models | head -2`): not an error of ours
@@ -149,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fcclip {args.command}: error: storage: {type(cause).__name__}: {_first_line(cause)} "
               "(-v for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)  # a caller's own (main() called in a test, a notebook)
 
 
 # the packages whose exceptions mean "the storage said no" (endpoint unreachable, access denied, throttled)

@@ -53,7 +53,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
             logging_level=logging.INFO if verbose else logging.ERROR,
         )
+    if threading.current_thread() is threading.main_thread():  # Ray's driver set its own: a C++ stack dump and an
+        signal.signal(signal.SIGTERM, _on_sigterm)  # abort (exit 134, the local Ray left running) on `ray job stop`
     return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a pod being stopped, ``kill``) outside a job's own stop handling: unwinds the
+    command as Ctrl-C does (``finally`` blocks run: locks released, Ray stopped), and the command line says so in one
+    line with exit status 128 + 15. Ray turns it into a plain KeyboardInterrupt where it arrives inside one of its
+    calls (``ray.wait``, ``ray.get``): :func:`terminated` tells the two apart."""
+
+
+_sigterm_received = False
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (elsewhere, where handlers cannot be set, nothing)."""
+    global _sigterm_received
+    if threading.current_thread() is threading.main_thread():
+        _sigterm_received = False
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived since :func:`raise_on_sigterm`."""
+    return _sigterm_received
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    global _sigterm_received
+    _sigterm_received = True
+    raise Terminated()
 
 
 def shutdown_ray(started: bool) -> None:

@@ -243,6 +243,65 @@ def test_ctrl_c_is_one_line_not_a_traceback(tmp_path):
     assert err.strip().splitlines()[-1] == "fcclip predict: interrupted", err
 
 
+def test_sigterm_to_a_ray_job_is_one_line_and_its_local_ray_stops(tmp_path):
+    """SIGTERM (`ray job stop`, a pod stopped) to a command that started a local Ray, here `fcclip train` waiting for
+    a GPU this Ray lacks: exit 128 + 15 and one line, where Ray's own handler printed a C++ stack dump, aborted (exit
+    134) and left the local Ray it had started running. (`fcclip label` has its own stop handling: test_label.)"""
+    import os
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
+
+    write_coco_panoptic(tmp_path / "coco", 2, size=(64, 80))
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    argv = ["train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "coco"), "--storage",
+            str(tmp_path / "runs"), "--num-workers", "1", "--gpus-per-worker", "1", "--gpu-wait", "300",
+            "--max-iters", "1", "--num-cpus", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *argv], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    try:
+        lines = []
+        for line in proc.stderr:  # asked for, not grantable: the job waits
+            lines.append(line)
+            if "training workers: 1 x 1 GPU" in line:
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.stderr.read()
+        code = proc.wait(timeout=120)
+        deadline = time.monotonic() + 30  # the Ray processes it started go with it
+        while time.monotonic() < deadline and _processes_naming(ray_tmp):
+            time.sleep(0.5)
+        left = _processes_naming(ray_tmp)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in _processes_naming(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert code == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "fcclip train: stopped by SIGTERM", err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    assert not left, left
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def test_a_uri_whose_file_system_is_missing_or_unknown_is_one_line(tmp_path, capsys):
     """`gs://` without gcsfs (or any protocol whose fsspec package is not installed), and a protocol fsspec does not
     know: one line naming what to install, exit status 2, nothing written, for a source and for a destination."""

@@ -313,8 +313,10 @@ def format_results(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="fcclip-convnext-large")
-    p.add_argument("--weights", default="official")
+    p.add_argument("--model", default="fcclip-convnext-large",
+                   help="preset or preset YAML (default: %(default)s)")
+    p.add_argument("--weights", default="official",
+                   help="'official', 'random' (smoke runs), or a path/URI (default: %(default)s)")
     p.add_argument("--dataset", default=None, choices=list_benchmarks(),
                    help="a benchmark; without it, --data is a labeling output whose pseudo-labels are the ground truth")
     add_version_argument(p, "--data")
@@ -323,16 +325,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-score", type=float, default=0.0,
                    help="labeling output only: pseudo-label segments scoring below this are void")
     p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2, help="images per model forward pass (default: %(default)d)")
+    p.add_argument("--actors", type=int, default=1, help="model actors, each holding one model (default: %(default)d)")
     runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--short-edge", type=int, default=None,
                    help="override the benchmark's (or the model's) test size; 0: each image's own size")
-    p.add_argument("--max-size", type=int, default=None)
-    p.add_argument("--address", default=None)
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="override the benchmark's (or the model's) long-edge limit")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main_args(args: argparse.Namespace) -> int:

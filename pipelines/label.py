@@ -460,11 +460,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model actors: N, or MIN-MAX: MIN start at once, more (up to MAX) while images wait for them, "
                    "idle ones end when none are left (default: 1)")
     runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs each model actor asks for, beside its GPUs (default: %(default)g)")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: 0)")
     p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default 800; 0 = keep size)")
     p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default 1333)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file (default: %(default)d)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (where the device computes bfloat16 natively)")

@@ -268,7 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = sub.add_parser("merge", help="a labeling output whose reviewed images replace their pseudo-labels")
     m.add_argument("dest", metavar="DEST", help="the labeling output")
     m.add_argument("reviewed", metavar="REVIEWED", help="fcclip review pull's output")
-    m.add_argument("--out", required=True, metavar="MERGED")
+    m.add_argument("--out", required=True, metavar="MERGED",
+                   help="a new folder: the merged labeling output (DEST stays as it is)")
 
 
 def main_args(args: argparse.Namespace) -> int:

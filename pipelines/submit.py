@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on the cluster)")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="environment variable for the job (not for secrets: use the cluster's own)")
-    p.add_argument("--submission-id", default=None)
+    p.add_argument("--submission-id", default=None,
+                   help="the job's id (default: one Ray makes); a second job with the same id is refused by Ray")
     p.add_argument("--no-wait", action="store_true", help="submit and print the job id without following it")
     p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- fcclip label|train|eval ...")
 

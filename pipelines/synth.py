@@ -14,16 +14,17 @@ from fcclip.datasets.synthetic_panoptic import synth_coco_panoptic_main
 def add_arguments(p: argparse.ArgumentParser) -> None:
     synth = p.add_subparsers(dest="what", required=True)
     s = synth.add_parser("images", help="a folder of synthetic RGB images (shapes on textured backgrounds)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--count", type=int, default=4)
-    s.add_argument("--height", type=int, default=240)
-    s.add_argument("--width", type=int, default=320)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="the folder (created) that receives synth_NNNNN.jpg files")
+    s.add_argument("--count", type=int, default=4, help="how many images (default: %(default)d)")
+    s.add_argument("--height", type=int, default=240, help="pixels (default: %(default)d)")
+    s.add_argument("--width", type=int, default=320, help="pixels (default: %(default)d)")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same images (default: %(default)d)")
     s = synth.add_parser("coco-panoptic", help="a small synthetic dataset in the COCO panoptic layout (train2017 + val2017)")
     s.add_argument("--out", required=True, help="dataset root")
     s.add_argument("--images", type=int, default=16, help="training images; val2017 gets a quarter (at least 1)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset (default: %(default)d)")
+    s.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"),
+                   help="image height and width (default: 256 320)")
 
 
 def main_args(args: argparse.Namespace) -> int:

@@ -929,9 +929,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on version N of the labeling output's table (default: the current one; with "
                    "--resume, the one the run started on)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="training workers (DDP ranks; the config's global batch is split across them; default: 1)")
     runtime.add_gpu_arguments(p, "--gpus-per-worker", "training worker", "trains on CPU (gloo)", "every worker's GPU")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs each training worker asks for, beside its GPUs (default: %(default)g)")
     p.add_argument("--max-iters", type=int, default=None, help="override the config's iteration count")
     p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")

@@ -77,6 +77,16 @@ def test_every_subcommand_follows_one_protocol():
     # the full parser (every module imported) knows them all
     args = build_parser().parse_args(["metrics", "semantic", "--gt-dir", "g", "--pred-dir", "p", "--num-classes", "3"])
     assert (args.command, args.metric, args.num_classes) == ("metrics", "semantic", 3)
+    # every option of every command (and of their own subcommands) says what it does in --help
+    undocumented, parsers = [], [("fcclip", build_parser())]
+    while parsers:
+        prog, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{prog} {name}", sub) for name, sub in action.choices.items()]
+            elif action.option_strings and not action.help:
+                undocumented.append(f"{prog} {action.option_strings[-1]}")
+    assert not undocumented, undocumented
 
 
 def test_models_and_vocabularies_list_the_package_data(capsys):

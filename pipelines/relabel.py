@@ -336,9 +336,6 @@ def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | No
 
 def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, weights, address, num_cpus, overwrite,
                  verbose, version) -> RelabelSummary:
-
-
-
     started = time.time()
     vocabulary = load_vocabulary(vocab)
     source = open_source(source_dest, version)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -58,17 +60,27 @@ def main_args(args: argparse.Namespace) -> int:
             print("fcclip submit: --env takes K=V", file=sys.stderr)
             return 2
         runtime_env["env_vars"] = dict(pairs)
-    client = JobSubmissionClient(address)
     deadline = time.time() + AGENT_WAIT_S
     while True:
         try:
+            client = JobSubmissionClient(address)
             job_id = client.submit_job(
                 entrypoint=shlex.join(entry), runtime_env=runtime_env or None, submission_id=args.submission_id
             )
             break
-        except RuntimeError as e:  # a cluster that just started has no job agent yet
-            if "No available agent" not in str(e):
-                raise
+        except ConnectionError as e:  # nothing answers there, or not a Job API
+            print(f"fcclip submit: error: {_first_line(e)} (the cluster's dashboard / Job API address, e.g. "
+                  "http://127.0.0.1:8265 through `ray dashboard CLUSTER.yaml` or a port-forward)", file=sys.stderr)
+            return 1
+        except AuthenticationError as e:
+            print(f"fcclip submit: error: {_first_line(e)}: the cluster has token authentication on; put its token "
+                  "in RAY_AUTH_TOKEN (or ~/.ray/auth_token) and set RAY_AUTH_MODE=token", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            if "No available agent" not in str(e):  # a cluster that just started has no job agent yet
+                print(f"fcclip submit: error: the Job API at {address} refused the job: {_refusal(e)}; nothing was "
+                      "submitted", file=sys.stderr)
+                return 2
             if time.time() > deadline:
                 print(f"fcclip submit: error: the cluster at {address} had no job agent ready after {AGENT_WAIT_S} s "
                       "(its nodes may still be starting); nothing was submitted, try again", file=sys.stderr)
@@ -77,7 +89,30 @@ def main_args(args: argparse.Namespace) -> int:
     print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:
         return 0
-    return follow(client, job_id)
+    try:
+        return follow(client, job_id)
+    except KeyboardInterrupt:  # Ctrl-C stops following, not the job
+        print(f"\nfcclip submit: stopped following job {job_id}; it goes on running on the cluster (`ray job logs "
+              f"--follow {job_id} --address {address}` follows it again, `ray job stop {job_id} --address {address}` "
+              "stops it)", file=sys.stderr)
+        return 130
+
+
+def _refusal(e: RuntimeError) -> str:
+    """What the Job API said, out of Ray's "Request failed with status code N: TEXT", where TEXT is often the
+    server's traceback, itself holding another such request's: the innermost status code and exception line."""
+    text = str(e)
+    codes = re.findall(r"status code (\d+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip().strip(".")]
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", line)
+              and "Request failed with status code" not in line]
+    reason = (raised or lines or [type(e).__name__])[-1].rstrip(".")
+    return f"{reason} (HTTP {codes[-1]})" if codes else reason
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def follow(client, job_id: str) -> int:

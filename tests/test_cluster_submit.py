@@ -89,7 +89,10 @@ def test_submit_label_job(ray_head, s3_bucket, capsys):
         env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": "/nonexistent"},
         capture_output=True, text=True, timeout=120,
     )
-    assert refused.returncode != 0 and "uthentication" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "fcclip submit: error: Authentication required: Unauthorized: Missing authentication token: the cluster has "
+        "token authentication on; put its token in RAY_AUTH_TOKEN (or ~/.ray/auth_token) and set RAY_AUTH_MODE=token"]
     proc = subprocess.run(
         [str(BIN / "fcclip"), "submit", "--address", ray_head, "--",
          "fcclip", "label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", "cat; dog; sky [stuff]",
@@ -111,3 +114,54 @@ def test_submit_label_job(ray_head, s3_bucket, capsys):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_submit_refusals_and_ctrl_c_are_one_line(ray_head):
+    """A submission id already used, and an address where no Job API answers: one line each, nothing submitted.
+    Ctrl-C while following a job stops the following, not the job, and says how to follow or stop it."""
+    ray_head, token = ray_head
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    submit = [str(BIN / "fcclip"), "submit", "--address", ray_head]
+    first = subprocess.run([*submit, "--submission-id", "nightly-1", "--no-wait", "--", "true"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "submitted job nightly-1" in first.stdout, first.stderr
+    again = subprocess.run([*submit, "--submission-id", "nightly-1", "--no-wait", "--", "true"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"fcclip submit: error: the Job API at {ray_head} refused the job: ValueError: Job with submission_id "
+        "nightly-1 already exists. Please use a different submission_id (HTTP 400); nothing was submitted"], again.stderr
+
+    nowhere = subprocess.run([str(BIN / "fcclip"), "submit", "--address", f"http://127.0.0.1:{_free_port()}", "--",
+                              "true"], env=env, capture_output=True, text=True, timeout=120)
+    assert nowhere.returncode == 1, nowhere.stderr
+    lines = nowhere.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcclip submit: error: Failed to connect to Ray"), nowhere.stderr
+
+    job = [sys.executable, "-c", "import time; print('job started', flush=True); time.sleep(120)"]
+    # SIGINT at its default, as from a terminal (a suite run in the background passes it on ignored)
+    proc = subprocess.Popen([*submit, "--submission-id", "followed", "--", *job], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:
+            if "job started" in line:
+                break
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C in the terminal sends it
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(
+            "fcclip submit: stopped following job followed; it goes on running on the cluster"), err
+        # Ray's own client, in a process of its own: Ray reads the token settings once per process
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "followed", "--address", ray_head], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert "RUNNING" in status.stdout, status.stdout + status.stderr
+    finally:
+        subprocess.run([str(BIN / "ray"), "job", "stop", "followed", "--address", ray_head, "--no-wait"], env=env,
+                       capture_output=True, timeout=120)

@@ -1,7 +1,7 @@
 """``fcclip review``: people in the loop. Pick the images whose labels are most likely wrong, send them to Label
 Studio with the model's masks as pre-annotations, bring the corrections back as a labeling output.
 
-    fcclip review pick DEST --count N --by uncertainty|random|class=NAME [--out PICKS] [--seed S]
+    fcclip review pick DEST --count N --by uncertainty|random|class=NAME [--exclude PATH ...] [--out PICKS] [--seed S]
     fcclip review push PICKS --label-studio URL --project NAME [--document-root DIR] [--url-expiry SECONDS]
     fcclip review pull --label-studio URL --project NAME --out REVIEWED
     fcclip review merge DEST REVIEWED --out MERGED
@@ -9,7 +9,8 @@ Studio with the model's masks as pre-annotations, bring the corrections back as 
 ``pick`` streams over DEST's part files one batch at a time, reading only ``uri``, ``image_id``, ``status``,
 ``uncertainty`` (and the segments' labels for ``class=NAME``), and keeps the best N in a heap: its memory depends on
 N, not on the number of rows. The order is a function of the rows alone (ties and ``random`` are broken by a hash
-of the image id and ``--seed``), not of how they are split into files.
+of the image id and ``--seed``), not of how they are split into files. ``--exclude`` leaves out the images of
+earlier pick lists or of a reviewed output, so that a pick made every night sends people new images.
 
 PICKS is one small Parquet file: ``rank``, ``uri``, ``image_id``, ``score`` (the ranking key), ``why`` (one line),
 with DEST, the rule and DEST's vocabulary in its key-value metadata (``fcclip.review``), so ``push`` finds the masks.
@@ -27,6 +28,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,6 +60,8 @@ class Picks:
     dest: str
     by: str
     vocabulary: dict
+    excluded: int = 0  # images left out because an --exclude list held them (ok rows of DEST only)
+    exclude: tuple[str, ...] = ()  # those lists
 
 
 def _tiebreak(image_id: str, seed: int) -> int:
@@ -74,8 +78,11 @@ def parse_by(by: str) -> tuple[str, str | None]:
     raise ReviewError(f"--by {by!r}: expected uncertainty, random or class=NAME")
 
 
-def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Picks:
-    """The ``count`` images of DEST most worth a person's time under rule ``by`` (module docstring).
+def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclude: Sequence[str] = (),
+         out: str | None = None) -> Picks:
+    """The ``count`` images of DEST most worth a person's time under rule ``by`` (module docstring), leaving out
+    those of the ``exclude`` lists (see :func:`excluded_images`; ``out``, the pick list about to be written, is never
+    one of them, so that running the same pick again gives the same list).
 
     uncertainty: the largest ``uncertainty`` (fcclip.uncertainty.image_uncertainty) first.
     random: a seeded random sample (the smallest hashes of seed and image id).
@@ -102,6 +109,8 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Pi
         raise ReviewError(f"{dest} has no uncertainty column: label it again with this version, or relabel it "
                           "(fcclip relabel) when it was labeled with --embeddings")
 
+    skip = excluded_images(exclude, out)
+    excluded = 0
     columns = ["uri", "image_id", "status"] + (["uncertainty"] if kind != "random" else [])
     heap: list[tuple] = []  # the best `count` so far, worst on top: (key, tiebreak, uri, image_id, score, why)
     for path in output.files:
@@ -116,6 +125,9 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Pi
                 data = batch.to_pydict()
                 for i, (uri, image_id, status) in enumerate(zip(data["uri"], data["image_id"], data["status"])):
                     if status != "ok":
+                        continue
+                    if image_id in skip:
+                        excluded += 1
                         continue
                     tie = _tiebreak(image_id, seed)
                     if kind == "random":
@@ -145,13 +157,53 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0) -> Pi
         "score": [b[4] for b in best],
         "why": [b[5] for b in best],
     }, schema=PICKS_SCHEMA)
-    return Picks(table, dest, by, output.vocabulary)
+    return Picks(table, dest, by, output.vocabulary, excluded, tuple(exclude))
+
+
+def excluded_images(paths: Sequence[str], out: str | None = None) -> set[str]:
+    """The image ids held by ``paths`` (``--exclude``): each a pick list (a ``.parquet`` file), a folder or prefix of
+    pick lists (earlier nights' ``--out``), or a labeling output (``fcclip review pull``'s REVIEWED, say: its table's
+    current files). A folder that does not exist yet holds none (the first night of ``--exclude picks/ --out
+    picks/DATE.parquet``); a file that does not exist is an error. ``out`` is left out of a folder's lists."""
+    import fsspec
+
+    from .output import NotALabelingOutput, open_output
+
+    ids: set[str] = set()
+    out_path = fsspec.core.url_to_fs(out)[1].rstrip("/") if out else None
+    for path in paths:
+        fs, root = fsspec.core.url_to_fs(path)
+        root = root.rstrip("/")
+        if root.endswith(".parquet") or fs.isfile(root):
+            if not fs.isfile(root):
+                raise ReviewError(f"--exclude {path}: no such file")
+            files = [] if root == out_path else [root]
+        elif not fs.exists(root):
+            logger.info("--exclude %s: no such folder yet, nothing to leave out", path)
+            continue
+        else:
+            try:
+                output = open_output(path)
+            except NotALabelingOutput:  # a folder of pick lists
+                files = sorted(f for f in fs.glob(f"{root}/*.parquet") if f.rstrip("/") != out_path)
+            else:
+                fs, files = output.fs, output.files
+        for file in files:
+            with fs.open(file, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                if "image_id" not in parquet.schema_arrow.names:
+                    raise ReviewError(f"--exclude {path}: {file} has no image_id column (neither a pick list nor a "
+                                      "labeling output)")
+                for batch in parquet.iter_batches(batch_size=65536, columns=["image_id"]):
+                    ids.update(batch.column(0).to_pylist())
+    return ids
 
 
 def write_picks(picks: Picks, out: str) -> None:
     import fsspec
 
-    meta = {PICKS_KEY: json.dumps({"dest": picks.dest, "by": picks.by, "vocabulary": picks.vocabulary}).encode()}
+    meta = {PICKS_KEY: json.dumps({"dest": picks.dest, "by": picks.by, "vocabulary": picks.vocabulary,
+                                   "exclude": list(picks.exclude)}).encode()}
     buf = io.BytesIO()
     pq.write_table(picks.table.replace_schema_metadata(meta), buf)
     with fsspec.open(out, "wb") as f:
@@ -170,7 +222,8 @@ def read_picks(path: str) -> Picks:
     if meta is None:
         raise ReviewError(f"{path} is not a pick list of fcclip review pick (no fcclip.review metadata)")
     info = json.loads(meta)
-    return Picks(table.select(PICKS_SCHEMA.names), info["dest"], info["by"], info["vocabulary"])
+    return Picks(table.select(PICKS_SCHEMA.names), info["dest"], info["by"], info["vocabulary"],
+                 exclude=tuple(info.get("exclude", ())))
 
 
 # ---------------------------------------------------------------------------------------------------------- merge
@@ -256,6 +309,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("dest", metavar="DEST", help="a labeling output")
     q.add_argument("--count", type=int, required=True, help="how many images")
     q.add_argument("--by", default="uncertainty", help="uncertainty (default), random, or class=NAME")
+    q.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                   help="leave out the images PATH holds: a pick list, a folder of them (earlier nights' picks; "
+                        "one that does not exist yet holds none), or a labeling output such as REVIEWED; repeatable")
     q.add_argument("--out", default=None, metavar="PICKS", help="write the list here (a .parquet file)")
     q.add_argument("--seed", type=int, default=0, help="for random picks and ties (default: %(default)s)")
 
@@ -278,10 +334,11 @@ def main_args(args: argparse.Namespace) -> int:
 
     try:
         if args.review_command == "pick":
-            picks = pick(args.dest, args.count, args.by, seed=args.seed)
+            picks = pick(args.dest, args.count, args.by, seed=args.seed, exclude=args.exclude, out=args.out)
             for r in picks.table.to_pylist():
                 print(f"{r['rank']:>5}  {r['image_id']}  {r['uri']}  ({r['why']})")
             print(f"{picks.table.num_rows} image(s) picked by {picks.by} from {args.dest}"
+                  + (f" ({picks.excluded} left out by --exclude)" if args.exclude else "")
                   + (f"; list in {args.out}" if args.out else ""))
             if args.out:
                 write_picks(picks, args.out)

@@ -50,7 +50,7 @@ def _readme_commands() -> list[tuple[str, list[str]]]:
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = line.strip().removeprefix("$ ")
-            match = re.search(r"(?:^|\s|/)fcclip (\w.*)$", line)
+            match = re.search(r"(?:^|\s|/)fcclip (\w.*)$", re.split(r"\s+#\s", line, maxsplit=1)[0])
             if not match or line.startswith(("#", "import ", "from ")):
                 continue
             command = re.split(r"\s--\s+fcclip\s+", match.group(1), maxsplit=1)[-1]

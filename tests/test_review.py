@@ -134,6 +134,42 @@ def test_pick_by_class_and_the_cli(lake, tmp_path, capsys):
     assert "not a labeling output" in capsys.readouterr().err
 
 
+def test_pick_every_night_leaves_out_earlier_picks_and_reviewed_images(lake, tmp_path, capsys):
+    """The nightly loop: `--exclude picks/ --out picks/NIGHT.parquet` sends people new images each night (the same
+    command again gives the same list), and a labeling output such as REVIEWED leaves out the images it holds."""
+    root, rows = lake
+    order = [r["image_id"] for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["uncertainty"])]
+    dest, picks = str(root / "four"), tmp_path / "picks"
+
+    def night(name, *more):
+        assert main(["review", "pick", dest, "--count", "5", "--exclude", str(picks), *more,
+                     "--out", str(picks / f"{name}.parquet")]) == 0
+        return [r["image_id"] for r in review.read_picks(str(picks / f"{name}.parquet")).table.to_pylist()]
+
+    assert night("n1") == order[:5]  # picks/ does not exist yet: nothing to leave out
+    assert "5 image(s) picked by uncertainty" in capsys.readouterr().out
+    assert night("n1") == order[:5]  # run again: its own list is not left out
+    assert night("n2") == order[5:10]
+    assert "(5 left out by --exclude)" in capsys.readouterr().out
+    assert review.read_picks(str(picks / "n2.parquet")).exclude == (str(picks),)
+
+    reviewed = tmp_path / "reviewed"  # a labeling output holding two of the next images
+    make_output(reviewed, [rows[[r["image_id"] for r in rows].index(i)]["uri"] for i in order[10:12]], [(12, 16)] * 2,
+                [0.5, 0.5])
+    assert night("n3", "--exclude", str(reviewed)) == order[12:17]
+    assert "(12 left out by --exclude)" in capsys.readouterr().out
+    # a single list file too; a missing file and a Parquet file without image ids are one-line errors
+    got = review.pick(dest, 3, exclude=[str(picks / "n1.parquet")]).table.column("image_id").to_pylist()
+    assert got == order[5:8]
+    assert main(["review", "pick", dest, "--count", "5", "--exclude", str(tmp_path / "nope.parquet")]) == 2
+    assert "--exclude" in capsys.readouterr().err
+    other = tmp_path / "other.parquet"
+    pa_table = review.pa.table({"x": [1]})
+    review.pq.write_table(pa_table, other)
+    assert main(["review", "pick", dest, "--count", "5", "--exclude", str(other)]) == 2
+    assert "has no image_id column" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------- Label Studio
 def _label_studio_bin():
     path = os.environ.get("FCCLIP_LABEL_STUDIO") or str(ROOT / ".venv-ls" / "bin" / "label-studio")

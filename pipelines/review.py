@@ -230,7 +230,8 @@ def read_picks(path: str) -> Picks:
 def merge(dest: str, reviewed: str, out: str) -> dict:
     """The rule by which reviewed rows replace pseudo-labels: MERGED holds every row of DEST, in DEST's part files
     and order, except that a row whose ``image_id`` has a reviewed row is that reviewed row (its ``source`` says
-    ``human-reviewed``; the other rows' says ``model``). DEST's embedding columns are not carried (reviewed rows have
+    ``human-reviewed``; the other rows' says ``model``, or what it said where DEST is a merged output itself: an
+    earlier review merged in keeps its reviewer and time). DEST's embedding columns are not carried (reviewed rows have
     none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
     work: thousands, not millions) are held in memory. MERGED is a Delta table as DEST is: its part files are
     committed as version 0 once all are written. Returns the counts."""
@@ -280,7 +281,8 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             parquet = pq.ParquetFile(f)
             meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in (parquet.schema_arrow.metadata or {}).items()
                     if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
-            names = [n for n in SCHEMA.names if n in parquet.schema_arrow.names]
+            # DEST may be a merged output itself (an earlier review merged in): its rows keep their source
+            names = [n for n in schema.names if n in parquet.schema_arrow.names]
             tables = []
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
                 out_rows = []
@@ -290,7 +292,8 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                         counts["replaced"] += 1
                         out_rows.append(rows[r["image_id"]])
                     else:
-                        out_rows.append({**r, "source": "model", "reviewed_by": None, "reviewed_at": None})
+                        out_rows.append({"reviewed_by": None, "reviewed_at": None, **r, "source": r.get("source")
+                                         or "model"})
                 tables.append(pa.Table.from_pylist(out_rows, schema=schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})

@@ -416,6 +416,37 @@ def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(t
     assert len(list(other.glob("part-*.parquet"))) == 1 and not (other / "_delta_log").exists()
 
 
+def test_a_merged_output_merged_again_keeps_its_earlier_reviews(tmp_path, capsys):
+    """Reviews merged night after night (MERGED of one night is DEST of the next): a row reviewed earlier and not
+    since keeps `human-reviewed`, its reviewer and time; a row reviewed again takes the newer review."""
+    import datetime
+
+    import pyarrow as pa
+
+    from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA
+
+    uris = [f"s3://bucket/img_{i:03d}.jpg" for i in range(8)]
+    rows = make_output(tmp_path / "labels", uris, [(12, 16)] * 8, [0.5] * 8, files=2)
+
+    def review(name, picked, who, day):
+        when = datetime.datetime(2026, 12, day, tzinfo=datetime.timezone.utc)
+        write_part(Destination(str(tmp_path / name)), 0, pa.Table.from_pylist(
+            [{**rows[i], "source": "human-reviewed", "reviewed_by": who, "reviewed_at": when} for i in picked],
+            schema=pa.schema(list(SCHEMA) + REVIEW_FIELDS)), {"vocabulary": VOCAB.to_dict(), "run_id": name})
+        return str(tmp_path / name)
+
+    first, second = review("r1", [0, 1, 2], "a@example.com", 4), review("r2", [2, 3], "b@example.com", 5)
+    assert main(["review", "merge", str(tmp_path / "labels"), first, "--out", str(tmp_path / "m1")]) == 0
+    assert main(["review", "merge", str(tmp_path / "m1"), second, "--out", str(tmp_path / "m2")]) == 0
+    assert "8 rows, 2 replaced by reviewed rows" in capsys.readouterr().out
+    got = {r["uri"]: (r["source"], r["reviewed_by"], r["reviewed_at"].day if r["reviewed_at"] else None)
+           for r in pq.read_table(tmp_path / "m2").to_pylist()}
+    assert [got[u] for u in uris] == [
+        ("human-reviewed", "a@example.com", 4), ("human-reviewed", "a@example.com", 4),
+        ("human-reviewed", "b@example.com", 5), ("human-reviewed", "b@example.com", 5),
+    ] + [("model", None, None)] * 4
+
+
 def test_codec_matches_label_studios_own(label_studio, tmp_path):
     """Label Studio's own converter decodes our RLE to the same pixels, and we decode its encoding."""
     python = Path(_label_studio_bin()).parent / "python"

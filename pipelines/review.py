@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["pick", "read_picks", "merge", "add_arguments", "main_args"]
@@ -274,6 +275,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
         with done.fs.open(path, "rb") as f:
             for r in pq.read_table(f, columns=schema.names).to_pylist():
                 rows[r["image_id"]] = r
+    reviewed_ids = pa.array(list(rows), pa.string())
     counts = {"rows": 0, "replaced": 0}
     run_id = new_run_id()
     for shard, path in enumerate(base.files):
@@ -285,9 +287,14 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             names = [n for n in schema.names if n in parquet.schema_arrow.names]
             tables = []
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
+                counts["rows"] += batch.num_rows
+                if not pc.any(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)).as_py():
+                    fast = _unreviewed(batch, schema)  # most batches: no reviewed image, columns as they are
+                    if fast is not None:
+                        tables.append(fast)
+                        continue
                 out_rows = []
                 for r in batch.to_pylist():
-                    counts["rows"] += 1
                     if r["image_id"] in rows:
                         counts["replaced"] += 1
                         out_rows.append(rows[r["image_id"]])
@@ -303,6 +310,28 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             "run_id": run_id, "operation": "review merge", "merged_from": {"labels": dest, "reviewed": reviewed},
             "rows_replaced": counts["replaced"]})
     return counts
+
+
+def _unreviewed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table | None:
+    """A batch of DEST without reviewed images as MERGED's rows, column by column: a column DEST lacks is null, a
+    ``source`` DEST lacks (or leaves null) is ``model``. None where a column does not cast to MERGED's type (the
+    caller then goes row by row)."""
+    columns = []
+    for field in schema:
+        if field.name in batch.schema.names:
+            column = batch.column(field.name)
+            if field.name == "source":
+                column = pc.fill_null(column, "model")
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return None
+        elif field.name == "source":
+            column = pa.array(["model"] * batch.num_rows, pa.string())
+        else:
+            column = pa.nulls(batch.num_rows, field.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -276,6 +277,8 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             for r in pq.read_table(f, columns=schema.names).to_pylist():
                 rows[r["image_id"]] = r
     reviewed_ids = pa.array(list(rows), pa.string())
+    reviewed_rows = pa.Table.from_pylist(list(rows.values()), schema=schema)  # row i: reviewed_ids[i]'s
+    position = {image_id: i for i, image_id in enumerate(rows)}
     counts = {"rows": 0, "replaced": 0}
     run_id = new_run_id()
     for shard, path in enumerate(base.files):
@@ -288,11 +291,18 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             tables = []
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
                 counts["rows"] += batch.num_rows
-                if not pc.any(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)).as_py():
-                    fast = _unreviewed(batch, schema)  # most batches: no reviewed image, columns as they are
-                    if fast is not None:
-                        tables.append(fast)
-                        continue
+                carried = _unreviewed(batch, schema)  # column by column; row by row below where it cannot be
+                if carried is not None:
+                    hits = np.flatnonzero(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)
+                                          .to_numpy(zero_copy_only=False))
+                    pieces, start = [], 0
+                    for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
+                        pieces += [carried.slice(start, hit - start),
+                                   reviewed_rows.slice(position[batch.column("image_id")[hit].as_py()], 1)]
+                        start = hit + 1
+                    counts["replaced"] += len(hits)
+                    tables += [*pieces, carried.slice(start)]
+                    continue
                 out_rows = []
                 for r in batch.to_pylist():
                     if r["image_id"] in rows:
@@ -313,9 +323,9 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
 
 
 def _unreviewed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table | None:
-    """A batch of DEST without reviewed images as MERGED's rows, column by column: a column DEST lacks is null, a
-    ``source`` DEST lacks (or leaves null) is ``model``. None where a column does not cast to MERGED's type (the
-    caller then goes row by row)."""
+    """A batch of DEST as MERGED's rows before any review replaces one, column by column: a column DEST lacks is
+    null, a ``source`` DEST lacks (or leaves null) is ``model``. None where a column does not cast to MERGED's type
+    (the caller then goes row by row)."""
     columns = []
     for field in schema:
         if field.name in batch.schema.names:

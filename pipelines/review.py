@@ -291,27 +291,16 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             tables = []
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
                 counts["rows"] += batch.num_rows
-                carried = _unreviewed(batch, schema)  # column by column; row by row below where it cannot be
-                if carried is not None:
-                    hits = np.flatnonzero(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)
-                                          .to_numpy(zero_copy_only=False))
-                    pieces, start = [], 0
-                    for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
-                        pieces += [carried.slice(start, hit - start),
-                                   reviewed_rows.slice(position[batch.column("image_id")[hit].as_py()], 1)]
-                        start = hit + 1
-                    counts["replaced"] += len(hits)
-                    tables += [*pieces, carried.slice(start)]
-                    continue
-                out_rows = []
-                for r in batch.to_pylist():
-                    if r["image_id"] in rows:
-                        counts["replaced"] += 1
-                        out_rows.append(rows[r["image_id"]])
-                    else:
-                        out_rows.append({"reviewed_by": None, "reviewed_at": None, **r, "source": r.get("source")
-                                         or "model"})
-                tables.append(pa.Table.from_pylist(out_rows, schema=schema))
+                carried = _carried(batch, schema)
+                hits = np.flatnonzero(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)
+                                      .to_numpy(zero_copy_only=False))
+                pieces, start = [], 0
+                for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
+                    pieces += [carried.slice(start, hit - start),
+                               reviewed_rows.slice(position[batch.column("image_id")[hit].as_py()], 1)]
+                    start = hit + 1
+                counts["replaced"] += len(hits)
+                tables += [*pieces, carried.slice(start)]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})
         write_part(target, shard, table, meta)
@@ -322,20 +311,14 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     return counts
 
 
-def _unreviewed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table | None:
+def _carried(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table:
     """A batch of DEST as MERGED's rows before any review replaces one, column by column: a column DEST lacks is
-    null, a ``source`` DEST lacks (or leaves null) is ``model``. None where a column does not cast to MERGED's type
-    (the caller then goes row by row)."""
+    null, a ``source`` DEST lacks (or leaves null) is ``model`` (DEST may be a merged output itself)."""
     columns = []
     for field in schema:
         if field.name in batch.schema.names:
             column = batch.column(field.name)
-            if field.name == "source":
-                column = pc.fill_null(column, "model")
-            try:
-                column = column.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                return None
+            column = (pc.fill_null(column, "model") if field.name == "source" else column).cast(field.type)
         elif field.name == "source":
             column = pa.array(["model"] * batch.num_rows, pa.string())
         else:

@@ -550,7 +550,8 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
     from . import lake  # lake builds on this module
 
     table = Destination(dest)
-    if lake.has_table(table):
+    in_table = lake.has_table(table)
+    if in_table:
         try:
             version, names = lake.versioned_files(table, version)
             files = [table.path(name) for name in names]
@@ -573,7 +574,12 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
     for path in files:
         names, meta, unreadable = _read_footer(fs, path)
         if unreadable:
-            raise OutputError(f"{dest}: cannot read {path.rsplit('/', 1)[-1]} as Parquet ({unreadable})")
+            name = path.rsplit('/', 1)[-1]
+            if in_table and unreadable.startswith("FileNotFoundError"):  # removed by a vacuum, or by hand
+                which = f"version {version}" if version is not None else "the current version"
+                raise OutputError(f"{dest}: cannot read {which} of its table: its part file {name} is gone "
+                                  "(a vacuum removes the files only past versions refer to)")
+            raise OutputError(f"{dest}: cannot read {name} as Parquet ({unreadable})")
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing or VOCABULARY_KEY not in meta:
             foreign.append((path, f"no column {missing[0]!r}" if missing else "no fcclip.vocabulary metadata"))

@@ -173,6 +173,22 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     assert main([*command, "--resume", "--version", str(latest)]) == 2
     assert f"was trained with --version {first} (this command says {latest})" in capsys.readouterr().err
 
+    # reclaiming the files only past versions refer to (README): deltalake's vacuum removes the part files that
+    # rewrites replaced; the current version, DEST's bookkeeping and the next run are untouched, and a vacuumed
+    # version is one line
+    from deltalake import DeltaTable
+
+    gone = DeltaTable(dest).vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+    assert gone and not set(gone) & set(table_files(Destination(dest))), gone
+    assert not any((Path(dest) / name).exists() for name in gone)
+    assert pl.scan_delta(dest).select(pl.col("uri").n_unique()).collect().item() == 30
+    assert main(_args(str(folder), dest, "--no-refresh")) == 0
+    assert "labeled 0 image(s)" in capsys.readouterr().out
+    assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "old"), "--version",
+                 str(first)]) == 2
+    assert f"cannot read version {first} of its table: its part file part-000000.parquet is gone" in \
+        capsys.readouterr().err
+
 
 def _inventory(bucket: str, key: str) -> None:
     """An S3 Inventory report's data file (Parquet, the report's column names) of ``bucket/in/``."""

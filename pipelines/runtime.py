@@ -46,13 +46,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet(verbose)
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.INFO if verbose else logging.ERROR)
-    else:
-        ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-            logging_level=logging.INFO if verbose else logging.ERROR,
-        )
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver,
+                     logging_level=logging.INFO if verbose else logging.ERROR)
+        else:
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                logging_level=logging.INFO if verbose else logging.ERROR,
+            )
+    except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15
+        if e.code != signal.SIGTERM or threading.current_thread() is not threading.main_thread():
+            raise
+        _on_sigterm(signal.SIGTERM, None)
     if threading.current_thread() is threading.main_thread():  # Ray's driver set its own: a C++ stack dump and an
         signal.signal(signal.SIGTERM, _on_sigterm)  # abort (exit 134, the local Ray left running) on `ray job stop`
     return True

@@ -277,6 +277,41 @@ def test_a_stop_while_waiting_for_gpus_is_one_line_and_the_listing_is_kept(tmp_p
     assert len(pq.read_table(dest).to_pylist()) == 2
 
 
+def test_sigterm_while_ray_starts_is_one_line(tmp_path):
+    """SIGTERM as the job starts its local Ray (`ray.init` sets a handler of its own first thing, which exited with
+    status 15 and no line): exit 128 + 15, one line, the lock released."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    dest = tmp_path / "out"
+    argv = _local_args(tmp_path / "in", dest, "--gpus-per-actor", "0", "--num-cpus", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "fcclip_pipelines", *argv], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "Ray and 1 model actor(s) starting" in line:  # ray.init is next: seconds on this machine
+                break
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.stderr.read()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if line.startswith("fcclip label:")] == [
+        "fcclip label: stopped by SIGTERM"], err
+    assert not (dest / "_fcclip" / "lock.json").exists()
+
+
 def test_foreign_files_in_dest_are_refused_untouched(tmp_path, capsys):
     import pyarrow as pa
 

@@ -33,7 +33,7 @@ RETRIES = 2  # attempts after the first, for a task whose worker died or an acto
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             log_to_driver: bool = True) -> bool:
+             log_to_driver: bool = True, dashboard: bool = False) -> bool:
     """Start a new local Ray (``address`` None and no ``RAY_ADDRESS``) or join ``address``.
 
     Returns True when this call started or joined Ray (so the caller shuts it down with ``shutdown_ray``), False
@@ -52,7 +52,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                      logging_level=logging.INFO if verbose else logging.ERROR)
         else:
             ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
                 logging_level=logging.INFO if verbose else logging.ERROR,
             )
     except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15

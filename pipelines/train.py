@@ -708,7 +708,9 @@ def run_train(
     differences = _differences(recorded, settings) if recorded is not None else []
     if differences and _has_checkpoint(run_dir):
         raise SettingsMismatch(run_dir, differences)
-    runtime.init_ray(address, num_cpus, verbose=True)  # joins address / $RAY_ADDRESS, else a new local Ray
+    # joins address / $RAY_ADDRESS, else a new local Ray, with its dashboard: Ray Train asks its State API every
+    # second whether the run's controller lives, and logs a warning each time it cannot
+    runtime.init_ray(address, num_cpus, verbose=True, dashboard=True)
     gpus_per_worker = runtime.resolve_gpus(gpus_per_worker, address)  # asked for, never read off the cluster
     check_gpus_per_worker(gpus_per_worker, num_workers)
     resources = {"CPU": cpus_per_worker}

@@ -134,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime.raise_on_sigterm()  # set again once Ray has started (runtime.init_ray): Ray sets its own
         return int(load_command(args.command).main_args(args) or 0)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what a command commits as it goes stays; no traceback unless -v
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what a command commits as it goes stays; no traceback unless -v
         if args.verbose:
             raise
-        if isinstance(e, runtime.Terminated) or runtime.terminated():
+        if runtime.terminated():  # Terminated, or what Ray made of it inside one of its calls
             print(f"fcclip {args.command}: stopped by SIGTERM", file=sys.stderr)
             return 128 + signal.SIGTERM
         print(f"fcclip {args.command}: interrupted", file=sys.stderr)

@@ -397,7 +397,8 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
 # -------------------------------------------------------------------------------------------------------- CLI
 def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("picks", metavar="PICKS", help="fcclip review pick's --out")
-    p.add_argument("--label-studio", required=True, metavar="URL", help="the Label Studio server, e.g. http://localhost:8080 (its API token in $LABEL_STUDIO_API_KEY)")
+    p.add_argument("--label-studio", required=True, metavar="URL",
+                   help="the Label Studio server, e.g. http://localhost:8080 (its API token in $LABEL_STUDIO_API_KEY)")
     p.add_argument("--project", required=True, metavar="NAME", help="created when missing, extended otherwise")
     p.add_argument("--document-root", default=os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"),
                    help="the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for local images (default: that "
@@ -407,7 +408,8 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_pull_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--label-studio", required=True, metavar="URL", help="the Label Studio server the picks were pushed to (its API token in $LABEL_STUDIO_API_KEY)")
+    p.add_argument("--label-studio", required=True, metavar="URL",
+                   help="the Label Studio server the picks were pushed to (its API token in $LABEL_STUDIO_API_KEY)")
     p.add_argument("--project", required=True, metavar="NAME", help="its project, as `fcclip review push` named it")
     p.add_argument("--out", required=True, metavar="REVIEWED", help="a new folder: the reviewed labeling output")
 

@@ -576,8 +576,7 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
         if unreadable:
             name = path.rsplit('/', 1)[-1]
             if in_table and unreadable.startswith("FileNotFoundError"):  # removed by a vacuum, or by hand
-                which = f"version {version}" if version is not None else "the current version"
-                raise OutputError(f"{dest}: cannot read {which} of its table: its part file {name} is gone "
+                raise OutputError(f"{dest}: cannot read version {version} of its table: its part file {name} is gone "
                                   "(a vacuum removes the files only past versions refer to)")
             raise OutputError(f"{dest}: cannot read {name} as Parquet ({unreadable})")
         missing = [c for c in REQUIRED_COLUMNS if c not in names]

@@ -176,8 +176,9 @@ def excluded_images(paths: Sequence[str], out: str | None = None) -> set[str]:
     for path in paths:
         fs, root = fsspec.core.url_to_fs(path)
         root = root.rstrip("/")
-        if root.endswith(".parquet") or fs.isfile(root):
-            if not fs.isfile(root):
+        is_file = fs.isfile(root)
+        if is_file or root.endswith(".parquet"):
+            if not is_file:
                 raise ReviewError(f"--exclude {path}: no such file")
             files = [] if root == out_path else [root]
         elif not fs.exists(root):
@@ -278,7 +279,6 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                 rows[r["image_id"]] = r
     reviewed_ids = pa.array(list(rows), pa.string())
     reviewed_rows = pa.Table.from_pylist(list(rows.values()), schema=schema)  # row i: reviewed_ids[i]'s
-    position = {image_id: i for i, image_id in enumerate(rows)}
     counts = {"rows": 0, "replaced": 0}
     run_id = new_run_id()
     for shard, path in enumerate(base.files):
@@ -292,12 +292,11 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
                 counts["rows"] += batch.num_rows
                 carried = _carried(batch, schema)
-                hits = np.flatnonzero(pc.is_in(batch.column("image_id"), value_set=reviewed_ids)
-                                      .to_numpy(zero_copy_only=False))
+                at = pc.fill_null(pc.index_in(batch.column("image_id"), value_set=reviewed_ids), -1).to_numpy()
+                hits = np.flatnonzero(at >= 0)
                 pieces, start = [], 0
                 for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
-                    pieces += [carried.slice(start, hit - start),
-                               reviewed_rows.slice(position[batch.column("image_id")[hit].as_py()], 1)]
+                    pieces += [carried.slice(start, hit - start), reviewed_rows.slice(int(at[hit]), 1)]
                     start = hit + 1
                 counts["replaced"] += len(hits)
                 tables += [*pieces, carried.slice(start)]

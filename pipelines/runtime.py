@@ -56,12 +56,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                 logging_level=logging.INFO if verbose else logging.ERROR,
             )
     except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15
-        if e.code != signal.SIGTERM or threading.current_thread() is not threading.main_thread():
+        if e.code != signal.SIGTERM:
             raise
         _on_sigterm(signal.SIGTERM, None)
-    if threading.current_thread() is threading.main_thread():  # Ray's driver set its own: a C++ stack dump and an
-        signal.signal(signal.SIGTERM, _on_sigterm)  # abort (exit 134, the local Ray left running) on `ray job stop`
-    return True
+    raise_on_sigterm()  # Ray's driver set its own: a C++ stack dump and an abort (exit 134, the local Ray left
+    return True  # running) on `ray job stop`
 
 
 class Terminated(KeyboardInterrupt):

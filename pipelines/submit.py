@@ -22,6 +22,8 @@ import time
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
+from .cli import _first_line
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 300  # how long a submission waits for the job agent of a cluster that is still starting
 
@@ -108,11 +110,6 @@ def _refusal(e: RuntimeError) -> str:
               and "Request failed with status code" not in line]
     reason = (raised or lines or [type(e).__name__])[-1].rstrip(".")
     return f"{reason} (HTTP {codes[-1]})" if codes else reason
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def follow(client, job_id: str) -> int:

@@ -258,15 +258,14 @@ def test_sigterm_to_a_ray_job_is_one_line_and_its_local_ray_stops(tmp_path):
     a GPU this Ray lacks: exit 128 + 15 and one line, where Ray's own handler printed a C++ stack dump, aborted (exit
     134) and left the local Ray it had started running. (`fcclip label` has its own stop handling: test_label.)"""
     import os
-    import shutil
     import signal
-    import tempfile
     import time
 
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
+    from tests.test_label_faults import _end_processes, _ray_pids, _ray_tmpdir, _remove_tree
 
     write_coco_panoptic(tmp_path / "coco", 2, size=(64, 80))
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    ray_tmp = _ray_tmpdir()
     argv = ["train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "coco"), "--storage",
             str(tmp_path / "runs"), "--num-workers", "1", "--gpus-per-worker", "1", "--gpu-wait", "300",
             "--max-iters", "1", "--num-cpus", "1"]
@@ -283,16 +282,15 @@ def test_sigterm_to_a_ray_job_is_one_line_and_its_local_ray_stops(tmp_path):
         err = "".join(lines) + proc.stderr.read()
         code = proc.wait(timeout=120)
         deadline = time.monotonic() + 30  # the Ray processes it started go with it
-        while time.monotonic() < deadline and _processes_naming(ray_tmp):
+        while time.monotonic() < deadline and _ray_pids(ray_tmp):
             time.sleep(0.5)
-        left = _processes_naming(ray_tmp)
+        left = _ray_pids(ray_tmp)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in _processes_naming(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        _end_processes(ray_tmp)
+        _remove_tree(ray_tmp)
     assert code == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "fcclip train: stopped by SIGTERM", err
     assert "Traceback" not in err and "SIGTERM received" not in err, err
@@ -314,19 +312,6 @@ def test_local_training_log_holds_no_state_api_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained to iteration 30" in proc.stdout and "final checkpoint:" in proc.stdout, proc.stdout
     assert "Failed to query Ray Train Controller" not in proc.stderr, proc.stderr[-3000:]
-
-
-def _processes_naming(text: str) -> list[int]:
-    """The processes whose command line holds ``text``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def test_a_uri_whose_file_system_is_missing_or_unknown_is_one_line(tmp_path, capsys):

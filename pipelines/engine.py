@@ -12,6 +12,9 @@ them.)
     write task (CPU):      segment maps -> RLE, areas, boxes -> Arrow rows -> a fragment under _fcclip/fragments
     commit task (CPU):     a shard's fragments -> DEST/part-NNNNNN.parquet (atomic), fragments deleted
 
+The driver also records what it sees as Ray metrics (pipelines/telemetry.py: rows written, shards committed, the
+pool, the backlog), which a cluster's Prometheus scrapes.
+
 Resources are asked for, never read off the cluster: every model actor asks for ``gpus`` GPUs and
 ``cpus_per_actor`` CPUs, every decode and write task for one CPU, so that an autoscaling cluster sees the demand and
 adds the nodes. The model actors are a pool of MIN to MAX (``actors``): MIN start at once; while the chunks waiting
@@ -52,6 +55,7 @@ import ray
 from . import runtime
 from .output import Destination, DestinationWriteError, commit_shard, write_fragment
 from .stages import ReadDecode, encode_rows, label_images, run_metadata
+from .telemetry import LabelMetrics
 
 logger = logging.getLogger("fcclip.label")
 
@@ -218,6 +222,7 @@ class LabelEngine:
         self.decoded: collections.deque[Chunk] = collections.deque()  # waiting for a model call
         self.writing: dict = {}  # ref -> chunk
         self.committing: dict = {}  # ref -> (shard, attempts)
+        self.metrics = LabelMetrics(self.dest.uri, sum(self.sizes[s] for s in pending))  # for Prometheus
         self.actors = [self._new_actor() for _ in range(self.min_actors)]
         self.startup_failures = 0
         try:
@@ -239,9 +244,12 @@ class LabelEngine:
                 self._on_decoded(ready)
                 self._on_written(ready)
                 self._on_committed(ready)
+                ready_actors = sum(1 for a in self.actors if a.ready)
+                self.metrics.pool(ready_actors, len(self.actors) - ready_actors, len(self.decoded))
         finally:
             for actor in self.actors:
                 self._end(actor)
+            self.metrics.close()
         return self.result
 
     def _refill(self) -> None:
@@ -324,7 +332,7 @@ class LabelEngine:
             except ray.exceptions.RayActorError as e:
                 logger.warning("a model actor died (%s); replacing it", _short(e))
                 requeue = [c.chunk for c in actor.calls]
-                self._replace(actor)
+                self._replace(actor, "died")
                 for chunk in [call.chunk, *requeue]:
                     self._retry(chunk, "model actor crashed or was killed", count_attempts=True)
                 return
@@ -343,7 +351,7 @@ class LabelEngine:
                            self.batch_timeout)
             requeue = [c.chunk for c in list(actor.calls)[1:]]
             actor.calls.clear()
-            self._replace(actor)
+            self._replace(actor, "timed_out")
             self._fail(call.chunk, f"model timed out after {self.batch_timeout:g} s on this image alone")
             for chunk in reversed(requeue):
                 self.decoded.appendleft(chunk)
@@ -360,8 +368,9 @@ class LabelEngine:
         except Exception:
             return None
 
-    def _replace(self, actor: _Actor) -> None:
+    def _replace(self, actor: _Actor, reason: str) -> None:
         self._end(actor)
+        self.metrics.actor_replaced(reason)
         self.actors[self.actors.index(actor)] = self._new_actor()
 
     def _on_started(self, actor: _Actor) -> None:
@@ -378,7 +387,7 @@ class LabelEngine:
             if self.startup_failures > RETRIES + self.max_actors:
                 raise LabelError(f"the model actor could not start: {_short(e)}") from None
             logger.warning("a model actor failed to start (%s); starting another", _short(e))
-            self._replace(actor)
+            self._replace(actor, "failed_to_start")
 
     def _retry(self, chunk: Chunk, reason: str, count_attempts: bool = False) -> None:
         """Run a chunk whose model call was lost again (decoded again: its images may have died with a node), at
@@ -426,6 +435,7 @@ class LabelEngine:
             res.segments += info["segments"]
             for reason, n in info["errors"].items():
                 res.errors[reason] = res.errors.get(reason, 0) + n
+            self.metrics.labeled(info["ok"], info["failed"], info["segments"])
             if self.progress is not None:
                 self.progress.labeled(info["ok"], info["failed"])
             state = self.open_shards[chunk.shard]
@@ -460,6 +470,7 @@ class LabelEngine:
             if self.on_committed is not None:
                 self.on_committed(shard)
             self.result.committed.append(shard)
+            self.metrics.committed()
             if self.progress is not None:
                 self.progress.committed()
 

@@ -101,6 +101,7 @@ def test_launcher_config_is_secure(path):
             assert "RAY_AUTH_MODE=token" in cmd, cmd
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "--metrics-export-port=8080" in head  # where README's "Watching a run" says Prometheus finds the job
     for forbidden in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "RAY_AUTH_TOKEN="):
         assert forbidden not in text
 

@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,8 +29,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(s3_server, tmp_path):
-    """A one-node Ray cluster started with `ray start --head`, its dashboard/Job API on loopback only."""
-    port, dash = _free_port(), _free_port()
+    """A one-node Ray cluster started with `ray start --head`, its dashboard/Job API on loopback only, its metrics
+    served for Prometheus on a port of their own (reported every half second, not every ten)."""
+    port, dash, metrics = _free_port(), _free_port(), _free_port()
     # token authentication on, with a token of our own (as the cluster configs in cluster/ do)
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
@@ -38,6 +41,7 @@ def ray_head(s3_server, tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         f"--metrics-export-port={metrics}", '--system-config={"metrics_report_interval_ms": 500}',
          f"--temp-dir={temp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
@@ -55,7 +59,8 @@ def ray_head(s3_server, tmp_path):
         else:
             raise RuntimeError("the Ray dashboard did not come up")
         time.sleep(3)  # the Job API starts with the dashboard's modules
-        yield address, token
+        yield SimpleNamespace(address=address, token=token, gcs=f"127.0.0.1:{port}",
+                              metrics=f"http://127.0.0.1:{metrics}/metrics")
     finally:
         # `ray start --block` stops its node on SIGTERM but lingers itself (30 s measured): the group's leftovers
         # are SIGKILLed after a short grace
@@ -73,7 +78,7 @@ def ray_head(s3_server, tmp_path):
 
 
 def test_submit_label_job(ray_head, s3_bucket, capsys):
-    ray_head, token = ray_head
+    ray_head, token = ray_head.address, ray_head.token
     import boto3
     import s3fs
     import pyarrow.parquet as pq
@@ -119,7 +124,7 @@ def test_submit_label_job(ray_head, s3_bucket, capsys):
 def test_submit_refusals_and_ctrl_c_are_one_line(ray_head):
     """A submission id already used, and an address where no Job API answers: one line each, nothing submitted.
     Ctrl-C while following a job stops the following, not the job, and says how to follow or stop it."""
-    ray_head, token = ray_head
+    ray_head, token = ray_head.address, ray_head.token
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     submit = [str(BIN / "fcclip"), "submit", "--address", ray_head]
     first = subprocess.run([*submit, "--submission-id", "nightly-1", "--no-wait", "--", "true"], env=env,
@@ -165,3 +170,67 @@ def test_submit_refusals_and_ctrl_c_are_one_line(ray_head):
     finally:
         subprocess.run([str(BIN / "ray"), "job", "stop", "followed", "--address", ray_head, "--no-wait"], env=env,
                        capture_output=True, timeout=120)
+
+
+def _scrape(url: str) -> dict:
+    """The fcclip series a node's metrics agent serves: {(name, status/state/reason tag or ""): value}, of one DEST."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_fcclip_label_"):
+                tags = sample.labels
+                key = (sample.name, tags.get("status") or tags.get("state") or tags.get("reason") or "")
+                found[key] = found.get(key, 0) + sample.value
+                found["dest"] = tags["dest"]
+    return found
+
+
+def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
+    """`fcclip label` on a cluster whose head serves metrics: the node's Prometheus endpoint shows, while the job
+    runs, its model actors and the images it has left, and after it the images written (ok and error rows), the
+    segments, the committed part files and the model actors replaced for a batch that hung."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for key, data in good_images(5).items():
+        (src / Path(key).name).write_bytes(data)
+    Image.new("RGB", (64, 48), (255, 0, 255)).save(src / "hung-forward.png")  # the stand-in model hangs on it
+    (src / "truncated.jpg").write_bytes(next(iter(good_images(1).values()))[:200])  # a real corrupt file
+    dest = tmp_path / "out"
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head.token)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "label_job.py"), "--hanging-model", "--model-seconds", "0.7",
+         "--", str(src), "--out", str(dest), "--vocab", "thing;", "--address", ray_head.gcs, "--gpus-per-actor", "0",
+         "--shard-size", "3", "--chunk-size", "3", "--batch-size", "1", "--batch-timeout", "3", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    during = []
+    try:
+        while proc.poll() is None:
+            during.append(_scrape(ray_head.metrics))
+            time.sleep(0.25)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "5 ok, 2 failed" in out, out[-3000:]
+    after = _scrape(ray_head.metrics)
+    assert after["dest"] == str(dest)
+    assert after[("ray_fcclip_label_images_total", "ok")] == 5
+    assert after[("ray_fcclip_label_images_total", "failed")] == 2  # the corrupt file, the image the model hung on
+    assert after[("ray_fcclip_label_segments_total", "")] == 5  # the stand-in gives one segment an image
+    assert after[("ray_fcclip_label_shards_committed_total", "")] == 3
+    # the hung chunk's actor, then the hung image's alone (as test_label_faults counts the warnings)
+    assert after[("ray_fcclip_label_model_actors_replaced_total", "timed_out")] == 2
+    assert after[("ray_fcclip_label_images_left", "")] == 0
+    assert after[("ray_fcclip_label_model_actors", "ready")] == 0 and after[("ray_fcclip_label_chunks_waiting", "")] == 0
+    # while it ran: a model actor up, and images left that were neither all of them nor none
+    assert max(d.get(("ray_fcclip_label_model_actors", "ready"), 0) for d in during) >= 1
+    assert {d.get(("ray_fcclip_label_images_left", "")) for d in during} & set(range(1, 7)), during[-3:]

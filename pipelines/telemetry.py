@@ -1,0 +1,114 @@
+"""`fcclip label`'s figures as Ray metrics, for Prometheus and Grafana: what the progress lines say, per cluster.
+
+Recorded by the driver through ``ray.util.metrics``; the metrics agent of the driver's node (the head, for a job
+submitted with `ray job submit`) serves them in Prometheus' format at its ``--metrics-export-port``, with Ray's own
+metrics. Ray prefixes each name with ``ray_`` and counters end in ``_total``; every series has a ``dest`` tag (the
+job's DEST) beside Ray's own (``SessionName``, ``WorkerId`` ...):
+
+    ray_fcclip_label_images_total{status="ok"|"failed"}   images written as rows (failed: error rows)
+    ray_fcclip_label_segments_total                        segments in those rows
+    ray_fcclip_label_shards_committed_total                part files committed to the table
+    ray_fcclip_label_model_actors_replaced_total{reason="died"|"timed_out"|"failed_to_start"}
+    ray_fcclip_label_images_left                           images of this run not yet written
+    ray_fcclip_label_model_actors{state="ready"|"starting"}
+    ray_fcclip_label_chunks_waiting                        decoded chunks waiting for a model actor (the backlog)
+
+Counters start from zero in each run (each run is a new driver: Prometheus' ``rate()`` and ``increase()`` take that
+in their stride); at its end the gauges are set to zero. Where Ray's metrics cannot be recorded (Ray installed
+without its ``default`` extra), the job runs without them and says so in a debug line.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("fcclip.label")
+
+GAUGE_EVERY_S = 1.0  # the gauges are set at most this often (the driver's loop turns many times a second)
+
+
+class LabelMetrics:
+    """The driver's recorder (after Ray is initialized). Every method is cheap (a few microseconds) and never raises."""
+
+    def __init__(self, dest: str, images: int):
+        self._left = images
+        self._last_gauges = 0.0
+        self._ok = False
+        try:
+            from ray.util.metrics import Counter, Gauge
+
+            tags = {"dest": dest}
+
+            def counter(name, description, *keys):
+                metric = Counter(name, description=description, tag_keys=("dest", *keys))
+                metric.set_default_tags(tags)
+                return metric
+
+            def gauge(name, description, *keys):
+                metric = Gauge(name, description=description, tag_keys=("dest", *keys))
+                metric.set_default_tags(tags)
+                return metric
+
+            self.images = counter("fcclip_label_images", "images written as rows (failed: error rows)", "status")
+            self.segments = counter("fcclip_label_segments", "segments in the rows written")
+            self.shards = counter("fcclip_label_shards_committed", "part files committed to the table")
+            self.replaced = counter("fcclip_label_model_actors_replaced", "model actors replaced", "reason")
+            self.images_left = gauge("fcclip_label_images_left", "images of this run not yet written")
+            self.actors = gauge("fcclip_label_model_actors", "model actors alive", "state")
+            self.waiting = gauge("fcclip_label_chunks_waiting", "decoded chunks waiting for a model actor")
+            self.images_left.set(images)
+            self._ok = True
+        except Exception as e:  # noqa: BLE001 - metrics are an addition: never the job's end
+            logger.debug("no Ray metrics for this job: %s", e)
+
+    def labeled(self, ok: int, failed: int, segments: int) -> None:
+        """A chunk's rows written."""
+        self._left -= ok + failed
+        if not self._ok:
+            return
+        try:
+            if ok:
+                self.images.inc(ok, tags={"status": "ok"})
+            if failed:
+                self.images.inc(failed, tags={"status": "failed"})
+            if segments:
+                self.segments.inc(segments)
+            self.images_left.set(max(self._left, 0))
+        except Exception as e:  # noqa: BLE001
+            self._off(e)
+
+    def committed(self) -> None:
+        if self._ok:
+            try:
+                self.shards.inc()
+            except Exception as e:  # noqa: BLE001
+                self._off(e)
+
+    def actor_replaced(self, reason: str) -> None:
+        """``reason``: died, timed_out or failed_to_start."""
+        if self._ok:
+            try:
+                self.replaced.inc(tags={"reason": reason})
+            except Exception as e:  # noqa: BLE001
+                self._off(e)
+
+    def pool(self, ready: int, starting: int, waiting: int, force: bool = False) -> None:
+        """The pool's state, each turn of the driver's loop: recorded at most every GAUGE_EVERY_S (``force``: now)."""
+        now = time.monotonic()
+        if not self._ok or (not force and now - self._last_gauges < GAUGE_EVERY_S):
+            return
+        self._last_gauges = now
+        try:
+            self.actors.set(ready, tags={"state": "ready"})
+            self.actors.set(starting, tags={"state": "starting"})
+            self.waiting.set(waiting)
+        except Exception as e:  # noqa: BLE001
+            self._off(e)
+
+    def close(self) -> None:
+        """The run's end: nothing alive, nothing waiting (images_left stays: what a stopped run left)."""
+        self.pool(0, 0, 0, force=True)
+
+    def _off(self, e: Exception) -> None:
+        logger.debug("Ray metrics off for the rest of this job: %s", e)
+        self._ok = False

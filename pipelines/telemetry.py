@@ -14,7 +14,9 @@ job's DEST) beside Ray's own (``SessionName``, ``WorkerId`` ...):
     ray_fcclip_label_chunks_waiting                        decoded chunks waiting for a model actor (the backlog)
 
 Counters start from zero in each run (each run is a new driver: Prometheus' ``rate()`` and ``increase()`` take that
-in their stride); at its end the gauges are set to zero. Where Ray's metrics cannot be recorded (Ray installed
+in their stride). Ray's agent drops a gauge that is not set again for about 20 s, so the driver sets every gauge each
+second, whether it changed or not: a run's gauges vanish soon after it ends, also when its driver was killed (at a
+clean end they are set to zero first). Where Ray's metrics cannot be recorded (Ray installed
 without its ``default`` extra), the job runs without them and says so in a debug line.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 
 logger = logging.getLogger("fcclip.label")
 
-GAUGE_EVERY_S = 1.0  # the gauges are set at most this often (the driver's loop turns many times a second)
+GAUGE_EVERY_S = 1.0  # the gauges are set this often (the loop turns at least every half second)
 
 
 class LabelMetrics:
@@ -56,7 +58,6 @@ class LabelMetrics:
             self.images_left = gauge("fcclip_label_images_left", "images of this run not yet written")
             self.actors = gauge("fcclip_label_model_actors", "model actors alive", "state")
             self.waiting = gauge("fcclip_label_chunks_waiting", "decoded chunks waiting for a model actor")
-            self.images_left.set(images)
             self._ok = True
         except Exception as e:  # noqa: BLE001 - metrics are an addition: never the job's end
             logger.debug("no Ray metrics for this job: %s", e)
@@ -73,7 +74,6 @@ class LabelMetrics:
                 self.images.inc(failed, tags={"status": "failed"})
             if segments:
                 self.segments.inc(segments)
-            self.images_left.set(max(self._left, 0))
         except Exception as e:  # noqa: BLE001
             self._off(e)
 
@@ -93,7 +93,7 @@ class LabelMetrics:
                 self._off(e)
 
     def pool(self, ready: int, starting: int, waiting: int, force: bool = False) -> None:
-        """The pool's state, each turn of the driver's loop: recorded at most every GAUGE_EVERY_S (``force``: now)."""
+        """The pool's state, each turn of the driver's loop: the gauges set every GAUGE_EVERY_S (``force``: now)."""
         now = time.monotonic()
         if not self._ok or (not force and now - self._last_gauges < GAUGE_EVERY_S):
             return
@@ -102,6 +102,7 @@ class LabelMetrics:
             self.actors.set(ready, tags={"state": "ready"})
             self.actors.set(starting, tags={"state": "starting"})
             self.waiting.set(waiting)
+            self.images_left.set(max(self._left, 0))
         except Exception as e:  # noqa: BLE001
             self._off(e)
 

@@ -234,3 +234,36 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
     # while it ran: a model actor up, and images left that were neither all of them nor none
     assert max(d.get(("ray_fcclip_label_model_actors", "ready"), 0) for d in during) >= 1
     assert {d.get(("ray_fcclip_label_images_left", "")) for d in during} & set(range(1, 7)), during[-3:]
+
+
+def test_label_job_gauges_stay_while_nothing_is_written(ray_head, tmp_path):
+    """Ray's agent drops a gauge that is not set again for about 20 s: through a model batch of 24 s, in which no
+    row is written, the job's images left and its ready actor stay on the endpoint, scrape after scrape."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "slow.jpg").write_bytes(next(iter(good_images(1).values())))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head.token)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "label_job.py"), "--slow-model", "24", "--", str(src),
+         "--out", str(tmp_path / "out"), "--vocab", "thing;", "--address", ray_head.gcs, "--gpus-per-actor", "0",
+         "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []  # (time, images left, ready actors) per scrape, once the job's gauges are there
+    try:
+        while proc.poll() is None:
+            found = _scrape(ray_head.metrics)
+            left = found.get(("ray_fcclip_label_images_left", ""))
+            if seen or left is not None:
+                seen.append((time.monotonic(), left, found.get(("ray_fcclip_label_model_actors", "ready"))))
+            time.sleep(1.0)
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "1 ok, 0 failed" in out, out[-3000:]
+    busy = [s for s in seen if s[1] == 1 and s[2] == 1]  # the model working on the image, nothing written yet
+    assert busy and busy[-1][0] - busy[0][0] >= 20, seen
+    gaps = [s for s in seen if busy[0][0] <= s[0] <= busy[-1][0] and s not in busy]
+    assert not gaps, gaps  # no scrape in between without them

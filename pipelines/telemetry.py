@@ -16,8 +16,8 @@ job's DEST) beside Ray's own (``SessionName``, ``WorkerId`` ...):
 Counters start from zero in each run (each run is a new driver: Prometheus' ``rate()`` and ``increase()`` take that
 in their stride). Ray's agent drops a gauge that is not set again for about 20 s, so the driver sets every gauge each
 second, whether it changed or not: a run's gauges vanish soon after it ends, also when its driver was killed (at a
-clean end they are set to zero first). Where Ray's metrics cannot be recorded (Ray installed
-without its ``default`` extra), the job runs without them and says so in a debug line.
+clean end they are set to zero first). Where Ray cannot make or record them, the job goes on without them and says
+so in a debug line (``-v``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import time
 
 logger = logging.getLogger("fcclip.label")
 
-GAUGE_EVERY_S = 1.0  # the gauges are set this often (the loop turns at least every half second)
+GAUGE_EVERY_S = 1.0  # the gauges are set this often (the driver's loop turns about every half second at most)
 
 
 class LabelMetrics:
@@ -39,25 +39,19 @@ class LabelMetrics:
         try:
             from ray.util.metrics import Counter, Gauge
 
-            tags = {"dest": dest}
+            def metric(kind, name, description, *keys):
+                made = kind(name, description=description, tag_keys=("dest", *keys))
+                made.set_default_tags({"dest": dest})
+                return made
 
-            def counter(name, description, *keys):
-                metric = Counter(name, description=description, tag_keys=("dest", *keys))
-                metric.set_default_tags(tags)
-                return metric
-
-            def gauge(name, description, *keys):
-                metric = Gauge(name, description=description, tag_keys=("dest", *keys))
-                metric.set_default_tags(tags)
-                return metric
-
-            self.images = counter("fcclip_label_images", "images written as rows (failed: error rows)", "status")
-            self.segments = counter("fcclip_label_segments", "segments in the rows written")
-            self.shards = counter("fcclip_label_shards_committed", "part files committed to the table")
-            self.replaced = counter("fcclip_label_model_actors_replaced", "model actors replaced", "reason")
-            self.images_left = gauge("fcclip_label_images_left", "images of this run not yet written")
-            self.actors = gauge("fcclip_label_model_actors", "model actors alive", "state")
-            self.waiting = gauge("fcclip_label_chunks_waiting", "decoded chunks waiting for a model actor")
+            self.images = metric(Counter, "fcclip_label_images", "images written as rows (failed: error rows)",
+                                 "status")
+            self.segments = metric(Counter, "fcclip_label_segments", "segments in the rows written")
+            self.shards = metric(Counter, "fcclip_label_shards_committed", "part files committed to the table")
+            self.replaced = metric(Counter, "fcclip_label_model_actors_replaced", "model actors replaced", "reason")
+            self.images_left = metric(Gauge, "fcclip_label_images_left", "images of this run not yet written")
+            self.actors = metric(Gauge, "fcclip_label_model_actors", "model actors alive", "state")
+            self.waiting = metric(Gauge, "fcclip_label_chunks_waiting", "decoded chunks waiting for a model actor")
             self._ok = True
         except Exception as e:  # noqa: BLE001 - metrics are an addition: never the job's end
             logger.debug("no Ray metrics for this job: %s", e)

@@ -1,5 +1,7 @@
 """A real job submission: `ray start --head` on loopback, `fcclip submit` of `fcclip label` against the S3 server."""
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -11,12 +13,14 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import promql_parser
 import pytest
 
 from tests.catalogue import good_images
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -230,10 +234,32 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
     # the hung chunk's actor, then the hung image's alone (as test_label_faults counts the warnings)
     assert after[("ray_fcclip_label_model_actors_replaced_total", "timed_out")] == 2
     assert after[("ray_fcclip_label_images_left", "")] == 0
-    assert after[("ray_fcclip_label_model_actors", "ready")] == 0 and after[("ray_fcclip_label_chunks_waiting", "")] == 0
+    assert after[("ray_fcclip_label_model_actors", "ready")] == 0
+    assert after[("ray_fcclip_label_chunks_waiting", "")] == 0
     # while it ran: a model actor up, and images left that were neither all of them nor none
     assert max(d.get(("ray_fcclip_label_model_actors", "ready"), 0) for d in during) >= 1
     assert {d.get(("ray_fcclip_label_images_left", "")) for d in during} & set(range(1, 7)), during[-3:]
+    # the Grafana dashboard's queries and the README's: PromQL that parses, naming only series the job served
+    served = {key[0] for key in after if isinstance(key, tuple)}
+    assert len(served) == 7, served
+    for query in _promql_of_dashboard_and_readme():
+        promql_parser.parse(query.replace("$__rate_interval", "1m").replace("$dest", ".*"))
+        named = set(re.findall(r"ray_fcclip_label_\w+", query))
+        assert named and named <= served, (query, named - served)
+    readme_names = set(re.findall(r"ray_fcclip_label_\w+", (ROOT / "README.md").read_text()))
+    assert readme_names == served, readme_names ^ served  # the README's table lists what is served
+
+
+def _promql_of_dashboard_and_readme() -> list[str]:
+    dashboard = json.loads((ROOT / "cluster" / "grafana" / "fcclip-label.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    variable = re.fullmatch(r"label_values\((\w+), dest\)", dashboard["templating"]["list"][1]["definition"])
+    queries.append(f"group by (dest) ({variable.group(1)})")  # what Grafana asks for the DEST menu
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("Watching a run from Prometheus") : text.index("Expected speed:")]
+    readme = [q for q in re.findall(r"`([^`]+)`", section) if "(ray_fcclip_label_" in q or "(rate(" in q]
+    assert len(readme) >= 3 and len(queries) >= 10, (readme, queries)
+    return queries + readme
 
 
 def test_label_job_gauges_stay_while_nothing_is_written(ray_head, tmp_path):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import promql_parser
 import pytest
+import yaml
 
 from tests.catalogue import good_images
 
@@ -239,10 +240,11 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
     # while it ran: a model actor up, and images left that were neither all of them nor none
     assert max(d.get(("ray_fcclip_label_model_actors", "ready"), 0) for d in during) >= 1
     assert {d.get(("ray_fcclip_label_images_left", "")) for d in during} & set(range(1, 7)), during[-3:]
-    # the Grafana dashboard's queries and the README's: PromQL that parses, naming only series the job served
+    # the Grafana dashboard's queries, the alerts' and the README's: PromQL that parses, naming only series the job
+    # served
     served = {key[0] for key in after if isinstance(key, tuple)}
     assert len(served) == 7, served
-    for query in _promql_of_dashboard_and_readme():
+    for query in _promql_of_monitoring_and_readme():
         promql_parser.parse(query.replace("$__rate_interval", "1m").replace("$dest", ".*"))
         named = set(re.findall(r"ray_fcclip_label_\w+", query))
         assert named and named <= served, (query, named - served)
@@ -250,16 +252,19 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
     assert readme_names == served, readme_names ^ served  # the README's table lists what is served
 
 
-def _promql_of_dashboard_and_readme() -> list[str]:
-    dashboard = json.loads((ROOT / "cluster" / "grafana" / "fcclip-label.json").read_text())
+def _promql_of_monitoring_and_readme() -> list[str]:
+    """The queries of cluster/monitoring/ (the Grafana dashboard, the alerts) and of README's "Watching a run"."""
+    dashboard = json.loads((ROOT / "cluster" / "monitoring" / "grafana-dashboard.json").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     variable = re.fullmatch(r"label_values\((\w+), dest\)", dashboard["templating"]["list"][1]["definition"])
     queries.append(f"group by (dest) ({variable.group(1)})")  # what Grafana asks for the DEST menu
     text = (ROOT / "README.md").read_text()
     section = text[text.index("Watching a run from Prometheus") : text.index("Expected speed:")]
     readme = [q for q in re.findall(r"`([^`]+)`", section) if "(ray_fcclip_label_" in q or "(rate(" in q]
-    assert len(readme) >= 3 and len(queries) >= 10, (readme, queries)
-    return queries + readme
+    rules = yaml.safe_load((ROOT / "cluster" / "monitoring" / "prometheus-rules.yaml").read_text())
+    alerts = [r["expr"] for group in rules["spec"]["groups"] for r in group["rules"]]
+    assert len(readme) >= 3 and len(queries) >= 10 and len(alerts) >= 3, (readme, queries, alerts)
+    return queries + alerts + readme
 
 
 def test_label_job_gauges_stay_while_nothing_is_written(ray_head, tmp_path):

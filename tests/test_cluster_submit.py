@@ -177,6 +177,27 @@ def test_submit_refusals_and_ctrl_c_are_one_line(ray_head):
                        capture_output=True, timeout=120)
 
 
+def _label_scraped(ray_head, stand_ins: list[str], label_args: list[str], every: float):
+    """`fcclip label` with stand-in stages (tests/label_job.py) on the head, its metrics endpoint scraped every
+    ``every`` seconds while it runs: (exit status, output, [(time, _scrape's dict)])."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head.token)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "label_job.py"), *stand_ins, "--", *label_args,
+         "--vocab", "thing;", "--address", ray_head.gcs, "--gpus-per-actor", "0", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    scrapes = []
+    try:
+        while proc.poll() is None:
+            scrapes.append((time.monotonic(), _scrape(ray_head.metrics)))
+            time.sleep(every)
+        return proc.returncode, proc.stdout.read(), scrapes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _scrape(url: str) -> dict:
     """The fcclip series a node's metrics agent serves: {(name, status/state/reason tag or ""): value}, of one DEST."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -207,24 +228,12 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
     Image.new("RGB", (64, 48), (255, 0, 255)).save(src / "hung-forward.png")  # the stand-in model hangs on it
     (src / "truncated.jpg").write_bytes(next(iter(good_images(1).values()))[:200])  # a real corrupt file
     dest = tmp_path / "out"
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head.token)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "label_job.py"), "--hanging-model", "--model-seconds", "0.7",
-         "--", str(src), "--out", str(dest), "--vocab", "thing;", "--address", ray_head.gcs, "--gpus-per-actor", "0",
-         "--shard-size", "3", "--chunk-size", "3", "--batch-size", "1", "--batch-timeout", "3", "--no-progress"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    during = []
-    try:
-        while proc.poll() is None:
-            during.append(_scrape(ray_head.metrics))
-            time.sleep(0.25)
-        out = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    code, out, scrapes = _label_scraped(
+        ray_head, ["--hanging-model", "--model-seconds", "0.7"],
+        [str(src), "--out", str(dest), "--shard-size", "3", "--chunk-size", "3", "--batch-size", "1",
+         "--batch-timeout", "3"], every=0.25)
+    during = [found for _, found in scrapes]
+    assert code == 0, out[-3000:]
     assert "5 ok, 2 failed" in out, out[-3000:]
     after = _scrape(ray_head.metrics)
     assert after["dest"] == str(dest)
@@ -273,27 +282,13 @@ def test_label_job_gauges_stay_while_nothing_is_written(ray_head, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     (src / "slow.jpg").write_bytes(next(iter(good_images(1).values())))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head.token)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "label_job.py"), "--slow-model", "24", "--", str(src),
-         "--out", str(tmp_path / "out"), "--vocab", "thing;", "--address", ray_head.gcs, "--gpus-per-actor", "0",
-         "--no-progress"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    seen = []  # (time, images left, ready actors) per scrape, once the job's gauges are there
-    try:
-        while proc.poll() is None:
-            found = _scrape(ray_head.metrics)
-            left = found.get(("ray_fcclip_label_images_left", ""))
-            if seen or left is not None:
-                seen.append((time.monotonic(), left, found.get(("ray_fcclip_label_model_actors", "ready"))))
-            time.sleep(1.0)
-        out = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0 and "1 ok, 0 failed" in out, out[-3000:]
+    code, out, scrapes = _label_scraped(ray_head, ["--slow-model", "24"], [str(src), "--out", str(tmp_path / "out")],
+                                        every=1.0)
+    assert code == 0 and "1 ok, 0 failed" in out, out[-3000:]
+    # (time, images left, ready actors) per scrape, from the first that has the job's gauges
+    seen = [(t, found.get(("ray_fcclip_label_images_left", "")), found.get(("ray_fcclip_label_model_actors", "ready")))
+            for t, found in scrapes]
+    seen = seen[next(i for i, s in enumerate(seen) if s[1] is not None):]
     busy = [s for s in seen if s[1] == 1 and s[2] == 1]  # the model working on the image, nothing written yet
     assert busy and busy[-1][0] - busy[0][0] >= 20, seen
     gaps = [s for s in seen if busy[0][0] <= s[0] <= busy[-1][0] and s not in busy]

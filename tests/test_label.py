@@ -623,3 +623,32 @@ def test_rows_are_written_while_images_are_still_decoded(tmp_path, ray_local, mo
     assert len(read_at) == 64
     after_first_rows = sum(t > written[0] for t in read_at)
     assert after_first_rows >= 16, f"only {after_first_rows} of 64 images were read after the first rows were written"
+
+
+def test_progress_log_lines_give_the_rate_and_the_time_left(monkeypatch, caplog):
+    """Off a terminal (a log file, `ray job logs`) the labeling line comes about once a minute, with the rate since
+    the first rows and the time left at that rate."""
+    import logging
+    from types import SimpleNamespace
+
+    import fcclip_pipelines.progress as progress
+
+    clock = [5000.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
+    bars = progress.JobProgress(enabled=False)
+    bars.labeling_started(12_000, 12, 0)
+    with caplog.at_level(logging.INFO, logger="fcclip.label"):
+        bars.labeled(120, 8)  # the first rows: logged at once
+        clock[0] += 30.0
+        bars.labeled(128, 0)  # within the minute: not logged
+        clock[0] += 30.0
+        bars.labeled(2_432, 11)
+        clock[0] += 60.0
+        bars.labeled(0, 0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("labeled ")]
+    # 2,571 images in the 60 s after the first 128: 42.9 images/s; 9,301 left: 217 s; then none in a minute
+    assert lines == [
+        "labeled 128/12,000 images (8 failed)",
+        "labeled 2,699/12,000 images (19 failed), 42.9 images/s, about 00:03:37 left",
+        "labeled 2,699/12,000 images (19 failed), 21.4 images/s, about 00:07:14 left",
+    ], lines

@@ -101,7 +101,6 @@ def test_launcher_config_is_secure(path):
             assert "RAY_AUTH_MODE=token" in cmd, cmd
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
-    assert "--metrics-export-port=8080" in head  # where README's "Watching a run" says Prometheus finds the job
     for forbidden in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "RAY_AUTH_TOKEN="):
         assert forbidden not in text
 
@@ -285,3 +284,19 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     assert set(copied) == {"pyproject.toml", "README.md", "fcclip", "pipelines", "configs"}
     for path in copied:
         assert path not in ignored and (ROOT / path).exists()
+
+
+def test_podmonitor_scrapes_the_port_the_heads_serve_metrics_on():
+    """cluster/monitoring/podmonitor.yaml picks the Ray heads and scrapes the port named `metrics`: the one the
+    RayCluster's head names for 8080, and the launcher configs' heads serve metrics on (KubeRay adds `metrics` to
+    the other manifests' heads itself)."""
+    monitor = _manifest(CLUSTER / "monitoring" / "podmonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    head = _cluster_spec(_manifest(CLUSTER / "kuberay" / "raycluster.yaml"))["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for c in head["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert ports[endpoint["port"]] == 8080
+    for path in LAUNCHER:
+        head_start = " ".join(yaml.safe_load(path.read_text())["head_start_ray_commands"])
+        assert "--metrics-export-port=8080" in head_start, path.name

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,3 +295,101 @@ def test_label_job_gauges_stay_while_nothing_is_written(ray_head, tmp_path):
     assert busy and busy[-1][0] - busy[0][0] >= 20, seen
     gaps = [s for s in seen if busy[0][0] <= s[0] <= busy[-1][0] and s not in busy]
     assert not gaps, gaps  # no scrape in between without them
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus not installed; on Debian: apt-get download prometheus && "
+                    "dpkg -x prometheus_*.deb x && install x/usr/bin/prometheus /usr/local/bin/ (.ci/run does this)")
+def test_prometheus_scrapes_a_label_job(ray_head, tmp_path):
+    """A real Prometheus, scraping the head every second with cluster/monitoring/'s alerts loaded, while a job labels
+    3 images, a corrupt file and an image its model hangs on, one image a chunk: it holds the job's counts, has data
+    for every dashboard panel, and evaluates the alerts without error."""
+    rules = tmp_path / "fcclip.rules.yaml"
+    rules.write_text(yaml.safe_dump(yaml.safe_load(
+        (ROOT / "cluster" / "monitoring" / "prometheus-rules.yaml").read_text())["spec"]))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "ray-head",
+                            "static_configs": [{"targets": [ray_head.metrics.split("/")[2]]}]}],
+    }))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    server = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def query(q: str) -> list:
+        url = f"{api}/query?" + urllib.parse.urlencode({"query": q})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                answer = json.load(r)
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"Prometheus refused {q}: {e.read().decode()[:500]}") from None
+        assert answer["status"] == "success", (q, answer)
+        return answer["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "Prometheus did not come up"
+                time.sleep(0.5)
+        src = tmp_path / "in"
+        src.mkdir()
+        for key, data in good_images(3).items():
+            (src / Path(key).name).write_bytes(data)
+        (src / "truncated.jpg").write_bytes(next(iter(good_images(1).values()))[:200])
+        from PIL import Image
+
+        Image.new("RGB", (64, 48), (255, 0, 255)).save(src / "hung-forward.png")
+        dest = str(tmp_path / "out")
+        code, out, _ = _label_scraped(
+            ray_head, ["--hanging-model", "--model-seconds", "1.5"],
+            [src.as_posix(), "--out", dest, "--chunk-size", "1", "--batch-size", "1", "--shard-size", "3",
+             "--batch-timeout", "3"], every=1.0)
+        assert code == 0 and "3 ok, 2 failed" in out, out[-3000:]
+        selector = f'{{dest="{dest}"}}'
+        deadline = time.monotonic() + 30  # scrapes after the job's end: a counter's rate needs two samples or more
+        while True:
+            counts = {r["metric"]["status"]: float(r["value"][1])
+                      for r in query(f"sum by (status) (max_over_time(ray_fcclip_label_images_total{selector}[10m]))")}
+            samples = query(f'count_over_time(ray_fcclip_label_images_total{{dest="{dest}",status="ok"}}[10m])')
+            if (counts == {"ok": 3, "failed": 2} and samples and float(samples[0]["value"][1]) >= 5
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(1)
+        assert counts == {"ok": 3, "failed": 2}
+        shards = query(f"max_over_time(ray_fcclip_label_shards_committed_total{selector}[10m])")
+        assert float(shards[0]["value"][1]) == 2
+        replaced = query(f"max_over_time(ray_fcclip_label_model_actors_replaced_total{selector}[10m])")
+        # the hung image's chunk is that image alone: one time-out, then its error row
+        assert [(r["metric"]["reason"], float(r["value"][1])) for r in replaced] == [("timed_out", 1)]
+        # while it ran: a ready actor and images left, as Prometheus recorded them
+        assert float(query(f'max_over_time(ray_fcclip_label_model_actors{{dest="{dest}",state="ready"}}[10m])')[0]
+                     ["value"][1]) == 1
+        assert float(query(f"max_over_time(ray_fcclip_label_images_left{selector}[10m])")[0]["value"][1]) >= 3
+        # every dashboard panel has data for this DEST (a rate over the minute the job ran in)
+        dashboard = json.loads((ROOT / "cluster" / "monitoring" / "grafana-dashboard.json").read_text())
+        for panel in dashboard["panels"]:
+            # Grafana fills $dest with the DEST as a regular expression (its special characters escaped), inside a
+            # PromQL string (where a backslash is escaped again)
+            pattern = re.escape(dest).replace("\\", "\\\\")
+            expr = panel["targets"][0]["expr"].replace("$dest", pattern).replace("$__rate_interval", "1m")
+            assert query(f"last_over_time(({expr})[2m:1s])"), panel["title"]
+        with urllib.request.urlopen(f"{api}/rules", timeout=10) as r:
+            groups = json.load(r)["data"]["groups"]
+        assert [(rule["name"], rule["health"]) for g in groups for rule in g["rules"]] == [
+            ("FcclipLabelStalled", "ok"), ("FcclipLabelErrorRows", "ok"), ("FcclipLabelActorsReplaced", "ok")]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

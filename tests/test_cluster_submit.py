@@ -1,4 +1,6 @@
-"""A real job submission: `ray start --head` on loopback, `fcclip submit` of `fcclip label` against the S3 server."""
+"""A real Ray head (`ray start --head` on loopback, token auth, metrics served for Prometheus): `fcclip submit` of
+`fcclip label` against the S3 server, and what a labeling job shows on the head's metrics endpoint and in a real
+Prometheus scraping it."""
 import json
 import os
 import re

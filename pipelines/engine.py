@@ -222,7 +222,8 @@ class LabelEngine:
         self.decoded: collections.deque[Chunk] = collections.deque()  # waiting for a model call
         self.writing: dict = {}  # ref -> chunk
         self.committing: dict = {}  # ref -> (shard, attempts)
-        self.metrics = LabelMetrics(self.dest.uri, sum(self.sizes[s] for s in pending))  # for Prometheus
+        self.metrics = LabelMetrics(self.dest.uri)  # for Prometheus
+        self.images = sum(self.sizes[s] for s in pending)
         self.actors = [self._new_actor() for _ in range(self.min_actors)]
         self.startup_failures = 0
         try:
@@ -244,13 +245,16 @@ class LabelEngine:
                 self._on_decoded(ready)
                 self._on_written(ready)
                 self._on_committed(ready)
-                ready_actors = sum(1 for a in self.actors if a.ready)
-                self.metrics.pool(ready_actors, len(self.actors) - ready_actors, len(self.decoded))
+                self.metrics.pool(self.actors, len(self.decoded), self._left())
         finally:
             for actor in self.actors:
                 self._end(actor)
-            self.metrics.close()
+            self.metrics.close(self._left())
         return self.result
+
+    def _left(self) -> int:
+        """Images of this run not written yet."""
+        return self.images - self.result.ok - self.result.failed
 
     def _refill(self) -> None:
         """Split shards into chunks as capacity frees up: at most a few shards open at a time."""

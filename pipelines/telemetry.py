@@ -21,6 +21,7 @@ so in a debug line (``-v``).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -29,11 +30,26 @@ logger = logging.getLogger("fcclip.label")
 GAUGE_EVERY_S = 1.0  # the gauges are set this often (the driver's loop turns about every half second at most)
 
 
+def _guarded(record):
+    """A recorder method that does nothing once metrics are off, and turns them off on an error (a debug line)."""
+
+    @functools.wraps(record)
+    def guarded(self, *args, **kwargs):
+        if not self._ok:
+            return
+        try:
+            record(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - metrics are an addition: never the job's end
+            logger.debug("Ray metrics off for the rest of this job: %s", e)
+            self._ok = False
+
+    return guarded
+
+
 class LabelMetrics:
     """The driver's recorder (after Ray is initialized). Every method is cheap (a few microseconds) and never raises."""
 
-    def __init__(self, dest: str, images: int):
-        self._left = images
+    def __init__(self, dest: str):
         self._last_gauges = 0.0
         self._ok = False
         try:
@@ -56,54 +72,39 @@ class LabelMetrics:
         except Exception as e:  # noqa: BLE001 - metrics are an addition: never the job's end
             logger.debug("no Ray metrics for this job: %s", e)
 
+    @_guarded
     def labeled(self, ok: int, failed: int, segments: int) -> None:
         """A chunk's rows written."""
-        self._left -= ok + failed
-        if not self._ok:
-            return
-        try:
-            if ok:
-                self.images.inc(ok, tags={"status": "ok"})
-            if failed:
-                self.images.inc(failed, tags={"status": "failed"})
-            if segments:
-                self.segments.inc(segments)
-        except Exception as e:  # noqa: BLE001
-            self._off(e)
+        if ok:
+            self.images.inc(ok, tags={"status": "ok"})
+        if failed:
+            self.images.inc(failed, tags={"status": "failed"})
+        if segments:
+            self.segments.inc(segments)
 
+    @_guarded
     def committed(self) -> None:
-        if self._ok:
-            try:
-                self.shards.inc()
-            except Exception as e:  # noqa: BLE001
-                self._off(e)
+        self.shards.inc()
 
+    @_guarded
     def actor_replaced(self, reason: str) -> None:
         """``reason``: died, timed_out or failed_to_start."""
-        if self._ok:
-            try:
-                self.replaced.inc(tags={"reason": reason})
-            except Exception as e:  # noqa: BLE001
-                self._off(e)
+        self.replaced.inc(tags={"reason": reason})
 
-    def pool(self, ready: int, starting: int, waiting: int, force: bool = False) -> None:
-        """The pool's state, each turn of the driver's loop: the gauges set every GAUGE_EVERY_S (``force``: now)."""
+    @_guarded
+    def pool(self, actors: list, waiting: int, left: int, force: bool = False) -> None:
+        """Each turn of the driver's loop: the pool (``actors``, each with ``ready``), the chunks ``waiting`` for it
+        and the images ``left``; the gauges are set every GAUGE_EVERY_S (``force``: now)."""
         now = time.monotonic()
-        if not self._ok or (not force and now - self._last_gauges < GAUGE_EVERY_S):
+        if not force and now - self._last_gauges < GAUGE_EVERY_S:
             return
         self._last_gauges = now
-        try:
-            self.actors.set(ready, tags={"state": "ready"})
-            self.actors.set(starting, tags={"state": "starting"})
-            self.waiting.set(waiting)
-            self.images_left.set(max(self._left, 0))
-        except Exception as e:  # noqa: BLE001
-            self._off(e)
+        ready = sum(1 for a in actors if a.ready)
+        self.actors.set(ready, tags={"state": "ready"})
+        self.actors.set(len(actors) - ready, tags={"state": "starting"})
+        self.waiting.set(waiting)
+        self.images_left.set(left)
 
-    def close(self) -> None:
-        """The run's end: nothing alive, nothing waiting (images_left stays: what a stopped run left)."""
-        self.pool(0, 0, 0, force=True)
-
-    def _off(self, e: Exception) -> None:
-        logger.debug("Ray metrics off for the rest of this job: %s", e)
-        self._ok = False
+    def close(self, left: int) -> None:
+        """The run's end: nothing alive, nothing waiting; ``left``: what a stopped run left."""
+        self.pool([], 0, left, force=True)

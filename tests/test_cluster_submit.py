@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.catalogue import good_images
+from tests.monitoring import MONITORING, dashboard, write_rules
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -267,14 +268,14 @@ def test_label_job_metrics_reach_prometheus(ray_head, tmp_path):
 
 def _promql_of_monitoring_and_readme() -> list[str]:
     """The queries of cluster/monitoring/ (the Grafana dashboard, the alerts) and of README's "Watching a run"."""
-    dashboard = json.loads((ROOT / "cluster" / "monitoring" / "grafana-dashboard.json").read_text())
-    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    variable = re.fullmatch(r"label_values\((\w+), dest\)", dashboard["templating"]["list"][1]["definition"])
+    board = dashboard()
+    queries = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    variable = re.fullmatch(r"label_values\((\w+), dest\)", board["templating"]["list"][1]["definition"])
     queries.append(f"group by (dest) ({variable.group(1)})")  # what Grafana asks for the DEST menu
     text = (ROOT / "README.md").read_text()
     section = text[text.index("Watching a run from Prometheus") : text.index("Expected speed:")]
     readme = [q for q in re.findall(r"`([^`]+)`", section) if "(ray_fcclip_label_" in q or "(rate(" in q]
-    rules = yaml.safe_load((ROOT / "cluster" / "monitoring" / "prometheus-rules.yaml").read_text())
+    rules = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
     alerts = [r["expr"] for group in rules["spec"]["groups"] for r in group["rules"]]
     assert len(readme) >= 3 and len(queries) >= 10 and len(alerts) >= 3, (readme, queries, alerts)
     return queries + alerts + readme
@@ -308,9 +309,7 @@ def test_prometheus_scrapes_a_label_job(ray_head, tmp_path):
     """A real Prometheus, scraping the head every second with cluster/monitoring/'s alerts loaded, while a job labels
     3 images, a corrupt file and an image its model hangs on, one image a chunk: it holds the job's counts, has data
     for every dashboard panel, and evaluates the alerts without error."""
-    rules = tmp_path / "fcclip.rules.yaml"
-    rules.write_text(yaml.safe_dump(yaml.safe_load(
-        (ROOT / "cluster" / "monitoring" / "prometheus-rules.yaml").read_text())["spec"]))
+    rules = write_rules(tmp_path / "fcclip.rules.yaml")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
@@ -377,8 +376,7 @@ def test_prometheus_scrapes_a_label_job(ray_head, tmp_path):
                      ["value"][1]) == 1
         assert float(query(f"max_over_time(ray_fcclip_label_images_left{selector}[10m])")[0]["value"][1]) >= 3
         # every dashboard panel has data for this DEST (a rate over the minute the job ran in)
-        dashboard = json.loads((ROOT / "cluster" / "monitoring" / "grafana-dashboard.json").read_text())
-        for panel in dashboard["panels"]:
+        for panel in dashboard()["panels"]:
             # Grafana fills $dest with the DEST as a regular expression (its special characters escaped), inside a
             # PromQL string (where a backslash is escaped again)
             pattern = re.escape(dest).replace("\\", "\\\\")

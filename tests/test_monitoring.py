@@ -2,7 +2,6 @@
 (`promtool test rules`) over series shaped as a Ray head serves `fcclip label`'s metrics: Ray's labels beside ours
 (each run a driver of its own, so a WorkerId of its own), a counter's series beginning with its first increment.
 That the job serves these names at all is tests/test_cluster_submit.py's (a real head, scraped)."""
-import json
 import math
 import shutil
 import subprocess
@@ -11,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-MONITORING = ROOT / "cluster" / "monitoring"
+from tests.monitoring import dashboard, write_rules
+
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool (Prometheus' rule tester) not installed; on Debian: apt-get download "
@@ -29,12 +28,7 @@ def _series(name: str, values: str, worker: str = "03000000ffffffff", **tags) ->
 
 
 def _rules_file(tmp_path: Path) -> Path:
-    """The PrometheusRule's spec: a plain Prometheus rule file (as its header says to make one)."""
-    doc = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
-    assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1"
-    path = tmp_path / "fcclip.rules.yaml"
-    path.write_text(yaml.safe_dump(doc["spec"]))
-    return path
+    return write_rules(tmp_path / "fcclip.rules.yaml")
 
 
 def _promtool_test(tmp_path: Path, tests: list[dict]) -> None:
@@ -118,9 +112,9 @@ def test_alerts(tmp_path):
 
 
 def _dashboard_queries() -> dict[str, str]:
-    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
-    queries = {p["title"]: p["targets"][0]["expr"] for p in dashboard["panels"]}
-    assert all(len(p["targets"]) == 1 for p in dashboard["panels"])
+    panels = dashboard()["panels"]
+    queries = {p["title"]: p["targets"][0]["expr"] for p in panels}
+    assert all(len(p["targets"]) == 1 for p in panels)
     # Grafana's variables as it fills them: all DESTs, and a rate window of a few scrape intervals
     return {t: q.replace('"$dest"', '".*"').replace("$__rate_interval", "5m") for t, q in queries.items()}
 

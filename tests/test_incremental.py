@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from fcclip_pipelines.lake import open_table, table_files, table_version
 from fcclip_pipelines.output import Destination, open_output
 
 VOCAB = "person; car; dog, puppy; grass, lawn [stuff]; sky [stuff]"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 OLD_SIZE, NEW_SIZE = (48, 64), (40, 56)  # (height, width): a replaced image's new content has another size
 
 
@@ -120,6 +124,15 @@ def test_rerun_labels_new_and_changed_images_as_new_versions(s3_server, tmp_path
     files = open_table(Destination(dest), version=first).file_uris()
     assert duckdb.sql(f"select count(distinct uri) from read_parquet({files})").fetchall()[0][0] == 20
     assert pq.read_table(files, columns=["uri", "status"]).num_rows == 20
+    # the demo's DuckDB summary (examples/label_summary.py) counts the current version's rows, not the glob's (36:
+    # the replaced rows too)
+    assert len(list(Path(dest).glob("*.parquet"))) > len(table_files(Destination(dest)))
+    for version, expected in ((None, 30), (first, 20)):
+        summary = subprocess.run([sys.executable, str(EXAMPLES / "label_summary.py"), dest,
+                                  *([] if version is None else [str(version)])],
+                                 capture_output=True, text=True, timeout=120)
+        assert summary.returncode == 0, summary.stderr
+        assert re.search(rf"│ ok\s+│\s+{expected} │", summary.stdout), summary.stdout
     # and the commands: version `first` as it was, the current one by default
     for version, expected in ((first, 20), (None, 30)):
         out = tmp_path / f"export-{version}"

@@ -20,7 +20,7 @@ settings, lists SOURCE again into Parquet files on local disk, and DuckDB compar
 current version (an anti-join on ``uri`` and, for URIs in both, the object's ETag, else its size and modification
 time, recorded per row in ``source_etag``, ``source_size``, ``source_mtime``). DuckDB spills to a local temporary
 folder, so neither side is held in memory. What is new, then what changed, becomes the next shards of the run's
-manifest, each changed URI with the shard that holds its old row (``replaces``).
+manifest, each changed URI with the part file that holds its old row (``replaces``).
 
 One writer (:class:`WriterLock`): ``DEST/_fcclip/lock.json``, created only if absent (``O_EXCL`` on a local
 filesystem; ``If-None-Match: *`` on S3), holding the owner's host, process id and a heartbeat the owner rewrites
@@ -47,20 +47,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output import DELTA_LOG, META_DIR, Destination, manifest_name, part_name
+from .output import DELTA_LOG, META_DIR, METADATA_PREFIX, Destination, manifest_name, part_name
 
 logger = logging.getLogger("fcclip.lake")
 
 LOCK = f"{META_DIR}/lock.json"
+TABLE_METADATA = f"{META_DIR}/table.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 TABLE_FILE_RE = re.compile(r"part-(\d+)(?:-r(\d+))?\.parquet$")
 """A part file in the table: ``part-N.parquet`` (shard N as labeled) or ``part-N-rM.parquet`` (shard N's rows that
 remained when shard M replaced some of them)."""
+REWRITE_SUFFIX_RE = re.compile(r"-r(\d{6})\.parquet$")
+"""What a rewrite adds to the name of the file it rewrites: ``-rM`` (shard M replaced some of its rows)."""
+WRITE_OPERATIONS = ("WRITE", "CREATE TABLE")
+"""The log's operations of the versions that add shards (commit_version's); not schema or property changes, and not
+another program's rewrites (OPTIMIZE, DELETE, ...)."""
 
 
-def rewrite_name(shard: int, by: int) -> str:
-    return f"part-{shard:06d}-r{by:06d}.parquet"
+def rewrite_name(name: str, by: int) -> str:
+    """The name of part file ``name`` (relative to DEST) rewritten without the rows shard ``by`` replaced:
+    ``part-000003.parquet`` and ``part-000003-r000010.parquet`` both become ``part-000003-r000042.parquet`` for
+    ``by`` 42; a file another program wrote (``part-00000-<uuid>-c000.zstd.parquet``, a compaction's) gets the same
+    suffix. So a file and its rewrites share one base (:func:`_base`)."""
+    return _base(name)[: -len(".parquet")] + f"-r{by:06d}.parquet"
+
+
+def _base(name: str) -> str:
+    return REWRITE_SUFFIX_RE.sub(".parquet", name)
 
 
 # ---------------------------------------------------------------------------------------------------- the log
@@ -110,6 +124,15 @@ def versioned_files(dest: Destination, version: int | None = None) -> tuple[int,
     return table.version(), sorted(str(p) for p in pa.table(actions).column("path").to_pylist())
 
 
+def table_metadata(dest: Destination) -> dict[str, str]:
+    """The ``fcclip.*`` key-value metadata of the part files the table's versions added (:func:`commit_version`),
+    as their footers hold it (JSON texts); {} when none was recorded."""
+    try:
+        return json.loads(dest.read_bytes(TABLE_METADATA))
+    except FileNotFoundError:
+        return {}
+
+
 def table_version(dest: Destination) -> int | None:
     return open_table(dest).version() if has_table(dest) else None
 
@@ -143,24 +166,35 @@ def _add_action(dest: Destination, relative: str):
         meta = pq.ParquetFile(f).metadata
         schema = meta.schema.to_arrow_schema()
     stats = json.dumps({"numRecords": meta.num_rows})
-    return AddAction(relative, size, {}, int(time.time() * 1000), True, stats), schema, meta.num_rows
+    fcclip = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k.startswith(METADATA_PREFIX.encode())}
+    return AddAction(relative, size, {}, int(time.time() * 1000), True, stats), schema, meta.num_rows, fcclip
 
 
 def commit_version(dest: Destination, add: list[str], remove: list[str] = (), info: dict | None = None) -> int:
     """One table version that adds the part files ``add`` and removes ``remove`` (paths relative to DEST), with
-    ``info`` (``fcclip.*`` keys) in its commit info; creates the table on the first commit. Returns the version."""
+    ``info`` (``fcclip.*`` keys) in its commit info; creates the table on the first commit. Returns the version.
+
+    The ``fcclip.*`` key-value metadata of the files added (the run's vocabulary, thresholds, model, ...) is kept
+    beside the table too, in ``_fcclip/table.json`` (:func:`table_metadata`), before the version is committed: a
+    file another program rewrites (a compaction, a DELETE) keeps the rows but not the footer, and readers take the
+    metadata from there (``output.open_output``). (Not the table's properties: delta-rs takes only ``delta.*`` keys
+    when it creates a table, and its ALTER holds Python's GIL through its requests.) A table holds one run's
+    versions (``--overwrite`` removes the log with the run), so one file serves all its versions."""
     from deltalake import CommitProperties
     from deltalake.transaction import RemoveAction, create_table_with_add_actions
 
-    actions, schema, added_rows = [], None, 0
+    actions, schema, added_rows, properties = [], None, 0, {}
     for relative in add:
-        action, file_schema, rows = _add_action(dest, relative)
+        action, file_schema, rows, fcclip = _add_action(dest, relative)
         actions.append(action)
         added_rows += rows
+        properties.update(fcclip)
         if schema is None or len(file_schema) > len(schema):
             schema = file_schema
     now = int(time.time() * 1000)
     actions += [RemoveAction(relative, True, now) for relative in remove]
+    if properties and any(table_metadata(dest).get(k) != v for k, v in properties.items()):
+        dest.write_bytes(TABLE_METADATA, json.dumps({**table_metadata(dest), **properties}).encode())
     metadata = {f"fcclip.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (info or {}).items()}
     metadata["fcclip.rows_added"] = str(added_rows)
     props = CommitProperties(custom_metadata=metadata)
@@ -173,7 +207,10 @@ def commit_version(dest: Destination, add: list[str], remove: list[str] = (), in
         return 0
     table = open_table(dest)
     if schema is not None:
-        _add_new_columns(table, schema, props)
+        # a version that changes the schema names the run, not the shards: only the version that adds a shard's
+        # file says it (committed_shards reads that)
+        _add_new_columns(table, schema, CommitProperties(custom_metadata={"fcclip.run_id": metadata.get(
+            "fcclip.run_id", "")}))
     target = table.schema()
     table.create_write_transaction(actions, mode="append", schema=target, commit_properties=props)
     return table.version() + 1
@@ -195,8 +232,11 @@ def _add_new_columns(table, schema: pa.Schema, props) -> None:
 def committed_shards(dest: Destination, run: dict) -> set[int]:
     """Shards of the run whose rows are in the table: every shard before the latest increment (an increment starts
     only once all earlier shards are committed, and a later one may have removed a shard's file whose rows were all
-    replaced), and those of the latest increment whose part file a version added."""
-    first = latest_increment(run)["first_shard"]
+    replaced), and those of the latest increment that a version added. Read off the current version's file names
+    (``part-N``, ``...-rM``), and where those do not account for every shard (another program rewrote files: a
+    compaction, a DELETE), off the log: the versions that added shards name them (:func:`logged_shards`)."""
+    increment = latest_increment(run)
+    first = increment["first_shard"]
     if not has_table(dest):
         return set()
     done = set(range(first))
@@ -204,9 +244,31 @@ def committed_shards(dest: Destination, run: dict) -> set[int]:
         m = TABLE_FILE_RE.search(name)
         if m:
             done.add(int(m.group(1)))
-            if m.group(2) is not None:
-                done.add(int(m.group(2)))
+        m = REWRITE_SUFFIX_RE.search(name)
+        if m:
+            done.add(int(m.group(1)))
+    sizes = run.get("shard_sizes") or []
+    if any(s not in done and sizes[s] > 0 for s in range(first, len(sizes))):
+        done |= logged_shards(dest, run["run_id"], since=increment.get("table_version"))
     return done
+
+
+def logged_shards(dest: Destination, run_id: str, since: int | None = None) -> set[int]:
+    """The shards that versions of the table added for run ``run_id`` (their commit info's ``fcclip.shards``, or
+    ``fcclip.shard`` for a relabel), read off the log: the versions after ``since`` (None: all the log keeps)."""
+    table = open_table(dest)
+    limit = None if since is None else max(table.version() - since, 0)
+    if limit == 0:
+        return set()
+    shards: set[int] = set()
+    for commit in table.history(limit):
+        if commit.get("operation") not in WRITE_OPERATIONS or commit.get("fcclip.run_id") != run_id:
+            continue
+        if "fcclip.shards" in commit:
+            shards.update(int(s) for s in json.loads(commit["fcclip.shards"]))
+        if "fcclip.shard" in commit:
+            shards.add(int(commit["fcclip.shard"]))
+    return shards
 
 
 def latest_increment(run: dict) -> dict:
@@ -218,7 +280,7 @@ def adopt_parts(dest: Destination, run: dict, parts: dict[int, str]) -> None:
     """A DEST labeled before it became a table (part files, no log): one version naming its part files."""
     names = [p.rsplit("/", 1)[-1] for _, p in sorted(parts.items())]
     if names:
-        commit_version(dest, names, info={"run_id": run["run_id"], "operation": "adopt"})
+        commit_version(dest, names, info={"run_id": run["run_id"], "operation": "adopt", "shards": sorted(parts)})
 
 
 # ---------------------------------------------------------------------------------------------------- shard commits
@@ -253,43 +315,64 @@ class ShardCommitter:
             shards, self.waiting = self.waiting, []
             self._commit(shards, {})
 
-    def _commit(self, shards: list[int], replaced: dict[int, list[str]]) -> int:
+    def _commit(self, shards: list[int], replaced: dict) -> int:
         dest = self.dest
         add, remove = [part_name(s) for s in shards], []
         shard = shards[0]
         rows_replaced = 0
         if replaced:
-            current = {}
-            for name in table_files(dest):
-                m = TABLE_FILE_RE.search(name)
-                if m:
-                    current[int(m.group(1))] = name
-            jobs = []
-            for old, uris in sorted(replaced.items()):
-                if old in current:
-                    jobs.append((old, current[old], uris))
-                    rows_replaced += len(uris)
-            results = _run_rewrites(dest, shard, jobs, self.remote)
-            for (old, name, _), kept in zip(jobs, results):
+            jobs = _files_holding(dest, replaced)
+            rows_replaced = sum(len(uris) for uris in jobs.values())
+            results = _run_rewrites(dest, shard, list(jobs.items()), self.remote)
+            for name, kept in zip(jobs, results):
                 remove.append(name)
                 if kept:
-                    add.append(rewrite_name(old, shard))
+                    add.append(rewrite_name(name, shard))
         info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
         version = commit_version(dest, add, remove, info)
         self.last = time.monotonic()
         return version
 
 
-def _replaced_rows(dest: Destination, shard: int) -> dict[int, list[str]]:
-    """{old shard: URIs} that shard ``shard``'s rows replace (its manifest's ``replaces`` column)."""
+def _replaced_rows(dest: Destination, shard: int) -> dict:
+    """{the part file that held the old rows when SOURCE was listed (its name relative to DEST; an old shard's number
+    in a manifest written before names were recorded): URIs} that shard ``shard``'s rows replace (its manifest's
+    ``replaces`` column)."""
     table = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
     if "replaces" not in table.column_names:
         return {}
-    out: dict[int, list[str]] = {}
+    out: dict = {}
     for uri, old in zip(table.column("uri").to_pylist(), table.column("replaces").to_pylist()):
         if old is not None:
-            out.setdefault(int(old), []).append(uri)
+            out.setdefault(old, []).append(uri)
     return out
+
+
+def _files_holding(dest: Destination, replaced: dict) -> dict[str, list[str]]:
+    """{a part file of the current version: the URIs of ``replaced`` it holds}. A file named at listing time is
+    either still there, or was rewritten since by an earlier shard of the increment (same base name, a new ``-rM``);
+    where another program rewrote it (a compaction between the listing and this commit), the current version's
+    files are searched for the URIs."""
+    current = table_files(dest)
+    by_base = {_base(name): name for name in current}
+    by_shard = {int(m.group(1)): name for name in current if (m := TABLE_FILE_RE.search(name))}
+    jobs: dict[str, list[str]] = {}
+    lost: list[str] = []
+    for old, uris in sorted(replaced.items(), key=lambda kv: str(kv[0])):
+        name = by_shard.get(old) if isinstance(old, int) else by_base.get(_base(old))
+        if name is None:
+            lost.extend(uris)
+        else:
+            jobs.setdefault(name, []).extend(uris)
+    if lost:
+        wanted = pa.array(lost, pa.string())
+        for name in current:
+            with dest.fs.open(dest.path(name), "rb") as f:
+                uris = pq.read_table(f, columns=["uri"]).column("uri")
+            found = pc.filter(uris, pc.is_in(uris, value_set=wanted)).to_pylist()
+            if found:
+                jobs.setdefault(name, []).extend(found)
+    return jobs
 
 
 def rewrite_without(dest_uri: str, name: str, new_name: str, uris: list[str]) -> int:
@@ -312,8 +395,8 @@ def _run_rewrites(dest: Destination, shard: int, jobs: list, remote: bool) -> li
         import ray
 
         task = ray.remote(rewrite_without).options(num_cpus=0.5, max_retries=3)
-        return ray.get([task.remote(dest.uri, name, rewrite_name(old, shard), uris) for old, name, uris in jobs])
-    return [rewrite_without(dest.uri, name, rewrite_name(old, shard), uris) for old, name, uris in jobs]
+        return ray.get([task.remote(dest.uri, name, rewrite_name(name, shard), uris) for name, uris in jobs])
+    return [rewrite_without(dest.uri, name, rewrite_name(name, shard), uris) for name, uris in jobs]
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
@@ -489,9 +572,11 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
     changed ones with ``replaces``, then, with ``retry_errors``, unchanged ones whose row is an error row, with
     ``replaces`` too; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the increment:
     ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates", "retried",
-    "error_rows"}`` (``error_rows``: the error rows of the current version, retried or not)."""
+    "error_rows", "table_version"}`` (``error_rows``: the error rows of the current version, retried or not;
+    ``table_version``: the version the listing was compared with, None before the first)."""
     from .sources import list_to_parquet
 
+    base_version = table_version(dest)  # the versions after it are this increment's (committed_shards)
     work = tempfile.mkdtemp(prefix="fcclip-diff-")
     try:
         listed = list_to_parquet(source, work, extensions, on_listed=on_listed)
@@ -501,7 +586,7 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
         sizes = write_shards(dest, f"{work}/diff.parquet", first, shard_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"],
+    return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"], "table_version": base_version,
             "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
             "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
             "not_refreshed": counts["not_refreshed"], "retried": counts["retried"], "error_rows": counts["error_rows"]}
@@ -542,19 +627,20 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
               f"min(ord) AS ord FROM read_parquet('{listing_dir}/*.parquet') GROUP BY uri")
     if files:
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+        root = files[0][: len(files[0]) - len(names[0])] if labeled_files is None else ""
         old = (f"SELECT uri, source_etag, source_size, source_mtime, status, "
-               f"CAST(regexp_extract(filename, 'part-(\\d+)', 1) AS INTEGER) AS shard "
+               f"substr(filename, {len(root) + 1}) AS file "
                f"FROM read_parquet({file_list}, filename = true, union_by_name = true)")
     else:
         old = ("SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS source_etag, NULL::BIGINT AS source_size, "
-               "NULL::TIMESTAMPTZ AS source_mtime, NULL::VARCHAR AS status, NULL::INTEGER AS shard WHERE false")
+               "NULL::TIMESTAMPTZ AS source_mtime, NULL::VARCHAR AS status, NULL::VARCHAR AS file WHERE false")
     con.execute(f"CREATE TEMP VIEW listed AS {listed}")
     con.execute(f"CREATE TEMP VIEW old AS {old}")
     # one join: what is new or changed (a few rows of the listing, as a rule) goes to a local table, then sorted
     retry = "OR o.status = 'error'" if retry_errors else ""
     con.execute(f"""
         CREATE TEMP TABLE todo AS
-            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.shard END AS replaces,
+            SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.file END AS replaces,
                    coalesce(NOT ({_CHANGED}) AND o.status = 'error', false) AS retried
             FROM listed l LEFT JOIN old o ON l.uri = o.uri
             WHERE o.uri IS NULL OR {_CHANGED} {retry}""")

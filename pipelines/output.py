@@ -275,9 +275,14 @@ class Destination:
         the run's; run.json goes before the manifest it describes (a manifest without run.json is never trusted)."""
         fs = self.fs
         log = self.path(DELTA_LOG)  # first: a table naming files that are gone would not read
+        rewritten = []  # the table's files another program wrote (a compaction's): the run's rows, under other names
         if fs.exists(log):
+            from . import lake
+
+            own = {p.rstrip("/").rsplit("/", 1)[-1] for p in [*survey.parts.values(), *survey.rewrites]}
+            rewritten = [self.path(n) for n in lake.table_files(self) if n not in own and "/" not in n]
             fs.rm(log, recursive=True)
-        for path in [*survey.parts.values(), *survey.rewrites]:
+        for path in [*survey.parts.values(), *survey.rewrites, *rewritten]:
             fs.rm_file(path)
         run_json = self.path(META_DIR, "run.json")
         if fs.exists(run_json):
@@ -479,7 +484,7 @@ class LabelingOutput:
                 parquet = pq.ParquetFile(f, pre_buffer=False)
                 names = parquet.schema_arrow.names
                 wanted = None if columns is None else [c for c in columns if c in names]
-                tables.append(parquet.read(columns=wanted, use_threads=False))
+                tables.append(plain_types(parquet.read(columns=wanted, use_threads=False)))
         table = pa.concat_tables(tables, promote_options="default")
         if columns is None:
             return table
@@ -510,6 +515,28 @@ class LabelingOutput:
                 value = text
             out.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
         return out
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+        return pa.binary()
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(pa.field(t.value_field.name, _plain_type(t.value_type), t.value_field.nullable), t.list_size)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+        return pa.list_(pa.field(t.value_field.name, _plain_type(t.value_type), t.value_field.nullable))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _plain_type(f.type), f.nullable, f.metadata) for f in t])
+    return t
+
+
+def plain_types(data):
+    """A table or record batch of part files with Arrow's plain string, binary and list types: a file another
+    program rewrote (delta-rs' DELETE) may hold view or large types, which do not concatenate with fcclip's."""
+    schema = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable, f.metadata) for f in data.schema],
+                       metadata=data.schema.metadata)
+    return data if schema.equals(data.schema) else data.cast(schema)
 
 
 def _short(paths: list[str]) -> str:
@@ -568,6 +595,7 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
             raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
 
     foreign: list[tuple[str, str]] = []
+    properties = None
     columns: set[str] | None = None
     metadata: dict[str, Counter] = {}
     vocabularies: Counter = Counter()
@@ -580,6 +608,12 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
                                   "(a vacuum removes the files only past versions refer to)")
             raise OutputError(f"{dest}: cannot read {name} as Parquet ({unreadable})")
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if in_table and not missing and VOCABULARY_KEY not in meta:
+            # the table's rows in a file another program rewrote (a compaction, a DELETE): no fcclip keys in its
+            # footer; those the table's files were added with
+            if properties is None:
+                properties = {k.encode(): v.encode() for k, v in lake.table_metadata(table).items()}
+            meta = {**meta, **properties}
         if missing or VOCABULARY_KEY not in meta:
             foreign.append((path, f"no column {missing[0]!r}" if missing else "no fcclip.vocabulary metadata"))
             continue

@@ -59,7 +59,7 @@ from .lake import TABLE_FILE_RE
 from .stages import uncertainty_columns
 from .output import (
     EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, new_run_id, open_output,
-    SOURCE_FIELDS, output_schema, part_name, part_schema, write_part,
+    SOURCE_FIELDS, output_schema, part_name, part_schema, plain_types, write_part,
 )
 
 logger = logging.getLogger("fcclip.relabel")
@@ -125,11 +125,15 @@ def open_source(dest: str, version: int | None = None) -> Source:
         metadata[key] = json.loads(next(iter(values)))
     shards, rows = [], []
     is_table = lake.has_table(Destination(dest))
-    for path in output.files:
-        m = (TABLE_FILE_RE if is_table else PART_RE).search(path.rsplit("/", 1)[-1])
-        if not m:
+    matches = [(TABLE_FILE_RE if is_table else PART_RE).search(path.rsplit("/", 1)[-1]) for path in output.files]
+    # a table's files another program wrote (a compaction's, a DELETE's) are numbered after its shards, in name
+    # order: the same numbers for the same version of DEST, which a resumed relabel reads (settings' source_version)
+    after = max((int(m.group(1)) for m in matches if m), default=-1) + 1
+    for path, m in zip(output.files, matches):
+        if not m and not is_table:
             raise RelabelError(f"{dest}: {path.rsplit('/', 1)[-1]} is not a part file's name")
-        shards.append(int(m.group(1)))
+        shards.append(int(m.group(1)) if m else after)
+        after += 0 if m else 1
         with output.fs.open(path, "rb") as f:
             rows.append(pq.ParquetFile(f).metadata.num_rows)
     run = Destination(dest).read_run()
@@ -251,7 +255,9 @@ def relabel_batch(batch: pa.RecordBatch, new: NewVocabulary, min_score: float, c
     for name in ("query_index", "embedding_in", "embedding_out", "embedding_valid"):
         values = pc.list_flatten(table.column(name))
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=schema.field(name).type)
+        target = schema.field(name).type  # a file another program rewrote holds the types of the table's schema
+        values = values.cast(target.value_type)  # (float for float16, a list for a fixed-size list)
+        columns[name] = pa.ListArray.from_arrays(offsets_array, values.take(index), type=target)
     n = table.num_rows
     columns.update(_uncertainty(result, take, offsets, new_segments, table, space.alpha > 0 or space.beta > 0))
     columns["vocabulary"] = pa.array([constants["vocabulary"]] * n, pa.string())
@@ -304,7 +310,7 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
         parquet = pq.ParquetFile(f)
         columns = [c for c in parquet.schema_arrow.names if c not in _SKIPPED_COLUMNS]
         tables = [with_source(relabel_batch(batch, new, min_score, constants, stats), batch)
-                  for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)]
+                  for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns))]
     dim = new.embeddings.shape[1]
     table = pa.concat_tables(tables) if tables else part_schema(dim).empty_table()
     write_part(Destination(dest_uri), shard, table, file_metadata)
@@ -370,6 +376,8 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
         lake.adopt_parts(dest, run, dest.survey().parts)
     done = {int(m.group(1)) for name in lake.table_files(dest) if (m := PART_RE.search(name))}
+    if lake.has_table(dest) and any(s not in done for s in source.shards):  # DEST2's files rewritten by a compaction?
+        done |= lake.logged_shards(dest, run["run_id"])
     pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
     summary.skipped_shards = len(source.shards) - len(pending)
     if not pending:

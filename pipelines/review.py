@@ -269,7 +269,7 @@ def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     from . import lake
-    from .output import REVIEW_FIELDS, SCHEMA, new_run_id, part_name, write_part
+    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, plain_types, write_part
 
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
     rows: dict[str, dict] = {}
@@ -284,12 +284,15 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     for shard, path in enumerate(base.files):
         with base.fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in (parquet.schema_arrow.metadata or {}).items()
+            footer = parquet.schema_arrow.metadata or {}
+            if b"fcclip.vocabulary" not in footer:  # a file another program rewrote (a compaction): the table's
+                footer = {k.encode(): v.encode() for k, v in lake.table_metadata(Destination(dest)).items()}
+            meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in footer.items()
                     if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
             # DEST may be a merged output itself (an earlier review merged in): its rows keep their source
             names = [n for n in schema.names if n in parquet.schema_arrow.names]
             tables = []
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
+            for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=names)):
                 counts["rows"] += batch.num_rows
                 carried = _carried(batch, schema)
                 at = pc.fill_null(pc.index_in(batch.column("image_id"), value_set=reviewed_ids), -1).to_numpy()

@@ -312,7 +312,7 @@ MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size
 
 def write_manifest_shard(dest: Destination, shard: int, table: pa.Table) -> None:
     """Write one manifest shard: ``row`` (its place in the shard), ``uri``, the listed ``etag``, ``size`` and
-    ``mtime``, and ``replaces`` (the shard holding the URI's old row, for a changed object) where given."""
+    ``mtime``, and ``replaces`` (the part file holding the URI's old row, for a changed object) where given."""
     table = table.select([n for n in ("uri", "etag", "size", "mtime", "replaces") if n in table.column_names])
     table = table.add_column(0, "row", pa.array(range(table.num_rows), pa.int32()))
     out = io.BytesIO()

@@ -434,3 +434,80 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
     out = capsys.readouterr().out
     assert "labeled 0 image(s)" in out and "error row" not in out, out
     assert table_version(Destination(dest)) == version
+
+
+def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_once(tmp_path, ray_local, capsys):
+    """Delta maintenance by another program (deltalake's OPTIMIZE compaction, as Spark's; a DELETE) rewrites part
+    files under other names and without fcclip's footer metadata. The commands still read DEST, a rerun labels
+    nothing again that is labeled, an increment replaces rows wherever they now are (also when the compaction came
+    between its listing and its commit), and relabel's outputs resume the same way."""
+    from deltalake import DeltaTable
+
+    from fcclip.config import load_config
+    from fcclip.datasets.synthetic import write_images
+    from fcclip.vocabulary import load_vocabulary
+    from fcclip_pipelines.label import LabelConfig, prepare_run
+
+    folder, dest = tmp_path / "in", str(tmp_path / "out")
+    names = [p.name for p in write_images(folder, count=12, size=OLD_SIZE)]
+    prefix = str(folder) + "/"
+
+    def rows():
+        table = open_output(dest).read(columns=["uri", "height", "width", "status"])
+        uris = table.column("uri").to_pylist()
+        assert len(uris) == len(set(uris)), sorted(uris)  # each image once
+        return {r["uri"][len(prefix):]: (r["height"], r["width"]) for r in table.to_pylist()}
+
+    def compact(where):
+        DeltaTable(where).optimize.compact()
+        files = DeltaTable(where).file_uris()
+        assert len(files) == 1 and not (pq.read_metadata(files[0]).metadata or {}).get(b"fcclip.vocabulary")
+
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    compact(dest)
+    assert rows() == {n: OLD_SIZE for n in names}
+    capsys.readouterr()
+    assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "export")]) == 0
+    assert len(json.loads((tmp_path / "export" / "instances.json").read_text())["images"]) == 12
+
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 0 new, 0 changed, 12 unchanged" in out and "labeled 0 image(s)" in out, out
+
+    for i, path in enumerate(write_images(tmp_path / "new", count=3, size=NEW_SIZE, seed=300)):
+        shutil.copy(path, folder / (f"synth_{i:05d}.jpg" if i < 2 else "added.jpg"))  # 2 changed, 1 new
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 1 new, 2 changed, 10 unchanged" in out and "labeled 3 image(s)" in out, out
+    expected = {**{n: OLD_SIZE for n in names}, "synth_00000.jpg": NEW_SIZE, "synth_00001.jpg": NEW_SIZE,
+                "added.jpg": NEW_SIZE}
+    assert rows() == expected
+
+    # the next run's listing made (a driver killed right after it), then the table compacted, then the rerun: the
+    # changed image's old row is found in the compacted file and replaced
+    shutil.copy(tmp_path / "new" / "synth_00002.jpg", folder / "synth_00005.jpg")
+    cfg = LabelConfig(source=str(folder), dest=dest, vocab=VOCAB, model="fcclip-tiny", weights="random",
+                      shard_size=4, embeddings=True)
+    run = prepare_run(cfg, Destination(dest), load_config("fcclip-tiny"), load_vocabulary(VOCAB))
+    assert run["increments"][-1]["changed"] == 1
+    compact(dest)
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    assert "labeled 1 image(s)" in capsys.readouterr().out
+    assert rows() == {**expected, "synth_00005.jpg": NEW_SIZE}
+
+    # a DELETE of one image's row: the image, still in SOURCE, is labeled again, once
+    DeltaTable(dest).delete(f"uri = '{prefix}synth_00007.jpg'")
+    assert "synth_00007.jpg" not in rows()
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 1 new, 0 changed, 12 unchanged" in out and "labeled 1 image(s)" in out, out
+    assert rows() == {**expected, "synth_00005.jpg": NEW_SIZE}
+
+    # relabel reads the rewritten files, and its own output, compacted, is resumed without a second copy
+    dest2 = str(tmp_path / "relabeled")
+    assert main(["relabel", dest, "--vocab", "cat; sky [stuff]", "--out", dest2]) == 0
+    compact(dest2)
+    assert main(["relabel", dest, "--vocab", "cat; sky [stuff]", "--out", dest2]) == 0
+    assert "were already committed by an earlier run" in capsys.readouterr().out
+    relabeled = open_output(dest2).read(columns=["uri"]).column("uri").to_pylist()
+    assert sorted(relabeled) == sorted(prefix + n for n in {**expected, "synth_00005.jpg": 0})

@@ -15,6 +15,11 @@ file and adds its rewrite without those rows, named ``part-OLD-rNEW.parquet`` (O
 committed). So every version holds each URI at most once, and a reader of any version sees the old row or the new
 one, never both.
 
+Other programs' maintenance (an OPTIMIZE compaction, a DELETE) rewrites part files under names of their own and
+without fcclip's footer metadata. So which shards are committed is read off the log's commit info where the file
+names do not account for them (:func:`committed_shards`), a changed URI's old row is looked for by file, not by
+shard (:func:`_files_holding`), and the files' metadata is kept in ``_fcclip/table.json`` (:func:`table_metadata`).
+
 Incremental runs (:func:`plan_increment`): a DEST whose shards are all committed, labeled again with the same
 settings, lists SOURCE again into Parquet files on local disk, and DuckDB compares that listing with the URIs of the
 current version (an anti-join on ``uri`` and, for URIs in both, the object's ETag, else its size and modification

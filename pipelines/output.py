@@ -18,6 +18,8 @@ Layout of DEST (a Delta table, pipelines/lake.py):
     DEST/_fcclip/lock.json              the one writer's lock (lake.WriterLock)
     DEST/_fcclip/run.json               the run's settings (model, weights, vocabulary, thresholds, shard size),
                                         written once the manifest is complete (a manifest without it is not trusted)
+    DEST/_fcclip/table.json             the part files' fcclip.* metadata, for the table's files that another
+                                        program rewrote (a compaction, a DELETE: lake.commit_version)
     DEST/_fcclip/manifest/shard-000000.manifest   the URIs of each shard (Parquet data, not a .parquet name)
     DEST/_fcclip/fragments/shard-000000/rows-*.arrow   rows of a shard not yet committed (Arrow IPC)
     DEST/_fcclip/tmp/                   local files being written (renamed into place when complete)

@@ -437,8 +437,8 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
 
 
 def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_once(tmp_path, ray_local, capsys):
-    """Delta maintenance by another program (deltalake's OPTIMIZE compaction, as Spark's; a DELETE) rewrites part
-    files under other names and without fcclip's footer metadata. The commands still read DEST, a rerun labels
+    """Delta maintenance by another program (deltalake's OPTIMIZE, compaction and Z-order, as Spark's; a DELETE)
+    rewrites part files under other names and without fcclip's footer metadata. The commands still read DEST, a rerun labels
     nothing again that is labeled, an increment replaces rows wherever they now are (also when the compaction came
     between its listing and its commit), and relabel's outputs resume the same way."""
     from deltalake import DeltaTable
@@ -458,8 +458,9 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
         assert len(uris) == len(set(uris)), sorted(uris)  # each image once
         return {r["uri"][len(prefix):]: (r["height"], r["width"]) for r in table.to_pylist()}
 
-    def compact(where):
-        DeltaTable(where).optimize.compact()
+    def compact(where, z_order=False):
+        table = DeltaTable(where)
+        table.optimize.z_order(["uri"]) if z_order else table.optimize.compact()
         files = DeltaTable(where).file_uris()
         assert len(files) == 1 and not (pq.read_metadata(files[0]).metadata or {}).get(b"fcclip.vocabulary")
 
@@ -490,7 +491,7 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
                       shard_size=4, embeddings=True)
     run = prepare_run(cfg, Destination(dest), load_config("fcclip-tiny"), load_vocabulary(VOCAB))
     assert run["increments"][-1]["changed"] == 1
-    compact(dest)
+    compact(dest, z_order=True)
     assert main(_args(str(folder), dest, "--embeddings")) == 0
     assert "labeled 1 image(s)" in capsys.readouterr().out
     assert rows() == {**expected, "synth_00005.jpg": NEW_SIZE}

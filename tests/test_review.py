@@ -545,3 +545,36 @@ def test_annotation_regions_become_panoptic_segments():
     assert [s["area"] for s in segments] == [int(m.sum()) for m in masks]
     assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
     assert [s["is_thing"] for s in segments] == [True, True, False] and all(s["score"] == 1.0 for s in segments)
+
+
+def test_merge_of_a_table_another_program_compacted(tmp_path, capsys):
+    """DEST's part files compacted by deltalake's OPTIMIZE (one file, no fcclip footer metadata): the merge takes the
+    run's metadata from DEST's table and its rows from the compacted file; MERGED reads as a labeling output."""
+    import datetime
+
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from fcclip_pipelines.lake import commit_version
+    from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA, open_output
+
+    uris = [f"s3://bucket/img_{i}.jpg" for i in range(6)]
+    labels = tmp_path / "labels"
+    rows = make_output(labels, uris, [(12, 16)] * 6, [0.5] * 6, files=3)
+    commit_version(Destination(str(labels)), [f"part-{i:06d}.parquet" for i in range(3)], info={"shards": [0, 1, 2]})
+    DeltaTable(str(labels)).optimize.compact()
+    (compacted,) = DeltaTable(str(labels)).file_uris()
+    assert b"fcclip.vocabulary" not in (pq.read_metadata(compacted).metadata or {})
+    when = datetime.datetime(2026, 12, 5, tzinfo=datetime.timezone.utc)
+    write_part(Destination(str(tmp_path / "reviewed")), 0,
+               pa.Table.from_pylist([{**rows[1], "source": "human-reviewed", "reviewed_by": "a@example.com",
+                                      "reviewed_at": when}], schema=pa.schema(list(SCHEMA) + REVIEW_FIELDS)),
+               {"vocabulary": VOCAB.to_dict(), "run_id": "reviewed"})
+    merged = str(tmp_path / "merged")
+    assert main(["review", "merge", str(labels), str(tmp_path / "reviewed"), "--out", merged]) == 0, \
+        capsys.readouterr().err
+    output = open_output(merged)
+    assert [c["id"] for c in output.categories()] == [c.id for c in VOCAB.categories]
+    got = output.read(columns=["uri", "source"]).to_pylist()
+    assert sorted(r["uri"] for r in got) == sorted(uris)
+    assert [r["uri"] for r in got if r["source"] == "human-reviewed"] == [uris[1]]

@@ -65,6 +65,7 @@ TABLE_FILE_RE = re.compile(r"part-(\d+)(?:-r(\d+))?\.parquet$")
 remained when shard M replaced some of them)."""
 REWRITE_SUFFIX_RE = re.compile(r"-r(\d{6})\.parquet$")
 """What a rewrite adds to the name of the file it rewrites: ``-rM`` (shard M replaced some of its rows)."""
+COMMIT_RE = re.compile(r"\d{20}\.json")
 WRITE_OPERATIONS = ("WRITE", "CREATE TABLE")
 """The log's operations of the versions that add shards (commit_version's); not schema or property changes, and not
 another program's rewrites (OPTIMIZE, DELETE, ...)."""
@@ -238,41 +239,51 @@ def committed_shards(dest: Destination, run: dict) -> set[int]:
     """Shards of the run whose rows are in the table: every shard before the latest increment (an increment starts
     only once all earlier shards are committed, and a later one may have removed a shard's file whose rows were all
     replaced), and those of the latest increment that a version added. Read off the current version's file names
-    (``part-N``, ``...-rM``), and where those do not account for every shard (another program rewrote files: a
-    compaction, a DELETE), off the log: the versions that added shards name them (:func:`logged_shards`)."""
+    (``part-N``, ``...-rM``), and where another program's files are in the version (a compaction's, a DELETE's) and
+    those names do not account for every shard, off the log: the versions that added shards name them
+    (:func:`logged_shards`; a run killed before its shards were committed, the common case, reads no history)."""
     increment = latest_increment(run)
     first = increment["first_shard"]
     if not has_table(dest):
         return set()
     done = set(range(first))
+    rewritten = False  # a file of another program's in the version
     for name in table_files(dest):
         m = TABLE_FILE_RE.search(name)
         if m:
             done.add(int(m.group(1)))
+        else:
+            rewritten = True
         m = REWRITE_SUFFIX_RE.search(name)
         if m:
             done.add(int(m.group(1)))
     sizes = run.get("shard_sizes") or []
-    if any(s not in done and sizes[s] > 0 for s in range(first, len(sizes))):
+    if rewritten and any(s not in done and sizes[s] > 0 for s in range(first, len(sizes))):
         done |= logged_shards(dest, run["run_id"], since=increment.get("table_version"))
     return done
 
 
 def logged_shards(dest: Destination, run_id: str, since: int | None = None) -> set[int]:
     """The shards that versions of the table added for run ``run_id`` (their commit info's ``fcclip.shards``, or
-    ``fcclip.shard`` for a relabel), read off the log: the versions after ``since`` (None: all the log keeps)."""
-    table = open_table(dest)
-    limit = None if since is None else max(table.version() - since, 0)
-    if limit == 0:
-        return set()
+    ``fcclip.shard`` for a relabel): the commits after version ``since`` (None: all the log keeps), read as files
+    (``_delta_log/NNN.json``, one action a line) rather than through delta-rs, whose history holds Python's GIL
+    through its requests."""
+    fs = dest.fs
+    log = dest.path(DELTA_LOG)
+    fs.invalidate_cache(log)
     shards: set[int] = set()
-    for commit in table.history(limit):
-        if commit.get("operation") not in WRITE_OPERATIONS or commit.get("fcclip.run_id") != run_id:
+    for path in sorted(fs.ls(log, detail=False)):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not COMMIT_RE.fullmatch(name) or (since is not None and int(name[:20]) <= since):
             continue
-        if "fcclip.shards" in commit:
-            shards.update(int(s) for s in json.loads(commit["fcclip.shards"]))
-        if "fcclip.shard" in commit:
-            shards.add(int(commit["fcclip.shard"]))
+        for line in fs.cat_file(path).splitlines():
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if not info or info.get("operation") not in WRITE_OPERATIONS or info.get("fcclip.run_id") != run_id:
+                continue
+            if "fcclip.shards" in info:
+                shards.update(int(s) for s in json.loads(info["fcclip.shards"]))
+            if "fcclip.shard" in info:
+                shards.add(int(info["fcclip.shard"]))
     return shards
 
 

@@ -375,9 +375,10 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     summary = RelabelSummary(dest=out, run_id=run["run_id"])
     if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
         lake.adopt_parts(dest, run, dest.survey().parts)
-    done = {int(m.group(1)) for name in lake.table_files(dest) if (m := PART_RE.search(name))}
-    if lake.has_table(dest) and any(s not in done for s in source.shards):  # DEST2's files rewritten by a compaction?
-        done |= lake.logged_shards(dest, run["run_id"])
+    names = lake.table_files(dest)
+    done = {int(m.group(1)) for name in names if (m := PART_RE.search(name))}
+    if any(not PART_RE.search(n) for n in names) and any(s not in done for s in source.shards):
+        done |= lake.logged_shards(dest, run["run_id"])  # DEST2's files rewritten by another program (compacted)
     pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
     summary.skipped_shards = len(source.shards) - len(pending)
     if not pending:

@@ -346,6 +346,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         summary.retried = increment.get("retried", 0)
         summary.error_rows = increment.get("error_rows")
     if not pending:
+        lake.mark_complete(dest, run)
         summary.version = lake.table_version(dest)
         logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
         summary.seconds = time.time() - started
@@ -414,6 +415,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     if result.run_metadata and "embeddings" not in run:
         run["embeddings"] = result.run_metadata.get("embeddings")  # what fcclip relabel needs beyond the text
         dest.write_run(run)
+    lake.mark_complete(dest, run)  # the engine returned: every pending shard is committed (it raises otherwise)
     summary.images = result.ok + result.failed
     summary.version = lake.table_version(dest)
     summary.ok, summary.failed, summary.segments = result.ok, result.failed, result.segments

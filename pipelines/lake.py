@@ -246,6 +246,8 @@ def committed_shards(dest: Destination, run: dict) -> set[int]:
     first = increment["first_shard"]
     if not has_table(dest):
         return set()
+    if increment.get("complete"):  # every shard committed, seen by the run that labeled them (mark_complete)
+        return set(range(len(run.get("shard_sizes") or [])))
     done = set(range(first))
     rewritten = False  # a file of another program's in the version
     for name in table_files(dest):
@@ -290,6 +292,17 @@ def logged_shards(dest: Destination, run_id: str, since: int | None = None) -> s
 def latest_increment(run: dict) -> dict:
     increments = run.get("increments") or [{"first_shard": 0}]
     return increments[-1]
+
+
+def mark_complete(dest: Destination, run: dict) -> None:
+    """Record in run.json that every shard of the run's latest increment is committed, once a run has seen them
+    committed: from then on that is not read off the table, whose log another program's maintenance and the log's
+    own clean-up (commits older than its retention, 30 days by default) may have rewritten by the next run."""
+    increments = run.get("increments") or [{"first_shard": 0, "new": run.get("num_images", 0)}]
+    if not increments[-1].get("complete"):
+        increments[-1] = {**increments[-1], "complete": True}
+        run["increments"] = increments
+        dest.write_run(run)
 
 
 def adopt_parts(dest: Destination, run: dict, parts: dict[int, str]) -> None:

@@ -466,6 +466,13 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
 
     assert main(_args(str(folder), dest, "--embeddings")) == 0
     compact(dest)
+    # and the log's own clean-up (the commits before a checkpoint, past their retention, removed): the shards the run
+    # saw committed are in its run.json, not only in the log
+    table = DeltaTable(dest)
+    table.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"})
+    table.create_checkpoint()
+    table.cleanup_metadata()
+    assert not (Path(dest) / "_delta_log" / f"{0:020d}.json").exists()
     assert rows() == {n: OLD_SIZE for n in names}
     capsys.readouterr()
     assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "export")]) == 0

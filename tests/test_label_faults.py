@@ -581,6 +581,37 @@ def test_a_stopped_job_keeps_what_is_committed_and_a_rerun_goes_on(tmp_path, sig
 
 
 @pytest.mark.slow
+def test_a_job_stopped_then_compacted_by_another_program_is_labeled_once(tmp_path):
+    """SIGTERM once a shard is committed, then another program compacts the table (deltalake's OPTIMIZE: the part
+    files rewritten as one file of its own name, without fcclip's metadata): the rerun finds the committed shards in
+    the table's log, labels the rest, and the table holds every image once."""
+    from deltalake import DeltaTable
+
+    from fcclip_pipelines.output import open_output
+
+    uris, dest, args, first = _job_with_a_committed_shard(tmp_path)
+    try:
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while len(dest.committed()) < 2 and first.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # two shards in the table: a compaction leaves a single file as it is
+        os.kill(first.proc.pid, signal.SIGTERM)
+        code = first.wait(timeout=60)
+    finally:
+        survivors = first.close()
+    assert survivors == [] and code == 128 + signal.SIGTERM, first.output()[-3000:]
+    committed = dest.committed()
+    assert 2 <= len(committed) < 6, sorted(committed)
+    DeltaTable(dest.dest).optimize.compact()
+    assert len(dest.committed()) == 1 and not dest.committed() & committed
+
+    code, output = _finish(Job(args, stand_ins=SLOW_MODEL))
+    assert code == 0, output[-5000:]
+    assert f"{len(committed)} shard(s) were already committed" in output, output[-3000:]
+    rows = _assert_exactly_once(open_output(dest.dest).read(columns=["uri", "status"]).to_pylist(), uris)
+    assert all(r["status"] == "ok" for r in rows.values())
+
+
+@pytest.mark.slow
 def test_hanging_model_batch_is_abandoned(tmp_path):
     """A model stage that never returns from a batch (a stand-in that really sleeps): past --batch-timeout the actor
     is killed and replaced, the batch's images are run one at a time, and the one that hangs alone becomes an error

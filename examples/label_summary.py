@@ -13,11 +13,8 @@ output = open_output(dest, version=int(sys.argv[2]) if len(sys.argv) > 2 else No
 con = duckdb.connect()
 if "://" in dest:  # object storage through fsspec (s3fs / gcsfs), with the usual credentials
     con.register_filesystem(output.fs)
-    files = [f"{dest.split('://', 1)[0]}://{f}" for f in output.files]
-else:
-    files = output.files
-rows = "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "])"
-print(f"{dest}: version {output.version}, {len(files)} part file(s)")
+rows = "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in output.urls) + "])"
+print(f"{dest}: version {output.version}, {len(output.urls)} part file(s)")
 print(con.sql(f"select status, count(*) as images from {rows} group by status order by status"))
 print(con.sql(f"""
     select s.label, count(*) as segments, round(avg(s.score), 3) as mean_score, sum(s.area) as pixels

@@ -199,8 +199,9 @@ def commit_version(dest: Destination, add: list[str], remove: list[str] = (), in
             schema = file_schema
     now = int(time.time() * 1000)
     actions += [RemoveAction(relative, True, now) for relative in remove]
-    if properties and any(table_metadata(dest).get(k) != v for k, v in properties.items()):
-        dest.write_bytes(TABLE_METADATA, json.dumps({**table_metadata(dest), **properties}).encode())
+    recorded = table_metadata(dest) if properties else {}
+    if any(recorded.get(k) != v for k, v in properties.items()):
+        dest.write_bytes(TABLE_METADATA, json.dumps({**recorded, **properties}).encode())
     metadata = {f"fcclip.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (info or {}).items()}
     metadata["fcclip.rows_added"] = str(added_rows)
     props = CommitProperties(custom_metadata=metadata)

@@ -597,7 +597,6 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
             raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
 
     foreign: list[tuple[str, str]] = []
-    properties = None
     columns: set[str] | None = None
     metadata: dict[str, Counter] = {}
     vocabularies: Counter = Counter()
@@ -610,12 +609,8 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
                                   "(a vacuum removes the files only past versions refer to)")
             raise OutputError(f"{dest}: cannot read {name} as Parquet ({unreadable})")
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if in_table and not missing and VOCABULARY_KEY not in meta:
-            # the table's rows in a file another program rewrote (a compaction, a DELETE): no fcclip keys in its
-            # footer; those the table's files were added with
-            if properties is None:
-                properties = {k.encode(): v.encode() for k, v in lake.table_metadata(table).items()}
-            meta = {**meta, **properties}
+        if in_table and not missing:
+            meta = with_table_metadata(meta, table)
         if missing or VOCABULARY_KEY not in meta:
             foreign.append((path, f"no column {missing[0]!r}" if missing else "no fcclip.vocabulary metadata"))
             continue
@@ -650,6 +645,16 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
     urls = [fs.unstrip_protocol(p) if _has_protocol(dest) else p for p in files]
     return LabelingOutput(dest=dest, fs=fs, files=files, urls=urls, columns=sorted(columns or ()),
                           vocabulary=vocabulary, metadata=metadata, version=version)
+
+
+def with_table_metadata(footer: dict[bytes, bytes], dest: "Destination") -> dict[bytes, bytes]:
+    """A table's part file's key-value metadata; for a file without fcclip's keys (another program rewrote it: a
+    compaction, a DELETE), with the keys the table's files were added with (``_fcclip/table.json``)."""
+    if VOCABULARY_KEY in footer:
+        return footer
+    from . import lake
+
+    return {**footer, **{k.encode(): v.encode() for k, v in lake.table_metadata(dest).items()}}
 
 
 def add_version_argument(p, what: str = "DEST") -> None:

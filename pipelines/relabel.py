@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import sys
@@ -128,12 +129,11 @@ def open_source(dest: str, version: int | None = None) -> Source:
     matches = [(TABLE_FILE_RE if is_table else PART_RE).search(path.rsplit("/", 1)[-1]) for path in output.files]
     # a table's files another program wrote (a compaction's, a DELETE's) are numbered after its shards, in name
     # order: the same numbers for the same version of DEST, which a resumed relabel reads (settings' source_version)
-    after = max((int(m.group(1)) for m in matches if m), default=-1) + 1
+    after = itertools.count(max((int(m.group(1)) for m in matches if m), default=-1) + 1)
     for path, m in zip(output.files, matches):
         if not m and not is_table:
             raise RelabelError(f"{dest}: {path.rsplit('/', 1)[-1]} is not a part file's name")
-        shards.append(int(m.group(1)) if m else after)
-        after += 0 if m else 1
+        shards.append(int(m.group(1)) if m else next(after))
         with output.fs.open(path, "rb") as f:
             rows.append(pq.ParquetFile(f).metadata.num_rows)
     run = Destination(dest).read_run()

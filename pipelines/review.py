@@ -269,7 +269,8 @@ def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     from . import lake
-    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, plain_types, write_part
+    from .output import (REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, plain_types, with_table_metadata,
+                         write_part)
 
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
     rows: dict[str, dict] = {}
@@ -284,9 +285,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     for shard, path in enumerate(base.files):
         with base.fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            footer = parquet.schema_arrow.metadata or {}
-            if b"fcclip.vocabulary" not in footer:  # a file another program rewrote (a compaction): the table's
-                footer = {k.encode(): v.encode() for k, v in lake.table_metadata(Destination(dest)).items()}
+            footer = with_table_metadata(parquet.schema_arrow.metadata or {}, Destination(dest))
             meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in footer.items()
                     if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
             # DEST may be a merged output itself (an earlier review merged in): its rows keep their source

@@ -19,6 +19,8 @@ Other programs' maintenance (an OPTIMIZE compaction, a DELETE) rewrites part fil
 without fcclip's footer metadata. So which shards are committed is read off the log's commit info where the file
 names do not account for them (:func:`committed_shards`), a changed URI's old row is looked for by file, not by
 shard (:func:`_files_holding`), and the files' metadata is kept in ``_fcclip/table.json`` (:func:`table_metadata`).
+Such maintenance may also land while a run commits: a version that removes files is committed only on top of a
+version that still holds them, else the rows are looked for again (:func:`_commit_on_files`, :class:`FilesGone`).
 
 Incremental runs (:func:`plan_increment`): a DEST whose shards are all committed, labeled again with the same
 settings, lists SOURCE again into Parquet files on local disk, and DuckDB compares that listing with the URIs of the
@@ -66,6 +68,8 @@ remained when shard M replaced some of them)."""
 REWRITE_SUFFIX_RE = re.compile(r"-r(\d{6})\.parquet$")
 """What a rewrite adds to the name of the file it rewrites: ``-rM`` (shard M replaced some of its rows)."""
 COMMIT_RE = re.compile(r"\d{20}\.json")
+COMMIT_TRIES = 20
+"""Tries at committing a version that removes files, each on top of a version another program committed meanwhile."""
 WRITE_OPERATIONS = ("WRITE", "CREATE TABLE")
 """The log's operations of the versions that add shards (commit_version's); not schema or property changes, and not
 another program's rewrites (OPTIMIZE, DELETE, ...)."""
@@ -85,11 +89,13 @@ def _base(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the log
 def storage_options(uri: str) -> dict[str, str]:
-    """delta-rs options for DEST: on S3, plain HTTP when the endpoint is (a test server, MinIO), and renames without
-    a lock service (safe: :class:`WriterLock` keeps one writer per DEST)."""
+    """delta-rs options for DEST: on S3, plain HTTP when the endpoint is (a test server, MinIO), and a version's
+    log entry written only if absent (``If-None-Match: *``, S3's conditional write, as :class:`WriterLock`'s), not
+    through a lock service: a commit of another program's (a compaction) that lands at the same moment fails one of
+    the two commits instead of overwriting it."""
     if not uri.startswith(("s3://", "s3a://")):
         return {}
-    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    options = {"AWS_CONDITIONAL_PUT": "etag"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     if endpoint.startswith("http://"):
         options["AWS_ALLOW_HTTP"] = "true"
@@ -219,8 +225,40 @@ def commit_version(dest: Destination, add: list[str], remove: list[str] = (), in
         _add_new_columns(table, schema, CommitProperties(custom_metadata={"fcclip.run_id": metadata.get(
             "fcclip.run_id", "")}))
     target = table.schema()
-    table.create_write_transaction(actions, mode="append", schema=target, commit_properties=props)
-    return table.version() + 1
+    if not remove:  # an append conflicts with nothing: delta-rs retries it on top of whatever was committed meanwhile
+        table.create_write_transaction(actions, mode="append", schema=target, commit_properties=props)
+        return table.version() + 1
+    return _commit_on_files(table, actions, remove, target, metadata)
+
+
+def _commit_on_files(table, actions: list, remove, schema, metadata: dict) -> int:
+    """Commit a version that removes files only on top of a version that still holds them all. delta-rs checks a
+    write's removes against nothing: where another program's compaction or DELETE removed a file since it was read,
+    it would commit the remove as a no-op, and the file's rows would stay in the other program's rewrite beside
+    ours (every kept row twice, the replaced ones too). So each try commits exactly the next version
+    (``max_commit_retries=0``), and a version committed meanwhile by another program is looked at: its removals
+    leave ours standing (the try is made again on top of it) or raise :class:`FilesGone` (the caller finds the rows
+    again). The other order is delta-rs' to catch: an OPTIMIZE or DELETE that read a file a version of ours has
+    removed fails ("a concurrent transaction deleted data this operation read"), and its program runs it again."""
+    from deltalake import CommitProperties
+    from deltalake.exceptions import CommitFailedError
+
+    props = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
+    for _ in range(COMMIT_TRIES):
+        held = set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+        gone = sorted(set(remove) - held)
+        if gone:
+            raise FilesGone(f"version {table.version()} of the table no longer holds {', '.join(gone)}")
+        read = table.version()
+        try:
+            table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props)
+            return read + 1
+        except CommitFailedError:
+            table.update_incremental()
+            if table.version() == read:  # not a version committed meanwhile: a failure of its own
+                raise
+    raise RuntimeError(f"{COMMIT_TRIES} versions were committed by other programs while fcclip tried to commit one; "
+                       "the shards committed so far stay, and the rerun goes on from there")
 
 
 def _add_new_columns(table, schema: pa.Schema, props) -> None:
@@ -314,6 +352,11 @@ def adopt_parts(dest: Destination, run: dict, parts: dict[int, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- shard commits
+class FilesGone(RuntimeError):
+    """Files a version was to remove are no longer in the table: another program rewrote them after they were read
+    (a compaction, a DELETE), and their rows are to be looked for again (:func:`_commit_on_files`)."""
+
+
 class ShardCommitter:
     """The driver's half of a shard's commit, called once the shard's part file is complete: one table version adds
     the part files of the shards completed since the last version (a version at most every ``interval_s`` seconds,
@@ -347,19 +390,30 @@ class ShardCommitter:
 
     def _commit(self, shards: list[int], replaced: dict) -> int:
         dest = self.dest
-        add, remove = [part_name(s) for s in shards], []
         shard = shards[0]
-        rows_replaced = 0
-        if replaced:
-            jobs = _files_holding(dest, replaced)
-            rows_replaced = sum(len(uris) for uris in jobs.values())
-            results = _run_rewrites(dest, shard, list(jobs.items()), self.remote)
-            for name, kept in zip(jobs, results):
-                remove.append(name)
-                if kept:
-                    add.append(rewrite_name(name, shard))
-        info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
-        version = commit_version(dest, add, remove, info)
+        for _ in range(COMMIT_TRIES):
+            add, remove = [part_name(s) for s in shards], []
+            rows_replaced = 0
+            if replaced:
+                jobs = _files_holding(dest, replaced)
+                rows_replaced = sum(len(uris) for uris in jobs.values())
+                results = _run_rewrites(dest, shard, list(jobs.items()), self.remote)
+                for name, kept in zip(jobs, results):
+                    remove.append(name)
+                    if kept:
+                        add.append(rewrite_name(name, shard))
+            info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
+            try:
+                version = commit_version(dest, add, remove, info)
+                break
+            except FilesGone as e:  # another program's compaction or DELETE came between: the old rows moved
+                logger.info("%s: looking for the rows shard %d replaces again", e, shard)
+                for name in add[len(shards):]:  # this try's rewrites, in no version
+                    dest.fs.rm_file(dest.path(name))
+        else:
+            raise RuntimeError(f"the files holding the rows shard {shard} replaces were rewritten by other programs "
+                               f"{COMMIT_TRIES} times while fcclip tried to commit it; the shards committed so far "
+                               "stay, and the rerun goes on from there")
         self.last = time.monotonic()
         return version
 

@@ -436,6 +436,85 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
     assert table_version(Destination(dest)) == version
 
 
+COMPACT = """import sys
+from deltalake import DeltaTable
+options = {"AWS_ALLOW_HTTP": "true", "AWS_CONDITIONAL_PUT": "etag"} if sys.argv[1].startswith("s3://") else {}
+print(DeltaTable(sys.argv[1], storage_options=options).optimize.compact()["numFilesRemoved"])
+"""
+"""Another program: deltalake's OPTIMIZE (compaction) of the table at argv[1]; prints the files it removed."""
+
+
+@pytest.mark.parametrize("where,when", [("local", "before its commit"), ("local", "inside its commit"),
+                                        ("s3", "before its commit")])
+def test_a_compaction_while_an_increment_commits_keeps_each_image_once(where, when, s3_server, tmp_path, ray_local,
+                                                                       capsys, monkeypatch, request):
+    """Another program's OPTIMIZE (deltalake's compaction) lands while ``fcclip label`` commits an increment: after
+    the part files holding the changed images' old rows were read and rewritten without them, and before the version
+    that removes them (or on top of the very version that commit started from). The commit finds the rows again in
+    the compacted file: every image once, the changed ones with their new content. (delta-rs alone commits the
+    removal of the compacted-away files as a no-op: 20 rows for 12 images.)"""
+    import boto3
+
+    from fcclip.datasets.synthetic import write_images
+    from fcclip_pipelines import lake
+
+    folder = tmp_path / "in"
+    names = [p.name for p in write_images(folder, count=12, size=OLD_SIZE)]
+    source, dest = str(folder), str(tmp_path / "out")
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        source, dest = f"s3://{bucket}/in/", f"s3://{bucket}/labels"
+        for name in names:
+            boto3.client("s3").upload_file(str(folder / name), bucket, f"in/{name}")
+    assert main(_args(source, dest)) == 0
+    assert len(table_files(Destination(dest))) == 3
+    for i, path in enumerate(write_images(tmp_path / "new", count=2, size=NEW_SIZE, seed=400)):
+        name = ("synth_00000.jpg", "synth_00005.jpg")[i]  # rows of part-000000 and part-000001
+        shutil.copy(path, folder / name)
+        if where == "s3":
+            boto3.client("s3").upload_file(str(path), bucket, f"in/{name}")
+    compactions = []
+
+    def compact():
+        if not compactions:
+            done = subprocess.run([sys.executable, "-c", COMPACT, dest], capture_output=True, text=True, check=True)
+            compactions.append(int(done.stdout))
+
+    if when == "before its commit":
+        commit_version = lake.commit_version
+
+        def compacted_first(dest_, add, remove=(), info=None):
+            if remove:
+                compact()
+            return commit_version(dest_, add, remove, info)
+
+        monkeypatch.setattr(lake, "commit_version", compacted_first)
+    else:  # the table the commit is made from is read, then the compaction is committed
+        add_new_columns = lake._add_new_columns
+
+        def compacted_then(table, schema, props):
+            add_new_columns(table, schema, props)
+            if table.version() > 0:
+                compact()
+
+        monkeypatch.setattr(lake, "_add_new_columns", compacted_then)
+    capsys.readouterr()
+    assert main(_args(source, dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 0 new, 2 changed, 10 unchanged" in out and "labeled 2 image(s)" in out, out
+    assert compactions == [3]
+    table = open_output(dest).read(columns=["uri", "height", "width"])
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 12, sorted(uris)
+    sizes = {r["uri"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in table.to_pylist()}
+    assert sizes == {n: NEW_SIZE if n in ("synth_00000.jpg", "synth_00005.jpg") else OLD_SIZE for n in names}
+    files = table_files(Destination(dest))
+    assert len(files) == 2 and "part-000003.parquet" in files, files  # the compacted file rewritten, the new shard
+    # the rewrites of the files the compaction had removed are in no version, and gone
+    listing = Destination(dest).fs.ls(Destination(dest).root, detail=False)
+    assert not [p for p in listing if re.search(r"part-00000[01]-r\d+\.parquet$", p)], listing
+
+
 def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_once(tmp_path, ray_local, capsys):
     """Delta maintenance by another program (deltalake's OPTIMIZE, compaction and Z-order, as Spark's; a DELETE)
     rewrites part files under other names and without fcclip's footer metadata. The commands still read DEST, a rerun labels

@@ -30,7 +30,7 @@ folder, so neither side is held in memory. What is new, then what changed, becom
 manifest, each changed URI with the part file that holds its old row (``replaces``).
 
 One writer (:class:`WriterLock`): ``DEST/_fcclip/lock.json``, created only if absent (``O_EXCL`` on a local
-filesystem; ``If-None-Match: *`` on S3), holding the owner's host, process id and a heartbeat the owner rewrites
+filesystem; ``If-None-Match: *`` on S3; ``ifGenerationMatch=0`` on GCS), holding the owner's host, process id and a heartbeat the owner rewrites
 every ``HEARTBEAT_S`` seconds. A second driver is refused at once, unless the lock is stale: its heartbeat older than
 ``STALE_S``, or its owner a process of this host that no longer runs (a killed driver). A stale lock is removed and
 taken over.
@@ -575,6 +575,12 @@ class WriterLock:
                 if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 raise
+            return True
+        if dest.uri.startswith("gs://"):  # a generation-match precondition (ifGenerationMatch=0): created if absent
+            try:
+                dest.fs.pipe_file(dest.path(LOCK), body, mode="create")
+            except FileExistsError:
+                return False
             return True
         if dest.exists(LOCK):  # another object store: check, then write (not atomic; documented)
             return False

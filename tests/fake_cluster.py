@@ -91,18 +91,11 @@ class FakeAutoscalingCluster:
 
     def processes(self) -> list[int]:
         """This cluster's processes: the head's group, and the worker nodes' raylets and workers (their command
-        lines name the head's port or temp dir)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-            except OSError:
-                continue
-            if str(self.temp) in line or f"127.0.0.1:{self.port}" in line:
-                pids.append(int(entry.name))
-        return pids
+        lines name the head's port or temp dir; a Ray worker renames itself, ``ray::TrainController``, and starts a
+        process group of its own, but keeps the environment it was started with, the cluster's token in it)."""
+        return [pid for pid in _other_processes() if str(self.temp) in _read(pid, "cmdline")
+                or f"127.0.0.1:{self.port}" in _read(pid, "cmdline")
+                or f"RAY_AUTH_TOKEN={self.token} " in _read(pid, "environ")]
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -128,3 +121,27 @@ class FakeAutoscalingCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _other_processes() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and int(e.name) != os.getpid()]
+
+
+def _read(pid: int, what: str) -> str:
+    """/proc/PID/cmdline or /proc/PID/environ, its NUL separators as spaces ("" for a process gone or not ours)."""
+    try:
+        return (Path("/proc") / str(pid) / what).read_bytes().replace(b"\0", b" ").decode("utf-8", "replace") + " "
+    except OSError:
+        return ""
+
+
+def kill_processes_with_token(token: str) -> list[int]:
+    """SIGKILL every process whose environment holds ``RAY_AUTH_TOKEN=token`` (a test cluster's own token: its
+    raylets, GCS and workers, whatever process group or name they took); returns their ids."""
+    pids = [pid for pid in _other_processes() if f"RAY_AUTH_TOKEN={token} " in _read(pid, "environ")]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids

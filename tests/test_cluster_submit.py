@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.catalogue import good_images
+from tests.fake_cluster import kill_processes_with_token
 from tests.monitoring import MONITORING, dashboard, write_rules
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -84,6 +85,7 @@ def ray_head(s3_server, tmp_path):
         except ProcessLookupError:
             pass
         proc.wait()
+        kill_processes_with_token(token)  # its workers, each in a process group of its own
         shutil.rmtree(temp, ignore_errors=True)
 
 

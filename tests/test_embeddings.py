@@ -185,11 +185,16 @@ def test_relabel_is_resumable_and_refuses_other_settings(lake, capsys):
     assert main(args) == 0
     first = {p.name: pq.read_table(p).to_pylist() for p in out.glob("*.parquet")}
     assert sorted(first) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
-    # killed after writing a part file, before naming it in DEST2's table: the last version undone, its file removed
+    # killed after writing a part file, before naming it in DEST2's table: the last version undone, its file removed,
+    # and run.json without the mark of a run that saw all its shards committed
     log = sorted((out / "_delta_log").glob("*.json"))
     (added,) = [json.loads(line)["add"]["path"] for line in log[-1].read_text().splitlines() if '"add"' in line]
     log[-1].unlink()
     (out / added).unlink()
+    run_json = out / "_fcclip" / "run.json"
+    run = json.loads(run_json.read_text())
+    assert run.pop("complete") is True
+    run_json.write_text(json.dumps(run))
     capsys.readouterr()
     assert main(args) == 0
     assert "2 shard(s) were already committed" in capsys.readouterr().out

@@ -343,6 +343,49 @@ def test_the_lock_on_s3_is_taken_once(s3_server, s3_bucket):
     assert not dest.exists(LOCK)
 
 
+RACE = """import json, sys, time
+from fcclip_pipelines.lake import WriterLock
+from fcclip_pipelines.output import Destination
+lock = WriterLock(Destination(sys.argv[1]))
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print(json.dumps({"created": lock._create(), "token": lock.token}))
+"""
+"""One driver's try at DEST's lock (argv[1]), made at the moment argv[2] (a time.time())."""
+
+
+def test_the_lock_on_gcs_is_created_once_of_drivers_at_one_moment(gcs_server, tmp_path):
+    """On GCS the lock is an upload with a generation-match precondition (``ifGenerationMatch=0``): of eight drivers
+    that try at the same moment, one creates it, and the lock holds that one's token. (Checked, then written, it went
+    to several.) A second driver is refused, a released lock is gone."""
+    import gcsfs
+
+    from fcclip_pipelines.lake import LOCK, DestinationBusy, WriterLock
+
+    gcsfs.GCSFileSystem(token="anon").mkdir("lake")
+    for attempt in range(3):  # three rounds, each on a new DEST
+        dest = Destination(f"gs://lake/labels-{attempt}")
+        start = time.time() + 4  # the processes' start-up (imports) is over by then
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, dest.uri, str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        winners = [r["token"] for r in results if r["created"]]
+        assert len(winners) == 1, results
+        assert json.loads(dest.read_bytes(LOCK))["token"] == winners[0]
+    dest = Destination("gs://lake/labels")
+    first, second = WriterLock(dest), WriterLock(dest)
+    first.acquire()
+    try:
+        with pytest.raises(DestinationBusy, match="being written by another fcclip run"):
+            second.acquire()
+    finally:
+        first.release()
+    assert not dest.exists(LOCK)
+
+
 def test_a_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
     """A driver killed a moment ago can still be a zombie (ended, its parent has not collected it yet: a shell's
     `timeout -s KILL`, a supervisor between polls). Its process is gone for the lock's purpose: taken over."""
@@ -543,15 +586,18 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
         files = DeltaTable(where).file_uris()
         assert len(files) == 1 and not (pq.read_metadata(files[0]).metadata or {}).get(b"fcclip.vocabulary")
 
+    def clean_log(where):
+        table = DeltaTable(where)
+        table.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"})
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        assert not (Path(where) / "_delta_log" / f"{0:020d}.json").exists()
+
     assert main(_args(str(folder), dest, "--embeddings")) == 0
     compact(dest)
     # and the log's own clean-up (the commits before a checkpoint, past their retention, removed): the shards the run
     # saw committed are in its run.json, not only in the log
-    table = DeltaTable(dest)
-    table.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"})
-    table.create_checkpoint()
-    table.cleanup_metadata()
-    assert not (Path(dest) / "_delta_log" / f"{0:020d}.json").exists()
+    clean_log(dest)
     assert rows() == {n: OLD_SIZE for n in names}
     capsys.readouterr()
     assert main(["export", dest, "--format", "coco-instances", "--out", str(tmp_path / "export")]) == 0
@@ -590,10 +636,12 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
     assert "listed again: 1 new, 0 changed, 12 unchanged" in out and "labeled 1 image(s)" in out, out
     assert rows() == {**expected, "synth_00005.jpg": NEW_SIZE}
 
-    # relabel reads the rewritten files, and its own output, compacted, is resumed without a second copy
+    # relabel reads the rewritten files, and its own output, compacted (and its log cleaned up), is resumed without a
+    # second copy
     dest2 = str(tmp_path / "relabeled")
     assert main(["relabel", dest, "--vocab", "cat; sky [stuff]", "--out", dest2]) == 0
     compact(dest2)
+    clean_log(dest2)
     assert main(["relabel", dest, "--vocab", "cat; sky [stuff]", "--out", dest2]) == 0
     assert "were already committed by an earlier run" in capsys.readouterr().out
     relabeled = open_output(dest2).read(columns=["uri"]).column("uri").to_pylist()

@@ -25,9 +25,10 @@ def _root_log_handlers():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_server, gcs_server):
     """A new local Ray of 2 CPUs for a test module (address="local": never a cluster that the machine's last `ray start`
-    left in /tmp/ray; tests/test_train.py has its own, started after its S3 server)."""
+    left in /tmp/ray; tests/test_train.py has its own, started after its S3 server). Started after the loopback S3
+    and GCS servers, whose addresses and credentials its workers inherit (whatever test of the module comes first)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -247,6 +247,37 @@ def test_rerun_on_s3_from_an_inventory_report(s3_server, s3_bucket, tmp_path, ra
     assert "labeled 0 image(s)" in capsys.readouterr().out
 
 
+def test_rerun_from_a_gcs_bucket(gcs_server, tmp_path, ray_local, capsys):
+    """SOURCE on GCS (gs://, through gcsfs; the loopback server): a corrupt object becomes an error row, and a rerun
+    labels the new and the overwritten objects (their generation's ETag), once each."""
+    import gcsfs
+
+    from fcclip.datasets.synthetic import write_images
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.mkdir("photos")
+    folder = tmp_path / "in"
+    names = [p.name for p in write_images(folder, count=8, size=OLD_SIZE)]
+    for name in names:
+        fs.put_file(str(folder / name), f"photos/day1/{name}")
+    fs.pipe_file("photos/day1/broken.jpg", b"not an image")
+    source, dest = "gs://photos/day1/", str(tmp_path / "labels")
+    assert main(_args(source, dest)) == 0
+    out = capsys.readouterr().out
+    assert "labeled 9 image(s)" in out and "8 ok, 1 failed" in out, out
+
+    new = write_images(tmp_path / "new", count=2, size=NEW_SIZE, seed=500)
+    fs.put_file(str(new[0]), "photos/day1/added.jpg")
+    fs.put_file(str(new[1]), f"photos/day1/{names[3]}")  # the same name, new content
+    assert main(_args(source, dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 1 new, 1 changed, 8 unchanged" in out and "labeled 2 image(s)" in out, out
+    rows = open_output(dest).read(columns=["uri", "height", "width", "status"]).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(f"{source}{n}" for n in [*names, "broken.jpg", "added.jpg"])
+    sizes = {r["uri"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in rows if r["status"] == "ok"}
+    assert sizes == {**{n: OLD_SIZE for n in names}, names[3]: NEW_SIZE, "added.jpg": NEW_SIZE}
+
+
 def test_two_drivers_and_a_driver_killed_mid_increment(s3_server, tmp_path, ray_local, capsys):
     """Driver A labels an increment; driver B, started on the same DEST meanwhile, is refused at once and changes
     nothing. A is killed (SIGKILL, its process group) once a version of the increment is committed, and images

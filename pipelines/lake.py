@@ -30,10 +30,10 @@ folder, so neither side is held in memory. What is new, then what changed, becom
 manifest, each changed URI with the part file that holds its old row (``replaces``).
 
 One writer (:class:`WriterLock`): ``DEST/_fcclip/lock.json``, created only if absent (``O_EXCL`` on a local
-filesystem; ``If-None-Match: *`` on S3; ``ifGenerationMatch=0`` on GCS), holding the owner's host, process id and a heartbeat the owner rewrites
-every ``HEARTBEAT_S`` seconds. A second driver is refused at once, unless the lock is stale: its heartbeat older than
-``STALE_S``, or its owner a process of this host that no longer runs (a killed driver). A stale lock is removed and
-taken over.
+filesystem; ``If-None-Match: *`` on S3; ``ifGenerationMatch=0`` on GCS), holding the owner's host, process id and
+a heartbeat the owner rewrites every ``HEARTBEAT_S`` seconds. A second driver is refused at once, unless the lock
+is stale: its heartbeat older than ``STALE_S``, or its owner a process of this host that no longer runs (a killed
+driver). A stale lock is removed and taken over.
 """
 from __future__ import annotations
 
@@ -336,7 +336,8 @@ def latest_increment(run: dict) -> dict:
 def mark_complete(dest: Destination, run: dict) -> None:
     """Record in run.json that every shard of the run's latest increment is committed, once a run has seen them
     committed: from then on that is not read off the table, whose log another program's maintenance and the log's
-    own clean-up (commits older than its retention, 30 days by default) may have rewritten by the next run."""
+    own clean-up (commits older than its retention, 30 days by default) may have rewritten by the next run. (A
+    relabel's run, which has no increments, is one.)"""
     increments = run.get("increments") or [{"first_shard": 0, "new": run.get("num_images", 0)}]
     if not increments[-1].get("complete"):
         increments[-1] = {**increments[-1], "complete": True}

@@ -597,6 +597,7 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
             raise NotALabelingOutput(f"{dest} is not a labeling output: it holds no part file (*.parquet)")
 
     foreign: list[tuple[str, str]] = []
+    table_metadata = TableMetadata(table)  # read where a file of the table lacks fcclip keys
     columns: set[str] | None = None
     metadata: dict[str, Counter] = {}
     vocabularies: Counter = Counter()
@@ -610,7 +611,7 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
             raise OutputError(f"{dest}: cannot read {name} as Parquet ({unreadable})")
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if in_table and not missing:
-            meta = with_table_metadata(meta, table)
+            meta = table_metadata(meta)
         if missing or VOCABULARY_KEY not in meta:
             foreign.append((path, f"no column {missing[0]!r}" if missing else "no fcclip.vocabulary metadata"))
             continue
@@ -647,14 +648,23 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
                           vocabulary=vocabulary, metadata=metadata, version=version)
 
 
-def with_table_metadata(footer: dict[bytes, bytes], dest: "Destination") -> dict[bytes, bytes]:
-    """A table's part file's key-value metadata; for a file without fcclip's keys (another program rewrote it: a
-    compaction, a DELETE), with the keys the table's files were added with (``_fcclip/table.json``)."""
-    if VOCABULARY_KEY in footer:
-        return footer
-    from . import lake
+class TableMetadata:
+    """The key-value metadata of a table's part files, as a reader sees them: a file without fcclip's keys (another
+    program rewrote it: a compaction, a DELETE) takes those the table's files were added with
+    (``_fcclip/table.json``, read once, at the first such file)."""
 
-    return {**footer, **{k.encode(): v.encode() for k, v in lake.table_metadata(dest).items()}}
+    def __init__(self, dest: "Destination"):
+        self.dest = dest
+        self._recorded: dict[bytes, bytes] | None = None
+
+    def __call__(self, footer: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        if VOCABULARY_KEY in footer:
+            return footer
+        if self._recorded is None:
+            from . import lake
+
+            self._recorded = {k.encode(): v.encode() for k, v in lake.table_metadata(self.dest).items()}
+        return {**footer, **self._recorded}
 
 
 def add_version_argument(p, what: str = "DEST") -> None:

@@ -375,7 +375,7 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     summary = RelabelSummary(dest=out, run_id=run["run_id"])
     if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
         lake.adopt_parts(dest, run, dest.survey().parts)
-    if run.get("complete"):  # every shard committed, seen so by an earlier run (the log may be cleaned up since)
+    if lake.latest_increment(run).get("complete"):  # seen so by an earlier run (its log may be cleaned up since)
         done = set(source.shards)
     else:
         names = lake.table_files(dest)
@@ -385,7 +385,7 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
     summary.skipped_shards = len(source.shards) - len(pending)
     if not pending:
-        _mark_complete(dest, run)
+        lake.mark_complete(dest, run)
         summary.seconds = time.time() - started
         return summary
 
@@ -417,20 +417,11 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
                     setattr(summary, key, getattr(summary, key) + value)
     finally:
         runtime.shutdown_ray(started_ray)
-    _mark_complete(dest, run)
+    lake.mark_complete(dest, run)
     dest.remove_fragments()
     summary.images = summary.ok + summary.failed
     summary.seconds = time.time() - started
     return summary
-
-
-def _mark_complete(dest: Destination, run: dict) -> None:
-    """Record in DEST2's run.json that all its shards are committed (as ``lake.mark_complete`` for a label run): a
-    later run takes that from there, not from the table, which another program may have compacted and whose log's
-    clean-up may have removed the commits that named the shards."""
-    if not run.get("complete"):
-        run["complete"] = True
-        dest.write_run(run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

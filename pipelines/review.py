@@ -269,7 +269,7 @@ def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     from . import lake
-    from .output import (REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, plain_types, with_table_metadata,
+    from .output import (REVIEW_FIELDS, SCHEMA, Destination, TableMetadata, new_run_id, part_name, plain_types,
                          write_part)
 
     schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
@@ -282,10 +282,11 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     reviewed_rows = pa.Table.from_pylist(list(rows.values()), schema=schema)  # row i: reviewed_ids[i]'s
     counts = {"rows": 0, "replaced": 0}
     run_id = new_run_id()
+    table_metadata = TableMetadata(Destination(dest))
     for shard, path in enumerate(base.files):
         with base.fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            footer = with_table_metadata(parquet.schema_arrow.metadata or {}, Destination(dest))
+            footer = table_metadata(parquet.schema_arrow.metadata or {})
             meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in footer.items()
                     if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
             # DEST may be a merged output itself (an earlier review merged in): its rows keep their source

@@ -1,7 +1,8 @@
 """`fcclip review pick` at N and 10N rows: time and peak memory (its memory should not grow with the rows).
 
 A labeling output of N rows is written (part files of `--rows-per-file`; empty segment lists, a random
-`uncertainty` per row, so the files are what pick reads of a real output: uri, image_id, status, uncertainty),
+`uncertainty` per row, each object's ETag, size and time, so the files are what pick reads of a real output: uri,
+image_id, status, uncertainty and the version columns, source_* and width, height),
 then `fcclip review pick DEST --count C --by uncertainty` and `--by random` run in a fresh process each, whose
 peak resident memory (ru_maxrss) and wall time are reported.
 
@@ -34,22 +35,26 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 def write_output(dest: Path, rows: int, per_file: int, seed: int = 0) -> None:
     from fcclip.vocabulary import load_vocabulary
-    from fcclip_pipelines.output import SCHEMA, Destination, write_part
+    from fcclip_pipelines.output import Destination, part_schema, write_part
 
     vocabulary = load_vocabulary("cat; dog; grass [stuff]").to_dict()
     rng = np.random.default_rng(seed)
     for shard, start in enumerate(range(0, rows, per_file)):
         n = min(per_file, rows - start)
         uris = [f"s3://bucket/images/{i:09d}.jpg" for i in range(start, start + n)]
-        columns = {f.name: pa.nulls(n, f.type) for f in SCHEMA}
+        schema = part_schema()
+        columns = {f.name: pa.nulls(n, f.type) for f in schema}
         columns.update(
             uri=pa.array(uris), image_id=pa.array([f"{i:016x}" for i in range(start, start + n)]),
             status=pa.array(["ok"] * n), width=pa.array(np.full(n, 640, np.int32)),
             height=pa.array(np.full(n, 480, np.int32)),
-            segments=pa.array([[]] * n, SCHEMA.field("segments").type),
+            segments=pa.array([[]] * n, schema.field("segments").type),
             uncertainty=pa.array(rng.random(n).astype(np.float32)),
+            source_etag=pa.array([f'"{i:032x}"' for i in range(start, start + n)]),
+            source_size=pa.array(rng.integers(50_000, 500_000, n)),
+            source_mtime=pa.array(np.full(n, 1_764_892_800_000_000, np.int64)).cast(schema.field("source_mtime").type),
         )
-        table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+        table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
         write_part(Destination(str(dest)), shard, table, {"vocabulary": vocabulary, "run_id": "bench"})
 
 

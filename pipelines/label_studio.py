@@ -8,16 +8,22 @@ push:
 - the project's labeling config is the run's vocabulary: one ``BrushLabels`` label per class, with the class's
   colour and ``hint`` thing or stuff; the vocabulary itself rides along in an XML comment of the config, so pull
   maps the labels back to category ids with nothing but the project;
-- one task per picked image: ``data`` = {image: a URL the reviewer's browser opens, uri, image_id, why}; the
-  model's segments are its prediction (pre-annotation), one brush region per segment, in Label Studio's brush RLE
-  (:mod:`fcclip.brush`), pixel for pixel the stored COCO RLE;
+- one task per picked image: ``data`` = {image: a URL the reviewer's browser opens, uri, image_id, why, and which
+  version of the image the row is of: ``source_etag``, ``source_size``, ``source_mtime``, ``width``, ``height``,
+  where known}; the model's segments are its prediction (pre-annotation), one brush region per segment, in Label
+  Studio's brush RLE (:mod:`fcclip.brush`), pixel for pixel the stored COCO RLE;
 - images: a local file becomes ``/data/local-files/?d=PATH`` under the server's
   ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` (``--document-root``, default that variable), and the project gets a
   local-files storage for the images' folder so that Label Studio serves them; an ``s3://`` / ``gs://`` object gets
   a presigned URL (``--url-expiry``, 7 days); an ``http(s)://`` URI is used as it is;
-- a rerun adds only the images the project does not have yet (by image id).
+- a rerun adds only the images the project does not have yet as they are now: an image with a task of the same
+  version (:func:`pipelines.output.same_version`) is not added again; one whose content changed since its task was
+  made (relabeled by an incremental ``fcclip label``) gets a new task, with its new masks.
 
-pull: every task's latest submitted (not skipped) annotation becomes an ``ok`` row of a labeling output: the brush
+pull: per image its latest task counts (an earlier task of an image pushed again after it changed is *superseded*:
+counted, not a row); that task's latest submitted (not skipped) annotation becomes an ``ok`` row of a labeling
+output, with the version the task recorded in its source columns (so that ``merge`` never applies it to the image's
+later content): the brush
 regions decoded, painted in the order of the annotation's regions (a later region takes the pixels it shares with
 an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip label`` writes them,
 score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and ``reviewed_at`` (when the
@@ -195,47 +201,64 @@ def prediction_regions(segments: list[dict], width: int, height: int, values: li
 def push(picks_path: str, url: str, project: str, *, document_root: str | None = None,
          expiry: int = 7 * 24 * 3600, client: LabelStudio | None = None) -> dict:
     """Create (or extend) the project ``project`` with one task per picked image (module docstring)."""
-    from .output import open_output
+    from .output import open_output, same_version
     from .review import read_picks
 
     picks = read_picks(picks_path)
     ls = client or LabelStudio(url)
     config = labeling_config(picks.vocabulary)
     existing = ls.project(project)
-    if existing is None:
+    have: dict[str, list[dict]] = {}  # image id -> its tasks' data
+    if existing is not None:
+        if config_vocabulary(existing.get("label_config", "")) != picks.vocabulary:
+            raise LabelStudioError(f"project {project!r} holds another vocabulary; push to a new project")
+        for t in ls.tasks(existing["id"]):
+            have.setdefault(t["data"].get("image_id"), []).append(t["data"])
+    else:
         existing = ls.request("POST", "/api/projects", json={
             "title": project, "label_config": config,
             "description": f"fcclip review: {picks.table.num_rows} images of {picks.dest} picked by {picks.by}"})
-        have: set[str] = set()
-    else:
-        if config_vocabulary(existing.get("label_config", "")) != picks.vocabulary:
-            raise LabelStudioError(f"project {project!r} holds another vocabulary; push to a new project")
-        have = {t["data"].get("image_id") for t in ls.tasks(existing["id"])}
     pid = existing["id"]
 
-    wanted = {r["image_id"]: r for r in picks.table.to_pylist() if r["image_id"] not in have}
+    wanted = {r["image_id"]: r for r in picks.table.to_pylist()}
     output = open_output(picks.dest)
     values = label_values(picks.vocabulary)
     index = {int(c["id"]): i for i, c in enumerate(picks.vocabulary["categories"])}
     rows = _picked_rows(output, list(wanted)) if wanted else []
-    tasks, folders = [], set()
+    tasks, folders, already, again = [], set(), 0, 0
     for r in sorted(rows, key=lambda r: wanted[r["image_id"]]["rank"]):
+        pick = wanted.pop(r["image_id"])
+        earlier = have.get(r["image_id"], [])
+        if any(same_version(data, r) for data in earlier):  # the project has this image as it is now
+            already += 1
+            continue
+        again += bool(earlier)  # its content changed since its task was made: a task for the new content
         image, folder = _image_url(r["uri"], document_root, expiry)
         if folder:
             folders.add(folder)
         regions = prediction_regions(r["segments"] or [], r["width"], r["height"], values, index)
-        pick = wanted.pop(r["image_id"])
         prediction = {"model_version": r["model"] or "fcclip", "result": regions}
         if pick["score"] is not None:  # Label Studio sorts tasks by it (uncertainty picks)
             prediction["score"] = float(pick["score"])
-        tasks.append({"data": {"image": image, "uri": r["uri"], "image_id": r["image_id"], "why": pick["why"]},
+        tasks.append({"data": {"image": image, "uri": r["uri"], "image_id": r["image_id"], "why": pick["why"],
+                               **_version(r)},
                       "predictions": [prediction]})
     if folders:
         _local_storage(ls, pid, folders, document_root)
     for start in range(0, len(tasks), 50):
         ls.request("POST", f"/api/projects/{pid}/import", json=tasks[start:start + 50])
-    return {"project_id": pid, "url": f"{ls.url}/projects/{pid}", "added": len(tasks), "already": len(have),
-            "missing": sorted(wanted)}
+    return {"project_id": pid, "url": f"{ls.url}/projects/{pid}", "added": len(tasks), "already": already,
+            "changed": again, "missing": sorted(wanted)}
+
+
+def _version(row: dict) -> dict:
+    """Which version of its image a row is of (:data:`pipelines.output.VERSION_KEYS`, where known), as JSON."""
+    from .output import VERSION_KEYS
+
+    out = {k: row.get(k) for k in VERSION_KEYS if row.get(k) is not None}
+    if "source_mtime" in out:
+        out["source_mtime"] = out["source_mtime"].isoformat()
+    return out
 
 
 def _picked_rows(output, image_ids: list[str]) -> list[dict]:
@@ -244,12 +267,16 @@ def _picked_rows(output, image_ids: list[str]) -> list[dict]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    columns = ["uri", "image_id", "width", "height", "status", "segments", "model"]
+    from .output import SOURCE_COLUMNS
+
     wanted = pa.array(image_ids, pa.string())
     rows: list[dict] = []
     for path in output.files:
         with output.fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns, use_threads=False):
+            parquet = pq.ParquetFile(f)
+            columns = ["uri", "image_id", "width", "height", "status", "segments", "model"] + [
+                c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names]  # none in outputs older than them
+            for batch in parquet.iter_batches(batch_size=4096, columns=columns, use_threads=False):
                 hit = pc.is_in(batch.column("image_id"), value_set=wanted)
                 if pc.any(hit).as_py():
                     rows += batch.filter(hit).to_pylist()
@@ -328,7 +355,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     from fcclip.vocabulary import Vocabulary
 
     from . import lake
-    from .output import REVIEW_FIELDS, SCHEMA, Destination, new_run_id, part_name, write_part
+    from .output import REVIEWED_SCHEMA, Destination, new_run_id, part_name, write_part
 
     ls = client or LabelStudio(url)
     info = ls.project(project)
@@ -343,8 +370,14 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     except lake.FolderTaken as e:
         raise LabelStudioError(str(e)) from None
     users = {}
-    rows, pending, unknown = [], [], []
+    rows, pending, unknown, superseded = [], [], [], []
+    latest: dict = {}  # image id -> its latest task (pushed again after its image changed: the new content's)
     for task in sorted(ls.tasks(info["id"]), key=lambda t: t["id"]):
+        image = task.get("data", {}).get("image_id")
+        if image in latest:
+            superseded.append(latest[image])
+        latest[image] = task
+    for task in sorted(latest.values(), key=lambda t: t["id"]):
         data = task.get("data", {})
         done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         if not done:
@@ -375,13 +408,14 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
                      "status": "ok", "error": None, "segments": segments,
                      "model": next((p.get("model_version") for p in task.get("predictions") or []), None),
                      "vocabulary": f"{vocab.name}@{vocab.digest[:16]}", "run_id": None,
+                     "source_etag": data.get("source_etag"), "source_size": data.get("source_size"),
+                     "source_mtime": _when(data.get("source_mtime")),
                      "source": "human-reviewed", "reviewed_by": who,
                      "reviewed_at": _when(ann.get("updated_at") or ann.get("created_at"))})
     run_id = new_run_id()
     for r in rows:
         r["run_id"] = run_id
-    schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=REVIEWED_SCHEMA)
     with lake.WriterLock(dest):  # a Delta table like any labeling output: its one part file is version 0
         for path in lake.unfinished_parts(dest, "review", review, f"pull of project {project!r}"):
             dest.fs.rm(path)
@@ -389,6 +423,8 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         lake.commit_version(dest, [part_name(0)], info={"run_id": run_id, "operation": "review pull",
                                                          "review": review})
     summary = {"reviewed": len(rows), "pending": pending, "unknown_labels": sorted(set(map(str, unknown))),
+               "superseded": [{"uri": t.get("data", {}).get("uri"), "image_id": t.get("data", {}).get("image_id"),
+                               "task": t["id"]} for t in superseded],
                "run_id": run_id}
     dest.write_bytes("_fcclip/pull.json", json.dumps(summary, indent=1).encode())
     return summary
@@ -419,6 +455,9 @@ def main_args(args: argparse.Namespace) -> int:
         s = push(args.picks, args.label_studio, args.project, document_root=args.document_root,
                  expiry=args.url_expiry)
         print(f"{s['added']} task(s) added to project {args.project!r} ({s['already']} already there): {s['url']}")
+        if s["changed"]:
+            print(f"{s['changed']} of them for images changed since their earlier task (relabeled); pull takes each "
+                  "image's latest task")
         if s["missing"]:
             print(f"{len(s['missing'])} picked image(s) no longer in the labeling output: {', '.join(s['missing'])}",
                   file=sys.stderr)
@@ -427,6 +466,9 @@ def main_args(args: argparse.Namespace) -> int:
     print(f"{s['reviewed']} reviewed image(s) written to {args.out}; {len(s['pending'])} pending")
     for p in s["pending"]:
         print(f"  pending: task {p['task']}  {p['image_id']}  {p['uri']}")
+    if s["superseded"]:
+        print(f"{len(s['superseded'])} task(s) of images pushed again after they changed left out (superseded by "
+              "the later task): " + ", ".join(str(t["task"]) for t in s["superseded"]))
     if s["unknown_labels"]:
         print(f"labels not in the vocabulary, left out: {', '.join(s['unknown_labels'])}", file=sys.stderr)
     return 0

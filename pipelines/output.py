@@ -51,6 +51,7 @@ else's Parquet files, or a mix of both (where a glob would return rows of either
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -59,7 +60,7 @@ import tempfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import fsspec
 import numpy as np
@@ -141,6 +142,37 @@ SOURCE_FIELDS = [
     pa.field("source_size", pa.int64()),
     pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
 ]
+
+REVIEWED_SCHEMA = pa.schema(list(SCHEMA) + SOURCE_FIELDS + REVIEW_FIELDS)
+"""The rows of ``fcclip review pull`` and ``fcclip review merge``: a reviewed row records which version of its image
+was reviewed (the source columns of the row pushed for review), so a review is never applied to the image's later
+content (:func:`same_version`)."""
+
+VERSION_KEYS = SOURCE_COLUMNS + ("width", "height")
+"""What tells two versions of an image at one URI apart: :func:`same_version`."""
+
+
+def _instant(value: Any) -> datetime.datetime | None:
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    if isinstance(value, datetime.datetime) and value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def same_version(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether rows ``a`` and ``b`` of one image (or a row and what a review recorded of the row it reviewed:
+    :data:`VERSION_KEYS`, ``source_mtime`` as a timestamp or ISO string) are of the same content, by the rule a rerun
+    uses to find changed objects (pipelines/lake.py ``_CHANGED``): the same ETag where both have one, else the same
+    size and modification time where both have a size; and the same width and height where both have them. Where
+    neither says (a plain manifest's rows), the same."""
+    if a.get("source_etag") is not None and b.get("source_etag") is not None:
+        if a["source_etag"] != b["source_etag"]:
+            return False
+    elif a.get("source_size") is not None and b.get("source_size") is not None:
+        if a["source_size"] != b["source_size"] or _instant(a.get("source_mtime")) != _instant(b.get("source_mtime")):
+            return False
+    return all(a.get(k) is None or b.get(k) is None or a[k] == b[k] for k in ("width", "height"))
 
 
 def embedding_fields(dim: int) -> list[pa.Field]:

@@ -7,13 +7,15 @@ Studio with the model's masks as pre-annotations, bring the corrections back as 
     fcclip review merge DEST REVIEWED --out MERGED
 
 ``pick`` streams over DEST's part files one batch at a time, reading only ``uri``, ``image_id``, ``status``,
-``uncertainty`` (and the segments' labels for ``class=NAME``), and keeps the best N in a heap: its memory depends on
-N, not on the number of rows. The order is a function of the rows alone (ties and ``random`` are broken by a hash
+``uncertainty``, the version columns (and the segments' labels for ``class=NAME``), and keeps the best N in a heap:
+its memory depends on N, not on the number of rows. The order is a function of the rows alone (ties and ``random`` are broken by a hash
 of the image id and ``--seed``), not of how they are split into files. ``--exclude`` leaves out the images of
-earlier pick lists or of a reviewed output, so that a pick made every night sends people new images.
+earlier pick lists or of a reviewed output as they were then, so that a pick made every night sends people new
+images, and an image whose content changed since (labeled again by an incremental run) can be picked again.
 
 PICKS is one small Parquet file: ``rank``, ``uri``, ``image_id``, ``score`` (the ranking key), ``why`` (one line),
-with DEST, the rule and DEST's vocabulary in its key-value metadata (``fcclip.review``), so ``push`` finds the masks.
+and the version of the image picked (the row's source columns, width and height), with DEST, the rule and DEST's
+vocabulary in its key-value metadata (``fcclip.review``), so ``push`` finds the masks.
 
 The Label Studio side (``push``, ``pull``) is in :mod:`pipelines.label_studio`; ``merge`` applies the rule by which
 reviewed rows replace the pseudo-labels of the same images (:func:`merge`).
@@ -46,6 +48,13 @@ PICKS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("score", pa.float32()),
     pa.field("why", pa.string()),
+    # which version of the image was picked (pipelines.output.VERSION_KEYS): a later pick leaves it out while it is
+    # unchanged, and picks it again once an incremental run labeled its new content
+    pa.field("source_etag", pa.string()),
+    pa.field("source_size", pa.int64()),
+    pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
 ])
 BATCH_ROWS = 4096
 
@@ -94,7 +103,7 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
     """
     from fcclip.vocabulary import Vocabulary
 
-    from .output import open_output
+    from .output import VERSION_KEYS, open_output, same_version
 
     if count < 1:
         raise ReviewError("--count must be >= 1")
@@ -114,21 +123,29 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
     skip = excluded_images(exclude, out)
     excluded = 0
     columns = ["uri", "image_id", "status"] + (["uncertainty"] if kind != "random" else [])
-    heap: list[tuple] = []  # the best `count` so far, worst on top: (key, tiebreak, uri, image_id, score, why)
+    heap: list[tuple] = []  # the best `count` so far, worst on top: (key, tiebreak, uri, image_id, score, why, version)
     for path in output.files:
         with output.fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            wanted = list(columns)
+            versions = [k for k in VERSION_KEYS if k in parquet.schema_arrow.names]
+            wanted = columns + versions
             if label is not None:
                 wanted.append(next(parquet.schema.column(i).path for i in range(len(parquet.schema))
                                    if parquet.schema.column(i).path.startswith("segments.")
                                    and parquet.schema.column(i).path.endswith(".label")))
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-                data = batch.to_pydict()
+                # the version columns are read per row only where needed (timestamps are slow to convert)
+                data = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in versions}
+
+                def version(i: int, batch=batch) -> tuple:
+                    return tuple(batch.column(k)[i].as_py() if k in versions else None for k in VERSION_KEYS)
+
                 for i, (uri, image_id, status) in enumerate(zip(data["uri"], data["image_id"], data["status"])):
                     if status != "ok":
                         continue
-                    if image_id in skip:
+                    if image_id in skip and any(
+                            same_version(dict(zip(VERSION_KEYS, v)), dict(zip(VERSION_KEYS, version(i))))
+                            for v in skip[image_id]):
                         excluded += 1
                         continue
                     tie = _tiebreak(image_id, seed)
@@ -146,11 +163,10 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
                         else:
                             why = f"uncertainty {score:.3f}"
                         key = score
-                    item = (key, -tie, uri, image_id, score, why)
                     if len(heap) < count:
-                        heapq.heappush(heap, item)
-                    elif item > heap[0]:
-                        heapq.heapreplace(heap, item)
+                        heapq.heappush(heap, (key, -tie, uri, image_id, score, why, version(i)))
+                    elif (key, -tie) > heap[0][:2]:
+                        heapq.heapreplace(heap, (key, -tie, uri, image_id, score, why, version(i)))
     best = sorted(heap, reverse=True)
     table = pa.Table.from_pydict({
         "rank": list(range(1, len(best) + 1)),
@@ -158,20 +174,23 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
         "image_id": [b[3] for b in best],
         "score": [b[4] for b in best],
         "why": [b[5] for b in best],
+        **{k: [b[6][j] for b in best] for j, k in enumerate(VERSION_KEYS)},
     }, schema=PICKS_SCHEMA)
     return Picks(table, dest, by, output.vocabulary, excluded, tuple(exclude))
 
 
-def excluded_images(paths: Sequence[str], out: str | None = None) -> set[str]:
-    """The image ids held by ``paths`` (``--exclude``): each a pick list (a ``.parquet`` file), a folder or prefix of
-    pick lists (earlier nights' ``--out``), or a labeling output (``fcclip review pull``'s REVIEWED, say: its table's
-    current files). A folder that does not exist yet holds none (the first night of ``--exclude picks/ --out
-    picks/DATE.parquet``); a file that does not exist is an error. ``out`` is left out of a folder's lists."""
+def excluded_images(paths: Sequence[str], out: str | None = None) -> dict[str, list[tuple]]:
+    """The images held by ``paths`` (``--exclude``), as image id -> the versions held (tuples of
+    :data:`pipelines.output.VERSION_KEYS`; all None where a list does not say, which matches any version): each a pick
+    list (a ``.parquet`` file), a folder or prefix of pick lists (earlier nights' ``--out``), or a labeling output
+    (``fcclip review pull``'s REVIEWED, say: its table's current files). A folder that does not exist yet holds none
+    (the first night of ``--exclude picks/ --out picks/DATE.parquet``); a file that does not exist is an error.
+    ``out`` is left out of a folder's lists."""
     import fsspec
 
-    from .output import NotALabelingOutput, open_output
+    from .output import VERSION_KEYS, NotALabelingOutput, open_output
 
-    ids: set[str] = set()
+    ids: dict[str, list[tuple]] = {}
     out_path = fsspec.core.url_to_fs(out)[1].rstrip("/") if out else None
     for path in paths:
         fs, root = fsspec.core.url_to_fs(path)
@@ -197,8 +216,12 @@ def excluded_images(paths: Sequence[str], out: str | None = None) -> set[str]:
                 if "image_id" not in parquet.schema_arrow.names:
                     raise ReviewError(f"--exclude {path}: {file} has no image_id column (neither a pick list nor a "
                                       "labeling output)")
-                for batch in parquet.iter_batches(batch_size=65536, columns=["image_id"]):
-                    ids.update(batch.column(0).to_pylist())
+                versions = [k for k in VERSION_KEYS if k in parquet.schema_arrow.names]
+                for batch in parquet.iter_batches(batch_size=65536, columns=["image_id"] + versions):
+                    data = batch.to_pydict()
+                    for i, image in enumerate(data["image_id"]):
+                        ids.setdefault(image, []).append(tuple(data[k][i] if k in data else None
+                                                               for k in VERSION_KEYS))
     return ids
 
 
@@ -225,19 +248,25 @@ def read_picks(path: str) -> Picks:
     if meta is None:
         raise ReviewError(f"{path} is not a pick list of fcclip review pick (no fcclip.review metadata)")
     info = json.loads(meta)
-    return Picks(table.select(PICKS_SCHEMA.names), info["dest"], info["by"], info["vocabulary"],
+    table = pa.Table.from_arrays(  # a list written before picks recorded versions has no version columns
+        [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+         for f in PICKS_SCHEMA], schema=PICKS_SCHEMA)
+    return Picks(table, info["dest"], info["by"], info["vocabulary"],
                  exclude=tuple(info.get("exclude", ())))
 
 
 # ---------------------------------------------------------------------------------------------------------- merge
 def merge(dest: str, reviewed: str, out: str) -> dict:
     """The rule by which reviewed rows replace pseudo-labels: MERGED holds every row of DEST, in DEST's part files
-    and order, except that a row whose ``image_id`` has a reviewed row is that reviewed row (its ``source`` says
-    ``human-reviewed``; the other rows' says ``model``, or what it said where DEST is a merged output itself: an
-    earlier review merged in keeps its reviewer and time). DEST's embedding columns are not carried (reviewed rows have
+    and order, except that a row whose ``image_id`` has a reviewed row of the same version of the image
+    (:func:`pipelines.output.same_version`) is that reviewed row (its ``source`` says ``human-reviewed``; the other
+    rows' says ``model``, or what it said where DEST is a merged output itself: an earlier review merged in keeps its
+    reviewer and time). A review of an image whose content changed after it was pushed (DEST labeled it again) is
+    *stale*: DEST's row stays, and the counts name it. DEST's embedding columns are not carried (reviewed rows have
     none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
     work: thousands, not millions) are held in memory. MERGED is a Delta table as DEST is: its part files are
-    committed as version 0 once all are written. Returns the counts."""
+    committed as version 0 once all are written. Returns the counts (``rows``, ``replaced``) and ``stale``: the URIs
+    of the stale reviews."""
     from . import lake
     from .output import Destination, open_output
 
@@ -269,18 +298,21 @@ def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
 
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     from . import lake
-    from .output import (REVIEW_FIELDS, SCHEMA, Destination, TableMetadata, new_run_id, part_name, plain_types,
-                         write_part)
+    from .output import (REVIEWED_SCHEMA, SOURCE_COLUMNS, VERSION_KEYS, Destination, TableMetadata, new_run_id,
+                         part_name, plain_types, same_version, write_part)
 
-    schema = pa.schema(list(SCHEMA) + REVIEW_FIELDS)
+    schema = REVIEWED_SCHEMA
     rows: dict[str, dict] = {}
     for path in done.files:
         with done.fs.open(path, "rb") as f:
-            for r in pq.read_table(f, columns=schema.names).to_pylist():
+            parquet = pq.ParquetFile(f)  # pulled before reviews recorded their image's version: no source columns
+            names = [n for n in schema.names if n in parquet.schema_arrow.names]
+            for r in parquet.read(columns=names).to_pylist():
                 rows[r["image_id"]] = r
+    reviews = list(rows.values())
     reviewed_ids = pa.array(list(rows), pa.string())
-    reviewed_rows = pa.Table.from_pylist(list(rows.values()), schema=schema)  # row i: reviewed_ids[i]'s
-    counts = {"rows": 0, "replaced": 0}
+    reviewed_rows = pa.Table.from_pylist(reviews, schema=schema)  # row i: reviewed_ids[i]'s
+    counts = {"rows": 0, "replaced": 0, "stale": []}
     run_id = new_run_id()
     table_metadata = TableMetadata(Destination(dest))
     for shard, path in enumerate(base.files):
@@ -299,9 +331,17 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                 hits = np.flatnonzero(at >= 0)
                 pieces, start = [], 0
                 for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
-                    pieces += [carried.slice(start, hit - start), reviewed_rows.slice(int(at[hit]), 1)]
+                    review = reviews[int(at[hit])]
+                    if not same_version(review, carried.select(VERSION_KEYS).slice(hit, 1).to_pylist()[0]):
+                        counts["stale"].append(review["uri"])  # its image changed after it was reviewed
+                        continue
+                    row = reviewed_rows.slice(int(at[hit]), 1)
+                    for name in SOURCE_COLUMNS:  # the same version: DEST's, also where the review did not record it
+                        row = row.set_column(row.schema.get_field_index(name), name,
+                                             carried.column(name).slice(hit, 1))
+                    pieces += [carried.slice(start, hit - start), row]
                     start = hit + 1
-                counts["replaced"] += len(hits)
+                    counts["replaced"] += 1
                 tables += [*pieces, carried.slice(start)]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})
@@ -309,7 +349,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     if base.files:
         lake.commit_version(target, [part_name(shard) for shard in range(len(base.files))], info={
             "run_id": run_id, "operation": "review merge", "merged_from": {"labels": dest, "reviewed": reviewed},
-            "rows_replaced": counts["replaced"]})
+            "rows_replaced": counts["replaced"], "stale_reviews": len(counts["stale"])})
     return counts
 
 
@@ -373,6 +413,11 @@ def main_args(args: argparse.Namespace) -> int:
         if args.review_command == "merge":
             counts = merge(args.dest, args.reviewed, args.out)
             print(f"{counts['rows']} rows, {counts['replaced']} replaced by reviewed rows; written to {args.out}")
+            if counts["stale"]:
+                stale = counts["stale"]
+                print(f"{len(stale)} review(s) left out: their image changed after it was reviewed, and its new "
+                      f"labels are kept (pick and push it again to review them): {', '.join(stale[:10])}"
+                      + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""), file=sys.stderr)
             return 0
         return label_studio.main_args(args)
     except (ReviewError, OutputError, label_studio.LabelStudioError, lake.DestinationBusy) as e:

@@ -5,6 +5,7 @@ the executable) on a free loopback port, with its SQLite default in a temporary 
 token made for the test, and stop it (its whole process group) at the end. Without it they fail under CI and are
 skipped elsewhere.
 """
+import datetime
 import json
 import os
 import secrets
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,7 +25,7 @@ from fcclip.masks import decode_rle, panoptic_columns
 from fcclip.vocabulary import load_vocabulary
 from fcclip_pipelines import review
 from fcclip_pipelines.cli import main
-from fcclip_pipelines.output import Destination, rows_to_table, write_part
+from fcclip_pipelines.output import Destination, part_schema, rows_to_table, write_part
 from fcclip_pipelines.stages import image_id
 
 VOCAB = load_vocabulary("cat; dog, puppy; car; grass, lawn [stuff]; sky [stuff]")
@@ -45,8 +47,9 @@ def _segment_map(rng, h, w):
 
 
 def make_output(dest: Path, uris: list[str], sizes, uncertainties, *, files: int = 1, seed: int = 0,
-                errors: tuple[int, ...] = ()):
-    """A labeling output made by hand: per image a segment map encoded by the label stage's own encoder."""
+                errors: tuple[int, ...] = (), etags: list[str] | None = None):
+    """A labeling output made by hand: per image a segment map encoded by the label stage's own encoder; with
+    ``etags``, the source columns a committed shard has (each object's ETag, its size and time fixed)."""
     rng = np.random.default_rng(seed)
     cats = VOCAB.categories
     rows = []
@@ -67,10 +70,16 @@ def make_output(dest: Path, uris: list[str], sizes, uncertainties, *, files: int
                      "segments": segs, "model": "fcclip-tiny@test", "vocabulary": "v", "run_id": "r",
                      "margin": [0.5] * len(segs), "branches_agree": [True] * len(segs),
                      "unlabeled_share": float((seg == 0).mean()), "uncertainty": u})
+    if etags is not None:
+        when = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
+        for r, etag in zip(rows, etags):
+            r.update(source_etag=etag, source_size=1000, source_mtime=when)
     per = -(-len(rows) // files)
     for shard in range(files):
-        write_part(Destination(str(dest)), shard, rows_to_table(rows[shard * per:(shard + 1) * per]),
-                   {"vocabulary": VOCAB.to_dict(), "run_id": "r"})
+        table = rows_to_table(rows[shard * per:(shard + 1) * per])
+        if etags is not None:
+            table = pa.Table.from_pylist(rows[shard * per:(shard + 1) * per], schema=part_schema())
+        write_part(Destination(str(dest)), shard, table, {"vocabulary": VOCAB.to_dict(), "run_id": "r"})
     return rows
 
 
@@ -361,13 +370,71 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     assert pl.scan_delta(str(merged)).filter(pl.col("source") == "human-reviewed").collect().height == 3
 
 
+def test_an_image_changed_after_its_push_gets_a_new_task_and_its_old_review_is_stale(label_studio, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Tasks record the version of the image they were made of. An image whose object changed after its review (a
+    nightly run labeled it again) is stale in the merge; picked and pushed again it gets a task of its own with the
+    new masks, and pull takes each image's latest task (the earlier one superseded)."""
+    from PIL import Image
+
+    from fcclip.datasets.synthetic import write_images
+
+    url, token, root, _ = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    images = write_images(root / "changing", count=2, size=(37, 53), seed=7)
+    labels, picks = tmp_path / "labels", tmp_path / "picks"
+    make_output(labels, [str(p) for p in images], [(37, 53)] * 2, [0.9, 0.8], etags=["a", "b"])
+    ls = ["--label-studio", url, "--project", "changing", "--document-root", str(root)]
+
+    def night(name):  # pick what was not picked as it is now, push it, a reviewer accepts every new task
+        assert main(["review", "pick", str(labels), "--count", "2", "--exclude", str(picks),
+                     "--out", str(picks / f"{name}.parquet")]) == 0
+        assert main(["review", "push", str(picks / f"{name}.parquet"), *ls]) == 0
+        pushed = capsys.readouterr().out
+        project = next(p for p in _api(url, token, "GET", "/api/projects")["results"] if p["title"] == "changing")
+        tasks = _api(url, token, "GET", f"/api/tasks?project={project['id']}&fields=all&page_size=100")["tasks"]
+        for t in tasks:
+            if not t["annotations"]:
+                _api(url, token, "POST", f"/api/tasks/{t['id']}/annotations",
+                     json={"result": t["predictions"][0]["result"]})
+        assert main(["review", "pull", "--label-studio", url, "--project", "changing",
+                     "--out", str(tmp_path / name)]) == 0
+        return pushed, tasks, capsys.readouterr().out
+
+    pushed, tasks, pulled = night("night1")
+    assert "2 task(s) added" in pushed and "2 reviewed image(s)" in pulled
+    assert sorted((t["data"]["source_etag"], t["data"]["width"], t["data"]["height"]) for t in tasks) == [
+        ("a", 53, 37), ("b", 53, 37)]
+    # the first image's object is replaced by a larger picture, and the nightly run labels it again
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(images[0])
+    new = make_output(labels, [str(p) for p in images], [(60, 80), (37, 53)], [0.9, 0.8], seed=3, etags=["a2", "b"])
+    assert main(["review", "merge", str(labels), str(tmp_path / "night1"), "--out", str(tmp_path / "m1")]) == 0
+    assert "1 review(s) left out: their image changed after it was reviewed" in capsys.readouterr().err
+    m1 = pq.read_table(tmp_path / "m1").to_pylist()
+    assert [(r["source"], r["source_etag"], r["width"]) for r in m1] == [
+        ("model", "a2", 80), ("human-reviewed", "b", 53)]
+
+    pushed, tasks, pulled = night("night2")
+    assert "1 task(s) added to project 'changing' (0 already there)" in pushed
+    assert "1 of them for images changed since their earlier task" in pushed
+    latest = max(tasks, key=lambda t: t["id"])
+    assert (latest["data"]["uri"], latest["data"]["source_etag"], latest["data"]["width"]) == (str(images[0]), "a2", 80)
+    assert "2 reviewed image(s)" in pulled and "1 task(s) of images pushed again after they changed left out" in pulled
+    reviewed = pq.read_table(tmp_path / "night2").to_pylist()
+    assert sorted((r["uri"], r["source_etag"], r["width"], r["height"]) for r in reviewed) == [
+        (str(images[0]), "a2", 80, 60), (str(images[1]), "b", 53, 37)]
+    first = next(r for r in reviewed if r["uri"] == str(images[0]))
+    assert [decode_rle(s["rle"]).tobytes() for s in first["segments"]] == [
+        decode_rle(s["rle"]).tobytes() for s in new[0]["segments"]]  # the new content's masks, accepted
+    assert main(["review", "merge", str(labels), str(tmp_path / "night2"), "--out", str(tmp_path / "m2")]) == 0
+    assert "2 rows, 2 replaced by reviewed rows" in capsys.readouterr().out
+
+
 def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(tmp_path, capsys, caplog):
     """`fcclip review merge` killed (SIGKILL) after writing some part files and before committing them: the same
     merge again into the same folder replaces them and commits; part files of anything else stay refused."""
-    import datetime
     import sys
 
-    import pyarrow as pa
     from deltalake import DeltaTable
 
     from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA
@@ -419,10 +486,6 @@ def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(t
 def test_a_merged_output_merged_again_keeps_its_earlier_reviews(tmp_path, capsys):
     """Reviews merged night after night (MERGED of one night is DEST of the next): a row reviewed earlier and not
     since keeps `human-reviewed`, its reviewer and time; a row reviewed again takes the newer review."""
-    import datetime
-
-    import pyarrow as pa
-
     from fcclip_pipelines.output import REVIEW_FIELDS, SCHEMA
 
     uris = [f"s3://bucket/img_{i:03d}.jpg" for i in range(8)]
@@ -443,6 +506,58 @@ def test_a_merged_output_merged_again_keeps_its_earlier_reviews(tmp_path, capsys
            for f in sorted((tmp_path / "m2").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
     model, a, b = ("model", None, None), ("human-reviewed", "a@example.com", 4), ("human-reviewed", "b@example.com", 5)
     assert got == [(u, *w) for u, w in zip(uris, [model, a, b, b, model, a, model, model])]  # DEST's order
+
+
+def test_a_review_of_an_image_changed_since_is_left_out_and_the_image_can_be_picked_again(tmp_path, capsys):
+    """An image relabeled after its review (its object changed: a new ETag, another size) keeps its new pseudo-labels
+    in MERGED, and the merge names the stale review; a later pick may pick it again, while the unchanged images of
+    earlier pick lists and of REVIEWED stay left out. A review or pick list that recorded no version (made before
+    they did) matches any."""
+    from fcclip_pipelines.output import REVIEWED_SCHEMA
+
+    uris = [f"s3://bucket/img_{i}.jpg" for i in range(4)]
+    labels, picks = tmp_path / "labels", tmp_path / "picks"
+    rows = make_output(labels, uris, [(12, 16)] * 4, [0.9, 0.8, 0.7, 0.1], etags=["e0", "e1", "e2", "e3"])
+    assert main(["review", "pick", str(labels), "--count", "3", "--out", str(picks / "n1.parquet")]) == 0
+    picked = review.read_picks(str(picks / "n1.parquet")).table.to_pylist()
+    assert [(p["uri"], p["source_etag"], p["width"], p["height"]) for p in picked] == [
+        (u, e, 16, 12) for u, e in zip(uris, ["e0", "e1", "e2"])]
+    when = datetime.datetime(2026, 12, 5, tzinfo=datetime.timezone.utc)
+    reviewed = [{**r, "source": "human-reviewed", "reviewed_by": "a@example.com", "reviewed_at": when}
+                for r in rows[:3]]
+    reviewed[2].update(source_etag=None, source_size=None, source_mtime=None)
+    write_part(Destination(str(tmp_path / "reviewed")), 0, pa.Table.from_pylist(reviewed, schema=REVIEWED_SCHEMA),
+               {"vocabulary": VOCAB.to_dict(), "run_id": "reviewed"})
+    # img_1's object is replaced by another picture and labeled again; the others are as they were
+    new = make_output(labels, uris, [(12, 16), (20, 30), (12, 16), (12, 16)], [0.9, 0.8, 0.7, 0.1],
+                      etags=["e0", "e1-new", "e2", "e3"])
+
+    merged = tmp_path / "merged"
+    assert main(["review", "merge", str(labels), str(tmp_path / "reviewed"), "--out", str(merged)]) == 0
+    out, err = capsys.readouterr()
+    assert "4 rows, 2 replaced by reviewed rows" in out
+    assert "1 review(s) left out: their image changed after it was reviewed" in err and uris[1] in err
+    got = pq.read_table(merged).to_pylist()
+    assert [(r["source"], r["source_etag"], r["width"], r["height"]) for r in got] == [
+        ("human-reviewed", "e0", 16, 12), ("model", "e1-new", 30, 20), ("human-reviewed", "e2", 16, 12),
+        ("model", "e3", 16, 12)]  # the version columns are DEST's (where the review recorded none too)
+    assert got[1]["segments"] == new[1]["segments"] and got[0]["segments"] == reviewed[0]["segments"]
+    assert all(s["rle"]["size"] == [r["height"], r["width"]] for r in got for s in r["segments"])
+
+    # the next night's pick: img_1 is new content, the others were picked (or reviewed) as they are
+    def pick(*exclude):
+        assert main(["review", "pick", str(labels), "--count", "4", *exclude, "--out", str(tmp_path / "n.parquet")]) \
+            == 0
+        capsys.readouterr()
+        return [p["uri"] for p in review.read_picks(str(tmp_path / "n.parquet")).table.to_pylist()]
+
+    assert pick("--exclude", str(picks)) == [uris[1], uris[3]]
+    assert pick("--exclude", str(tmp_path / "reviewed")) == [uris[1], uris[3]]  # img_2's review matches any version
+    old = tmp_path / "old.parquet"  # a pick list written before lists recorded versions: by image id alone
+    table = pq.read_table(picks / "n1.parquet")
+    pq.write_table(table.select(["rank", "uri", "image_id", "score", "why"]), old)
+    assert pick("--exclude", str(old)) == [uris[3]]
+    assert review.read_picks(str(old)).table.column("source_etag").null_count == 3
 
 
 def test_codec_matches_label_studios_own(label_studio, tmp_path):
@@ -550,9 +665,6 @@ def test_annotation_regions_become_panoptic_segments():
 def test_merge_of_a_table_another_program_compacted(tmp_path, capsys):
     """DEST's part files compacted by deltalake's OPTIMIZE (one file, no fcclip footer metadata): the merge takes the
     run's metadata from DEST's table and its rows from the compacted file; MERGED reads as a labeling output."""
-    import datetime
-
-    import pyarrow as pa
     from deltalake import DeltaTable
 
     from fcclip_pipelines.lake import commit_version

@@ -13,7 +13,11 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
    ``vocabulary`` and ``run_id`` columns, every segment is re-classified in one matrix product per batch of rows by
    :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
    written atomically (``fcclip_pipelines.output.write_part``), so DEST2 is exactly-once and resumable like a labeling
-   output: a rerun skips committed part files; other settings are refused unless ``--overwrite``.
+   output: a rerun skips committed part files; other settings are refused unless ``--overwrite``. DEST2 follows
+   DEST's table: run again once DEST has a later version, the files of DEST that version has and DEST2 did not
+   relabel become DEST2's next shards (an increment of DEST2's run, ``_plan_follow``), each committed in a version that
+   also removes the rows of its URIs DEST2 held (``lake.ShardCommitter``, as a labeling increment's), and the rows of
+   DEST's files gone since whose URIs are in no new file (deleted from DEST) are removed too.
 3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
    under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import itertools
 import json
 import logging
@@ -59,8 +64,8 @@ from .label import DestinationError, reopen_run
 from .lake import TABLE_FILE_RE
 from .stages import uncertainty_columns
 from .output import (
-    EMBEDDING_COLUMNS, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, new_run_id, open_output,
-    SOURCE_FIELDS, output_schema, part_name, part_schema, plain_types, write_part,
+    EMBEDDING_COLUMNS, META_DIR, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, manifest_name,
+    new_run_id, open_output, SOURCE_FIELDS, output_schema, part_name, part_schema, plain_types, write_part,
 )
 
 logger = logging.getLogger("fcclip.relabel")
@@ -86,6 +91,9 @@ class RelabelSummary:
     merged: int = 0  # stuff segments merged into another of the same class
     changed: int = 0  # segments whose class changed (by name)
     skipped_shards: int = 0
+    source_version: int | None = None  # the version of DEST's table that DEST2 now is relabeled
+    followed_from: int | None = None  # the version DEST2 was of before, where this run followed DEST
+    deleted: int = 0  # rows deleted from DEST since, removed from DEST2
     seconds: float = 0.0
     text_seconds: float = 0.0  # building the model and encoding the new vocabulary
 
@@ -344,21 +352,22 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
                  verbose, version) -> RelabelSummary:
     started = time.time()
     vocabulary = load_vocabulary(vocab)
-    source = open_source(source_dest, version)
-    thresholds = dict(source.metadata.get("thresholds") or {})
-    min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
-    source_run = source.metadata.get("run_id")
     dest = Destination(out)
     if dest.uri.rstrip("/") == Destination(source_dest).uri.rstrip("/"):
         raise RelabelError("--out must be another folder than DEST")
+    source_table = Destination(source_dest)
+    is_table = lake.has_table(source_table)
+    target = version if version is not None or not is_table else lake.table_version(source_table)
+    source = open_source(source_dest, target)
+    thresholds = dict(source.metadata.get("thresholds") or {})
+    min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
+    source_run = source.metadata.get("run_id")
     settings = {
         "kind": "relabel", "source": source_dest, "source_run": source_run, "vocabulary_digest": vocabulary.digest,
         "min_score": min_score, "model": model or source.metadata.get("model"),
         "weights": weights or source.metadata.get("weights"),
     }
-    source_table = Destination(source_dest)
-    if lake.has_table(source_table):  # DEST2 is DEST's version relabeled: a later version of DEST is another run
-        settings["source_version"] = version if version is not None else lake.table_version(source_table)
+    _settings_version_to_increment(dest)
     run = reopen_run(dest, settings, overwrite)
     if run is None:
         sizes = [0] * (max(source.shards) + 1 if source.shards else 0)
@@ -370,58 +379,204 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
             "num_images": sum(source.rows), "shard_sizes": sizes, "embeddings": source.space,
             "source_run": {"run_id": source_run, "dest": source_dest,
                            "vocabulary": (source.run or {}).get("vocabulary") or source.metadata.get("vocabulary")},
+            "increments": [{"first_shard": 0, "source_version": target, "mirror": _mirror(source)}],
         }
         dest.write_run(run)
     summary = RelabelSummary(dest=out, run_id=run["run_id"])
     if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
         lake.adopt_parts(dest, run, dest.survey().parts)
-    if lake.latest_increment(run).get("complete"):  # seen so by an earlier run (its log may be cleaned up since)
-        done = set(source.shards)
-    else:
-        names = lake.table_files(dest)
-        done = {int(m.group(1)) for name in names if (m := PART_RE.search(name))}
-        if any(not PART_RE.search(n) for n in names) and any(s not in done for s in source.shards):
-            done |= lake.logged_shards(dest, run["run_id"])  # DEST2's files rewritten by another program (compacted)
-    pending = [(url, shard) for url, shard in zip(source.files, source.shards) if shard not in done]
-    summary.skipped_shards = len(source.shards) - len(pending)
-    if not pending:
-        lake.mark_complete(dest, run)
-        summary.seconds = time.time() - started
-        return summary
 
-    t = time.time()
-    new = _text_classifier(source, vocabulary, model, weights)
-    summary.text_seconds = time.time() - t
-    file_metadata = {
-        "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
-        "model": source.metadata.get("model"), "weights": source.metadata.get("weights"),
-        "embeddings": source.space, "source_run": run["source_run"],
-    }
-    constants = {"vocabulary": f"{vocabulary.name}@{vocabulary.digest[:16]}", "run_id": run["run_id"]}
-    started_ray = runtime.init_ray(address, num_cpus, verbose)
+    job = _Job(dest, run, source_dest, vocabulary, summary, model=model, weights=weights, min_score=min_score,
+               address=address, num_cpus=num_cpus, verbose=verbose)
     try:
-        new_ref = ray.put(new)
+        job.finish_increment()  # the latest increment, as planned (a run cut short goes on at its version of DEST)
+        increment = lake.latest_increment(run)
+        if is_table and increment.get("source_version", target) != target:  # DEST moved on: DEST2 follows it
+            summary.followed_from = increment.get("source_version")
+            _plan_follow(dest, run, source_dest, target, summary)
+            job.finish_increment()
+    finally:
+        job.close()
+    if is_table:
+        summary.source_version = target
+    summary.images = summary.ok + summary.failed
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _mirror(source: Source) -> dict[str, int]:
+    """{DEST's file name: the DEST2 shard relabeled from it} for the files of a version of DEST."""
+    return {url.rsplit("/", 1)[-1]: shard for url, shard in zip(source.files, source.shards)}
+
+
+def _settings_version_to_increment(dest: Destination) -> None:
+    """A DEST2 relabeled before it followed DEST recorded DEST's version in its settings (a later version was another
+    run); it is now its increment's, so that the same command follows DEST from there."""
+    run = dest.read_run()
+    if run and run.get("settings", {}).get("kind") == "relabel" and "source_version" in run["settings"]:
+        increments = run.get("increments") or [{"first_shard": 0, "new": run.get("num_images", 0)}]
+        increments[-1] = {**increments[-1], "source_version": run["settings"].pop("source_version")}
+        run["increments"] = increments
+        dest.write_run(run)
+
+
+class _Job:
+    """Relabels the pending shards of DEST2's latest increment: one Ray task per DEST file, each shard committed as
+    it completes (a follow's shards by lake.ShardCommitter, which removes the rows they replace)."""
+
+    def __init__(self, dest: Destination, run: dict, source_dest: str, vocabulary, summary: RelabelSummary, *,
+                 model, weights, min_score: float, address, num_cpus, verbose):
+        self.dest, self.run, self.source_dest, self.summary = dest, run, source_dest, summary
+        self.vocabulary = vocabulary
+        self.model, self.weights, self.min_score = model, weights, min_score
+        self.address, self.num_cpus, self.verbose = address, num_cpus, verbose
+        self.new = None  # NEW's text classifier, made once (the model's text tower) when a shard is to be relabeled
+        self.started_ray = None
+
+    def finish_increment(self) -> None:
+        dest, run, summary = self.dest, self.run, self.summary
+        increment = lake.latest_increment(run)
+        if increment.get("complete"):  # seen so by an earlier run (its log may be cleaned up since)
+            summary.skipped_shards += sum(1 for n in run["shard_sizes"][increment["first_shard"]:] if n > 0)
+            return
+        source = open_source(self.source_dest, increment.get("source_version"))
+        mirror = increment.get("mirror") or _mirror(source)
+        first = increment["first_shard"]
+        done = lake.committed_shards(dest, run)
+        shards = {url: mirror[url.rsplit("/", 1)[-1]] for url in source.files}
+        mine = [(url, shard) for url, shard in shards.items() if shard >= first]
+        pending = [(url, shard) for url, shard in mine if shard not in done]
+        empty = increment.get("drop_shard")  # rows deleted from DEST, removed by an empty shard's version
+        if empty is not None and empty not in done:
+            pending.append((None, empty))
+        summary.skipped_shards += len(mine) - len(pending) + (empty is not None and empty in done)
+        if pending:
+            self._relabel(source, pending, following=first > 0)
+        lake.mark_complete(dest, run)
+        dest.remove_fragments()
+
+    def _relabel(self, source: Source, pending: list, following: bool) -> None:
+        dest, run, summary = self.dest, self.run, self.summary
+        if self.new is None:
+            t = time.time()
+            self.new = _text_classifier(source, self.vocabulary, self.model, self.weights)
+            summary.text_seconds += time.time() - t
+        file_metadata = {
+            "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
+            "model": source.metadata.get("model"), "weights": source.metadata.get("weights"),
+            "embeddings": source.space, "source_run": run["source_run"],
+        }
+        constants = {"vocabulary": f"{self.vocabulary.name}@{self.vocabulary.digest[:16]}", "run_id": run["run_id"]}
+        info = {"run_id": run["run_id"], "model": str(run["settings"]["model"]),
+                "vocabulary_digest": self.vocabulary.digest, "source_run": run["settings"]["source_run"]}
+        if self.started_ray is None:
+            self.started_ray = runtime.init_ray(self.address, self.num_cpus, self.verbose)
+        committer = lake.ShardCommitter(dest, info) if following else None
+        new_ref = ray.put(self.new)
         task = ray.remote(relabel_file).options(num_cpus=1, max_retries=runtime.RETRIES)
-        refs = {task.remote(url, dest.uri, shard, new_ref, min_score, constants, file_metadata): shard
-                for url, shard in pending}
+        refs = {task.remote(url, dest.uri, shard, new_ref, self.min_score, constants, file_metadata): shard
+                for url, shard in pending if url is not None}
+        for url, shard in pending:
+            if url is None:  # an empty shard written when the follow was planned: its version removes deleted rows
+                committer(shard)
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 shard = refs.pop(ref)
                 stats = ray.get(ref)
-                lake.commit_version(dest, [part_name(shard)], info={
-                    "run_id": run["run_id"], "model": str(settings["model"]),
-                    "vocabulary_digest": vocabulary.digest, "shard": shard, "source_run": source_run,
-                })
+                if committer is not None:  # its version also removes the rows it replaces (lake.ShardCommitter)
+                    committer(shard)
+                else:
+                    lake.commit_version(dest, [part_name(shard)], info={**info, "shard": shard})
                 for key, value in stats.items():
                     setattr(summary, key, getattr(summary, key) + value)
-    finally:
-        runtime.shutdown_ray(started_ray)
-    lake.mark_complete(dest, run)
-    dest.remove_fragments()
-    summary.images = summary.ok + summary.failed
-    summary.seconds = time.time() - started
-    return summary
+        if committer is not None:
+            committer.flush()
+
+    def close(self) -> None:
+        if self.started_ray is not None:
+            runtime.shutdown_ray(self.started_ray)
+
+
+def _plan_follow(dest: Destination, run: dict, source_dest: str, target: int | None, summary: RelabelSummary) -> None:
+    """The next increment of DEST2, to follow DEST from the version its latest increment relabeled to ``target``:
+    DEST's files in ``target`` that DEST2 has not relabeled become its next shards, each replacing the rows of its
+    URIs that DEST2 holds (their manifest's ``replaces``, as a labeling increment's); the rows of DEST's files gone
+    since whose URIs are in no new file (deleted from DEST) are removed by the first of them. Manifests first, then
+    run.json: a run killed in between plans again."""
+    increment = lake.latest_increment(run)
+    before = open_source(source_dest, increment.get("source_version"))
+    mirror = increment.get("mirror") or _mirror(before)
+    after = open_source(source_dest, target)
+    if after.space != before.space:
+        raise RelabelError(f"{source_dest}'s version {target} holds another run's embeddings than the version DEST2 "
+                           "relabeled; relabel it into a new --out, or with --overwrite")
+    names = {url.rsplit("/", 1)[-1]: (url, rows) for url, rows in zip(after.files, after.rows)}
+    new = sorted(n for n in names if n not in mirror)
+    gone = [n for n in mirror if n not in names]
+    source = Destination(source_dest)
+    uris = {n: _uris(None, names[n][0]) for n in new}
+    arriving = set().union(*uris.values()) if uris else set()
+    deleted: set[str] = set()
+    for name in gone:  # read from DEST (vacuum keeps a removed file an hour at least), else from DEST2's copy
+        try:
+            deleted |= _uris(source.fs, source.path(name)) - arriving
+        except FileNotFoundError:
+            try:
+                deleted |= _uris(dest.fs, dest.path(part_name(mirror[name]))) - arriving
+            except FileNotFoundError:
+                logger.warning("%s is gone from DEST (vacuumed) and from DEST2 (compacted): rows deleted from DEST "
+                               "with it, if any, stay in DEST2", name)
+    holding = _holding(dest, arriving | deleted)
+    first = len(run["shard_sizes"])
+    shards = {n: first + i for i, n in enumerate(new)}
+    drop = None
+    if deleted and not new:  # an empty shard whose version removes them
+        drop = first
+        write_part(dest, drop, part_schema(EmbeddingSpace.from_dict(after.space).dim).empty_table(), {
+            "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
+            "embeddings": after.space, "source_run": run["source_run"]})
+    for i, shard in enumerate(list(shards.values()) + ([drop] if drop is not None else [])):
+        rows = sorted(uris[new[i]]) if i < len(new) else []
+        extra = sorted(deleted) if i == 0 else []
+        manifest = pa.table({"uri": pa.array(rows + extra, pa.string()),
+                             "replaces": pa.array([holding.get(u) for u in rows + extra], pa.string())})
+        buf = io.BytesIO()
+        pq.write_table(manifest, buf)
+        dest.write_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}", buf.getvalue())
+    for old in run.get("increments") or []:
+        old.pop("mirror", None)  # the latest increment's says what DEST2 is of DEST now
+    run["shard_sizes"] = run["shard_sizes"] + [names[n][1] for n in new] + ([0] if drop is not None else [])
+    run["increments"] = (run.get("increments") or []) + [{
+        "first_shard": first, "source_version": target, "table_version": lake.table_version(dest),
+        "mirror": {**{n: mirror[n] for n in names if n in mirror}, **shards}, "files": len(new),
+        "deleted": len(deleted), **({"drop_shard": drop} if drop is not None else {})}]
+    dest.write_run(run)
+    summary.deleted = len(deleted)
+    logger.info("DEST2 follows DEST from version %s to %s: %d new file(s) of DEST to relabel, %d row(s) deleted from "
+                "DEST to remove", increment.get("source_version"), target, len(new), len(deleted))
+
+
+def _uris(fs, path: str) -> set[str]:
+    """The URIs of a part file's rows (``path`` on ``fs``; ``fs`` None: ``path`` is a URL)."""
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(path)
+    with fs.open(path, "rb") as f:
+        return set(pq.read_table(f, columns=["uri"]).column("uri").to_pylist())
+
+
+def _holding(dest: Destination, uris: set[str]) -> dict[str, str]:
+    """{uri: the file of DEST2's current version holding its row} for those of ``uris`` DEST2 holds."""
+    if not uris:
+        return {}
+    wanted = pa.array(sorted(uris), pa.string())
+    out = {}
+    for name in lake.table_files(dest):
+        with dest.fs.open(dest.path(name), "rb") as f:
+            column = pq.read_table(f, columns=["uri"]).column("uri")
+        for uri in pc.filter(column, pc.is_in(column, value_set=wanted)).to_pylist():
+            out[uri] = name
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -452,6 +607,9 @@ def main_args(args: argparse.Namespace) -> int:
     print(f"relabeled {s.images} image(s) ({s.ok} ok, {s.failed} error rows passed through) in {s.seconds:.1f} s "
           f"({s.text_seconds:.1f} s of it for the model's text tower): {s.segments_in} segments in, {s.segments} out, "
           f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
+    if s.followed_from is not None:
+        print(f"followed DEST from its version {s.followed_from} to {s.source_version}: its new files relabeled, the "
+              f"rows they replace removed" + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     print(f"output: {s.dest.rstrip('/')} (a Delta table; run {s.run_id})")

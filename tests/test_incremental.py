@@ -676,3 +676,65 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
     assert "were already committed by an earlier run" in capsys.readouterr().out
     relabeled = open_output(dest2).read(columns=["uri"]).column("uri").to_pylist()
     assert sorted(relabeled) == sorted(prefix + n for n in {**expected, "synth_00005.jpg": 0})
+
+
+def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys):
+    """`fcclip relabel DEST --out DEST2` run again after DEST grew: DEST2 becomes DEST's new version relabeled (the
+    same rows as a relabel of it from scratch), by relabeling only DEST's new files and removing the rows they
+    replace and those deleted from DEST. A DEST2 written before relabel followed DEST (DEST's version in its settings)
+    follows it too; a follow cut short after its plan is finished by the next run, also where another program
+    compacted both tables meanwhile."""
+    from deltalake import DeltaTable
+
+    from fcclip.datasets.synthetic import write_images
+    from fcclip_pipelines import relabel
+
+    folder, dest, dest2 = tmp_path / "in", str(tmp_path / "labels"), tmp_path / "relabeled"
+    names = [p.name for p in write_images(folder, count=8, size=OLD_SIZE)]
+    new_vocab = ["--vocab", "cat; sky [stuff]"]
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    # as the release before wrote it: DEST's version in the settings, no file map
+    run_json = dest2 / "_fcclip" / "run.json"
+    run = json.loads(run_json.read_text())
+    run["settings"]["source_version"] = run["increments"][0].pop("source_version")
+    run["increments"][0].pop("mirror")
+    run_json.write_text(json.dumps(run))
+
+    def rows(where):
+        table = open_output(str(where)).read(columns=["uri", "width", "height", "segments", "source_size"])
+        uris = table.column("uri").to_pylist()
+        assert len(uris) == len(set(uris)), sorted(uris)  # each image once
+        return {r["uri"]: r for r in table.to_pylist()}
+
+    def from_scratch(name):
+        assert main(["relabel", dest, *new_vocab, "--out", str(tmp_path / name)]) == 0
+        return rows(tmp_path / name)
+
+    for i, path in enumerate(write_images(tmp_path / "new", count=2, size=NEW_SIZE, seed=300)):
+        shutil.copy(path, folder / ("synth_00000.jpg" if i == 0 else "added.jpg"))  # 1 changed, 1 new
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    DeltaTable(dest).delete(f"uri = '{folder}/synth_00007.jpg'")
+    capsys.readouterr()
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    out = capsys.readouterr().out
+    # DEST's new files: shard 2 (the new and the changed image), shard 0 rewritten without the changed image's old
+    # row, shard 1 rewritten by the DELETE: 8 rows, of 9
+    assert "relabeled 8 image(s)" in out and "1 row(s) deleted from DEST removed" in out, out
+    assert "followed DEST from its version 1 to 3" in out, out
+    got = rows(dest2)
+    assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n != "synth_00007.jpg"}
+    assert (got[f"{folder}/synth_00000.jpg"]["height"], got[f"{folder}/synth_00000.jpg"]["width"]) == NEW_SIZE
+    assert got == from_scratch("scratch1")
+
+    # the next follow planned, then the run cut short; both tables compacted by another program before the rerun
+    DeltaTable(dest).optimize.compact()
+    run = json.loads(run_json.read_text())
+    relabel._plan_follow(Destination(str(dest2)), run, dest, table_version(Destination(dest)),
+                         relabel.RelabelSummary(str(dest2), run["run_id"]))
+    DeltaTable(str(dest2)).optimize.compact()
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    assert "relabeled 8 image(s)" in capsys.readouterr().out  # DEST's one compacted file
+    assert rows(dest2) == got == from_scratch("scratch2")
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    assert "relabeled 0 image(s)" in capsys.readouterr().out

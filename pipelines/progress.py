@@ -1,4 +1,4 @@
-"""What `fcclip label` tells a person while it runs: one line per stage of the job.
+"""What `fcclip label` (and `fcclip relabel`) tells a person while it runs: one line per stage of the job.
 
     listing   12,000 images in 12 shards
     start-up  Ray and 2 model actor(s) ready after 00:24
@@ -39,9 +39,12 @@ def _clock(seconds: float) -> str:
 
 
 class JobProgress:
-    """The job's progress lines. ``enabled=False`` (``--no-progress``) keeps only the log lines."""
+    """The job's progress lines. ``enabled=False`` (``--no-progress``) keeps only the log lines. ``verb``,
+    ``activity`` and ``log``: what the job does to images and where its log lines go (``fcclip relabel``'s)."""
 
-    def __init__(self, enabled: bool = True, stream=None):
+    def __init__(self, enabled: bool = True, stream=None, verb: str = "labeled", activity: str = "labeling",
+                 log: logging.Logger = logger):
+        self.verb, self.activity, self.log = verb, activity, log
         self.stream = stream if stream is not None else sys.stderr
         self.bars = enabled and _interactive(self.stream)
         self._listing = self._startup = self._labeled = self._committed = None
@@ -107,17 +110,20 @@ class JobProgress:
 
     # ------------------------------------------------------------------ labeling and commits
     def labeling_started(self, images: int, shards: int, skipped_shards: int) -> None:
-        self._total_images = images
+        """``images`` in ``shards`` to go (called again for more: a relabel's next increment)."""
+        self._total_images = self._counts["ok"] + self._counts["failed"] + images
         if skipped_shards:
-            logger.info("%d shard(s) already committed by an earlier run are skipped", skipped_shards)
-        self._total_shards = shards
+            self.log.info("%d shard(s) already committed by an earlier run are skipped", skipped_shards)
+        self._total_shards = (self._committed.n if self._committed is not None else 0) + shards
+        if self._labeled is not None:
+            self._labeled.total, self._committed.total = self._total_images, self._total_shards
         if not self.bars:
-            logger.info("labeling %d images in %d shards", images, shards)
+            self.log.info("%s %d images in %d shards", self.activity, images, shards)
 
     def _open_labeling_bars(self) -> None:
         """Once the start-up line is done (so that the lines do not take each other's place)."""
         self._labeled = self._bar(
-            "labeled", total=self._total_images, unit=" images",
+            self.verb, total=self._total_images, unit=" images",
             bar_format="{desc} {n_fmt}/{total_fmt} images{postfix}, {rate_fmt}, ETA {remaining}",
         )
         self._labeled.set_postfix_str("ok 0, failed 0", refresh=False)
@@ -138,14 +144,14 @@ class JobProgress:
         elif time.monotonic() - self._last_log >= LOG_EVERY_S:
             self._last_log = now = time.monotonic()
             done = self._counts["ok"] + self._counts["failed"]
-            line = f"labeled {done:,}/{self._total_images:,} images ({self._counts['failed']:,} failed)"
+            line = f"{self.verb} {done:,}/{self._total_images:,} images ({self._counts['failed']:,} failed)"
             if self._first is None:  # the first rows: the rate is counted from here
                 self._first = (now, done)
             elif now > self._first[0]:
                 rate = (done - self._first[1]) / (now - self._first[0])
                 left = max(self._total_images - done, 0)
                 line += f", {rate:.1f} images/s" + (f", about {_clock(left / rate)} left" if rate > 0 else "")
-            logger.info("%s", line)
+            self.log.info("%s", line)
 
     def committed(self, shards: int = 1) -> None:
         if self.bars and self._labeled is None:

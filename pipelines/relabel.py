@@ -61,6 +61,7 @@ from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
 from . import lake, runtime
 from .label import DestinationError, reopen_run
+from .progress import JobProgress
 from .lake import TABLE_FILE_RE
 from .stages import uncertainty_columns
 from .output import (
@@ -340,16 +341,19 @@ def _text_classifier(source: Source, vocabulary, model: str | None, weights: str
 
 def run_relabel(source_dest: str, vocab: str, out: str, *, min_score: float | None = None, model: str | None = None,
                 weights: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                overwrite: bool = False, verbose: bool = False, version: int | None = None) -> RelabelSummary:
+                overwrite: bool = False, verbose: bool = False, version: int | None = None,
+                progress: bool = True) -> RelabelSummary:
     """Run (or resume) a relabel job; returns its summary (module docstring). ``version``: of DEST's table (default:
-    the current one). DEST2 is a Delta table as a labeling output is: one version per part file written."""
+    the current one). DEST2 is a Delta table as a labeling output is: one version per part file written. ``progress``:
+    a progress line on a terminal (log lines about once a minute either way)."""
     with lake.WriterLock(Destination(out)):
         return _run_relabel(source_dest, vocab, out, min_score=min_score, model=model, weights=weights,
-                            address=address, num_cpus=num_cpus, overwrite=overwrite, verbose=verbose, version=version)
+                            address=address, num_cpus=num_cpus, overwrite=overwrite, verbose=verbose, version=version,
+                            progress=progress)
 
 
 def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, weights, address, num_cpus, overwrite,
-                 verbose, version) -> RelabelSummary:
+                 verbose, version, progress) -> RelabelSummary:
     started = time.time()
     vocabulary = load_vocabulary(vocab)
     dest = Destination(out)
@@ -358,7 +362,14 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     source_table = Destination(source_dest)
     is_table = lake.has_table(source_table)
     target = version if version is not None or not is_table else lake.table_version(source_table)
-    source = open_source(source_dest, target)
+    opened: dict = {}  # version -> Source: each version of DEST read once (a footer per file)
+
+    def source_at(v: int | None) -> Source:
+        if v not in opened:
+            opened[v] = open_source(source_dest, v)
+        return opened[v]
+
+    source = source_at(target)
     thresholds = dict(source.metadata.get("thresholds") or {})
     min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
     source_run = source.metadata.get("run_id")
@@ -386,14 +397,15 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     if not lake.has_table(dest):  # written before DEST2 was a table, or killed before its first version
         lake.adopt_parts(dest, run, dest.survey().parts)
 
-    job = _Job(dest, run, source_dest, vocabulary, summary, model=model, weights=weights, min_score=min_score,
-               address=address, num_cpus=num_cpus, verbose=verbose)
+    job = _Job(dest, run, source_at, vocabulary, summary, model=model, weights=weights, min_score=min_score,
+               address=address, num_cpus=num_cpus, verbose=verbose,
+               progress=JobProgress(progress, verb="relabeled", activity="relabeling", log=logger))
     try:
         job.finish_increment()  # the latest increment, as planned (a run cut short goes on at its version of DEST)
         increment = lake.latest_increment(run)
         if is_table and increment.get("source_version", target) != target:  # DEST moved on: DEST2 follows it
             summary.followed_from = increment.get("source_version")
-            _plan_follow(dest, run, source_dest, target, summary)
+            _plan_follow(dest, run, source_at, target, summary)
             job.finish_increment()
     finally:
         job.close()
@@ -424,12 +436,13 @@ class _Job:
     """Relabels the pending shards of DEST2's latest increment: one Ray task per DEST file, each shard committed as
     it completes (a follow's shards by lake.ShardCommitter, which removes the rows they replace)."""
 
-    def __init__(self, dest: Destination, run: dict, source_dest: str, vocabulary, summary: RelabelSummary, *,
-                 model, weights, min_score: float, address, num_cpus, verbose):
-        self.dest, self.run, self.source_dest, self.summary = dest, run, source_dest, summary
+    def __init__(self, dest: Destination, run: dict, source_at, vocabulary, summary: RelabelSummary, *,
+                 model, weights, min_score: float, address, num_cpus, verbose, progress: JobProgress):
+        self.dest, self.run, self.source_at, self.summary = dest, run, source_at, summary
         self.vocabulary = vocabulary
         self.model, self.weights, self.min_score = model, weights, min_score
         self.address, self.num_cpus, self.verbose = address, num_cpus, verbose
+        self.progress = progress
         self.new = None  # NEW's text classifier, made once (the model's text tower) when a shard is to be relabeled
         self.started_ray = None
 
@@ -439,7 +452,7 @@ class _Job:
         if increment.get("complete"):  # seen so by an earlier run (its log may be cleaned up since)
             summary.skipped_shards += sum(1 for n in run["shard_sizes"][increment["first_shard"]:] if n > 0)
             return
-        source = open_source(self.source_dest, increment.get("source_version"))
+        source = self.source_at(increment.get("source_version"))
         mirror = increment.get("mirror") or _mirror(source)
         first = increment["first_shard"]
         done = lake.committed_shards(dest, run)
@@ -449,8 +462,11 @@ class _Job:
         empty = increment.get("drop_shard")  # rows deleted from DEST, removed by an empty shard's version
         if empty is not None and empty not in done:
             pending.append((None, empty))
-        summary.skipped_shards += len(mine) - len(pending) + (empty is not None and empty in done)
+        skipped = len(mine) - len(pending) + (empty is not None and empty in done)
+        summary.skipped_shards += skipped
         if pending:
+            rows = dict(zip(source.files, source.rows))
+            self.progress.labeling_started(sum(rows.get(url, 0) for url, _ in pending), len(pending), skipped)
             self._relabel(source, pending, following=first > 0)
         lake.mark_complete(dest, run)
         dest.remove_fragments()
@@ -490,25 +506,28 @@ class _Job:
                     lake.commit_version(dest, [part_name(shard)], info={**info, "shard": shard})
                 for key, value in stats.items():
                     setattr(summary, key, getattr(summary, key) + value)
+                self.progress.labeled(stats["ok"], stats["failed"])
+                self.progress.committed()
         if committer is not None:
             committer.flush()
 
     def close(self) -> None:
+        self.progress.close()
         if self.started_ray is not None:
             runtime.shutdown_ray(self.started_ray)
 
 
-def _plan_follow(dest: Destination, run: dict, source_dest: str, target: int | None, summary: RelabelSummary) -> None:
+def _plan_follow(dest: Destination, run: dict, source_at, target: int | None, summary: RelabelSummary) -> None:
     """The next increment of DEST2, to follow DEST from the version its latest increment relabeled to ``target``:
     DEST's files in ``target`` that DEST2 has not relabeled become its next shards, each replacing the rows of its
     URIs that DEST2 holds (their manifest's ``replaces``, as a labeling increment's); the rows of DEST's files gone
     since whose URIs are in no new file (deleted from DEST) are removed by the first of them. Manifests first, then
     run.json: a run killed in between plans again."""
     increment = lake.latest_increment(run)
-    before = open_source(source_dest, increment.get("source_version"))
-    mirror = increment.get("mirror") or _mirror(before)
-    after = open_source(source_dest, target)
-    if after.space != before.space:
+    mirror = increment.get("mirror") or _mirror(source_at(increment.get("source_version")))
+    after = source_at(target)
+    source_dest = after.dest
+    if after.space != run["embeddings"]:
         raise RelabelError(f"{source_dest}'s version {target} holds another run's embeddings than the version DEST2 "
                            "relabeled; relabel it into a new --out, or with --overwrite")
     names = {url.rsplit("/", 1)[-1]: (url, rows) for url, rows in zip(after.files, after.rows)}
@@ -591,6 +610,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in DEST2 with other settings")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress line (log lines only)")
 
 
 def main_args(args: argparse.Namespace) -> int:
@@ -599,7 +619,8 @@ def main_args(args: argparse.Namespace) -> int:
     try:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
                         weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
-                        verbose=getattr(args, "verbose", False), version=args.version)
+                        verbose=getattr(args, "verbose", False), version=args.version,
+                        progress=not args.no_progress)
     except (lake.DestinationBusy, RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError,
             FileNotFoundError) as e:
         print(f"fcclip relabel: error: {e}", file=sys.stderr)

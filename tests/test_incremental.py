@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -678,7 +679,7 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
     assert sorted(relabeled) == sorted(prefix + n for n in {**expected, "synth_00005.jpg": 0})
 
 
-def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys):
+def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys, caplog):
     """`fcclip relabel DEST --out DEST2` run again after DEST grew: DEST2 becomes DEST's new version relabeled (the
     same rows as a relabel of it from scratch), by relabeling only DEST's new files and removing the rows they
     replace and those deleted from DEST. A DEST2 written before relabel followed DEST (DEST's version in its settings)
@@ -730,11 +731,14 @@ def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys):
     # the next follow planned, then the run cut short; both tables compacted by another program before the rerun
     DeltaTable(dest).optimize.compact()
     run = json.loads(run_json.read_text())
-    relabel._plan_follow(Destination(str(dest2)), run, dest, table_version(Destination(dest)),
+    relabel._plan_follow(Destination(str(dest2)), run, lambda v: relabel.open_source(dest, v),
+                         table_version(Destination(dest)),
                          relabel.RelabelSummary(str(dest2), run["run_id"]))
     DeltaTable(str(dest2)).optimize.compact()
+    caplog.set_level(logging.INFO, logger="fcclip.relabel")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 8 image(s)" in capsys.readouterr().out  # DEST's one compacted file
+    assert "relabeling 8 images in 1 shards" in caplog.text and "relabeled 8/8 images (0 failed)" in caplog.text
     assert rows(dest2) == got == from_scratch("scratch2")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out

@@ -85,6 +85,7 @@ class LabelConfig:
     embeddings: bool = False  # store each segment's query embeddings (fcclip relabel, fcclip search)
     refresh: bool = True  # a rerun labels changed objects again (their old rows replaced); False: new URIs only
     retry_errors: bool = False  # a rerun also labels again the error rows of unchanged objects (replacing them)
+    prune: bool = False  # a rerun removes the rows of URIs SOURCE no longer lists
 
 
 @dataclass
@@ -110,6 +111,8 @@ class LabelSummary:
     not_refreshed: int = 0  # changed, kept as labeled (--no-refresh)
     retried: int = 0  # unchanged objects whose error rows were labeled again (--retry-errors)
     error_rows: int | None = None  # error rows in the table when SOURCE was listed again (None: the first listing)
+    gone: int = 0  # URIs of the table SOURCE no longer lists (their rows kept unless --prune)
+    pruned: int = 0  # rows of those removed (--prune)
     version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
     resumed: bool = False  # this run went on with a listing an earlier, unfinished run made
     finished_first: dict | None = None  # when it did: that listing's part (images, ok, failed, new, changed, ...);
@@ -250,7 +253,8 @@ def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
     written, so a listing cut short is listed again by the next run."""
     t = time.time()
     increment = lake.plan_increment(cfg.source, dest, run, cfg.shard_size, cfg.extensions or IMAGE_EXTENSIONS,
-                                    refresh=cfg.refresh, on_listed=on_listed, retry_errors=cfg.retry_errors)
+                                    refresh=cfg.refresh, on_listed=on_listed, retry_errors=cfg.retry_errors,
+                                    prune=cfg.prune)
     sizes = increment.pop("shard_sizes")
     logger.info(
         "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged%s; %d shard(s) to label",
@@ -320,6 +324,7 @@ def _after_resumed(first: LabelSummary, then: LabelSummary) -> LabelSummary:
         seconds=first.seconds + then.seconds, skipped_shards=first.skipped_shards,
         startup_seconds=first.startup_seconds or then.startup_seconds,
         model_actors=max(first.model_actors, then.model_actors), resumed=True, finished_first=part,
+        pruned=first.pruned + then.pruned,
     )
 
 
@@ -345,6 +350,12 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         summary.not_refreshed = increment.get("not_refreshed", 0)
         summary.retried = increment.get("retried", 0)
         summary.error_rows = increment.get("error_rows")
+        summary.gone = increment.get("gone", 0)
+    if "prune_shard" in increment and "pruned" not in increment:  # --prune: the rows of URIs gone from SOURCE
+        increment["pruned"] = lake.prune(dest, increment, {"run_id": run["run_id"], "model": f"{model_config.name}@"
+                                         f"{cfg.weights}", "increment": len(run["increments"]) - 1})
+        dest.write_run(run)
+    summary.pruned = increment.get("pruned", 0) if "prune_shard" in increment else 0
     if not pending:
         lake.mark_complete(dest, run)
         summary.version = lake.table_version(dest)
@@ -494,6 +505,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="on a rerun, also label again the images whose rows are error rows (a read that failed, a "
                    "time-out); without it they keep their error rows until their object changes")
+    p.add_argument("--prune", action="store_true",
+                   help="on a rerun, remove the rows of images SOURCE no longer lists (deleted, expired); without it "
+                   "they keep their rows. Refused where SOURCE lists none of DEST's images")
     p.add_argument("--embeddings", action="store_true",
                    help="also store each segment's query embeddings (for fcclip relabel and fcclip search)")
 
@@ -507,15 +521,15 @@ def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> i
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,
         autocast="bf16" if args.bf16 else None, num_cpus=args.num_cpus, decode_timeout=args.decode_timeout,
         batch_timeout=args.batch_timeout or None, chunk_size=args.chunk_size, embeddings=args.embeddings,
-        refresh=not args.no_refresh, retry_errors=args.retry_errors,
+        refresh=not args.no_refresh, retry_errors=args.retry_errors, prune=args.prune,
     )
     try:
         summary = run_label(
             cfg, progress=not args.no_progress, overwrite=args.overwrite, verbose=getattr(args, "verbose", False),
             make_model_stage=make_model_stage, reader=reader,
         )
-    except (ConfigError, VocabularyError, SourceError, DestinationError, lake.DestinationBusy, FileNotFoundError,
-            NotADirectoryError) as e:
+    except (ConfigError, VocabularyError, SourceError, DestinationError, lake.DestinationBusy, lake.PruneRefused,
+            FileNotFoundError, NotADirectoryError) as e:
         print(f"fcclip label: error: {e}", file=sys.stderr)
         return 2
     except LabelStopped as e:
@@ -561,6 +575,10 @@ def print_summary(s: LabelSummary) -> None:
         elif s.error_rows:
             print(f"the table holds {s.error_rows} error row(s), kept as they are until their image changes; "
                   "--retry-errors labels them again (after a failed read or a time-out, say)")
+        if s.pruned:
+            print(f"{s.pruned} row(s) of images gone from SOURCE removed (--prune)")
+        elif s.gone:
+            print(f"{s.gone} image(s) of the table are gone from SOURCE and keep their rows; --prune removes them")
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     if s.recovered:

@@ -389,9 +389,16 @@ class ShardCommitter:
             shards, self.waiting = self.waiting, []
             self._commit(shards, {})
 
-    def _commit(self, shards: list[int], replaced: dict) -> int:
+    def commit_replacing(self, shards: list[int], replaced: dict, by: int) -> int:
+        """Commit ``shards`` (none: a prune) in one version that also removes the rows of ``replaced`` ({the file
+        that held them when listed: URIs}), wherever they are now, the files holding them rewritten (``-rBY``).
+        Returns the rows removed."""
+        self.flush()
+        return self._commit(shards, replaced, by)[1]
+
+    def _commit(self, shards: list[int], replaced: dict, by: int | None = None) -> tuple[int | None, int]:
         dest = self.dest
-        shard = shards[0]
+        shard = shards[0] if by is None else by
         for _ in range(COMMIT_TRIES):
             add, remove = [part_name(s) for s in shards], []
             rows_replaced = 0
@@ -404,6 +411,8 @@ class ShardCommitter:
                     if kept:
                         add.append(rewrite_name(name, shard))
             info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
+            if not add and not remove:  # nothing of it left in the table (an earlier run removed it)
+                return None, 0
             try:
                 version = commit_version(dest, add, remove, info)
                 break
@@ -416,7 +425,7 @@ class ShardCommitter:
                                f"{COMMIT_TRIES} times while fcclip tried to commit it; the shards committed so far "
                                "stay, and the rerun goes on from there")
         self.last = time.monotonic()
-        return version
+        return version, rows_replaced
 
 
 def _replaced_rows(dest: Destination, shard: int) -> dict:
@@ -658,13 +667,17 @@ class WriterLock:
 
 # ---------------------------------------------------------------------------------------------------- increments
 def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, extensions, refresh: bool = True,
-                   on_listed=None, memory_limit: str | None = None, retry_errors: bool = False) -> dict:
+                   on_listed=None, memory_limit: str | None = None, retry_errors: bool = False,
+                   prune: bool = False) -> dict:
     """List SOURCE again and write what the current version lacks as the run's next manifest shards (new URIs, then
     changed ones with ``replaces``, then, with ``retry_errors``, unchanged ones whose row is an error row, with
     ``replaces`` too; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the increment:
     ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates", "retried",
-    "error_rows", "table_version"}`` (``error_rows``: the error rows of the current version, retried or not;
-    ``table_version``: the version the listing was compared with, None before the first)."""
+    "error_rows", "gone", "table_version"}`` (``error_rows``: the error rows of the current version, retried or not;
+    ``gone``: its URIs SOURCE no longer lists; ``table_version``: the version the listing was compared with, None
+    before the first). With ``prune``, the gone URIs are written to ``_fcclip/manifest/gone-FIRST.manifest`` with the
+    file holding each (:func:`prune`), ``"prune_shard"``: the number that names the files the prune rewrites (a shard
+    of no rows, appended to ``shard_sizes``). Raises :class:`PruneRefused` where the prune would remove every row."""
     from .sources import list_to_parquet
 
     base_version = table_version(dest)  # the versions after it are this increment's (committed_shards)
@@ -672,15 +685,45 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
     try:
         listed = list_to_parquet(source, work, extensions, on_listed=on_listed)
         first = len(run["shard_sizes"])
+        gone_path = f"{work}/gone.parquet" if prune else None
         counts = diff_listing(dest, f"{work}/listing", f"{work}/diff.parquet", refresh=refresh,
-                              memory_limit=memory_limit, temp_dir=f"{work}/spill", retry_errors=retry_errors)
+                              memory_limit=memory_limit, temp_dir=f"{work}/spill", retry_errors=retry_errors,
+                              gone_path=gone_path)
+        if prune and counts["gone"] and counts["gone"] == counts["rows"]:
+            raise PruneRefused(f"{source} lists none of the {counts['rows']} images of {dest.uri}: --prune would "
+                               "remove every row; nothing was changed (is SOURCE right?)")
         sizes = write_shards(dest, f"{work}/diff.parquet", first, shard_size)
+        extra = {}
+        if prune and counts["gone"]:
+            extra["prune_shard"] = first + len(sizes)
+            sizes.append(0)
+            with open(gone_path, "rb") as f:
+                dest.write_bytes(f"{META_DIR}/manifest/gone-{first:06d}.manifest", f.read())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"], "table_version": base_version,
             "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
             "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
-            "not_refreshed": counts["not_refreshed"], "retried": counts["retried"], "error_rows": counts["error_rows"]}
+            "not_refreshed": counts["not_refreshed"], "retried": counts["retried"], "error_rows": counts["error_rows"],
+            "gone": counts["gone"], **extra}
+
+
+class PruneRefused(ValueError):
+    """``--prune`` would remove every row of the table: SOURCE lists none of its images (a mistyped SOURCE, say)."""
+
+
+def prune(dest: Destination, increment: dict, info: dict) -> int:
+    """Remove from the table the rows of the URIs an increment found gone from SOURCE (``--prune``): one version
+    that removes the files holding them and adds them rewritten without those rows (``-rP``, P the increment's
+    ``prune_shard``), committed as a replacing shard's is (:meth:`ShardCommitter.commit_replacing`). Returns the rows
+    removed (0 where an earlier run removed them already)."""
+    listed = dest.read_bytes(f"{META_DIR}/manifest/gone-{increment['first_shard']:06d}.manifest")
+    table = pq.read_table(io.BytesIO(listed))
+    gone: dict = {}
+    for uri, old in zip(table.column("uri").to_pylist(), table.column("replaces").to_pylist()):
+        gone.setdefault(old, []).append(uri)
+    committer = ShardCommitter(dest, {**info, "operation": "prune"}, remote=False)
+    return committer.commit_replacing([], gone, by=increment["prune_shard"])
 
 
 _CHANGED = """(o.uri IS NOT NULL AND (
@@ -691,13 +734,14 @@ _CHANGED = """(o.uri IS NOT NULL AND (
 
 def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bool = True,
                  memory_limit: str | None = None, temp_dir: str | None = None, labeled_files: list[str] | None = None,
-                 retry_errors: bool = False) -> dict:
+                 retry_errors: bool = False, gone_path: str | None = None) -> dict:
     """Compare a listing (Parquet files ``uri, etag, size, mtime, ord`` under ``listing_dir``) with the current
     version's rows and write, ordered (new first, then changed, then unchanged error rows with ``retry_errors``; each
     in listing order), the URIs to label to ``out_path`` (``uri, etag, size, mtime, replaces``). Returns
-    ``{"distinct", "new", "changed", "not_refreshed", "retried", "error_rows"}`` (``retried``: unchanged URIs whose
-    error row is labeled again; ``error_rows``: the current version's error rows). ``labeled_files`` overrides the
-    current version's files (a benchmark's)."""
+    ``{"distinct", "new", "changed", "not_refreshed", "retried", "error_rows", "gone", "rows"}`` (``retried``:
+    unchanged URIs whose error row is labeled again; ``error_rows``: the current version's error rows; ``gone``: its
+    URIs the listing lacks, written with the file holding each, ``uri, replaces``, to ``gone_path`` where given;
+    ``rows``: its rows). ``labeled_files`` overrides the current version's files (a benchmark's)."""
     import duckdb
 
     con = duckdb.connect()
@@ -727,14 +771,20 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
                "NULL::TIMESTAMPTZ AS source_mtime, NULL::VARCHAR AS status, NULL::VARCHAR AS file WHERE false")
     con.execute(f"CREATE TEMP VIEW listed AS {listed}")
     con.execute(f"CREATE TEMP VIEW old AS {old}")
-    # one join: what is new or changed (a few rows of the listing, as a rule) goes to a local table, then sorted
+    # one join: what is new or changed (a few rows of the listing, as a rule), and what is gone from the listing, go
+    # to a local table, then sorted
     retry = "OR o.status = 'error'" if retry_errors else ""
     con.execute(f"""
-        CREATE TEMP TABLE todo AS
+        CREATE TEMP TABLE joined AS
             SELECT l.uri, l.etag, l.size, l.mtime, l.ord, CASE WHEN o.uri IS NULL THEN NULL ELSE o.file END AS replaces,
-                   coalesce(NOT ({_CHANGED}) AND o.status = 'error', false) AS retried
-            FROM listed l LEFT JOIN old o ON l.uri = o.uri
-            WHERE o.uri IS NULL OR {_CHANGED} {retry}""")
+                   coalesce(NOT ({_CHANGED}) AND o.status = 'error', false) AS retried, o.uri AS old_uri, o.file
+            FROM listed l FULL OUTER JOIN old o ON l.uri = o.uri
+            WHERE l.uri IS NULL OR o.uri IS NULL OR {_CHANGED} {retry}""")
+    con.execute("CREATE TEMP VIEW todo AS SELECT * FROM joined WHERE uri IS NOT NULL")
+    gone = int(con.execute("SELECT count(*) FROM joined WHERE uri IS NULL").fetchall()[0][0])
+    if gone_path:
+        con.execute(f"COPY (SELECT old_uri AS uri, file AS replaces FROM joined WHERE uri IS NULL ORDER BY file, uri) "
+                    f"TO '{gone_path}' (FORMAT parquet, COMPRESSION zstd)")
     keep = "" if refresh else "WHERE replaces IS NULL OR retried"
     con.execute(f"""COPY (SELECT uri, etag, size, mtime, replaces FROM todo {keep}
                           ORDER BY (replaces IS NOT NULL), retried, ord)
@@ -744,10 +794,12 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
         "count(*) FILTER (WHERE retried) FROM todo").fetchall()[0])
     distinct = int(con.execute(
         f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
-    error_rows = int(con.execute("SELECT count(*) FROM old WHERE status = 'error'").fetchall()[0][0])
+    error_rows, rows = (int(v) for v in con.execute(
+        "SELECT count(*) FILTER (WHERE status = 'error'), count(*) FROM old").fetchall()[0])
     con.close()
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
-            "not_refreshed": 0 if refresh else all_changed, "retried": retried, "error_rows": error_rows}
+            "not_refreshed": 0 if refresh else all_changed, "retried": retried, "error_rows": error_rows,
+            "gone": gone, "rows": rows}
 
 
 def write_shards(dest: Destination, diff_path: str, first: int, shard_size: int) -> list[int]:

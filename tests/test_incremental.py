@@ -679,12 +679,13 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
     assert sorted(relabeled) == sorted(prefix + n for n in {**expected, "synth_00005.jpg": 0})
 
 
-def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys, caplog):
+def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, caplog):
     """`fcclip relabel DEST --out DEST2` run again after DEST grew: DEST2 becomes DEST's new version relabeled (the
     same rows as a relabel of it from scratch), by relabeling only DEST's new files and removing the rows they
-    replace and those deleted from DEST. A DEST2 written before relabel followed DEST (DEST's version in its settings)
-    follows it too; a follow cut short after its plan is finished by the next run, also where another program
-    compacted both tables meanwhile."""
+    replace and those deleted from DEST (by a DELETE, and by `fcclip label --prune`: an image gone from SOURCE keeps
+    its row without it, and loses it with it). A DEST2 written before relabel followed DEST (DEST's version in its
+    settings) follows it too; a follow cut short after its plan is finished by the next run, also where another
+    program compacted both tables meanwhile."""
     from deltalake import DeltaTable
 
     from fcclip.datasets.synthetic import write_images
@@ -714,17 +715,32 @@ def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys, caplog):
 
     for i, path in enumerate(write_images(tmp_path / "new", count=2, size=NEW_SIZE, seed=300)):
         shutil.copy(path, folder / ("synth_00000.jpg" if i == 0 else "added.jpg"))  # 1 changed, 1 new
-    assert main(_args(str(folder), dest, "--embeddings")) == 0
-    DeltaTable(dest).delete(f"uri = '{folder}/synth_00007.jpg'")
+    (folder / "synth_00006.jpg").rename(tmp_path / "synth_00006.jpg")  # and 1 gone
     capsys.readouterr()
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 1 new, 1 changed, 6 unchanged" in out, out
+    assert "1 image(s) of the table are gone from SOURCE and keep their rows; --prune removes them" in out
+    assert len(rows(dest)) == 9
+    shutil.move(str(folder), tmp_path / "moved")  # a SOURCE that lists none of DEST's images: refused, unchanged
+    folder.mkdir()
+    assert main(_args(str(folder), dest, "--embeddings", "--prune")) == 2
+    assert "lists none of the 9 images" in capsys.readouterr().err and len(rows(dest)) == 9
+    folder.rmdir()
+    shutil.move(tmp_path / "moved", folder)
+    assert main(_args(str(folder), dest, "--embeddings", "--prune")) == 0
+    out = capsys.readouterr().out
+    assert "labeled 0 image(s)" in out and "1 row(s) of images gone from SOURCE removed (--prune)" in out, out
+    DeltaTable(dest).delete(f"uri = '{folder}/synth_00007.jpg'")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     out = capsys.readouterr().out
     # DEST's new files: shard 2 (the new and the changed image), shard 0 rewritten without the changed image's old
-    # row, shard 1 rewritten by the DELETE: 8 rows, of 9
-    assert "relabeled 8 image(s)" in out and "1 row(s) deleted from DEST removed" in out, out
-    assert "followed DEST from its version 1 to 3" in out, out
+    # row, shard 1 rewritten by the prune and then by the DELETE: 7 rows, of 7
+    assert "relabeled 7 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
+    assert "followed DEST from its version 1 to 4" in out, out
     got = rows(dest2)
-    assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n != "synth_00007.jpg"}
+    assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n not in ("synth_00006.jpg",
+                                                                                   "synth_00007.jpg")}
     assert (got[f"{folder}/synth_00000.jpg"]["height"], got[f"{folder}/synth_00000.jpg"]["width"]) == NEW_SIZE
     assert got == from_scratch("scratch1")
 
@@ -737,8 +753,8 @@ def test_relabel_follows_a_growing_table(tmp_path, ray_local, capsys, caplog):
     DeltaTable(str(dest2)).optimize.compact()
     caplog.set_level(logging.INFO, logger="fcclip.relabel")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
-    assert "relabeled 8 image(s)" in capsys.readouterr().out  # DEST's one compacted file
-    assert "relabeling 8 images in 1 shards" in caplog.text and "relabeled 8/8 images (0 failed)" in caplog.text
+    assert "relabeled 7 image(s)" in capsys.readouterr().out  # DEST's one compacted file
+    assert "relabeling 7 images in 1 shards" in caplog.text and "relabeled 7/7 images (0 failed)" in caplog.text
     assert rows(dest2) == got == from_scratch("scratch2")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out

@@ -373,7 +373,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     rows, pending, unknown, superseded = [], [], [], []
     latest: dict = {}  # image id -> its latest task (pushed again after its image changed: the new content's)
     for task in sorted(ls.tasks(info["id"]), key=lambda t: t["id"]):
-        image = task.get("data", {}).get("image_id")
+        image = task.get("data", {}).get("image_id") or ("task", task["id"])  # a task not made by push: its own
         if image in latest:
             superseded.append(latest[image])
         latest[image] = task
@@ -386,9 +386,11 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         ann = max(done, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a["id"]))
         regions = [r for r in ann.get("result") or [] if r.get("type", "").lower() == "brushlabels"]
         size = next(((int(r["original_height"]), int(r["original_width"])) for r in regions), None)
-        if size is None:  # an annotation without regions: take the size from the prediction
+        if size is None:  # an annotation without regions: take the size from the prediction, or from the task
             size = next(((int(r["original_height"]), int(r["original_width"]))
                          for p in task.get("predictions") or [] for r in p.get("result") or []), None)
+        if size is None and data.get("height") and data.get("width"):  # nothing in the image, a reviewer says
+            size = (int(data["height"]), int(data["width"]))
         if size is None:
             pending.append({"uri": data.get("uri"), "image_id": data.get("image_id"), "task": task["id"]})
             continue

@@ -430,6 +430,33 @@ def test_an_image_changed_after_its_push_gets_a_new_task_and_its_old_review_is_s
     assert "2 rows, 2 replaced by reviewed rows" in capsys.readouterr().out
 
 
+def test_an_image_without_segments_reviewed_as_such_is_a_row(label_studio, tmp_path, monkeypatch, capsys):
+    """An image the model found nothing in (no prediction regions), submitted without regions: a reviewed row
+    without segments at the image's size (the task's), not a task pending for ever."""
+    from fcclip.datasets.synthetic import write_images
+
+    url, token, root, _ = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    (image,) = write_images(root / "empty", count=1, size=(37, 53), seed=9)
+    labels = tmp_path / "labels"
+    (row,) = make_output(labels, [str(image)], [(37, 53)], [0.9], etags=["e"])
+    row.update(segments=[], margin=[], branches_agree=[], uncertainty=1.0)
+    write_part(Destination(str(labels)), 0, pa.Table.from_pylist([row], schema=part_schema()),
+               {"vocabulary": VOCAB.to_dict(), "run_id": "r"})
+    assert main(["review", "pick", str(labels), "--count", "1", "--out", str(tmp_path / "picks.parquet")]) == 0
+    assert main(["review", "push", str(tmp_path / "picks.parquet"), "--label-studio", url, "--project", "empty",
+                 "--document-root", str(root)]) == 0
+    project = next(p for p in _api(url, token, "GET", "/api/projects")["results"] if p["title"] == "empty")
+    (task,) = _api(url, token, "GET", f"/api/tasks?project={project['id']}&fields=all&page_size=100")["tasks"]
+    assert task["predictions"][0]["result"] == []
+    _api(url, token, "POST", f"/api/tasks/{task['id']}/annotations", json={"result": []})
+    capsys.readouterr()
+    assert main(["review", "pull", "--label-studio", url, "--project", "empty", "--out", str(tmp_path / "rev")]) == 0
+    assert "1 reviewed image(s)" in capsys.readouterr().out
+    (got,) = pq.read_table(tmp_path / "rev").to_pylist()
+    assert (got["segments"], got["width"], got["height"], got["source_etag"]) == ([], 53, 37, "e")
+
+
 def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(tmp_path, capsys, caplog):
     """`fcclip review merge` killed (SIGKILL) after writing some part files and before committing them: the same
     merge again into the same folder replaces them and commits; part files of anything else stay refused."""

@@ -23,13 +23,13 @@ push:
 pull: per image its latest task counts (an earlier task of an image pushed again after it changed is *superseded*:
 counted, not a row); that task's latest submitted (not skipped) annotation becomes an ``ok`` row of a labeling
 output, with the version the task recorded in its source columns (so that ``merge`` never applies it to the image's
-later content): the brush
-regions decoded, painted in the order of the annotation's regions (a later region takes the pixels it shares with
-an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip label`` writes them,
-score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and ``reviewed_at`` (when the
-annotation was last updated, UTC). Tasks without a submitted annotation are pending: listed (uri, image id, task)
-and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output is:
-its one part file is version 0.
+later content): the brush regions decoded, painted in the order of the annotation's regions (a later region takes
+the pixels it shares with an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip
+label`` writes them, score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and
+``reviewed_at`` (when the annotation was last updated, UTC); one submitted without regions is a row without
+segments, at the size the task recorded. Tasks without a submitted annotation are pending: listed (uri, image id,
+task) and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output
+is: its one part file is version 0.
 """
 from __future__ import annotations
 

@@ -8,10 +8,11 @@ Studio with the model's masks as pre-annotations, bring the corrections back as 
 
 ``pick`` streams over DEST's part files one batch at a time, reading only ``uri``, ``image_id``, ``status``,
 ``uncertainty``, the version columns (and the segments' labels for ``class=NAME``), and keeps the best N in a heap:
-its memory depends on N, not on the number of rows. The order is a function of the rows alone (ties and ``random`` are broken by a hash
-of the image id and ``--seed``), not of how they are split into files. ``--exclude`` leaves out the images of
-earlier pick lists or of a reviewed output as they were then, so that a pick made every night sends people new
-images, and an image whose content changed since (labeled again by an incremental run) can be picked again.
+its memory depends on N, not on the number of rows. The order is a function of the rows alone (ties and ``random``
+are broken by a hash of the image id and ``--seed``), not of how they are split into files. ``--exclude`` leaves out
+the images of earlier pick lists or of a reviewed output as they were then, so that a pick made every night sends
+people new images, and an image whose content changed since (labeled again by an incremental run) can be picked
+again.
 
 PICKS is one small Parquet file: ``rank``, ``uri``, ``image_id``, ``score`` (the ranking key), ``why`` (one line),
 and the version of the image picked (the row's source columns, width and height), with DEST, the rule and DEST's
@@ -134,18 +135,28 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
                                    if parquet.schema.column(i).path.startswith("segments.")
                                    and parquet.schema.column(i).path.endswith(".label")))
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-                # the version columns are read per row only where needed (timestamps are slow to convert)
+                # the version columns are made Python values only where needed: row by row for the rows the heap
+                # takes, the whole batch at once where an --exclude list holds one of its images
                 data = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in versions}
+                lazy: dict = {}
 
-                def version(i: int, batch=batch) -> tuple:
-                    return tuple(batch.column(k)[i].as_py() if k in versions else None for k in VERSION_KEYS)
+                def version(i: int, batch=batch, lazy=lazy) -> tuple:
+                    if "rows" in lazy:
+                        return lazy["rows"][i]
+                    if "arrays" not in lazy:
+                        lazy["arrays"] = _version_arrays(batch)
+                    return tuple(a[i].as_py() if a is not None else None for a in lazy["arrays"])
+
+                def held(i: int, image_id: str, batch=batch, lazy=lazy) -> bool:
+                    if "rows" not in lazy:
+                        lazy["rows"] = _versions(batch)
+                    mine = dict(zip(VERSION_KEYS, lazy["rows"][i]))
+                    return any(same_version(dict(zip(VERSION_KEYS, v)), mine) for v in skip[image_id])
 
                 for i, (uri, image_id, status) in enumerate(zip(data["uri"], data["image_id"], data["status"])):
                     if status != "ok":
                         continue
-                    if image_id in skip and any(
-                            same_version(dict(zip(VERSION_KEYS, v)), dict(zip(VERSION_KEYS, version(i))))
-                            for v in skip[image_id]):
+                    if image_id in skip and held(i, image_id):
                         excluded += 1
                         continue
                     tie = _tiebreak(image_id, seed)
@@ -218,11 +229,29 @@ def excluded_images(paths: Sequence[str], out: str | None = None) -> dict[str, l
                                       "labeling output)")
                 versions = [k for k in VERSION_KEYS if k in parquet.schema_arrow.names]
                 for batch in parquet.iter_batches(batch_size=65536, columns=["image_id"] + versions):
-                    data = batch.to_pydict()
-                    for i, image in enumerate(data["image_id"]):
-                        ids.setdefault(image, []).append(tuple(data[k][i] if k in data else None
-                                                               for k in VERSION_KEYS))
+                    for image, version in zip(batch.column("image_id").to_pylist(), _versions(batch)):
+                        ids.setdefault(image, []).append(version)
     return ids
+
+
+def _version_arrays(batch: pa.RecordBatch) -> list:
+    """The batch's version columns (:data:`pipelines.output.VERSION_KEYS`; None where it lacks one), the modification
+    time as microseconds (int64: Python datetimes are slow to make)."""
+    from .output import VERSION_KEYS
+
+    arrays = []
+    for k in VERSION_KEYS:
+        index = batch.schema.get_field_index(k)
+        column = batch.column(index) if index >= 0 else None
+        if column is not None and pa.types.is_timestamp(column.type):
+            column = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        arrays.append(column)
+    return arrays
+
+
+def _versions(batch: pa.RecordBatch) -> list[tuple]:
+    """Each row's version, as :func:`_version_arrays` gives them."""
+    return list(zip(*(a.to_pylist() if a is not None else [None] * batch.num_rows for a in _version_arrays(batch))))
 
 
 def write_picks(picks: Picks, out: str) -> None:

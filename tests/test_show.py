@@ -280,7 +280,9 @@ def test_sample_is_seeded(labels, tmp_path):
 
     first = sample(labels["dest"], 0)
     assert len(first) == 3 and sample(labels["dest"], 0) == first
-    assert sample(labels["dest"], 1) != first
+    # another seed, another sample (3 of the fixture's images: two seeds pick the same three about once in 84, as the
+    # images' ids depend on the temporary folder's name; ten seeds all picking them never do)
+    assert any(sample(labels["dest"], seed) != first for seed in range(1, 11))
     assert set(sample(labels["dest"], 0, n=10)) == {r["uri"] for r in labels["rows"] if r["status"] == "ok"}
     # the same rows in other files (one file, other row groups) give the same sample
     one = tmp_path / "one"

@@ -355,7 +355,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         increment["pruned"] = lake.prune(dest, increment, {"run_id": run["run_id"], "model": f"{model_config.name}@"
                                          f"{cfg.weights}", "increment": len(run["increments"]) - 1})
         dest.write_run(run)
-    summary.pruned = increment.get("pruned", 0) if "prune_shard" in increment else 0
+    summary.pruned = increment.get("pruned", 0)
     if not pending:
         lake.mark_complete(dest, run)
         summary.version = lake.table_version(dest)

@@ -432,7 +432,11 @@ def _replaced_rows(dest: Destination, shard: int) -> dict:
     """{the part file that held the old rows when SOURCE was listed (its name relative to DEST; an old shard's number
     in a manifest written before names were recorded): URIs} that shard ``shard``'s rows replace (its manifest's
     ``replaces`` column)."""
-    table = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
+    return _by_file(pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}"))))
+
+
+def _by_file(table: pa.Table) -> dict:
+    """{``replaces``: its URIs} of a table of ``uri, replaces`` (rows without ``replaces`` left out)."""
     if "replaces" not in table.column_names:
         return {}
     out: dict = {}
@@ -718,10 +722,7 @@ def prune(dest: Destination, increment: dict, info: dict) -> int:
     ``prune_shard``), committed as a replacing shard's is (:meth:`ShardCommitter.commit_replacing`). Returns the rows
     removed (0 where an earlier run removed them already)."""
     listed = dest.read_bytes(f"{META_DIR}/manifest/gone-{increment['first_shard']:06d}.manifest")
-    table = pq.read_table(io.BytesIO(listed))
-    gone: dict = {}
-    for uri, old in zip(table.column("uri").to_pylist(), table.column("replaces").to_pylist()):
-        gone.setdefault(old, []).append(uri)
+    gone = _by_file(pq.read_table(io.BytesIO(listed)))
     committer = ShardCommitter(dest, {**info, "operation": "prune"}, remote=False)
     return committer.commit_replacing([], gone, by=increment["prune_shard"])
 

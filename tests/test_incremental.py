@@ -743,6 +743,14 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
                                                                                    "synth_00007.jpg")}
     assert (got[f"{folder}/synth_00000.jpg"]["height"], got[f"{folder}/synth_00000.jpg"]["width"]) == NEW_SIZE
     assert got == from_scratch("scratch1")
+    # a DELETE of every row of one file of DEST (shard 2's: the new image and the changed one): the file goes and
+    # none comes; DEST2 loses those rows all the same
+    DeltaTable(dest).delete(f"uri IN ('{folder}/added.jpg', '{folder}/synth_00000.jpg')")
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    out = capsys.readouterr().out
+    assert "relabeled 0 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
+    got = rows(dest2)
+    assert len(got) == 5 and got == from_scratch("scratch-deleted")
 
     # the next follow planned, then the run cut short; both tables compacted by another program before the rerun
     DeltaTable(dest).optimize.compact()
@@ -753,8 +761,8 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     DeltaTable(str(dest2)).optimize.compact()
     caplog.set_level(logging.INFO, logger="fcclip.relabel")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
-    assert "relabeled 7 image(s)" in capsys.readouterr().out  # DEST's one compacted file
-    assert "relabeling 7 images in 1 shards" in caplog.text and "relabeled 7/7 images (0 failed)" in caplog.text
+    assert "relabeled 5 image(s)" in capsys.readouterr().out  # DEST's one compacted file
+    assert "relabeling 5 images in 1 shards" in caplog.text and "relabeled 5/5 images (0 failed)" in caplog.text
     assert rows(dest2) == got == from_scratch("scratch2")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out

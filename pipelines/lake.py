@@ -403,7 +403,7 @@ class ShardCommitter:
             add, remove = [part_name(s) for s in shards], []
             rows_replaced = 0
             if replaced:
-                jobs = _files_holding(dest, replaced)
+                jobs = _files_holding(dest, replaced, shard)
                 rows_replaced = sum(len(uris) for uris in jobs.values())
                 results = _run_rewrites(dest, shard, list(jobs.items()), self.remote)
                 for name, kept in zip(jobs, results):
@@ -446,9 +446,10 @@ def _by_file(table: pa.Table) -> dict:
     return out
 
 
-def _files_holding(dest: Destination, replaced: dict) -> dict[str, list[str]]:
+def _files_holding(dest: Destination, replaced: dict, by: int) -> dict[str, list[str]]:
     """{a part file of the current version: the URIs of ``replaced`` it holds}. A file named at listing time is
-    either still there, or was rewritten since by an earlier shard of the increment (same base name, a new ``-rM``);
+    either still there, or was rewritten since by an earlier shard of the increment (same base name, a new ``-rM``),
+    or by shard ``by`` itself (a run killed after that version and before recording it: those rows are gone);
     where another program rewrote it (a compaction between the listing and this commit), the current version's
     files are searched for the URIs."""
     current = table_files(dest)
@@ -458,6 +459,9 @@ def _files_holding(dest: Destination, replaced: dict) -> dict[str, list[str]]:
     lost: list[str] = []
     for old, uris in sorted(replaced.items(), key=lambda kv: str(kv[0])):
         name = by_shard.get(old) if isinstance(old, int) else by_base.get(_base(old))
+        suffix = REWRITE_SUFFIX_RE.search(name) if name is not None else None
+        if suffix and int(suffix.group(1)) == by:  # rewritten by this very commit, in a run cut short after it
+            continue
         if name is None:
             lost.extend(uris)
         else:
@@ -702,7 +706,7 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
             extra["prune_shard"] = first + len(sizes)
             sizes.append(0)
             with open(gone_path, "rb") as f:
-                dest.write_bytes(f"{META_DIR}/manifest/gone-{first:06d}.manifest", f.read())
+                dest.write_bytes(gone_manifest(first), f.read())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"first_shard": first, "shard_sizes": sizes, "skipped": listed["skipped"], "table_version": base_version,
@@ -721,16 +725,59 @@ def prune(dest: Destination, increment: dict, info: dict) -> int:
     that removes the files holding them and adds them rewritten without those rows (``-rP``, P the increment's
     ``prune_shard``), committed as a replacing shard's is (:meth:`ShardCommitter.commit_replacing`). Returns the rows
     removed (0 where an earlier run removed them already)."""
-    listed = dest.read_bytes(f"{META_DIR}/manifest/gone-{increment['first_shard']:06d}.manifest")
-    gone = _by_file(pq.read_table(io.BytesIO(listed)))
-    committer = ShardCommitter(dest, {**info, "operation": "prune"}, remote=False)
-    return committer.commit_replacing([], gone, by=increment["prune_shard"])
+    return remove_listed(dest, gone_manifest(increment["first_shard"]), increment["prune_shard"],
+                         {**info, "operation": "prune"})
+
+
+def gone_manifest(first_shard: int) -> str:
+    """The file (relative to DEST) listing the rows an increment removes without adding any (``uri, replaces``)."""
+    return f"{META_DIR}/manifest/gone-{first_shard:06d}.manifest"
+
+
+def remove_listed(dest: Destination, listed: str, by: int, info: dict) -> int:
+    """Remove the rows listed in ``listed`` (a Parquet file relative to DEST: ``uri, replaces``, the file holding each
+    when listed) in one version that adds no shard: the files holding them removed and added rewritten without them
+    (``-rBY``). Returns the rows removed (0 where an earlier run removed them already)."""
+    gone = _by_file(pq.read_table(io.BytesIO(dest.read_bytes(listed))))
+    return ShardCommitter(dest, info, remote=False).commit_replacing([], gone, by=by)
 
 
 _CHANGED = """(o.uri IS NOT NULL AND (
     (l.etag IS NOT NULL AND o.source_etag IS NOT NULL AND l.etag <> o.source_etag)
     OR ((l.etag IS NULL OR o.source_etag IS NULL) AND l.size IS NOT NULL AND o.source_size IS NOT NULL
         AND (l.size <> o.source_size OR l.mtime IS DISTINCT FROM o.source_mtime))))"""
+
+
+ROW_KEYS = {"uri": "VARCHAR", "source_etag": "VARCHAR", "source_size": "BIGINT", "source_mtime": "TIMESTAMPTZ",
+            "status": "VARCHAR", "error": "VARCHAR"}
+"""The columns that say which image, as which version of its object, a row is of, and whether it is an error row."""
+
+
+def table_scan(con, dest: Destination, names: list[str], columns, named: bool = True,
+               fill_missing: bool = False) -> str:
+    """A DuckDB query of ``columns`` (names of :data:`ROW_KEYS`) and ``file`` (each row's file, relative to DEST) over
+    part files ``names`` of DEST (``named`` False: ``names`` are paths, and ``file`` is that path), the file system
+    of an object store registered with ``con``. ``fill_missing``: a column no file has is NULL (the files' footers
+    read once more for it)."""
+    types = {c: ROW_KEYS[c] for c in columns}
+    if not names:
+        nulls = ", ".join(f"NULL::{t} AS {c}" for c, t in types.items())
+        return f"SELECT {nulls}, NULL::VARCHAR AS file WHERE false"
+    files, root = list(names), ""
+    if named:
+        protocol = dest.fs.protocol if isinstance(dest.fs.protocol, str) else dest.fs.protocol[0]
+        if not dest.is_local and protocol not in con.list_filesystems():  # (registered by its first protocol)
+            con.register_filesystem(dest.fs)
+        prefix = dest.uri.split("://", 1)[0] + "://" if "://" in dest.uri else ""
+        files = [prefix + dest.path(n) if prefix else dest.path(n) for n in names]
+        root = files[0][: len(files[0]) - len(names[0])]
+    file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+    scan = f"read_parquet({file_list}, filename = true, union_by_name = true)"
+    have = set(types)
+    if fill_missing:
+        have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+    select = ", ".join(c if c in have else f"NULL::{t} AS {c}" for c, t in types.items())
+    return f"SELECT {select}, substr(filename, {len(root) + 1}) AS file FROM {scan}"
 
 
 def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bool = True,
@@ -752,24 +799,11 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute("SET preserve_insertion_order = false")
-    files = labeled_files
-    if files is None:
-        names = table_files(dest)
-        if not dest.is_local and names:
-            con.register_filesystem(dest.fs)
-        prefix = dest.uri.split("://", 1)[0] + "://" if "://" in dest.uri else ""
-        files = [prefix + dest.path(n) if prefix else dest.path(n) for n in names]
     listed = (f"SELECT uri, arg_min(etag, ord) AS etag, arg_min(size, ord) AS size, arg_min(mtime, ord) AS mtime, "
               f"min(ord) AS ord FROM read_parquet('{listing_dir}/*.parquet') GROUP BY uri")
-    if files:
-        file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-        root = files[0][: len(files[0]) - len(names[0])] if labeled_files is None else ""
-        old = (f"SELECT uri, source_etag, source_size, source_mtime, status, "
-               f"substr(filename, {len(root) + 1}) AS file "
-               f"FROM read_parquet({file_list}, filename = true, union_by_name = true)")
-    else:
-        old = ("SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS source_etag, NULL::BIGINT AS source_size, "
-               "NULL::TIMESTAMPTZ AS source_mtime, NULL::VARCHAR AS status, NULL::VARCHAR AS file WHERE false")
+    old = table_scan(con, dest, table_files(dest) if labeled_files is None else labeled_files,
+                     ("uri", "source_etag", "source_size", "source_mtime", "status"),
+                     named=labeled_files is None)
     con.execute(f"CREATE TEMP VIEW listed AS {listed}")
     con.execute(f"CREATE TEMP VIEW old AS {old}")
     # one join: what is new or changed (a few rows of the listing, as a rule), and what is gone from the listing, go

@@ -14,10 +14,11 @@ compares with the text (``fcclip.embeddings``: ``fcclip.reclassify.EmbeddingSpac
    :func:`fcclip.reclassify.reclassify` (the model's own ensemble code), and DEST2's part file of the same number is
    written atomically (``fcclip_pipelines.output.write_part``), so DEST2 is exactly-once and resumable like a labeling
    output: a rerun skips committed part files; other settings are refused unless ``--overwrite``. DEST2 follows
-   DEST's table: run again once DEST has a later version, the files of DEST that version has and DEST2 did not
-   relabel become DEST2's next shards (an increment of DEST2's run, ``_plan_follow``), each committed in a version that
-   also removes the rows of its URIs DEST2 held (``lake.ShardCommitter``, as a labeling increment's), and the rows of
-   DEST's files gone since whose URIs are in no new file (deleted from DEST) are removed too.
+   DEST's table: run again once DEST has a later version, the rows of that version that DEST2 does not hold as they
+   are (new, changed, labeled again) are relabeled into DEST2's next shards (an increment of DEST2's run, one shard
+   per file of DEST holding any, ``_plan_follow``), each committed in a version that also removes the rows of its
+   URIs DEST2 held (``lake.ShardCommitter``, as a labeling increment's), and the rows of URIs DEST no longer holds
+   are removed (as ``fcclip label --prune`` removes them). A compaction of DEST relabels nothing.
 3. Per segment, under NEW: the class and score are those the model's ensemble gives its query (the top of the
    softmax over the ensembled log-probabilities, void included). A segment whose query would not form a segment
    under NEW (its top class is void, or its score is at most the model's object-mask threshold) or scores below
@@ -41,7 +42,10 @@ import io
 import itertools
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -95,6 +99,7 @@ class RelabelSummary:
     source_version: int | None = None  # the version of DEST's table that DEST2 now is relabeled
     followed_from: int | None = None  # the version DEST2 was of before, where this run followed DEST
     deleted: int = 0  # rows deleted from DEST since, removed from DEST2
+    held: int = 0  # rows of DEST's new files that DEST2 held already as they are (not relabeled again)
     seconds: float = 0.0
     text_seconds: float = 0.0  # building the model and encoding the new vocabulary
 
@@ -309,20 +314,29 @@ def _uncertainty(result, take: list[int], offsets: list[int], segments: list[dic
 
 
 def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_score: float, constants: dict,
-                 file_metadata: dict) -> dict:
-    """Relabel one part file of DEST into DEST2's part file ``shard``; returns the counts."""
-
-
+                 file_metadata: dict, rows_only: bool = False) -> dict:
+    """Relabel one part file of DEST into DEST2's part file ``shard``; returns the counts. ``rows_only``: only the
+    rows of the URIs in the shard's manifest (a follow's)."""
     stats = new_stats()
+    dest = Destination(dest_uri)
+    wanted = None
+    if rows_only:
+        manifest = pq.read_table(io.BytesIO(dest.read_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}")))
+        wanted = manifest.column("uri").combine_chunks().cast(pa.string())
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         columns = [c for c in parquet.schema_arrow.names if c not in _SKIPPED_COLUMNS]
-        tables = [with_source(relabel_batch(batch, new, min_score, constants, stats), batch)
-                  for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns))]
+        tables = []
+        for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)):
+            if wanted is not None:
+                batch = batch.filter(pc.is_in(batch.column("uri"), value_set=wanted))
+                if not batch.num_rows:
+                    continue
+            tables.append(with_source(relabel_batch(batch, new, min_score, constants, stats), batch))
     dim = new.embeddings.shape[1]
     table = pa.concat_tables(tables) if tables else part_schema(dim).empty_table()
-    write_part(Destination(dest_uri), shard, table, file_metadata)
+    write_part(dest, shard, table, file_metadata)
     return stats
 
 
@@ -405,7 +419,7 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
         increment = lake.latest_increment(run)
         if is_table and increment.get("source_version", target) != target:  # DEST moved on: DEST2 follows it
             summary.followed_from = increment.get("source_version")
-            _plan_follow(dest, run, source_at, target, summary)
+            _plan_follow(dest, run, source_at, target)
             job.finish_increment()
     finally:
         job.close()
@@ -453,25 +467,32 @@ class _Job:
             summary.skipped_shards += sum(1 for n in run["shard_sizes"][increment["first_shard"]:] if n > 0)
             return
         source = self.source_at(increment.get("source_version"))
-        mirror = increment.get("mirror") or _mirror(source)
         first = increment["first_shard"]
         done = lake.committed_shards(dest, run)
-        shards = {url: mirror[url.rsplit("/", 1)[-1]] for url in source.files}
+        rows_only = "plan" in increment  # a follow's: the rows of each file that DEST2 does not hold (_plan_follow)
+        by_name = increment["plan"] if rows_only else increment.get("mirror") or _mirror(source)
+        shards = {url: by_name[url.rsplit("/", 1)[-1]] for url in source.files if url.rsplit("/", 1)[-1] in by_name}
         mine = [(url, shard) for url, shard in shards.items() if shard >= first]
         pending = [(url, shard) for url, shard in mine if shard not in done]
-        empty = increment.get("drop_shard")  # rows deleted from DEST, removed by an empty shard's version
+        empty = increment.get("drop_shard")  # planned by the release before: an empty part file's version
         if empty is not None and empty not in done:
             pending.append((None, empty))
         skipped = len(mine) - len(pending) + (empty is not None and empty in done)
         summary.skipped_shards += skipped
+        if "delete_shard" in increment and "removed" not in increment:  # rows of URIs DEST no longer holds
+            increment["removed"] = lake.remove_listed(dest, lake.gone_manifest(first), increment["delete_shard"], {
+                "run_id": run["run_id"], "operation": "follow-delete", "model": str(run["settings"]["model"])})
+            dest.write_run(run)
+        summary.deleted += increment.get("deleted", 0) if first > 0 else 0
+        summary.held += increment.get("held", 0)
         if pending:
-            rows = dict(zip(source.files, source.rows))
-            self.progress.labeling_started(sum(rows.get(url, 0) for url, _ in pending), len(pending), skipped)
-            self._relabel(source, pending, following=first > 0)
+            sizes = run["shard_sizes"]
+            self.progress.labeling_started(sum(sizes[shard] for _, shard in pending), len(pending), skipped)
+            self._relabel(source, pending, following=first > 0, rows_only=rows_only)
         lake.mark_complete(dest, run)
         dest.remove_fragments()
 
-    def _relabel(self, source: Source, pending: list, following: bool) -> None:
+    def _relabel(self, source: Source, pending: list, following: bool, rows_only: bool) -> None:
         dest, run, summary = self.dest, self.run, self.summary
         if self.new is None:
             t = time.time()
@@ -490,7 +511,7 @@ class _Job:
         committer = lake.ShardCommitter(dest, info) if following else None
         new_ref = ray.put(self.new)
         task = ray.remote(relabel_file).options(num_cpus=1, max_retries=runtime.RETRIES)
-        refs = {task.remote(url, dest.uri, shard, new_ref, self.min_score, constants, file_metadata): shard
+        refs = {task.remote(url, dest.uri, shard, new_ref, self.min_score, constants, file_metadata, rows_only): shard
                 for url, shard in pending if url is not None}
         for url, shard in pending:
             if url is None:  # an empty shard written when the follow was planned: its version removes deleted rows
@@ -517,85 +538,115 @@ class _Job:
             runtime.shutdown_ray(self.started_ray)
 
 
-def _plan_follow(dest: Destination, run: dict, source_at, target: int | None, summary: RelabelSummary) -> None:
-    """The next increment of DEST2, to follow DEST from the version its latest increment relabeled to ``target``:
-    DEST's files in ``target`` that DEST2 has not relabeled become its next shards, each replacing the rows of its
-    URIs that DEST2 holds (their manifest's ``replaces``, as a labeling increment's); the rows of DEST's files gone
-    since whose URIs are in no new file (deleted from DEST) are removed by the first of them. Manifests first, then
-    run.json: a run killed in between plans again."""
-    increment = lake.latest_increment(run)
-    mirror = increment.get("mirror") or _mirror(source_at(increment.get("source_version")))
+def _plan_follow(dest: Destination, run: dict, source_at, target: int | None) -> None:
+    """The next increment of DEST2, to follow DEST from the version its latest increment relabeled to ``target``,
+    row by row: a row of DEST's version ``target`` whose image (its URI and object version), status and error DEST2
+    holds is left as DEST2 has it; the others (new, changed, labeled again) are relabeled, the rows of each file of
+    DEST holding any becoming one shard of DEST2 (only those rows), committed in a version that also removes the
+    rows of their URIs DEST2 held (their manifest's ``replaces``, as a labeling increment's); the rows of URIs DEST
+    no longer holds (a DELETE, ``fcclip label --prune``) are removed in a version of their own, as ``--prune``
+    removes them (:func:`lake.remove_listed`). So a compaction of DEST, or its rewrite of a file around one changed
+    row, relabels nothing it holds already. DEST's and DEST2's rows are compared by DuckDB, which spills to a
+    temporary folder: the driver holds one file's URIs of DEST at a time. Manifests first, then run.json: a run killed
+    in between plans again."""
     after = source_at(target)
-    source_dest = after.dest
     if after.space != run["embeddings"]:
-        raise RelabelError(f"{source_dest}'s version {target} holds another run's embeddings than the version DEST2 "
+        raise RelabelError(f"{after.dest}'s version {target} holds another run's embeddings than the version DEST2 "
                            "relabeled; relabel it into a new --out, or with --overwrite")
-    names = {url.rsplit("/", 1)[-1]: (url, rows) for url, rows in zip(after.files, after.rows)}
-    new = sorted(n for n in names if n not in mirror)
-    gone = [n for n in mirror if n not in names]
-    source = Destination(source_dest)
-    uris = {n: _uris(None, names[n][0]) for n in new}
-    arriving = set().union(*uris.values()) if uris else set()
-    deleted: set[str] = set()
-    for name in gone:  # read from DEST (vacuum keeps a removed file an hour at least), else from DEST2's copy
-        try:
-            deleted |= _uris(source.fs, source.path(name)) - arriving
-        except FileNotFoundError:
-            try:
-                deleted |= _uris(dest.fs, dest.path(part_name(mirror[name]))) - arriving
-            except FileNotFoundError:
-                logger.warning("%s is gone from DEST (vacuumed) and from DEST2 (compacted): rows deleted from DEST "
-                               "with it, if any, stay in DEST2", name)
-    holding = _holding(dest, arriving | deleted)
+    increment = lake.latest_increment(run)
     first = len(run["shard_sizes"])
-    shards = {n: first + i for i, n in enumerate(new)}
-    drop = None
-    if deleted and not new:  # an empty shard whose version removes them
-        drop = first
-        write_part(dest, drop, part_schema(EmbeddingSpace.from_dict(after.space).dim).empty_table(), {
-            "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
-            "embeddings": after.space, "source_run": run["source_run"]})
-    for i, shard in enumerate(list(shards.values()) + ([drop] if drop is not None else [])):
-        rows = sorted(uris[new[i]]) if i < len(new) else []
-        extra = sorted(deleted) if i == 0 else []
-        manifest = pa.table({"uri": pa.array(rows + extra, pa.string()),
-                             "replaces": pa.array([holding.get(u) for u in rows + extra], pa.string())})
+    work = tempfile.mkdtemp(prefix="fcclip-follow-")
+    try:
+        counts = _diff_tables(Destination(after.dest), [url.rsplit("/", 1)[-1] for url in after.files], dest,
+                              lake.table_files(dest), work)
+        plan, sizes = _write_manifests(dest, f"{work}/todo.parquet", first)
+        removal = {}
+        if counts["deleted"]:
+            removal = {"delete_shard": first + len(plan)}
+            sizes.append(0)  # a shard of no rows: its number names the files the removal rewrites
+            with open(f"{work}/deleted.parquet", "rb") as f:
+                dest.write_bytes(lake.gone_manifest(first), f.read())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for old in run.get("increments") or []:
+        old.pop("mirror", None)  # a follow compares rows: what DEST2 holds says what it is of DEST
+    run["shard_sizes"] = run["shard_sizes"] + sizes
+    run["increments"] = (run.get("increments") or []) + [{
+        "first_shard": first, "source_version": target, "table_version": lake.table_version(dest), "plan": plan,
+        "relabel": counts["relabel"], "held": counts["held"], "deleted": counts["deleted"], **removal}]
+    dest.write_run(run)
+    logger.info("DEST2 follows DEST from version %s to %s: %d row(s) of DEST to relabel (in %d file(s)), %d held "
+                "already, %d deleted from DEST to remove", increment.get("source_version"), target, counts["relabel"],
+                len(plan), counts["held"], counts["deleted"])
+
+
+def _write_manifests(dest: Destination, todo: str, first: int) -> tuple[dict[str, int], list[int]]:
+    """DEST2's manifests ``first``, ``first + 1``, ...: one per file of DEST in ``todo`` (``file, uri, replaces``,
+    ordered by file), read a batch at a time. Returns ({DEST's file: its shard}, the shards' sizes)."""
+    plan: dict[str, int] = {}
+    sizes: list[int] = []
+
+    def write(name: str, batches: list) -> None:
+        manifest = pa.Table.from_batches(batches).select(["uri", "replaces"])
         buf = io.BytesIO()
         pq.write_table(manifest, buf)
-        dest.write_bytes(f"{META_DIR}/manifest/{manifest_name(shard)}", buf.getvalue())
-    for old in run.get("increments") or []:
-        old.pop("mirror", None)  # the latest increment's says what DEST2 is of DEST now
-    run["shard_sizes"] = run["shard_sizes"] + [names[n][1] for n in new] + ([0] if drop is not None else [])
-    run["increments"] = (run.get("increments") or []) + [{
-        "first_shard": first, "source_version": target, "table_version": lake.table_version(dest),
-        "mirror": {**{n: mirror[n] for n in names if n in mirror}, **shards}, "files": len(new),
-        "deleted": len(deleted), **({"drop_shard": drop} if drop is not None else {})}]
-    dest.write_run(run)
-    summary.deleted = len(deleted)
-    logger.info("DEST2 follows DEST from version %s to %s: %d new file(s) of DEST to relabel, %d row(s) deleted from "
-                "DEST to remove", increment.get("source_version"), target, len(new), len(deleted))
+        plan[name] = first + len(plan)
+        dest.write_bytes(f"{META_DIR}/manifest/{manifest_name(plan[name])}", buf.getvalue())
+        sizes.append(manifest.num_rows)
+
+    name, batches = None, []
+    for batch in pq.ParquetFile(todo).iter_batches(batch_size=65536):
+        files = batch.column("file")
+        for start, end in _runs(files):
+            if files[start].as_py() != name:
+                if batches:
+                    write(name, batches)
+                name, batches = files[start].as_py(), []
+            batches.append(batch.slice(start, end - start))
+    if batches:
+        write(name, batches)
+    return plan, sizes
 
 
-def _uris(fs, path: str) -> set[str]:
-    """The URIs of a part file's rows (``path`` on ``fs``; ``fs`` None: ``path`` is a URL)."""
-    if fs is None:
-        fs, path = fsspec.core.url_to_fs(path)
-    with fs.open(path, "rb") as f:
-        return set(pq.read_table(f, columns=["uri"]).column("uri").to_pylist())
+def _runs(column: pa.Array) -> list[tuple[int, int]]:
+    """[(start, end)] of the runs of equal values of a column (a sorted one's groups)."""
+    n = len(column)
+    if n == 0:
+        return []
+    changes = pc.not_equal(column.slice(1), column.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = [0] + [int(i) + 1 for i in np.flatnonzero(changes)]
+    return list(zip(starts, starts[1:] + [n]))
 
 
-def _holding(dest: Destination, uris: set[str]) -> dict[str, str]:
-    """{uri: the file of DEST2's current version holding its row} for those of ``uris`` DEST2 holds."""
-    if not uris:
-        return {}
-    wanted = pa.array(sorted(uris), pa.string())
-    out = {}
-    for name in lake.table_files(dest):
-        with dest.fs.open(dest.path(name), "rb") as f:
-            column = pq.read_table(f, columns=["uri"]).column("uri")
-        for uri in pc.filter(column, pc.is_in(column, value_set=wanted)).to_pylist():
-            out[uri] = name
-    return out
+def _diff_tables(source: Destination, names: list[str], dest: Destination, dest_names: list[str],
+                 work: str) -> dict[str, int]:
+    """Compare the rows of DEST's files ``names`` (a version of DEST) with DEST2's files ``dest_names`` (its current
+    version), by :data:`lake.ROW_KEYS`: ``work/todo.parquet`` gets DEST's rows that DEST2 does not hold as they are
+    (``file`` of DEST, ``uri``, ``replaces``: the file of DEST2 holding the URI's row, if any), ordered by file;
+    ``deleted.parquet`` DEST2's rows of URIs DEST does not hold (``uri, replaces``). Returns ``{"relabel", "held",
+    "deleted"}``."""
+    import duckdb
+
+    con = duckdb.connect()
+    os.makedirs(f"{work}/spill", exist_ok=True)
+    con.execute(f"SET temp_directory = '{work}/spill'")
+    con.execute("SET preserve_insertion_order = false")
+    keys = list(lake.ROW_KEYS)
+    con.execute(f"CREATE TEMP VIEW a AS {lake.table_scan(con, source, names, keys, fill_missing=True)}")
+    con.execute(f"CREATE TEMP VIEW b AS {lake.table_scan(con, dest, dest_names, keys, fill_missing=True)}")
+    differs = " OR ".join(f"a.{k} IS DISTINCT FROM b.{k}" for k in keys[1:])
+    con.execute(f"""CREATE TEMP TABLE todo AS
+        SELECT a.file, a.uri, CASE WHEN b.uri IS NULL THEN NULL ELSE b.file END AS replaces
+        FROM a LEFT JOIN b ON a.uri = b.uri WHERE b.uri IS NULL OR {differs}""")
+    con.execute(f"COPY (SELECT file, uri, replaces FROM todo ORDER BY file, uri) TO '{work}/todo.parquet' "
+                "(FORMAT parquet, COMPRESSION zstd)")
+    con.execute(f"""COPY (SELECT b.uri, b.file AS replaces FROM b LEFT JOIN a ON a.uri = b.uri WHERE a.uri IS NULL
+                          ORDER BY b.file, b.uri) TO '{work}/deleted.parquet' (FORMAT parquet, COMPRESSION zstd)""")
+    relabel = int(con.execute("SELECT count(*) FROM todo").fetchall()[0][0])
+    rows = int(con.execute("SELECT count(*) FROM a").fetchall()[0][0])
+    deleted = int(con.execute(f"SELECT count(*) FROM read_parquet('{work}/deleted.parquet')").fetchall()[0][0])
+    con.close()
+    return {"relabel": relabel, "held": rows - relabel, "deleted": deleted}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -629,8 +680,9 @@ def main_args(args: argparse.Namespace) -> int:
           f"({s.text_seconds:.1f} s of it for the model's text tower): {s.segments_in} segments in, {s.segments} out, "
           f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
     if s.followed_from is not None:
-        print(f"followed DEST from its version {s.followed_from} to {s.source_version}: its new files relabeled, the "
-              f"rows they replace removed" + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
+        print(f"followed DEST from its version {s.followed_from} to {s.source_version}: {s.images} row(s) new or "
+              f"changed in DEST relabeled ({s.held} of its rewritten rows held already)"
+              + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     print(f"output: {s.dest.rstrip('/')} (a Delta table; run {s.run_id})")

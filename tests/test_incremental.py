@@ -735,34 +735,55 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     out = capsys.readouterr().out
     # DEST's new files: shard 2 (the new and the changed image), shard 0 rewritten without the changed image's old
-    # row, shard 1 rewritten by the prune and then by the DELETE: 7 rows, of 7
-    assert "relabeled 7 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
-    assert "followed DEST from its version 1 to 4" in out, out
+    # row, shard 1 rewritten by the prune and then by the DELETE: of their 7 rows, DEST2 held 5 as they are
+    assert "relabeled 2 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
+    assert ("followed DEST from its version 1 to 4: 2 row(s) new or changed in DEST relabeled (5 of its rewritten rows "
+            "held already)") in out, out
     got = rows(dest2)
     assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n not in ("synth_00006.jpg",
                                                                                    "synth_00007.jpg")}
     assert (got[f"{folder}/synth_00000.jpg"]["height"], got[f"{folder}/synth_00000.jpg"]["width"]) == NEW_SIZE
     assert got == from_scratch("scratch1")
+    # the run killed after the removal's version (the file holding the 2 rows rewritten without them) and before
+    # run.json recorded it: the rerun removes nothing more, and commits nothing
+    run = json.loads(run_json.read_text())
+    for key in ("removed", "complete"):
+        run["increments"][-1].pop(key)
+    run_json.write_text(json.dumps(run))
+    version = table_version(Destination(str(dest2)))
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    assert table_version(Destination(str(dest2))) == version and rows(dest2) == got
     # a DELETE of every row of one file of DEST (shard 2's: the new image and the changed one): the file goes and
     # none comes; DEST2 loses those rows all the same
     DeltaTable(dest).delete(f"uri IN ('{folder}/added.jpg', '{folder}/synth_00000.jpg')")
-    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2), "--summary-json", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "relabeled 0 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
+    assert json.loads((tmp_path / "s.json").read_text())["text_seconds"] == 0  # nothing to relabel: no text tower
     got = rows(dest2)
     assert len(got) == 5 and got == from_scratch("scratch-deleted")
+    # DEST compacted by another program: its one new file holds rows DEST2 has, and nothing is relabeled
+    DeltaTable(dest).optimize.compact()
+    assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
+    out = capsys.readouterr().out
+    assert "relabeled 0 image(s)" in out and "(5 of its rewritten rows held already)" in out, out
+    assert rows(dest2) == got
 
-    # the next follow planned, then the run cut short; both tables compacted by another program before the rerun
+    # an image added and labeled (with the 3 deleted above, in SOURCE still: new again), DEST compacted, the next
+    # follow planned and the run cut short; DEST2 compacted by another program before the rerun
+    shutil.copy(tmp_path / "synth_00006.jpg", folder / "more.jpg")
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
     DeltaTable(dest).optimize.compact()
     run = json.loads(run_json.read_text())
-    relabel._plan_follow(Destination(str(dest2)), run, lambda v: relabel.open_source(dest, v),
-                         table_version(Destination(dest)),
-                         relabel.RelabelSummary(str(dest2), run["run_id"]))
-    DeltaTable(str(dest2)).optimize.compact()
     caplog.set_level(logging.INFO, logger="fcclip.relabel")
+    relabel._plan_follow(Destination(str(dest2)), run, lambda v: relabel.open_source(dest, v),
+                         table_version(Destination(dest)))
+    assert "4 row(s) of DEST to relabel (in 1 file(s)), 5 held already, 0 deleted" in caplog.text, caplog.text
+    DeltaTable(str(dest2)).optimize.compact()
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
-    assert "relabeled 5 image(s)" in capsys.readouterr().out  # DEST's one compacted file
-    assert "relabeling 5 images in 1 shards" in caplog.text and "relabeled 5/5 images (0 failed)" in caplog.text
-    assert rows(dest2) == got == from_scratch("scratch2")
+    assert "relabeled 4 image(s)" in capsys.readouterr().out  # of DEST's one compacted file, the 4 new images' rows
+    assert "relabeling 4 images in 1 shards" in caplog.text and "relabeled 4/4 images (0 failed)" in caplog.text
+    got = rows(dest2)
+    assert len(got) == 9 and got == from_scratch("scratch2")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out

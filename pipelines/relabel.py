@@ -618,18 +618,20 @@ def _runs(column: pa.Array) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def _diff_tables(source: Destination, names: list[str], dest: Destination, dest_names: list[str],
-                 work: str) -> dict[str, int]:
+def _diff_tables(source: Destination, names: list[str], dest: Destination, dest_names: list[str], work: str,
+                 memory_limit: str | None = None) -> dict[str, int]:
     """Compare the rows of DEST's files ``names`` (a version of DEST) with DEST2's files ``dest_names`` (its current
     version), by :data:`lake.ROW_KEYS`: ``work/todo.parquet`` gets DEST's rows that DEST2 does not hold as they are
     (``file`` of DEST, ``uri``, ``replaces``: the file of DEST2 holding the URI's row, if any), ordered by file;
     ``deleted.parquet`` DEST2's rows of URIs DEST does not hold (``uri, replaces``). Returns ``{"relabel", "held",
-    "deleted"}``."""
+    "deleted"}``. ``memory_limit``: DuckDB's (default: its own, 80% of RAM; past it, it spills to ``work``)."""
     import duckdb
 
     con = duckdb.connect()
     os.makedirs(f"{work}/spill", exist_ok=True)
     con.execute(f"SET temp_directory = '{work}/spill'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute("SET preserve_insertion_order = false")
     keys = list(lake.ROW_KEYS)
     con.execute(f"CREATE TEMP VIEW a AS {lake.table_scan(con, source, names, keys, fill_missing=True)}")

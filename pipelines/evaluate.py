@@ -35,7 +35,6 @@ from ray.data.expressions import col
 
 from fcclip.build import build_model
 from fcclip.datasets.benchmarks import list_benchmarks, open_benchmark
-from fcclip.images import load_image
 from fcclip.metrics.instance import InstanceAccumulator
 from fcclip.metrics.panoptic import PanopticAccumulator
 from fcclip.metrics.semantic import SemanticAccumulator
@@ -43,7 +42,7 @@ from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
 from fcclip_pipelines import runtime
-from fcclip_pipelines.output import OutputError, add_version_argument, open_output, segment_map
+from fcclip_pipelines.output import OutputError, add_version_argument, open_output, read_labeled_image, segment_map
 
 logger = logging.getLogger("fcclip.eval")
 
@@ -130,6 +129,9 @@ def merge_states(dataset, states: list[dict]) -> dict:
     return total
 
 
+LABEL_COLUMNS = ("uri", "image_id", "status", "segments", "source_etag", "source_size")  # what eval --data reads
+
+
 class LabelsEvalModel:
     """Actor: predicts a batch of a labeling output's images and returns the PQ statistics against its rows."""
 
@@ -149,10 +151,10 @@ class LabelsEvalModel:
     def __call__(self, batch: pa.Table) -> dict:
         acc = PanopticAccumulator(label_categories(self.vocabulary))
         errors = []
-        rows = batch.select(["uri", "image_id", "segments"]).to_pylist()
+        rows = batch.select([c for c in LABEL_COLUMNS if c != "status" and c in batch.column_names]).to_pylist()
         for row in rows:
             try:
-                image = load_image(row["uri"])
+                image = read_labeled_image(row)  # a row whose image was replaced since is an error, not a comparison
                 kept = [s for s in row["segments"] or () if s["score"] is None or s["score"] >= self.min_score]
                 gt_map = segment_map(kept, image.shape[0], image.shape[1])
                 pred = self.predictor(image).panoptic
@@ -227,7 +229,7 @@ def run_eval_labels(
     gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
     started = time.time()
     ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)))
-          .select_columns(["uri", "image_id", "status", "segments"])  # both pushed into the Parquet scan
+          .select_columns([c for c in LABEL_COLUMNS if c in output.columns])  # both pushed into the Parquet scan
           .filter(expr=col("status") == "ok"))
     ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu",
                                            short_edge, max_size, min_score),

@@ -68,6 +68,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from fcclip.images import decode_image_bytes
 from fcclip.masks import decode_rle
 
 META_DIR = "_fcclip"
@@ -173,6 +174,42 @@ def same_version(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         if a["source_size"] != b["source_size"] or _instant(a.get("source_mtime")) != _instant(b.get("source_mtime")):
             return False
     return all(a.get(k) is None or b.get(k) is None or a[k] == b[k] for k in ("width", "height"))
+
+
+class ImageChanged(ValueError):
+    """An output row's image is not the object that was labeled: it was replaced since (another ETag or size)."""
+
+
+def read_labeled_image(row: dict) -> np.ndarray:
+    """The decoded image of an output row, checked to be the object that was labeled: where the row has the object's
+    ETag (object stores) and the store gives one as the object is read, the two must be equal; else, where the row
+    has its size, the bytes read must be that many (a local file's modification time is not compared: a copy of the
+    folder changes it). A replaced image of the same pixel size would otherwise be trained on with the old image's
+    masks.
+
+    Raises:
+        ImageChanged: the object changed after it was labeled (the next ``fcclip label`` run labels it again).
+        ImageDecodeError, OSError: it cannot be read or decoded.
+    """
+    uri = row["uri"]
+    etag = None
+    if "://" in uri:
+        with fsspec.open(uri, "rb") as f:
+            details = getattr(f, "details", None) or {}
+            data = f.read()
+        etag = details.get("ETag") or details.get("etag") or details.get("md5Hash")
+    else:
+        with open(uri, "rb") as f:
+            data = f.read()
+    labeled_etag, labeled_size = row.get("source_etag"), row.get("source_size")
+    if etag is not None and labeled_etag is not None:
+        if etag != labeled_etag:
+            raise ImageChanged(f"it changed after it was labeled (ETag {etag}, labeled {labeled_etag}); the next "
+                               "fcclip label run labels it again")
+    elif labeled_size is not None and labeled_size != len(data):
+        raise ImageChanged(f"it changed after it was labeled ({len(data)} bytes, labeled {labeled_size}); the next "
+                           "fcclip label run labels it again")
+    return decode_image_bytes(data, name=uri)
 
 
 def embedding_fields(dim: int) -> list[pa.Field]:

@@ -18,9 +18,9 @@ A labeling output is never listed row by row, by the driver or by a worker. `lab
 pipeline that Ray Train splits across its workers (``ray.train.get_dataset_shard("labels")``):
 
     the part files, in a seeded random order (`label_dataset`)
-      -> `read_samples` on CPU tasks: a part file read a few rows at a time, only the columns uri, status and
-         segments, only the rows with status "ok"; then `DecodeSamples`: image read from its URI and decoded,
-         masks decoded from the RLEs, classes mapped and low-score segments made ignore regions
+      -> `read_samples` on CPU tasks: a part file read a few rows at a time, only the columns uri, status,
+         segments, source_etag and source_size, only the rows with status "ok"; then `DecodeSamples`: image read
+         from its URI, checked to be the object labeled (`read_labeled_image`) and decoded, masks decoded from the RLEs, classes mapped and low-score segments made ignore regions
          (`fcclip.datasets.labels`), large-scale jitter (`fcclip.training.data.train_sample`), packed into
          fixed-shape arrays (`pack_sample`)
       -> each worker's shard (Ray Train's streaming split), batched, shuffled in a local buffer, prefetched,
@@ -48,11 +48,10 @@ import ray.data
 
 from fcclip.datasets.coco_panoptic import CocoPanoptic, join_uri
 from fcclip.datasets.labels import LabelSelection, TrainingClasses, row_targets, training_classes
-from fcclip.images import load_image
 from fcclip.training.data import collate_batches, pack_sample, train_sample, unpack_sample
 from fcclip.training.mix import union_vocabulary
 from fcclip.vocabulary import Vocabulary
-from fcclip_pipelines.output import LabelingOutput, OutputError, open_output
+from fcclip_pipelines.output import LabelingOutput, OutputError, open_output, read_labeled_image
 
 logger = logging.getLogger("fcclip.train")
 
@@ -73,6 +72,7 @@ __all__ = [
 KINDS = {"coco": "COCO panoptic tree", "labels": "labeling output"}  # --data and --mix kinds, as messages name them
 
 _COLUMNS = ["uri", "status", "segments"]
+_VERSION_COLUMNS = ["source_etag", "source_size"]  # read where a part file has them (read_labeled_image)
 
 
 @dataclass
@@ -200,8 +200,9 @@ def open_training_sources(uri: str, mix: MixSpec | None = None, *, split: str, s
 class DecodeSamples:
     """Ray Data stage: a batch of output rows (pyarrow) -> packed, augmented training samples (numpy).
 
-    A row whose image cannot be read, or whose masks do not fit it, is skipped with a warning (the labeling run
-    read it once; it may have moved since): training goes on.
+    A row whose image cannot be read, was replaced since it was labeled (`read_labeled_image`), or whose masks do
+    not fit it, is skipped with a warning (the labeling run read it once; it may have moved or changed since):
+    training goes on.
     """
 
     def __init__(self, class_index: dict[int, int], min_score: float, lsj: dict, seed: int):
@@ -213,9 +214,10 @@ class DecodeSamples:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         packed = []
-        for row in batch.select(["uri", "segments"]).to_pylist():
+        columns = ["uri", "segments"] + [c for c in _VERSION_COLUMNS if c in batch.column_names]
+        for row in batch.select(columns).to_pylist():
             try:
-                image = load_image(row["uri"])
+                image = read_labeled_image(row)
                 masks, classes, ignore = row_targets(row["segments"], image.shape[0], image.shape[1],
                                                      self.class_index, self.min_score)
             except (OSError, ValueError) as e:
@@ -280,7 +282,9 @@ def read_samples(items: pa.Table, *, fs, rows_per_block: int, **decode) -> Itera
     samples = DecodeSamples(**decode)
     for path in items.column("path").to_pylist():
         with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=_COLUMNS):
+            parquet = pq.ParquetFile(f)
+            columns = _COLUMNS + [c for c in _VERSION_COLUMNS if c in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=rows_per_block, columns=columns):
                 ok = batch.filter(pc.equal(batch.column("status"), "ok"))
                 if ok.num_rows:
                     yield samples(pa.Table.from_batches([ok]))

@@ -310,6 +310,57 @@ def test_labeling_output_rows_become_samples(labels):
             assert all(0 <= c < len(data.vocabulary) for c in classes)
 
 
+@pytest.mark.ray
+def test_rows_of_images_replaced_since_labeling_are_skipped(ray_local, s3_bucket, tmp_path, caplog):
+    """An image replaced in place after it was labeled (the same pixel size: its masks would fit) is not trained on
+    with the old image's masks: its row is skipped with a warning, by ETag on S3 and by size for a local file."""
+    import json
+    import logging
+
+    import boto3
+    import pyarrow as pa
+
+    from fcclip.datasets.synthetic import write_images
+    from fcclip_pipelines.train_data import open_training_data, read_samples
+
+    local = write_images(tmp_path / "local", count=3, size=(48, 64), seed=0)
+    s3 = boto3.client("s3")
+    for path in write_images(tmp_path / "up", count=3, size=(48, 64), seed=5):
+        s3.upload_file(str(path), s3_bucket, f"photos/{path.name}")
+    outputs = {"local": str(tmp_path / "labels-local"), "s3": str(tmp_path / "labels-s3")}
+    for source, dest in ((str(tmp_path / "local"), outputs["local"]), (f"s3://{s3_bucket}/photos/", outputs["s3"])):
+        assert main(["label", source, "--out", dest, "--vocab", "cat; dog; sky [stuff]", "--model", "fcclip-tiny",
+                     "--weights", "random", "--short-edge", "0", "--no-progress"]) == 0
+
+    def samples(dest):
+        data = open_training_data(dest, split="train2017", synonyms=None)
+        blocks = read_samples(pa.table({"path": data.output.files}), fs=data.output.fs, rows_per_block=4,
+                              class_index=data.class_index, min_score=0.0, seed=0,
+                              lsj={"image_size": 32, "min_scale": 1.0, "max_scale": 1.0})
+        return sum(len(b["image"]) for b in blocks)
+
+    assert samples(outputs["local"]) == samples(outputs["s3"]) == 3
+    other = write_images(tmp_path / "other", count=1, size=(48, 64), seed=99)[0]  # another picture, same size
+    assert other.stat().st_size != local[0].stat().st_size
+    local[0].write_bytes(other.read_bytes())
+    s3.upload_file(str(other), s3_bucket, "photos/synth_00000.jpg")
+    caplog.set_level(logging.WARNING, logger="fcclip.train")
+    assert samples(outputs["local"]) == samples(outputs["s3"]) == 2
+    changed = [r.getMessage() for r in caplog.records if "changed after it was labeled" in r.getMessage()]
+    assert len(changed) == 2, caplog.text
+    assert changed[0].startswith(f"skipping {local[0]}: ") and "bytes, labeled" in changed[0]
+    assert changed[1].startswith(f"skipping s3://{s3_bucket}/photos/synth_00000.jpg: ") and "(ETag" in changed[1]
+    # `fcclip eval --data` does not compare a prediction on the new picture with the old one's labels either: the
+    # image is a failed one (exit status 1), the others are evaluated
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--data", outputs["s3"], "--short-edge", "0",
+                 "--out", str(out), "--no-progress"]) == 1
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["failed"] == 1, result
+    assert "synth_00000.jpg: ImageChanged: it changed after it was labeled (ETag" in result["errors"][0]
+    assert result["panoptic"]["All"]["pq"] == pytest.approx(1.0, abs=1e-9)  # the two others, by their own model
+
+
 def _config(tmp_path, name, **overrides):
     """A training config YAML: the tiny synthetic recipe with `overrides` (nested dicts merge)."""
     data = yaml.safe_load(open(TINY))

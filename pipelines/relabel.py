@@ -128,7 +128,10 @@ def open_source(dest: str, version: int | None = None) -> Source:
     try:
         output = open_output(dest, version)
     except OutputError as e:
-        raise RelabelError(str(e)) from None
+        empty = _empty_version(dest, version)
+        if empty is None:
+            raise RelabelError(str(e)) from None
+        return empty
     missing = [c for c in EMBEDDING_COLUMNS if c not in output.columns]
     if missing or "embeddings" not in output.metadata:
         what = missing[0] if missing else "fcclip.embeddings metadata"
@@ -159,6 +162,22 @@ def open_source(dest: str, version: int | None = None) -> Source:
                 "first (run the same fcclip label command again)"
             )
     return Source(dest, output.urls, shards, rows, metadata["embeddings"], metadata, run)
+
+
+def _empty_version(dest: str, version: int | None) -> Source | None:
+    """A version of DEST's table without rows (every row deleted), with the metadata its files were added with
+    (``_fcclip/table.json``); None where DEST is not such a table."""
+    table = Destination(dest)
+    try:
+        if not lake.has_table(table) or lake.versioned_files(table, version)[1]:
+            return None
+    except Exception:  # a version the log does not have: open_output's message says so
+        return None
+    metadata = {k[len("fcclip."):]: json.loads(v) for k, v in lake.table_metadata(table).items()
+                if k.startswith("fcclip.")}
+    if "embeddings" not in metadata:
+        return None
+    return Source(dest, [], [], [], metadata["embeddings"], metadata, table.read_run())
 
 
 # -------------------------------------------------------------------------------------------- the work of one file
@@ -419,6 +438,7 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
         increment = lake.latest_increment(run)
         if is_table and increment.get("source_version", target) != target:  # DEST moved on: DEST2 follows it
             summary.followed_from = increment.get("source_version")
+            summary.skipped_shards = 0  # the shards of the version followed from are not this run's to skip
             _plan_follow(dest, run, source_at, target)
             job.finish_increment()
     finally:
@@ -558,7 +578,7 @@ def _plan_follow(dest: Destination, run: dict, source_at, target: int | None) ->
     work = tempfile.mkdtemp(prefix="fcclip-follow-")
     try:
         counts = _diff_tables(Destination(after.dest), [url.rsplit("/", 1)[-1] for url in after.files], dest,
-                              lake.table_files(dest), work)
+                              lake.table_files(dest) if lake.has_table(dest) else [], work)
         plan, sizes = _write_manifests(dest, f"{work}/todo.parquet", first)
         removal = {}
         if counts["deleted"]:

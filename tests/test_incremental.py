@@ -739,6 +739,7 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     assert "relabeled 2 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
     assert ("followed DEST from its version 1 to 4: 2 row(s) new or changed in DEST relabeled (5 of its rewritten rows "
             "held already)") in out, out
+    assert "already committed by an earlier run" not in out, out
     got = rows(dest2)
     assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n not in ("synth_00006.jpg",
                                                                                    "synth_00007.jpg")}
@@ -787,3 +788,17 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     assert len(got) == 9 and got == from_scratch("scratch2")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out
+
+    # every row of DEST deleted: DEST2 follows it to no rows, and a new DEST2 of it starts empty; both follow DEST
+    # once it is labeled again
+    DeltaTable(dest).delete()
+    for out_dir in (dest2, tmp_path / "from-empty"):
+        assert main(["relabel", dest, *new_vocab, "--out", str(out_dir)]) == 0
+        assert "relabeled 0 image(s)" in capsys.readouterr().out
+    assert table_files(Destination(str(dest2))) == []
+    assert main(_args(str(folder), dest, "--embeddings")) == 0
+    assert "listed again: 9 new" in capsys.readouterr().out
+    for out_dir in (dest2, tmp_path / "from-empty"):
+        assert main(["relabel", dest, *new_vocab, "--out", str(out_dir)]) == 0
+        assert "relabeled 9 image(s)" in capsys.readouterr().out
+    assert rows(dest2) == rows(tmp_path / "from-empty") == from_scratch("scratch3")

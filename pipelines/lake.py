@@ -37,6 +37,7 @@ driver). A stale lock is removed and taken over.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import io
 import json
@@ -68,6 +69,8 @@ remained when shard M replaced some of them)."""
 REWRITE_SUFFIX_RE = re.compile(r"-r(\d{6})\.parquet$")
 """What a rewrite adds to the name of the file it rewrites: ``-rM`` (shard M replaced some of its rows)."""
 COMMIT_RE = re.compile(r"\d{20}\.json")
+REWRITE_THREADS = 8
+"""Files rewritten at once on the driver (a prune's, a follow's removal)."""
 COMMIT_TRIES = 20
 """Tries at committing a version that removes files, each on top of a version another program committed meanwhile."""
 WRITE_OPERATIONS = ("WRITE", "CREATE TABLE")
@@ -498,7 +501,11 @@ def _run_rewrites(dest: Destination, shard: int, jobs: list, remote: bool) -> li
 
         task = ray.remote(rewrite_without).options(num_cpus=0.5, max_retries=3)
         return ray.get([task.remote(dest.uri, name, rewrite_name(name, shard), uris) for name, uris in jobs])
-    return [rewrite_without(dest.uri, name, rewrite_name(name, shard), uris) for name, uris in jobs]
+    # on the driver (a prune, a follow's removal: no Ray started for them): a few at once, as the files' reads and
+    # writes wait on the store and Arrow's decoding and encoding release the GIL
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(REWRITE_THREADS, len(jobs))) as pool:
+        return list(pool.map(lambda job: rewrite_without(dest.uri, job[0], rewrite_name(job[0], shard), job[1]),
+                             jobs))
 
 
 # ---------------------------------------------------------------------------------------------------- the lock

@@ -76,6 +76,29 @@ def child(work: Path, n: int, memory_limit: str | None, retry_errors: bool = Fal
             "memory_limit": memory_limit}
 
 
+def run_child(script: str, n: int, work: Path, extra: list[str]) -> dict:
+    """Run ``script --child N --work WORK *extra`` in a fresh process (its peak memory its own), in an emptied
+    ``work``; the JSON object its last line prints."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    command = [sys.executable, script, "--child", str(n), "--work", str(work), *extra]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_sizes(script: str, sizes: list[int], work: Path, extra: list[str], json_path: str | None, row) -> list[dict]:
+    """:func:`run_child` for each N of ``sizes``, a table row (``row(n, result)``) printed after each; the results
+    also written to ``json_path`` where given."""
+    results = []
+    for n in sizes:
+        results.append(run_child(script, n, work, extra))
+        print(row(n, results[-1]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
@@ -89,26 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(child(work, args.child, args.memory_limit, args.retry_errors)))
         return 0
-    results = []
     print("| N | DuckDB memory_limit | diff (s) | manifest shards (s) | peak RSS (MB) | new | changed | error rows "
           "| retried |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n in args.sizes:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        command = [sys.executable, __file__, "--child", str(n), "--work", str(work)]
-        if args.memory_limit:
-            command += ["--memory-limit", args.memory_limit]
-        if args.retry_errors:
-            command.append("--retry-errors")
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        results.append(r)
-        print(f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['shards_s']} | {r['peak_rss_mb']:,} "
-              f"| {r['new']:,} | {r['changed']:,} | {r['error_rows']:,} | {r['retried']:,} |", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    extra = (["--memory-limit", args.memory_limit] if args.memory_limit else []) + (
+        ["--retry-errors"] if args.retry_errors else [])
+    run_sizes(__file__, args.sizes, work, extra, args.json, lambda n, r: (
+        f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['shards_s']} | {r['peak_rss_mb']:,} "
+        f"| {r['new']:,} | {r['changed']:,} | {r['error_rows']:,} | {r['retried']:,} |"))
     return 0
 
 

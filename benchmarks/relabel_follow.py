@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lake_diff import run_sizes  # noqa: E402 - this folder is the script's: sys.path[0]
 
 ROWS = """SELECT 's3://lake/photos/' || lpad(i::VARCHAR, 10, '0') || '.jpg' AS uri, {etag} AS source_etag,
     100000 + i % 5000 AS source_size, TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i % 86400) AS source_mtime,
@@ -88,25 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(child(work, args.child, args.memory_limit)))
         return 0
-    results = []
     print("| N | DuckDB memory_limit | compare (s) | manifests (s) | peak RSS (MB) | to relabel | held | deleted "
           "| before: relabeled |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n in args.sizes:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        command = [sys.executable, __file__, "--child", str(n), "--work", str(work)]
-        if args.memory_limit:
-            command += ["--memory-limit", args.memory_limit]
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+
+    def row(n: int, r: dict) -> str:
         assert r["rows_in_shards"] == r["relabel"]
-        results.append(r)
-        print(f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['manifests_s']} | "
-              f"{r['peak_rss_mb']:,} | {r['relabel']:,} | {r['held']:,} | {r['deleted']:,} | {n:,} |", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        return (f"| {n:,} | {r['memory_limit'] or 'default'} | {r['diff_s']} | {r['manifests_s']} | "
+                f"{r['peak_rss_mb']:,} | {r['relabel']:,} | {r['held']:,} | {r['deleted']:,} | {n:,} |")
+
+    run_sizes(__file__, args.sizes, work, ["--memory-limit", args.memory_limit] if args.memory_limit else [],
+              args.json, row)
     return 0
 
 

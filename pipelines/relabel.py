@@ -99,7 +99,7 @@ class RelabelSummary:
     source_version: int | None = None  # the version of DEST's table that DEST2 now is relabeled
     followed_from: int | None = None  # the version DEST2 was of before, where this run followed DEST
     deleted: int = 0  # rows deleted from DEST since, removed from DEST2
-    held: int = 0  # rows of DEST's new files that DEST2 held already as they are (not relabeled again)
+    held: int = 0  # rows of DEST that DEST2 held already as they are (not relabeled again), where it followed DEST
     seconds: float = 0.0
     text_seconds: float = 0.0  # building the model and encoding the new vocabulary
 
@@ -703,7 +703,7 @@ def main_args(args: argparse.Namespace) -> int:
           f"{s.changed} changed class, {s.merged} merged, {s.dropped} dropped; {s.segments_per_second:.3g} segments/s")
     if s.followed_from is not None:
         print(f"followed DEST from its version {s.followed_from} to {s.source_version}: {s.images} row(s) new or "
-              f"changed in DEST relabeled ({s.held} of its rewritten rows held already)"
+              f"changed in DEST relabeled, {s.held} held as they are"
               + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")

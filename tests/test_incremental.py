@@ -735,10 +735,10 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     out = capsys.readouterr().out
     # DEST's new files: shard 2 (the new and the changed image), shard 0 rewritten without the changed image's old
-    # row, shard 1 rewritten by the prune and then by the DELETE: of their 7 rows, DEST2 held 5 as they are
+    # row, shard 1 rewritten by the prune and then by the DELETE: of their 7 rows (all of DEST's), DEST2 held 5
     assert "relabeled 2 image(s)" in out and "2 row(s) deleted from DEST removed" in out, out
-    assert ("followed DEST from its version 1 to 4: 2 row(s) new or changed in DEST relabeled (5 of its rewritten rows "
-            "held already)") in out, out
+    assert ("followed DEST from its version 1 to 4: 2 row(s) new or changed in DEST relabeled, 5 held as they are, 2 "
+            "row(s) deleted from DEST removed") in out, out
     assert "already committed by an earlier run" not in out, out
     got = rows(dest2)
     assert set(got) == {f"{folder}/{n}" for n in names + ["added.jpg"] if n not in ("synth_00006.jpg",
@@ -767,7 +767,7 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     DeltaTable(dest).optimize.compact()
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     out = capsys.readouterr().out
-    assert "relabeled 0 image(s)" in out and "(5 of its rewritten rows held already)" in out, out
+    assert "relabeled 0 image(s)" in out and "0 row(s) new or changed in DEST relabeled, 5 held as they are" in out, out
     assert rows(dest2) == got
 
     # an image added and labeled (with the 3 deleted above, in SOURCE still: new again), DEST compacted, the next

@@ -129,7 +129,8 @@ def merge_states(dataset, states: list[dict]) -> dict:
     return total
 
 
-LABEL_COLUMNS = ("uri", "image_id", "status", "segments", "source_etag", "source_size")  # what eval --data reads
+# what eval --data reads of a labeling output (the source columns where its files have them: read_labeled_image)
+LABEL_COLUMNS = ("uri", "image_id", "status", "segments", "source_etag", "source_size", "source_mtime")
 
 
 class LabelsEvalModel:

@@ -226,12 +226,20 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
     index = {int(c["id"]): i for i, c in enumerate(picks.vocabulary["categories"])}
     rows = _picked_rows(output, list(wanted)) if wanted else []
     tasks, folders, already, again = [], set(), 0, 0
+    fresh = []
     for r in sorted(rows, key=lambda r: wanted[r["image_id"]]["rank"]):
-        pick = wanted.pop(r["image_id"])
         earlier = have.get(r["image_id"], [])
         if any(same_version(data, r) for data in earlier):  # the project has this image as it is now
+            wanted.pop(r["image_id"])
             already += 1
+        else:
+            fresh.append(r)
+    stale = _not_as_labeled(fresh)  # a reviewer would see another picture under the masks, or none
+    for r in fresh:
+        pick = wanted.pop(r["image_id"])
+        if r["uri"] in stale:
             continue
+        earlier = have.get(r["image_id"], [])
         again += bool(earlier)  # its content changed since its task was made: a task for the new content
         image, folder = _image_url(r["uri"], document_root, expiry)
         if folder:
@@ -248,7 +256,27 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
     for start in range(0, len(tasks), 50):
         ls.request("POST", f"/api/projects/{pid}/import", json=tasks[start:start + 50])
     return {"project_id": pid, "url": f"{ls.url}/projects/{pid}", "added": len(tasks), "already": already,
-            "changed": again, "missing": sorted(wanted)}
+            "changed": again, "missing": sorted(wanted), "stale": stale}
+
+
+def _not_as_labeled(rows: list[dict], threads: int = 16) -> dict[str, str]:
+    """{uri: why} for the rows whose image is gone from its store or changed since it was labeled (its metadata
+    read, a few at once: a HEAD or a stat each; http(s) URIs are not checked)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .output import changed_since_labeled, object_now
+
+    def check(row: dict) -> str | None:
+        if row["uri"].startswith(("http://", "https://")):
+            return None
+        now = object_now(row["uri"])
+        return "it is gone" if now is None else changed_since_labeled(row, now)
+
+    if not rows:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(threads, len(rows))) as pool:
+        whys = list(pool.map(check, rows))
+    return {r["uri"]: why for r, why in zip(rows, whys) if why}
 
 
 def _version(row: dict) -> dict:
@@ -463,6 +491,12 @@ def main_args(args: argparse.Namespace) -> int:
         if s["missing"]:
             print(f"{len(s['missing'])} picked image(s) no longer in the labeling output: {', '.join(s['missing'])}",
                   file=sys.stderr)
+        if s["stale"]:
+            print(f"{len(s['stale'])} picked image(s) not pushed: gone from their store, or changed since they were "
+                  "labeled (the next fcclip label run labels a changed one again, and a later pick can pick it):",
+                  file=sys.stderr)
+            for uri, why in s["stale"].items():
+                print(f"  {uri}: {why}", file=sys.stderr)
         return 0
     s = pull(args.label_studio, args.project, args.out)
     print(f"{s['reviewed']} reviewed image(s) written to {args.out}; {len(s['pending'])} pending")

@@ -177,39 +177,85 @@ def same_version(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 class ImageChanged(ValueError):
-    """An output row's image is not the object that was labeled: it was replaced since (another ETag or size)."""
+    """An output row's image is not the object that was labeled: it was replaced since
+    (:func:`changed_since_labeled`)."""
 
 
-def read_labeled_image(row: dict) -> np.ndarray:
-    """The decoded image of an output row, checked to be the object that was labeled: where the row has the object's
-    ETag (object stores) and the store gives one as the object is read, the two must be equal; else, where the row
-    has its size, the bytes read must be that many (a local file's modification time is not compared: a copy of the
-    folder changes it). A replaced image of the same pixel size would otherwise be trained on with the old image's
-    masks.
+def read_labeled_image(row: Mapping[str, Any]) -> np.ndarray:
+    """The decoded image of an output row, checked to be the object that was labeled, by the rule a rerun uses to
+    find changed objects (:func:`changed_since_labeled`): the ETag the store returns with the object where the row
+    has one (object stores), else the file's size and modification time. A replaced image of the same pixel size
+    would otherwise be trained on with the old image's masks.
 
     Raises:
         ImageChanged: the object changed after it was labeled (the next ``fcclip label`` run labels it again).
         ImageDecodeError, OSError: it cannot be read or decoded.
     """
     uri = row["uri"]
-    etag = None
     if "://" in uri:
         with fsspec.open(uri, "rb") as f:
-            details = getattr(f, "details", None) or {}
+            now = version_of(getattr(f, "details", None) or {})
             data = f.read()
-        etag = details.get("ETag") or details.get("etag") or details.get("md5Hash")
     else:
         with open(uri, "rb") as f:
+            now = stat_version(os.fstat(f.fileno()))
             data = f.read()
-    labeled_etag, labeled_size = row.get("source_etag"), row.get("source_size")
-    if etag is not None and labeled_etag is not None:
-        if etag != labeled_etag:
-            raise ImageChanged(f"it changed after it was labeled (ETag {etag}, labeled {labeled_etag}); the next "
-                               "fcclip label run labels it again")
-    elif labeled_size is not None and labeled_size != len(data):
-        raise ImageChanged(f"it changed after it was labeled ({len(data)} bytes, labeled {labeled_size}); the next "
-                           "fcclip label run labels it again")
+    why = changed_since_labeled(row, now)
+    if why:
+        raise ImageChanged(f"{why}; the next fcclip label run labels it again")
     return decode_image_bytes(data, name=uri)
+
+
+def version_of(info: Mapping[str, Any]) -> dict:
+    """:data:`SOURCE_COLUMNS` of an object from its fsspec metadata (``fs.info``, an open file's ``details``, a
+    listing's entry: the names differ between stores)."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    mtime = info.get("LastModified") or info.get("updated") or info.get("mtime") or info.get("last_modified")
+    if isinstance(mtime, (int, float)):
+        mtime = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+    elif isinstance(mtime, str):
+        try:
+            mtime = datetime.datetime.fromisoformat(mtime.replace("Z", "+00:00"))
+        except ValueError:
+            mtime = None
+    size = info.get("size")
+    return {"source_etag": etag, "source_size": int(size) if size is not None else None,
+            "source_mtime": mtime if isinstance(mtime, datetime.datetime) else None}
+
+
+def stat_version(st: os.stat_result) -> dict:
+    """:data:`SOURCE_COLUMNS` of a local file from its stat, as a listing of its folder records them."""
+    seconds, ns = divmod(st.st_mtime_ns, 1_000_000_000)
+    mtime = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(microsecond=ns // 1000)
+    return {"source_etag": None, "source_size": st.st_size, "source_mtime": mtime}
+
+
+def changed_since_labeled(row: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """Why the object of an output row, as it is ``now`` (:data:`SOURCE_COLUMNS`), is not the one labeled, by
+    :func:`same_version` (a rerun's rule); None where it is, or where the row cannot tell (a plain manifest's)."""
+    labeled = {k: row.get(k) for k in SOURCE_COLUMNS}
+    if same_version(labeled, now):
+        return None
+    if labeled["source_etag"] is not None and now.get("source_etag") is not None:
+        return f"it changed after it was labeled (ETag {now['source_etag']}, labeled {labeled['source_etag']})"
+
+    def described(v: Mapping[str, Any]) -> str:
+        when = _instant(v.get("source_mtime"))
+        return f"{v.get('source_size')} bytes, modified {when.isoformat() if when else 'at an unknown time'}"
+
+    return f"it changed after it was labeled ({described(now)}; labeled: {described(labeled)})"
+
+
+def object_now(uri: str) -> dict | None:
+    """:data:`SOURCE_COLUMNS` of the object at ``uri`` as it is now, from its metadata alone (a HEAD, a stat); None
+    where it is gone."""
+    try:
+        if "://" not in uri:
+            return stat_version(os.stat(uri))
+        fs, path = fsspec.core.url_to_fs(uri)
+        return version_of(fs.info(path))
+    except FileNotFoundError:
+        return None
 
 
 def embedding_fields(dim: int) -> list[pa.Field]:

@@ -32,7 +32,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .output import META_DIR, Destination, manifest_name
+from .output import META_DIR, Destination, manifest_name, stat_version, version_of
 
 logger = logging.getLogger(__name__)
 
@@ -123,26 +123,16 @@ def _iter_local_folder(root: str) -> Iterator[tuple[str, str | None, int | None,
 
 def _stat(path: str) -> tuple[int | None, datetime.datetime | None]:
     try:
-        st = os.stat(path)
+        version = stat_version(os.stat(path))
     except OSError:
         return None, None
-    seconds, ns = divmod(st.st_mtime_ns, 1_000_000_000)
-    return st.st_size, datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(microsecond=ns // 1000)
+    return version["source_size"], version["source_mtime"]
 
 
 def _from_info(info: dict) -> tuple[str | None, int | None, datetime.datetime | None]:
     """ETag, size and modification time from an fsspec listing's entry (names differ between filesystems)."""
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-    mtime = info.get("LastModified") or info.get("updated") or info.get("mtime") or info.get("last_modified")
-    if isinstance(mtime, (int, float)):
-        mtime = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
-    elif isinstance(mtime, str):
-        try:
-            mtime = datetime.datetime.fromisoformat(mtime.replace("Z", "+00:00"))
-        except ValueError:
-            mtime = None
-    size = info.get("size")
-    return etag, int(size) if size is not None else None, mtime if isinstance(mtime, datetime.datetime) else None
+    version = version_of(info)
+    return version["source_etag"], version["source_size"], version["source_mtime"]
 
 
 def iter_source(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[tuple[str, bool]]:

@@ -19,8 +19,9 @@ pipeline that Ray Train splits across its workers (``ray.train.get_dataset_shard
 
     the part files, in a seeded random order (`label_dataset`)
       -> `read_samples` on CPU tasks: a part file read a few rows at a time, only the columns uri, status,
-         segments, source_etag and source_size, only the rows with status "ok"; then `DecodeSamples`: image read
-         from its URI, checked to be the object labeled (`read_labeled_image`) and decoded, masks decoded from the RLEs, classes mapped and low-score segments made ignore regions
+         segments and the source columns, only the rows with status "ok"; then `DecodeSamples`: image read from its
+         URI, checked to be the object labeled (`read_labeled_image`) and decoded, masks decoded from the RLEs,
+         classes mapped and low-score segments made ignore regions
          (`fcclip.datasets.labels`), large-scale jitter (`fcclip.training.data.train_sample`), packed into
          fixed-shape arrays (`pack_sample`)
       -> each worker's shard (Ray Train's streaming split), batched, shuffled in a local buffer, prefetched,
@@ -72,7 +73,7 @@ __all__ = [
 KINDS = {"coco": "COCO panoptic tree", "labels": "labeling output"}  # --data and --mix kinds, as messages name them
 
 _COLUMNS = ["uri", "status", "segments"]
-_VERSION_COLUMNS = ["source_etag", "source_size"]  # read where a part file has them (read_labeled_image)
+_VERSION_COLUMNS = ["source_etag", "source_size", "source_mtime"]  # where a part file has them: read_labeled_image
 
 
 @dataclass

@@ -25,7 +25,7 @@ from fcclip.masks import decode_rle, panoptic_columns
 from fcclip.vocabulary import load_vocabulary
 from fcclip_pipelines import review
 from fcclip_pipelines.cli import main
-from fcclip_pipelines.output import Destination, part_schema, rows_to_table, write_part
+from fcclip_pipelines.output import Destination, part_schema, rows_to_table, stat_version, write_part
 from fcclip_pipelines.stages import image_id
 
 VOCAB = load_vocabulary("cat; dog, puppy; car; grass, lawn [stuff]; sky [stuff]")
@@ -74,6 +74,8 @@ def make_output(dest: Path, uris: list[str], sizes, uncertainties, *, files: int
         when = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
         for r, etag in zip(rows, etags):
             r.update(source_etag=etag, source_size=1000, source_mtime=when)
+            if os.path.exists(r["uri"]):  # a local file's size and time, as a listing records them
+                r.update({**stat_version(os.stat(r["uri"])), "source_etag": etag})
     per = -(-len(rows) // files)
     for shard in range(files):
         table = rows_to_table(rows[shard * per:(shard + 1) * per])
@@ -428,6 +430,43 @@ def test_an_image_changed_after_its_push_gets_a_new_task_and_its_old_review_is_s
         decode_rle(s["rle"]).tobytes() for s in new[0]["segments"]]  # the new content's masks, accepted
     assert main(["review", "merge", str(labels), str(tmp_path / "night2"), "--out", str(tmp_path / "m2")]) == 0
     assert "2 rows, 2 replaced by reviewed rows" in capsys.readouterr().out
+
+
+def test_push_leaves_out_images_gone_or_changed_since_labeling(label_studio, s3_bucket, tmp_path, monkeypatch,
+                                                                capsys):
+    """A picked image deleted from its store, or replaced after it was labeled (a reviewer would see another picture
+    under the masks), is not pushed: by size for a local file, by ETag on S3; push names each on stderr."""
+    import boto3
+
+    from fcclip.datasets.synthetic import write_images
+
+    url, token, root, _ = label_studio
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    images = write_images(root / "stale", count=3, size=(37, 53), seed=11)
+    s3 = boto3.client("s3")
+    s3.upload_file(str(images[2]), s3_bucket, "photos/on-s3.jpg")
+    on_s3 = f"s3://{s3_bucket}/photos/on-s3.jpg"
+    uris = [str(images[0]), str(images[1]), str(images[2]), on_s3]
+    etag = s3.head_object(Bucket=s3_bucket, Key="photos/on-s3.jpg")["ETag"]
+    make_output(tmp_path / "labels", uris, [(37, 53)] * 4, [0.9, 0.8, 0.7, 0.6], etags=["a", "b", "c", etag])
+    picks = str(tmp_path / "picks.parquet")
+    assert main(["review", "pick", str(tmp_path / "labels"), "--count", "4", "--out", picks]) == 0
+    other = write_images(tmp_path / "other", count=1, size=(37, 53), seed=12)[0]  # another picture, the same size
+    images[0].unlink()
+    images[1].write_bytes(other.read_bytes())
+    s3.upload_file(str(other), s3_bucket, "photos/on-s3.jpg")
+    capsys.readouterr()
+    assert main(["review", "push", picks, "--label-studio", url, "--project", "stale", "--document-root",
+                 str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "1 task(s) added to project 'stale'" in out, out
+    assert "3 picked image(s) not pushed: gone from their store, or changed since they were labeled" in err, err
+    assert f"  {images[0]}: it is gone" in err
+    assert f"  {images[1]}: it changed after it was labeled ({images[1].stat().st_size} bytes, modified 20" in err
+    assert f"  {on_s3}: it changed after it was labeled (ETag " in err
+    project = next(p for p in _api(url, token, "GET", "/api/projects")["results"] if p["title"] == "stale")
+    (task,) = _api(url, token, "GET", f"/api/tasks?project={project['id']}&fields=all&page_size=100")["tasks"]
+    assert task["data"]["uri"] == str(images[2])
 
 
 def test_an_image_without_segments_reviewed_as_such_is_a_row(label_studio, tmp_path, monkeypatch, capsys):

@@ -130,9 +130,10 @@ def gallery_html(dest: str, query: str, hits: list[Hit], *, image_width: int = 4
     e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
     figures = []
     for rank, h in enumerate(hits, 1):
-        segments = [s for s in records[(h.file, h.row)].get("segments") or [] if s["id"] == h.segment_id]
+        record = records[(h.file, h.row)]
+        segments = [s for s in record.get("segments") or [] if s["id"] == h.segment_id]
         try:
-            src = overlay(h.uri, segments, colors, image_width, int(image_width * 1.5))
+            src = overlay(record, segments, colors, image_width, int(image_width * 1.5))
             body = f'<img src="{src}" alt="{e(h.uri)}">'
         except Exception as err:  # one unreadable image is a placeholder, never a failed page
             body = f'<div class="placeholder">cannot show this image: {e(type(err).__name__)}: {e(err)}</div>'

@@ -274,6 +274,34 @@ def test_gallery(labels, tmp_path, monkeypatch):
     assert len(decoded) == sum(len(readable[u]["segments"]) for u in sampled if u in readable)
 
 
+def test_an_image_replaced_since_labeling_is_not_drawn_under_the_old_masks(tmp_path):
+    """A row with its object's version (a committed shard's source columns) whose local file was replaced since by
+    another picture of the same size: a placeholder naming why, not the old masks over the new picture."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fcclip_pipelines.output import SOURCE_FIELDS, stat_version
+
+    paths = write_images(tmp_path / "images", count=2, size=(96, 128), seed=5)
+    rng = np.random.default_rng(1)
+    rows = [_ok_row(str(p), 96, 128, rng) for p in paths]
+    meta = {"run_id": RUN_ID, "vocabulary": VOCAB.to_dict(), "thresholds": THRESHOLDS, "model": "fcclip-tiny",
+            "weights": "random"}
+    table = pq.read_table(io.BytesIO(encode_part(rows, meta)))
+    versions = [stat_version(os.stat(p)) for p in paths]
+    for fld in SOURCE_FIELDS:
+        table = table.append_column(fld, pa.array([v[fld.name] for v in versions], fld.type))
+    (tmp_path / "labels").mkdir()
+    pq.write_table(table, tmp_path / "labels" / part_name(0))
+    other = write_images(tmp_path / "other", count=1, size=(96, 128), seed=6)[0]
+    paths[0].write_bytes(other.read_bytes())
+    page = _run(tmp_path / "labels", tmp_path / "report.html", "--sample", "5")
+    figures = _parse(page).figures
+    assert sorted(f["data-uri"] for f in figures) == sorted(map(str, paths))
+    assert [f["data-uri"] for f in figures if f.get("data-error")] == [str(paths[0])]
+    assert 'data-reason="ImageChanged: it changed after it was labeled (' in page
+
+
 def test_sample_is_seeded(labels, tmp_path):
     def sample(dest, seed, n=3):
         return [s.uri for s in show.scan(str(dest), sample=n, seed=seed).sample]

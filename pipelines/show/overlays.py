@@ -1,8 +1,9 @@
 """The gallery: each sampled image read from its URI, its segment map rebuilt from the RLEs, drawn as an overlay.
 
-Only the sampled rows' masks are decoded. An image is drawn at its own size, or scaled down to fit the gallery
-cell (never up: a small image stays small and sharp). One image that cannot be shown becomes a placeholder with its
-reason; the report never fails because of one image.
+Only the sampled rows' masks are decoded. An image replaced since it was labeled is not drawn under the old
+picture's masks (``output.read_labeled_image``). An image is drawn at its own size, or scaled down to fit the
+gallery cell (never up: a small image stays small and sharp). One image that cannot be shown becomes a placeholder
+with its reason; the report never fails because of one image.
 """
 from __future__ import annotations
 
@@ -16,17 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from fcclip.images import load_image
 from fcclip.visualize import draw_panoptic
 
-from ..output import segment_map
+from ..output import SOURCE_COLUMNS, read_labeled_image, segment_map
 from .scan import Report, Sample
 
 logger = logging.getLogger("fcclip.show")
 
 __all__ = ["Figure", "overlay", "overlay_size", "read_rows", "render_samples"]
 
-_SAMPLE_COLUMNS = ("uri", "width", "height", "segments")
+_SAMPLE_COLUMNS = ("uri", "width", "height", "segments", *SOURCE_COLUMNS)  # (source columns: where a file has them)
 
 
 @dataclass
@@ -61,7 +61,8 @@ def read_rows(output, url: str, rows: list[int]) -> dict[int, dict]:
             local = sorted({r - int(starts[group]) for r in rows if starts[group] <= r < starts[group + 1]})
             if not local:
                 continue
-            table = parquet.read_row_group(group, columns=list(_SAMPLE_COLUMNS)).take(pa.array(local))
+            columns = [c for c in _SAMPLE_COLUMNS if c in parquet.schema_arrow.names]
+            table = parquet.read_row_group(group, columns=columns).take(pa.array(local))
             for r, record in zip(local, table.to_pylist()):
                 out[r + int(starts[group])] = record
     return out
@@ -84,7 +85,7 @@ def render_samples(report: Report, *, max_width: int = 640, max_height: int = 96
         figure = Figure(uri=record["uri"], segments=len(segments), width=record.get("width"),
                         height=record.get("height"))
         try:
-            figure.data_uri = overlay(record["uri"], segments, colors, max_width, max_height)
+            figure.data_uri = overlay(record, segments, colors, max_width, max_height)
         except Exception as e:  # one unreadable image becomes a placeholder, never a failed report
             figure.reason = f"{type(e).__name__}: {e}"
             logger.warning("cannot show %s: %s", record["uri"], figure.reason)
@@ -92,9 +93,10 @@ def render_samples(report: Report, *, max_width: int = 640, max_height: int = 96
     return figures
 
 
-def overlay(uri: str, segments: list[dict], colors: dict, max_width: int, max_height: int) -> str:
-    """The image at ``uri`` with ``segments`` (stored rows' segments) drawn over it, as a JPEG data URI."""
-    image = load_image(uri)
+def overlay(row: dict, segments: list[dict], colors: dict, max_width: int, max_height: int) -> str:
+    """The image of an output row (its ``uri``; not drawn where it was replaced since it was labeled:
+    ``read_labeled_image``) with ``segments`` (stored rows' segments) drawn over it, as a JPEG data URI."""
+    image = read_labeled_image(row)
     height, width = image.shape[:2]
     ids = segment_map(segments, height, width)
     size = overlay_size(width, height, max_width, max_height)

@@ -707,7 +707,8 @@ def main_args(args: argparse.Namespace) -> int:
               + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
-    print(f"output: {s.dest.rstrip('/')} (a Delta table; run {s.run_id})")
+    what = "a Delta table" if lake.has_table(Destination(s.dest)) else "no table yet: DEST has no rows"
+    print(f"output: {s.dest.rstrip('/')} ({what}; run {s.run_id})")
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump({**asdict(s), "segments_per_second": s.segments_per_second}, f, indent=1)

@@ -792,9 +792,10 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     # every row of DEST deleted: DEST2 follows it to no rows, and a new DEST2 of it starts empty; both follow DEST
     # once it is labeled again
     DeltaTable(dest).delete()
-    for out_dir in (dest2, tmp_path / "from-empty"):
+    for out_dir, table in ((dest2, "a Delta table"), (tmp_path / "from-empty", "no table yet: DEST has no rows")):
         assert main(["relabel", dest, *new_vocab, "--out", str(out_dir)]) == 0
-        assert "relabeled 0 image(s)" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "relabeled 0 image(s)" in out and f"({table}; run " in out, out
     assert table_files(Destination(str(dest2))) == []
     assert main(_args(str(folder), dest, "--embeddings")) == 0
     assert "listed again: 9 new" in capsys.readouterr().out

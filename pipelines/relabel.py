@@ -575,6 +575,7 @@ def _plan_follow(dest: Destination, run: dict, source_at, target: int | None) ->
                            "relabeled; relabel it into a new --out, or with --overwrite")
     increment = lake.latest_increment(run)
     first = len(run["shard_sizes"])
+    logger.info("comparing the rows of DEST's version %s with DEST2's", target)  # minutes on a large lake in S3
     work = tempfile.mkdtemp(prefix="fcclip-follow-")
     try:
         counts = _diff_tables(Destination(after.dest), [url.rsplit("/", 1)[-1] for url in after.files], dest,

@@ -226,20 +226,19 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
     index = {int(c["id"]): i for i, c in enumerate(picks.vocabulary["categories"])}
     rows = _picked_rows(output, list(wanted)) if wanted else []
     tasks, folders, already, again = [], set(), 0, 0
-    fresh = []
+    fresh = []  # (row, the project's earlier tasks of its image)
     for r in sorted(rows, key=lambda r: wanted[r["image_id"]]["rank"]):
         earlier = have.get(r["image_id"], [])
         if any(same_version(data, r) for data in earlier):  # the project has this image as it is now
             wanted.pop(r["image_id"])
             already += 1
         else:
-            fresh.append(r)
-    stale = _not_as_labeled(fresh)  # a reviewer would see another picture under the masks, or none
-    for r in fresh:
+            fresh.append((r, earlier))
+    stale = _not_as_labeled([r for r, _ in fresh])  # a reviewer would see another picture under the masks, or none
+    for r, earlier in fresh:
         pick = wanted.pop(r["image_id"])
         if r["uri"] in stale:
             continue
-        earlier = have.get(r["image_id"], [])
         again += bool(earlier)  # its content changed since its task was made: a task for the new content
         image, folder = _image_url(r["uri"], document_root, expiry)
         if folder:

@@ -491,7 +491,8 @@ class _Job:
         done = lake.committed_shards(dest, run)
         rows_only = "plan" in increment  # a follow's: the rows of each file that DEST2 does not hold (_plan_follow)
         by_name = increment["plan"] if rows_only else increment.get("mirror") or _mirror(source)
-        shards = {url: by_name[url.rsplit("/", 1)[-1]] for url in source.files if url.rsplit("/", 1)[-1] in by_name}
+        names = {url: url.rsplit("/", 1)[-1] for url in source.files}
+        shards = {url: by_name[name] for url, name in names.items() if name in by_name}
         mine = [(url, shard) for url, shard in shards.items() if shard >= first]
         pending = [(url, shard) for url, shard in mine if shard not in done]
         empty = increment.get("drop_shard")  # planned by the release before: an empty part file's version
@@ -503,7 +504,7 @@ class _Job:
             increment["removed"] = lake.remove_listed(dest, lake.gone_manifest(first), increment["delete_shard"], {
                 "run_id": run["run_id"], "operation": "follow-delete", "model": str(run["settings"]["model"])})
             dest.write_run(run)
-        summary.deleted += increment.get("deleted", 0) if first > 0 else 0
+        summary.deleted += increment.get("deleted", 0)  # (a follow's increments only)
         summary.held += increment.get("held", 0)
         if pending:
             sizes = run["shard_sizes"]

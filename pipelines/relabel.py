@@ -598,8 +598,8 @@ def _plan_follow(dest: Destination, run: dict, source_at, target: int | None) ->
         "relabel": counts["relabel"], "held": counts["held"], "deleted": counts["deleted"], **removal}]
     dest.write_run(run)
     logger.info("DEST2 follows DEST from version %s to %s: %d row(s) of DEST to relabel (in %d file(s)), %d held "
-                "already, %d deleted from DEST to remove", increment.get("source_version"), target, counts["relabel"],
-                len(plan), counts["held"], counts["deleted"])
+                "already, %d not in DEST's version %s to remove", increment.get("source_version"), target,
+                counts["relabel"], len(plan), counts["held"], counts["deleted"], target)
 
 
 def _write_manifests(dest: Destination, todo: str, first: int) -> tuple[dict[str, int], list[int]]:
@@ -688,6 +688,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress line (log lines only)")
 
 
+def _gone_from(s: RelabelSummary) -> str:
+    """What DEST2's removed rows were, for the summary: deleted from DEST since, or (a follow back to an older
+    ``--version``) rows that version of DEST does not hold yet."""
+    if s.followed_from is not None and s.source_version is not None and s.source_version < s.followed_from:
+        return f"not in DEST's version {s.source_version}"
+    return "deleted from DEST"
+
+
 def main_args(args: argparse.Namespace) -> int:
     from .embed_text import TextTowerMismatch
 
@@ -706,7 +714,7 @@ def main_args(args: argparse.Namespace) -> int:
     if s.followed_from is not None:
         print(f"followed DEST from its version {s.followed_from} to {s.source_version}: {s.images} row(s) new or "
               f"changed in DEST relabeled, {s.held} held as they are"
-              + (f", {s.deleted} row(s) deleted from DEST removed" if s.deleted else ""))
+              + (f", {s.deleted} row(s) {_gone_from(s)} removed" if s.deleted else ""))
     if s.skipped_shards:
         print(f"{s.skipped_shards} shard(s) were already committed by an earlier run and were skipped")
     what = "a Delta table" if lake.has_table(Destination(s.dest)) else "no table yet: DEST has no rows"

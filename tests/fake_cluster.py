@@ -99,16 +99,7 @@ class FakeAutoscalingCluster:
 
     def stop(self) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+            stop_ray_start(self.proc)
         for pid in self.processes():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -135,10 +126,26 @@ def _read(pid: int, what: str) -> str:
         return ""
 
 
+def stop_ray_start(proc: subprocess.Popen) -> None:
+    """End a ``ray start --head --block`` started in a process group of its own, and its node's processes in that
+    group: SIGKILL (on SIGTERM it leaves its node's processes running for seconds, and lingers itself for about 30 s).
+    Its workers, each in a process group of its own, are the caller's to end."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def processes_with_token(token: str) -> list[int]:
+    """The processes whose environment holds ``RAY_AUTH_TOKEN=token`` (a test cluster's own token: its raylets, GCS
+    and workers, whatever process group or name they took)."""
+    return [pid for pid in _other_processes() if f"RAY_AUTH_TOKEN={token} " in _read(pid, "environ")]
+
+
 def kill_processes_with_token(token: str) -> list[int]:
-    """SIGKILL every process whose environment holds ``RAY_AUTH_TOKEN=token`` (a test cluster's own token: its
-    raylets, GCS and workers, whatever process group or name they took); returns their ids."""
-    pids = [pid for pid in _other_processes() if f"RAY_AUTH_TOKEN={token} " in _read(pid, "environ")]
+    """SIGKILL every process of :func:`processes_with_token`; returns their ids."""
+    pids = processes_with_token(token)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.catalogue import good_images
-from tests.fake_cluster import kill_processes_with_token
+from tests.fake_cluster import kill_processes_with_token, stop_ray_start
 from tests.monitoring import MONITORING, dashboard, write_rules
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -69,24 +69,32 @@ def ray_head(s3_server, tmp_path):
                 time.sleep(1)
         else:
             raise RuntimeError("the Ray dashboard did not come up")
-        time.sleep(3)  # the Job API starts with the dashboard's modules
+        # the Job API starts with the dashboard's modules, after its port; the metrics endpoint with the node
+        _wait_until_served(urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}),
+                           proc)
+        _wait_until_served(f"http://127.0.0.1:{metrics}/metrics", proc)
         yield SimpleNamespace(address=address, token=token, gcs=f"127.0.0.1:{port}",
                               metrics=f"http://127.0.0.1:{metrics}/metrics")
     finally:
-        # `ray start --block` stops its node on SIGTERM but lingers itself (30 s measured): the group's leftovers
-        # are SIGKILLed after a short grace
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_ray_start(proc)
         kill_processes_with_token(token)  # its workers, each in a process group of its own
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_until_served(request, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until a GET of ``request`` (a URL or a Request) answers 200, polled every 0.2 s while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, or an HTTP error status while the module starts
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            url = request if isinstance(request, str) else request.full_url
+            raise RuntimeError(f"{url} was not served within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def test_submit_label_job(ray_head, s3_bucket, capsys):

@@ -779,7 +779,8 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     caplog.set_level(logging.INFO, logger="fcclip.relabel")
     relabel._plan_follow(Destination(str(dest2)), run, lambda v: relabel.open_source(dest, v),
                          table_version(Destination(dest)))
-    assert "4 row(s) of DEST to relabel (in 1 file(s)), 5 held already, 0 deleted" in caplog.text, caplog.text
+    assert "4 row(s) of DEST to relabel (in 1 file(s)), 5 held already, 0 not in DEST's version" in caplog.text, \
+        caplog.text
     DeltaTable(str(dest2)).optimize.compact()
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     assert "relabeled 4 image(s)" in capsys.readouterr().out  # of DEST's one compacted file, the 4 new images' rows
@@ -792,6 +793,7 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     # every row of DEST deleted: DEST2 follows it to no rows, and a new DEST2 of it starts empty; both follow DEST
     # once it is labeled again
     DeltaTable(dest).delete()
+    emptied = table_version(Destination(dest))
     for out_dir, table in ((dest2, "a Delta table"), (tmp_path / "from-empty", "no table yet: DEST has no rows")):
         assert main(["relabel", dest, *new_vocab, "--out", str(out_dir)]) == 0
         out = capsys.readouterr().out
@@ -803,3 +805,8 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
         assert main(["relabel", dest, *new_vocab, "--out", str(out_dir)]) == 0
         assert "relabeled 9 image(s)" in capsys.readouterr().out
     assert rows(dest2) == rows(tmp_path / "from-empty") == from_scratch("scratch3")
+    # followed back to DEST's version of no rows: the 9 rows are not in that version (not deleted from DEST)
+    assert main(["relabel", dest, "--version", str(emptied), *new_vocab, "--out", str(dest2)]) == 0
+    out = capsys.readouterr().out
+    assert f"0 held as they are, 9 row(s) not in DEST's version {emptied} removed" in out, out
+    assert table_files(Destination(str(dest2))) == []

@@ -3,18 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# Packages go in with uv (downloads in parallel: 28 s against pip's 2 min 10 s for .venv here, the same versions),
+# itself installed into the environment by pip; where uv cannot be installed, pip installs them.
+UV_VERSION := 0.13.9
+# $(call install,VENV,ARGS): pip install ARGS into VENV, through uv where it can be had
+install = $(1)/bin/pip install -q "uv==$(UV_VERSION)" && $(1)/bin/uv pip install --python $(1)/bin/python $(2) \
+	|| $(1)/bin/pip install $(2)
+
 # constraints.txt: the versions the suite last passed with (a new release on the package index cannot turn CI red)
+REQUIREMENTS := -c constraints.txt -e ".[ray,test,review,gcs]"
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -e ".[ray,test,review,gcs]"
+	$(call install,$(VENV),$(REQUIREMENTS))
 	touch $@
 
 # Label Studio in its own environment (it pins Django and many others): tests/test_review.py starts it from here
 LABEL_STUDIO_VERSION := 1.23.2
 LS_VENV := .venv-ls
+LS_REQUIREMENTS := -c constraints-label-studio.txt "label-studio==$(LABEL_STUDIO_VERSION)"
 $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION): constraints-label-studio.txt
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install -c constraints-label-studio.txt "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(call install,$(LS_VENV),$(LS_REQUIREMENTS))
 	touch $@
 
 # New versions for both constraint files: resolve pyproject.toml's ranges afresh (a current pip), then `make test`

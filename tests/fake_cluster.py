@@ -137,15 +137,10 @@ def stop_ray_start(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def processes_with_token(token: str) -> list[int]:
-    """The processes whose environment holds ``RAY_AUTH_TOKEN=token`` (a test cluster's own token: its raylets, GCS
-    and workers, whatever process group or name they took)."""
-    return [pid for pid in _other_processes() if f"RAY_AUTH_TOKEN={token} " in _read(pid, "environ")]
-
-
 def kill_processes_with_token(token: str) -> list[int]:
-    """SIGKILL every process of :func:`processes_with_token`; returns their ids."""
-    pids = processes_with_token(token)
+    """SIGKILL every process whose environment holds ``RAY_AUTH_TOKEN=token`` (a test cluster's own token: its
+    raylets, GCS and workers, whatever process group or name they took); returns their ids."""
+    pids = [pid for pid in _other_processes() if f"RAY_AUTH_TOKEN={token} " in _read(pid, "environ")]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

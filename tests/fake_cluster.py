@@ -16,20 +16,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
+from tests.servers import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeAutoscalingCluster:
@@ -75,18 +70,20 @@ class FakeAutoscalingCluster:
              f"--temp-dir={self.temp / 'ray'}", "--disable-usage-stats"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"ray start failed:\n{self.proc.stdout.read()}")
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("the fake cluster's head did not come up")
-        time.sleep(2)
+        # `ray start` prints this line once its node is up (GCS, raylet, the autoscaler's monitor started), then
+        # blocks; the thread goes on reading its output, which nobody else reads
+        started, output = threading.Event(), []
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                output.append(line)
+                if "Ray runtime started." in line:
+                    started.set()
+            started.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not started.wait(timeout) or self.proc.poll() is not None:
+            raise RuntimeError(f"the fake cluster's head did not come up within {timeout:.0f} s:\n{''.join(output)}")
         return self
 
     def processes(self) -> list[int]:

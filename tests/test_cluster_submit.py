@@ -7,7 +7,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,25 +23,18 @@ import yaml
 from tests.catalogue import good_images
 from tests.fake_cluster import kill_processes_with_token, stop_ray_start
 from tests.monitoring import MONITORING, dashboard, write_rules
+from tests.servers import free_port, wait_until_served
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
 def ray_head(s3_server, tmp_path):
     """A one-node Ray cluster started with `ray start --head`, its dashboard/Job API on loopback only, its metrics
     served for Prometheus on a port of their own (reported every half second, not every ten)."""
-    port, dash, metrics = _free_port(), _free_port(), _free_port()
+    port, dash, metrics = free_port(), free_port(), free_port()
     # token authentication on, with a token of our own (as the cluster configs in cluster/ do)
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
@@ -59,34 +51,18 @@ def ray_head(s3_server, tmp_path):
     address = f"http://127.0.0.1:{dash}"
     try:
         # the Job API starts with the dashboard's modules, the metrics endpoint with the node
-        _wait_until_served(urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}),
-                           proc)
-        _wait_until_served(f"http://127.0.0.1:{metrics}/metrics", proc)
+        def output() -> str:  # `ray start`'s, once it has exited (reading the pipe before would block)
+            return proc.stdout.read() if proc.poll() is not None else ""
+
+        jobs = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        wait_until_served(jobs, proc, 120, output)
+        wait_until_served(f"http://127.0.0.1:{metrics}/metrics", proc, 120, output)
         yield SimpleNamespace(address=address, token=token, gcs=f"127.0.0.1:{port}",
                               metrics=f"http://127.0.0.1:{metrics}/metrics")
     finally:
         stop_ray_start(proc)
         kill_processes_with_token(token)  # its workers, each in a process group of its own
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_until_served(request, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until a GET of ``request`` (a URL or a Request) answers 200, polled every 0.2 s while ``proc`` (`ray start`)
-    runs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # refused, or an HTTP error status while the module starts
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start failed:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            url = request if isinstance(request, str) else request.full_url
-            raise RuntimeError(f"{url} was not served within {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 def test_submit_label_job(ray_head, s3_bucket, capsys):
@@ -149,7 +125,7 @@ def test_submit_refusals_and_ctrl_c_are_one_line(ray_head):
         f"fcclip submit: error: the Job API at {ray_head} refused the job: ValueError: Job with submission_id "
         "nightly-1 already exists. Please use a different submission_id (HTTP 400); nothing was submitted"], again.stderr
 
-    nowhere = subprocess.run([str(BIN / "fcclip"), "submit", "--address", f"http://127.0.0.1:{_free_port()}", "--",
+    nowhere = subprocess.run([str(BIN / "fcclip"), "submit", "--address", f"http://127.0.0.1:{free_port()}", "--",
                               "true"], env=env, capture_output=True, text=True, timeout=120)
     assert nowhere.returncode == 1, nowhere.stderr
     lines = nowhere.stderr.strip().splitlines()
@@ -318,7 +294,7 @@ def test_prometheus_scrapes_a_label_job(ray_head, tmp_path):
         "scrape_configs": [{"job_name": "ray-head",
                             "static_configs": [{"targets": [ray_head.metrics.split("/")[2]]}]}],
     }))
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     server = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -335,14 +311,7 @@ def test_prometheus_scrapes_a_label_job(ray_head, tmp_path):
         return answer["data"]["result"]
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "Prometheus did not come up"
-                time.sleep(0.5)
+        wait_until_served(f"http://127.0.0.1:{port}/-/ready", server, 60, every=0.5)
         src = tmp_path / "in"
         src.mkdir()
         for key, data in good_images(3).items():

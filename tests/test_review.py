@@ -10,9 +10,9 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from fcclip_pipelines import review
 from fcclip_pipelines.cli import main
 from fcclip_pipelines.output import Destination, part_schema, rows_to_table, stat_version, write_part
 from fcclip_pipelines.stages import image_id
+from tests.servers import free_port, wait_until_served
 
 VOCAB = load_vocabulary("cat; dog, puppy; car; grass, lawn [stuff]; sky [stuff]")
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,22 +193,14 @@ def _label_studio_bin():
     return path
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
     """A Label Studio server on loopback: (url, token, document root, user e-mail)."""
-    import requests
-
     exe = _label_studio_bin()
     base = tmp_path_factory.mktemp("label-studio")
     root = base / "files"
     root.mkdir()
-    port, token, email = _free_port(), secrets.token_hex(20), "reviewer@example.com"
+    port, token, email = free_port(), secrets.token_hex(20), "reviewer@example.com"
     env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"), "LATEST_VERSION_CHECK": "false",
            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root),
            "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
@@ -218,19 +211,8 @@ def label_studio(tmp_path_factory):
         cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"label-studio exited ({proc.returncode}): {(base / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/api/projects", headers={"Authorization": f"Token {token}"},
-                                timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("label-studio did not answer within 180 s")
-            time.sleep(1)
+        wait_until_served(urllib.request.Request(f"{url}/api/projects", headers={"Authorization": f"Token {token}"}),
+                          proc, 180, lambda: (base / "server.log").read_text()[-2000:], every=1)
         yield url, token, root, email
     finally:
         try:

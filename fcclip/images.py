@@ -10,6 +10,10 @@
   application) is left alone and still applies: past twice that limit Pillow refuses the image itself, which is
   reported as an `ImageDecodeError` too.
 - Truncated or corrupt files raise `ImageDecodeError`; `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is not touched.
+
+And the sizes the model sees: `resized_shape` / `resize_image` (the test-time resize), `padded_size` (the zero padding
+to the model's size divisibility) and `batch_groups` (batches of images of one padded size: padding changes the
+results of the image it pads, so only images of one padded size share a forward pass).
 """
 from __future__ import annotations
 
@@ -234,6 +238,21 @@ def resized_shape(height: int, width: int, short_edge: int | None, max_size: int
         scale = max_size / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
     return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+def padded_size(size: tuple[int, int], divisibility: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of ``divisibility``: the size an image of that size is fed to the model at."""
+    return -(-int(size[0]) // divisibility) * divisibility, -(-int(size[1]) // divisibility) * divisibility
+
+
+def batch_groups(keys, batch_size: int | None = None) -> list[list[int]]:
+    """The positions of ``keys`` in groups of one key (in the order each key first appears, positions ascending),
+    each cut into batches of at most ``batch_size`` (one batch per group without)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    step = max(1, batch_size or len(keys))
+    return [group[k : k + step] for group in groups.values() for k in range(0, len(group), step)]
 
 
 def resize_image(image: np.ndarray, short_edge: int | None, max_size: int) -> np.ndarray:

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, load_image, resize_image, resized_shape  # noqa: F401 (re-exported)
+from .images import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_PIXELS, batch_groups, load_image, padded_size, resize_image, resized_shape,
+)
 from .masks import segment_bboxes
 from .model import FCCLIP, InferenceOutput
 from .precision import resolve_autocast_dtype
@@ -123,10 +125,7 @@ def _chunk_plan(needed: torch.Tensor, panoptic_index: torch.Tensor | None, insta
 def pad_batch(images: Sequence[torch.Tensor], divisibility: int) -> torch.Tensor:
     """Stack (3, h_i, w_i) normalised images into (B, 3, H, W), zero-padded at the bottom/right to a multiple of
     ``divisibility``."""
-    h = max(t.shape[-2] for t in images)
-    w = max(t.shape[-1] for t in images)
-    h = -(-h // divisibility) * divisibility
-    w = -(-w // divisibility) * divisibility
+    h, w = padded_size((max(t.shape[-2] for t in images), max(t.shape[-1] for t in images)), divisibility)
     out = images[0].new_zeros((len(images), 3, h, w))
     for i, t in enumerate(images):
         out[i, :, : t.shape[-2], : t.shape[-1]] = t
@@ -198,12 +197,25 @@ class Predictor:
         """Decode any supported input to (H, W, 3) uint8 RGB (EXIF orientation applied, modes converted)."""
         return load_image(image, max_pixels=self.max_pixels)
 
+    def batch_key(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The padded (H, W) at which an image of ``size`` (its decoded h, w) is fed to the model. Only images of one
+        key share a forward pass (``infer``): zero padding changes what the backbone, the pixel decoder and the
+        masked attention compute for the image it pads, so an image batched beside a larger one would not get the
+        results it gets alone."""
+        resized = resized_shape(int(size[0]), int(size[1]), self.short_edge, self.max_size)
+        return padded_size(resized, self.model.config.inference.size_divisibility)
+
     def infer(self, images: Sequence[np.ndarray]) -> tuple[InferenceOutput, list[tuple[int, int]], tuple[int, int]]:
-        """Resize, normalise, pad and run the model on a batch of decoded images.
+        """Resize, normalise, pad and run the model on a batch of decoded images of one ``batch_key`` (a
+        ValueError otherwise: each image gets the results it gets alone).
 
         Returns:
             the model outputs, the resized (h, w) of each image, and the padded (H, W).
         """
+        keys = {self.batch_key(img.shape[:2]) for img in images}
+        if len(keys) > 1:
+            raise ValueError(f"infer() takes images of one padded size (Predictor.batch_key), got {sorted(keys)}: "
+                             "the padding of the larger would change the results of the smaller")
         tensors, sizes = [], []
         for img in images:
             resized = resize_image(img, self.short_edge, self.max_size)
@@ -358,12 +370,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ the whole thing
     def predict_batch(self, images: Sequence[Any]) -> list[Prediction]:
+        """Each image's results, as ``predictor(image)`` gives them: images of one padded size (``batch_key``) share
+        a forward pass."""
         decoded = [self.preprocess(img) for img in images]
-        out, sizes, padded = self.infer(decoded)
-        return [
-            self.postprocess(out.class_logits[i], out.mask_logits[i], sizes[i], padded, img.shape[:2])
-            for i, img in enumerate(decoded)
-        ]
+        results: list = [None] * len(decoded)
+        for index in batch_groups([self.batch_key(img.shape[:2]) for img in decoded]):
+            out, sizes, padded = self.infer([decoded[i] for i in index])
+            for j, i in enumerate(index):
+                results[i] = self.postprocess(out.class_logits[j], out.mask_logits[j], sizes[j], padded,
+                                              decoded[i].shape[:2])
+        return results
 
     def __call__(self, image: Any) -> Prediction:
         return self.predict_batch([image])[0]

@@ -71,7 +71,7 @@ class LabelConfig:
     gpu_wait: float = runtime.GPU_WAIT_S  # seconds to wait for the asked-for GPUs before giving up
     cpus_per_actor: float = 1.0
     min_score: float = 0.0
-    short_edge: int | None = None  # default: the model's (800)
+    short_edge: int | None = None  # default: the model's (800 for the released models)
     max_size: int | None = None
     shard_size: int = 1000
     address: str | None = None
@@ -468,7 +468,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", required=True, help="builtin name, .txt/.json/.yaml file, or inline 'cat; dog, puppy'")
     p.add_argument("--model", default="fcclip-convnext-large", help="preset or preset YAML (default: %(default)s)")
     p.add_argument("--weights", default="official", help="'official', 'random' (smoke runs), or a path/URI")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images per model forward pass, of one padded size (default: %(default)s)")
     p.add_argument("--actors", type=_parse_actors, default=(1, 1),
                    help="model actors: N, or MIN-MAX: MIN start at once, more (up to MAX) while images wait for them, "
                    "idle ones end when none are left (default: 1)")
@@ -476,8 +477,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0,
                    help="CPUs each model actor asks for, beside its GPUs (default: %(default)g)")
     p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: 0)")
-    p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default 800; 0 = keep size)")
-    p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default 1333)")
+    p.add_argument("--short-edge", type=int, default=None,
+                   help="test-time short edge (default: the model's, 800 for the released models; 0 = keep size)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="test-time long-edge limit (default: the model's, 1333 for the released models)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file (default: %(default)d)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--bf16", action="store_true",

@@ -35,8 +35,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="'official' (released checkpoint, downloaded once), 'clip', 'random' (smoke runs), or a path/URI",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
-    p.add_argument("--short-edge", type=int, default=None, help="test-time short edge (default: the model's, 800)")
-    p.add_argument("--max-size", type=int, default=None, help="test-time long-edge limit (default: the model's, 1333)")
+    p.add_argument("--short-edge", type=int, default=None,
+                   help="test-time short edge (default: the model's, 800 for the released models)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="test-time long-edge limit (default: the model's, 1333 for the released models)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from fcclip.images import batch_groups
 from fcclip.masks import panoptic_columns
 
 from .output import EMBEDDING_COLUMNS, SEGMENT, output_schema
@@ -233,6 +234,9 @@ class FCCLIPSegmenter:
         returns: per image (segment_map, segments): segment_map (H, W) integer segment ids (0 = none), segments
                  [{id, label, category_id, is_thing, score}] for the ids present in the map.
 
+    and, optionally, ``batch_key(size)``: images of one key only are passed in one call (label_images); this one's is
+    the padded size the model sees, since padding changes the results of the image it pads.
+
     With ``spec.embeddings``, each segment also carries its query (``query_index``; for a stuff segment merged from
     several queries, the one with the largest score, whose score is the segment's) and that query's two embeddings,
     L2-normalised, as (D,) float16 arrays (``embedding_in``: the decoder's class embedding; ``embedding_out``: the
@@ -260,6 +264,7 @@ class FCCLIPSegmenter:
             self.model, Vocabulary.from_dict(spec.vocabulary), short_edge=None, tasks=("panoptic",),
             autocast_dtype=dtype,
         )
+        self.batch_key = self.predictor.batch_key  # images are fed to the model at their decoded size
         self.min_score = spec.min_score
         self.model_id = f"{self.model.config.name}@{self.model.weights_id}"
         self.embeddings = spec.embeddings
@@ -370,12 +375,13 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batc
                  ) -> dict:
     """Run the model stage over one chunk's decoded images in batches of ``batch_size``; device work only.
 
-    Images whose decode failed (``meta["error"]``) are skipped. Images of similar aspect ratio are batched together:
-    a batch is padded to its largest height and width, so a portrait image beside a landscape one would cost up to
-    ~1.7x their pixels (results go back to each image's own position). A batch that raises (e.g. out of memory on
-    one huge batch) is run again one image at a time; an image that still raises is an error row; a sticky CUDA
-    error (`device_lost`) raises `DeviceLost` instead. ``on_batch`` is called as each batch starts (the model
-    actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or None], "segments": [[...]],
+    Images whose decode failed (``meta["error"]``) are skipped. Where the model stage has a ``batch_key(size)``
+    (FCCLIPSegmenter: the padded size the model sees), a batch holds images of one key only, so that each image's
+    rows are the ones it gets alone, whatever images share its chunk or its batch; without, images of similar
+    aspect ratio are batched together. Results go back to each image's own position. A batch that raises (e.g. out
+    of memory on one huge batch) is run again one image at a time; an image that still raises is an error row; a
+    sticky CUDA error (`device_lost`) raises `DeviceLost` instead. ``on_batch`` is called as each batch starts (the
+    model actor's heartbeat, see runtime.ModelActor). Returns {"maps": [(H, W) array or None], "segments": [[...]],
     "error": [...], "model": id, "model_s": seconds inside the model stage}.
     """
     n = len(images)
@@ -383,6 +389,8 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batc
     maps: list = [None] * n
     segments: list = [[] for _ in range(n)]
     todo = sorted((i for i in range(n) if not errors[i]), key=lambda i: images[i].shape[0] / images[i].shape[1])
+    batch_key = getattr(model_stage, "batch_key", None)
+    keys = [batch_key(images[i].shape[:2]) if batch_key else None for i in todo]
     model_s = 0.0
 
     def run(index):
@@ -397,9 +405,8 @@ def label_images(model_stage, meta: dict, images: list, batch_size: int, on_batc
             segments[i] = [{k: s[k] for k in SEGMENT_KEYS + EMBEDDING_COLUMNS + UNCERTAINTY_KEYS if k in s}
                            for s in segs]
 
-    step = max(1, batch_size)
-    for start in range(0, len(todo), step):
-        batch = todo[start : start + step]
+    for group in batch_groups(keys, max(1, batch_size)):
+        batch = [todo[j] for j in group]
         try:
             run(batch)
         except Exception as e:

@@ -435,6 +435,38 @@ def test_stages_run_without_ray(tmp_path):
     assert not (tmp_path / "out" / "part-000001.parquet").exists()
 
 
+def test_an_images_rows_do_not_depend_on_the_images_batched_with_it():
+    """Zero padding changes what the model computes for the image it pads: the model stage's calls each hold images
+    of one padded size, so each image gets the rows it gets alone (landscape and portrait images in one chunk, as
+    an increment or a retry one at a time would regroup them)."""
+    from fcclip.vocabulary import load_vocabulary
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec, label_images
+
+    segmenter = FCCLIPSegmenter(ModelSpec("fcclip-tiny", "random", load_vocabulary(VOCAB).to_dict(), device="cpu"))
+    calls = []
+
+    class Recorded:  # the segmenter, its calls' image sizes recorded
+        model_id, batch_key = segmenter.model_id, segmenter.batch_key
+
+        def __call__(self, images, sizes):
+            calls.append([im.shape[:2] for im in images])
+            return segmenter(images, sizes)
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 80), (72, 56), (64, 85), (64, 80), (96, 64), (64, 96)]  # the size divisibility is 32
+    images = [rng.integers(0, 255, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    meta = {"height": [h for h, _ in shapes], "width": [w for _, w in shapes], "error": [""] * len(shapes)}
+    batched = label_images(Recorded(), meta, images, batch_size=4)
+    assert sorted(map(sorted, calls)) == [[(64, 80), (64, 80), (64, 85), (64, 96)], [(72, 56), (96, 64)]]
+    for i in range(len(images)):
+        alone = label_images(segmenter, {k: v[i : i + 1] for k, v in meta.items()}, images[i : i + 1], 1)
+        assert (batched["maps"][i] == alone["maps"][0]).mean() > 0.998  # batched kernels round differently
+        assert [(s["id"], s["label"]) for s in batched["segments"][i]] == [(s["id"], s["label"]) for s in
+                                                                           alone["segments"][0]]
+        np.testing.assert_allclose([s["score"] for s in batched["segments"][i]],
+                                   [s["score"] for s in alone["segments"][0]], atol=1e-5)
+
+
 _CPU_STAGES = """
 import sys
 import numpy as np

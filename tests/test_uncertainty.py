@@ -63,7 +63,7 @@ def test_model_stage_columns_are_the_models_own(tiny_preset, tiny_model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), rng.integers(0, 255, (72, 56, 3), dtype=np.uint8)]
     meta = {"height": [64, 72], "width": [80, 56], "error": ["", ""]}
-    labeled = label_images(segmenter, meta, images, batch_size=1)  # batches pad: compare image by image
+    labeled = label_images(segmenter, meta, images, batch_size=2)  # two padded sizes: one call each
     table = encode_rows(["a.jpg", "b.jpg"], [0, 1], meta, labeled, {"vocabulary": "v", "run_id": "r", "model": "m"})
     rows = table.to_pylist()
     predictor = Predictor(tiny_model, vocab, short_edge=None, tasks=("panoptic",))

@@ -110,7 +110,9 @@ class LabelSummary:
     unchanged: int | None = None
     not_refreshed: int = 0  # changed, kept as labeled (--no-refresh)
     retried: int = 0  # unchanged objects whose error rows were labeled again (--retry-errors)
-    error_rows: int | None = None  # error rows in the table when SOURCE was listed again (None: the first listing)
+    # error rows of images SOURCE still lists that this run kept as they are, not labeled again (None: the first
+    # listing); rows of images gone from SOURCE are counted in ``gone``
+    error_rows: int | None = None
     gone: int = 0  # URIs of the table SOURCE no longer lists (their rows kept unless --prune)
     pruned: int = 0  # rows of those removed (--prune)
     version: int | None = None  # the table's current version (DEST/_delta_log) when the job ended
@@ -349,7 +351,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         summary.new, summary.changed, summary.unchanged = increment["new"], increment["changed"], increment["unchanged"]
         summary.not_refreshed = increment.get("not_refreshed", 0)
         summary.retried = increment.get("retried", 0)
-        summary.error_rows = increment.get("error_rows")
+        summary.error_rows = increment.get("errors_kept", increment.get("error_rows"))  # a listing of a release before
         summary.gone = increment.get("gone", 0)
     if "prune_shard" in increment and "pruned" not in increment:  # --prune: the rows of URIs gone from SOURCE
         increment["pruned"] = lake.prune(dest, increment, {"run_id": run["run_id"], "model": f"{model_config.name}@"

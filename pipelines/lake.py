@@ -688,7 +688,8 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
     changed ones with ``replaces``, then, with ``retry_errors``, unchanged ones whose row is an error row, with
     ``replaces`` too; unchanged ones, and changed ones when not ``refresh``, are left out). Returns the increment:
     ``{"first_shard", "shard_sizes", "new", "changed", "unchanged", "skipped", "duplicates", "retried",
-    "error_rows", "gone", "table_version"}`` (``error_rows``: the error rows of the current version, retried or not;
+    "error_rows", "errors_kept", "gone", "table_version"}`` (``error_rows``: the error rows of the current version,
+    retried or not; ``errors_kept``: those of images listed that this increment does not label again;
     ``gone``: its URIs SOURCE no longer lists; ``table_version``: the version the listing was compared with, None
     before the first). With ``prune``, the gone URIs are written to ``_fcclip/manifest/gone-FIRST.manifest`` with the
     file holding each (:func:`prune`), ``"prune_shard"``: the number that names the files the prune rewrites (a shard
@@ -720,7 +721,7 @@ def plan_increment(source: str, dest: Destination, run: dict, shard_size: int, e
             "duplicates": listed["listed"] - counts["distinct"], "new": counts["new"], "changed": counts["changed"],
             "unchanged": counts["distinct"] - counts["new"] - counts["changed"] - counts["not_refreshed"],
             "not_refreshed": counts["not_refreshed"], "retried": counts["retried"], "error_rows": counts["error_rows"],
-            "gone": counts["gone"], **extra}
+            "errors_kept": counts["errors_kept"], "gone": counts["gone"], **extra}
 
 
 class PruneRefused(ValueError):
@@ -793,8 +794,9 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
     """Compare a listing (Parquet files ``uri, etag, size, mtime, ord`` under ``listing_dir``) with the current
     version's rows and write, ordered (new first, then changed, then unchanged error rows with ``retry_errors``; each
     in listing order), the URIs to label to ``out_path`` (``uri, etag, size, mtime, replaces``). Returns
-    ``{"distinct", "new", "changed", "not_refreshed", "retried", "error_rows", "gone", "rows"}`` (``retried``:
-    unchanged URIs whose error row is labeled again; ``error_rows``: the current version's error rows; ``gone``: its
+    ``{"distinct", "new", "changed", "not_refreshed", "retried", "error_rows", "errors_kept", "gone", "rows"}``
+    (``retried``: unchanged URIs whose error row is labeled again; ``error_rows``: the current version's error rows;
+    ``errors_kept``: those of URIs listed and not labeled again (unchanged; changed with not ``refresh``); ``gone``: its
     URIs the listing lacks, written with the file holding each, ``uri, replaces``, to ``gone_path`` where given;
     ``rows``: its rows). ``labeled_files`` overrides the current version's files (a benchmark's)."""
     import duckdb
@@ -838,10 +840,13 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
         f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
     error_rows, rows = (int(v) for v in con.execute(
         "SELECT count(*) FILTER (WHERE status = 'error'), count(*) FROM old").fetchall()[0])
+    errors_kept = int(con.execute(  # of images still listed, not labeled by this increment
+        f"SELECT count(*) FROM old WHERE status = 'error' AND uri IN (SELECT uri FROM listed) "
+        f"AND uri NOT IN (SELECT uri FROM todo {keep})").fetchall()[0][0])
     con.close()
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
             "not_refreshed": 0 if refresh else all_changed, "retried": retried, "error_rows": error_rows,
-            "gone": gone, "rows": rows}
+            "errors_kept": errors_kept, "gone": gone, "rows": rows}
 
 
 def write_shards(dest: Destination, diff_path: str, first: int, shard_size: int) -> list[int]:

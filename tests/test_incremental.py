@@ -457,8 +457,9 @@ def test_a_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
 
 def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_path, ray_local, capsys):
     """A read that failed once (the object store reset the connection) leaves an error row, and the object has not
-    changed since: a plain rerun keeps the row and says how to label it again; `--retry-errors` does, replacing the
-    error row in the table's next version; then there is nothing more to retry."""
+    changed since: a plain rerun keeps the row and says how to label it again (an error row whose object changed is
+    labeled again, and no longer counted as kept); `--retry-errors` does, replacing the error row in the table's next
+    version; then there is nothing more to retry."""
     import argparse
 
     from fcclip.datasets.synthetic import write_images
@@ -467,10 +468,10 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
 
     folder, dest = tmp_path / "in", str(tmp_path / "out")
     write_images(folder, count=8, size=OLD_SIZE)
-    flaky = str(folder / "synth_00005.jpg")
+    flaky, replaced = str(folder / "synth_00005.jpg"), str(folder / "synth_00006.jpg")
 
-    def store_that_resets_one_read(uri: str) -> bytes:  # the first run's reader: one read fails as a network would
-        if uri == flaky:
+    def store_that_resets_one_read(uri: str) -> bytes:  # the first run's reader: two reads fail as a network's would
+        if uri in (flaky, replaced):
             raise ConnectionResetError(104, "Connection reset by peer")
         return read_bytes(uri)
 
@@ -479,16 +480,23 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
     command = _args(str(folder), dest)[1:]
     assert main_args(parser.parse_args(command), reader=store_that_resets_one_read) == 0
     out = capsys.readouterr().out
-    assert "7 ok, 1 failed" in out and "ConnectionResetError" in out, out
+    assert "6 ok, 2 failed" in out and "ConnectionResetError" in out, out
     status = {r["uri"]: r["status"] for r in open_output(dest).read(columns=["uri", "status"]).to_pylist()}
-    assert status[flaky] == "error" and list(status.values()).count("ok") == 7
+    assert status[flaky] == status[replaced] == "error" and list(status.values()).count("ok") == 6
 
     version = table_version(Destination(dest))
     assert main(_args(str(folder), dest)) == 0
     out = capsys.readouterr().out
     assert "listed again: 0 new, 0 changed, 8 unchanged" in out and "labeled 0 image(s)" in out, out
-    assert "the table holds 1 error row(s)" in out and "--retry-errors" in out, out
+    assert "the table holds 2 error row(s)" in out and "--retry-errors" in out, out
     assert table_version(Destination(dest)) == version
+
+    shutil.copyfile(write_images(tmp_path / "new", count=1, size=NEW_SIZE, seed=300)[0], replaced)
+    assert main(_args(str(folder), dest)) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 0 new, 1 changed, 7 unchanged" in out and "labeled 1 image(s)" in out, out
+    assert "the table holds 1 error row(s)" in out, out
+    version = table_version(Destination(dest))
 
     assert main(_args(str(folder), dest, "--retry-errors")) == 0
     out = capsys.readouterr().out

@@ -185,9 +185,13 @@ def _add_action(dest: Destination, relative: str):
     return AddAction(relative, size, {}, int(time.time() * 1000), True, stats), schema, meta.num_rows, fcclip
 
 
-def commit_version(dest: Destination, add: list[str], remove: list[str] = (), info: dict | None = None) -> int:
+def commit_version(dest: Destination, add: list[str], remove: list[str] = (), info: dict | None = None,
+                   carried: int = 0) -> int:
     """One table version that adds the part files ``add`` and removes ``remove`` (paths relative to DEST), with
     ``info`` (``fcclip.*`` keys) in its commit info; creates the table on the first commit. Returns the version.
+    ``fcclip.rows_added`` is the rows of ``add`` less ``carried``, those of them that files of ``remove`` held
+    already (a file rewritten without some rows carries the others over), so that the rows a version holds are the
+    sum of its versions' ``rows_added`` less their ``rows_replaced``.
 
     The ``fcclip.*`` key-value metadata of the files added (the run's vocabulary, thresholds, model, ...) is kept
     beside the table too, in ``_fcclip/table.json`` (:func:`table_metadata`), before the version is committed: a
@@ -212,7 +216,7 @@ def commit_version(dest: Destination, add: list[str], remove: list[str] = (), in
     if any(recorded.get(k) != v for k, v in properties.items()):
         dest.write_bytes(TABLE_METADATA, json.dumps({**recorded, **properties}).encode())
     metadata = {f"fcclip.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (info or {}).items()}
-    metadata["fcclip.rows_added"] = str(added_rows)
+    metadata["fcclip.rows_added"] = str(added_rows - carried)
     props = CommitProperties(custom_metadata=metadata)
     options = storage_options(dest.uri)
     if not has_table(dest):
@@ -404,7 +408,7 @@ class ShardCommitter:
         shard = shards[0] if by is None else by
         for _ in range(COMMIT_TRIES):
             add, remove = [part_name(s) for s in shards], []
-            rows_replaced = 0
+            rows_replaced = carried = 0
             if replaced:
                 jobs = _files_holding(dest, replaced, shard)
                 rows_replaced = sum(len(uris) for uris in jobs.values())
@@ -413,11 +417,12 @@ class ShardCommitter:
                     remove.append(name)
                     if kept:
                         add.append(rewrite_name(name, shard))
+                        carried += kept
             info = {**self.info, "shards": shards, "files_removed": len(remove), "rows_replaced": rows_replaced}
             if not add and not remove:  # nothing of it left in the table (an earlier run removed it)
                 return None, 0
             try:
-                version = commit_version(dest, add, remove, info)
+                version = commit_version(dest, add, remove, info, carried)
                 break
             except FilesGone as e:  # another program's compaction or DELETE came between: the old rows moved
                 logger.info("%s: looking for the rows shard %d replaces again", e, shard)

@@ -508,6 +508,9 @@ def test_error_rows_of_a_failed_read_are_labeled_again_with_retry_errors(tmp_pat
     assert next((r["height"], r["width"]) for r in rows if r["uri"] == flaky) == OLD_SIZE
     history = open_table(Destination(dest)).history()
     assert int(history[0]["fcclip.rows_replaced"]) == 1 and table_version(Destination(dest)) > version
+    # the rows of the file rewritten around the error row are carried over, not added: the versions add up
+    assert int(history[0]["fcclip.rows_added"]) == 1 and int(history[0]["fcclip.files_removed"]) == 1
+    assert sum(int(h.get("fcclip.rows_added", 0)) - int(h.get("fcclip.rows_replaced", 0)) for h in history) == 8
     # the version before still holds the error row
     before = {r["uri"]: r["status"] for r in open_output(dest, version=version).read(columns=["uri", "status"]).to_pylist()}
     assert before[flaky] == "error"

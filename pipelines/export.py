@@ -13,8 +13,10 @@ What DIR holds, per format:
 
 Categories come from the run's vocabulary (the ``fcclip.vocabulary`` key-value metadata of the part files): COCO
 ``category_id`` is the vocabulary's id, a semantic PNG holds the class index (the position in the vocabulary).
-Images are numbered 1, 2, ... in the order of the part files and their rows, ``file_name`` is the image's URI, and
-each PNG is named after the row's ``image_id``. Error rows are skipped and counted.
+An image's COCO ``id`` is its row's ``image_id`` (16 hex digits of the URI's SHA-256) as an integer, the top bit
+cleared (``coco_image_id``: below 2^63, for readers that hold ids as int64): the same image has the same id in every
+export, of any version or run, so two exports pair their images by id as COCO's tools do. ``file_name`` is the
+image's URI, and each PNG is named after the row's ``image_id``. Error rows are skipped and counted.
 
 Memory stays bounded: the part files are read one after the other in batches of ``--batch-rows`` rows, one image's
 masks are decoded at a time, and the JSON's ``images`` and ``annotations`` arrays are written to temporary files as
@@ -131,6 +133,11 @@ class _JsonWriter:
 def _write_png(fs: fsspec.AbstractFileSystem, path: str, array: np.ndarray) -> None:
     with fs.open(path, "wb") as f:
         Image.fromarray(array).save(f, format="PNG")  # (H, W, 3) uint8: RGB; (H, W) uint8: L; uint16: I;16
+
+
+def coco_image_id(image_id: str) -> int:
+    """A row's ``image_id`` (16 hex digits) as a COCO image id: that integer, the top bit cleared."""
+    return int(image_id, 16) & ((1 << 63) - 1)
 
 
 def _image_entry(number: int, row: dict) -> dict:
@@ -271,9 +278,10 @@ def export(dest: str, fmt: str, out: str, *, batch_rows: int = 64, version: int 
                 summary.error_rows += 1
                 continue
             summary.images += 1
-            writer.add("images", _image_entry(summary.images, row))
+            number = coco_image_id(row["image_id"])
+            writer.add("images", _image_entry(number, row))
             try:
-                target.add(writer, summary.images, row, summary)
+                target.add(writer, number, row, summary)
             except ValueError as e:  # a mask that does not fit its image: the output was not written by fcclip
                 raise OutputError(f"the row of {row['uri']} cannot be exported: {e}") from e
         writer.finish(fs, json_path)

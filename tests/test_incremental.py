@@ -568,10 +568,10 @@ def test_a_compaction_while_an_increment_commits_keeps_each_image_once(where, wh
     if when == "before its commit":
         commit_version = lake.commit_version
 
-        def compacted_first(dest_, add, remove=(), info=None):
+        def compacted_first(dest_, add, remove=(), *more):
             if remove:
                 compact()
-            return commit_version(dest_, add, remove, info)
+            return commit_version(dest_, add, remove, *more)
 
         monkeypatch.setattr(lake, "commit_version", compacted_first)
     else:  # the table the commit is made from is read, then the compaction is committed

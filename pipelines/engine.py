@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -226,6 +227,7 @@ class LabelEngine:
         self.images = sum(self.sizes[s] for s in pending)
         self.actors = [self._new_actor() for _ in range(self.min_actors)]
         self.startup_failures = 0
+        self.init_failures = 0  # of them, exceptions raised by the model stage's construction
         try:
             while (self.shards or self.queue or self.decoding or self.decoded or self.writing or self.committing
                    or any(a.calls for a in self.actors)):
@@ -386,11 +388,22 @@ class LabelEngine:
                 self.result.run_metadata = ray.get(meta_ref)
                 self.file_metadata = {**self.file_metadata, **self.result.run_metadata}
             actor.ready = True
-        except ray.exceptions.RayActorError as e:
+        except (runtime.ModelStageFailed, ray.exceptions.RayActorError) as e:
             self.startup_failures += 1
-            if self.startup_failures > RETRIES + self.max_actors:
-                raise LabelError(f"the model actor could not start: {_short(e)}") from None
-            logger.warning("a model actor failed to start (%s); starting another", _short(e))
+            # an exception of the model stage's construction (weights that are not a checkpoint, a class name too
+            # long for the text encoder, ...) comes again in the next actor: a second one ends the job, with its
+            # reason; other failures (a node lost while it started) as many as RETRIES for each actor of the pool
+            if isinstance(e, runtime.ModelStageFailed):
+                self.init_failures += 1
+                reason = " ".join(str(e.cause.args[0]).split())[:500]
+            elif getattr(e, "actor_init_failed", False):  # its arguments could not be loaded, say
+                self.init_failures += 1
+                reason = _last_line(e)
+            else:
+                reason = _short(e)
+            if self.init_failures > 1 or self.startup_failures > RETRIES + self.max_actors:
+                raise LabelError(f"the model actor could not start: {reason}") from None
+            logger.warning("a model actor failed to start (%s); starting another", reason)
             self._replace(actor, "failed_to_start")
 
     def _retry(self, chunk: Chunk, reason: str, count_attempts: bool = False) -> None:
@@ -487,3 +500,11 @@ def _crashed(e: BaseException) -> str:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
+
+
+def _last_line(e: BaseException) -> str:
+    """Of an error that carries a remote traceback, the line that gives the remote exception's type and message
+    (the last such line: a chained exception's comes after its cause's), else the last line."""
+    text = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    raised = [line for line in text if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line)]
+    return ((raised or text)[-1] if text else type(e).__name__)[:500]

@@ -233,16 +233,28 @@ def mark_batch() -> None:
     _batch_started = time.monotonic()
 
 
+class ModelStageFailed(RuntimeError):
+    """A model actor could not build its model stage (weights that are not a checkpoint, a class name too long for
+    the text encoder, ...): the exception's type and message, from ``ModelActor.ready``."""
+
+
 class ModelActor:
     """The model actor: builds its model stage once (``make_model_stage()``, e.g. the callable that
     ``stages.FCCLIPSegmenter.builder(spec)`` returns), then runs ``work(model_stage, *args)`` on it, call after call. Device work only belongs here: the callers keep decoding and
     encoding in CPU tasks."""
 
     def __init__(self, make_model_stage):
-        self.model_stage = make_model_stage()
+        self.failed = None
+        try:
+            self.model_stage = make_model_stage()
+        except Exception as e:  # ready() says so to the caller, who decides (not a traceback per actor on its log)
+            self.model_stage, self.failed = None, f"{type(e).__name__}: {e}"
+            logging.getLogger(__name__).debug("the model stage could not be built", exc_info=True)
 
     def ready(self) -> str:
-        """The model's id once it is loaded (``model_id`` when it has one)."""
+        """The model's id once it is loaded (``model_id`` when it has one); ModelStageFailed where it was not."""
+        if self.failed is not None:
+            raise ModelStageFailed(self.failed)
         return str(getattr(self.model_stage, "model_id", type(self.model_stage).__name__))
 
     def run(self, work, *args) -> tuple[dict, object]:

@@ -201,6 +201,29 @@ def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
     assert len(pq.read_table(other).to_pylist()) == 2
 
 
+def test_weights_that_are_not_a_checkpoint_end_the_job_in_one_line(tmp_path, ray_local, capsys, caplog):
+    """A model stage that cannot be built (here: a weights file of random bytes) fails again in every actor: the
+    second failure ends the job with the exception's type and message, one line, not an actor's traceback each;
+    fixed, the same command labels."""
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(np.random.default_rng(0).bytes(1024))
+    dest = tmp_path / "out"
+    args = [a if a != "random" else str(weights) for a in _local_args(tmp_path / "in", dest)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fcclip label: error: the model actor could not start: CheckpointError: ") and \
+        f"{weights}: cannot be read" in last, err
+    assert "Traceback" not in err, err
+    failed = [r.getMessage() for r in caplog.records if "failed to start" in r.getMessage()]
+    assert len(failed) == 1 and "(CheckpointError: " in failed[0], failed
+    assert main(_local_args(tmp_path / "in", dest)) == 0, capsys.readouterr().err
+    assert "labeled 2 image(s)" in capsys.readouterr().out
+
+
 def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(tmp_path, ray_local, capsys):
     """The same command every night (cluster/kuberay/raycronjob-label.yaml): with nothing new it lists SOURCE and
     ends without asking for a GPU, so an autoscaler starts no GPU node for it; with something new it asks. This

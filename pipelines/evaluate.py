@@ -41,6 +41,7 @@ from fcclip.metrics.semantic import SemanticAccumulator
 from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.vocabulary import Vocabulary
+from fcclip_pipelines.arguments import COUNT, SCORE, number
 from fcclip_pipelines import runtime
 from fcclip_pipelines.output import OutputError, add_version_argument, open_output, read_labeled_image, segment_map
 
@@ -325,19 +326,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_version_argument(p, "--data")
     p.add_argument("--data", required=True, help="datasets root ($DETECTRON2_DATASETS layout) or the dataset folder; "
                                                  "without --dataset, a labeling output (local or s3://)")
-    p.add_argument("--min-score", type=float, default=0.0,
+    p.add_argument("--min-score", type=SCORE, default=0.0,
                    help="labeling output only: pseudo-label segments scoring below this are void")
     p.add_argument("--out", default=None, help="write the results (overall and per class) as JSON")
-    p.add_argument("--batch-size", type=int, default=2, help="images per model forward pass (default: %(default)d)")
-    p.add_argument("--actors", type=int, default=1, help="model actors, each holding one model (default: %(default)d)")
+    p.add_argument("--batch-size", type=COUNT, default=2,
+                   help="images per model actor call, each predicted on its own (default: %(default)d)")
+    p.add_argument("--actors", type=COUNT, default=1,
+                   help="model actors, each holding one model (default: %(default)d)")
     runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--short-edge", type=int, default=None,
+    p.add_argument("--limit", type=COUNT, default=None, help="evaluate the first N images only")
+    p.add_argument("--short-edge", type=number(int, minimum=0), default=None,
                    help="override the benchmark's (or the model's) test size; 0: each image's own size")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--max-size", type=COUNT, default=None,
                    help="override the benchmark's (or the model's) long-edge limit")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -43,6 +43,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fcclip.masks import id2rgb
+from fcclip_pipelines.arguments import COUNT
 from fcclip_pipelines.output import LabelingOutput, OutputError, add_version_argument, open_output, segment_map
 
 logger = logging.getLogger("fcclip.export")
@@ -294,7 +295,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_version_argument(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write into (a path or a URI)")
-    p.add_argument("--batch-rows", type=int, default=64, metavar="N",
+    p.add_argument("--batch-rows", type=COUNT, default=64, metavar="N",
                    help="rows read at a time; bounds the memory (default: %(default)s)")
 
 

@@ -48,6 +48,7 @@ from fcclip.images import DEFAULT_MAX_PIXELS
 from fcclip.vocabulary import VocabularyError, load_vocabulary
 
 from . import lake, runtime
+from .arguments import COUNT, SCORE, SECONDS, number
 from .engine import LabelEngine, LabelError, LabelStopped
 from .progress import JobProgress
 from .output import PART_RE, Destination, new_run_id
@@ -454,51 +455,42 @@ def _parse_actors(text: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--max-failed-fraction takes a number in [0, 1], got {text!r}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="folder, glob, s3:// / gs:// prefix, or manifest (.parquet/.csv with 'uri', .txt)")
     p.add_argument("--out", required=True, help="output folder or object-store prefix")
     p.add_argument("--vocab", required=True, help="builtin name, .txt/.json/.yaml file, or inline 'cat; dog, puppy'")
     p.add_argument("--model", default="fcclip-convnext-large", help="preset or preset YAML (default: %(default)s)")
     p.add_argument("--weights", default="official", help="'official', 'random' (smoke runs), or a path/URI")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--batch-size", type=COUNT, default=4,
                    help="images per model forward pass, of one padded size (default: %(default)s)")
     p.add_argument("--actors", type=_parse_actors, default=(1, 1),
                    help="model actors: N, or MIN-MAX: MIN start at once, more (up to MAX) while images wait for them, "
                    "idle ones end when none are left (default: 1)")
     runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+    p.add_argument("--cpus-per-actor", type=number(minimum=0), default=1.0,
                    help="CPUs each model actor asks for, beside its GPUs (default: %(default)g)")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: 0)")
-    p.add_argument("--short-edge", type=int, default=None,
+    p.add_argument("--min-score", type=SCORE, default=0.0, help="drop segments scoring below this (default: 0)")
+    p.add_argument("--short-edge", type=number(int, minimum=0), default=None,
                    help="test-time short edge (default: the model's, 800 for the released models; 0 = keep size)")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--max-size", type=COUNT, default=None,
                    help="test-time long-edge limit (default: the model's, 1333 for the released models)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per output Parquet file (default: %(default)d)")
+    p.add_argument("--shard-size", type=COUNT, default=1000,
+                   help="images per output Parquet file (default: %(default)d)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (where the device computes bfloat16 natively)")
-    p.add_argument("--decode-timeout", type=float, default=120.0,
+    p.add_argument("--decode-timeout", type=SECONDS, default=120.0,
                    help="seconds to read and decode one image before it becomes an error row (default: %(default)s)")
-    p.add_argument("--batch-timeout", type=float, default=600.0,
+    p.add_argument("--batch-timeout", type=number(minimum=0), default=600.0,
                    help="seconds one model batch may take; past it the actor is replaced and the images are run one "
                    "at a time, and an image that times out alone is an error row (default: %(default)s; 0 = none)")
-    p.add_argument("--chunk-size", type=int, default=128,
+    p.add_argument("--chunk-size", type=COUNT, default=128,
                    help="images per decode task, model call and written fragment (default: %(default)s)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a DEST that holds an earlier run (its part files and _fcclip/ are removed), "
                    "or write beside files fcclip did not write; nothing else is removed")
-    p.add_argument("--max-failed-fraction", type=_fraction, default=None, metavar="F",
+    p.add_argument("--max-failed-fraction", type=SCORE, default=None, metavar="F",
                    help="exit with status 1 when more than this fraction of the images became error rows "
                    "(after committing everything; default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")

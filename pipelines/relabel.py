@@ -64,6 +64,7 @@ from fcclip.text import TextClassifier, build_text_classifier
 from fcclip.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
 from . import lake, runtime
+from .arguments import COUNT, SCORE
 from .label import DestinationError, reopen_run
 from .progress import JobProgress
 from .lake import TABLE_FILE_RE
@@ -678,11 +679,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_version_argument(p)
     p.add_argument("--vocab", required=True, help="the new vocabulary (as fcclip label's --vocab)")
     p.add_argument("--out", required=True, metavar="DEST2", help="output folder or object-store prefix")
-    p.add_argument("--min-score", type=float, default=None, help="drop segments scoring below this (default: DEST's)")
+    p.add_argument("--min-score", type=SCORE, default=None, help="drop segments scoring below this (default: DEST's)")
     p.add_argument("--model", default=None, help="default: DEST's model")
     p.add_argument("--weights", default=None, help="default: DEST's weights")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in DEST2 with other settings")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line (log lines only)")

@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .arguments import COUNT
+
 __all__ = ["pick", "read_picks", "merge", "add_arguments", "main_args"]
 
 logger = logging.getLogger("fcclip.review")
@@ -403,7 +405,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="review_command", required=True, metavar="STEP")
     q = sub.add_parser("pick", help="the N images most worth a person's time, as a small Parquet list")
     q.add_argument("dest", metavar="DEST", help="a labeling output")
-    q.add_argument("--count", type=int, required=True, help="how many images")
+    q.add_argument("--count", type=COUNT, required=True, help="how many images")
     q.add_argument("--by", default="uncertainty", help="uncertainty (default), random, or class=NAME")
     q.add_argument("--exclude", action="append", default=[], metavar="PATH",
                    help="leave out the images PATH holds: a pick list, a folder of them (earlier nights' picks; "

@@ -208,10 +208,12 @@ def _bundle_text(bundle: dict[str, float]) -> str:
 def add_gpu_arguments(p, flag: str, who: str, on_cpu: str, wait_for: str) -> None:
     """The GPU request of a job's command line: ``flag`` (GPUs each of ``who`` asks for, default
     :func:`default_gpus`) and ``--gpu-wait`` (how long to wait for ``wait_for``)."""
-    p.add_argument(flag, type=float, default=None,
+    from .arguments import number
+
+    p.add_argument(flag, type=number(minimum=0), default=None,
                    help=f"GPUs each {who} asks for: default 1 on a cluster (--address / $RAY_ADDRESS; its autoscaler "
                    f"adds GPU nodes for them), and on this machine 1 if it has a GPU, else 0; 0 {on_cpu}")
-    p.add_argument("--gpu-wait", type=float, default=GPU_WAIT_S,
+    p.add_argument("--gpu-wait", type=number(minimum=0), default=GPU_WAIT_S,
                    help=f"seconds to wait for {wait_for} before exiting with status 1 (default: %(default)g)")
 
 

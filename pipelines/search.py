@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from fcclip.config import ConfigError
 
+from .arguments import COUNT
 from .embed_text import TextTowerMismatch, text_embedding
 from .output import OutputError, add_version_argument, open_output
 from .show.overlays import overlay, read_rows
@@ -156,7 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="a labeling output made with fcclip label --embeddings")
     p.add_argument("text", help="what to look for, e.g. 'a flooded street'")
     add_version_argument(p)
-    p.add_argument("--top", type=int, default=50, help="segments listed (default: %(default)s)")
+    p.add_argument("--top", type=COUNT, default=50, help="segments listed (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="HITS.html", help="also write an HTML gallery of the hits")
     p.add_argument("--model", default=None, help="default: DEST's model")
     p.add_argument("--weights", default=None, help="default: DEST's weights")

@@ -72,6 +72,7 @@ from fcclip.training.data import collate, collate_batches, normalize_images, tra
 from fcclip.training.ignore import build_ignore_criterion
 from fcclip.training.mix import MixedSamples
 from fcclip.vocabulary import Vocabulary
+from fcclip_pipelines.arguments import COUNT, SCORE, number
 from fcclip_pipelines import runtime
 from fcclip_pipelines.train_data import (
     KINDS,
@@ -927,21 +928,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="a COCO panoptic tree or a labeling output of fcclip label (local or s3://...; detected)")
     p.add_argument("--storage", required=True, help="where checkpoints and metrics go (local folder or s3://...)")
-    p.add_argument("--version", type=int, default=None, metavar="N",
+    p.add_argument("--version", type=number(int, minimum=0), default=None, metavar="N",
                    help="train on version N of the labeling output's table (default: the current one; with "
                    "--resume, the one the run started on)")
     p.add_argument("--name", default=None, help="run name (default: the config's)")
-    p.add_argument("--num-workers", type=int, default=1,
+    p.add_argument("--num-workers", type=COUNT, default=1,
                    help="training workers (DDP ranks; the config's global batch is split across them; default: 1)")
     runtime.add_gpu_arguments(p, "--gpus-per-worker", "training worker", "trains on CPU (gloo)", "every worker's GPU")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--cpus-per-worker", type=number(minimum=0), default=1.0,
                    help="CPUs each training worker asks for, beside its GPUs (default: %(default)g)")
-    p.add_argument("--max-iters", type=int, default=None, help="override the config's iteration count")
+    p.add_argument("--max-iters", type=COUNT, default=None, help="override the config's iteration count")
     p.add_argument("--resume", action="store_true", help="continue the run stored under --storage/NAME")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray (default: all)")
     g = p.add_argument_group("pseudo-labels (when --data is a labeling output)")
-    g.add_argument("--min-score", type=float, default=0.0,
+    g.add_argument("--min-score", type=SCORE, default=0.0,
                    help="segments scoring below this become ignore regions (not background)")
     g.add_argument("--class-map", action="append", default=[], metavar="OLD=NEW",
                    help="train the run's class OLD (name or id) as NEW: an existing class (merged) or a new name; "

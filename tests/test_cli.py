@@ -336,3 +336,34 @@ def test_a_uri_whose_file_system_is_missing_or_unknown_is_one_line(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"fcclip {argv[0]}: error: ") and expected in err[0].lower(), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "coco").exists()
+
+
+LABEL = ["label", "SRC", "--out", "OUT", "--vocab", "cat"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*LABEL, "--shard-size", "0"], "--shard-size: must be at least 1, got '0'"),
+    ([*LABEL, "--shard-size", "-3"], "--shard-size: must be at least 1"),
+    ([*LABEL, "--decode-timeout", "-1"], "--decode-timeout: must be more than 0"),
+    ([*LABEL, "--batch-timeout", "-5"], "--batch-timeout: must be at least 0"),
+    ([*LABEL, "--gpus-per-actor", "-1"], "--gpus-per-actor: must be at least 0"),
+    ([*LABEL, "--num-cpus", "0"], "--num-cpus: must be at least 1"),
+    ([*LABEL, "--min-score", "2"], "--min-score: takes a number from 0 to 1"),
+    ([*LABEL, "--min-score", "nan"], "--min-score: takes a finite number"),
+    ([*LABEL, "--batch-size", "0"], "--batch-size: must be at least 1"),
+    ([*LABEL, "--chunk-size", "1.5"], "--chunk-size: takes a whole number"),
+    (["relabel", "SRC", "--out", "OUT", "--vocab", "cat", "--min-score", "-0.1"], "--min-score: takes a number from 0"),
+    (["eval", "--model", "m", "--data", "SRC", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["train", "--config", "c", "--data", "SRC", "--storage", "S", "--num-workers", "0"], "--num-workers: must be at"),
+    (["review", "pick", "SRC", "--count", "0"], "--count: must be at least 1"),
+])
+def test_numbers_out_of_range_are_refused_before_anything_runs(argv, message, tmp_path, capsys, monkeypatch):
+    """A number a command cannot use (a shard of 0 images, a negative time limit, a score above 1) is refused as
+    argparse refuses a word: status 2, the argument named, nothing read or written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {message}" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

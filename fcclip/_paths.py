@@ -8,6 +8,7 @@ finds them there; a checkout (an editable install, or ``fcclip`` imported from t
 from __future__ import annotations
 
 import os
+import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fcclip"
+
+
+def new_file(directory: str | os.PathLike, suffix: str) -> tuple[int, str]:
+    """A new file in ``directory``, open for writing, and its path: as ``tempfile.mkstemp`` makes one, but with the
+    permissions a plain ``open`` gives (0o666 less the umask) rather than 0o600, so that a file renamed from it into
+    place (a part file, a checkpoint) is readable by the other users and services a plain file would be."""
+    while True:
+        path = os.path.join(directory, f"tmp{uuid.uuid4().hex}{suffix}")
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._paths import cache_dir
+from ._paths import cache_dir, new_file
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, num_train_classes: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = official_state_dict(model, num_train_classes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    fd, tmp = new_file(path.parent, ".part")  # the umask's permissions, not mkstemp's 0o600
     os.close(fd)
     try:
         if path.suffix == ".safetensors":

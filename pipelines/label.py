@@ -290,6 +290,9 @@ def run_label(
     the decode tasks within the decode time limit; default stages.read_bytes (fsspec).
     """
 
+    problem = Destination(cfg.dest).placement_problem()
+    if problem:
+        raise DestinationError(f"{problem}; nothing was read or written")
     lock = lake.WriterLock(Destination(cfg.dest))
     lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
     try:

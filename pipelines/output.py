@@ -56,7 +56,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from fcclip._paths import new_file
 from fcclip.images import decode_image_bytes
 from fcclip.masks import decode_rle
 
@@ -326,7 +326,7 @@ class Destination:
             tmp_dir = self.path(META_DIR, "tmp")
             os.makedirs(tmp_dir, exist_ok=True)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".inprogress")
+            fd, tmp = new_file(tmp_dir, ".inprogress")  # the umask's permissions, not mkstemp's 0o600
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -347,6 +347,27 @@ class Destination:
         return self.fs.exists(self.path(relative))
 
     # ------------------------------------------------------------------ what DEST holds
+    def placement_problem(self) -> str | None:
+        """Why an output cannot go here, in one line, or None: DEST is a file, lies below one, or lies inside a table or
+        a run's output (whose readers, ``read_parquet('OUT/**/*.parquet')``, Spark, pyarrow's dataset of the folder,
+        would take DEST's part files for its rows). Listings only: two per folder above DEST."""
+        fs, root = self.fs, self.root
+        fs.invalidate_cache(root)
+        if fs.isfile(root):
+            return f"{self.uri} is a file, not a folder or prefix"
+        parts = root.split("/")
+        for end in range(len(parts) - 1, 0, -1):
+            above = "/".join(parts[:end])
+            if not above.strip("/"):
+                break
+            shown = fs.unstrip_protocol(above) if _has_protocol(self.uri) else above
+            if fs.isfile(above):
+                return f"{self.uri} is below {shown}, a file, not a folder"
+            if fs.exists(f"{above}/{DELTA_LOG}") or fs.exists(f"{above}/{META_DIR}/run.json"):
+                return (f"{self.uri} is inside the output {shown}, whose readers would take its part files for rows of "
+                        f"their own: choose a folder outside it")
+        return None
+
     def survey(self) -> "Survey":
         """What DEST holds, from listings only (no file is read but ``_fcclip/run.json``).
 

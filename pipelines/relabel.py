@@ -393,6 +393,9 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     dest = Destination(out)
     if dest.uri.rstrip("/") == Destination(source_dest).uri.rstrip("/"):
         raise RelabelError("--out must be another folder than DEST")
+    problem = dest.placement_problem()
+    if problem:
+        raise RelabelError(f"--out: {problem}; nothing was read or written")
     source_table = Destination(source_dest)
     is_table = lake.has_table(source_table)
     target = version if version is not None or not is_table else lake.table_version(source_table)

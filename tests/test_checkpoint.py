@@ -106,3 +106,21 @@ def test_preset_without_release_needs_weights():
 
     with pytest.raises(ConfigError, match="no released checkpoint"):
         build_model("fcclip-tiny", weights="official", device="cpu")
+
+
+def test_checkpoints_and_part_files_get_the_umasks_permissions(tmp_path, trained_like):
+    """Written through a temporary file renamed into place, as a plain file would be: 0o666 less the umask (other
+    users of a shared storage, a reader service, can read them), not the temporary file's 0o600."""
+    import os
+    import stat
+
+    from fcclip_pipelines.output import Destination
+
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(trained_like, tmp_path / "model.pth")
+        Destination(str(tmp_path / "out")).write_bytes("part-000000.parquet", b"rows")
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "model.pth", tmp_path / "out" / "part-000000.parquet"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -103,6 +103,10 @@ def test_without_embeddings_the_schema_is_unchanged(lake, tmp_path, capsys):
     assert main(["relabel", str(tmp_path / "plain"), "--vocab", NEW, "--out", str(tmp_path / "r")]) == 2
     assert "relabel needs a run labeled with --embeddings" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    # DEST2 inside DEST: readers of DEST would take its part files for DEST's rows
+    assert main(["relabel", str(tmp_path / "plain"), "--vocab", NEW, "--out", str(tmp_path / "plain" / "r")]) == 2
+    assert f"inside the output {tmp_path / 'plain'}" in capsys.readouterr().err
+    assert not (tmp_path / "plain" / "r").exists()
 
 
 def test_relabel_with_the_same_vocabulary_reproduces_the_labels(lake, capsys):

@@ -366,6 +366,29 @@ def test_foreign_files_in_dest_are_refused_untouched(tmp_path, capsys):
     assert sorted(p.name for p in notes.iterdir()) == ["README.txt"]
 
 
+def test_dest_inside_an_output_or_a_file_is_refused(tmp_path, capsys):
+    """An output inside another (a table, or a run's folder) would read as rows of the outer one to readers of its
+    folder; DEST that is a file, or below one, is no folder: each one line, status 2, nothing written."""
+    from deltalake import write_deltalake
+    import pyarrow as pa
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=(48, 64))
+    table = tmp_path / "table"
+    write_deltalake(str(table), pa.table({"x": [1]}))
+    run = tmp_path / "run"
+    (run / "_fcclip").mkdir(parents=True)
+    (run / "_fcclip" / "run.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    for dest, said in [(table / "sub", f"inside the output {table}"), (run / "a" / "b", f"inside the output {run}"),
+                       (tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "a file, not a")]:
+        assert main(_local_args(tmp_path / "in", dest)) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (table / "sub").exists() and not (run / "a").exists()
+
+
 def test_overwrite_writes_beside_foreign_files_and_max_failed_fraction(tmp_path, ray_local, capsys):
     from fcclip.datasets.synthetic import write_images
 

@@ -96,8 +96,41 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def build_strict(cls, data: Any, where: str):
-    """A frozen config dataclass from a mapping; an unknown key or a missing field is a ConfigError naming it.
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_type(value: Any, annotation: str, where: str, positive: bool) -> Any:
+    """``value`` checked against a field annotated int, float, bool or str, or one of those ``| None``; other fields
+    (tuples, mappings) are not checked here. Ints must be >= 1 when ``positive``; an int for a float becomes one,
+    and so does a string that reads as a number."""
+    names = [n.strip() for n in annotation.split("|")]
+    optional = "None" in names
+    names = [n for n in names if n != "None"]
+    if len(names) != 1 or names[0] not in _SCALARS or (value is None and optional):
+        return value
+    kind = _SCALARS[names[0]]
+    if kind is float and _is_number(value):
+        value = float(value)
+    elif kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = ("an " if kind is int else "a ") + names[0] + (" or null" if optional else "")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    if positive and kind is int and value < 1:
+        raise ConfigError(f"{where}: must be a positive integer, got {value}")
+    return value
+
+
+def build_strict(cls, data: Any, where: str, positive: bool = False):
+    """A frozen config dataclass from a mapping; an unknown key, a missing field or a value of the wrong type (int,
+    float, bool or str as the field says) is a ConfigError naming it; ints must be >= 1 when ``positive``.
     Lists become tuples (the dataclasses are frozen and hashable)."""
     if data is None:
         return cls()
@@ -109,10 +142,12 @@ def build_strict(cls, data: Any, where: str):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
+        name = f"{where}: {key}" if where.endswith((".yaml", ".yml")) else f"{where}.{key}"  # a file, or a section
         if key in ("pixel_mean", "pixel_std"):
-            if not (isinstance(value, (list, tuple)) and len(value) == 3):
-                raise ConfigError(f"{where}.{key}: expected 3 numbers, got {value!r}")
+            if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)):
+                raise ConfigError(f"{name}: expected 3 numbers, got {value!r}")
             value = tuple(float(v) for v in value)
+        value = _check_type(value, str(names[key].type), name, positive)
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
@@ -136,10 +171,18 @@ def config_from_dict(data: Mapping[str, Any], name: str | None = None) -> ModelC
     return ModelConfig(
         name=str(name),
         clip=build_strict(ClipConfig, data["clip"], "clip"),
-        head=build_strict(HeadConfig, data.get("head"), "head"),
-        inference=build_strict(InferenceConfig, data.get("inference"), "inference"),
-        weights=build_strict(WeightsConfig, data.get("weights"), "weights"),
+        head=build_strict(HeadConfig, data.get("head"), "head", positive=True),
+        inference=build_strict(InferenceConfig, data.get("inference"), "inference", positive=True),
+        weights=build_strict(WeightsConfig, data.get("weights"), "weights", positive=True),
     )
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (its message spans several lines, with a snippet)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
 
 
 def list_models() -> list[str]:
@@ -176,6 +219,14 @@ def load_config(spec: str | Path | ModelConfig) -> ModelConfig:
     if isinstance(spec, ModelConfig):
         return spec
     path = _resolve(spec, "models", list_models())
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return config_from_dict(data, name=path.stem)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a model config is YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
+    try:
+        return config_from_dict(data, name=path.stem)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

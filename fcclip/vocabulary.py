@@ -329,7 +329,10 @@ def _load_file(path: Path) -> Vocabulary:
         raise VocabularyError(
             f"{path}: unsupported vocabulary file type {path.suffix!r}; use .txt, .json, .yaml or .yml"
         )
-    text = path.read_text(encoding="utf-8-sig")  # FileNotFoundError names the path
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # FileNotFoundError names the path
+    except UnicodeDecodeError:
+        raise VocabularyError(f"{path}: not a UTF-8 text file; save the vocabulary as UTF-8") from None
     try:
         if suffix == ".txt":
             entries = []
@@ -348,10 +351,12 @@ def _load_file(path: Path) -> Vocabulary:
         else:
             import yaml
 
+            from fcclip.config import yaml_problem
+
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise VocabularyError(f"invalid YAML: {exc}") from None
+                raise VocabularyError(f"invalid YAML: {yaml_problem(exc)}") from None
         return Vocabulary.from_dict(data, default_name=path.stem)
     except VocabularyError as exc:
         raise VocabularyError(f"{path}: {exc}") from None

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from fcclip.build import build_model
+from fcclip.checkpoint import CheckpointError
 from fcclip.config import ConfigError
 from fcclip.text import encode_names, text_tower_digest
 
@@ -58,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args: argparse.Namespace) -> int:
     try:
         vector = text_embedding(args.text, args.model, args.weights)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"fcclip embed-text: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"fcclip embed-text: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     print(json.dumps([float(f"{v:.7g}") for v in vector.tolist()]))
     return 0

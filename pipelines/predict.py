@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from fcclip.build import build_model
+from fcclip.build import build_model, resolve_device
 from fcclip.checkpoint import CheckpointError
 from fcclip.config import ConfigError
 from fcclip.images import ImageDecodeError
@@ -24,6 +25,7 @@ from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
 from fcclip.vocabulary import VocabularyError
+from fcclip_pipelines.arguments import COUNT, SCORE, number
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,9 +37,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="'official' (released checkpoint, downloaded once), 'clip', 'random' (smoke runs), or a path/URI",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
-    p.add_argument("--short-edge", type=int, default=None,
-                   help="test-time short edge (default: the model's, 800 for the released models)")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--short-edge", type=number(int, minimum=0), default=None,
+                   help="test-time short edge, 0 keeps the image's size (default: the model's, 800 for the released "
+                        "models)")
+    p.add_argument("--max-size", type=COUNT, default=None,
                    help="test-time long-edge limit (default: the model's, 1333 for the released models)")
 
 
@@ -45,16 +48,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files or URIs")
     p.add_argument("--vocab", required=True, help="builtin name, .txt/.json/.yaml file, or inline 'cat; dog, puppy'")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop segments scoring below this (default: keep all)")
+    p.add_argument("--min-score", type=SCORE, default=0.0, help="drop segments scoring below this (default: keep all)")
     add_model_arguments(p)
+
+
+class UsageError(ValueError):
+    """An argument that cannot be used here (the device, the output folder)."""
 
 
 def main_args(args: argparse.Namespace) -> int:
     try:
         return predict(args)
-    except (ConfigError, VocabularyError, CheckpointError, FileNotFoundError) as e:
-        print(f"fcclip predict: error: {e}", file=sys.stderr)
+    except (ConfigError, VocabularyError, CheckpointError, FileNotFoundError, UsageError) as e:
+        print(f"fcclip predict: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
+
+
+def check_device(spec: str) -> torch.device:
+    """The device ``spec`` names, once it is known to work here; else UsageError."""
+    try:
+        device = resolve_device(spec)
+        torch.empty(0, device=device)  # initialises CUDA: no driver or no such GPU raise here
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or ["unusable"])[0]
+        raise UsageError(f"--device {spec}: {reason} (use cpu, or cuda / cuda:N where there is a GPU)") from None
+    return device
+
+
+def check_out_folder(out: Path) -> None:
+    """UsageError when ``out``, or a folder above it, is an existing file."""
+    for path in (out, *out.absolute().parents):
+        if path.exists() and not path.is_dir():
+            where = "" if path == out else f": {path}"
+            raise UsageError(f"--out {out}{where} is a file, not a folder")
 
 
 def _short_edge(value: int | None):
@@ -64,12 +90,13 @@ def _short_edge(value: int | None):
 
 
 def predict(args: argparse.Namespace) -> int:
-    model = build_model(args.model, weights=args.weights, device=args.device)
+    out = Path(args.out)
+    check_out_folder(out)
+    model = build_model(args.model, weights=args.weights, device=check_device(args.device))
     use_tf32(model.device)
     predictor = Predictor(
         model, args.vocab, short_edge=_short_edge(args.short_edge), max_size=args.max_size, tasks=("panoptic",)
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = predictor.vocabulary
     colors = {c.id: c.color for c in vocab.categories}
@@ -81,7 +108,8 @@ def predict(args: argparse.Namespace) -> int:
             result = predictor.predict_batch([image])[0]
         except (ImageDecodeError, OSError) as e:
             failed += 1
-            print(f"error: {source}: {e}", file=sys.stderr)
+            message = str(e) if str(e).startswith(source) else f"{source}: {e}"  # ImageDecodeError names it
+            print(f"error: {message}", file=sys.stderr)
             continue
         record, segments, segment_map = _write_image(out, stem, source, result, args.min_score)
         annotations.append(record)

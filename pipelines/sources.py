@@ -58,7 +58,22 @@ class SourceError(ValueError):
 def _join(base: str, entry: str) -> str:
     if "://" in entry or entry.startswith("/"):
         return entry
-    return posixpath.join(base, entry) if "://" in base else os.path.join(base, entry)
+    return posixpath.join(base, entry) if "://" in base else os.path.normpath(os.path.join(base, entry))
+
+
+UNREADABLE = (pa.ArrowException, UnicodeDecodeError, csv.Error, json.JSONDecodeError)  # a corrupt or foreign file
+
+
+def _unreadable(uri: str, e: Exception) -> SourceError:
+    """SourceError for a manifest that is not what its extension says (one of UNREADABLE)."""
+    if isinstance(e, UnicodeDecodeError):
+        what = "not UTF-8 text"
+    elif isinstance(e, pa.ArrowException):
+        what = "not a readable Parquet file"
+    else:
+        what = "cannot be parsed"
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return SourceError(f"manifest {uri}: {what} ({first_line})")
 
 
 def _protocol_prefix(uri: str) -> str:
@@ -66,8 +81,16 @@ def _protocol_prefix(uri: str) -> str:
 
 
 def iter_manifest(uri: str, batch_rows: int = 65536) -> Iterator[str]:
-    """URIs of a manifest file, streamed."""
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    """URIs of a manifest file, streamed; relative entries are relative to the manifest's folder (absolute local paths
+    for a local manifest)."""
+    base = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    try:
+        yield from _iter_manifest(uri, base, batch_rows)
+    except UNREADABLE as e:
+        raise _unreadable(uri, e) from None
+
+
+def _iter_manifest(uri: str, base: str, batch_rows: int) -> Iterator[str]:
     lower = uri.lower()
     with fsspec.open(uri, "rb") as f:
         if lower.endswith(".parquet"):
@@ -148,10 +171,13 @@ def iter_source_entries(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSI
     fs, path = fsspec.core.url_to_fs(source)
     prefix = _protocol_prefix(source)
     if source.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
-        inventory = _inventory_columns(source)
-        if inventory is not None:
-            yield from iter_inventory(source, inventory)
-            return
+        try:
+            inventory = _inventory_columns(source)
+            if inventory is not None:
+                yield from iter_inventory(source, inventory)
+                return
+        except UNREADABLE as e:
+            raise _unreadable(source, e) from None
         for uri in iter_manifest(source):
             yield Entry(uri, True)
         return

@@ -55,6 +55,14 @@ def clip_embed_dim(config: ClipConfig) -> int:
     return int(cfg["embed_dim"])
 
 
+def clip_context_length(config: ClipConfig) -> int:
+    """The text encoder's context length (77 for the CLIPs FC-CLIP uses), read from its config without building it."""
+    cfg = config.model_cfg if config.model_cfg is not None else open_clip.get_model_config(config.model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {config.model_name!r}; see open_clip.list_models()")
+    return int((cfg.get("text_cfg") or {}).get("context_length", 77))
+
+
 class CLIPBackbone(nn.Module):
     """Frozen CLIP with the FC-CLIP feature interface (ConvNeXt and ResNet CLIPs).
 

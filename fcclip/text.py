@@ -18,26 +18,10 @@ from pathlib import Path
 import torch
 
 from ._paths import cache_dir
-from .vocabulary import Vocabulary, load_vocabulary, seen_mask, validate_prompt_lengths
+from .vocabulary import PROMPT_TEMPLATES, Vocabulary, load_vocabulary, seen_mask, validate_prompt_lengths  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-PROMPT_TEMPLATES = (
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
 
 
 @dataclass

@@ -48,9 +48,28 @@ __all__ = [
     "list_vocabularies",
     "load_vocabulary",
     "palette_color",
+    "prompts_surely_fit",
     "seen_mask",
     "validate_prompt_lengths",
 ]
+
+# The prompt-template ensemble each class name is encoded with (the reference's; fcclip.text encodes them).
+PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
 
 _FILE_SUFFIXES = (".txt", ".json", ".yaml", ".yml")
 _TOP_KEYS = {"name", "categories"}
@@ -270,6 +289,16 @@ def seen_mask(vocabulary: Vocabulary, train_vocabulary: Vocabulary) -> list[bool
     """
     train_names = {name for c in train_vocabulary.categories for name in c.names}
     return [any(name in train_names for name in c.names) for c in vocabulary.categories]
+
+
+def prompts_surely_fit(vocabulary: Vocabulary, templates: Sequence[str] = PROMPT_TEMPLATES,
+                       context_length: int = 77) -> bool:
+    """Whether every prompt (each template filled with each name) fits ``context_length`` tokens for certain, told
+    without a tokenizer (nor PyTorch): CLIP's byte-level BPE gives a prompt at most one token per UTF-8 byte, plus its
+    start and end tokens. False says only that :func:`validate_prompt_lengths` must count them."""
+    longest = max((len(t.format(name).lower().encode("utf-8")) for category in vocabulary.categories
+                   for name in category.names for t in templates), default=0)
+    return longest + 2 <= context_length
 
 
 def validate_prompt_lengths(

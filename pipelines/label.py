@@ -45,7 +45,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fcclip.config import ConfigError, load_config
 from fcclip.images import DEFAULT_MAX_PIXELS
-from fcclip.vocabulary import VocabularyError, load_vocabulary
+from fcclip.vocabulary import (
+    PROMPT_TEMPLATES, VocabularyError, load_vocabulary, prompts_surely_fit, validate_prompt_lengths,
+)
 
 from . import lake, runtime
 from .arguments import COUNT, SCORE, SECONDS, number
@@ -338,6 +340,11 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
+    if not prompts_surely_fit(vocabulary):  # a long name: the tokenizer (and PyTorch) tells, here, not in each actor
+        from fcclip.backbone import clip_context_length
+        from fcclip.text import count_tokens
+
+        validate_prompt_lengths(vocabulary, PROMPT_TEMPLATES, count_tokens, clip_context_length(model_config.clip))
     dest = Destination(cfg.dest)
     bars.listing_started(cfg.source)
     run = prepare_run(cfg, dest, model_config, vocabulary, overwrite=overwrite, on_listed=bars.listed)

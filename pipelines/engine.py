@@ -81,6 +81,20 @@ def _decode(decoder: ReadDecode, uris: list[str]):
     return sum(1 for err in meta["error"] if not err), meta, images
 
 
+def error_reason(error: str) -> str:
+    """An error row's reason without what is particular to its image (a size, a path, a message's details), so that
+    the summary counts the images that failed for one reason together: ``ImageDecodeError: not an image, or a format
+    Pillow cannot read``, ``ImageDecodeError: cannot decode the image``, ``not found``, ``model failed: ValueError``,
+    ``timed out after 120.0 s while reading or decoding``."""
+    kind, _, rest = error.partition(": ")
+    if kind == "ImageDecodeError" and ": " in rest:  # "image bytes (N bytes): what is wrong (details): more"
+        what = rest.split(": ", 1)[1]
+        return f"{kind}: {what.split(': ', 1)[0].split(' (', 1)[0]}"[:120]
+    if kind in ("model failed", "encoding failed"):
+        return f"{kind}: {rest.split(': ', 1)[0]}"[:120]
+    return kind[:120]
+
+
 def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: dict | None, labeled: dict | None,
            constants: dict, errors: list[str] | None = None) -> dict:
     """Encode a chunk's rows (the model's result ``labeled``; None when none ran) and write them as a fragment."""
@@ -90,7 +104,7 @@ def _write(dest_uri: str, shard: int, rows: list[int], uris: list[str], meta: di
     reasons: dict[str, int] = {}
     for err in table.column("error").to_pylist():
         if err:
-            reason = err.split(":", 1)[0][:60]
+            reason = error_reason(err)
             reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "fragment": name, "ok": status.count("ok"), "failed": len(status) - status.count("ok"),
@@ -160,7 +174,7 @@ class LabelEngine:
     def __init__(self, dest: Destination, shard_sizes: dict[int, int], uris_of, decoder: ReadDecode,
                  make_model_stage, *, actors: tuple[int, int], batch_size: int, chunk_size: int, gpus: float,
                  cpus_per_actor: float, batch_timeout: float | None, constants: dict, file_metadata: dict,
-                 progress=None, ask_run_metadata: bool = False, on_committed=None, stop=None):
+                 progress=None, ask_run_metadata: bool = False, on_committed=None, stop=None, on_model_ready=None):
         self.dest = dest
         self.sizes = shard_sizes
         self.uris_of = uris_of  # shard -> its URIs (read from the manifest when the shard is scheduled)
@@ -176,6 +190,7 @@ class LabelEngine:
         self.file_metadata = file_metadata
         self.progress = progress
         self.on_committed = on_committed  # shard -> None, on the driver once its part file is written (the table's log)
+        self.on_model_ready = on_model_ready  # model id -> None, as each model actor is ready (before its first call)
         self.stop = stop  # runtime.StopSignals: a signal received ends the loop at its next turn
         self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its run metadata, add it to the files'
         self.result = EngineResult()
@@ -381,7 +396,10 @@ class LabelEngine:
 
     def _on_started(self, actor: _Actor) -> None:
         try:
-            self.result.model_ids.add(ray.get(actor.ready_ref))
+            model_id = ray.get(actor.ready_ref)
+            self.result.model_ids.add(model_id)
+            if self.on_model_ready is not None:
+                self.on_model_ready(model_id)
             if self.ask_run_metadata and self.result.run_metadata is None:
                 # before any chunk goes to an actor, so before any shard is committed
                 _, meta_ref = actor.handle.run.options(num_returns=2).remote(run_metadata)

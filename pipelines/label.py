@@ -426,6 +426,8 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
             on_committed=committer, stop=stop,
+            # the id the rows' model column holds (NAME@sha256:... of the weights), in each version's commit info too
+            on_model_ready=lambda model_id: committer.info.update(model_id=model_id),
         )
         bars.labeling_started(sum(sizes[s] for s in pending), len(pending), summary.skipped_shards)  # of this listing
         try:

@@ -53,6 +53,11 @@ def test_label_bucket_to_bucket(s3_server, s3_bucket, ray_local, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "15 image(s)" in out and "11 ok, 4 failed" in out
+    # the reasons, without what is particular to each image (its size, the decoder's details)
+    reasons = sorted(line.split(" x ", 1)[1] for line in out.splitlines() if line.strip().startswith("1 x "))
+    assert reasons == ["ImageDecodeError: cannot read the image header", "ImageDecodeError: empty input",
+                       "ImageDecodeError: not an image, or a format Pillow cannot read",
+                       "ImageDecodeError: refused by Pillow's size limit"], out
 
     paths, tables, fs = _read_all(s3_bucket)
     assert [p.rsplit("/", 1)[-1] for p in paths] == [f"part-{i:06d}.parquet" for i in range(4)]
@@ -220,8 +225,25 @@ def test_weights_that_are_not_a_checkpoint_end_the_job_in_one_line(tmp_path, ray
     assert "Traceback" not in err, err
     failed = [r.getMessage() for r in caplog.records if "failed to start" in r.getMessage()]
     assert len(failed) == 1 and "(CheckpointError: " in failed[0], failed
-    assert main(_local_args(tmp_path / "in", dest)) == 0, capsys.readouterr().err
+
+    # a real checkpoint there: the same command labels; each version's commit info names the model as the rows do
+    import warnings
+
+    from deltalake import DeltaTable
+
+    from fcclip import build_model
+    from fcclip.checkpoint import save_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_checkpoint(build_model("fcclip-tiny", weights="random", device="cpu"), weights)
+    assert main(args) == 0, capsys.readouterr().err
     assert "labeled 2 image(s)" in capsys.readouterr().out
+    models = {r["model"] for r in pq.read_table(dest, columns=["model"]).to_pylist()}
+    assert len(models) == 1 and next(iter(models)).startswith("fcclip-tiny@sha256:")
+    history = DeltaTable(str(dest)).history()
+    assert [h["fcclip.model_id"] for h in history] == [*models]
+    assert history[0]["fcclip.model"] == f"fcclip-tiny@{weights}"  # as given
 
 
 def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(tmp_path, ray_local, capsys):

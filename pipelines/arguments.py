@@ -1,9 +1,11 @@
-"""Command-line number arguments with their ranges: ``type=number(int, minimum=1)`` refuses ``--shard-size 0`` as
-argparse refuses a word where a number goes (one line, exit status 2), before anything is read or started."""
+"""Command-line values checked before anything is read or started: number arguments with their ranges
+(``type=number(int, minimum=1)`` refuses ``--shard-size 0`` as argparse refuses a word where a number goes: one line,
+exit status 2), and a local ``--out`` that a file is in the way of."""
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 
@@ -36,3 +38,11 @@ def number(kind: type = float, minimum: float | None = None, maximum: float | No
 COUNT = number(int, minimum=1)  # images, shards, actors, CPUs: one or more
 SCORE = number(float, minimum=0.0, maximum=1.0)  # a score threshold or a fraction
 SECONDS = number(float, above=0.0)  # a time limit
+
+
+def file_in_the_way(out: str) -> str | None:
+    """Why a local ``--out`` folder cannot be made, in one line (it, or a folder above it, is a file), or None."""
+    for path in (Path(out), *Path(out).absolute().parents):
+        if path.exists() and not path.is_dir():
+            return f"--out {out}{'' if path == Path(out) else f': {path}'} is a file, not a folder"
+    return None

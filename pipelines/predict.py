@@ -25,7 +25,7 @@ from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
 from fcclip.vocabulary import VocabularyError
-from fcclip_pipelines.arguments import COUNT, SCORE, number
+from fcclip_pipelines.arguments import COUNT, SCORE, file_in_the_way, number
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,14 +75,6 @@ def check_device(spec: str) -> torch.device:
     return device
 
 
-def check_out_folder(out: Path) -> None:
-    """UsageError when ``out``, or a folder above it, is an existing file."""
-    for path in (out, *out.absolute().parents):
-        if path.exists() and not path.is_dir():
-            where = "" if path == out else f": {path}"
-            raise UsageError(f"--out {out}{where} is a file, not a folder")
-
-
 def _short_edge(value: int | None):
     if value is None:
         return "default"
@@ -91,7 +83,8 @@ def _short_edge(value: int | None):
 
 def predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    check_out_folder(out)
+    if file_in_the_way(args.out):
+        raise UsageError(file_in_the_way(args.out))
     model = build_model(args.model, weights=args.weights, device=check_device(args.device))
     use_tf32(model.device)
     predictor = Predictor(

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from fcclip.datasets.synthetic import write_images
 from fcclip.datasets.synthetic_panoptic import synth_coco_panoptic_main
-from fcclip_pipelines.arguments import COUNT
+from fcclip_pipelines.arguments import COUNT, file_in_the_way
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,12 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    for path in (out, *out.absolute().parents):
-        if path.exists() and not path.is_dir():
-            where = "" if path == out else f": {path}"
-            print(f"fcclip synth: error: --out {out}{where} is a file, not a folder", file=sys.stderr)
-            return 2
+    problem = file_in_the_way(args.out)
+    if problem:
+        print(f"fcclip synth: error: {problem}", file=sys.stderr)
+        return 2
     if args.what == "coco-panoptic":
         return synth_coco_panoptic_main(args)
     paths = write_images(args.out, count=args.count, size=(args.height, args.width), seed=args.seed)

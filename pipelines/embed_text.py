@@ -24,6 +24,27 @@ class TextTowerMismatch(ValueError):
     """The model's text tower is not the one a labeling run used."""
 
 
+class TextError(ValueError):
+    """A text that cannot be embedded as given: empty, or too long for the text encoder (which would cut it)."""
+
+
+def check_text(text: str, model: str) -> None:
+    """TextError where ``text`` is empty or one of its prompts (the class-name templates) is longer than the text
+    encoder's context: the tokenizer would cut it, and the embedding be of another text."""
+    from fcclip.backbone import clip_context_length
+    from fcclip.config import load_config
+    from fcclip.text import count_tokens
+    from fcclip.vocabulary import PROMPT_TEMPLATES
+
+    if not text.strip():
+        raise TextError("the text is empty")
+    context = clip_context_length(load_config(model).clip)
+    longest = max(count_tokens(template.format(text)) for template in PROMPT_TEMPLATES)
+    if longest > context:
+        raise TextError(f"the text is too long: in its prompts it takes up to {longest} tokens, more than the text "
+                        f"encoder's {context}; shorten it")
+
+
 def text_tower(model: str, weights: str, expect_text_tower: str | None = None):
     """The CLIP backbone of ``model`` with ``weights``, built on the CPU, with its text tower only (the image tower
     and the decoders are dropped once loaded), checked to have the text tower whose digest is ``expect_text_tower``
@@ -46,6 +67,7 @@ def text_embedding(text: str, model: str = "fcclip-convnext-large", weights: str
                    expect_text_tower: str | None = None) -> np.ndarray:
     """(D,) float32: ``text``'s CLIP embedding with the model's text tower, as a class name's (prompt templates)."""
 
+    check_text(text, model)
     backbone = text_tower(model, weights, expect_text_tower)
     return encode_names(backbone, [text])[0].cpu().numpy().astype(np.float32)
 
@@ -59,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args: argparse.Namespace) -> int:
     try:
         vector = text_embedding(args.text, args.model, args.weights)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, TextError) as e:
         print(f"fcclip embed-text: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     print(json.dumps([float(f"{v:.7g}") for v in vector.tolist()]))

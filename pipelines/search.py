@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fcclip.config import ConfigError
 
 from .arguments import COUNT
-from .embed_text import TextTowerMismatch, text_embedding
+from .embed_text import TextError, TextTowerMismatch, text_embedding
 from .output import OutputError, add_version_argument, open_output
 from .show.overlays import overlay, read_rows
 
@@ -169,7 +169,7 @@ def main_args(args: argparse.Namespace) -> int:
         return 2
     try:
         hits = search_dest(args.dest, args.text, args.top, args.model, args.weights, version=args.version)
-    except (SearchError, TextTowerMismatch, ConfigError, FileNotFoundError) as e:
+    except (SearchError, TextTowerMismatch, TextError, ConfigError, FileNotFoundError) as e:
         print(f"fcclip search: error: {e}", file=sys.stderr)
         return 2
     print("similarity\turi\tsegment\tlabel\tscore")

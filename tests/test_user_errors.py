@@ -140,6 +140,15 @@ def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
     assert code == 2 and f"{weights}: cannot be read" in line, line
 
 
+@pytest.mark.parametrize("text, problem", [("  ", "the text is empty"),
+                                           ("word " * 80, "the text is too long: in its prompts it takes up to")])
+def test_a_text_that_cannot_be_embedded_as_given_is_refused(text, problem, capsys):
+    """An empty text, or one the text encoder would cut (its prompts past 77 tokens): the embedding would be of another
+    text; refused in one line before the model is loaded (search embeds its text the same way)."""
+    code, line = _run(["embed-text", text, "--model", "fcclip-tiny", "--weights", "random"], capsys)
+    assert code == 2 and problem in line, line
+
+
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
 def test_a_device_that_cannot_be_used(tmp_path, image, capsys, device):
     code, line = _run(_predict(image, tmp_path / "out", "--device", device), capsys)

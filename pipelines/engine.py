@@ -409,8 +409,9 @@ class LabelEngine:
         except (runtime.ModelStageFailed, ray.exceptions.RayActorError) as e:
             self.startup_failures += 1
             # an exception of the model stage's construction (weights that are not a checkpoint, a class name too
-            # long for the text encoder, ...) comes again in the next actor: a second one ends the job, with its
-            # reason; other failures (a node lost while it started) as many as RETRIES for each actor of the pool
+            # long for the text encoder, ...) comes again in the next actor: a second one, while no actor has got
+            # past it, ends the job with its reason; other failures (a node lost while it started, one node's GPU
+            # out of memory) as many as RETRIES for each actor of the pool
             if isinstance(e, runtime.ModelStageFailed):
                 self.init_failures += 1
                 reason = " ".join(str(e.cause.args[0]).split())[:500]
@@ -419,7 +420,8 @@ class LabelEngine:
                 reason = _last_line(e)
             else:
                 reason = _short(e)
-            if self.init_failures > 1 or self.startup_failures > RETRIES + self.max_actors:
+            repeated = self.init_failures > 1 and not self.result.model_ids
+            if repeated or self.startup_failures > RETRIES + self.max_actors:
                 raise LabelError(f"the model actor could not start: {reason}") from None
             logger.warning("a model actor failed to start (%s); starting another", reason)
             self._replace(actor, "failed_to_start")

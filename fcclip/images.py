@@ -82,6 +82,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 data = f.read()
             return decode_image_bytes(data, max_pixels=max_pixels, name=path)
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:  # as decode_image_bytes says it (Pillow: "not an image")
+                raise ImageDecodeError(f"{path}: empty input (0 bytes)")
             return _decode_file(f, path, max_pixels)
     raise TypeError(f"cannot load an image from {type(source).__name__}; see load_image's docstring")
 

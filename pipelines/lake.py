@@ -843,11 +843,14 @@ def diff_listing(dest: Destination, listing_dir: str, out_path: str, refresh: bo
         "count(*) FILTER (WHERE retried) FROM todo").fetchall()[0])
     distinct = int(con.execute(
         f"SELECT count(DISTINCT uri) FROM read_parquet('{listing_dir}/*.parquet')").fetchall()[0][0])
-    error_rows, rows = (int(v) for v in con.execute(
-        "SELECT count(*) FILTER (WHERE status = 'error'), count(*) FROM old").fetchall()[0])
-    errors_kept = int(con.execute(  # of images still listed, not labeled by this increment
-        f"SELECT count(*) FROM old WHERE status = 'error' AND uri IN (SELECT uri FROM listed) "
-        f"AND uri NOT IN (SELECT uri FROM todo {keep})").fetchall()[0][0])
+    # one more scan of the table: its error rows, those of them kept (neither labeled by this increment nor gone from
+    # the listing: both small tables here), its rows
+    error_rows, errors_kept, rows = (int(v) for v in con.execute(f"""
+        SELECT count(*) FILTER (WHERE status = 'error'),
+               count(*) FILTER (WHERE status = 'error' AND uri NOT IN (SELECT uri FROM todo {keep})
+                                AND uri NOT IN (SELECT old_uri FROM joined WHERE uri IS NULL)),
+               count(*)
+        FROM old""").fetchall()[0])
     con.close()
     return {"distinct": distinct, "new": new, "changed": all_changed if refresh else 0,
             "not_refreshed": 0 if refresh else all_changed, "retried": retried, "error_rows": error_rows,

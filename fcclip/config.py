@@ -113,9 +113,7 @@ def _check_type(value: Any, annotation: str, where: str, positive: bool) -> Any:
     if len(names) != 1 or names[0] not in _SCALARS or (value is None and optional):
         return value
     kind = _SCALARS[names[0]]
-    if kind is float and _is_number(value):
-        value = float(value)
-    elif kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if kind is float and (_is_number(value) or isinstance(value, str)):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             value = float(value)
         except ValueError:

@@ -37,7 +37,7 @@ limit, `PIL.Image.MAX_IMAGE_PIXELS`)."""
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # Anything Pillow raises while identifying or decoding a broken file.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error)
@@ -45,6 +45,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 
 class ImageDecodeError(ValueError):
     """The input is not an image that can be decoded (not an image, truncated, too large, unsupported)."""
+
+
+def uri_protocol(source: str) -> str | None:
+    """The protocol of a URI string that `load_image` opens with fsspec (``s3`` for ``s3://b/k.jpg``); None for a
+    local path."""
+    m = _URI.match(source)
+    return m.group(1).lower() if m else None
 
 
 def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -19,7 +19,7 @@ from PIL import Image
 from fcclip.build import build_model, resolve_device
 from fcclip.checkpoint import CheckpointError
 from fcclip.config import ConfigError
-from fcclip.images import ImageDecodeError
+from fcclip.images import ImageDecodeError, uri_protocol
 from fcclip.masks import id2rgb, panoptic_columns
 from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
@@ -85,6 +85,7 @@ def predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if file_in_the_way(args.out):
         raise UsageError(file_in_the_way(args.out))
+    _check_protocols(args.images)
     model = build_model(args.model, weights=args.weights, device=check_device(args.device))
     use_tf32(model.device)
     predictor = Predictor(
@@ -124,6 +125,18 @@ def predict(args: argparse.Namespace) -> int:
     (out / "panoptic.json").write_text(json.dumps(summary, indent=1))
     print(f"{len(annotations)} image(s) labeled, {failed} failed; results in {out}")
     return 1 if failed else 0
+
+
+def _check_protocols(sources: list[str]) -> None:
+    """An input whose URI protocol fsspec does not know, or whose file system is not installed (gs:// without gcsfs),
+    is a typo or a missing extra for every input of its kind: fsspec's registry error, before the model loads,
+    rather than after some of the images."""
+    protocols = {uri_protocol(source) for source in sources} - {None}
+    if protocols:
+        import fsspec
+
+        for protocol in sorted(protocols):
+            fsspec.get_filesystem_class(protocol)
 
 
 def _write_image(out: Path, stem: str, source: str, result, min_score: float):

@@ -208,3 +208,12 @@ def test_predict_names_an_unreadable_input_once(tmp_path, image, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].count(str(zero)) == 1 and errors[0].startswith(f"error: {zero}: "), err
     assert (tmp_path / "out" / "panoptic.json").is_file()
+
+
+def test_predict_refuses_an_unknown_protocol_before_any_image(tmp_path, image, capsys):
+    """A typo in a URI's scheme ends the command in one line before the model loads, not after the images before it
+    were written (a partial output and a traceback-free but late stop)."""
+    code, line = _run(["predict", image, "s3x://bucket/a.jpg", "--vocab", "cat; dog", "--out", str(tmp_path / "out"),
+                       *TINY], capsys)
+    assert code == 2 and line == "fcclip predict: error: Protocol not known: s3x", line
+    assert not (tmp_path / "out").exists()

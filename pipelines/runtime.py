@@ -111,7 +111,9 @@ class StopSignals:
     """Within the block, the first SIGINT (Ctrl-C, sent to the terminal's whole process group) or SIGTERM (``ray job
     stop``, a pod being stopped) is a request to stop: ``received`` names it, and the job's loop ends at its next turn
     and records what is done. A second one quits at once (KeyboardInterrupt, or SystemExit with 128 + the signal).
-    Signal handlers can only be set from the main thread: elsewhere the block changes nothing."""
+    Signal handlers can only be set from the main thread: elsewhere the block changes nothing. A signal the process
+    ignores stays ignored (a shell starts a background job, ``cmd &``, with SIGINT ignored, so that a Ctrl-C at the
+    terminal is not for it)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -123,7 +125,8 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -367,3 +367,27 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(argv, message, tm
     err = capsys.readouterr().err
     assert f"error: argument {message}" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
+    """A shell starts a background job (`fcclip label ... &`) with SIGINT ignored, so that a Ctrl-C at the terminal
+    is not for it: the job's stop handler leaves an ignored signal ignored (SIGTERM, not ignored, still stops it)."""
+    import os
+    import signal
+    import time
+
+    from fcclip_pipelines.runtime import StopSignals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals("the test") as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.received is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.received is signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from label_driver import _descendants  # noqa: E402  (the processes below the label job, as label_driver counts them)
 
 
 def write_images(folder: Path, n: int, size: int) -> None:
@@ -60,26 +63,6 @@ def bare_loop(model_name: str, size: int, images: int, batch: int, vocab: str, t
         for j, img in enumerate(chunk):
             pred.postprocess(out.class_logits[j], out.mask_logits[j], sizes[j], padded, img.shape[:2])
     return images / (time.perf_counter() - start)
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            stack.append(c)
-    return out
 
 
 def _hwm_kib(pid: int) -> int:

@@ -230,8 +230,10 @@ def run_eval_labels(
     vocabulary = Vocabulary.from_dict(output.vocabulary)
     gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
     started = time.time()
-    ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)))
-          .select_columns([c for c in LABEL_COLUMNS if c in output.columns])  # both pushed into the Parquet scan
+    columns = [c for c in LABEL_COLUMNS if c in output.columns]
+    ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)),
+                                schema=output.arrow_schema(columns))
+          .select_columns(columns)  # both pushed into the Parquet scan
           .filter(expr=col("status") == "ok"))
     ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu",
                                            short_edge, max_size, min_score),

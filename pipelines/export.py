@@ -38,13 +38,13 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from scipy import ndimage
 
 from fcclip.masks import id2rgb
 from fcclip_pipelines.arguments import COUNT
-from fcclip_pipelines.output import LabelingOutput, OutputError, add_version_argument, open_output, segment_map
+from fcclip_pipelines.output import (LabelingOutput, OutputError, PartFile, add_version_argument, open_output,
+                                     segment_map)
 
 logger = logging.getLogger("fcclip.export")
 
@@ -78,7 +78,7 @@ def _rows(output: LabelingOutput, batch_rows: int) -> Iterator[dict]:
     for path, url in zip(output.files, output.urls):
         try:
             with output.fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+                for batch in PartFile(f).iter_batches(batch_size=batch_rows, columns=_COLUMNS):
                     yield from batch.to_pylist()
         except (OSError, pa.ArrowException) as e:
             raise OutputError(f"cannot read {url}: {' '.join(str(e).split())}") from e

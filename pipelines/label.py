@@ -53,7 +53,7 @@ from . import lake, runtime
 from .arguments import COUNT, SCORE, SECONDS, number
 from .engine import LabelEngine, LabelError, LabelStopped
 from .progress import JobProgress
-from .output import PART_RE, Destination, new_run_id
+from .output import PART_RE, Destination, location_key, new_run_id
 from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
@@ -139,7 +139,7 @@ def _settings(cfg: LabelConfig, model_config, vocabulary) -> dict:
         "short_edge": cfg.short_edge if cfg.short_edge is not None else inf.short_edge,
         "max_size": cfg.max_size if cfg.max_size is not None else inf.max_size,
         "shard_size": cfg.shard_size,
-        "source": cfg.source,
+        "source": location_key(cfg.source),
         **({"embeddings": True} if cfg.embeddings else {}),  # absent when off: earlier runs' settings still match
     }
 
@@ -191,7 +191,10 @@ def reopen_run(dest, settings: dict, overwrite: bool = False) -> dict | None:
             )
     run = survey.run
     if run is not None:
-        differ = {k: (run["settings"].get(k), v) for k, v in settings.items() if run["settings"].get(k) != v}
+        recorded = dict(run["settings"])
+        if isinstance(recorded.get("source"), str):  # runs before 2026-12-07 recorded it as typed
+            recorded["source"] = location_key(recorded["source"])
+        differ = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
         if overwrite or differ or not run.get("manifest_complete"):
             if differ and survey.parts and not overwrite:
                 detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
@@ -262,12 +265,14 @@ def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
                                     prune=cfg.prune)
     sizes = increment.pop("shard_sizes")
     logger.info(
-        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged%s; %d shard(s) to label",
+        "listed %s again (%.1f s): %d new, %d changed%s, %d unchanged%s; %d shard(s) to label%s",
         cfg.source, time.time() - t, increment["new"], increment["changed"],
         f" ({increment['not_refreshed']} more kept as labeled: --no-refresh)" if increment["not_refreshed"] else "",
         increment["unchanged"],
         f" ({increment['retried']} of them error rows, labeled again: --retry-errors)" if increment["retried"] else "",
-        len(sizes),
+        sum(1 for size in sizes if size),  # the prune's shard holds no image
+        f", {increment['gone']} row(s) of images gone from SOURCE to remove (--prune)" if "prune_shard" in increment
+        else "",
     )
     run = dict(run)
     increments = list(run.get("increments") or [{"first_shard": 0, "new": run["num_images"]}])
@@ -372,11 +377,11 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     if not pending:
         lake.mark_complete(dest, run)
         summary.version = lake.table_version(dest)
-        logger.info("nothing to do: all %d shards of %s are committed", len(sizes), cfg.dest)
+        logger.info("nothing to label: all %d shards of %s are committed", sum(1 for size in sizes if size), cfg.dest)
         summary.seconds = time.time() - started
         return summary
 
-    bars.startup_started(cfg.actors[1])
+    bars.startup_started(*cfg.actors)
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
         gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)

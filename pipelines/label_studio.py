@@ -27,8 +27,9 @@ later content): the brush regions decoded, painted in the order of the annotatio
 the pixels it shares with an earlier one), regions of one stuff class merged, COCO RLE, areas and boxes as ``fcclip
 label`` writes them, score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (the annotator's e-mail) and
 ``reviewed_at`` (when the annotation was last updated, UTC); one submitted without regions is a row without
-segments, at the size the task recorded. Tasks without a submitted annotation are pending: listed (uri, image id,
-task) and counted, in ``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output
+segments, at the size the task recorded. Tasks without a submitted annotation are pending, and those a reviewer
+skipped (every annotation cancelled) are skipped: both listed (uri, image id, task) and counted, in
+``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output
 is: its one part file is version 0.
 """
 from __future__ import annotations
@@ -214,11 +215,6 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
             raise LabelStudioError(f"project {project!r} holds another vocabulary; push to a new project")
         for t in ls.tasks(existing["id"]):
             have.setdefault(t["data"].get("image_id"), []).append(t["data"])
-    else:
-        existing = ls.request("POST", "/api/projects", json={
-            "title": project, "label_config": config,
-            "description": f"fcclip review: {picks.table.num_rows} images of {picks.dest} picked by {picks.by}"})
-    pid = existing["id"]
 
     wanted = {r["image_id"]: r for r in picks.table.to_pylist()}
     output = open_output(picks.dest)
@@ -250,6 +246,11 @@ def push(picks_path: str, url: str, project: str, *, document_root: str | None =
         tasks.append({"data": {"image": image, "uri": r["uri"], "image_id": r["image_id"], "why": pick["why"],
                                **_version(r)},
                       "predictions": [prediction]})
+    if existing is None:  # made once every task is: a push refused on the way (--document-root) leaves no project
+        existing = ls.request("POST", "/api/projects", json={
+            "title": project, "label_config": config,
+            "description": f"fcclip review: {picks.table.num_rows} images of {picks.dest} picked by {picks.by}"})
+    pid = existing["id"]
     if folders:
         _local_storage(ls, pid, folders, document_root)
     for start in range(0, len(tasks), 50):
@@ -292,15 +293,14 @@ def _picked_rows(output, image_ids: list[str]) -> list[dict]:
     """The rows of ``image_ids`` in the output, read file by file on this thread (not as a pyarrow dataset over the
     output's fsspec filesystem, which can abort the process as it exits: see LabelingOutput.read)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from .output import SOURCE_COLUMNS
+    from .output import SOURCE_COLUMNS, PartFile
 
     wanted = pa.array(image_ids, pa.string())
     rows: list[dict] = []
     for path in output.files:
         with output.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = PartFile(f)
             columns = ["uri", "image_id", "width", "height", "status", "segments", "model"] + [
                 c for c in SOURCE_COLUMNS if c in parquet.schema_arrow.names]  # none in outputs older than them
             for batch in parquet.iter_batches(batch_size=4096, columns=columns, use_threads=False):
@@ -378,7 +378,7 @@ def _when(text: str | None) -> datetime | None:
 
 def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None) -> dict:
     """The project's submitted annotations as a labeling output at ``out`` (module docstring); returns the counts
-    and the pending tasks."""
+    and the pending and skipped tasks."""
     from fcclip.vocabulary import Vocabulary
 
     from . import lake
@@ -397,7 +397,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
     except lake.FolderTaken as e:
         raise LabelStudioError(str(e)) from None
     users = {}
-    rows, pending, unknown, superseded = [], [], [], []
+    rows, pending, skipped, unknown, superseded = [], [], [], [], []
     latest: dict = {}  # image id -> its latest task (pushed again after its image changed: the new content's)
     for task in sorted(ls.tasks(info["id"]), key=lambda t: t["id"]):
         image = task.get("data", {}).get("image_id") or ("task", task["id"])  # a task not made by push: its own
@@ -406,9 +406,11 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         latest[image] = task
     for task in sorted(latest.values(), key=lambda t: t["id"]):
         data = task.get("data", {})
-        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        if not done:
-            pending.append({"uri": data.get("uri"), "image_id": data.get("image_id"), "task": task["id"]})
+        annotations = task.get("annotations") or []
+        done = [a for a in annotations if not a.get("was_cancelled")]
+        if not done:  # not annotated yet, or skipped by whoever opened it
+            (skipped if annotations else pending).append(
+                {"uri": data.get("uri"), "image_id": data.get("image_id"), "task": task["id"]})
             continue
         ann = max(done, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a["id"]))
         regions = [r for r in ann.get("result") or [] if r.get("type", "").lower() == "brushlabels"]
@@ -451,7 +453,7 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id, "review": review})
         lake.commit_version(dest, [part_name(0)], info={"run_id": run_id, "operation": "review pull",
                                                          "review": review})
-    summary = {"reviewed": len(rows), "pending": pending, "unknown_labels": sorted(set(map(str, unknown))),
+    summary = {"reviewed": len(rows), "pending": pending, "skipped": skipped, "unknown_labels": sorted(set(map(str, unknown))),
                "superseded": [{"uri": t.get("data", {}).get("uri"), "image_id": t.get("data", {}).get("image_id"),
                                "task": t["id"]} for t in superseded],
                "run_id": run_id}
@@ -498,9 +500,11 @@ def main_args(args: argparse.Namespace) -> int:
                 print(f"  {uri}: {why}", file=sys.stderr)
         return 0
     s = pull(args.label_studio, args.project, args.out)
-    print(f"{s['reviewed']} reviewed image(s) written to {args.out}; {len(s['pending'])} pending")
-    for p in s["pending"]:
-        print(f"  pending: task {p['task']}  {p['image_id']}  {p['uri']}")
+    print(f"{s['reviewed']} reviewed image(s) written to {args.out}; {len(s['pending'])} pending, "
+          f"{len(s['skipped'])} skipped")
+    for what in ("pending", "skipped"):
+        for p in s[what]:
+            print(f"  {what}: task {p['task']}  {p['image_id']}  {p['uri']}")
     if s["superseded"]:
         print(f"{len(s['superseded'])} task(s) of images pushed again after they changed left out (superseded by "
               "the later task): " + ", ".join(str(t["task"]) for t in s["superseded"]))

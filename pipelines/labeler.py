@@ -5,17 +5,18 @@ labeling output's schema (fcclip_pipelines.output.SCHEMA), the rows `fcclip labe
     from fcclip_pipelines.labeler import FCCLIPLabeler, decode_images
 
     ds = (ray.data.read_parquet("s3://lake/manifest.parquet")                  # your listing, filters and joins
-          .filter(lambda r: r["camera"] == "front")
+          .filter(expr="camera == 'front'")
           .map_batches(read_uris)                                              # -> "uri", "bytes" (or use
           #   ray.data.read_binary_files(paths, include_paths=True): "path", "bytes")
           .map_batches(decode_images, fn_kwargs={"model": "fcclip-convnext-large"})              # CPU
           .map_batches(FCCLIPLabeler, fn_constructor_kwargs={"vocab": "ade20k_150"},
-                       batch_size=4, num_gpus=1, concurrency=(1, 8)))                            # GPU actors
+                       batch_size=4, num_gpus=1,
+                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=8)))              # GPU actors
     ds.write_parquet("s3://lake/labels-front/")
 
-``decode_images`` (CPU, no torch): {"uri" or "path", "bytes"} -> {"uri", "image" (resized (h, w, 3) uint8, None where
-the file could not be decoded), "height", "width" (the original size), "error" ("" or the reason)}, resized to the
-model's test size. ``FCCLIPLabeler`` (one model per actor, loaded once; its text embeddings computed once): that
+``decode_images`` (CPU, no torch): {"uri" or "path", "bytes"} -> {"uri", "image" (resized (h, w, 3) uint8; a 1x1
+placeholder where the file could not be decoded, never a null, which Ray Data could not join to the images of
+other blocks), "height", "width" (the original size), "error" ("" or the reason)}, resized to the model's test size. ``FCCLIPLabeler`` (one model per actor, loaded once; its text embeddings computed once): that
 batch -> a pyarrow Table of output rows, one per image; an image that cannot be decoded or segmented is an error row,
 never an exception. Unlike `fcclip label`, nothing here shards, resumes or commits: Ray Data writes what the
 pipeline gives it.
@@ -43,6 +44,9 @@ def _test_size(model: str, short_edge: int | None, max_size: int | None) -> tupl
                                                                       else max_size)
 
 
+_PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)  # the "image" of a row whose decode failed (its "error" says why)
+
+
 def decode_images(batch: dict, *, model: str = "fcclip-convnext-large", short_edge: int | None = None,
                   max_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """A ``map_batches`` step (CPU): decode each image's bytes as `fcclip label` does (EXIF orientation, RGB) and
@@ -52,7 +56,7 @@ def decode_images(batch: dict, *, model: str = "fcclip-convnext-large", short_ed
     uris = [str(u) for u in (batch["uri"] if "uri" in batch else batch["path"])]
     images, heights, widths, errors = [], [], [], []
     for data in batch["bytes"]:
-        image, h, w, err = None, 0, 0, ""
+        image, h, w, err = _PLACEHOLDER, 0, 0, ""
         try:
             decoded = decode_image_bytes(bytes(data), max_pixels=max_pixels)
             h, w = decoded.shape[:2]

@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output import DELTA_LOG, META_DIR, METADATA_PREFIX, Destination, manifest_name, part_name
+from .output import DELTA_LOG, META_DIR, METADATA_PREFIX, Destination, PartFile, manifest_name, part_name
 
 logger = logging.getLogger("fcclip.lake")
 
@@ -478,7 +478,7 @@ def _files_holding(dest: Destination, replaced: dict, by: int) -> dict[str, list
         wanted = pa.array(lost, pa.string())
         for name in current:
             with dest.fs.open(dest.path(name), "rb") as f:
-                uris = pq.read_table(f, columns=["uri"]).column("uri")
+                uris = PartFile(f).read(columns=["uri"]).column("uri")
             found = pc.filter(uris, pc.is_in(uris, value_set=wanted)).to_pylist()
             if found:
                 jobs.setdefault(name, []).extend(found)
@@ -489,7 +489,7 @@ def rewrite_without(dest_uri: str, name: str, new_name: str, uris: list[str]) ->
     """Write ``new_name``: part file ``name`` without the rows of ``uris`` (its schema and key-value metadata kept),
     unless no row remains. Returns the rows kept."""
     dest = Destination(dest_uri)
-    table = pq.read_table(io.BytesIO(dest.read_bytes(name)))
+    table = PartFile(io.BytesIO(dest.read_bytes(name))).read()  # as fcclip writes it, whoever rewrote it
     kept = table.filter(pc.invert(pc.is_in(table.column("uri"), value_set=pa.array(uris, pa.string()))))
     if kept.num_rows:
         buf = io.BytesIO()
@@ -672,10 +672,11 @@ class WriterLock:
             self.dest.fs.rm_file(self.dest.path(LOCK))
         if self.dest.is_local:  # a DEST refused (foreign files) is left as it was: no empty _fcclip/ or DEST
             for path in reversed(self._created):
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass
+                for folder, _, _ in sorted(os.walk(path), reverse=True):  # and no empty folder in them (_fcclip/tmp)
+                    try:
+                        os.rmdir(folder)
+                    except OSError:
+                        pass
 
     def __enter__(self):
         self.acquire()

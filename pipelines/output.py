@@ -59,7 +59,7 @@ import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import fsspec
 import numpy as np
@@ -289,11 +289,23 @@ def manifest_name(shard: int) -> str:
     return f"shard-{shard:06d}.manifest"
 
 
+def location_key(uri: str) -> str:
+    """One spelling of a place given on the command line, to compare the places two runs were given: a local path
+    absolute and normalised (``photos``, ``./photos/`` and ``/data/photos`` typed in /data are one), a URI without
+    its trailing slashes (``s3://b/photos/`` is ``s3://b/photos``, which fcclip lists as the same prefix). What a
+    run's settings record as its SOURCE (relabel's: its DEST) and a merge as its inputs."""
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.abspath(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+    return uri.rstrip("/") or uri
+
+
 class Destination:
     """DEST on any fsspec filesystem. Holds no filesystem object when pickled (credentials stay out of Ray)."""
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/") or uri
+        uri = uri.rstrip("/") or uri
+        # a local path absolute: Ray's workers, which write into it, need not share the driver's working directory
+        self.uri = os.path.abspath(uri) if "://" not in uri else uri
 
     def __getstate__(self):
         return {"uri": self.uri}
@@ -619,10 +631,10 @@ class LabelingOutput:
         tables = []
         for path in self.files:
             with self.fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f, pre_buffer=False)
+                parquet = PartFile(f, pre_buffer=False)
                 names = parquet.schema_arrow.names
                 wanted = None if columns is None else [c for c in columns if c in names]
-                tables.append(plain_types(parquet.read(columns=wanted, use_threads=False)))
+                tables.append(parquet.read(columns=wanted, use_threads=False))
         table = pa.concat_tables(tables, promote_options="default")
         if columns is None:
             return table
@@ -630,6 +642,14 @@ class LabelingOutput:
         if missing:
             raise KeyError(f"{self.dest}: no part file has the column {missing[0]!r} (columns: {self.columns})")
         return table.select(columns)
+
+    def arrow_schema(self, columns: list[str]) -> pa.Schema:
+        """The Arrow schema of ``columns`` (all files share them) with plain types, read from one footer: what a
+        reader of all the files (Ray Data's ``read_parquet(..., schema=)``) casts every file to, so that a file
+        another program rewrote with view types (delta-rs' DELETE) unifies with the others."""
+        with self.fs.open(self.files[0], "rb") as f:
+            schema = PartFile(f).schema_arrow
+        return pa.schema([schema.field(c) for c in columns])
 
     def categories(self) -> list[dict]:
         """The vocabulary's categories: ``[{"id", "names", "isthing", "color", ...}]``, in class-index order."""
@@ -669,12 +689,40 @@ def _plain_type(t: pa.DataType) -> pa.DataType:
     return t
 
 
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with Arrow's plain string, binary and list types in place of view and large ones."""
+    return pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable, f.metadata) for f in schema],
+                     metadata=schema.metadata)
+
+
 def plain_types(data):
     """A table or record batch of part files with Arrow's plain string, binary and list types: a file another
-    program rewrote (delta-rs' DELETE) may hold view or large types, which do not concatenate with fcclip's."""
-    schema = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable, f.metadata) for f in data.schema],
-                       metadata=data.schema.metadata)
+    program rewrote (delta-rs' DELETE) may hold view or large types, which do not concatenate with fcclip's and
+    which some of pyarrow's compute functions (``is_in``, ``take``) do not take."""
+    schema = plain_schema(data.schema)
     return data if schema.equals(data.schema) else data.cast(schema)
+
+
+class PartFile(pq.ParquetFile):
+    """A part file of a labeling output, read as fcclip wrote it whoever wrote it last: every read (``read``,
+    ``read_row_group(s)``, ``iter_batches``) and ``schema_arrow`` come with plain types (`plain_types`). Open every
+    part file with it: delta-rs' DELETE rewrites a file with ``string_view`` columns."""
+
+    @property
+    def schema_arrow(self) -> pa.Schema:
+        return plain_schema(super().schema_arrow)
+
+    def read(self, *args, **kwargs) -> pa.Table:
+        return plain_types(super().read(*args, **kwargs))
+
+    def read_row_group(self, *args, **kwargs) -> pa.Table:
+        return plain_types(super().read_row_group(*args, **kwargs))
+
+    def read_row_groups(self, *args, **kwargs) -> pa.Table:
+        return plain_types(super().read_row_groups(*args, **kwargs))
+
+    def iter_batches(self, *args, **kwargs) -> Iterator[pa.RecordBatch]:
+        return map(plain_types, super().iter_batches(*args, **kwargs))
 
 
 def _short(paths: list[str]) -> str:

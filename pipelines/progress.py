@@ -82,8 +82,10 @@ class JobProgress:
             self._listing = None
 
     # ------------------------------------------------------------------ start-up
-    def startup_started(self, actors: int) -> None:
-        self._startup_what = f"Ray and {actors} model actor(s)"
+    def startup_started(self, actors: int, most: int | None = None) -> None:
+        """``actors`` model actors start at once (--actors MIN), more up to ``most`` (MAX) as the backlog grows."""
+        more = f" (up to {most} as the backlog grows)" if most and most > actors else ""
+        self._startup_what = f"Ray and {actors} model actor(s){more}"
         what = self._startup_what + " starting"
         if not self.bars:
             logger.info("%s", what)

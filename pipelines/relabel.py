@@ -70,8 +70,8 @@ from .progress import JobProgress
 from .lake import TABLE_FILE_RE
 from .stages import uncertainty_columns
 from .output import (
-    EMBEDDING_COLUMNS, META_DIR, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, manifest_name,
-    new_run_id, open_output, SOURCE_FIELDS, output_schema, part_name, part_schema, plain_types, write_part,
+    EMBEDDING_COLUMNS, META_DIR, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, location_key,
+    manifest_name, new_run_id, open_output, SOURCE_FIELDS, output_schema, part_name, part_schema, PartFile, write_part,
 )
 
 logger = logging.getLogger("fcclip.relabel")
@@ -345,10 +345,10 @@ def relabel_file(url: str, dest_uri: str, shard: int, new: NewVocabulary, min_sc
         wanted = manifest.column("uri").combine_chunks().cast(pa.string())
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
+        parquet = PartFile(f)
         columns = [c for c in parquet.schema_arrow.names if c not in _SKIPPED_COLUMNS]
         tables = []
-        for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)):
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             if wanted is not None:
                 batch = batch.filter(pc.is_in(batch.column("uri"), value_set=wanted))
                 if not batch.num_rows:
@@ -411,7 +411,8 @@ def _run_relabel(source_dest: str, vocab: str, out: str, *, min_score, model, we
     min_score = float(thresholds.get("min_score", 0.0) if min_score is None else min_score)
     source_run = source.metadata.get("run_id")
     settings = {
-        "kind": "relabel", "source": source_dest, "source_run": source_run, "vocabulary_digest": vocabulary.digest,
+        "kind": "relabel", "source": location_key(source_dest), "source_run": source_run,
+        "vocabulary_digest": vocabulary.digest,
         "min_score": min_score, "model": model or source.metadata.get("model"),
         "weights": weights or source.metadata.get("weights"),
     }
@@ -470,6 +471,12 @@ def _settings_version_to_increment(dest: Destination) -> None:
         dest.write_run(run)
 
 
+def _model(settings: dict) -> str:
+    """The model as a version's commit info names it, as fcclip label's do: NAME@WEIGHTS (the weights as given)."""
+    weights = settings.get("weights")
+    return f"{settings['model']}@{weights}" if weights else str(settings["model"])
+
+
 class _Job:
     """Relabels the pending shards of DEST2's latest increment: one Ray task per DEST file, each shard committed as
     it completes (a follow's shards by lake.ShardCommitter, which removes the rows they replace)."""
@@ -506,7 +513,7 @@ class _Job:
         summary.skipped_shards += skipped
         if "delete_shard" in increment and "removed" not in increment:  # rows of URIs DEST no longer holds
             increment["removed"] = lake.remove_listed(dest, lake.gone_manifest(first), increment["delete_shard"], {
-                "run_id": run["run_id"], "operation": "follow-delete", "model": str(run["settings"]["model"])})
+                "run_id": run["run_id"], "operation": "follow-delete", "model": _model(run["settings"])})
             dest.write_run(run)
         summary.deleted += increment.get("deleted", 0)  # (a follow's increments only)
         summary.held += increment.get("held", 0)
@@ -529,7 +536,7 @@ class _Job:
             "embeddings": source.space, "source_run": run["source_run"],
         }
         constants = {"vocabulary": f"{self.vocabulary.name}@{self.vocabulary.digest[:16]}", "run_id": run["run_id"]}
-        info = {"run_id": run["run_id"], "model": str(run["settings"]["model"]),
+        info = {"run_id": run["run_id"], "model": _model(run["settings"]),
                 "vocabulary_digest": self.vocabulary.digest, "source_run": run["settings"]["source_run"]}
         if self.started_ray is None:
             self.started_ray = runtime.init_ray(self.address, self.num_cpus, self.verbose)

@@ -106,7 +106,7 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
     """
     from fcclip.vocabulary import Vocabulary
 
-    from .output import VERSION_KEYS, open_output, same_version
+    from .output import VERSION_KEYS, PartFile, open_output, same_version
 
     if count < 1:
         raise ReviewError("--count must be >= 1")
@@ -129,7 +129,7 @@ def pick(dest: str, count: int, by: str = "uncertainty", *, seed: int = 0, exclu
     heap: list[tuple] = []  # the best `count` so far, worst on top: (key, tiebreak, uri, image_id, score, why, version)
     for path in output.files:
         with output.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = PartFile(f)
             versions = [k for k in VERSION_KEYS if k in parquet.schema_arrow.names]
             wanted = columns + versions
             if label is not None:
@@ -201,7 +201,7 @@ def excluded_images(paths: Sequence[str], out: str | None = None) -> dict[str, l
     ``out`` is left out of a folder's lists."""
     import fsspec
 
-    from .output import VERSION_KEYS, NotALabelingOutput, open_output
+    from .output import VERSION_KEYS, NotALabelingOutput, PartFile, open_output
 
     ids: dict[str, list[tuple]] = {}
     out_path = fsspec.core.url_to_fs(out)[1].rstrip("/") if out else None
@@ -225,7 +225,7 @@ def excluded_images(paths: Sequence[str], out: str | None = None) -> dict[str, l
                 fs, files = output.fs, output.files
         for file in files:
             with fs.open(file, "rb") as f:
-                parquet = pq.ParquetFile(f)
+                parquet = PartFile(f)
                 if "image_id" not in parquet.schema_arrow.names:
                     raise ReviewError(f"--exclude {path}: {file} has no image_id column (neither a pick list nor a "
                                       "labeling output)")
@@ -293,11 +293,14 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     (:func:`pipelines.output.same_version`) is that reviewed row (its ``source`` says ``human-reviewed``; the other
     rows' says ``model``, or what it said where DEST is a merged output itself: an earlier review merged in keeps its
     reviewer and time). A review of an image whose content changed after it was pushed (DEST labeled it again) is
-    *stale*: DEST's row stays, and the counts name it. DEST's embedding columns are not carried (reviewed rows have
-    none). Both must have the same vocabulary. DEST is streamed a part file at a time; the reviewed rows (a human's
-    work: thousands, not millions) are held in memory. MERGED is a Delta table as DEST is: its part files are
-    committed as version 0 once all are written. Returns the counts (``rows``, ``replaced``) and ``stale``: the URIs
-    of the stale reviews."""
+    *stale*: DEST's row stays, and the counts name it; so does a review older than the review DEST holds of the image
+    (``superseded``: DEST may be a merged output itself). Reviews of images DEST does not hold are counted
+    (``not_in_dest``); where that is every review, REVIEWED was picked from another table: ReviewError, nothing
+    written. DEST's embedding columns are not carried (reviewed rows have none). Both must have the same vocabulary.
+    DEST is streamed a part file at a time; the reviewed rows (a human's work: thousands, not millions) are held in
+    memory. MERGED is a Delta table as DEST is: its part files are
+    committed as version 0 once all are written. Returns the counts (``rows``, ``replaced``, ``not_in_dest``) and the
+    URIs of the ``stale`` and ``superseded`` reviews."""
     from . import lake
     from .output import Destination, open_output
 
@@ -321,41 +324,50 @@ def _unfinished_merge(target, dest: str, reviewed: str) -> list[str]:
     from . import lake
 
     try:
-        return lake.unfinished_parts(target, "merged_from", {"labels": dest, "reviewed": reviewed},
+        return lake.unfinished_parts(target, "merged_from", _merged_from(dest, reviewed),
                                      "merge of the same outputs")
     except lake.FolderTaken as e:
         raise ReviewError(str(e)) from None
 
 
+def _merged_from(dest: str, reviewed: str) -> dict:
+    """What a merged output records of its inputs: one spelling of each (a rerun may type them otherwise)."""
+    from .output import location_key
+
+    return {"labels": location_key(dest), "reviewed": location_key(reviewed)}
+
+
 def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     from . import lake
-    from .output import (REVIEWED_SCHEMA, SOURCE_COLUMNS, VERSION_KEYS, Destination, TableMetadata, new_run_id,
-                         part_name, plain_types, same_version, write_part)
+    from .output import (REVIEWED_SCHEMA, SOURCE_COLUMNS, VERSION_KEYS, Destination, PartFile, TableMetadata,
+                         new_run_id, part_name, same_version, write_part)
 
     schema = REVIEWED_SCHEMA
     rows: dict[str, dict] = {}
     for path in done.files:
         with done.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)  # pulled before reviews recorded their image's version: no source columns
+            parquet = PartFile(f)  # pulled before reviews recorded their image's version: no source columns
             names = [n for n in schema.names if n in parquet.schema_arrow.names]
             for r in parquet.read(columns=names).to_pylist():
-                rows[r["image_id"]] = r
+                if _newer(r, rows.get(r["image_id"])):  # REVIEWED holds one review per image; be it more, the newest
+                    rows[r["image_id"]] = r
     reviews = list(rows.values())
     reviewed_ids = pa.array(list(rows), pa.string())
     reviewed_rows = pa.Table.from_pylist(reviews, schema=schema)  # row i: reviewed_ids[i]'s
-    counts = {"rows": 0, "replaced": 0, "stale": []}
+    counts = {"rows": 0, "replaced": 0, "stale": [], "superseded": [], "not_in_dest": 0}
+    matched = np.zeros(len(reviews), bool)
     run_id = new_run_id()
     table_metadata = TableMetadata(Destination(dest))
     for shard, path in enumerate(base.files):
         with base.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = PartFile(f)
             footer = table_metadata(parquet.schema_arrow.metadata or {})
             meta = {k.decode()[len("fcclip."):]: json.loads(v) for k, v in footer.items()
                     if k.startswith(b"fcclip.") and k != b"fcclip.embeddings"}
             # DEST may be a merged output itself (an earlier review merged in): its rows keep their source
             names = [n for n in schema.names if n in parquet.schema_arrow.names]
             tables = []
-            for batch in map(plain_types, parquet.iter_batches(batch_size=BATCH_ROWS, columns=names)):
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=names):
                 counts["rows"] += batch.num_rows
                 carried = _carried(batch, schema)
                 at = pc.fill_null(pc.index_in(batch.column("image_id"), value_set=reviewed_ids), -1).to_numpy()
@@ -363,8 +375,13 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                 pieces, start = [], 0
                 for hit in hits.tolist():  # a reviewed image's row takes the place of its pseudo-labels
                     review = reviews[int(at[hit])]
+                    matched[int(at[hit])] = True
                     if not same_version(review, carried.select(VERSION_KEYS).slice(hit, 1).to_pylist()[0]):
                         counts["stale"].append(review["uri"])  # its image changed after it was reviewed
+                        continue
+                    held = carried.select(["source", "reviewed_at"]).slice(hit, 1).to_pylist()[0]
+                    if held["source"] == "human-reviewed" and _newer(held, review):
+                        counts["superseded"].append(review["uri"])  # DEST holds a newer review of it: that stays
                         continue
                     row = reviewed_rows.slice(int(at[hit]), 1)
                     for name in SOURCE_COLUMNS:  # the same version: DEST's, also where the review did not record it
@@ -375,13 +392,31 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                     counts["replaced"] += 1
                 tables += [*pieces, carried.slice(start)]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
-        meta.update(run_id=run_id, merged_from={"labels": dest, "reviewed": reviewed})
+        meta.update(run_id=run_id, merged_from=_merged_from(dest, reviewed))
         write_part(target, shard, table, meta)
+    counts["not_in_dest"] = int(len(reviews) - matched.sum())
+    if reviews and not matched.any():  # nothing to merge: REVIEWED was picked from another table
+        for shard in range(len(base.files)):
+            target.fs.rm(target.path(part_name(shard)))
+        raise ReviewError(f"none of the {len(reviews)} image(s) reviewed in {reviewed} is in {dest}: merge the "
+                          "reviews into the table they were picked from (nothing was written)")
     if base.files:
         lake.commit_version(target, [part_name(shard) for shard in range(len(base.files))], info={
-            "run_id": run_id, "operation": "review merge", "merged_from": {"labels": dest, "reviewed": reviewed},
+            "run_id": run_id, "operation": "review merge", "merged_from": _merged_from(dest, reviewed),
             "rows_replaced": counts["replaced"], "stale_reviews": len(counts["stale"])})
     return counts
+
+
+def _listed(uris: list[str], shown: int = 10) -> str:
+    return ", ".join(uris[:shown]) + (f" and {len(uris) - shown} more" if len(uris) > shown else "")
+
+
+def _newer(review: dict, than: dict | None) -> bool:
+    """Whether ``review`` was made after ``than`` (by ``reviewed_at``; one without a time is the older)."""
+    if than is None:
+        return True
+    a, b = review.get("reviewed_at"), than.get("reviewed_at")
+    return a is not None and (b is None or a > b)
 
 
 def _carried(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table:
@@ -444,11 +479,15 @@ def main_args(args: argparse.Namespace) -> int:
         if args.review_command == "merge":
             counts = merge(args.dest, args.reviewed, args.out)
             print(f"{counts['rows']} rows, {counts['replaced']} replaced by reviewed rows; written to {args.out}")
+            if counts["superseded"]:
+                print(f"{len(counts['superseded'])} review(s) left out: DEST holds a newer review of the image, "
+                      f"which stays: {_listed(counts['superseded'])}", file=sys.stderr)
+            if counts["not_in_dest"]:
+                print(f"{counts['not_in_dest']} reviewed image(s) are not in {args.dest} (not merged)", file=sys.stderr)
             if counts["stale"]:
-                stale = counts["stale"]
-                print(f"{len(stale)} review(s) left out: their image changed after it was reviewed, and its new "
-                      f"labels are kept (pick and push it again to review them): {', '.join(stale[:10])}"
-                      + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""), file=sys.stderr)
+                print(f"{len(counts['stale'])} review(s) left out: their image changed after it was reviewed, and "
+                      f"its new labels are kept (pick and push it again to review them): {_listed(counts['stale'])}",
+                      file=sys.stderr)
             return 0
         return label_studio.main_args(args)
     except (ReviewError, OutputError, label_studio.LabelStudioError, lake.DestinationBusy) as e:

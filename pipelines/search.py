@@ -23,13 +23,12 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from fcclip.config import ConfigError
 
 from .arguments import COUNT
 from .embed_text import TextError, TextTowerMismatch, text_embedding
-from .output import OutputError, add_version_argument, open_output
+from .output import OutputError, PartFile, add_version_argument, open_output
 from .show.overlays import overlay, read_rows
 
 _LEAVES = ("id", "label", "score")
@@ -65,7 +64,7 @@ def search_segments(dest: str, query: np.ndarray, top: int = 50, version: int | 
     best: list[Hit] = []
     for url, path in zip(output.urls, output.files):
         with output.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = PartFile(f)
             leaves = [parquet.schema.column(i).path for i in range(len(parquet.schema))]
             wanted = ["uri"] + [p for p in leaves if p.startswith("segments.") and p.rsplit(".", 1)[-1] in _LEAVES]
             wanted += [p for p in leaves if p.startswith("embedding_out.")]

@@ -52,7 +52,7 @@ from fcclip.datasets.labels import LabelSelection, TrainingClasses, row_targets,
 from fcclip.training.data import collate_batches, pack_sample, train_sample, unpack_sample
 from fcclip.training.mix import union_vocabulary
 from fcclip.vocabulary import Vocabulary
-from fcclip_pipelines.output import LabelingOutput, OutputError, open_output, read_labeled_image
+from fcclip_pipelines.output import LabelingOutput, OutputError, PartFile, open_output, read_labeled_image
 
 logger = logging.getLogger("fcclip.train")
 
@@ -283,7 +283,7 @@ def read_samples(items: pa.Table, *, fs, rows_per_block: int, **decode) -> Itera
     samples = DecodeSamples(**decode)
     for path in items.column("path").to_pylist():
         with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = PartFile(f)
             columns = _COLUMNS + [c for c in _VERSION_COLUMNS if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=rows_per_block, columns=columns):
                 ok = batch.filter(pc.equal(batch.column("status"), "ok"))

@@ -690,6 +690,85 @@ def test_a_table_that_other_programs_compact_and_delete_from_keeps_each_image_on
     assert sorted(relabeled) == sorted(prefix + n for n in {**expected, "synth_00005.jpg": 0})
 
 
+def test_a_rerun_finds_its_run_whatever_the_spelling_of_source_and_dest(tmp_path, ray_local, capsys, monkeypatch):
+    """A first run typed by hand (relative paths, a trailing slash) and the nightly one from cron (absolute paths) are
+    one run: the rerun labels what changed, not "other settings" refused (whose --overwrite would drop the table's
+    history). The same for relabel's DEST, and for a run.json that recorded SOURCE as it was typed."""
+    from deltalake import DeltaTable
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=2, size=OLD_SIZE)
+    monkeypatch.chdir(tmp_path)
+    assert main(_args("in/", "labels", "--embeddings")) == 0
+    assert main(["relabel", "labels", "--vocab", "cat; sky [stuff]", "--out", "rl"]) == 0
+    capsys.readouterr()
+    assert main(_args(str(tmp_path / "in"), f"{tmp_path}/labels/", "--embeddings")) == 0, capsys.readouterr().err
+    assert "listed again: 0 new, 0 changed, 2 unchanged" in capsys.readouterr().out
+    assert main(["relabel", f"{tmp_path}/labels/", "--vocab", "cat; sky [stuff]", "--out", str(tmp_path / "rl")]) == 0
+    assert "relabeled 0 image(s)" in capsys.readouterr().out
+    history = [h for h in DeltaTable(str(tmp_path / "rl")).history() if "fcclip.run_id" in h]
+    assert history and all(h.get("fcclip.model") == "fcclip-tiny@random" for h in history), history  # as label's
+    run_json = tmp_path / "labels" / "_fcclip" / "run.json"
+    run = json.loads(run_json.read_text())
+    assert run["settings"]["source"] == str(tmp_path / "in")
+    run["settings"]["source"] = "./in/"  # as a release before recorded it: as typed
+    run_json.write_text(json.dumps(run))
+    assert main(_args(str(tmp_path / "in"), "labels", "--embeddings")) == 0, capsys.readouterr().err
+    assert "listed again: 0 new, 0 changed, 2 unchanged" in capsys.readouterr().out
+    assert main(_args(str(tmp_path / "labels"), "labels", "--embeddings")) == 2  # another SOURCE is still refused
+    assert "other settings (source: " in capsys.readouterr().err
+
+
+def test_a_file_a_delete_rewrote_reads_as_fcclips_own(tmp_path, ray_local, capsys):
+    """delta-rs' DELETE rewrites a part file with string_view columns (nested ones too). Every command that reads
+    the table takes it as fcclip's own files, and the next increment replaces a row it holds (label, show, review
+    push, eval and train failed on it: pyarrow's is_in / take have no string_view kernel, Ray Data's schema merge
+    refused string_view beside string)."""
+    from deltalake import DeltaTable
+
+    from fcclip.datasets.synthetic import write_images
+    from fcclip_pipelines.label_studio import _picked_rows
+    from fcclip_pipelines.train_data import open_training_data, read_samples
+
+    folder, dest = tmp_path / "in", str(tmp_path / "labels")
+    write_images(folder, count=4, size=OLD_SIZE)
+    assert main(_args(str(folder), dest, "--shard-size", "2", "--embeddings")) == 0
+    DeltaTable(dest).delete(f"uri = '{folder}/synth_00000.jpg'")
+    output = open_output(dest)
+    rewritten = [f for f in output.files if pq.read_schema(f).field("uri").type == pa.string_view()]
+    assert len(rewritten) == 1, [pq.read_schema(f) for f in output.files]  # the fault is real
+    held = pq.read_table(rewritten[0], columns=["uri", "image_id"]).to_pylist()
+    assert [r["uri"] for r in held] == [f"{folder}/synth_00001.jpg"]
+    capsys.readouterr()
+
+    assert main(["show", dest, "--out", str(tmp_path / "show.html")]) == 0
+    assert "3 images: 3 ok" in capsys.readouterr().out
+    assert main(["review", "pick", dest, "--count", "3", "--out", str(tmp_path / "picks.parquet")]) == 0
+    picked = _picked_rows(output, [r["image_id"] for r in held])  # what review push sends to Label Studio
+    assert [r["uri"] for r in picked] == [held[0]["uri"]] and picked[0]["segments"] is not None
+    assert main(["export", dest, "--format", "coco-panoptic", "--out", str(tmp_path / "coco")]) == 0
+    assert main(["search", dest, "a dog", "--top", "2"]) == 0
+    data = open_training_data(dest, split="train2017", synonyms=None)
+    blocks = read_samples(pa.table({"path": data.output.files}), fs=data.output.fs, rows_per_block=4,
+                          class_index=data.class_index, min_score=0.0, seed=0,
+                          lsj={"image_size": 32, "min_scale": 1.0, "max_scale": 1.0})
+    assert sum(len(b["image"]) for b in blocks) == 3
+    assert main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--data", dest, "--short-edge", "0",
+                 "--out", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["images"] == 3
+
+    # the image whose row the rewritten file holds changes: the increment replaces that row
+    shutil.copy(write_images(tmp_path / "new", count=1, size=NEW_SIZE, seed=300)[0], folder / "synth_00001.jpg")
+    capsys.readouterr()
+    assert main(_args(str(folder), dest, "--shard-size", "2", "--embeddings")) == 0
+    out = capsys.readouterr().out
+    assert "listed again: 1 new, 1 changed, 2 unchanged" in out, out
+    table = open_output(dest).read(columns=["uri", "height", "width"])
+    rows = {r["uri"]: (r["height"], r["width"]) for r in table.to_pylist()}
+    assert table.num_rows == 4 and rows[f"{folder}/synth_00001.jpg"] == NEW_SIZE, table.to_pylist()
+
+
 def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, caplog):
     """`fcclip relabel DEST --out DEST2` run again after DEST grew: DEST2 becomes DEST's new version relabeled (the
     same rows as a relabel of it from scratch), by relabeling only DEST's new files and removing the rows they
@@ -739,9 +818,11 @@ def test_relabel_follows_a_growing_table_and_prune(tmp_path, ray_local, capsys, 
     assert "lists none of the 9 images" in capsys.readouterr().err and len(rows(dest)) == 9
     folder.rmdir()
     shutil.move(tmp_path / "moved", folder)
+    caplog.set_level(logging.INFO, logger="fcclip.label")
     assert main(_args(str(folder), dest, "--embeddings", "--prune")) == 0
     out = capsys.readouterr().out
     assert "labeled 0 image(s)" in out and "1 row(s) of images gone from SOURCE removed (--prune)" in out, out
+    assert "0 shard(s) to label, 1 row(s) of images gone from SOURCE to remove (--prune)" in caplog.text, caplog.text
     DeltaTable(dest).delete(f"uri = '{folder}/synth_00007.jpg'")
     assert main(["relabel", dest, *new_vocab, "--out", str(dest2)]) == 0
     out = capsys.readouterr().out

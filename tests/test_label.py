@@ -754,6 +754,9 @@ def test_progress_log_lines_give_the_rate_and_the_time_left(monkeypatch, caplog)
     clock = [5000.0]
     monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
     bars = progress.JobProgress(enabled=False)
+    with caplog.at_level(logging.INFO, logger="fcclip.label"):  # --actors 2-16: 2 start, more with the backlog
+        bars.startup_started(2, 16)
+    assert "Ray and 2 model actor(s) (up to 16 as the backlog grows) starting" in caplog.text, caplog.text
     bars.labeling_started(12_000, 12, 0)
     with caplog.at_level(logging.INFO, logger="fcclip.label"):
         bars.labeled(120, 8)  # the first rows: logged at once

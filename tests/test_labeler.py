@@ -32,13 +32,22 @@ def test_map_batches_gives_the_rows_of_fcclip_label(tmp_path, ray_local, capsys)
     expected = {r["uri"]: r for f in sorted((tmp_path / "labels").glob("*.parquet"))
                 for r in pq.read_table(f).to_pylist()}
 
-    ds = (ray.data.read_binary_files(str(tmp_path / "in"), include_paths=True)
-          .map_batches(decode_images, fn_kwargs={"model": "fcclip-tiny", "short_edge": 64}, batch_size=3)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")  # read_binary_files reads it too: an error row
+    # as the README writes it: decode in Ray Data's own blocks (a block of only undecodable files among them),
+    # the labeler in batches of 4, an actor pool, a filter on the rows
+    ds = (ray.data.read_binary_files(str(tmp_path / "in"), include_paths=True, override_num_blocks=7)
+          .map_batches(decode_images, fn_kwargs={"model": "fcclip-tiny", "short_edge": 64})
           .map_batches(FCCLIPLabeler, fn_constructor_kwargs={"vocab": VOCAB, "model": "fcclip-tiny",
                                                              "weights": "random", "run_id": "mine"},
-                       batch_size=3, concurrency=1, num_cpus=1))
+                       batch_size=4, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=1)
+          .materialize())
     ds.write_parquet(str(tmp_path / "mine"))
+    ds.filter(expr="status == 'ok'").write_parquet(str(tmp_path / "ok"))
+    assert pq.read_table(tmp_path / "ok").schema.remove_metadata().equals(SCHEMA.remove_metadata())
+    assert pq.read_table(tmp_path / "ok").column("status").to_pylist() == ["ok"] * 5
     rows = {r["uri"]: r for r in pq.read_table(tmp_path / "mine").to_pylist()}
+    notes = rows.pop(str(tmp_path / "in" / "notes.txt"))
+    assert notes["status"] == "error" and "ImageDecodeError" in notes["error"], notes
 
     assert sorted(rows) == sorted(expected) and len(rows) == 6
     assert pq.read_table(tmp_path / "mine").schema.remove_metadata().equals(SCHEMA.remove_metadata())

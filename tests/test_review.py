@@ -237,7 +237,7 @@ def _api(url, token, method, path, **kw):
 
 def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, capsys):
     """Push 5 picked images; annotate 3 through the API (accepted, a mask edited, a class changed); pull: the accepted
-    masks are the model's pixel for pixel, the edit and the class change are there, the 2 others are pending."""
+    masks are the model's pixel for pixel, the edit and the class change are there, one skipped, one pending."""
     from fcclip.datasets.synthetic import write_images
 
     url, token, root, email = label_studio
@@ -251,6 +251,9 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     assert "set LABEL_STUDIO_API_KEY" in capsys.readouterr().err  # the token comes from the environment only
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
     push = ["review", "push", str(picks), "--label-studio", url, "--project", "review-1", "--document-root", str(root)]
+    assert main(push[:-2]) == 2  # local images and no --document-root: refused before the project is made
+    assert "give --document-root" in capsys.readouterr().err
+    assert "review-1" not in [p["title"] for p in _api(url, token, "GET", "/api/projects")["results"]]
     assert main(push) == 0
     assert "5 task(s) added" in capsys.readouterr().out
     assert main(push) == 0  # a rerun adds nothing
@@ -294,16 +297,21 @@ def test_push_annotate_pull_round_trip(label_studio, tmp_path, monkeypatch, caps
     new = "cat" if old != "cat" else "car"
     result3[k3] = {**result3[k3], "value": {**result3[k3]["value"], "brushlabels": [new]}}
     _api(url, token, "POST", f"/api/tasks/{changed['id']}/annotations", json={"result": result3})
+    skipped = sorted(tasks, key=lambda t: t["id"])[3]  # and skips the fourth
+    _api(url, token, "POST", f"/api/tasks/{skipped['id']}/annotations", json={"result": [], "was_cancelled": True})
 
     reviewed = tmp_path / "reviewed"
     assert main(["review", "pull", "--label-studio", url, "--project", "review-1", "--out", str(reviewed)]) == 0
     out = capsys.readouterr().out
-    assert "3 reviewed image(s)" in out and "2 pending" in out
+    assert "3 reviewed image(s)" in out and "1 pending, 1 skipped" in out, out
+    assert f"  skipped: task {skipped['id']}  {skipped['data']['image_id']}" in out, out
+    assert json.loads((reviewed / "_fcclip" / "pull.json").read_text())["skipped"] == [
+        {"uri": skipped["data"]["uri"], "image_id": skipped["data"]["image_id"], "task": skipped["id"]}]
     # pulled again into the same folder: a committed pull is never written over
     assert main(["review", "pull", "--label-studio", url, "--project", "review-1", "--out", str(reviewed)]) == 2
     assert "already holds a table" in capsys.readouterr().err
     pending = {t["data"]["image_id"] for t in tasks} - {accepted["data"]["image_id"], edited["data"]["image_id"],
-                                                        changed["data"]["image_id"]}
+                                                        changed["data"]["image_id"], skipped["data"]["image_id"]}
     assert all(p in out for p in pending)
     assert {p["image_id"] for p in json.loads((reviewed / "_fcclip" / "pull.json").read_text())["pending"]} == pending
 
@@ -478,9 +486,10 @@ def test_an_image_without_segments_reviewed_as_such_is_a_row(label_studio, tmp_p
     assert (got["segments"], got["width"], got["height"], got["source_etag"]) == ([], 53, 37, "e")
 
 
-def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(tmp_path, capsys, caplog):
+def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(tmp_path, capsys, caplog, monkeypatch):
     """`fcclip review merge` killed (SIGKILL) after writing some part files and before committing them: the same
-    merge again into the same folder replaces them and commits; part files of anything else stay refused."""
+    merge again into the same folder (its inputs typed otherwise: relative, a trailing slash) replaces them and
+    commits; part files of anything else stay refused."""
     import sys
 
     from deltalake import DeltaTable
@@ -510,7 +519,8 @@ def test_a_merge_killed_before_its_commit_is_merged_again_into_the_same_folder(t
     assert proc.returncode == -signal.SIGKILL and 3 <= written < n, (proc.returncode, written, output[-2000:])
     assert not (merged / "_delta_log").exists()  # killed before its commit
 
-    assert main(command) == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["review", "merge", "labels/", "./reviewed", "--out", str(merged)]) == 0, capsys.readouterr().err
     assert f"holds {written} part file(s) of an unfinished merge of the same outputs" in caplog.text, caplog.text
     table = DeltaTable(str(merged))
     assert table.version() == 0 and len(table.file_uris()) == n == len(list(merged.glob("part-*.parquet")))
@@ -554,6 +564,26 @@ def test_a_merged_output_merged_again_keeps_its_earlier_reviews(tmp_path, capsys
            for f in sorted((tmp_path / "m2").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
     model, a, b = ("model", None, None), ("human-reviewed", "a@example.com", 4), ("human-reviewed", "b@example.com", 5)
     assert got == [(u, *w) for u, w in zip(uris, [model, a, b, b, model, a, model, model])]  # DEST's order
+
+    # the first night's pull merged again by mistake: its review of img_002 is older than the one m2 holds, which
+    # stays; its reviews of img_001 and img_005 are the ones m2 holds (the same time): the same rows
+    assert main(["review", "merge", str(tmp_path / "m2"), first, "--out", str(tmp_path / "m3")]) == 0
+    out, err = capsys.readouterr()
+    assert "8 rows, 2 replaced by reviewed rows" in out
+    assert f"1 review(s) left out: DEST holds a newer review of the image, which stays: {uris[2]}" in err, err
+    again = [(r["uri"], r["source"], r["reviewed_by"], r["reviewed_at"].day if r["reviewed_at"] else None)
+             for f in sorted((tmp_path / "m3").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert again == got
+    # reviews of another table's images: refused, nothing written; some of them: counted
+    other = make_output(tmp_path / "other", [f"s3://other/img_{i}.jpg" for i in range(3)], [(12, 16)] * 3,
+                        [0.5] * 3)
+    assert main(["review", "merge", str(tmp_path / "other"), first, "--out", str(tmp_path / "m4")]) == 2
+    assert f"none of the 3 image(s) reviewed in {first} is in {tmp_path / 'other'}" in capsys.readouterr().err
+    assert not (tmp_path / "m4").exists() and len(other) == 3
+    make_output(tmp_path / "part", uris[:2], [(12, 16)] * 2, [0.5] * 2)
+    assert main(["review", "merge", str(tmp_path / "part"), first, "--out", str(tmp_path / "m5")]) == 0
+    out, err = capsys.readouterr()
+    assert "2 rows, 1 replaced by reviewed rows" in out and "2 reviewed image(s) are not in" in err, (out, err)
 
 
 def test_a_review_of_an_image_changed_since_is_left_out_and_the_image_can_be_picked_again(tmp_path, capsys):

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from fcclip.visualize import draw_panoptic
 
-from ..output import SOURCE_COLUMNS, read_labeled_image, segment_map
+from ..output import SOURCE_COLUMNS, PartFile, read_labeled_image, segment_map
 from .scan import Report, Sample
 
 logger = logging.getLogger("fcclip.show")
@@ -54,7 +53,7 @@ def read_rows(output, url: str, rows: list[int]) -> dict[int, dict]:
     that hold them and only the columns an overlay needs."""
     out: dict[int, dict] = {}
     with output.fs.open(output.files[output.urls.index(url)], "rb") as f:
-        parquet = pq.ParquetFile(f)
+        parquet = PartFile(f)
         sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
         starts = np.cumsum([0] + sizes)
         for group in range(parquet.num_row_groups):

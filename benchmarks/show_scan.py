@@ -43,20 +43,22 @@ def _part(file: int, rows: int, segments: int, rng: np.random.Generator) -> pa.T
         [pa.array([[480, 640]] * n, pa.list_(pa.int32())), pa.array([os.urandom(300).hex() for _ in range(n)])],
         names=["size", "counts"],
     )
-    items = pa.StructArray.from_arrays([
-        pa.array(ids), pa.array(np.array(LABELS)[classes]), pa.array((classes + 1).astype(np.int32)),
-        pa.array(classes < 2), pa.array(rng.random(n).astype(np.float32)), pa.array(np.full(n, 100, np.int64)),
-        pa.array([[0.0, 0.0, 10.0, 10.0]] * n, pa.list_(pa.float32())), rle,
-    ], fields=list(SCHEMA.field("segments").type.value_type))
+    given = {"id": pa.array(ids), "label": pa.array(np.array(LABELS)[classes]),
+             "category_id": pa.array((classes + 1).astype(np.int32)), "is_thing": pa.array(classes < 2),
+             "score": pa.array(rng.random(n).astype(np.float32)), "area": pa.array(np.full(n, 100, np.int64)),
+             "bbox": pa.array([[0.0, 0.0, 10.0, 10.0]] * n, pa.list_(pa.float32())), "rle": rle}
+    fields = list(SCHEMA.field("segments").type.value_type)  # the uncertainty fields: null, as a stand-in writes
+    items = pa.StructArray.from_arrays([given.get(f.name, pa.nulls(n, f.type)) for f in fields], fields=fields)
     status = np.where(rng.random(rows) < 0.02, "error", "ok")
     uris = [f"s3://bucket/images/{file:04d}/{i:06d}.jpg" for i in range(rows)]
-    return pa.table({
+    columns = {
         "uri": uris, "image_id": [f"{file:08x}{i:08x}" for i in range(rows)],
         "width": pa.array(np.full(rows, 640, np.int32)), "height": pa.array(np.full(rows, 480, np.int32)),
         "status": status.tolist(), "error": [None if s == "ok" else f"not found: {u}" for s, u in zip(status, uris)],
         "segments": pa.ListArray.from_arrays(pa.array(np.arange(0, n + 1, segments, dtype=np.int32)), items),
         "model": ["bench"] * rows, "vocabulary": ["bench"] * rows, "run_id": ["bench"] * rows,
-    }, schema=SCHEMA)
+    }
+    return pa.table({f.name: columns.get(f.name, pa.nulls(rows, f.type)) for f in SCHEMA}, schema=SCHEMA)
 
 
 def _cpu() -> str:

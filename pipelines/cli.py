@@ -145,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout went away (`fcclip models | head -2`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 1
+    except runtime.RayUnreachable as e:  # any command given --address: before anything ran
+        print(f"fcclip {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if unusable_protocol(e) and not args.verbose:
             # a URI whose protocol is unknown, or needs a package that is not installed (gs:// without gcsfs)

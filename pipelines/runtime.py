@@ -48,8 +48,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     quiet(verbose)
     try:
         if address:
-            ray.init(address=address, log_to_driver=log_to_driver,
-                     logging_level=logging.INFO if verbose else logging.ERROR)
+            try:
+                ray.init(address=address, log_to_driver=log_to_driver,
+                         logging_level=logging.INFO if verbose else logging.ERROR)
+            except ConnectionError as e:  # not an OSError of storage: the cluster's address or its token
+                raise RayUnreachable(
+                    f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())[:300]}. Check the address "
+                    "(the head's, HOST:6379 by default); a cluster with token authentication needs RAY_AUTH_MODE=token "
+                    "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too") from None
         else:
             ray.init(
                 address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
@@ -61,6 +67,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         _on_sigterm(signal.SIGTERM, None)
     raise_on_sigterm()  # Ray's driver set its own: a C++ stack dump and an abort (exit 134, the local Ray left
     return True  # running) on `ray job stop`
+
+
+class RayUnreachable(RuntimeError):
+    """``--address`` (or RAY_ADDRESS) names a Ray cluster this process cannot join; the message is one line."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -65,8 +65,8 @@ def ray_head(s3_server, tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_submit_label_job(ray_head, s3_bucket, capsys):
-    ray_head, token = ray_head.address, ray_head.token
+def test_submit_label_job(ray_head, s3_bucket, capsys, tmp_path):
+    gcs, (ray_head, token) = ray_head.gcs, (ray_head.address, ray_head.token)
     import boto3
     import s3fs
     import pyarrow.parquet as pq
@@ -86,6 +86,19 @@ def test_submit_label_job(ray_head, s3_bucket, capsys):
     assert refused.stderr.strip().splitlines() == [
         "fcclip submit: error: Authentication required: Unauthorized: Missing authentication token: the cluster has "
         "token authentication on; put its token in RAY_AUTH_TOKEN (or ~/.ray/auth_token) and set RAY_AUTH_MODE=token"]
+    # nor does the cluster take a driver without it: one line that names the address and the token
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(next(iter(images.values())))
+    joined = subprocess.run(
+        [str(BIN / "fcclip"), "label", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab", "cat; dog",
+         "--model", "fcclip-tiny", "--weights", "random", "--address", gcs, "--no-progress"],
+        env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": "/nonexistent"},
+        capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in joined.stderr.splitlines() if line.startswith("fcclip label: error: ")]
+    assert joined.returncode == 1 and "Traceback" not in joined.stderr, joined.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"fcclip label: error: cannot join the Ray cluster at {gcs}: ")
+    assert "RAY_AUTH_MODE=token" in errors[0], errors[0]
     proc = subprocess.run(
         [str(BIN / "fcclip"), "submit", "--address", ray_head, "--",
          "fcclip", "label", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "--vocab", "cat; dog; sky [stuff]",

@@ -81,6 +81,10 @@ def fetch(uri: str, directory: str | Path | None = None) -> Path:
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        try:
+            target.parent.rmdir()  # nothing of a failed download stays, nor its empty folder
+        except OSError:  # another download of the same URI is writing there
+            pass
         raise
     return target
 

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:  # object-store clients log every endpoint lookup at INFO
-        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "urllib3"):
+        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "urllib3", "torch"):  # torch: cache stats at exit
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("gcsfs").addFilter(_without_traceback)  # its retries' tracebacks: -v shows them
     warnings.simplefilter("default", UserWarning)

@@ -255,6 +255,11 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
     return run
 
 
+def _shards_to_label(sizes: list[int]) -> int:
+    """The shards that hold images (a prune's shard holds none: it names the files the prune rewrites)."""
+    return sum(1 for size in sizes if size)
+
+
 def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
     """A complete run labeled again: SOURCE listed again, what the table lacks (new URIs, changed objects unless
     ``cfg.refresh`` is off) becomes the run's next shards (pipelines/lake.py). run.json names them only once all are
@@ -270,7 +275,7 @@ def _next_increment(cfg: LabelConfig, dest, run: dict, on_listed=None) -> dict:
         f" ({increment['not_refreshed']} more kept as labeled: --no-refresh)" if increment["not_refreshed"] else "",
         increment["unchanged"],
         f" ({increment['retried']} of them error rows, labeled again: --retry-errors)" if increment["retried"] else "",
-        sum(1 for size in sizes if size),  # the prune's shard holds no image
+        _shards_to_label(sizes),
         f", {increment['gone']} row(s) of images gone from SOURCE to remove (--prune)" if "prune_shard" in increment
         else "",
     )
@@ -377,7 +382,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     if not pending:
         lake.mark_complete(dest, run)
         summary.version = lake.table_version(dest)
-        logger.info("nothing to label: all %d shards of %s are committed", sum(1 for size in sizes if size), cfg.dest)
+        logger.info("nothing to label: all %d shards of %s are committed", _shards_to_label(sizes), cfg.dest)
         summary.seconds = time.time() - started
         return summary
 

@@ -29,8 +29,8 @@ label`` writes them, score 1; ``source`` = ``human-reviewed``, ``reviewed_by`` (
 ``reviewed_at`` (when the annotation was last updated, UTC); one submitted without regions is a row without
 segments, at the size the task recorded. Tasks without a submitted annotation are pending, and those a reviewer
 skipped (every annotation cancelled) are skipped: both listed (uri, image id, task) and counted, in
-``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output
-is: its one part file is version 0.
+``REVIEWED/_fcclip/pull.json`` too, not rows. REVIEWED is a Delta table, as a labeling output is: its one part file
+is version 0.
 """
 from __future__ import annotations
 
@@ -453,7 +453,8 @@ def pull(url: str, project: str, out: str, *, client: LabelStudio | None = None)
         write_part(dest, 0, table, {"vocabulary": vocabulary, "run_id": run_id, "review": review})
         lake.commit_version(dest, [part_name(0)], info={"run_id": run_id, "operation": "review pull",
                                                          "review": review})
-    summary = {"reviewed": len(rows), "pending": pending, "skipped": skipped, "unknown_labels": sorted(set(map(str, unknown))),
+    summary = {"reviewed": len(rows), "pending": pending, "skipped": skipped,
+               "unknown_labels": sorted(set(map(str, unknown))),
                "superseded": [{"uri": t.get("data", {}).get("uri"), "image_id": t.get("data", {}).get("image_id"),
                                "task": t["id"]} for t in superseded],
                "run_id": run_id}

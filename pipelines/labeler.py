@@ -16,10 +16,11 @@ labeling output's schema (fcclip_pipelines.output.SCHEMA), the rows `fcclip labe
 
 ``decode_images`` (CPU, no torch): {"uri" or "path", "bytes"} -> {"uri", "image" (resized (h, w, 3) uint8; a 1x1
 placeholder where the file could not be decoded, never a null, which Ray Data could not join to the images of
-other blocks), "height", "width" (the original size), "error" ("" or the reason)}, resized to the model's test size. ``FCCLIPLabeler`` (one model per actor, loaded once; its text embeddings computed once): that
-batch -> a pyarrow Table of output rows, one per image; an image that cannot be decoded or segmented is an error row,
-never an exception. Unlike `fcclip label`, nothing here shards, resumes or commits: Ray Data writes what the
-pipeline gives it.
+other blocks), "height", "width" (the original size), "error" ("" or the reason)}, resized to the model's test size.
+``FCCLIPLabeler`` (one model per actor, loaded once; its text embeddings computed once): that batch -> a pyarrow
+Table of output rows, one per image; an image that cannot be decoded or segmented is an error row, never an
+exception. Unlike `fcclip label`, nothing here shards, resumes or commits: Ray Data writes what the pipeline gives
+it.
 """
 from __future__ import annotations
 

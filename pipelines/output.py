@@ -303,9 +303,8 @@ class Destination:
     """DEST on any fsspec filesystem. Holds no filesystem object when pickled (credentials stay out of Ray)."""
 
     def __init__(self, uri: str):
-        uri = uri.rstrip("/") or uri
         # a local path absolute: Ray's workers, which write into it, need not share the driver's working directory
-        self.uri = os.path.abspath(uri) if "://" not in uri else uri
+        self.uri = location_key(uri)
 
     def __getstate__(self):
         return {"uri": self.uri}

@@ -83,8 +83,9 @@ def _short_edge(value: int | None):
 
 def predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if file_in_the_way(args.out):
-        raise UsageError(file_in_the_way(args.out))
+    problem = file_in_the_way(args.out)
+    if problem:
+        raise UsageError(problem)
     _check_protocols(args.images)
     model = build_model(args.model, weights=args.weights, device=check_device(args.device))
     use_tf32(model.device)

@@ -298,9 +298,9 @@ def merge(dest: str, reviewed: str, out: str) -> dict:
     (``not_in_dest``); where that is every review, REVIEWED was picked from another table: ReviewError, nothing
     written. DEST's embedding columns are not carried (reviewed rows have none). Both must have the same vocabulary.
     DEST is streamed a part file at a time; the reviewed rows (a human's work: thousands, not millions) are held in
-    memory. MERGED is a Delta table as DEST is: its part files are
-    committed as version 0 once all are written. Returns the counts (``rows``, ``replaced``, ``not_in_dest``) and the
-    URIs of the ``stale`` and ``superseded`` reviews."""
+    memory. MERGED is a Delta table as DEST is: its part files are committed as version 0 once all are written.
+    Returns the counts (``rows``, ``replaced``, ``not_in_dest``) and the URIs of the ``stale`` and ``superseded``
+    reviews."""
     from . import lake
     from .output import Destination, open_output
 
@@ -356,7 +356,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
     reviewed_rows = pa.Table.from_pylist(reviews, schema=schema)  # row i: reviewed_ids[i]'s
     counts = {"rows": 0, "replaced": 0, "stale": [], "superseded": [], "not_in_dest": 0}
     matched = np.zeros(len(reviews), bool)
-    run_id = new_run_id()
+    run_id, merged_from = new_run_id(), _merged_from(dest, reviewed)
     table_metadata = TableMetadata(Destination(dest))
     for shard, path in enumerate(base.files):
         with base.fs.open(path, "rb") as f:
@@ -392,7 +392,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                     counts["replaced"] += 1
                 tables += [*pieces, carried.slice(start)]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
-        meta.update(run_id=run_id, merged_from=_merged_from(dest, reviewed))
+        meta.update(run_id=run_id, merged_from=merged_from)
         write_part(target, shard, table, meta)
     counts["not_in_dest"] = int(len(reviews) - matched.sum())
     if reviews and not matched.any():  # nothing to merge: REVIEWED was picked from another table
@@ -402,7 +402,7 @@ def _write_merged(base, done, target, dest: str, reviewed: str) -> dict:
                           "reviews into the table they were picked from (nothing was written)")
     if base.files:
         lake.commit_version(target, [part_name(shard) for shard in range(len(base.files))], info={
-            "run_id": run_id, "operation": "review merge", "merged_from": _merged_from(dest, reviewed),
+            "run_id": run_id, "operation": "review merge", "merged_from": merged_from,
             "rows_replaced": counts["replaced"], "stale_reviews": len(counts["stale"])})
     return counts
 

@@ -707,15 +707,18 @@ def test_progress_on_a_terminal(tmp_path):
 @pytest.mark.slow
 def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
     """fcclip_pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
-    names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it."""
+    names a cluster (here a dead one), which a bare ray.init() would try to join; the model actor runs on it, asking
+    for the GPUs that Ray found on this machine (none)."""
     ray_tmp = _ray_tmpdir()
     os.makedirs(Path(ray_tmp) / "ray", exist_ok=True)
     (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     script = (
-        "import ray\n"
+        "import sys, ray\n"
         "from fcclip_pipelines import runtime\n"
         "started = runtime.init_ray(num_cpus=1)\n"
-        "actor = runtime.start_model_actor(lambda: 'm', gpus=runtime.resolve_gpus(None, None), cpus=0.5)\n"
+        "gpus = runtime.resolve_gpus(None, None)\n"
+        "print('default GPUs', gpus, 'torch imported', 'torch' in sys.modules)\n"
+        "actor = runtime.start_model_actor(lambda: 'm', gpus=gpus, cpus=0.5)\n"
         "print('ready', ray.get(actor.ready.remote()))\n"
         "info, out = ray.get(list(actor.run.options(num_returns=2).remote(lambda m, x: m + x, '!')))\n"
         "print('result', out, info['total_s'] >= 0)\n"
@@ -735,5 +738,7 @@ def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
         survivors = _end_processes(ray_tmp, session=proc.pid)
         _remove_tree(ray_tmp)
     assert proc.returncode == 0, out[-3000:]
+    # the machine's GPUs as the local Ray counted them: none here; the driver does not pay torch's import for it
+    assert "default GPUs 0.0 torch imported False" in out, out[-3000:]
     assert "ready str" in out and "result m! True" in out and "initialized after shutdown False" in out, out[-3000:]
     assert survivors == []

@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .images import (  # noqa: F401 (re-exported)
     DEFAULT_MAX_PIXELS, batch_groups, load_image, padded_size, resize_image, resized_shape,

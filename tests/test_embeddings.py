@@ -12,7 +12,7 @@ from fcclip.reclassify import EmbeddingSpace
 from fcclip.uncertainty import image_uncertainty, query_signals, segment_doubt
 from fcclip.vocabulary import load_vocabulary
 from fcclip_pipelines.cli import main
-from fcclip_pipelines.output import SCHEMA, output_schema, part_schema
+from fcclip_pipelines.output import part_schema
 
 pytestmark = pytest.mark.ray
 

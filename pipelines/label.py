@@ -307,24 +307,29 @@ def run_label(
         raise DestinationError(f"{problem}; nothing was read or written")
     lock = lake.WriterLock(Destination(cfg.dest))
     lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
+    ray_kept: list[bool] = []  # the Ray a resumed run's first pass started, kept for the second
     try:
-        summary = _run_label_once(cfg, progress, overwrite, verbose, make_model_stage, reader)
+        summary = _run_label_once(cfg, progress, overwrite, verbose, make_model_stage, reader, ray_kept)
         if summary.resumed:  # that listing is labeled now: SOURCE again, for what arrived since it was made
             logger.info("the unfinished run is complete: listing %s again", cfg.source)
-            summary = _after_resumed(summary, _run_label_once(cfg, progress, False, verbose, make_model_stage, reader))
+            then = _run_label_once(cfg, progress, False, verbose, make_model_stage, reader, ray_kept)
+            summary = _after_resumed(summary, then)
         return summary
     finally:
-        lock.release()
+        try:
+            runtime.shutdown_ray(any(ray_kept))
+        finally:
+            lock.release()
 
 
 def _run_label_once(cfg: LabelConfig, progress: bool, overwrite: bool, verbose: bool, make_model_stage,
-                    reader) -> LabelSummary:
+                    reader, ray_kept: list | None = None) -> LabelSummary:
     bars = JobProgress(enabled=progress)
     try:
         if bars.bars:
             with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the progress lines
-                return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
-        return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader)
+                return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader, ray_kept)
+        return _run_label(cfg, bars, overwrite, verbose, make_model_stage, reader, ray_kept)
     finally:
         bars.close()
 
@@ -346,7 +351,10 @@ def _after_resumed(first: LabelSummary, then: LabelSummary) -> LabelSummary:
     )
 
 
-def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader) -> LabelSummary:
+def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_model_stage, reader,
+               ray_kept: list | None = None) -> LabelSummary:
+    """One pass: list (or resume a listing), label what is pending. ``ray_kept``: where a resumed run's first pass
+    leaves the Ray it started running for the second (whose listing comes next), instead of stopping it."""
     started = time.time()
     model_config = load_config(cfg.model)
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
@@ -386,7 +394,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         summary.seconds = time.time() - started
         return summary
 
-    bars.startup_started(*cfg.actors)
+    bars.startup_started(*cfg.actors, ray_up=bool(ray_kept))  # a resumed run's second pass: on the first's Ray
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
         gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)
@@ -446,7 +454,10 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         finally:  # what is complete goes into the table, also when the job fails or is stopped
             committer.flush()
     finally:
-        runtime.shutdown_ray(started_ray)
+        if summary.resumed and ray_kept is not None:
+            ray_kept.append(started_ray)  # run_label stops it after the second pass
+        else:
+            runtime.shutdown_ray(started_ray)
     dest.remove_fragments()
     if result.run_metadata and "embeddings" not in run:
         run["embeddings"] = result.run_metadata.get("embeddings")  # what fcclip relabel needs beyond the text

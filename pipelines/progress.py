@@ -82,10 +82,11 @@ class JobProgress:
             self._listing = None
 
     # ------------------------------------------------------------------ start-up
-    def startup_started(self, actors: int, most: int | None = None) -> None:
-        """``actors`` model actors start at once (--actors MIN), more up to ``most`` (MAX) as the backlog grows."""
+    def startup_started(self, actors: int, most: int | None = None, ray_up: bool = False) -> None:
+        """``actors`` model actors start at once (--actors MIN), more up to ``most`` (MAX) as the backlog grows;
+        Ray with them unless ``ray_up``."""
         more = f" (up to {most} as the backlog grows)" if most and most > actors else ""
-        self._startup_what = f"Ray and {actors} model actor(s){more}"
+        self._startup_what = ("" if ray_up else "Ray and ") + f"{actors} model actor(s){more}"
         what = self._startup_what + " starting"
         if not self.bars:
             logger.info("%s", what)

@@ -278,10 +278,10 @@ def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(t
     assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in folder.iterdir())
 
 
-def test_a_stop_while_waiting_for_gpus_is_one_line_and_the_listing_is_kept(tmp_path, capsys):
+def test_a_stop_while_waiting_for_gpus_is_one_line_and_the_listing_is_kept(tmp_path):
     """SIGTERM (`ray job stop`, a pod stopped) while the job waits for GPUs that are not there: the wait ends within a
     second, one line, exit 128 + 15, the lock released and its local Ray stopped; the listing stays, and the next
-    run labels it (then lists again)."""
+    run labels it, then lists again and labels what arrived meanwhile, both passes on the one local Ray it starts."""
     import signal
     import subprocess
     import sys
@@ -319,11 +319,20 @@ def test_a_stop_while_waiting_for_gpus_is_one_line_and_the_listing_is_kept(tmp_p
     assert not (dest / "_fcclip" / "lock.json").exists()
     assert (dest / "_fcclip" / "run.json").exists()  # the listing is kept
 
-    capsys.readouterr()
-    assert main(_local_args(tmp_path / "in", dest, "--gpus-per-actor", "0")) == 0
-    out = capsys.readouterr().out
-    assert "first finished an unfinished run (the first listing): 2 image(s), 2 ok" in out, out
-    assert len(pq.read_table(dest).to_pylist()) == 2
+    # an image arrives meanwhile: the next run finishes the listing, lists again and labels it, on one local Ray
+    # (a process of its own: this module's other tests keep a Ray running in the test process)
+    write_images(tmp_path / "late", count=1, size=(48, 64), seed=7)[0].rename(tmp_path / "in" / "late.jpg")
+    again = subprocess.run([sys.executable, "-m", "fcclip_pipelines", "label", "-v",
+                            *_local_args(tmp_path / "in", dest, "--gpus-per-actor", "0")[1:]],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "first finished an unfinished run (the first listing): 2 image(s), 2 ok" in again.stdout, again.stdout
+    assert "listed again: 1 new, 0 changed, 2 unchanged" in again.stdout, again.stdout
+    assert "labeled 3 image(s)" in again.stdout, again.stdout
+    assert again.stderr.count("Started a local Ray instance") == 1, again.stderr[-3000:]  # once for both passes
+    starting = [line.split("fcclip.label: ")[-1] for line in again.stderr.splitlines() if line.endswith(" starting")]
+    assert starting == ["Ray and 1 model actor(s) starting", "1 model actor(s) starting"], again.stderr[-3000:]
+    assert len(pq.read_table(dest).to_pylist()) == 3
 
 
 def test_sigterm_while_ray_starts_is_one_line(tmp_path):

@@ -189,7 +189,10 @@ class LabelEngine:
         self.constants = constants
         self.file_metadata = file_metadata
         self.progress = progress
-        self.on_committed = on_committed  # shard -> None, on the driver once its part file is written (the table's log)
+        # shard -> None, on the driver once its part file is written: the table's log. Where it has a flush() and a
+        # list of shards `waiting` for a version (lake.ShardCommitter), a job that stops commits those first, and
+        # counts as committed only the shards in the table
+        self.on_committed = on_committed
         self.on_model_ready = on_model_ready  # model id -> None, as each model actor is ready (before its first call)
         self.stop = stop  # runtime.StopSignals: a signal received ends the loop at its next turn
         self.ask_run_metadata = ask_run_metadata  # ask the first ready actor for its run metadata, add it to the files'
@@ -277,8 +280,12 @@ class LabelEngine:
         """Split shards into chunks as capacity frees up: at most a few shards open at a time."""
         while self.shards and len(self.queue) < 8:
             shard = self.shards.popleft()
-            uris = self.uris_of(shard)
             self.open_shards[shard] = {"fragments": [], "covered": 0}
+            try:
+                uris = self.uris_of(shard)
+            except OSError as e:  # its manifest, in DEST: gone, or DEST unreachable
+                raise LabelError(self._stopped(f"the manifest of shard {shard} could not be read: "
+                                               f"{type(e).__name__}: {_short(e)}")) from None
             for start in range(0, len(uris), self.chunk_size):
                 rows = list(range(start, min(start + self.chunk_size, len(uris))))
                 self.queue.append(Chunk(shard, rows, uris[rows[0] : rows[-1] + 1]))
@@ -488,8 +495,14 @@ class LabelEngine:
 
     def _stopped(self, reason: str, then: str = ", once DEST takes writes, to label the rest") -> str:
         """The message of a job that cannot go on: why, what is committed, and how to go on."""
-        done = len(self.result.committed)
-        total = done + len(self.open_shards) + len(self.shards)
+        committer, waiting = self.on_committed, ()
+        if hasattr(committer, "flush"):
+            try:
+                committer.flush()
+            except Exception:  # DEST failing, likely what stops the job: those shards stay out of the table
+                waiting = set(committer.waiting)
+        done = len(set(self.result.committed) - set(waiting))
+        total = len(set(self.result.committed) | set(self.open_shards) | set(self.shards))
         return (f"{reason}. {done} of the {total} shards this run had to label are committed (they stay); "
                 f"run the same command again{then}")
 
@@ -505,7 +518,12 @@ class LabelEngine:
                 continue
             del self.open_shards[shard]
             if self.on_committed is not None:
-                self.on_committed(shard)
+                try:
+                    self.on_committed(shard)
+                except OSError as e:  # the table's commit on the driver: DEST stopped taking writes
+                    self.open_shards[shard] = {"fragments": [], "covered": 0}  # not in the table: not committed
+                    raise LabelError(self._stopped(f"shard {shard} could not be committed to the table: "
+                                                   f"{type(e).__name__}: {_short(e)}")) from None
             self.result.committed.append(shard)
             self.metrics.committed()
             if self.progress is not None:

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -305,6 +306,7 @@ def run_label(
     problem = Destination(cfg.dest).placement_problem()
     if problem:
         raise DestinationError(f"{problem}; nothing was read or written")
+    runtime.check_address(cfg.address or os.environ.get("RAY_ADDRESS"))  # a cluster not there: before the listing
     lock = lake.WriterLock(Destination(cfg.dest))
     lock.acquire()  # before anything in DEST is read: one writer at a time (DestinationBusy)
     ray_kept: list[bool] = []  # the Ray a resumed run's first pass started, kept for the second
@@ -451,8 +453,19 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         try:
             with stop:  # Ctrl-C, SIGTERM: the loop ends at its next turn, and what is committed goes in the table
                 result = engine.run(pending)
-        finally:  # what is complete goes into the table, also when the job fails or is stopped
+        except BaseException:  # what is complete goes into the table, also when the job fails or is stopped
+            try:
+                committer.flush()
+            except Exception as e:  # DEST failing ended the job, likely: its first error is the one the user sees
+                logger.warning("the shards complete when the job ended could not be committed to the table: %s: %s",
+                               type(e).__name__, " ".join(str(e).split())[:200])
+            raise
+        try:
             committer.flush()
+        except OSError as e:
+            raise LabelError(f"the last shards could not be committed to the table: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}. Their rows are written; run the same command again, "
+                             "once DEST takes writes, to label and commit them") from None
     finally:
         if summary.resumed and ray_kept is not None:
             ray_kept.append(started_ray)  # run_label stops it after the second pass

@@ -391,10 +391,10 @@ class ShardCommitter:
                 self.flush()
 
     def flush(self) -> None:
-        """Commit the shards waiting for a version."""
+        """Commit the shards waiting for a version (where the commit fails, they stay waiting: not in the table)."""
         if self.waiting:
-            shards, self.waiting = self.waiting, []
-            self._commit(shards, {})
+            self._commit(list(self.waiting), {})
+            self.waiting = []
 
     def commit_replacing(self, shards: list[int], replaced: dict, by: int) -> int:
         """Commit ``shards`` (none: a prune) in one version that also removes the rows of ``replaced`` ({the file

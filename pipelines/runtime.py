@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -49,6 +50,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     quiet(verbose)
     try:
         if address:
+            check_address(address)
             try:
                 ray.init(address=address, log_to_driver=log_to_driver,
                          logging_level=logging.INFO if verbose else logging.ERROR)
@@ -73,6 +75,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
 class RayUnreachable(RuntimeError):
     """``--address`` (or RAY_ADDRESS) names a Ray cluster this process cannot join; the message is one line."""
+
+
+def check_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """Refuse in one line a cluster address that ``ray.init`` would answer with a traceback (an HTTP address: the
+    dashboard's) or with a wait without end (HOST:PORT where nothing answers). None (a local Ray) passes, as does any
+    address where Ray is already initialized in this process (it is used as it is)."""
+    import ray
+
+    if not address or ray.is_initialized():
+        return
+    if address.startswith(("http://", "https://")):
+        raise RayUnreachable(
+            f"{address} is the address of a cluster's dashboard / Job API; a command joins a cluster at its GCS "
+            "address (HOST:6379 by default, or `auto` on one of its nodes). To run the command on the cluster from "
+            f"here, submit it: fcclip submit --address {address} -- fcclip ...")
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # `auto`, a ray:// client address: Ray's to resolve
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnreachable(
+            f"cannot reach the Ray cluster at {address}: {e.strerror or type(e).__name__} (within {timeout_s:g} s). "
+            "Check the address (the head's GCS, HOST:6379 by default) and that the head is up") from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -199,10 +225,12 @@ def resolve_gpus(requested: float | None, address: str | None) -> float:
 
 
 def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, what: str,
-                       stop: "StopSignals | None" = None) -> float:
+                       stop: "StopSignals | None" = None, flag: str = "--gpus-per-actor",
+                       say_every_s: float = 30.0) -> float:
     """Ask the cluster for ``count`` x ``bundle`` (a placement group, which an autoscaler answers by adding nodes)
-    and wait until it is granted; the group is released at once (the nodes stay until their idle timeout, for the
-    job's actors or workers to take). Returns the seconds waited; raises ResourcesNotGranted after ``timeout_s``.
+    and wait until it is granted, saying so every ``say_every_s`` seconds; the group is released at once (the nodes
+    stay until their idle timeout, for the job's actors or workers to take). Returns the seconds waited; raises
+    ResourcesNotGranted after ``timeout_s`` (its message names ``flag``, the GPUs asked for, to run on CPU instead).
     With ``stop`` (entered by the caller), a stop asked for while waiting ends the wait within a second, the group
     released; the caller finds it in ``stop.received``."""
     import ray
@@ -212,18 +240,22 @@ def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, w
     started = time.monotonic()
     group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
     try:
-        granted, ready, deadline = group.ready(), [], started + timeout_s
+        granted, ready, deadline, said = group.ready(), [], started + timeout_s, started
         while not ready and time.monotonic() < deadline:
             if stop is not None and stop.received is not None:
                 return time.monotonic() - started
             ready, _ = ray.wait([granted], timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            if not ready and time.monotonic() - said >= say_every_s:
+                said = time.monotonic()
+                logger.info("waiting for the cluster to grant %d x %s: %.0f s of --gpu-wait %g s", count,
+                            _bundle_text(bundle), said - started, timeout_s)
     finally:
         remove_placement_group(group)
     if not ready:
         raise ResourcesNotGranted(
             f"asked for {what}; the cluster did not grant {count} x {_bundle_text(bundle)} within {timeout_s:g} s. "
-            "Add such nodes (or let the autoscaler add them), wait longer with --gpu-wait, or "
-            "pass 0 GPUs to run on CPU")
+            f"Add such nodes (or let the autoscaler add them), wait longer with --gpu-wait, or pass {flag} 0 to "
+            "run on CPU")
     return time.monotonic() - started
 
 

@@ -721,7 +721,8 @@ def run_train(
              + f"{cpus_per_worker:g} CPU, {'nccl' if gpus_per_worker else 'gloo'}")
     logger.info("%s", asked)
     if gpus_per_worker:  # all of them, granted (an autoscaler adds the nodes), or one line: never CPU instead
-        runtime.wait_for_resources({"GPU": gpus_per_worker, "CPU": cpus_per_worker}, num_workers, gpu_wait, asked)
+        runtime.wait_for_resources({"GPU": gpus_per_worker, "CPU": cpus_per_worker}, num_workers, gpu_wait, asked,
+                                   flag="--gpus-per-worker")
     datasets = None
     if "labels" in by_kind:
         datasets = {"labels": label_dataset(

@@ -61,27 +61,44 @@ def _stub(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
-def test_setup_commands_work_under_bash_c(path, tmp_path):
-    """Each setup command run as Ray runs it (`bash -c CMD` on the node), with python3, pip and aws replaced by stubs
-    that record their arguments: every path handed to pip exists on the node (a quoted `~` would stay literal)."""
-    home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "calls.log"
+def _fake_node(tmp_path: Path) -> tuple[dict, Path, Path]:
+    """A node's HOME (the checkout synced to ~/fcclip, a Ray token) and PATH, with python3, pip and aws replaced by
+    stubs that record their arguments; a stub pip's install puts stub `ray` and `fcclip` beside it (in the bin/ of the
+    Python that installed them, as pip does), and the stub `ray` records, for `ray start`, where the started Ray finds
+    `fcclip` on its PATH (a job's entrypoint runs with that environment). Returns (env, HOME, the log)."""
+    home, bin_dir, stubs, log = tmp_path / "home", tmp_path / "bin", tmp_path / "stubs", tmp_path / "calls.log"
     (home / "fcclip").mkdir(parents=True)  # where file_mounts put the checkout
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text("a-token\n")
     bin_dir.mkdir()
+    stubs.mkdir()
     record = f'printf "%s\\0" "$(basename "$0")" "$@" >> {log}; printf "\\n" >> {log}\n'
-    pip_stub = f"#!/bin/bash\n{record}"
-    _stub(bin_dir / "python3", record + (  # `python3 -m venv DIR` makes DIR/bin/pip
-        'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; '
-        f"printf '%s' '{pip_stub}' > \"$3/bin/pip\"; chmod +x \"$3/bin/pip\"; fi\n"))
+    install = f'cp {stubs}/ray {stubs}/fcclip "$(dirname "$0")"/\n'
+    _stub(stubs / "ray", record + 'if [ "$1" = start ]; then '
+          f'echo "fcclip for ray start: $(command -v fcclip)" >> {log}; fi\n')
+    _stub(stubs / "fcclip", "")
+    _stub(stubs / "pip", record + f'if [ "$1" = install ]; then {install}fi\n')
+    _stub(bin_dir / "python3", record + (  # `python3 -m venv DIR` makes DIR/bin/pip; `-m pip install`: as pip does
+        f'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp {stubs}/pip "$3/bin/"; fi\n'
+        f'if [ "$1 $2 $3" = "-m pip install" ]; then {install}fi\n'))
     _stub(bin_dir / "aws", record + "echo secret-token\n")
+    return {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}, home, log
+
+
+def _calls(log: Path) -> list[list[str]]:
+    return [line.split("\0")[:-1] for line in log.read_text().splitlines() if line and "\0" in line]
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_setup_commands_work_under_bash_c(path, tmp_path):
+    """Each setup command run as Ray runs it (`bash -c CMD` on the node), with python3, pip and aws replaced by stubs
+    that record their arguments: every path handed to pip exists on the node (a quoted `~` would stay literal)."""
+    env, home, log = _fake_node(tmp_path)
     config = yaml.safe_load(path.read_text())
-    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
     for command in config["setup_commands"]:
         proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (command, proc.stderr)
-    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
+    calls = _calls(log)
     installs = [c for c in calls if "install" in c]
     targets = [arg for c in installs for arg in c[c.index("install") + 1:] if not arg.startswith("-")]
     assert any(t.endswith("[ray]") for t in targets), calls
@@ -89,6 +106,24 @@ def test_setup_commands_work_under_bash_c(path, tmp_path):
         local = re.sub(r"\[[\w,]+\]$", "", target)
         assert Path(local).is_absolute() and Path(local).exists(), f"pip would not find {target!r}"
     assert (home / ".ray" / "auth_token").read_text().strip() in ("a-token", "secret-token")
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_the_started_ray_finds_fcclip_for_job_entrypoints(path, tmp_path):
+    """After the setup commands, the head's and a worker's start commands (`bash -c`, the node's login PATH): the Ray
+    they start has `fcclip` on its PATH, so that `ray job submit -- fcclip label ...` runs (it failed with
+    `fcclip: not found` where Ray was started by the environment's path without it on PATH)."""
+    env, home, log = _fake_node(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    for command in config["setup_commands"]:
+        assert subprocess.run(["bash", "-c", command], env=env, capture_output=True, timeout=60).returncode == 0
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        proc = subprocess.run(["bash", "-c", command], env={**env, "RAY_HEAD_IP": "10.0.0.10"}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, (command, proc.stderr)
+    found = [line for line in log.read_text().splitlines() if line.startswith("fcclip for ray start:")]
+    assert len(found) == 2, log.read_text()  # the head's, a worker's
+    assert all(line.endswith("/bin/fcclip") for line in found), found
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -300,3 +335,23 @@ def test_podmonitor_scrapes_the_port_the_heads_serve_metrics_on():
     for path in LAUNCHER:
         head_start = " ".join(yaml.safe_load(path.read_text())["head_start_ray_commands"])
         assert "--metrics-export-port=8080" in head_start, path.name
+
+
+def test_cluster_submit_py_runs_from_a_checkout_without_the_package_installed(tmp_path):
+    """README: `python cluster/submit.py ...` is `fcclip submit` without installing the package. Here Python starts
+    without site (no .pth file: the installed package's finder is not there) and finds only the environment's
+    libraries on PYTHONPATH; the checkout's pipelines/ folder is the package it installs as."""
+    import sysconfig
+
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    script = str(CLUSTER / "submit.py")
+    bare = subprocess.run([sys.executable, "-S", "-c", "import fcclip_pipelines"], env=env, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    assert bare.returncode != 0 and "No module named 'fcclip_pipelines'" in bare.stderr, bare.stderr
+    shown = subprocess.run([sys.executable, "-S", script, "--help"], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: cluster/submit.py"), shown.stderr[-2000:]
+    refused = subprocess.run([sys.executable, "-S", script, "--address", "http://127.0.0.1:1", "--", "fcclip",
+                              "models"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert refused.stderr.startswith("fcclip submit: error: Failed to connect to Ray at address"), refused.stderr

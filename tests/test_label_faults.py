@@ -548,6 +548,38 @@ def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_
 
 
 @pytest.mark.slow
+def test_a_table_that_refuses_commits_ends_the_job_with_status_1_and_a_rerun_goes_on(tmp_path):
+    """The table's own commits fail on the driver mid-job (its _delta_log folder replaced by a file, as a deleted bucket
+    or a revoked permission fails them): a storage fault, exit status 1 (not 2, a bad command's), one error line that
+    names the commit, how many shards are committed and how to go on, no traceback. With the log back, the same
+    command labels the rest, every image exactly once."""
+    uris, dest, args, first = _job_with_a_committed_shard(tmp_path)
+    log, kept = tmp_path / "out" / "_delta_log", tmp_path / "log-kept"
+    try:
+        while not (log / "00000000000000000000.json").exists():  # the table's first version
+            assert first.proc.poll() is None, first.output()[-3000:]
+            time.sleep(0.02)
+        os.rename(log, kept)
+        log.write_text("not a folder")
+        code = first.wait()
+        output = first.output()
+    finally:
+        survivors = first.close()
+    assert survivors == []
+    assert code == 1, output[-5000:]
+    error = [line for line in output.splitlines() if line.startswith("fcclip label: error:")]
+    assert len(error) == 1 and "Traceback" not in output, output[-5000:]
+    assert "could not be committed to the table: OSError" in error[0], error[0]  # deltalake's, of the file in the way
+    assert "are committed (they stay); run the same command again" in error[0], error[0]
+
+    log.unlink()
+    os.rename(kept, log)  # DEST takes writes again
+    committed = dest.committed()
+    assert f"{len(committed)} of the 6 shards" in error[0], (sorted(committed), error[0])  # those in the table
+    _rerun_labels_the_rest(args, dest, uris, len(committed))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_stopped_job_keeps_what_is_committed_and_a_rerun_goes_on(tmp_path, sig):
     """Ctrl-C (SIGINT to the terminal's whole process group: the driver and the local Ray it started) or SIGTERM to

@@ -217,3 +217,25 @@ def test_predict_refuses_an_unknown_protocol_before_any_image(tmp_path, image, c
                        *TINY], capsys)
     assert code == 2 and line == "fcclip predict: error: Protocol not known: s3x", line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_address_with_no_cluster_behind_it_is_one_line_before_any_listing(tmp_path, image, capsys):
+    """--address where no Ray answers (a closed port: `ray.init` would wait without end) or the dashboard's HTTP
+    address (`ray.init` raised a traceback): one line, exit status 1, before SOURCE is listed (DEST untouched)."""
+    import socket
+
+    import ray
+
+    assert not ray.is_initialized()  # the check is for a process that joins a cluster
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    folder, dest = str(Path(image).parent), tmp_path / "out"
+    label = ["label", folder, "--out", str(dest), "--vocab", "cat; dog", *TINY]
+    code, line = _run([*label, "--address", closed], capsys)
+    assert code == 1 and line.startswith(f"fcclip label: error: cannot reach the Ray cluster at {closed}: "), line
+    assert "Check the address (the head's GCS, HOST:6379 by default)" in line, line
+    code, line = _run([*label, "--address", "http://127.0.0.1:8265"], capsys)
+    assert code == 1 and "http://127.0.0.1:8265 is the address of a cluster's dashboard / Job API" in line, line
+    assert "fcclip submit --address http://127.0.0.1:8265 -- fcclip" in line, line
+    assert not dest.exists()

@@ -54,7 +54,7 @@ from . import lake, runtime
 from .arguments import COUNT, SCORE, SECONDS, number
 from .engine import LabelEngine, LabelError, LabelStopped
 from .progress import JobProgress
-from .output import PART_RE, Destination, location_key, new_run_id
+from .output import PART_RE, Destination, location_key, new_run_id, weights_key
 from .sources import IMAGE_EXTENSIONS, SourceError, read_manifest_shard
 from .stages import FCCLIPSegmenter, ModelSpec, ReadDecode
 
@@ -195,6 +195,8 @@ def reopen_run(dest, settings: dict, overwrite: bool = False) -> dict | None:
         recorded = dict(run["settings"])
         if isinstance(recorded.get("source"), str):  # runs before 2026-12-07 recorded it as typed
             recorded["source"] = location_key(recorded["source"])
+        if isinstance(recorded.get("weights"), str):  # a release before recorded a checkpoint's path as typed
+            recorded["weights"] = weights_key(recorded["weights"])
         differ = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
         if overwrite or differ or not run.get("manifest_complete"):
             if differ and survey.parts and not overwrite:
@@ -558,7 +560,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args: argparse.Namespace, make_model_stage=None, reader=None) -> int:
     """The subcommand; ``make_model_stage`` and ``reader`` as for run_label (tests hand stand-ins in here)."""
     cfg = LabelConfig(
-        source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=args.weights,
+        source=args.source, dest=args.out, vocab=args.vocab, model=args.model, weights=weights_key(args.weights),
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor, gpu_wait=args.gpu_wait,
         cpus_per_actor=args.cpus_per_actor, min_score=args.min_score, short_edge=args.short_edge,
         max_size=args.max_size, shard_size=args.shard_size, address=args.address,

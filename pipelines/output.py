@@ -299,6 +299,15 @@ def location_key(uri: str) -> str:
     return uri.rstrip("/") or uri
 
 
+def weights_key(weights: str) -> str:
+    """``--weights`` as a run records it: a local checkpoint file absolute (``model.pth`` typed in /data is
+    /data/model.pth: relabel and search, which load the run's weights, may run from anywhere); a mode (official,
+    clip, random), a URI, or a path that is not there (refused later, as given) unchanged."""
+    if "://" in weights or not os.path.exists(os.path.expanduser(weights)):
+        return weights
+    return os.path.abspath(os.path.expanduser(weights))
+
+
 class Destination:
     """DEST on any fsspec filesystem. Holds no filesystem object when pickled (credentials stay out of Ray)."""
 

@@ -72,6 +72,7 @@ from .stages import uncertainty_columns
 from .output import (
     EMBEDDING_COLUMNS, META_DIR, PART_RE, SEGMENT, Destination, OutputError, add_version_argument, location_key,
     manifest_name, new_run_id, open_output, SOURCE_FIELDS, output_schema, part_name, part_schema, PartFile, write_part,
+    weights_key,
 )
 
 logger = logging.getLogger("fcclip.relabel")
@@ -712,7 +713,7 @@ def main_args(args: argparse.Namespace) -> int:
 
     try:
         s = run_relabel(args.dest, args.vocab, args.out, min_score=args.min_score, model=args.model,
-                        weights=args.weights, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
+                        weights=args.weights and weights_key(args.weights), address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
                         verbose=getattr(args, "verbose", False), version=args.version,
                         progress=not args.no_progress)
     except (lake.DestinationBusy, RelabelError, TextTowerMismatch, ConfigError, VocabularyError, DestinationError,

@@ -169,6 +169,8 @@ def iter_source_entries(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSI
     """Every entry of SOURCE with what its listing says (:class:`Entry`); as :func:`iter_source`."""
     extensions = tuple(e.lower() for e in extensions)
     fs, path = fsspec.core.url_to_fs(source)
+    if "://" not in source or source.startswith("file://"):  # `..` collapsed: an image's URI is one string however
+        path = os.path.normpath(path)  # SOURCE was typed (fsspec makes a relative path absolute, `..` and all)
     prefix = _protocol_prefix(source)
     if source.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
         try:

@@ -705,6 +705,11 @@ def test_a_rerun_finds_its_run_whatever_the_spelling_of_source_and_dest(tmp_path
     capsys.readouterr()
     assert main(_args(str(tmp_path / "in"), f"{tmp_path}/labels/", "--embeddings")) == 0, capsys.readouterr().err
     assert "listed again: 0 new, 0 changed, 2 unchanged" in capsys.readouterr().out
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # SOURCE through `..`: the same images, not 2 new ones under ".../../in"
+    assert main(_args("../in", "../labels", "--embeddings")) == 0, capsys.readouterr().err
+    assert "listed again: 0 new, 0 changed, 2 unchanged" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
     assert main(["relabel", f"{tmp_path}/labels/", "--vocab", "cat; sky [stuff]", "--out", str(tmp_path / "rl")]) == 0
     assert "relabeled 0 image(s)" in capsys.readouterr().out
     history = [h for h in DeltaTable(str(tmp_path / "rl")).history() if "fcclip.run_id" in h]

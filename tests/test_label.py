@@ -206,7 +206,7 @@ def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
     assert len(pq.read_table(other).to_pylist()) == 2
 
 
-def test_weights_that_are_not_a_checkpoint_end_the_job_in_one_line(tmp_path, ray_local, capsys, caplog):
+def test_weights_that_are_not_a_checkpoint_end_the_job_in_one_line(tmp_path, ray_local, capsys, caplog, monkeypatch):
     """A model stage that cannot be built (here: a weights file of random bytes) fails again in every actor: the
     second failure ends the job with the exception's type and message, one line, not an actor's traceback each;
     fixed, the same command labels."""
@@ -244,6 +244,17 @@ def test_weights_that_are_not_a_checkpoint_end_the_job_in_one_line(tmp_path, ray
     history = DeltaTable(str(dest)).history()
     assert [h["fcclip.model_id"] for h in history] == [*models]
     assert history[0]["fcclip.model"] == f"fcclip-tiny@{weights}"  # as given
+
+    # typed relative to the working directory, the checkpoint is recorded absolute: fcclip search (and relabel), which
+    # load the run's weights, work from any directory (they failed with "checkpoint not found: model.pth")
+    monkeypatch.chdir(tmp_path)
+    relative = [a if a != "random" else "model.pth" for a in _local_args("in", "out2", "--embeddings")]
+    assert main(relative) == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "out2" / "_fcclip" / "run.json").read_text())
+    assert run["settings"]["weights"] == str(weights)
+    monkeypatch.chdir(tmp_path / "in")
+    capsys.readouterr()
+    assert main(["search", "../out2", "a cat", "--top", "1"]) == 0, capsys.readouterr().err
 
 
 def test_the_nightly_rerun_asks_for_gpus_only_when_there_is_something_to_label(tmp_path, ray_local, capsys):

@@ -7,6 +7,7 @@ onto the frozen dataclasses below. Unknown keys are errors, so a typo never sile
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,6 +83,18 @@ class WeightsConfig:
     url: str | None = None
     sha256: str | None = None
     num_train_classes: int = 133  # size of the training criterion's class weights in the checkpoint
+
+
+def check_weights(config: "ModelConfig", weights: str, flag: str = "--weights") -> None:
+    """Refuse, before any model is built (a cluster started, a model actor loaded), weights that cannot be loaded:
+    ``official`` for a preset with no released checkpoint, or a local checkpoint path where there is no file.
+    ConfigError; the other modes (clip, random) and URIs pass (a URI is fetched where the model is built)."""
+    if weights == "official":
+        if not config.weights.url:
+            raise ConfigError(f"{config.name} has no released checkpoint: pass {flag} PATH_OR_URI (a checkpoint you "
+                              f"trained) or {flag} random for a smoke run")
+    elif weights not in ("clip", "random") and "://" not in weights and not os.path.exists(os.path.expanduser(weights)):
+        raise ConfigError(f"{flag} {weights}: no such checkpoint file")
 
 
 @dataclass(frozen=True)

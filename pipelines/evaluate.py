@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import ray.data as ray_data
 from ray.data.expressions import col
 
+from fcclip.config import check_weights, load_config
 from fcclip.build import build_model
 from fcclip.datasets.benchmarks import list_benchmarks, open_benchmark
 from fcclip.metrics.instance import InstanceAccumulator
@@ -348,6 +349,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args: argparse.Namespace) -> int:
     try:
+        check_weights(load_config(args.model), args.weights)  # before Ray and the model actors that would load them
         if args.dataset is None:
             if args.limit is not None:
                 raise ValueError("--limit applies to benchmarks (--dataset) only")

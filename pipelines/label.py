@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fcclip.config import ConfigError, load_config
+from fcclip.config import ConfigError, check_weights, load_config
 from fcclip.images import DEFAULT_MAX_PIXELS
 from fcclip.vocabulary import (
     PROMPT_TEMPLATES, VocabularyError, load_vocabulary, prompts_surely_fit, validate_prompt_lengths,
@@ -243,6 +243,13 @@ def prepare_run(cfg: LabelConfig, dest, model_config, vocabulary, overwrite: boo
     listing = lake.plan_increment(cfg.source, dest, {"shard_sizes": []}, cfg.shard_size,
                                   cfg.extensions or IMAGE_EXTENSIONS, on_listed=on_listed)
     sizes = listing.pop("shard_sizes")
+    if not sum(sizes):  # a typo'd prefix, an empty folder: said, not a table of nothing reported as done
+        dest.clear_manifest()
+        skipped = listing["skipped"]
+        raise SourceError(
+            f"{cfg.source}: no images there" + (f" ({skipped} file(s) without an image extension: "
+                                                f"{', '.join(cfg.extensions or IMAGE_EXTENSIONS)})" if skipped else "")
+            + "; nothing was written")
     logger.info(
         "listed %d images in %d shards (%.1f s); %d non-image files skipped, %d duplicates",
         sum(sizes), len(sizes), time.time() - t, listing["skipped"], listing["duplicates"],
@@ -361,6 +368,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     leaves the Ray it started running for the second (whose listing comes next), instead of stopping it."""
     started = time.time()
     model_config = load_config(cfg.model)
+    check_weights(model_config, cfg.weights)  # before the listing, Ray and a model actor that would fail to load them
     vocabulary = load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any cluster work
     if not prompts_surely_fit(vocabulary):  # a long name: the tokenizer (and PyTorch) tells, here, not in each actor
         from fcclip.backbone import clip_context_length

@@ -584,7 +584,11 @@ class WriterLock:
         dest, body = self.dest, self._body()
         if dest.is_local:
             path = dest.path(LOCK)
-            self._created = [p for p in (dest.root, dest.path(META_DIR)) if not os.path.isdir(p)]
+            missing, parent = [], dest.root  # DEST's own folders and the parents made for it (--out a/b/labels)
+            while parent and not os.path.isdir(parent):
+                missing.insert(0, parent)
+                parent = os.path.dirname(parent)
+            self._created = missing + [p for p in (dest.path(META_DIR),) if not os.path.isdir(p)]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -777,8 +777,8 @@ def open_output(dest: str, version: int | None = None) -> LabelingOutput:
             version, names = lake.versioned_files(table, version)
             files = [table.path(name) for name in names]
         except Exception as e:  # a version the log does not have (vacuumed, or not yet written)
-            raise OutputError(
-                f"{dest}: cannot read version {version} of its table ({' '.join(str(e).split())[:200]})") from None
+            which = "the current version" if version is None else f"version {version}"
+            raise OutputError(f"{dest}: cannot read {which} of its table ({' '.join(str(e).split())[:200]})") from None
         if not files:
             raise NotALabelingOutput(f"{dest} is not a labeling output: its table's version holds no part file")
     elif version is not None:

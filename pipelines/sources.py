@@ -130,10 +130,17 @@ def _iter_s3_prefix(uri: str) -> Iterator[tuple[str, str | None, int | None, dat
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    from botocore.exceptions import ClientError
+
     paginator = s3_client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            yield f"s3://{bucket}/{obj['Key']}", obj.get("ETag"), obj.get("Size"), obj.get("LastModified")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}", obj.get("ETag"), obj.get("Size"), obj.get("LastModified")
+    except ClientError as e:  # a typo'd bucket is the command's mistake (status 2), not the storage refusing us
+        if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            raise
+        raise SourceError(f"{uri}: no such bucket ({bucket})") from None
 
 
 def _iter_local_folder(root: str) -> Iterator[tuple[str, str | None, int | None, datetime.datetime | None]]:

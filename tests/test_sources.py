@@ -121,3 +121,11 @@ def test_s3_inventory_reports(s3_bucket, tmp_path):
         "fileSchema": "Bucket, Key, Size, LastModifiedDate, ETag", "files": [{"key": "inv/data/1.csv.gz"}]}).encode())
     entries = list(iter_source_entries(f"s3://{s3_bucket}/inv/manifest.json"))
     assert [tuple(e) for e in entries] == [("s3://lake/photos/x y+1.jpg", True, '"e1"', 7, when)]
+
+
+def test_a_bucket_that_is_not_there_is_the_commands_mistake(s3_bucket):
+    """A typo'd bucket: SourceError naming it (fcclip label's status 2, a bad command), not the storage error of a
+    store that refuses us (status 1); an empty prefix of a bucket that is there lists nothing."""
+    with pytest.raises(SourceError, match=rf"s3://{s3_bucket}-typo/photos/: no such bucket \({s3_bucket}-typo\)"):
+        list(iter_source(f"s3://{s3_bucket}-typo/photos/"))
+    assert list(iter_source(f"s3://{s3_bucket}/photos/")) == []

@@ -239,3 +239,38 @@ def test_an_address_with_no_cluster_behind_it_is_one_line_before_any_listing(tmp
     assert code == 1 and "http://127.0.0.1:8265 is the address of a cluster's dashboard / Job API" in line, line
     assert "fcclip submit --address http://127.0.0.1:8265 -- fcclip" in line, line
     assert not dest.exists()
+
+
+def test_a_source_without_images_is_refused_and_nothing_is_written(tmp_path, capsys):
+    """An empty folder or a typo'd prefix on a first run: one line, exit status 2, DEST not created (nor the parents
+    made for it); it reported "output: DEST (a Delta table)" of nothing, which show and export then refused."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    dest = tmp_path / "new" / "sub" / "labels"
+    label = ["label", str(tmp_path / "empty"), "--out", str(dest), "--vocab", "cat; dog", *TINY]
+    code, line = _run(label, capsys)
+    assert code == 2, line
+    assert line == (f"fcclip label: error: {tmp_path / 'empty'}: no images there (1 file(s) without an image "
+                    "extension: .jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff, .gif, .jfif, .ppm, .pgm); nothing was "
+                    "written"), line
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("weights, problem", [
+    (None, "fcclip-tiny has no released checkpoint: pass --weights PATH_OR_URI (a checkpoint you trained) or "
+           "--weights random for a smoke run"),
+    ("nope.pth", "--weights nope.pth: no such checkpoint file"),
+])
+def test_weights_that_cannot_be_loaded_are_refused_before_ray(tmp_path, image, capsys, weights, problem):
+    """label and eval check --weights before the listing, Ray and a model actor: one line, exit 2, nothing written
+    (label ended after Ray and the actor's start with status 1; eval printed Ray Data's actors' tracebacks)."""
+    import ray
+
+    assert not ray.is_initialized()
+    folder, dest = str(Path(image).parent), tmp_path / "out"
+    chosen = ["--model", "fcclip-tiny", *(["--weights", weights] if weights else [])]
+    code, line = _run(["label", folder, "--out", str(dest), "--vocab", "cat; dog", *chosen], capsys)
+    assert (code, line) == (2, f"fcclip label: error: {problem}")
+    assert not dest.exists() and not ray.is_initialized()
+    code, line = _run(["eval", *chosen, "--data", str(tmp_path)], capsys)
+    assert (code, line) == (2, f"fcclip eval: error: {problem}")

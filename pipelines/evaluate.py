@@ -57,7 +57,7 @@ class EvalModel:
         self.spec = self.dataset.spec
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = build_model(model, weights=weights, device=device)
+            net = build_model(model, weights=weights, device=runtime.actor_device(device))
         use_tf32(net.device)
         self.predictor = Predictor(
             net,
@@ -142,7 +142,7 @@ class LabelsEvalModel:
                  min_score: float):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = build_model(model, weights=weights, device=device)
+            net = build_model(model, weights=weights, device=runtime.actor_device(device))
         use_tf32(net.device)
         kwargs = {} if short_edge is None else {"short_edge": short_edge or None}
         if max_size is not None:
@@ -236,7 +236,7 @@ def run_eval_labels(
                                 schema=output.arrow_schema(columns))
           .select_columns(columns)  # both pushed into the Parquet scan
           .filter(expr=col("status") == "ok"))
-    ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "cuda" if gpus_per_actor else "cpu",
+    ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "auto",
                                            short_edge, max_size, min_score),
                      batch_size, "pyarrow", actors, gpus_per_actor)
     total = PanopticAccumulator(label_categories(vocabulary))
@@ -266,7 +266,7 @@ def run_eval(
     started = time.time()
     items = [{"image_id": r.image_id} for r in records]
     ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "cuda" if gpus_per_actor else "cpu", short_edge,
+    ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "auto", short_edge,
                                      max_size),
                      batch_size, "numpy", actors, gpus_per_actor)
     states, errors, count = [], [], 0

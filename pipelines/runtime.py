@@ -284,6 +284,32 @@ def assigned_gpus() -> list:
     return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
+def actor_device(device: str = "auto") -> str:
+    """The device a model actor builds its model on. ``auto``: inside Ray, the GPU Ray assigned to it (Ray sets
+    CUDA_VISIBLE_DEVICES: PyTorch's ``cuda`` is that GPU), else the CPU, whatever else the node holds; outside Ray,
+    PyTorch's choice. A GPU assigned that PyTorch cannot use (a CPU-only build of PyTorch, no driver) raises, with
+    what to do: the model never runs on the CPU of a node whose GPU it holds."""
+    if device != "auto":
+        return device
+    import ray
+
+    if not ray.is_initialized():
+        return "auto"
+    gpus = assigned_gpus()
+    if not gpus:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}: no NVIDIA driver or device is visible" if torch.version.cuda \
+            else "a build without CUDA"
+        raise RuntimeError(
+            f"Ray assigned GPU {', '.join(map(str, gpus))} to this model actor, but PyTorch {torch.__version__} cannot "
+            f"use it ({build}). Install the NVIDIA driver and a CUDA build of PyTorch on the GPU nodes, or pass "
+            "--gpus-per-actor 0 to run on CPU")
+    return "cuda"
+
+
 _batch_started: float | None = None  # in a model actor's process: when the running call's current batch started
 
 

@@ -254,9 +254,11 @@ class FCCLIPSegmenter:
         from fcclip.predictor import Predictor
         from fcclip.vocabulary import Vocabulary
 
+        from .runtime import actor_device
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model = build_model(spec.model, weights=spec.weights, device=spec.device)
+            self.model = build_model(spec.model, weights=spec.weights, device=actor_device(spec.device))
         use_tf32(self.model.device)
         # the predictor runs it where the device has it natively and says so where not (fcclip.precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.autocast or "")

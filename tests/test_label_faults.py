@@ -774,3 +774,42 @@ def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
     assert "default GPUs 0.0 torch imported False" in out, out[-3000:]
     assert "ready str" in out and "result m! True" in out and "initialized after shutdown False" in out, out[-3000:]
     assert survivors == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine whose PyTorch sees no GPU")
+def test_a_gpu_that_pytorch_cannot_use_ends_the_job_instead_of_labeling_on_cpu(tmp_path):
+    """A Ray node that offers a GPU (here a local Ray told it has one) whose GPU PyTorch cannot use (no driver, or a
+    CPU-only build of PyTorch): the model actor that Ray assigned it refuses to start, and the job ends in one line
+    saying what to do, rather than running the model on that node's CPU while holding its GPU (it did, silently)."""
+    _images(tmp_path / "in", 2, size=(48, 64))
+    script = (
+        "import sys, ray\n"
+        "ray.init(address='local', num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "from fcclip_pipelines.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "ray.shutdown()\n"
+        "sys.exit(code)\n"
+    )
+    ray_tmp = _ray_tmpdir()
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "label", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab",
+         "cat; dog", "--model", "fcclip-tiny", "--weights", "random", "--gpus-per-actor", "1", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert proc.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("fcclip label: error: the model actor could not start: RuntimeError: Ray assigned GPU 0 "
+                           "to this model actor, but PyTorch "), last
+    assert "or pass --gpus-per-actor 0 to run on CPU" in last and "Traceback" not in out, out[-3000:]
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
+    assert survivors == []

@@ -73,8 +73,8 @@ def build_model(
             if source == "official":
                 if not config.weights.url:
                     raise ConfigError(
-                        f"{config.name} has no released checkpoint: pass weights=PATH_OR_URI (a checkpoint you "
-                        "trained) or weights='random' for a smoke run"
+                        f"{config.name}'s preset has no checkpoint to download: pass weights=PATH_OR_URI (a "
+                        "checkpoint you trained) or weights='random' for a smoke run"
                     )
                 source = config.weights.url
             path = fetch(source)

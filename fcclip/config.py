@@ -91,8 +91,8 @@ def check_weights(config: "ModelConfig", weights: str, flag: str = "--weights") 
     ConfigError; the other modes (clip, random) and URIs pass (a URI is fetched where the model is built)."""
     if weights == "official":
         if not config.weights.url:
-            raise ConfigError(f"{config.name} has no released checkpoint: pass {flag} PATH_OR_URI (a checkpoint you "
-                              f"trained) or {flag} random for a smoke run")
+            raise ConfigError(f"{config.name}'s preset has no checkpoint to download: pass {flag} PATH_OR_URI (a "
+                              f"checkpoint you trained) or {flag} random for a smoke run")
     elif weights not in ("clip", "random") and "://" not in weights and not os.path.exists(os.path.expanduser(weights)):
         raise ConfigError(f"{flag} {weights}: no such checkpoint file")
 

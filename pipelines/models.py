@@ -13,6 +13,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args: argparse.Namespace) -> int:
     for name in list_models():
         cfg = load_config(name)
-        released = "released checkpoint" if cfg.weights.url else "no released checkpoint"
+        released = "released checkpoint (downloaded)" if cfg.weights.url else "no download address (--weights PATH)"
         print(f"{name:24s} CLIP {cfg.clip.model_name:24s} {released}")
     return 0

@@ -40,6 +40,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -687,6 +688,8 @@ def run_train(
     run_dir = f"{storage}/{name}"
     if _exists(run_dir) and not resume:
         raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, or --name")
+    if resume and not _exists(run_dir):  # the KubeRay job's first run; or a typo'd --name / --storage: said
+        logger.info("--resume: %s holds no training run yet: starting a new one", run_dir)
     recorded = _recorded_settings(run_dir) if resume else None
     if data_version is None and recorded is not None:
         # a resume goes on with the labels the run started on, not the version that nightly labeling has made
@@ -711,7 +714,16 @@ def run_train(
         raise SettingsMismatch(run_dir, differences)
     # joins address / $RAY_ADDRESS, else a new local Ray, with its dashboard: Ray Train asks its State API every
     # second whether the run's controller lives, and logs a warning each time it cannot
-    runtime.init_ray(address, num_cpus, verbose=True, dashboard=True)
+    started = runtime.init_ray(address, num_cpus, verbose=True, dashboard=True)
+    try:
+        return _train_on_ray(cfg, training, by_kind, selection, recorded, settings, run_dir, storage, address,
+                             num_workers, gpus_per_worker, cpus_per_worker, gpu_wait, max_iters, name, callbacks)
+    finally:  # Ray's last buffered worker lines come out here: the command's own last lines come after them
+        runtime.shutdown_ray(started)
+
+
+def _train_on_ray(cfg, training, by_kind, selection, recorded, settings, run_dir, storage, address, num_workers,
+                  gpus_per_worker, cpus_per_worker, gpu_wait, max_iters, name, callbacks):
     gpus_per_worker = runtime.resolve_gpus(gpus_per_worker, address)  # asked for, never read off the cluster
     check_gpus_per_worker(gpus_per_worker, num_workers)
     resources = {"CPU": cpus_per_worker}
@@ -756,13 +768,35 @@ def run_train(
     # last, so that a command refused above (a typo) leaves no file that blocks its corrected re-run
     if recorded != settings:
         _record_settings(run_dir, settings)
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     final = f"{result.checkpoint.path.rstrip('/')}/model.pth"
     if "://" not in final and "://" in storage:
         final = f"{storage.split('://', 1)[0]}://{final}"
     return result, final
+
+
+def _fit(trainer):
+    """``trainer.fit()`` in a thread of its own. In the main thread Ray Train sets a SIGINT handler of its own (a
+    "graceful abort" after which the command ended with status 1 in Ray's words, the handler left in place); here
+    Ctrl-C stays the command's, as SIGTERM is: it ends the wait in the main thread, the command says so in one line
+    with status 130, and the run's checkpoints stay for --resume."""
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # raised again in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="fcclip-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def check_gpus_per_worker(gpus_per_worker: float | None, num_workers: int) -> None:

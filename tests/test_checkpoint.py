@@ -104,7 +104,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_preset_without_release_needs_weights():
     from fcclip.config import ConfigError
 
-    with pytest.raises(ConfigError, match="no released checkpoint"):
+    with pytest.raises(ConfigError, match="preset has no checkpoint to download"):
         build_model("fcclip-tiny", weights="official", device="cpu")
 
 

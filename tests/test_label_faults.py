@@ -813,3 +813,40 @@ def test_a_gpu_that_pytorch_cannot_use_ends_the_job_instead_of_labeling_on_cpu(t
     assert "or pass --gpus-per-actor 0 to run on CPU" in last and "Traceback" not in out, out[-3000:]
     assert not list((tmp_path / "out").glob("part-*.parquet"))
     assert survivors == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_fcclip_train_is_the_commands_own(tmp_path):
+    """SIGINT (Ctrl-C) to `fcclip train` once it has a checkpoint: the command's own stop, as SIGTERM's, one line and
+    status 130, its checkpoints kept for --resume (Ray Train's handler, set when it trains in the main thread, aborted
+    in its own words and the command ended with status 1)."""
+    from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
+
+    write_coco_panoptic(tmp_path / "data", 8, seed=0, size=(96, 128))
+    ray_tmp = _ray_tmpdir()
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcclip_pipelines", "train", "--config", "fcclip-tiny-synthetic", "--data",
+         str(tmp_path / "data"), "--storage", str(runs), "--num-workers", "1", "--gpus-per-worker", "0",
+         "--max-iters", "5000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + JOB_LIMIT_S
+        while not list(runs.glob("*/checkpoint_*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    assert proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == "fcclip train: interrupted", out[-3000:]
+    assert "Received SIGINT" not in out and "Traceback" not in out, out[-3000:]
+    assert list(runs.glob("*/checkpoint_*/model.pth"))  # for --resume
+    assert survivors == []

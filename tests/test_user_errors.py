@@ -257,8 +257,8 @@ def test_a_source_without_images_is_refused_and_nothing_is_written(tmp_path, cap
 
 
 @pytest.mark.parametrize("weights, problem", [
-    (None, "fcclip-tiny has no released checkpoint: pass --weights PATH_OR_URI (a checkpoint you trained) or "
-           "--weights random for a smoke run"),
+    (None, "fcclip-tiny's preset has no checkpoint to download: pass --weights PATH_OR_URI (a checkpoint you "
+           "trained) or --weights random for a smoke run"),
     ("nope.pth", "--weights nope.pth: no such checkpoint file"),
 ])
 def test_weights_that_cannot_be_loaded_are_refused_before_ray(tmp_path, image, capsys, weights, problem):

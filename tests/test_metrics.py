@@ -501,6 +501,12 @@ def test_pq_compute_missing_prediction(tmp_path):
     (tmp_path / "pred.json").write_text(json.dumps(pred))
     with pytest.raises(ValueError, match=r"no prediction for the image with id 1 \(000001.png\)"):
         pq_compute(gt_json, gt_dir, pred_json, pred_dir)
+    # ids of their own (fcclip predict's: the file's stem) are matched by the PNG's name
+    pred["annotations"] = [{**a, "image_id": a["file_name"][:-4]} for a in json.loads(
+        (tmp_path / "pred.json").read_text())["annotations"]] + [{"image_id": "000001", "file_name": "000001.png",
+                                                                 "segments_info": segments}]
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    assert pq_compute(gt_json, gt_dir, pred_json, pred_dir)["All"]["pq"] == pytest.approx(1.0)
 
 
 def test_cli_panoptic(tmp_path, capsys):

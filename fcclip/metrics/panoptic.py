@@ -400,15 +400,19 @@ def pq_compute(
         if ann["image_id"] in pred_by_image:
             raise ValueError(f"image_id {ann['image_id']!r} appears twice in the predictions")
         pred_by_image[ann["image_id"]] = ann
+    # predictions made without the ground truth's ids (fcclip predict names an image by its file's stem) are matched
+    # by their PNG's name, which is the image's in both
+    pred_by_file = {ann.get("file_name"): ann for ann in pred["annotations"]}
     pairs, seen = [], set()
     for ann in gt["annotations"]:
         image_id = ann["image_id"]
         if image_id in seen:
             raise ValueError(f"image_id {image_id!r} appears twice in the ground truth")
         seen.add(image_id)
-        if image_id not in pred_by_image:
+        match = pred_by_image.get(image_id) or pred_by_file.get(ann["file_name"])
+        if match is None:
             raise ValueError(f"no prediction for the image with id {image_id!r} ({ann['file_name']})")
-        pairs.append((ann, pred_by_image[image_id]))
+        pairs.append((ann, match))
 
     if workers <= 1 or len(pairs) < 2:
         return PanopticAccumulator.from_state_dict(_evaluate_pairs(categories, pairs, gt_dir, pred_dir)).result()

@@ -148,6 +148,12 @@ def quiet(verbose: bool) -> None:
         return
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # the autoscaler's event lines ("Tip: use `ray status`", "No available node types can fulfill ..."): the jobs say
+    # what they wait for themselves. Ray's switch, RAY_SCHEDULER_EVENTS=0, is read when ray is imported: set here too
+    os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
+    from ray._private import ray_constants
+
+    ray_constants.AUTOSCALER_EVENTS = os.environ["RAY_SCHEDULER_EVENTS"] not in ("", "0")
 
 
 class StopSignals:

@@ -736,6 +736,25 @@ def test_progress_on_a_terminal(tmp_path):
         assert noise not in text, (noise, text[-3000:])
 
 
+def _python_with_its_own_ray(args: list[str], ray_tmp: str) -> tuple[int, str, list[int]]:
+    """``python ARGS`` (from the repository) with RAY_TMPDIR ``ray_tmp`` and no RAY_ADDRESS, to its end: its exit
+    status, its output (stdout and stderr), and the processes of its Ray left behind (then ended; the folder
+    removed)."""
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
+    try:
+        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        survivors = _end_processes(ray_tmp, session=proc.pid)
+        _remove_tree(ray_tmp)
+    return proc.returncode, out, survivors
+
+
 @pytest.mark.slow
 def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
     """fcclip_pipelines.runtime.init_ray without an address starts a new local Ray even when the machine's Ray address file
@@ -757,19 +776,8 @@ def test_runtime_starts_a_new_local_ray_despite_a_stale_address(tmp_path):
         "runtime.shutdown_ray(started)\n"
         "print('initialized after shutdown', ray.is_initialized())\n"
     )
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
-    try:
-        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        survivors = _end_processes(ray_tmp, session=proc.pid)
-        _remove_tree(ray_tmp)
-    assert proc.returncode == 0, out[-3000:]
+    code, out, survivors = _python_with_its_own_ray(["-c", script], ray_tmp)
+    assert code == 0, out[-3000:]
     # the machine's GPUs as the local Ray counted them: none here; the driver does not pay torch's import for it
     assert "default GPUs 0.0 torch imported False" in out, out[-3000:]
     assert "ready str" in out and "result m! True" in out and "initialized after shutdown False" in out, out[-3000:]
@@ -791,22 +799,10 @@ def test_a_gpu_that_pytorch_cannot_use_ends_the_job_instead_of_labeling_on_cpu(t
         "ray.shutdown()\n"
         "sys.exit(code)\n"
     )
-    ray_tmp = _ray_tmpdir()
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "label", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab",
-         "cat; dog", "--model", "fcclip-tiny", "--weights", "random", "--gpus-per-actor", "1", "--no-progress"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        survivors = _end_processes(ray_tmp, session=proc.pid)
-        _remove_tree(ray_tmp)
-    assert proc.returncode == 1, out[-3000:]
+    code, out, survivors = _python_with_its_own_ray(
+        ["-c", script, "label", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--vocab", "cat; dog",
+         "--model", "fcclip-tiny", "--weights", "random", "--gpus-per-actor", "1", "--no-progress"], _ray_tmpdir())
+    assert code == 1, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("fcclip label: error: the model actor could not start: RuntimeError: Ray assigned GPU 0 "
                            "to this model actor, but PyTorch "), last

@@ -508,6 +508,15 @@ def _rerun_labels_the_rest(args: list[str], dest: "_Local", uris: list[str], com
     assert sorted(dest.parts()) == [f"part-{i:06d}.parquet" for i in range(6)]
 
 
+def _one_error(code: int, output: str, survivors: list[int]) -> list[str]:
+    """A job that ended on a fault: its Ray's processes gone, status 1, one `fcclip label: error:` line ([it])."""
+    assert survivors == []
+    assert code == 1, output[-5000:]
+    error = [line for line in output.splitlines() if line.startswith("fcclip label: error:")]
+    assert len(error) == 1, output[-5000:]
+    return error
+
+
 @pytest.mark.slow
 def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_path):
     """DEST stops taking writes mid-job (here its fragment folder is replaced by a file, so every write under it fails
@@ -527,14 +536,10 @@ def test_a_destination_that_refuses_writes_ends_the_job_and_a_rerun_goes_on(tmp_
                 os.rename(blocker, fragments)
             except OSError:
                 pass
-        code = first.wait()
-        output = first.output()
+        code, output = first.wait(), first.output()
     finally:
         survivors = first.close()
-    assert survivors == []
-    assert code == 1, output[-5000:]
-    error = [line for line in output.splitlines() if line.startswith("fcclip label: error:")]
-    assert len(error) == 1, output[-5000:]
+    error = _one_error(code, output, survivors)
     assert "Not a directory" in error[0] or "No such file" in error[0], error[0]  # a write, or a commit of its shard
     assert "are committed (they stay); run the same command again" in error[0], error[0]
     committed = dest.committed()
@@ -561,14 +566,11 @@ def test_a_table_that_refuses_commits_ends_the_job_with_status_1_and_a_rerun_goe
             time.sleep(0.02)
         os.rename(log, kept)
         log.write_text("not a folder")
-        code = first.wait()
-        output = first.output()
+        code, output = first.wait(), first.output()
     finally:
         survivors = first.close()
-    assert survivors == []
-    assert code == 1, output[-5000:]
-    error = [line for line in output.splitlines() if line.startswith("fcclip label: error:")]
-    assert len(error) == 1 and "Traceback" not in output, output[-5000:]
+    error = _one_error(code, output, survivors)
+    assert "Traceback" not in output, output[-5000:]
     assert "could not be committed to the table: OSError" in error[0], error[0]  # deltalake's, of the file in the way
     assert "are committed (they stay); run the same command again" in error[0], error[0]
 
@@ -736,15 +738,17 @@ def test_progress_on_a_terminal(tmp_path):
         assert noise not in text, (noise, text[-3000:])
 
 
-def _python_with_its_own_ray(args: list[str], ray_tmp: str) -> tuple[int, str, list[int]]:
-    """``python ARGS`` (from the repository) with RAY_TMPDIR ``ray_tmp`` and no RAY_ADDRESS, to its end: its exit
-    status, its output (stdout and stderr), and the processes of its Ray left behind (then ended; the folder
-    removed)."""
+def _python_with_its_own_ray(args: list[str], ray_tmp: str, meanwhile=None) -> tuple[int, str, list[int]]:
+    """``python ARGS`` (from the repository) with RAY_TMPDIR ``ray_tmp`` and no RAY_ADDRESS, to its end (after
+    ``meanwhile(process)``, where given): its exit status, its output (stdout and stderr), and the processes of its
+    Ray left behind (then ended; the folder removed)."""
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, cwd=Path(__file__).parent.parent)
     try:
+        if meanwhile is not None:
+            meanwhile(proc)
         out, _ = proc.communicate(timeout=JOB_LIMIT_S)
     finally:
         if proc.poll() is None:
@@ -819,29 +823,20 @@ def test_ctrl_c_on_fcclip_train_is_the_commands_own(tmp_path):
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
 
     write_coco_panoptic(tmp_path / "data", 8, seed=0, size=(96, 128))
-    ray_tmp = _ray_tmpdir()
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcclip_pipelines", "train", "--config", "fcclip-tiny-synthetic", "--data",
-         str(tmp_path / "data"), "--storage", str(runs), "--num-workers", "1", "--gpus-per-worker", "0",
-         "--max-iters", "5000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    try:
+
+    def interrupt_at_a_checkpoint(proc):
         deadline = time.monotonic() + JOB_LIMIT_S
         while not list(runs.glob("*/checkpoint_*")):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        survivors = _end_processes(ray_tmp, session=proc.pid)
-        _remove_tree(ray_tmp)
-    assert proc.returncode == 130, out[-3000:]
+
+    code, out, survivors = _python_with_its_own_ray(
+        ["-m", "fcclip_pipelines", "train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "data"),
+         "--storage", str(runs), "--num-workers", "1", "--gpus-per-worker", "0", "--max-iters", "5000"],
+        _ray_tmpdir(), meanwhile=interrupt_at_a_checkpoint)
+    assert code == 130, out[-3000:]
     assert out.strip().splitlines()[-1] == "fcclip train: interrupted", out[-3000:]
     assert "Received SIGINT" not in out and "Traceback" not in out, out[-3000:]
     assert list(runs.glob("*/checkpoint_*/model.pth"))  # for --resume

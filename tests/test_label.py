@@ -198,7 +198,7 @@ def test_a_typo_in_source_does_not_block_its_fix(tmp_path, ray_local, capsys):
 
     other = tmp_path / "o2"
     cfg = LabelConfig(source=str(tmp_path / "nope"), dest=str(other), vocab=VOCAB, model="fcclip-tiny")
-    (tmp_path / "nope").mkdir()
+    write_images(tmp_path / "nope", count=1, size=(48, 64), seed=3)  # listed; none of its shards committed
     prepare_run(cfg, Destination(str(other)), load_config("fcclip-tiny"), load_vocabulary(VOCAB))
     assert json.loads((other / "_fcclip" / "run.json").read_text())["settings"]["source"] == str(tmp_path / "nope")
     assert main(_local_args(tmp_path / "in", other)) == 0, capsys.readouterr().err

@@ -822,7 +822,14 @@ def test_ctrl_c_on_fcclip_train_is_the_commands_own(tmp_path):
     in its own words and the command ended with status 1)."""
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
 
+    import yaml
+
+    from fcclip.config import train_config_path
+
     write_coco_panoptic(tmp_path / "data", 8, seed=0, size=(96, 128))
+    config = yaml.safe_load(train_config_path("fcclip-tiny-synthetic").read_text())
+    config.update(checkpoint_every=5, eval_every=0)  # a checkpoint soon
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(config))
     runs = tmp_path / "runs"
 
     def interrupt_at_a_checkpoint(proc):
@@ -833,7 +840,7 @@ def test_ctrl_c_on_fcclip_train_is_the_commands_own(tmp_path):
         proc.send_signal(signal.SIGINT)
 
     code, out, survivors = _python_with_its_own_ray(
-        ["-m", "fcclip_pipelines", "train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "data"),
+        ["-m", "fcclip_pipelines", "train", "--config", str(tmp_path / "quick.yaml"), "--data", str(tmp_path / "data"),
          "--storage", str(runs), "--num-workers", "1", "--gpus-per-worker", "0", "--max-iters", "5000"],
         _ray_tmpdir(), meanwhile=interrupt_at_a_checkpoint)
     assert code == 130, out[-3000:]

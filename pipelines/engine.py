@@ -520,7 +520,8 @@ class LabelEngine:
             if self.on_committed is not None:
                 try:
                     self.on_committed(shard)
-                except OSError as e:  # the table's commit on the driver: DEST stopped taking writes
+                except Exception as e:  # the table's commit on the driver (DEST stopped taking writes): an OSError,
+                    # or deltalake's own error where the log it finds is not a table's
                     self.open_shards[shard] = {"fragments": [], "covered": 0}  # not in the table: not committed
                     raise LabelError(self._stopped(f"shard {shard} could not be committed to the table: "
                                                    f"{type(e).__name__}: {_short(e)}")) from None

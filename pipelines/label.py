@@ -472,7 +472,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
             raise
         try:
             committer.flush()
-        except OSError as e:
+        except Exception as e:  # an OSError, or deltalake's own error (a log that is not a table's)
             raise LabelError(f"the last shards could not be committed to the table: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]}. Their rows are written; run the same command again, "
                              "once DEST takes writes, to label and commit them") from None

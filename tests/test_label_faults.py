@@ -9,6 +9,7 @@ RAY_TMPDIR, so it neither joins nor is joined by another Ray on this machine, an
 command lines name that folder) and ended without touching anyone else's.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -571,13 +572,16 @@ def test_a_table_that_refuses_commits_ends_the_job_with_status_1_and_a_rerun_goe
         survivors = first.close()
     error = _one_error(code, output, survivors)
     assert "Traceback" not in output, output[-5000:]
-    assert "could not be committed to the table: OSError" in error[0], error[0]  # deltalake's, of the file in the way
+    # deltalake's OSError of the file in the way, or its TableNotFoundError where it found no log to add to
+    assert re.search(r"could not be committed to the table: (OSError|TableNotFoundError): ", error[0]), error[0]
     assert "are committed (they stay); run the same command again" in error[0], error[0]
 
     log.unlink()
     os.rename(kept, log)  # DEST takes writes again
     committed = dest.committed()
-    assert f"{len(committed)} of the 6 shards" in error[0], (sorted(committed), error[0])  # those in the table
+    # those it knows in the table: a commit cut off as it ended may have reached the table without its knowing
+    named = re.search(r"(\d) of the 6 shards", error[0])
+    assert named and int(named.group(1)) <= len(committed), (sorted(committed), error[0])
     _rerun_labels_the_rest(args, dest, uris, len(committed))
 
 

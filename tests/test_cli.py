@@ -3,6 +3,7 @@ subcommand, --version, and what each invocation imports."""
 import argparse
 import ast
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -391,3 +392,20 @@ def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_this_machines_gpu_is_found_without_torch(tmp_path, monkeypatch):
+    """The local default for --gpus-per-actor / --gpus-per-worker: the GPUs the NVIDIA driver lists (read from the
+    machine, not from what a Ray cluster holds at that moment), none where CUDA_VISIBLE_DEVICES hides them."""
+    from fcclip_pipelines import runtime
+
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    monkeypatch.setattr(runtime, "NVIDIA_GPUS", str(gpus))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runtime.default_gpus(None) == (1.0 if os.path.exists("/dev/kfd") and runtime.machine_has_gpu() else 0.0)
+    (gpus / "0000:01:00.0").mkdir()
+    assert runtime.default_gpus(None) == 1.0 and runtime.default_gpus("10.0.0.1:6379") == 1.0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert runtime.default_gpus(None) == 0.0

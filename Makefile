@@ -55,8 +55,10 @@ demo: $(VENV)/.installed
 	$(BIN)/fcclip predict demo/images/synth_00000.jpg demo/images/synth_00001.jpg --vocab "$(VOCAB)" \
 		--model fcclip-tiny --weights random --device cpu --out demo/overlays
 
+# two test files at a time (most of the suite waits on Ray start-ups and subprocesses: 10 CPU minutes of 26 one at a
+# time on 2 cores); each file stays on one worker, with its module's local Ray
 test: $(VENV)/.installed $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-loop: $(VENV)/.installed  # the round trip alone (it is part of `make test` too)
 	$(BIN)/python -m pytest -q -rP --show-capture=stdout -m loop

@@ -67,7 +67,9 @@ class FakeAutoscalingCluster:
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']}",
              "--num-gpus=0", "--include-dashboard=false", f"--autoscaling-config={config}",
-             f"--temp-dir={self.temp / 'ray'}", "--disable-usage-stats"],
+             f"--temp-dir={self.temp / 'ray'}", "--disable-usage-stats",
+             # fixed default ports another Ray on the machine may hold (the suite runs two test files at a time)
+             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         # `ray start` prints this line once its node is up (GCS, raylet, the autoscaler's monitor started), then

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def ray_head(s3_server, tmp_path):
     """A one-node Ray cluster started with `ray start --head`, its dashboard/Job API on loopback only, its metrics
     served for Prometheus on a port of their own (reported every half second, not every ten)."""
-    port, dash, metrics = free_port(), free_port(), free_port()
+    port, dash, metrics, agent, client = free_port(), free_port(), free_port(), free_port(), free_port()
     # token authentication on, with a token of our own (as the cluster configs in cluster/ do)
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
@@ -45,7 +45,10 @@ def ray_head(s3_server, tmp_path):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
          f"--metrics-export-port={metrics}", '--system-config={"metrics_report_interval_ms": 500}',
-         f"--temp-dir={temp}"],
+         f"--temp-dir={temp}",
+         # the job agent and the Ray Client server have fixed default ports (52365, 10001), which another Ray on the
+         # machine may hold (the suite runs two test files at a time): the job agent would never be ready
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"

@@ -112,6 +112,24 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit 2 with the usage of the (sub)command that was given ``unknown`` words, the closest option named
+    (``--bacth-size`` -> did you mean --batch-size?)."""
+    import difflib
+
+    while True:  # down to the innermost subcommand given: `fcclip review push ...`
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen not in (subs[0].choices if subs else {}):
+            break
+        parser = subs[0].choices[chosen]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = [m for word in unknown if word.startswith("--")
+             for m in difflib.get_close_matches(word.split("=", 1)[0], options, n=1)]
+    hint = f" (did you mean {' / '.join(dict.fromkeys(close))}?)" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
@@ -120,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtra as e:
         print(f"fcclip: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message would come from the top level: `fcclip [-h] ... COMMAND ...`
+        _unrecognized(parser, args, unknown)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

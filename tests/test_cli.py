@@ -109,6 +109,23 @@ def test_version(capsys):
     assert metadata.version("fcclip") == fcclip.__version__
 
 
+@pytest.mark.parametrize("argv, usage, error", [
+    (["label", "in/", "--out", "out", "--vocab", "a; b", "--bacth-size", "2"], "usage: fcclip label ",
+     "fcclip label: error: unrecognized arguments: --bacth-size 2 (did you mean --batch-size?)"),
+    (["review", "pick", "out", "--count", "5", "--exlude=old.jsonl"], "usage: fcclip review pick ",
+     "fcclip review pick: error: unrecognized arguments: --exlude=old.jsonl (did you mean --exclude?)"),
+    (["models", "extra"], "usage: fcclip models ", "fcclip models: error: unrecognized arguments: extra"),
+])
+def test_a_mistyped_option_is_named_by_its_command(argv, usage, error, capsys):
+    """A word the command does not take: the usage and error line of that (sub)command, not of `fcclip` itself, and
+    the closest option it does take."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and err.splitlines()[-1] == error, err
+
+
 def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
 

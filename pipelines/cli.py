@@ -112,6 +112,10 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
     """Exit 2 with the usage of the (sub)command that was given ``unknown`` words, the closest option named
     (``--bacth-size`` -> did you mean --batch-size?)."""
@@ -149,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("gcsfs").addFilter(_without_traceback)  # its retries' tracebacks: -v shows them
     warnings.simplefilter("default", UserWarning)
+    format_warning = warnings.formatwarning
+    if not args.verbose:  # one line a warning ("warning: fcclip-tiny: random weights; ..."), not its source line
+        warnings.formatwarning = _one_line_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -182,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(-v for the traceback)", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = format_warning
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)  # a caller's own (main() called in a test, a notebook)
 

@@ -24,7 +24,7 @@ from fcclip.masks import id2rgb, panoptic_columns
 from fcclip.precision import use_tf32
 from fcclip.predictor import Predictor
 from fcclip.visualize import draw_panoptic
-from fcclip.vocabulary import VocabularyError
+from fcclip.vocabulary import VocabularyError, load_vocabulary
 from fcclip_pipelines.arguments import COUNT, SCORE, file_in_the_way, number
 
 
@@ -87,10 +87,11 @@ def predict(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(problem)
     _check_protocols(args.images)
+    vocabulary = load_vocabulary(args.vocab)  # a mistake in it is reported before the model is built
     model = build_model(args.model, weights=args.weights, device=check_device(args.device))
     use_tf32(model.device)
     predictor = Predictor(
-        model, args.vocab, short_edge=_short_edge(args.short_edge), max_size=args.max_size, tasks=("panoptic",)
+        model, vocabulary, short_edge=_short_edge(args.short_edge), max_size=args.max_size, tasks=("panoptic",)
     )
     out.mkdir(parents=True, exist_ok=True)
     vocab = predictor.vocabulary

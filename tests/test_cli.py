@@ -57,6 +57,25 @@ def test_bad_vocabulary_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fcclip predict: error:") and "cat" in err
     assert not (tmp_path / "out").exists()  # nothing written for a command that never ran
+    # the vocabulary is read before the model is built: its mistake is the one reported, not the weights'
+    code = main(["predict", str(images[0]), "--vocab", "cat;;", "--model", "fcclip-tiny",
+                 "--weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fcclip predict: error: empty class") and "missing.pth" not in err, err
+
+
+def test_warnings_are_one_line(tmp_path):
+    """A warning of a command is one line on stderr ("warning: ..."), not Python's file, line and source line."""
+    images = write_images(tmp_path / "images", count=1, size=(32, 32))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "fcclip"), "predict", str(images[0]), "--vocab", "cat; sky [stuff]",
+         "--model", "fcclip-tiny", "--weights", "random", "--device", "cpu", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: fcclip-tiny: random weights; masks and labels are meaningless" in proc.stderr.splitlines()[0]
+    assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr, proc.stderr
 
 
 def test_unknown_model_preset_lists_the_presets(tmp_path, capsys):

@@ -34,8 +34,14 @@ RETRIES = 2  # attempts after the first, for a task whose worker died or an acto
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             log_to_driver: bool = True, dashboard: bool = False) -> bool:
+             log_to_driver: bool = True, dashboard: bool = False, tell_workers: bool = False) -> bool:
     """Start a new local Ray (``address`` None and no ``RAY_ADDRESS``) or join ``address``.
+
+    ``tell_workers``: a new local Ray's worker processes get its address as ``RAY_ADDRESS``. Ray's libraries look
+    their cluster up from inside its workers (Ray Train's placement-group cleaner asks the state API), and without
+    it they find every Ray on the machine and fail with a traceback when another runs beside this one ("Found
+    multiple active Ray instances"): two fcclip commands at once on a laptop. It costs about a second at the first
+    task (the workers Ray starts ahead have no such environment), so only `fcclip train` asks for it.
 
     Returns True when this call started or joined Ray (so the caller shuts it down with ``shutdown_ray``), False
     when Ray was already initialized in this process (a test's cluster, a job's own ``ray.init``), which is used
@@ -59,16 +65,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                     "(the head's, HOST:6379 by default); a cluster with token authentication needs RAY_AUTH_MODE=token "
                     "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too") from None
         else:
-            ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
-                logging_level=logging.INFO if verbose else logging.ERROR,
-            )
+            options, port = {}, None
+            if tell_workers:  # the GCS on a port chosen here (Ray reads RAY_GCS_SERVER_PORT), so its address is known
+                port = _free_port()
+                options["runtime_env"] = {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}
+            before = os.environ.get("RAY_GCS_SERVER_PORT")
+            if port:
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            try:
+                ray.init(
+                    address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
+                    logging_level=logging.INFO if verbose else logging.ERROR, **options,
+                )
+            finally:
+                if port:
+                    _restore_env("RAY_GCS_SERVER_PORT", before)
     except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15
         if e.code != signal.SIGTERM:
             raise
         _on_sigterm(signal.SIGTERM, None)
     raise_on_sigterm()  # Ray's driver set its own: a C++ stack dump and an abort (exit 134, the local Ray left
     return True  # running) on `ray job stop`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 class RayUnreachable(RuntimeError):

@@ -714,7 +714,7 @@ def run_train(
         raise SettingsMismatch(run_dir, differences)
     # joins address / $RAY_ADDRESS, else a new local Ray, with its dashboard: Ray Train asks its State API every
     # second whether the run's controller lives, and logs a warning each time it cannot
-    started = runtime.init_ray(address, num_cpus, verbose=True, dashboard=True)
+    started = runtime.init_ray(address, num_cpus, verbose=True, dashboard=True, tell_workers=True)
     try:
         return _train_on_ray(cfg, training, by_kind, selection, recorded, settings, run_dir, storage, address,
                              num_workers, gpus_per_worker, cpus_per_worker, gpu_wait, max_iters, name, callbacks)

@@ -337,18 +337,30 @@ def test_sigterm_to_a_ray_job_is_one_line_and_its_local_ray_stops(tmp_path):
 def test_local_training_log_holds_no_state_api_warnings(tmp_path):
     """`fcclip train` on a local Ray, as a user runs it: Ray Train asks Ray's State API every second whether the run's
     controller lives, and a local Ray without its dashboard has no State API: half the log's lines were that
-    warning. The local Ray now has its dashboard."""
+    warning. The local Ray now has its dashboard. Another local Ray runs beside it (a second fcclip command on the
+    same laptop): Ray Train's placement-group cleaner, which looks its cluster up from inside a worker, found both
+    and died with a traceback in the log ("Found multiple active Ray instances")."""
     from fcclip.datasets.synthetic_panoptic import write_coco_panoptic
 
     write_coco_panoptic(tmp_path / "coco", 2, size=(64, 80))
     argv = ["train", "--config", "fcclip-tiny-synthetic", "--data", str(tmp_path / "coco"), "--storage",
             str(tmp_path / "runs"), "--num-workers", "1", "--gpus-per-worker", "0", "--max-iters", "30",
             "--num-cpus", "2"]
-    proc = subprocess.run([sys.executable, "-m", "fcclip_pipelines", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    beside = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+         "print('up', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert beside.stdout.readline().strip() == "up"
+        proc = subprocess.run([sys.executable, "-m", "fcclip_pipelines", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        beside.terminate()  # its Ray shuts down on the way out
+        beside.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained to iteration 30" in proc.stdout and "final checkpoint:" in proc.stdout, proc.stdout
     assert "Failed to query Ray Train Controller" not in proc.stderr, proc.stderr[-3000:]
+    assert "multiple active Ray instances" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_uri_whose_file_system_is_missing_or_unknown_is_one_line(tmp_path, capsys):

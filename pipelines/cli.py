@@ -56,7 +56,7 @@ COMMANDS: dict[str, Command] = {
     "review": Command("fcclip_pipelines.review", "pick the labels most likely wrong, review them in Label Studio, "
                       "pull the corrections back"),
     "embed-text": Command("fcclip_pipelines.embed_text", "a text's CLIP embedding as JSON (for SQL search)"),
-    "train": Command("fcclip_pipelines.train", "train FC-CLIP with Ray Train", RAY_EXTRA),
+    "train": Command("fcclip_pipelines.train_cli", "train FC-CLIP with Ray Train", RAY_EXTRA),
     "eval": Command("fcclip_pipelines.evaluate", "zero-shot benchmark evaluation (PQ, AP, mIoU) on Ray", RAY_EXTRA),
     "metrics": Command("fcclip.metrics.cli", "evaluate predictions on disk: panoptic PQ, semantic mIoU"),
     "submit": Command("fcclip_pipelines.submit", "run an fcclip command on a Ray cluster via the Job API and follow it",

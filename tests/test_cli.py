@@ -149,6 +149,25 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+def test_a_mistyped_training_config_is_refused_before_torch_and_ray_load(tmp_path):
+    """`fcclip train --config` naming no file and no packaged config: one line, status 2, at once (the training
+    module, with PyTorch, Ray Train and open_clip, took 8-14 s to import before the config was looked at)."""
+    code = (
+        "import sys\n"
+        "from fcclip_pipelines.cli import main\n"
+        f"assert main(['train', '--config', {str(tmp_path / 'tiny.yml')!r}, '--data', 'x', '--storage', 'y']) == 2\n"
+        "assert main(['train', '--config', 'fcclip-tiny-synthetc', '--data', 'x', '--storage', 'y']) == 2\n"
+        "loaded = [m for m in ('torch', 'ray', 'open_clip', 'fcclip_pipelines.train') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"fcclip train: error: config file not found: {tmp_path / 'tiny.yml'}",
+        "fcclip train: error: unknown training config 'fcclip-tiny-synthetc': not a file, and not one of "
+        "fcclip-convnext-large-coco, fcclip-tiny-synthetic"], proc.stderr
+
+
 def test_help_and_models_do_not_import_torch():
     code = (
         "import sys\n"

@@ -122,11 +122,10 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, unk
     import difflib
 
     while True:  # down to the innermost subcommand given: `fcclip review push ...`
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        chosen = getattr(args, subs[0].dest, None) if subs else None
-        if chosen not in (subs[0].choices if subs else {}):
+        subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if subs is None or getattr(args, subs.dest, None) not in subs.choices:
             break
-        parser = subs[0].choices[chosen]
+        parser = subs.choices[getattr(args, subs.dest)]
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     close = [m for word in unknown if word.startswith("--")
              for m in difflib.get_close_matches(word.split("=", 1)[0], options, n=1)]

@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -65,21 +66,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                     "(the head's, HOST:6379 by default); a cluster with token authentication needs RAY_AUTH_MODE=token "
                     "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here too") from None
         else:
-            options, port = {}, None
+            options, gcs_port = {}, contextlib.nullcontext()
             if tell_workers:  # the GCS on a port chosen here (Ray reads RAY_GCS_SERVER_PORT), so its address is known
                 port = _free_port()
                 options["runtime_env"] = {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}
-            before = os.environ.get("RAY_GCS_SERVER_PORT")
-            if port:
-                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            try:
+                gcs_port = _environ("RAY_GCS_SERVER_PORT", str(port))
+            with gcs_port:
                 ray.init(
                     address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
                     logging_level=logging.INFO if verbose else logging.ERROR, **options,
                 )
-            finally:
-                if port:
-                    _restore_env("RAY_GCS_SERVER_PORT", before)
     except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15
         if e.code != signal.SIGTERM:
             raise
@@ -94,11 +90,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """``name=value`` in this process's environment (so in the processes it starts meanwhile), then as before."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class RayUnreachable(RuntimeError):

@@ -15,7 +15,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 # `make test` runs two test files at a time (pytest-xdist, --dist loadfile): the longest files go first, so that no
-# long one is left to run alone at the end (372, 208, 162, 148, 135, 97, 63 and 59 s in CI on 2026-12-07, one file at a time)
+# long one is left to run alone at the end (372, 208, 162, 148, 135, 97, 63 and 59 s in CI on 2026-12-07, one file
+# at a time)
 LONGEST_FIRST = ("test_label_faults.py", "test_incremental.py", "test_pseudo_label_loop.py", "test_label.py",
                  "test_cluster_submit.py", "test_train.py", "test_cli.py", "test_autoscaling.py")
 

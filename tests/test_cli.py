@@ -69,7 +69,7 @@ def test_warnings_are_one_line(tmp_path):
     """A warning of a command is one line on stderr ("warning: ..."), not Python's file, line and source line."""
     images = write_images(tmp_path / "images", count=1, size=(32, 32))
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "fcclip"), "predict", str(images[0]), "--vocab", "cat; sky [stuff]",
+        [sys.executable, "-m", "fcclip_pipelines", "predict", str(images[0]), "--vocab", "cat; sky [stuff]",
          "--model", "fcclip-tiny", "--weights", "random", "--device", "cpu", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
@@ -155,7 +155,8 @@ def test_a_mistyped_training_config_is_refused_before_torch_and_ray_load(tmp_pat
     code = (
         "import sys\n"
         "from fcclip_pipelines.cli import main\n"
-        f"assert main(['train', '--config', {str(tmp_path / 'tiny.yml')!r}, '--data', 'x', '--storage', 'y']) == 2\n"
+        f"missing = {str(tmp_path / 'tiny.yml')!r}\n"
+        "assert main(['train', '--config', missing, '--data', 'x', '--storage', 'y']) == 2\n"
         "assert main(['train', '--config', 'fcclip-tiny-synthetc', '--data', 'x', '--storage', 'y']) == 2\n"
         "loaded = [m for m in ('torch', 'ray', 'open_clip', 'fcclip_pipelines.train') if m in sys.modules]\n"
         "assert not loaded, loaded\n"

@@ -78,7 +78,7 @@ def test_the_wheel_holds_the_package_data_and_only_fcclip_names(wheel):
         for init in (ROOT / package).rglob("__init__.py"):
             assert f"{installed}/{init.relative_to(ROOT / package).as_posix()}" in names, init
     entry_points = zipfile.ZipFile(wheel).read(f"fcclip-{fcclip.__version__}.dist-info/entry_points.txt").decode()
-    assert "fcclip = fcclip_pipelines.cli:main" in entry_points
+    assert "fcclip = fcclip_pipelines.cli:run" in entry_points
 
 
 @pytest.fixture(scope="module")

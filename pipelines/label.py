@@ -410,20 +410,24 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
         gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)
+        local_cpus = runtime.local_cpus(cfg.address)
+        cpus_per_actor = runtime.local_actor_cpus(cfg.cpus_per_actor, cfg.actors[1], local_cpus)
+        threads = None if gpus else runtime.cpu_model_threads(local_cpus, cfg.actors[1])
         asked = (f"model actors: {cfg.actors[0]}" + (f"-{cfg.actors[1]}" if cfg.actors[1] != cfg.actors[0] else "")
-                 + (f" x {gpus:g} GPU" if gpus else " on CPU") + f" + {cfg.cpus_per_actor:g} CPU"
+                 + (f" x {gpus:g} GPU" if gpus else " on CPU") + f" + {cpus_per_actor:g} CPU"
+                 + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else "")
                  + (f", {cfg.autocast}" if cfg.autocast else ", float32"))
         logger.info("%s", asked)
         if gpus:  # granted, or one line and a non-zero exit: never the model on CPU instead
             with runtime.StopSignals("the wait for GPUs", logger) as waiting:
-                runtime.wait_for_resources({"GPU": gpus, "CPU": cfg.cpus_per_actor}, 1, cfg.gpu_wait, asked,
+                runtime.wait_for_resources({"GPU": gpus, "CPU": cpus_per_actor}, 1, cfg.gpu_wait, asked,
                                            stop=waiting)
             if waiting.received is not None:  # during the wait, or as it ended
                 raise LabelStopped(f"stopped by {waiting.received.name} while waiting for GPUs; nothing was labeled "
                                    "in this run", int(waiting.received))
         spec = ModelSpec(  # device "auto": the actor's device follows the GPU Ray assigns it
             model=cfg.model, weights=cfg.weights, vocabulary=vocabulary.to_dict(), min_score=cfg.min_score,
-            autocast=cfg.autocast, embeddings=cfg.embeddings,
+            autocast=cfg.autocast, embeddings=cfg.embeddings, threads=threads,
         )
         file_metadata = {
             "run_id": run["run_id"], "vocabulary": run["vocabulary"], "thresholds": run["thresholds"],
@@ -452,7 +456,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
         engine = LabelEngine(
             dest, {s: sizes[s] for s in pending}, lambda shard: read_manifest_shard(dest, shard), decoder,
             make_model_stage or FCCLIPSegmenter.builder(spec), actors=cfg.actors, batch_size=cfg.batch_size,
-            chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cfg.cpus_per_actor,
+            chunk_size=cfg.chunk_size, gpus=gpus, cpus_per_actor=cpus_per_actor,
             batch_timeout=cfg.batch_timeout, constants=constants, file_metadata=file_metadata, progress=bars,
             ask_run_metadata=cfg.embeddings,
             on_committed=committer, stop=stop,
@@ -524,7 +528,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "idle ones end when none are left (default: 1)")
     runtime.add_gpu_arguments(p, "--gpus-per-actor", "model actor", "runs the model on CPU", "the first GPU")
     p.add_argument("--cpus-per-actor", type=number(minimum=0), default=1.0,
-                   help="CPUs each model actor asks for, beside its GPUs (default: %(default)g)")
+                   help="CPUs each model actor asks for, beside its GPUs (default: %(default)g). On CPU the model "
+                   "computes with as many threads, except on a local Ray: there the actors compute with all its "
+                   "CPUs and ask for fewer where they would leave none to decode images")
     p.add_argument("--min-score", type=SCORE, default=0.0, help="drop segments scoring below this (default: 0)")
     p.add_argument("--short-edge", type=number(int, minimum=0), default=None,
                    help="test-time short edge (default: the model's, 800 for the released models; 0 = keep size)")

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -166,30 +166,7 @@ def shutdown_ray(started: bool) -> None:
     import ray
 
     if started and ray.is_initialized():
-        _end_local_monitor()
         ray.shutdown()
-
-
-def _end_local_monitor() -> None:
-    """The autoscaler monitor of the local Ray this process started ends at once (SIGKILL). ``ray.shutdown`` stops the
-    GCS first and then sends the monitor SIGTERM, whose handler reports the signal to that GCS and so outlives the
-    second Ray waits before its own SIGKILL: 1.0 of the 1.4 s of every local run's shutdown. A local Ray's monitor has
-    no node to launch or give back, nothing to save (SIGTERM while the GCS still runs takes 0.7 s and prints "The
-    autoscaler failed ... Terminated with signal 15"). Ray's node object is private: where it is not as expected
-    (another Ray release), ``ray.shutdown`` does it all, as before."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.worker import _global_node as node
-
-        infos = list(node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ())) if node is not None else []
-    except (ImportError, AttributeError):
-        return
-    for info in infos:
-        process = getattr(info, "process", None)
-        if process is not None and process.poll() is None:
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
 
 
 def quiet(verbose: bool) -> None:
@@ -292,6 +269,39 @@ def machine_has_gpu() -> bool:
 def resolve_gpus(requested: float | None, address: str | None) -> float:
     """``requested`` when given, else :func:`default_gpus`."""
     return float(requested) if requested is not None else default_gpus(address)
+
+
+def local_cpus(address: str | None) -> int | None:
+    """The CPUs of the Ray this process uses when it is this machine's alone (no ``address``, no RAY_ADDRESS, one
+    node: the Ray a command started, a notebook's ``ray.init()``), which never grows; None for a cluster."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    if sum(1 for node in ray.nodes() if node.get("Alive")) != 1:
+        return None
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def local_actor_cpus(cpus_per_actor: float, max_actors: int, cpus: int | None) -> float:
+    """The CPUs each model actor asks for on a local Ray of ``cpus`` CPUs (None: a cluster, ``cpus_per_actor`` as
+    given): lowered so that MAX actors leave one CPU for the decode and write tasks, which ask for one each. Without
+    it a 1-CPU container, or ``--actors 2`` on 2 cores, waited for ever: the actors held every CPU, idle, and no image
+    could be decoded for them. An autoscaling cluster adds CPU nodes for those tasks instead."""
+    if cpus is None:
+        return cpus_per_actor
+    room = max(0.0, cpus - 1.0) / max(1, max_actors)
+    return min(cpus_per_actor, math.floor(room * 1e4) / 1e4)  # Ray counts CPUs to 1/10,000
+
+
+def cpu_model_threads(cpus: int | None, max_actors: int) -> int | None:
+    """PyTorch's threads in each model actor that runs the model on CPU. On a local Ray of ``cpus`` CPUs (this
+    machine's alone) they are shared among the ``max_actors`` model actors, at least one each: Ray gives an actor
+    that asked for one CPU one thread (OMP_NUM_THREADS), and the model, the job's only heavy work, used one core of
+    the machine (on 2 cores: 4.2 images/s of fcclip-tiny at 512 px where two threads give 7.7; the decode and write
+    tasks take a few percent of one core). On a cluster (None) as many threads as CPUs the actor asked for
+    (``--cpus-per-actor``), as Ray sets them: the cores it set aside for the actor on a node it shares."""
+    return None if cpus is None else max(1, cpus // max(1, max_actors))
 
 
 def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, what: str,

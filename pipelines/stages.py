@@ -221,6 +221,7 @@ class ModelSpec:
     device: str = "auto"  # "auto": the GPU Ray assigned to the actor (it sets CUDA_VISIBLE_DEVICES), else the CPU
     autocast: str | None = None  # "bf16" / "fp16"
     embeddings: bool = False  # add each segment's query embeddings (fcclip label --embeddings)
+    threads: int | None = None  # PyTorch's threads where the model runs on CPU (None: as Ray set them, one per CPU)
 
 
 class FCCLIPSegmenter:
@@ -260,6 +261,8 @@ class FCCLIPSegmenter:
             warnings.simplefilter("ignore")
             self.model = build_model(spec.model, weights=spec.weights, device=actor_device(spec.device))
         use_tf32(self.model.device)
+        if spec.threads and self.model.device.type == "cpu":
+            torch.set_num_threads(spec.threads)
         # the predictor runs it where the device has it natively and says so where not (fcclip.precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.autocast or "")
         self.predictor = Predictor(

@@ -537,6 +537,59 @@ def test_stages_run_without_ray(tmp_path):
     assert not (tmp_path / "out" / "part-000001.parquet").exists()
 
 
+def test_a_model_actor_on_cpu_computes_with_the_cores_of_a_local_ray(ray_local):
+    """Ray gives an actor that asked for one CPU one PyTorch thread (OMP_NUM_THREADS=1), and on a machine without a
+    GPU the model, the job's one heavy stage, used one core of it. On a local Ray the model actors share its CPUs
+    (2 here); on a cluster the threads are the CPUs each actor asks for, as Ray sets them."""
+    from fcclip.vocabulary import load_vocabulary
+    from fcclip_pipelines import runtime
+    from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec
+
+    cpus = runtime.local_cpus(None)
+    assert cpus == 2 and runtime.local_cpus("127.0.0.1:6379") is None
+    assert runtime.cpu_model_threads(cpus, 1) == 2
+    assert runtime.cpu_model_threads(cpus, 2) == runtime.cpu_model_threads(cpus, 3) == 1
+    assert runtime.cpu_model_threads(None, 1) is None  # a cluster: Ray's threads, one per CPU asked for
+    def torch_threads(model_stage):  # defined here: pickled by value (the workers cannot import a test module)
+        import torch
+
+        return torch.get_num_threads()
+
+    vocabulary = load_vocabulary(VOCAB).to_dict()
+    threads = {}
+    for asked in (None, 2):
+        spec = ModelSpec("fcclip-tiny", "random", vocabulary, threads=asked)
+        actor = runtime.start_model_actor(FCCLIPSegmenter.builder(spec), gpus=0, cpus=1)
+        try:
+            ray_local.get(actor.ready.remote())
+            _, threads[asked] = ray_local.get(actor.run.options(num_returns=2).remote(torch_threads))
+        finally:
+            ray_local.kill(actor)
+    assert threads == {None: 1, 2: 2}
+
+
+def test_model_actors_leave_a_cpu_of_a_local_ray_to_decode(tmp_path, ray_local, capsys, caplog):
+    """--actors 2 on a local Ray of 2 CPUs: each actor asking for one held them all, idle, and no image could be
+    decoded for them (decode tasks ask for one): the job waited for ever, as a 1-CPU container did with one actor.
+    They ask for half a CPU each now and compute with one thread each."""
+    import logging
+    import threading
+
+    from fcclip.datasets.synthetic import write_images
+
+    write_images(tmp_path / "in", count=4, size=(48, 64))
+    result = {}
+    with caplog.at_level(logging.INFO, logger="fcclip.label"):
+        job = threading.Thread(target=lambda: result.update(
+            code=main([*_local_args(tmp_path / "in", tmp_path / "out"), "--actors", "2"])), daemon=True)
+        job.start()
+        job.join(timeout=(limit_s := 240))
+    assert not job.is_alive(), f"the job waited for a CPU for {limit_s} s"
+    assert result == {"code": 0}, capsys.readouterr().err
+    assert "model actors: 2 on CPU + 0.5 CPU (1 thread each), float32" in caplog.text, caplog.text
+    assert len(pq.read_table(tmp_path / "out").to_pylist()) == 4
+
+
 def test_an_images_rows_do_not_depend_on_the_images_batched_with_it():
     """Zero padding changes what the model computes for the image it pads: the model stage's calls each hold images
     of one padded size, so each image gets the rows it gets alone (landscape and portrait images in one chunk, as

@@ -52,13 +52,15 @@ logger = logging.getLogger("fcclip.eval")
 class EvalModel:
     """Actor: predicts a batch of benchmark images and returns the batch's metric statistics (as JSON)."""
 
-    def __init__(self, model: str, weights: str, dataset: str, root: str, device: str, short_edge, max_size):
+    def __init__(self, model: str, weights: str, dataset: str, root: str, device: str, short_edge, max_size,
+                 threads: int | None = None):
         self.dataset = open_benchmark(dataset, root)
         self.spec = self.dataset.spec
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = build_model(model, weights=weights, device=runtime.actor_device(device))
         use_tf32(net.device)
+        runtime.use_cpu_threads(net.device, threads)
         self.predictor = Predictor(
             net,
             self.dataset.vocabulary(),
@@ -139,11 +141,12 @@ class LabelsEvalModel:
     """Actor: predicts a batch of a labeling output's images and returns the PQ statistics against its rows."""
 
     def __init__(self, model: str, weights: str, vocabulary: dict, device: str, short_edge, max_size,
-                 min_score: float):
+                 min_score: float, threads: int | None = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = build_model(model, weights=weights, device=runtime.actor_device(device))
         use_tf32(net.device)
+        runtime.use_cpu_threads(net.device, threads)
         kwargs = {} if short_edge is None else {"short_edge": short_edge or None}
         if max_size is not None:
             kwargs["max_size"] = max_size
@@ -177,22 +180,28 @@ def label_categories(vocabulary: Vocabulary) -> list[dict]:
 
 
 def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool,
-               actors: tuple[int, int], gpu_wait: float) -> float:
-    """Join ``address`` / $RAY_ADDRESS or start a local Ray; the GPUs per model actor, asked for
-    (runtime.resolve_gpus) and granted for the first actor within ``gpu_wait`` seconds (else ResourcesNotGranted)."""
+               actors: tuple[int, int], gpu_wait: float) -> tuple[float, float, int | None]:
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray. Returns what each model actor asks for: GPUs (asked
+    for, runtime.resolve_gpus, and granted for the first actor within ``gpu_wait`` seconds, else
+    ResourcesNotGranted) and CPUs, and its PyTorch threads on CPU (as `fcclip label`'s: runtime.local_actor_cpus,
+    runtime.cpu_model_threads)."""
     runtime.init_ray(address, num_cpus, verbose=True)
     ray_data.DataContext.get_current().enable_progress_bars = progress
     gpus = runtime.resolve_gpus(gpus_per_actor, address)
+    local_cpus = runtime.local_cpus(address)
+    cpus = runtime.local_actor_cpus(1.0, actors[1], local_cpus)
+    threads = None if gpus else runtime.cpu_model_threads(local_cpus, actors[1])
     asked = f"model actors: {actors[0]}" + (f"-{actors[1]}" if actors[1] != actors[0] else "") + (
-        f" x {gpus:g} GPU + 1 CPU" if gpus else " on CPU")
+        f" x {gpus:g} GPU + {cpus:g} CPU" if gpus else f" on CPU + {cpus:g} CPU") + (
+        f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else "")
     logger.info("%s", asked)
     if gpus:
-        runtime.wait_for_resources({"GPU": gpus, "CPU": 1}, 1, gpu_wait, asked)
-    return gpus
+        runtime.wait_for_resources({"GPU": gpus, "CPU": cpus}, 1, gpu_wait, asked)
+    return gpus, cpus, threads
 
 
 def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str, actors: tuple[int, int],
-                gpus_per_actor: float):
+                gpus_per_actor: float, cpus_per_actor: float = 1.0):
     """``ds`` through a pool of ``model_class(*args)`` actors, each holding one model."""
     return ds.map_batches(
         model_class,
@@ -201,7 +210,7 @@ def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str
         batch_format=batch_format,
         compute=ray_data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_gpus=gpus_per_actor,
-        num_cpus=1,
+        num_cpus=cpus_per_actor,
     )
 
 
@@ -229,7 +238,8 @@ def run_eval_labels(
     model's test size, 0 for each image's own size; ``version``: of DEST's table (default: the current one)."""
     output = open_output(dest, version)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
+    gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress, actors,
+                                                         gpu_wait)
     started = time.time()
     columns = [c for c in LABEL_COLUMNS if c in output.columns]
     ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)),
@@ -237,8 +247,8 @@ def run_eval_labels(
           .select_columns(columns)  # both pushed into the Parquet scan
           .filter(expr=col("status") == "ok"))
     ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "auto",
-                                           short_edge, max_size, min_score),
-                     batch_size, "pyarrow", actors, gpus_per_actor)
+                                           short_edge, max_size, min_score, threads),
+                     batch_size, "pyarrow", actors, gpus_per_actor, cpus_per_actor)
     total = PanopticAccumulator(label_categories(vocabulary))
     errors, count = [], 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -262,13 +272,14 @@ def run_eval(
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    gpus_per_actor = _start_ray(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait)
+    gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress, actors,
+                                                         gpu_wait)
     started = time.time()
     items = [{"image_id": r.image_id} for r in records]
     ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
     ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "auto", short_edge,
-                                     max_size),
-                     batch_size, "numpy", actors, gpus_per_actor)
+                                     max_size, threads),
+                     batch_size, "numpy", actors, gpus_per_actor, cpus_per_actor)
     states, errors, count = [], [], 0
     first = None
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

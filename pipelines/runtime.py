@@ -304,6 +304,15 @@ def cpu_model_threads(cpus: int | None, max_actors: int) -> int | None:
     return None if cpus is None else max(1, cpus // max(1, max_actors))
 
 
+def use_cpu_threads(device, threads: int | None) -> None:
+    """PyTorch's threads, where a model actor's model runs on CPU (``threads`` from :func:`cpu_model_threads`; None:
+    as Ray set them). On a GPU nothing changes."""
+    if threads and str(getattr(device, "type", device)) == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def wait_for_resources(bundle: dict[str, float], count: int, timeout_s: float, what: str,
                        stop: "StopSignals | None" = None, flag: str = "--gpus-per-actor",
                        say_every_s: float = 30.0) -> float:

@@ -255,14 +255,13 @@ class FCCLIPSegmenter:
         from fcclip.predictor import Predictor
         from fcclip.vocabulary import Vocabulary
 
-        from .runtime import actor_device
+        from .runtime import actor_device, use_cpu_threads
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = build_model(spec.model, weights=spec.weights, device=actor_device(spec.device))
         use_tf32(self.model.device)
-        if spec.threads and self.model.device.type == "cpu":
-            torch.set_num_threads(spec.threads)
+        use_cpu_threads(self.model.device, spec.threads)
         # the predictor runs it where the device has it natively and says so where not (fcclip.precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.autocast or "")
         self.predictor = Predictor(

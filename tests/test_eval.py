@@ -51,7 +51,8 @@ def test_perfect_predictions_score_100(coco_root):
 
 
 @pytest.mark.ray
-def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
+def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys, caplog):
+    import logging
     import warnings
 
     import ray
@@ -62,13 +63,16 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "results.json"
-        code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",
-                     "--data", coco_root, "--batch-size", "1", "--short-edge", "160", "--max-size", "320",
-                     "--out", str(out), "--no-progress"])
+        with caplog.at_level(logging.INFO, logger="fcclip.eval"):
+            code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",
+                         "--data", coco_root, "--batch-size", "1", "--short-edge", "160", "--max-size", "320",
+                         "--out", str(out), "--no-progress"])
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
     assert code == 0, printed
+    # a local Ray of 2 CPUs: the model actor leaves one to read images, computes with both (runtime.cpu_model_threads)
+    assert "model actors: 1 on CPU + 1 CPU (2 threads each)" in caplog.text, caplog.text
     assert "| coco_panoptic |" in printed
     results = json.loads(out.read_text())
     assert results["images"] == 3 and results["failed"] == 0 and results["test_size"] == [160, 320]

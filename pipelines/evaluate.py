@@ -188,7 +188,7 @@ def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float 
     runtime.init_ray(address, num_cpus, verbose=True)
     ray_data.DataContext.get_current().enable_progress_bars = progress
     gpus = runtime.resolve_gpus(gpus_per_actor, address)
-    local_cpus = runtime.local_cpus(address)
+    local_cpus = runtime.local_cpus(address, num_cpus)
     cpus = runtime.local_actor_cpus(1.0, actors[1], local_cpus)
     threads = None if gpus else runtime.cpu_model_threads(local_cpus, actors[1])
     asked = f"model actors: {actors[0]}" + (f"-{actors[1]}" if actors[1] != actors[0] else "") + (

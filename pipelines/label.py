@@ -410,7 +410,7 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
         gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)
-        local_cpus = runtime.local_cpus(cfg.address)
+        local_cpus = runtime.local_cpus(cfg.address, cfg.num_cpus)
         cpus_per_actor = runtime.local_actor_cpus(cfg.cpus_per_actor, cfg.actors[1], local_cpus)
         threads = None if gpus else runtime.cpu_model_threads(local_cpus, cfg.actors[1])
         asked = (f"model actors: {cfg.actors[0]}" + (f"-{cfg.actors[1]}" if cfg.actors[1] != cfg.actors[0] else "")

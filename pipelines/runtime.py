@@ -74,7 +74,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                 gcs_port = _environ("RAY_GCS_SERVER_PORT", str(port))
             with gcs_port:
                 ray.init(
-                    address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver,
+                    address="local", num_cpus=num_cpus or machine_cpus(), include_dashboard=dashboard,
+                    log_to_driver=log_to_driver,
                     logging_level=logging.INFO if verbose else logging.ERROR, **options,
                 )
     except SystemExit as e:  # SIGTERM while Ray starts: its own handler, set first thing in ray.init, exits with 15
@@ -271,16 +272,24 @@ def resolve_gpus(requested: float | None, address: str | None) -> float:
     return float(requested) if requested is not None else default_gpus(address)
 
 
-def local_cpus(address: str | None) -> int | None:
-    """The CPUs of the Ray this process uses when it is this machine's alone (no ``address``, no RAY_ADDRESS, one
-    node: the Ray a command started, a notebook's ``ray.init()``), which never grows; None for a cluster."""
-    import ray
-
+def local_cpus(address: str | None, num_cpus: int | None) -> int | None:
+    """The CPUs of the local Ray a job runs on (no ``address``, no RAY_ADDRESS): ``num_cpus`` (``--num-cpus``) when
+    given, else this machine's (:func:`machine_cpus`, what :func:`init_ray` starts it with); None for a cluster. Known
+    from what the job asked for, never read off the Ray: a local Ray does not grow, a cluster may."""
     if address or os.environ.get("RAY_ADDRESS"):
         return None
-    if sum(1 for node in ray.nodes() if node.get("Alive")) != 1:
-        return None
-    return int(ray.cluster_resources().get("CPU", 0))
+    return int(num_cpus) if num_cpus else machine_cpus()
+
+
+def machine_cpus() -> int:
+    """This machine's CPUs as Ray counts them for a local Ray: its container's CPU limit where one is set (cgroups),
+    else the CPUs this process may run on."""
+    try:
+        from ray._private.utils import get_num_cpus  # the count Ray itself uses; private: a fallback below
+
+        return max(1, int(get_num_cpus()))
+    except (ImportError, AttributeError):
+        return max(1, len(os.sched_getaffinity(0)))
 
 
 def local_actor_cpus(cpus_per_actor: float, max_actors: int, cpus: int | None) -> float:

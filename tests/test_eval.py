@@ -66,7 +66,7 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys, caplog):
         with caplog.at_level(logging.INFO, logger="fcclip.eval"):
             code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",
                          "--data", coco_root, "--batch-size", "1", "--short-edge", "160", "--max-size", "320",
-                         "--out", str(out), "--no-progress"])
+                         "--out", str(out), "--no-progress", "--num-cpus", "2"])
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out

@@ -545,8 +545,9 @@ def test_a_model_actor_on_cpu_computes_with_the_cores_of_a_local_ray(ray_local):
     from fcclip_pipelines import runtime
     from fcclip_pipelines.stages import FCCLIPSegmenter, ModelSpec
 
-    cpus = runtime.local_cpus(None)
-    assert cpus == 2 and runtime.local_cpus("127.0.0.1:6379") is None
+    assert runtime.local_cpus(None, None) == runtime.machine_cpus() >= 1  # the local Ray's, as init_ray starts it
+    cpus = runtime.local_cpus(None, 2)  # --num-cpus 2, the test Ray's
+    assert cpus == 2 and runtime.local_cpus("127.0.0.1:6379", 2) is None
     assert runtime.cpu_model_threads(cpus, 1) == 2
     assert runtime.cpu_model_threads(cpus, 2) == runtime.cpu_model_threads(cpus, 3) == 1
     assert runtime.cpu_model_threads(None, 1) is None  # a cluster: Ray's threads, one per CPU asked for
@@ -581,7 +582,8 @@ def test_model_actors_leave_a_cpu_of_a_local_ray_to_decode(tmp_path, ray_local, 
     result = {}
     with caplog.at_level(logging.INFO, logger="fcclip.label"):
         job = threading.Thread(target=lambda: result.update(
-            code=main([*_local_args(tmp_path / "in", tmp_path / "out"), "--actors", "2"])), daemon=True)
+            code=main([*_local_args(tmp_path / "in", tmp_path / "out"), "--actors", "2", "--num-cpus", "2"])),
+            daemon=True)
         job.start()
         job.join(timeout=(limit_s := 240))
     assert not job.is_alive(), f"the job waited for a CPU for {limit_s} s"

@@ -183,17 +183,11 @@ def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float 
                actors: tuple[int, int], gpu_wait: float) -> tuple[float, float, int | None]:
     """Join ``address`` / $RAY_ADDRESS or start a local Ray. Returns what each model actor asks for: GPUs (asked
     for, runtime.resolve_gpus, and granted for the first actor within ``gpu_wait`` seconds, else
-    ResourcesNotGranted) and CPUs, and its PyTorch threads on CPU (as `fcclip label`'s: runtime.local_actor_cpus,
-    runtime.cpu_model_threads)."""
+    ResourcesNotGranted) and CPUs, and its PyTorch threads on CPU (as `fcclip label`'s: runtime.model_actor_cpus)."""
     runtime.init_ray(address, num_cpus, verbose=True)
     ray_data.DataContext.get_current().enable_progress_bars = progress
     gpus = runtime.resolve_gpus(gpus_per_actor, address)
-    local_cpus = runtime.local_cpus(address, num_cpus)
-    cpus = runtime.local_actor_cpus(1.0, actors[1], local_cpus)
-    threads = None if gpus else runtime.cpu_model_threads(local_cpus, actors[1])
-    asked = f"model actors: {actors[0]}" + (f"-{actors[1]}" if actors[1] != actors[0] else "") + (
-        f" x {gpus:g} GPU + {cpus:g} CPU" if gpus else f" on CPU + {cpus:g} CPU") + (
-        f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else "")
+    cpus, threads, asked = runtime.model_actor_cpus(address, num_cpus, gpus, 1.0, actors)
     logger.info("%s", asked)
     if gpus:
         runtime.wait_for_resources({"GPU": gpus, "CPU": cpus}, 1, gpu_wait, asked)

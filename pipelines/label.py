@@ -410,13 +410,9 @@ def _run_label(cfg: LabelConfig, bars, overwrite: bool, verbose: bool, make_mode
     started_ray = runtime.init_ray(cfg.address, cfg.num_cpus, verbose)
     try:
         gpus = runtime.resolve_gpus(cfg.gpus_per_actor, cfg.address)
-        local_cpus = runtime.local_cpus(cfg.address, cfg.num_cpus)
-        cpus_per_actor = runtime.local_actor_cpus(cfg.cpus_per_actor, cfg.actors[1], local_cpus)
-        threads = None if gpus else runtime.cpu_model_threads(local_cpus, cfg.actors[1])
-        asked = (f"model actors: {cfg.actors[0]}" + (f"-{cfg.actors[1]}" if cfg.actors[1] != cfg.actors[0] else "")
-                 + (f" x {gpus:g} GPU" if gpus else " on CPU") + f" + {cpus_per_actor:g} CPU"
-                 + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else "")
-                 + (f", {cfg.autocast}" if cfg.autocast else ", float32"))
+        cpus_per_actor, threads, asked = runtime.model_actor_cpus(cfg.address, cfg.num_cpus, gpus,
+                                                                  cfg.cpus_per_actor, cfg.actors)
+        asked += f", {cfg.autocast}" if cfg.autocast else ", float32"
         logger.info("%s", asked)
         if gpus:  # granted, or one line and a non-zero exit: never the model on CPU instead
             with runtime.StopSignals("the wait for GPUs", logger) as waiting:

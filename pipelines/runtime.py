@@ -74,7 +74,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
                 gcs_port = _environ("RAY_GCS_SERVER_PORT", str(port))
             with gcs_port:
                 ray.init(
-                    address="local", num_cpus=num_cpus or machine_cpus(), include_dashboard=dashboard,
+                    address="local", num_cpus=local_cpus(None, num_cpus), include_dashboard=dashboard,
                     log_to_driver=log_to_driver,
                     logging_level=logging.INFO if verbose else logging.ERROR, **options,
                 )
@@ -311,6 +311,20 @@ def cpu_model_threads(cpus: int | None, max_actors: int) -> int | None:
     tasks take a few percent of one core). On a cluster (None) as many threads as CPUs the actor asked for
     (``--cpus-per-actor``), as Ray sets them: the cores it set aside for the actor on a node it shares."""
     return None if cpus is None else max(1, cpus // max(1, max_actors))
+
+
+def model_actor_cpus(address: str | None, num_cpus: int | None, gpus: float, cpus_per_actor: float,
+                     actors: tuple[int, int]) -> tuple[float, int | None, str]:
+    """What each of MIN-MAX ``actors`` model actors asks for beside ``gpus`` GPUs: (CPUs, PyTorch threads on CPU or
+    None, the line the job says it with: "model actors: 1-2 on CPU + 0.5 CPU (1 thread each)"). :func:`local_cpus`,
+    :func:`local_actor_cpus`, :func:`cpu_model_threads`."""
+    cpus = local_cpus(address, num_cpus)
+    asked_cpus = local_actor_cpus(cpus_per_actor, actors[1], cpus)
+    threads = None if gpus else cpu_model_threads(cpus, actors[1])
+    text = (f"model actors: {actors[0]}" + (f"-{actors[1]}" if actors[1] != actors[0] else "")
+            + (f" x {gpus:g} GPU" if gpus else " on CPU") + f" + {asked_cpus:g} CPU"
+            + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else ""))
+    return asked_cpus, threads, text
 
 
 def use_cpu_threads(device, threads: int | None) -> None:

@@ -818,6 +818,38 @@ def test_rows_are_written_while_images_are_still_decoded(tmp_path, ray_local, mo
     assert after_first_rows >= 16, f"only {after_first_rows} of 64 images were read after the first rows were written"
 
 
+def test_without_a_gpu_a_chunk_is_a_few_images_so_that_the_progress_moves(tmp_path, ray_local, monkeypatch):
+    """Where the model runs on CPU (seconds an image for the released models), the default chunk is CHUNK_CPU
+    images: with 128 the progress stayed at 0 for the first 128 images (20 minutes of ConvNeXt-L on 2 cores). The
+    progress moves by each chunk's rows as its write ends; --chunk-size still sets it."""
+    import functools
+
+    from ray import cloudpickle
+
+    import fcclip_pipelines.label as label
+    import tests.label_job as stand_ins
+    from fcclip.datasets.synthetic import write_images
+
+    cloudpickle.register_pickle_by_value(stand_ins)  # the workers cannot import the tests' modules
+    steps: list[int] = []
+
+    class Recording(label.JobProgress):
+        def labeled(self, ok: int, failed: int) -> None:
+            super().labeled(ok, failed)
+            steps.append(ok + failed)
+
+    monkeypatch.setattr(label, "JobProgress", Recording)
+    write_images(tmp_path / "in", count=40, size=(32, 32))
+    for chunk_size, expected in ((None, [8, 16, 16]), (128, [40])):
+        steps.clear()
+        cfg = label.LabelConfig(source=str(tmp_path / "in"), dest=str(tmp_path / f"out{chunk_size}"), vocab="thing;",
+                                model="fcclip-tiny", weights="random", batch_size=4, chunk_size=chunk_size,
+                                shard_size=64, actors=(1, 1), num_cpus=2)
+        summary = label.run_label(cfg, progress=False, make_model_stage=functools.partial(stand_ins.SlowModel, 0.0))
+        assert summary.ok == 40 and sorted(steps) == expected, (chunk_size, steps)
+    assert label.CHUNK_CPU == 16 and label.chunk_size_for(0) == 16 and label.chunk_size_for(1) == label.CHUNK_GPU == 128
+
+
 def test_progress_log_lines_give_the_rate_and_the_time_left(monkeypatch, caplog):
     """Off a terminal (a log file, `ray job logs`) the labeling line comes about once a minute, with the rate since
     the first rows and the time left at that rate."""

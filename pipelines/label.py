@@ -107,7 +107,7 @@ class LabelSummary:
     duplicate_uris: int = 0
     recovered: int = 0  # rows re-run one by one after a worker crash, a dead actor or a model time-out
     errors: dict = field(default_factory=dict)
-    startup_seconds: float = 0.0  # listing, cluster start, model loading: until the first labeled row arrived
+    startup_seconds: float = 0.0  # listing, cluster start, model loading, the first chunk: until the first rows arrived
     actor_overhead_s_per_image: float | None = None  # model actor time per image outside the model stage's call
     model_actors: int = 0  # the most model actors alive at once (the pool grows from MIN towards MAX)
     new: int | None = None  # URIs of this listing DEST lacked (None: the first listing)
@@ -629,7 +629,8 @@ def print_summary(s: LabelSummary) -> None:
         f"{s.ok} ok, {s.failed} failed, {s.segments} segments"
     )
     if s.startup_seconds:
-        print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up)")
+        print(f"(the first labeled rows arrived after {s.startup_seconds:.1f} s: listing, Ray and model start-up, "
+              "the first chunk)")
     first = s.finished_first
     if first:
         listing = (f"{first['new']} new, {first['changed']} changed, {first['unchanged']} unchanged"

@@ -180,18 +180,24 @@ def label_categories(vocabulary: Vocabulary) -> list[dict]:
 
 
 def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool,
-               actors: tuple[int, int], gpu_wait: float) -> tuple[float, float, int | None]:
-    """Join ``address`` / $RAY_ADDRESS or start a local Ray. Returns what each model actor asks for: GPUs (asked
-    for, runtime.resolve_gpus, and granted for the first actor within ``gpu_wait`` seconds, else
-    ResourcesNotGranted) and CPUs, and its PyTorch threads on CPU (as `fcclip label`'s: runtime.model_actor_cpus)."""
-    runtime.init_ray(address, num_cpus, verbose=True)
-    ray_data.DataContext.get_current().enable_progress_bars = progress
-    gpus = runtime.resolve_gpus(gpus_per_actor, address)
-    cpus, threads, asked = runtime.model_actor_cpus(address, num_cpus, gpus, 1.0, actors)
-    logger.info("%s", asked)
-    if gpus:
-        runtime.wait_for_resources({"GPU": gpus, "CPU": cpus}, 1, gpu_wait, asked)
-    return gpus, cpus, threads
+               actors: tuple[int, int], gpu_wait: float) -> tuple[bool, float, float, int | None]:
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray. Returns whether it did (the caller ends it with
+    runtime.shutdown_ray, as `fcclip label` does, rather than leaving it to Ray's exit handler) and what each model
+    actor asks for: GPUs (asked for, runtime.resolve_gpus, and granted for the first actor within ``gpu_wait``
+    seconds, else ResourcesNotGranted, with this Ray ended) and CPUs, and its PyTorch threads on CPU (as `fcclip
+    label`'s: runtime.model_actor_cpus)."""
+    started = runtime.init_ray(address, num_cpus, verbose=True)
+    try:
+        ray_data.DataContext.get_current().enable_progress_bars = progress
+        gpus = runtime.resolve_gpus(gpus_per_actor, address)
+        cpus, threads, asked = runtime.model_actor_cpus(address, num_cpus, gpus, 1.0, actors)
+        logger.info("%s", asked)
+        if gpus:
+            runtime.wait_for_resources({"GPU": gpus, "CPU": cpus}, 1, gpu_wait, asked)
+    except BaseException:
+        runtime.shutdown_ray(started)
+        raise
+    return started, gpus, cpus, threads
 
 
 def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str, actors: tuple[int, int],
@@ -232,8 +238,18 @@ def run_eval_labels(
     model's test size, 0 for each image's own size; ``version``: of DEST's table (default: the current one)."""
     output = open_output(dest, version)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress, actors,
-                                                         gpu_wait)
+    started_ray, gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress,
+                                                                      actors, gpu_wait)
+    try:
+        return _eval_labels(output, vocabulary, model, weights, dest, batch_size, actors, gpus_per_actor,
+                            cpus_per_actor, threads, short_edge, max_size, min_score)
+    finally:
+        runtime.shutdown_ray(started_ray)
+
+
+def _eval_labels(output, vocabulary: Vocabulary, model: str, weights: str, dest: str, batch_size: int,
+                 actors: tuple[int, int], gpus_per_actor: float, cpus_per_actor: float, threads: int | None,
+                 short_edge: int | None, max_size: int | None, min_score: float) -> dict:
     started = time.time()
     columns = [c for c in LABEL_COLUMNS if c in output.columns]
     ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)),
@@ -266,8 +282,18 @@ def run_eval(
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress, actors,
-                                                         gpu_wait)
+    started_ray, gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress,
+                                                                      actors, gpu_wait)
+    try:
+        return _eval_benchmark(ds_reader, records, model, weights, dataset, root, batch_size, actors, gpus_per_actor,
+                               cpus_per_actor, threads, short_edge, max_size)
+    finally:
+        runtime.shutdown_ray(started_ray)
+
+
+def _eval_benchmark(ds_reader, records: list, model: str, weights: str, dataset: str, root: str, batch_size: int,
+                    actors: tuple[int, int], gpus_per_actor: float, cpus_per_actor: float, threads: int | None,
+                    short_edge: int | None, max_size: int | None) -> dict:
     started = time.time()
     items = [{"image_id": r.image_id} for r in records]
     ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))

@@ -60,17 +60,19 @@ def test_eval_end_to_end_equals_one_pass(coco_root, tmp_path, capsys, caplog):
     from fcclip import Predictor, build_model
     from fcclip_pipelines.cli import main
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    assert not ray.is_initialized()
+    try:  # the command starts a local Ray of its own, and ends it as it returns (not at the interpreter's exit)
         out = tmp_path / "results.json"
         with caplog.at_level(logging.INFO, logger="fcclip.eval"):
             code = main(["eval", "--model", "fcclip-tiny", "--weights", "random", "--dataset", "coco_panoptic",
                          "--data", coco_root, "--batch-size", "1", "--short-edge", "160", "--max-size", "320",
                          "--out", str(out), "--no-progress", "--num-cpus", "2"])
+        left_running = ray.is_initialized()
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert not left_running, "fcclip eval left its local Ray running"
     # a local Ray of 2 CPUs: the model actor leaves one to read images, computes with both (runtime.cpu_model_threads)
     assert "model actors: 1 on CPU + 1 CPU (2 threads each)" in caplog.text, caplog.text
     assert "| coco_panoptic |" in printed

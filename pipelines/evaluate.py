@@ -21,6 +21,7 @@ dataset, whose masks can differ slightly at segment borders.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -179,13 +180,14 @@ def label_categories(vocabulary: Vocabulary) -> list[dict]:
 
 
 
-def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool,
-               actors: tuple[int, int], gpu_wait: float) -> tuple[bool, float, float, int | None]:
-    """Join ``address`` / $RAY_ADDRESS or start a local Ray. Returns whether it did (the caller ends it with
-    runtime.shutdown_ray, as `fcclip label` does, rather than leaving it to Ray's exit handler) and what each model
+@contextlib.contextmanager
+def _ray_for_models(address: str | None, num_cpus: int | None, gpus_per_actor: float | None, progress: bool,
+                    actors: tuple[int, int], gpu_wait: float):
+    """Join ``address`` / $RAY_ADDRESS or start a local Ray for the block, and end what it started as the block ends
+    (runtime.shutdown_ray, as `fcclip label` does, not Ray's exit handler), also on an error. Yields what each model
     actor asks for: GPUs (asked for, runtime.resolve_gpus, and granted for the first actor within ``gpu_wait``
-    seconds, else ResourcesNotGranted, with this Ray ended) and CPUs, and its PyTorch threads on CPU (as `fcclip
-    label`'s: runtime.model_actor_cpus)."""
+    seconds, else ResourcesNotGranted) and CPUs, and its PyTorch threads on CPU (as `fcclip label`'s:
+    runtime.model_actor_cpus)."""
     started = runtime.init_ray(address, num_cpus, verbose=True)
     try:
         ray_data.DataContext.get_current().enable_progress_bars = progress
@@ -194,10 +196,9 @@ def _start_ray(address: str | None, num_cpus: int | None, gpus_per_actor: float 
         logger.info("%s", asked)
         if gpus:
             runtime.wait_for_resources({"GPU": gpus, "CPU": cpus}, 1, gpu_wait, asked)
-    except BaseException:
+        yield gpus, cpus, threads
+    finally:
         runtime.shutdown_ray(started)
-        raise
-    return started, gpus, cpus, threads
 
 
 def _map_models(ds, model_class, args: tuple, batch_size: int, batch_format: str, actors: tuple[int, int],
@@ -238,40 +239,30 @@ def run_eval_labels(
     model's test size, 0 for each image's own size; ``version``: of DEST's table (default: the current one)."""
     output = open_output(dest, version)
     vocabulary = Vocabulary.from_dict(output.vocabulary)
-    started_ray, gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress,
-                                                                      actors, gpu_wait)
-    try:
-        return _eval_labels(output, vocabulary, model, weights, dest, batch_size, actors, gpus_per_actor,
-                            cpus_per_actor, threads, short_edge, max_size, min_score)
-    finally:
-        runtime.shutdown_ray(started_ray)
-
-
-def _eval_labels(output, vocabulary: Vocabulary, model: str, weights: str, dest: str, batch_size: int,
-                 actors: tuple[int, int], gpus_per_actor: float, cpus_per_actor: float, threads: int | None,
-                 short_edge: int | None, max_size: int | None, min_score: float) -> dict:
-    started = time.time()
-    columns = [c for c in LABEL_COLUMNS if c in output.columns]
-    ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)),
-                                schema=output.arrow_schema(columns))
-          .select_columns(columns)  # both pushed into the Parquet scan
-          .filter(expr=col("status") == "ok"))
-    ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "auto",
-                                           short_edge, max_size, min_score, threads),
-                     batch_size, "pyarrow", actors, gpus_per_actor, cpus_per_actor)
-    total = PanopticAccumulator(label_categories(vocabulary))
-    errors, count = [], 0
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
-            total.merge(PanopticAccumulator.from_state_dict(json.loads(s)))
-            errors.extend(json.loads(e))
-            count += int(c)
-    seconds = time.time() - started
-    return {
-        **_summary(dest, model, weights, count, errors, seconds),
-        "min_score": min_score,
-        **jsonable({"panoptic": total.result()}),
-    }
+    with _ray_for_models(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait) as (
+            gpus_per_actor, cpus_per_actor, threads):
+        started = time.time()
+        columns = [c for c in LABEL_COLUMNS if c in output.columns]
+        ds = (ray_data.read_parquet(list(output.files), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(output.fs)),
+                                    schema=output.arrow_schema(columns))
+              .select_columns(columns)  # both pushed into the Parquet scan
+              .filter(expr=col("status") == "ok"))
+        ds = _map_models(ds, LabelsEvalModel, (model, weights, output.vocabulary, "auto",
+                                               short_edge, max_size, min_score, threads),
+                         batch_size, "pyarrow", actors, gpus_per_actor, cpus_per_actor)
+        total = PanopticAccumulator(label_categories(vocabulary))
+        errors, count = [], 0
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
+                total.merge(PanopticAccumulator.from_state_dict(json.loads(s)))
+                errors.extend(json.loads(e))
+                count += int(c)
+        seconds = time.time() - started
+        return {
+            **_summary(dest, model, weights, count, errors, seconds),
+            "min_score": min_score,
+            **jsonable({"panoptic": total.result()}),
+        }
 
 
 def run_eval(
@@ -282,40 +273,28 @@ def run_eval(
 ) -> dict:
     ds_reader = open_benchmark(dataset, root)
     records = ds_reader.records()[: limit or None]
-    started_ray, gpus_per_actor, cpus_per_actor, threads = _start_ray(address, num_cpus, gpus_per_actor, progress,
-                                                                      actors, gpu_wait)
-    try:
-        return _eval_benchmark(ds_reader, records, model, weights, dataset, root, batch_size, actors, gpus_per_actor,
-                               cpus_per_actor, threads, short_edge, max_size)
-    finally:
-        runtime.shutdown_ray(started_ray)
-
-
-def _eval_benchmark(ds_reader, records: list, model: str, weights: str, dataset: str, root: str, batch_size: int,
-                    actors: tuple[int, int], gpus_per_actor: float, cpus_per_actor: float, threads: int | None,
-                    short_edge: int | None, max_size: int | None) -> dict:
-    started = time.time()
-    items = [{"image_id": r.image_id} for r in records]
-    ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "auto", short_edge,
-                                     max_size, threads),
-                     batch_size, "numpy", actors, gpus_per_actor, cpus_per_actor)
-    states, errors, count = [], [], 0
-    first = None
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        first = first or time.time()
-        for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
-            states.append(json.loads(s))
-            errors.extend(json.loads(e))
-            count += int(c)
-    total = merge_states(ds_reader, states)
-    seconds = time.time() - started
-    results = {k: v.result() for k, v in total.items()}
-    return {
-        **_summary(dataset, model, weights, count, errors, seconds),
-        "test_size": [short_edge or ds_reader.spec.short_edge, max_size or ds_reader.spec.max_size],
-        **jsonable(results),
-    }
+    with _ray_for_models(address, num_cpus, gpus_per_actor, progress, actors, gpu_wait) as (
+            gpus_per_actor, cpus_per_actor, threads):
+        started = time.time()
+        items = [{"image_id": r.image_id} for r in records]
+        ds = ray_data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+        ds = _map_models(ds, EvalModel, (model, weights, dataset, root, "auto", short_edge,
+                                         max_size, threads),
+                         batch_size, "numpy", actors, gpus_per_actor, cpus_per_actor)
+        states, errors, count = [], [], 0
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for s, e, c in zip(batch["state"], batch["errors"], batch["count"]):
+                states.append(json.loads(s))
+                errors.extend(json.loads(e))
+                count += int(c)
+        total = merge_states(ds_reader, states)
+        seconds = time.time() - started
+        results = {k: v.result() for k, v in total.items()}
+        return {
+            **_summary(dataset, model, weights, count, errors, seconds),
+            "test_size": [short_edge or ds_reader.spec.short_edge, max_size or ds_reader.spec.max_size],
+            **jsonable(results),
+        }
 
 
 def jsonable(obj):

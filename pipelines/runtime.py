@@ -276,7 +276,7 @@ def local_cpus(address: str | None, num_cpus: int | None) -> int | None:
     """The CPUs of the local Ray a job runs on (no ``address``, no RAY_ADDRESS): ``num_cpus`` (``--num-cpus``) when
     given, else this machine's (:func:`machine_cpus`, what :func:`init_ray` starts it with); None for a cluster. Known
     from what the job asked for, never read off the Ray: a local Ray does not grow, a cluster may."""
-    if address or os.environ.get("RAY_ADDRESS"):
+    if on_cluster(address):
         return None
     return int(num_cpus) if num_cpus else machine_cpus()
 

@@ -551,6 +551,7 @@ def test_a_model_actor_on_cpu_computes_with_the_cores_of_a_local_ray(ray_local):
     assert runtime.cpu_model_threads(cpus, 1) == 2
     assert runtime.cpu_model_threads(cpus, 2) == runtime.cpu_model_threads(cpus, 3) == 1
     assert runtime.cpu_model_threads(None, 1) is None  # a cluster: Ray's threads, one per CPU asked for
+
     def torch_threads(model_stage):  # defined here: pickled by value (the workers cannot import a test module)
         import torch
 
